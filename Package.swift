@@ -1,0 +1,61 @@
+// swift-tools-version:6.0
+//
+// postcopyd — destination-side postcopy for VM live migration on Linux,
+// built on userfaultfd minor mode.
+//
+// Layers (each depends only on those above it):
+//   CPostcopy      C shims: variadic syscall/ioctl, uapi constants and structs.
+//   CSystemd       libsystemd, found through pkg-config.
+//   PostcopyCore   pure logic: page geometry, bitmaps, fault policy, probe
+//                  evaluation. No syscalls; tests run without root.
+//   PostcopyOS     one Swift method per kernel operation (Userfaultfd,
+//                  GuestMemory), the fault-resolution thread, the probe.
+//   executables    parse arguments and wire the layers together.
+import PackageDescription
+
+let package = Package(
+    name: "postcopyd",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "postcopyd", targets: ["postcopyd"]),
+        .executable(name: "postcopy-bench", targets: ["postcopy-bench"]),
+        .library(name: "PostcopyCore", targets: ["PostcopyCore"]),
+        .library(name: "PostcopyOS", targets: ["PostcopyOS"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        .target(
+            name: "CPostcopy",
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        .systemLibrary(
+            name: "CSystemd",
+            pkgConfig: "libsystemd",
+            providers: [.apt(["libsystemd-dev"])]
+        ),
+        .target(name: "PostcopyCore"),
+        .target(
+            name: "PostcopyOS",
+            dependencies: ["PostcopyCore", "CPostcopy", "CSystemd"]
+        ),
+        .executableTarget(
+            name: "postcopyd",
+            dependencies: [
+                "PostcopyCore", "PostcopyOS",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .executableTarget(
+            name: "postcopy-bench",
+            dependencies: [
+                "PostcopyCore", "PostcopyOS",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "PostcopyCoreTests", dependencies: ["PostcopyCore"]),
+        .testTarget(name: "PostcopyOSTests", dependencies: ["PostcopyCore", "PostcopyOS"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

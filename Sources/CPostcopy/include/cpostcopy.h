@@ -1,0 +1,134 @@
+/*
+ * CPostcopy: the thin C layer under postcopyd.
+ *
+ * Only what Swift cannot call directly lives here: the variadic syscall(2)
+ * and ioctl(2), the userfaultfd uapi structs, and constants that older
+ * kernel headers (Debian 12 ships 6.1's) do not define. No policy: every
+ * function does one kernel operation and returns 0 or -errno.
+ *
+ * Every exported symbol carries the `cpc_` prefix.
+ */
+#ifndef CPOSTCOPY_H
+#define CPOSTCOPY_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <linux/memfd.h>
+#include <linux/userfaultfd.h>
+
+/* ---- uapi constants newer than the build host's headers ---------------- */
+
+#ifndef UFFD_FEATURE_EXACT_ADDRESS
+#define UFFD_FEATURE_EXACT_ADDRESS (1 << 11)
+#endif
+#ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+#define UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1 << 12)
+#endif
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1 << 14)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+#ifndef UFFD_FEATURE_MOVE
+#define UFFD_FEATURE_MOVE (1 << 16)
+#endif
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+#ifndef USERFAULTFD_IOC
+#define USERFAULTFD_IOC 0xAA
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(USERFAULTFD_IOC, 0x00)
+#endif
+
+/* Flags and numbers re-exported as plain integers so Swift sees them. */
+enum {
+    CPC_UFFD_API = UFFD_API,
+    CPC_UFFD_MSG_SIZE = sizeof(struct uffd_msg),
+    CPC_UFFD_EVENT_PAGEFAULT = UFFD_EVENT_PAGEFAULT,
+    CPC_UFFD_EVENT_FORK = UFFD_EVENT_FORK,
+    CPC_UFFD_EVENT_REMAP = UFFD_EVENT_REMAP,
+    CPC_UFFD_EVENT_REMOVE = UFFD_EVENT_REMOVE,
+    CPC_UFFD_EVENT_UNMAP = UFFD_EVENT_UNMAP,
+    CPC_UFFD_PAGEFAULT_FLAG_WRITE = UFFD_PAGEFAULT_FLAG_WRITE,
+    CPC_UFFD_PAGEFAULT_FLAG_WP = UFFD_PAGEFAULT_FLAG_WP,
+    CPC_UFFD_PAGEFAULT_FLAG_MINOR = UFFD_PAGEFAULT_FLAG_MINOR,
+    CPC_UFFDIO_REGISTER_MODE_MISSING = UFFDIO_REGISTER_MODE_MISSING,
+    CPC_UFFDIO_REGISTER_MODE_WP = UFFDIO_REGISTER_MODE_WP,
+    CPC_UFFDIO_REGISTER_MODE_MINOR = UFFDIO_REGISTER_MODE_MINOR,
+    CPC_UFFDIO_CONTINUE_MODE_DONTWAKE = UFFDIO_CONTINUE_MODE_DONTWAKE,
+    CPC_UFFD_USER_MODE_ONLY = UFFD_USER_MODE_ONLY,
+};
+
+/* memfd_create(2) flags; glibc hides them behind _GNU_SOURCE. */
+enum {
+    CPC_MFD_CLOEXEC = MFD_CLOEXEC,
+    CPC_MFD_HUGETLB = MFD_HUGETLB,
+    CPC_MFD_HUGE_2MB = MFD_HUGE_2MB,
+};
+
+/* Byte offsets inside struct uffd_msg, so Swift can decode a batch in place. */
+enum {
+    CPC_UFFD_MSG_OFF_EVENT = offsetof(struct uffd_msg, event),
+    CPC_UFFD_MSG_OFF_FLAGS = offsetof(struct uffd_msg, arg.pagefault.flags),
+    CPC_UFFD_MSG_OFF_ADDRESS = offsetof(struct uffd_msg, arg.pagefault.address),
+    CPC_UFFD_MSG_OFF_PTID = offsetof(struct uffd_msg, arg.pagefault.feat.ptid),
+};
+
+/* The bit for each ioctl in uffdio_api.ioctls / uffdio_register.ioctls. */
+enum {
+    CPC_UFFDIO_IOCTL_BIT_WAKE = _UFFDIO_WAKE,
+    CPC_UFFDIO_IOCTL_BIT_COPY = _UFFDIO_COPY,
+    CPC_UFFDIO_IOCTL_BIT_CONTINUE = _UFFDIO_CONTINUE,
+};
+
+/* ---- opening ----------------------------------------------------------- */
+
+/* A new userfaultfd from /dev/userfaultfd (USERFAULTFD_IOC_NEW).
+ * Returns the fd, or -errno (-ENOENT when the device is absent). */
+int cpc_uffd_open_device(int flags);
+
+/* A new userfaultfd from the userfaultfd(2) syscall. Returns fd or -errno. */
+int cpc_uffd_open_syscall(int flags);
+
+/* memfd_create(2). Returns fd or -errno. */
+int cpc_memfd_create(const char *name, unsigned int flags);
+
+/* fallocate(2), which glibc declares only under _GNU_SOURCE. Returns 0 or -errno. */
+int cpc_fallocate(int fd, int mode, int64_t offset, int64_t length);
+
+/* fstatfs(2): the filesystem's magic number and block (page) size. 0 or -errno. */
+int cpc_fstatfs(int fd, int64_t *magic, int64_t *block_size);
+
+/* A non-blocking, close-on-exec eventfd(2). Returns fd or -errno. */
+int cpc_eventfd(void);
+
+/* Names the calling thread (pthread_setname_np; 15 bytes show). 0 or -errno. */
+int cpc_thread_set_name(const char *name);
+
+/* ---- ioctls (each returns 0 or -errno) ------------------------------------ */
+
+/* UFFDIO_API: on entry *features is what to enable; on return it holds what
+ * the kernel offers and *ioctls the ioctl bitmask. */
+int cpc_uffdio_api(int fd, uint64_t *features, uint64_t *ioctls);
+
+/* UFFDIO_REGISTER over [start, start+len) with a mode bitmask; *ioctls gets
+ * the ioctls the range supports. */
+int cpc_uffdio_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls);
+
+/* UFFDIO_UNREGISTER over [start, start+len). */
+int cpc_uffdio_unregister(int fd, uint64_t start, uint64_t len);
+
+/* UFFDIO_CONTINUE over [start, start+len). *mapped gets the kernel's count of
+ * bytes it mapped (negative errno on failure, as the kernel reports it). */
+int cpc_uffdio_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *mapped);
+
+/* UFFDIO_WAKE over [start, start+len). */
+int cpc_uffdio_wake(int fd, uint64_t start, uint64_t len);
+
+#endif /* CPOSTCOPY_H */

@@ -1,0 +1,95 @@
+/// Parsers for the /proc and /sys files the capability probe reads. Pure:
+/// they take the file's text, so tests feed them captured samples.
+
+/// The hugepage pool as /proc/meminfo reports it.
+public struct HugepagePool: Equatable, Sendable {
+    public var total: UInt64 = 0
+    public var free: UInt64 = 0
+    public var reserved: UInt64 = 0
+    public var surplus: UInt64 = 0
+    /// The default hugepage size in bytes (`Hugepagesize:`), 0 when absent.
+    public var pageSize: UInt64 = 0
+
+    public init() {}
+
+    /// Free pages not yet promised to a mapping: what a new region can use.
+    public var available: UInt64 { free >= reserved ? free - reserved : 0 }
+
+    public init(meminfo text: String) {
+        self.init()
+        for line in text.split(separator: "\n") {
+            let fields = line.split(whereSeparator: { $0 == " " || $0 == ":" })
+            guard fields.count >= 2, let value = UInt64(fields[1]) else { continue }
+            switch fields[0] {
+            case "HugePages_Total": total = value
+            case "HugePages_Free": free = value
+            case "HugePages_Rsvd": reserved = value
+            case "HugePages_Surp": surplus = value
+            case "Hugepagesize": pageSize = value * (fields.count > 2 && fields[2] == "kB" ? 1024 : 1)
+            default: continue
+            }
+        }
+    }
+}
+
+/// A mounted hugetlbfs, from /proc/mounts.
+public struct HugetlbfsMount: Equatable, Sendable {
+    public let path: String
+    /// The mount's `pagesize=` option in bytes, nil when the mount names none
+    /// (it then uses the default hugepage size).
+    public let pageSize: UInt64?
+
+    public init(path: String, pageSize: UInt64?) {
+        self.path = path
+        self.pageSize = pageSize
+    }
+
+    /// Every hugetlbfs mount listed in a /proc/mounts text.
+    public static func parse(mounts text: String) -> [HugetlbfsMount] {
+        text.split(separator: "\n").compactMap { line in
+            let fields = line.split(separator: " ")
+            guard fields.count >= 4, fields[2] == "hugetlbfs" else { return nil }
+            let option = fields[3].split(separator: ",").first { $0.hasPrefix("pagesize=") }
+            let size = option.flatMap { parseSize($0.dropFirst("pagesize=".count)) }
+            return HugetlbfsMount(path: unescapeMountPath(fields[1]), pageSize: size)
+        }
+    }
+
+    /// "2M", "1G", "2048k" or bytes.
+    static func parseSize(_ text: Substring) -> UInt64? {
+        guard let unit = text.last else { return nil }
+        let multipliers: [Character: UInt64] = ["k": 1 << 10, "K": 1 << 10, "m": 1 << 20,
+                                                "M": 1 << 20, "g": 1 << 30, "G": 1 << 30]
+        if let multiplier = multipliers[unit] {
+            return UInt64(text.dropLast()).map { $0 * multiplier }
+        }
+        return UInt64(text)
+    }
+
+    /// /proc/mounts writes space, tab, newline and backslash as octal escapes.
+    static func unescapeMountPath(_ field: Substring) -> String {
+        var bytes: [UInt8] = []
+        var utf8 = Array(field.utf8)[...]
+        while let byte = utf8.popFirst() {
+            if byte == UInt8(ascii: "\\"), utf8.count >= 3,
+               let value = UInt8(String(decoding: utf8.prefix(3), as: UTF8.self), radix: 8) {
+                bytes.append(value)
+                utf8 = utf8.dropFirst(3)
+            } else {
+                bytes.append(byte)
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}
+
+/// The selected value of a sysfs choice file such as
+/// /sys/kernel/mm/transparent_hugepage/shmem_enabled: `always [never] advise`
+/// gives `never`.
+public func selectedSysfsChoice(_ text: String) -> String? {
+    guard let open = text.firstIndex(of: "["), let close = text[open...].firstIndex(of: "]") else {
+        let trimmed = text.split(whereSeparator: \.isWhitespace)
+        return trimmed.count == 1 ? String(trimmed[0]) : nil
+    }
+    return String(text[text.index(after: open)..<close])
+}

@@ -1,0 +1,153 @@
+import CPostcopy
+import Glibc
+import PostcopyCore
+import Synchronization
+
+/// Decides, for each fault, whether the page can be installed now.
+///
+/// Called on the fault thread: it must not block, allocate per fault, or log
+/// above trace level. A resolver that needs to fetch a page returns
+/// `.deferred` and later installs it through the `PageInstaller`.
+public protocol FaultResolver: AnyObject, Sendable {
+    func decide(_ fault: PageFault) -> FaultDecision
+    /// A page the loop was told to install could not be; its thread stays
+    /// blocked until something installs the page or the range is unregistered.
+    func installFailed(_ fault: PageFault, _ error: InstallError)
+}
+
+/// What the fault loop has seen. Each counter has a single writer (the fault
+/// thread) and is read with relaxed loads from anywhere.
+public final class FaultLoopCounters: Sendable {
+    public let minorFaults = Atomic<UInt64>(0)
+    public let missingFaults = Atomic<UInt64>(0)
+    /// Faults at addresses outside the region, which the loop cannot serve.
+    public let strayFaults = Atomic<UInt64>(0)
+    public let otherEvents = Atomic<UInt64>(0)
+    public let reads = Atomic<UInt64>(0)
+    public let failedInstalls = Atomic<UInt64>(0)
+    public init() {}
+
+    public var faults: UInt64 { minorFaults.load(ordering: .relaxed) + missingFaults.load(ordering: .relaxed) }
+
+    @inline(__always)
+    static func bump(_ counter: borrowing Atomic<UInt64>, by amount: UInt64 = 1) {
+        counter.store(counter.load(ordering: .relaxed) &+ amount, ordering: .relaxed)
+    }
+}
+
+/// The fault-resolution loop: a dedicated thread blocked on the userfaultfd
+/// (and on an eventfd that asks it to stop), reading faults in batches and
+/// resolving each through a `FaultResolver` and the `PageInstaller`.
+///
+/// Clean (minor) faults are CONTINUEd; missing faults (holes) are
+/// materialized first so that they read as zeros.
+public final class FaultLoop: Sendable {
+    public let installer: PageInstaller
+    public let counters = FaultLoopCounters()
+    private let resolver: any FaultResolver
+    private let batchSize: Int
+    private let stopFD: Int32
+    private let thread = Mutex<OSThread?>(nil)
+    private let failure = Mutex<String?>(nil)
+
+    public init(installer: PageInstaller, resolver: any FaultResolver, batchSize: Int = 64) throws {
+        self.installer = installer
+        self.resolver = resolver
+        self.batchSize = batchSize
+        stopFD = try check("eventfd for the fault loop") { cpc_eventfd() }
+    }
+
+    deinit {
+        stop()
+        close(stopFD)
+    }
+
+    /// Starts the fault thread.
+    public func start() throws {
+        try thread.withLock { thread in
+            precondition(thread == nil, "fault loop started twice")
+            let buffer = UffdEventBuffer(capacity: batchSize)
+            thread = try OSThread.start(name: "postcopy-fault") { [self] in run(buffer) }
+        }
+    }
+
+    /// Asks the fault thread to finish and waits for it. Faults still queued
+    /// stay queued; their threads are woken when the range is unregistered.
+    public func stop() {
+        guard let running = thread.withLock({ thread -> OSThread? in
+            defer { thread = nil }
+            return thread
+        }) else { return }
+        var one: UInt64 = 1
+        _ = write(stopFD, &one, 8)
+        running.join()
+    }
+
+    /// Why the loop ended on its own, if it did.
+    public var failureReason: String? { failure.withLock { $0 } }
+
+    private func run(_ buffer: UffdEventBuffer) {
+        var fds = [pollfd(fd: installer.uffd.fd, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: stopFD, events: Int16(POLLIN), revents: 0)]
+        while true {
+            let ready = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, 2, -1) }
+            if ready < 0 {
+                if errno == EINTR { continue }
+                fail("poll userfaultfd: \(Errno.current)")
+                return
+            }
+            if fds[1].revents != 0 { return }
+            if fds[0].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 {
+                fail("userfaultfd reported poll events 0x\(String(fds[0].revents, radix: 16))")
+                return
+            }
+            let count: Int
+            do {
+                count = try installer.uffd.readEvents(into: buffer)
+            } catch {
+                fail("\(error)")
+                return
+            }
+            FaultLoopCounters.bump(counters.reads)
+            for index in 0..<count {
+                handle(buffer.message(index))
+            }
+        }
+    }
+
+    @inline(__always)
+    private func handle(_ message: (event: UInt8, flags: UInt64, address: UInt64, threadID: UInt32)) {
+        guard message.event == UInt8(CPC_UFFD_EVENT_PAGEFAULT) else {
+            FaultLoopCounters.bump(counters.otherEvents)
+            return
+        }
+        guard let page = installer.geometry.page(atAddress: message.address, mappingBase: installer.guestBase) else {
+            FaultLoopCounters.bump(counters.strayFaults)
+            return
+        }
+        let isMinor = message.flags & UInt64(CPC_UFFD_PAGEFAULT_FLAG_MINOR) != 0
+        if isMinor {
+            FaultLoopCounters.bump(counters.minorFaults)
+        } else {
+            FaultLoopCounters.bump(counters.missingFaults)
+        }
+        let fault = PageFault(page: page, address: message.address, kind: isMinor ? .minor : .missing,
+                              isWrite: message.flags & UInt64(CPC_UFFD_PAGEFAULT_FLAG_WRITE) != 0,
+                              threadID: message.threadID)
+        guard resolver.decide(fault) == .install else { return }
+        do {
+            if isMinor {
+                try installer.install(page)
+            } else {
+                try installer.materializeAndInstall(page)
+            }
+        } catch {
+            FaultLoopCounters.bump(counters.failedInstalls)
+            resolver.installFailed(fault, error)
+        }
+    }
+
+    private func fail(_ reason: String) {
+        failure.withLock { $0 = reason }
+    }
+}

@@ -1,0 +1,170 @@
+import CPostcopy
+import Glibc
+import PostcopyCore
+
+/// Where guest RAM lives.
+public enum Backing: Sendable, Equatable, CustomStringConvertible {
+    /// An anonymous memfd: shmem with 4 KiB pages.
+    case memfd
+    /// A memfd with MFD_HUGETLB: hugetlbfs with 2 MiB pages, no mount needed.
+    case hugetlbMemfd
+    /// A new file in a hugetlbfs mount (2 MiB pages), unlinked once open so
+    /// that nothing is left behind if the process dies.
+    case hugetlbfs(directory: String)
+
+    public var memoryKind: MemoryKind { self == .memfd ? .shmem : .hugetlbfs }
+
+    /// The backing for `kind`: for hugetlbfs, a file in `directory` when
+    /// given, else in the first 2 MiB hugetlbfs mount, else a MFD_HUGETLB memfd.
+    public static func choose(_ kind: MemoryKind, hugetlbfsDirectory directory: String? = nil) -> Backing {
+        guard kind == .hugetlbfs else { return .memfd }
+        if let directory { return .hugetlbfs(directory: directory) }
+        let defaultSize = HugepagePool(meminfo: readTextFile("/proc/meminfo") ?? "").pageSize
+        let mounts = HugetlbfsMount.parse(mounts: readTextFile("/proc/mounts") ?? "")
+        let mount = mounts.first { ($0.pageSize ?? defaultSize) == PageSize.huge2M.bytes }
+        return mount.map { .hugetlbfs(directory: $0.path) } ?? .hugetlbMemfd
+    }
+
+    public var description: String {
+        switch self {
+        case .memfd: return "memfd (shmem, 4 KiB pages)"
+        case .hugetlbMemfd: return "memfd (hugetlbfs, 2 MiB pages)"
+        case let .hugetlbfs(directory): return "hugetlbfs file in \(directory) (2 MiB pages)"
+        }
+    }
+}
+
+/// The file that holds guest RAM. Sized with ftruncate, so no page exists
+/// (and none costs memory) until something writes it.
+public final class MemoryFile: Sendable {
+    public let fd: Int32
+    public let geometry: PageGeometry
+    public let backing: Backing
+
+    private static let hugetlbfsMagic: Int64 = 0x9584_58f6
+
+    public init(backing: Backing, size: UInt64, name: String = "postcopyd-guest-ram") throws {
+        let pageSize = backing.memoryKind.pageSize
+        let geometry = try inStep("size guest RAM") { try PageGeometry(regionSize: size, pageSize: pageSize) }
+        let fd: Int32
+        switch backing {
+        case .memfd:
+            fd = try check("memfd_create") { cpc_memfd_create(name, UInt32(CPC_MFD_CLOEXEC)) }
+        case .hugetlbMemfd:
+            let flags = UInt32(CPC_MFD_CLOEXEC) | UInt32(CPC_MFD_HUGETLB) | UInt32(CPC_MFD_HUGE_2MB)
+            fd = try check("memfd_create MFD_HUGETLB") { cpc_memfd_create(name, flags) }
+        case let .hugetlbfs(directory):
+            fd = try MemoryFile.createUnlinked(in: directory, name: name)
+        }
+        do {
+            try MemoryFile.verifyFilesystem(fd: fd, backing: backing)
+            try checkLibc("ftruncate to \(size) bytes") { ftruncate(fd, off_t(size)) }
+        } catch {
+            close(fd)
+            throw error
+        }
+        self.fd = fd
+        self.geometry = geometry
+        self.backing = backing
+    }
+
+    deinit { close(fd) }
+
+    private static func createUnlinked(in directory: String, name: String) throws -> Int32 {
+        let path = "\(directory)/\(name).\(getpid()).\(UInt32.random(in: 0...UInt32.max))"
+        let fd = try checkLibc("create \(path)") { open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
+        unlink(path)
+        return fd
+    }
+
+    /// A hugetlbfs backing must really be hugetlbfs with 2 MiB pages: a file
+    /// on any other filesystem would not raise minor faults as expected.
+    private static func verifyFilesystem(fd: Int32, backing: Backing) throws {
+        guard backing != .memfd else { return }
+        var magic: Int64 = 0
+        var blockSize: Int64 = 0
+        try check("fstatfs") { cpc_fstatfs(fd, &magic, &blockSize) }
+        guard magic == hugetlbfsMagic else {
+            throw SystemCallError("\(backing): not a hugetlbfs file (filesystem magic 0x\(String(magic, radix: 16)))", .invalid)
+        }
+        guard UInt64(blockSize) == PageSize.huge2M.bytes else {
+            throw SystemCallError("\(backing): page size \(blockSize) bytes, postcopyd needs 2 MiB", .invalid)
+        }
+    }
+
+    /// Makes the pages of [offset, offset+length) exist in the page cache,
+    /// reading as zeros where they did not exist; existing pages are left
+    /// as they are. This is how a hole becomes something CONTINUE can map.
+    /// Kernel: `fallocate(2)` mode 0
+    public func materialize(offset: RegionOffset, length: UInt64) throws(SystemCallError) {
+        try check("fallocate \(offset)+\(length)") {
+            cpc_fallocate(fd, 0, Int64(offset.rawValue), Int64(length))
+        }
+    }
+}
+
+/// A shared mapping of a `MemoryFile`, unmapped when the object goes away.
+public final class Mapping: @unchecked Sendable {
+    // SAFETY: base..base+length stays mapped for the object's lifetime; the
+    // mapping is shared memory, so concurrent access is the callers' protocol.
+    public let base: UnsafeMutableRawPointer
+    public let length: UInt64
+
+    /// Maps all of `file` read-write and shared. On shmem the range is marked
+    /// MADV_NOHUGEPAGE: a THP collapse there would map pages behind the back
+    /// of minor-fault tracking.
+    public init(file: MemoryFile, purpose: String) throws {
+        let length = file.geometry.regionSize
+        let address = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED, file.fd, 0)
+        guard let address, address != MAP_FAILED else {
+            let error = Errno.current
+            var step = "map \(purpose) (\(length) bytes of \(file.backing))"
+            if error.rawValue == ENOMEM && file.backing != .memfd {
+                step += ": not enough free 2 MiB hugepages for \(length >> 21) pages (see /proc/meminfo HugePages_Free)"
+            }
+            throw SystemCallError(step, error)
+        }
+        base = address
+        self.length = length
+        if file.backing == .memfd {
+            do {
+                try checkLibc("madvise MADV_NOHUGEPAGE on \(purpose)") { madvise(address, Int(length), MADV_NOHUGEPAGE) }
+            } catch {
+                munmap(address, Int(length))
+                throw error
+            }
+        }
+    }
+
+    deinit { munmap(base, Int(length)) }
+
+    public var address: UInt64 { UInt64(UInt(bitPattern: base)) }
+}
+
+/// Guest RAM as the daemon owns it: the file, and an alias mapping that is
+/// never registered with userfaultfd, through which pages are filled.
+public final class GuestMemory: Sendable {
+    public let file: MemoryFile
+    public let alias: Mapping
+
+    public init(backing: Backing, size: UInt64) throws {
+        file = try MemoryFile(backing: backing, size: size)
+        alias = try Mapping(file: file, purpose: "alias")
+    }
+
+    public var geometry: PageGeometry { file.geometry }
+
+    /// A second mapping of the same file, for a guest (or a test standing in
+    /// for one) to register with userfaultfd.
+    public func mapGuestView() throws -> Mapping {
+        try Mapping(file: file, purpose: "guest view")
+    }
+
+    /// The alias bytes of `page`, lent to `body`; nil for a page outside.
+    public func withAliasPage<T>(_ page: PageIndex, _ body: (UnsafeMutableRawBufferPointer) throws -> T) rethrows -> T? {
+        guard let offset = geometry.offset(of: page) else { return nil }
+        // SAFETY: offset + page size lies within the alias, checked by geometry.
+        let start = alias.base + Int(offset.rawValue)
+        return try body(UnsafeMutableRawBufferPointer(start: start, count: Int(geometry.pageSize.bytes)))
+    }
+}

@@ -1,0 +1,54 @@
+import CPostcopy
+import Glibc
+
+/// A plain joinable POSIX thread, for the loops that must not share a
+/// cooperative executor with anything else (the fault path above all).
+public final class OSThread: @unchecked Sendable {
+    // SAFETY: written once by pthread_create before start() returns, then read-only.
+    private var handle = pthread_t()
+    private var joined = false
+
+    private final class Box {
+        let body: @Sendable () -> Void
+        let name: String
+        init(_ name: String, _ body: @escaping @Sendable () -> Void) {
+            self.name = name
+            self.body = body
+        }
+    }
+
+    private init() {}
+
+    /// Starts `body` on a new thread named `name` (at most 15 bytes show).
+    public static func start(name: String, _ body: @escaping @Sendable () -> Void) throws(SystemCallError) -> OSThread {
+        let thread = OSThread()
+        let box = Unmanaged.passRetained(Box(name, body)).toOpaque()
+        let rc = pthread_create(&thread.handle, nil, { argument in
+            // SAFETY: the pointer is the retained Box passed just below.
+            let box = Unmanaged<Box>.fromOpaque(argument!).takeRetainedValue()
+            _ = cpc_thread_set_name(String(box.name.prefix(15)))
+            box.body()
+            return nil
+        }, box)
+        guard rc == 0 else {
+            Unmanaged<Box>.fromOpaque(box).release()
+            throw SystemCallError("start thread \(name)", Errno(rc))
+        }
+        return thread
+    }
+
+    /// Waits for the thread to finish. Idempotent; call from one thread.
+    public func join() {
+        guard !joined else { return }
+        joined = true
+        pthread_join(handle, nil)
+    }
+}
+
+/// The monotonic clock in nanoseconds.
+@inline(__always)
+public func monotonicNanoseconds() -> UInt64 {
+    var now = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+}

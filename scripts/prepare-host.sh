@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what building and testing postcopyd needs on a fresh Debian host,
+# and, when run as root, makes hugetlbfs usable for the 2 MiB tests.
+#
+#   HUGEPAGES=N   2 MiB pages to have reserved (default 320); never lowered.
+#   HUGETLBFS=DIR where to mount hugetlbfs when no mount exists (default /dev/hugepages).
+#
+# Idempotent: each step checks before it acts, and says what it did.
+set -euo pipefail
+
+want_pages=${HUGEPAGES:-320}
+mount_dir=${HUGETLBFS:-/dev/hugepages}
+
+say() { printf 'prepare-host: %s\n' "$*"; }
+
+if ! pkg-config --exists libsystemd 2>/dev/null; then
+    if [ "$(id -u)" -ne 0 ]; then
+        say "libsystemd-dev is missing and this is not root: install it with 'apt-get install libsystemd-dev'" >&2
+        exit 1
+    fi
+    say "installing libsystemd-dev and pkg-config"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq libsystemd-dev pkg-config >/dev/null
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+    say "not root: skipping hugepage reservation; root-only tests will report skips"
+    exit 0
+fi
+
+have=$(cat /proc/sys/vm/nr_hugepages)
+if [ "$have" -lt "$want_pages" ]; then
+    echo "$want_pages" > /proc/sys/vm/nr_hugepages || true
+    have=$(cat /proc/sys/vm/nr_hugepages)
+    say "reserved 2 MiB hugepages: $have (wanted $want_pages)"
+    if [ "$have" -lt "$want_pages" ]; then
+        say "warning: the kernel reserved only $have of $want_pages hugepages (memory fragmented?); hugetlbfs tests may skip" >&2
+    fi
+fi
+
+if ! awk '$3 == "hugetlbfs" { found = 1 } END { exit !found }' /proc/mounts; then
+    mkdir -p "$mount_dir"
+    mount -t hugetlbfs -o pagesize=2M,mode=1770 none "$mount_dir"
+    say "mounted hugetlbfs at $mount_dir"
+fi
