@@ -77,6 +77,9 @@ public struct ProbeFacts: Sendable {
     public var selfTests: [SelfTestOutcome]
     /// Whether the user asked for hugetlbfs to be required rather than optional.
     public var requireHugetlbfs: Bool
+    /// Whether systemd is the init system (informational: the daemon also
+    /// runs by hand).
+    public var systemdBooted: Bool = false
 
     public init(kernelRelease: String, deviceAccess: AccessResult, syscallAccess: AccessResult,
                 features: UffdFeatures?, hugepages: HugepagePool, hugetlbfsMounts: [HugetlbfsMount],
@@ -144,6 +147,7 @@ public struct CapabilityReport: Sendable {
             warnings.append("no hugetlbfs mount: file-backed 2 MiB regions need one (mount -t hugetlbfs none /dev/hugepages); MFD_HUGETLB memfds still work")
         }
 
+        rows.append(("systemd", facts.systemdBooted ? "booted with systemd" : "not the init system (postcopyd runs by hand)"))
         rows.append(("shmem THP", facts.shmemTHP ?? "unknown"))
         if let thp = facts.shmemTHP, thp == "force" {
             missing.append("shmem THP is 'force': huge pages would map guest memory behind minor-fault tracking; set /sys/kernel/mm/transparent_hugepage/shmem_enabled to never or advise")

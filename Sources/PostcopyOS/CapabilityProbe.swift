@@ -24,7 +24,7 @@ public enum CapabilityProbe {
             selfTests.append(.failed(.hugetlbfs, "not run: needs \(hugePages) free 2 MiB hugepages, \(hugepages.available) available"))
         }
 
-        return ProbeFacts(
+        var facts = ProbeFacts(
             kernelRelease: kernelRelease(),
             deviceAccess: Userfaultfd.tryOpen(.device),
             syscallAccess: Userfaultfd.tryOpen(.syscall),
@@ -34,6 +34,8 @@ public enum CapabilityProbe {
             shmemTHP: readTextFile("/sys/kernel/mm/transparent_hugepage/shmem_enabled").flatMap(selectedSysfsChoice),
             selfTests: selfTests,
             requireHugetlbfs: requireHugetlbfs)
+        facts.systemdBooted = Systemd.isBooted
+        return facts
     }
 
     /// The strided self-test: every page read once, a stride apart, so that a

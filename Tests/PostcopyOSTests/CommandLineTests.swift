@@ -1,0 +1,92 @@
+import Foundation
+import Testing
+
+/// The built executables, run as an operator would, their output and exit
+/// status compared exactly where they are deterministic.
+@Suite struct CommandLineTests {
+    /// The executables sit beside the test bundle in the build folder.
+
+    struct Run {
+        let status: Int32
+        let stdout: String
+        let stderr: String
+    }
+
+    func run(_ program: String, _ arguments: [String]) throws -> Run {
+        let path = Self.binary(program)
+        try #require(FileManager.default.isExecutableFile(atPath: path),
+                     "\(path) is missing: build it first ('swift build'; 'make test' does)")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = arguments
+        let out = Pipe()
+        let err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let stdout = out.fileHandleForReading.readDataToEndOfFile()
+        let stderr = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return Run(status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
+                   stderr: String(decoding: stderr, as: UTF8.self))
+    }
+
+    static func binary(_ name: String) -> String {
+        var directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        while directory.lastPathComponent.hasSuffix(".xctest") || directory.lastPathComponent == "Contents" {
+            directory.deleteLastPathComponent()
+        }
+        return directory.appendingPathComponent(name).path
+    }
+
+    @Test func unparsableSizeIsAUsageError() throws {
+        let result = try run("postcopyd", ["demo", "--size", "12X"])
+        #expect(result.status == 64)
+        #expect(result.stderr.hasPrefix("Error: The value '12X' is invalid for '--size <size>': '12X' is not a size (examples: 4096, 64M, 1G)\n"))
+        #expect(result.stdout.isEmpty)
+    }
+
+    @Test(.enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
+    func misalignedSizeNamesTheWholeChain() throws {
+        let result = try run("postcopyd", ["demo", "--size", "3000"])
+        #expect(result.status == 1)
+        #expect(result.stderr == "Error: create guest RAM: size guest RAM: region size 3000 bytes is not a multiple of the 4 KiB page size\n")
+    }
+
+    @Test(.enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
+    func hugetlbfsDirectoryMustBeHugetlbfs() throws {
+        let result = try run("postcopyd", ["demo", "--memory", "hugetlbfs", "--hugetlbfs-dir", "/tmp", "--size", "4M"])
+        #expect(result.status == 1)
+        #expect(result.stderr.hasPrefix("Error: create guest RAM: hugetlbfs file in /tmp (2 MiB pages): not a hugetlbfs file (filesystem magic 0x"))
+    }
+
+    @Test(.enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
+    func checkPrintsTheTableAndPasses() throws {
+        let result = try run("postcopyd", ["check"])
+        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+        let names = result.stdout.split(separator: "\n").compactMap { $0.split(separator: " ").first.map(String.init) }
+        for row in ["kernel", "/dev/userfaultfd", "userfaultfd(2)", "uffd", "hugepages", "hugetlbfs", "systemd", "shmem", "self-test"] {
+            #expect(names.contains(row), "row \(row) in:\n\(result.stdout)")
+        }
+        #expect(result.stdout.contains("self-test shmem      pass: 4096 pages touched, 4096 faults\n"))
+        #expect(result.stdout.hasSuffix("result: ready for postcopy\n"))
+    }
+
+    @Test(.enabled(if: !Host.isRoot, "only meaningful when not root"))
+    func checkWithoutAccessFailsWithReasons() throws {
+        let result = try run("postcopyd", ["check"])
+        #expect(result.status == 1)
+        #expect(result.stdout.contains("missing: no usable userfaultfd"))
+    }
+
+    @Test(.enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
+    func demoReportsWhatItDid() throws {
+        let result = try run("postcopyd", ["demo", "--size", "8M", "--hole-every", "8"])
+        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+        let lines = result.stdout.split(separator: "\n").map(String.init)
+        #expect(lines.first == "postcopyd demo: 8 MiB of memfd (shmem, 4 KiB pages), random touch order (seed 1)")
+        #expect(lines.contains("region:        8 MiB of memfd (shmem, 4 KiB pages), 2048 pages"))
+        #expect(lines.contains("faults:        1792 minor (UFFDIO_CONTINUE), 256 missing (hole materialized, then CONTINUE)"))
+        #expect(lines.last == "checks:        pass: 2048 pages touched, 2048 faults")
+    }
+}
