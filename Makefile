@@ -13,7 +13,7 @@ UNITDIR   ?= /etc/systemd/system
 DESTDIR   ?=
 SWIFT     ?= swift
 CC        ?= cc
-HUGEPAGES ?= 320
+HUGEPAGES ?= 600
 DEMO_SIZE ?= 1G
 HUGETLB   ?=
 

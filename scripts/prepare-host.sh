@@ -2,13 +2,13 @@
 # Installs what building and testing postcopyd needs on a fresh Debian host,
 # and, when run as root, makes hugetlbfs usable for the 2 MiB tests.
 #
-#   HUGEPAGES=N   2 MiB pages to have reserved (default 320); never lowered.
+#   HUGEPAGES=N   2 MiB pages to have reserved (default 600); never lowered.
 #   HUGETLBFS=DIR where to mount hugetlbfs when no mount exists (default /dev/hugepages).
 #
 # Idempotent: each step checks before it acts, and says what it did.
 set -euo pipefail
 
-want_pages=${HUGEPAGES:-320}
+want_pages=${HUGEPAGES:-600}
 mount_dir=${HUGETLBFS:-/dev/hugepages}
 
 say() { printf 'prepare-host: %s\n' "$*"; }
