@@ -64,9 +64,10 @@ public struct FaultExercise: Sendable {
         let resolver = CountingResolver(pageCount: geometry.pageCount)
         let loop = try FaultLoop(installer: installer, resolver: resolver)
         try loop.start()
+        defer { loop.stop() }
 
         let pages = order.pages(count: geometry.pageCount)
-        let toucher = Toucher(exercise: self, guest: guest, geometry: geometry, pages: pages)
+        let toucher = try Toucher(exercise: self, guest: guest, geometry: geometry, pages: pages)
         let thread = try OSThread.start(name: "postcopy-vcpu") { toucher.run() }
         let timedOut = !toucher.waitUntilDone(timeoutSeconds: timeoutSeconds, loop: loop)
         if timedOut {
@@ -203,12 +204,14 @@ final class Toucher: @unchecked Sendable {
     let pages: [UInt64]
     let wrongPages = Atomic<UInt64>(0)
     let done = Atomic<Bool>(false)
+    let doneSignal: EventSignal
     // SAFETY: written only by the toucher thread, read after it is joined.
     private(set) var latencies: [UInt64] = []
     /// From the first touch to the last, measured on the toucher thread.
     private(set) var elapsedNanoseconds: UInt64 = 0
 
-    init(exercise: FaultExercise, guest: Mapping, geometry: PageGeometry, pages: [UInt64]) {
+    init(exercise: FaultExercise, guest: Mapping, geometry: PageGeometry, pages: [UInt64]) throws {
+        doneSignal = try EventSignal()
         self.exercise = exercise
         self.guest = guest
         self.geometry = geometry
@@ -216,7 +219,10 @@ final class Toucher: @unchecked Sendable {
     }
 
     func run() {
-        defer { done.store(true, ordering: .releasing) }
+        defer {
+            done.store(true, ordering: .releasing)
+            doneSignal.signal()
+        }
         var samples = exercise.recordLatencies ? [UInt64](repeating: 0, count: pages.count) : []
         let pageBytes = Int(geometry.pageSize.bytes)
         var wrong: UInt64 = 0
@@ -249,12 +255,15 @@ final class Toucher: @unchecked Sendable {
     }
 
     /// Waits until the run ends, the loop fails, or the timeout passes;
-    /// returns false on timeout or loop failure.
+    /// returns false on timeout or loop failure. Sleeps in poll on an
+    /// eventfd the toucher signals, waking every 100 ms to look at the loop,
+    /// so that the waiting thread does not compete with the fault path.
     func waitUntilDone(timeoutSeconds: Double, loop: FaultLoop) -> Bool {
         let deadline = monotonicNanoseconds() + UInt64(timeoutSeconds * 1e9)
+        var waiter = pollfd(fd: doneSignal.fd, events: Int16(POLLIN), revents: 0)
         while !done.load(ordering: .acquiring) {
             if loop.failureReason != nil || monotonicNanoseconds() > deadline { return false }
-            usleep(2_000)
+            _ = poll(&waiter, 1, 100)
         }
         return true
     }

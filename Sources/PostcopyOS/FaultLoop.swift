@@ -46,7 +46,7 @@ public final class FaultLoop: Sendable {
     public let counters = FaultLoopCounters()
     private let resolver: any FaultResolver
     private let batchSize: Int
-    private let stopFD: Int32
+    private let stopSignal: EventSignal
     private let thread = Mutex<OSThread?>(nil)
     private let failure = Mutex<String?>(nil)
 
@@ -54,15 +54,13 @@ public final class FaultLoop: Sendable {
         self.installer = installer
         self.resolver = resolver
         self.batchSize = batchSize
-        stopFD = try check("eventfd for the fault loop") { cpc_eventfd() }
+        stopSignal = try inStep("create the fault loop's stop signal") { try EventSignal() }
     }
 
-    deinit {
-        stop()
-        close(stopFD)
-    }
+    deinit { stop() }
 
-    /// Starts the fault thread.
+    /// Starts the fault thread. The thread keeps the loop alive until
+    /// `stop()` is called: every start needs a stop.
     public func start() throws {
         try thread.withLock { thread in
             precondition(thread == nil, "fault loop started twice")
@@ -78,8 +76,7 @@ public final class FaultLoop: Sendable {
             defer { thread = nil }
             return thread
         }) else { return }
-        var one: UInt64 = 1
-        _ = write(stopFD, &one, 8)
+        stopSignal.signal()
         running.join()
     }
 
@@ -88,7 +85,7 @@ public final class FaultLoop: Sendable {
 
     private func run(_ buffer: UffdEventBuffer) {
         var fds = [pollfd(fd: installer.uffd.fd, events: Int16(POLLIN), revents: 0),
-                   pollfd(fd: stopFD, events: Int16(POLLIN), revents: 0)]
+                   pollfd(fd: stopSignal.fd, events: Int16(POLLIN), revents: 0)]
         while true {
             let ready = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, 2, -1) }
             if ready < 0 {

@@ -52,3 +52,21 @@ public func monotonicNanoseconds() -> UInt64 {
     clock_gettime(CLOCK_MONOTONIC, &now)
     return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
 }
+
+/// An eventfd used as a wake-up signal between threads: one side signals,
+/// the other polls its descriptor.
+public final class EventSignal: Sendable {
+    public let fd: Int32
+
+    public init() throws(SystemCallError) {
+        fd = try check("eventfd") { cpc_eventfd() }
+    }
+
+    deinit { close(fd) }
+
+    /// Makes the descriptor readable.
+    public func signal() {
+        var one: UInt64 = 1
+        _ = write(fd, &one, 8)
+    }
+}

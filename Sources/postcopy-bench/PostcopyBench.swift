@@ -23,7 +23,7 @@ struct CleanFaults: ParsableCommand {
     var shmemSize: UInt64 = 256 << 20
 
     @Option(help: "Region size for 2 MiB hugetlbfs pages (0 to skip).", transform: parseSize)
-    var hugetlbSize: UInt64 = 64 << 20
+    var hugetlbSize: UInt64 = 256 << 20
 
     @Option(help: "Alternating runs per side.")
     var runs: Int = 7
