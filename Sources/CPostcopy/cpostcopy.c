@@ -11,6 +11,7 @@
 #include <sys/vfs.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -105,4 +106,69 @@ int cpc_uffdio_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int
 int cpc_uffdio_wake(int fd, uint64_t start, uint64_t len) {
     struct uffdio_range range = { .start = start, .len = len };
     return neg_errno(ioctl(fd, UFFDIO_WAKE, &range));
+}
+
+int cpc_accept_cloexec(int sock) {
+    return neg_errno(accept4(sock, NULL, NULL, SOCK_CLOEXEC));
+}
+
+int cpc_peer_credentials(int sock, int32_t *pid, uint32_t *uid, uint32_t *gid) {
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return -errno;
+    *pid = cred.pid;
+    *uid = cred.uid;
+    *gid = cred.gid;
+    return 0;
+}
+
+int64_t cpc_send_with_fd(int sock, const void *bytes, uint64_t length, int fd) {
+    struct iovec iov = { .iov_base = (void *)bytes, .iov_len = length };
+    union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof(msg));
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (fd >= 0) {
+        memset(&control, 0, sizeof(control));
+        msg.msg_control = control.buf;
+        msg.msg_controllen = sizeof(control.buf);
+        struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+    }
+    ssize_t sent = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    return sent < 0 ? -errno : (int64_t)sent;
+}
+
+int64_t cpc_recv_with_fd(int sock, void *bytes, uint64_t capacity, int *fd) {
+    struct iovec iov = { .iov_base = bytes, .iov_len = capacity };
+    union { char buf[CMSG_SPACE(sizeof(int) * 4)]; struct cmsghdr align; } control;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof(msg));
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof(control.buf);
+    *fd = -1;
+    ssize_t received = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    if (received < 0) return -errno;
+    for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+        size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int *fds = (int *)CMSG_DATA(cmsg);
+        for (size_t i = 0; i < count; i++) {
+            int one;
+            memcpy(&one, fds + i, sizeof(int));
+            if (*fd < 0) *fd = one; else close(one);
+        }
+    }
+    if (msg.msg_flags & MSG_CTRUNC) {
+        if (*fd >= 0) close(*fd);
+        *fd = -1;
+        return -EPROTO;
+    }
+    return (int64_t)received;
 }

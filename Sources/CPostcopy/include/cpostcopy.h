@@ -111,6 +111,25 @@ int cpc_eventfd(void);
 /* Names the calling thread (pthread_setname_np; 15 bytes show). 0 or -errno. */
 int cpc_thread_set_name(const char *name);
 
+/* ---- unix sockets ---------------------------------------------------- */
+
+/* accept4(2) with SOCK_CLOEXEC, which glibc declares only under _GNU_SOURCE.
+ * Returns the connection's fd or -errno. */
+int cpc_accept_cloexec(int sock);
+
+/* The peer's pid, uid and gid of a connected unix socket (SO_PEERCRED). 0 or -errno. */
+int cpc_peer_credentials(int sock, int32_t *pid, uint32_t *uid, uint32_t *gid);
+
+/* sendmsg(2) of [bytes, bytes+length) with `fd` attached as SCM_RIGHTS
+ * (fd < 0: none). MSG_NOSIGNAL. Returns bytes sent or -errno. */
+int64_t cpc_send_with_fd(int sock, const void *bytes, uint64_t length, int fd);
+
+/* recvmsg(2) into [bytes, bytes+capacity); a received SCM_RIGHTS descriptor
+ * (close-on-exec) is stored in *fd, else *fd = -1. Extra descriptors are
+ * closed; a truncated control message is reported as -EPROTO. Returns bytes
+ * received (0 at end of stream) or -errno. */
+int64_t cpc_recv_with_fd(int sock, void *bytes, uint64_t capacity, int *fd);
+
 /* ---- ioctls (each returns 0 or -errno) ------------------------------------ */
 
 /* UFFDIO_API: on entry *features is what to enable; on return it holds what

@@ -1,0 +1,157 @@
+import CPostcopy
+import Glibc
+
+/// Who is at the other end of a unix socket, as the kernel vouches.
+/// Kernel: `SO_PEERCRED`
+public struct PeerCredentials: Equatable, Sendable, CustomStringConvertible {
+    public let pid: Int32
+    public let uid: UInt32
+    public let gid: UInt32
+
+    public init(pid: Int32, uid: UInt32, gid: UInt32) {
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+    }
+
+    public var description: String { "pid \(pid), uid \(uid), gid \(gid)" }
+}
+
+/// A listening unix stream socket at a path, created with a restrictive
+/// mode (0600 by default) and removed when the object goes away.
+public final class UnixListener: Sendable {
+    public let fd: Int32
+    public let path: String
+
+    public init(path: String, mode: mode_t = 0o600, backlog: Int32 = 4) throws {
+        var address = try UnixAddress(path)
+        let fd = try checkLibc("socket AF_UNIX") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        do {
+            try UnixListener.removeStaleSocket(at: path)
+            // Bind under a umask that already excludes group and other, so
+            // there is no moment at which the socket is open to them.
+            let previous = umask(~mode & 0o777)
+            let bound = address.withSockaddr { bind(fd, $0, $1) }
+            let bindError = errno
+            umask(previous)
+            if bound < 0 { throw SystemCallError("bind \(path)", Errno(bindError)) }
+            try checkLibc("chmod \(path)") { chmod(path, mode) }
+            try checkLibc("listen on \(path)") { listen(fd, backlog) }
+        } catch {
+            close(fd)
+            throw error
+        }
+        self.fd = fd
+        self.path = path
+    }
+
+    deinit {
+        close(fd)
+        unlink(path)
+    }
+
+    /// A socket file left by a process that died is replaced; any other
+    /// file at the path is an error, never deleted.
+    private static func removeStaleSocket(at path: String) throws {
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return }
+        guard info.st_mode & S_IFMT == S_IFSOCK else {
+            throw SystemCallError("\(path) exists and is not a socket", .exists)
+        }
+        try checkLibc("remove stale socket \(path)") { unlink(path) }
+    }
+
+    /// Waits for and accepts one connection.
+    public func accept() throws(SystemCallError) -> UnixConnection {
+        let connection = try check("accept on \(path)") { cpc_accept_cloexec(fd) }
+        return UnixConnection(fd: connection)
+    }
+}
+
+/// A connected unix stream socket that can carry one file descriptor with
+/// a message (SCM_RIGHTS).
+public final class UnixConnection: Sendable {
+    public let fd: Int32
+
+    init(fd: Int32) { self.fd = fd }
+
+    deinit { close(fd) }
+
+    /// Connects to a listening socket at `path`.
+    public static func connect(path: String) throws -> UnixConnection {
+        var address = try UnixAddress(path)
+        let fd = try checkLibc("socket AF_UNIX") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        let connection = UnixConnection(fd: fd)
+        try checkLibc("connect to \(path)") { address.withSockaddr { Glibc.connect(fd, $0, $1) } }
+        return connection
+    }
+
+    /// Two connected ends, for a peer in the same process or a child.
+    public static func pair() throws -> (UnixConnection, UnixConnection) {
+        var fds: [Int32] = [-1, -1]
+        try checkLibc("socketpair AF_UNIX") {
+            socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds)
+        }
+        return (UnixConnection(fd: fds[0]), UnixConnection(fd: fds[1]))
+    }
+
+    public func peerCredentials() throws(SystemCallError) -> PeerCredentials {
+        var pid: Int32 = 0
+        var uid: UInt32 = 0
+        var gid: UInt32 = 0
+        try check("SO_PEERCRED") { cpc_peer_credentials(fd, &pid, &uid, &gid) }
+        return PeerCredentials(pid: pid, uid: uid, gid: gid)
+    }
+
+    /// Sends all of `bytes`; `passing`, when given, travels with the first
+    /// byte. The descriptor stays open here: the receiver gets its own.
+    public func send(_ bytes: [UInt8], passing descriptor: Int32? = nil) throws(SystemCallError) {
+        var offset = 0
+        var attached = descriptor ?? -1
+        while offset < bytes.count || (offset == 0 && bytes.isEmpty) {
+            let sent = bytes.withUnsafeBytes { buffer in
+                cpc_send_with_fd(fd, buffer.baseAddress! + offset, UInt64(buffer.count - offset), attached)
+            }
+            if sent == -Int64(EINTR) { continue }
+            guard sent >= 0 else { throw SystemCallError("send on unix socket", Errno(Int32(-sent))) }
+            attached = -1
+            offset += Int(sent)
+            if bytes.isEmpty { break }
+        }
+    }
+
+    /// Receives up to `capacity` bytes and the descriptor that came with
+    /// them, if any (the caller owns it). An empty result is end of stream.
+    public func receive(capacity: Int = 65536) throws(SystemCallError) -> (bytes: [UInt8], descriptor: Int32?) {
+        var bytes = [UInt8](repeating: 0, count: capacity)
+        var descriptor: Int32 = -1
+        while true {
+            let count = bytes.withUnsafeMutableBytes { cpc_recv_with_fd(fd, $0.baseAddress, UInt64($0.count), &descriptor) }
+            if count == -Int64(EINTR) { continue }
+            guard count >= 0 else { throw SystemCallError("receive on unix socket", Errno(Int32(-count))) }
+            bytes.removeSubrange(Int(count)...)
+            return (bytes, descriptor >= 0 ? descriptor : nil)
+        }
+    }
+}
+
+/// A `sockaddr_un` for a filesystem path.
+struct UnixAddress {
+    private var storage = sockaddr_un()
+
+    init(_ path: String) throws(SystemCallError) {
+        let bytes = Array(path.utf8)
+        let capacity = MemoryLayout.size(ofValue: storage.sun_path)
+        guard !bytes.isEmpty, bytes.count < capacity, !bytes.contains(0) else {
+            throw SystemCallError("unix socket path '\(path)' must be 1 to \(capacity - 1) bytes", Errno(ENAMETOOLONG))
+        }
+        storage.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &storage.sun_path) { $0.copyBytes(from: bytes) }
+    }
+
+    mutating func withSockaddr<T>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
+        withUnsafePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+    }
+}
