@@ -11,6 +11,8 @@
 #include <sys/vfs.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -171,4 +173,14 @@ int64_t cpc_recv_with_fd(int sock, void *bytes, uint64_t capacity, int *fd) {
         return -EPROTO;
     }
     return (int64_t)received;
+}
+
+int cpc_tcp_tune(int sock, int idle_seconds, int interval_seconds, int probes) {
+    int one = 1;
+    if (setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0) return -errno;
+    if (setsockopt(sock, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)) < 0) return -errno;
+    if (setsockopt(sock, IPPROTO_TCP, TCP_KEEPIDLE, &idle_seconds, sizeof(idle_seconds)) < 0) return -errno;
+    if (setsockopt(sock, IPPROTO_TCP, TCP_KEEPINTVL, &interval_seconds, sizeof(interval_seconds)) < 0) return -errno;
+    if (setsockopt(sock, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof(probes)) < 0) return -errno;
+    return 0;
 }

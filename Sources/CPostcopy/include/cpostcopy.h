@@ -130,6 +130,12 @@ int64_t cpc_send_with_fd(int sock, const void *bytes, uint64_t length, int fd);
  * received (0 at end of stream) or -errno. */
 int64_t cpc_recv_with_fd(int sock, void *bytes, uint64_t capacity, int *fd);
 
+/* ---- TCP ---------------------------------------------------------------- */
+
+/* Turns on TCP keepalive with the given idle time, probe interval (seconds)
+ * and probe count, and TCP_NODELAY. 0 or -errno. */
+int cpc_tcp_tune(int sock, int idle_seconds, int interval_seconds, int probes);
+
 /* ---- ioctls (each returns 0 or -errno) ------------------------------------ */
 
 /* UFFDIO_API: on entry *features is what to enable; on return it holds what

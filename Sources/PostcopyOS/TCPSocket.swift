@@ -1,0 +1,177 @@
+import CPostcopy
+import Glibc
+
+/// A host and port, numeric: `127.0.0.1:7410`, `[::1]:7410`.
+public struct SocketEndpoint: Hashable, Sendable, CustomStringConvertible {
+    public let host: String
+    public let port: UInt16
+
+    public init(host: String, port: UInt16) {
+        self.host = host
+        self.port = port
+    }
+
+    /// Parses `HOST:PORT`, with IPv6 hosts in brackets; nil when malformed.
+    public init?(_ text: String) {
+        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else { return nil }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        guard !host.isEmpty else { return nil }
+        self.init(host: host, port: port)
+    }
+
+    public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+
+    /// The socket address for a numeric host (no name resolution: the
+    /// daemon must not block on DNS).
+    func withSockaddr<T>(_ body: (UnsafePointer<sockaddr>, socklen_t, Int32) throws -> T) throws -> T {
+        var v4 = sockaddr_in()
+        if inet_pton(AF_INET, host, &v4.sin_addr) == 1 {
+            v4.sin_family = sa_family_t(AF_INET)
+            v4.sin_port = port.bigEndian
+            return try withUnsafePointer(to: &v4) {
+                try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    try body($0, socklen_t(MemoryLayout<sockaddr_in>.size), AF_INET)
+                }
+            }
+        }
+        var v6 = sockaddr_in6()
+        if inet_pton(AF_INET6, host, &v6.sin6_addr) == 1 {
+            v6.sin6_family = sa_family_t(AF_INET6)
+            v6.sin6_port = port.bigEndian
+            return try withUnsafePointer(to: &v6) {
+                try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    try body($0, socklen_t(MemoryLayout<sockaddr_in6>.size), AF_INET6)
+                }
+            }
+        }
+        throw SystemCallError("'\(host)' is not a numeric IPv4 or IPv6 address", .invalid)
+    }
+}
+
+/// Keepalive settings: how soon a silent peer is declared dead.
+public struct KeepAlive: Sendable, Equatable {
+    public var idleSeconds: Int32
+    public var intervalSeconds: Int32
+    public var probes: Int32
+
+    public init(idleSeconds: Int32 = 2, intervalSeconds: Int32 = 1, probes: Int32 = 3) {
+        self.idleSeconds = idleSeconds
+        self.intervalSeconds = intervalSeconds
+        self.probes = probes
+    }
+}
+
+/// A listening TCP socket.
+public final class TCPListener: Sendable {
+    public let fd: Int32
+    /// The bound address, with the port the kernel chose when 0 was asked.
+    public let endpoint: SocketEndpoint
+
+    public init(endpoint: SocketEndpoint, backlog: Int32 = 8) throws {
+        let fd = try endpoint.withSockaddr { address, length, family in
+            let fd = try checkLibc("socket for \(endpoint)") {
+                socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            }
+            var one: Int32 = 1
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+            if bind(fd, address, length) < 0 || listen(fd, backlog) < 0 {
+                let error = Errno.current
+                close(fd)
+                throw SystemCallError("listen on \(endpoint)", error)
+            }
+            return fd
+        }
+        self.fd = fd
+        self.endpoint = SocketEndpoint(host: endpoint.host, port: TCPListener.localPort(fd))
+    }
+
+    deinit { close(fd) }
+
+    private static func localPort(_ fd: Int32) -> UInt16 {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        _ = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        return withUnsafeBytes(of: &storage) { bytes in
+            // sin_port and sin6_port both sit at offset 2, in network order.
+            UInt16(bigEndian: bytes.load(fromByteOffset: 2, as: UInt16.self))
+        }
+    }
+
+    /// Waits for and accepts one connection, tuned with `keepAlive`.
+    public func accept(keepAlive: KeepAlive = KeepAlive()) throws(SystemCallError) -> TCPConnection {
+        let connection = try check("accept on \(endpoint)") { cpc_accept_cloexec(fd) }
+        let tcp = TCPConnection(fd: connection)
+        try tcp.tune(keepAlive)
+        return tcp
+    }
+}
+
+/// A connected TCP stream, blocking, with whole-buffer send and receive.
+public final class TCPConnection: Sendable {
+    public let fd: Int32
+
+    init(fd: Int32) { self.fd = fd }
+
+    deinit { close(fd) }
+
+    /// Connects to `endpoint` (numeric host), tuned with `keepAlive`.
+    public static func connect(to endpoint: SocketEndpoint, keepAlive: KeepAlive = KeepAlive()) throws -> TCPConnection {
+        let fd = try endpoint.withSockaddr { address, length, family in
+            let fd = try checkLibc("socket for \(endpoint)") {
+                socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            }
+            while Glibc.connect(fd, address, length) < 0 {
+                let error = Errno.current
+                if error == .interrupted { continue }
+                close(fd)
+                throw SystemCallError("connect to \(endpoint)", error)
+            }
+            return fd
+        }
+        let connection = TCPConnection(fd: fd)
+        try connection.tune(keepAlive)
+        return connection
+    }
+
+    func tune(_ keepAlive: KeepAlive) throws(SystemCallError) {
+        try check("TCP keepalive and TCP_NODELAY") {
+            cpc_tcp_tune(fd, keepAlive.idleSeconds, keepAlive.intervalSeconds, keepAlive.probes)
+        }
+    }
+
+    /// Sends all of `bytes`.
+    public func send(_ bytes: UnsafeRawBufferPointer) throws(SystemCallError) {
+        var offset = 0
+        while offset < bytes.count {
+            let sent = Glibc.send(fd, bytes.baseAddress! + offset, bytes.count - offset, Int32(MSG_NOSIGNAL))
+            if sent < 0 {
+                if errno == EINTR { continue }
+                throw SystemCallError("send", Errno.current)
+            }
+            offset += sent
+        }
+    }
+
+    public func send(_ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { try send($0) }
+    }
+
+    /// Receives whatever is available, up to `buffer.count` bytes; 0 is
+    /// end of stream.
+    public func receive(into buffer: UnsafeMutableRawBufferPointer) throws(SystemCallError) -> Int {
+        while true {
+            let count = recv(fd, buffer.baseAddress, buffer.count, 0)
+            if count >= 0 { return count }
+            if errno == EINTR { continue }
+            throw SystemCallError("receive", Errno.current)
+        }
+    }
+
+    /// Stops both directions, waking a thread blocked in `receive`.
+    public func shutdown() {
+        _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
+    }
+}
