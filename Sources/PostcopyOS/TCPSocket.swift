@@ -22,6 +22,15 @@ public struct SocketEndpoint: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
 
+    private static func pass<Address, T>(_ address: inout Address, family: Int32,
+                                         to body: (UnsafePointer<sockaddr>, socklen_t, Int32) throws -> T) rethrows -> T {
+        try withUnsafePointer(to: &address) {
+            try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                try body($0, socklen_t(MemoryLayout<Address>.size), family)
+            }
+        }
+    }
+
     /// The socket address for a numeric host (no name resolution: the
     /// daemon must not block on DNS).
     func withSockaddr<T>(_ body: (UnsafePointer<sockaddr>, socklen_t, Int32) throws -> T) throws -> T {
@@ -29,21 +38,13 @@ public struct SocketEndpoint: Hashable, Sendable, CustomStringConvertible {
         if inet_pton(AF_INET, host, &v4.sin_addr) == 1 {
             v4.sin_family = sa_family_t(AF_INET)
             v4.sin_port = port.bigEndian
-            return try withUnsafePointer(to: &v4) {
-                try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    try body($0, socklen_t(MemoryLayout<sockaddr_in>.size), AF_INET)
-                }
-            }
+            return try Self.pass(&v4, family: AF_INET, to: body)
         }
         var v6 = sockaddr_in6()
         if inet_pton(AF_INET6, host, &v6.sin6_addr) == 1 {
             v6.sin6_family = sa_family_t(AF_INET6)
             v6.sin6_port = port.bigEndian
-            return try withUnsafePointer(to: &v6) {
-                try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    try body($0, socklen_t(MemoryLayout<sockaddr_in6>.size), AF_INET6)
-                }
-            }
+            return try Self.pass(&v6, family: AF_INET6, to: body)
         }
         throw SystemCallError("'\(host)' is not a numeric IPv4 or IPv6 address", .invalid)
     }
