@@ -1,0 +1,295 @@
+import PostcopyCore
+import Testing
+
+/// Raw frames and decoding helpers shared by the protocol tests.
+enum Wire {
+    /// `value`'s bytes, least significant first.
+    static func le<T: FixedWidthInteger>(_ value: T) -> [UInt8] {
+        withUnsafeBytes(of: value.littleEndian) { Array($0) }
+    }
+
+    /// A frame assembled by hand, with a correct checksum unless `checksum`
+    /// is given, so that each field can be broken on its own.
+    static func frame(type: UInt8, payload: [UInt8], magic: UInt32 = FrameHeader.magic,
+                      version: UInt8 = FrameHeader.version, flags: UInt16 = 0,
+                      length: UInt32? = nil, checksum: UInt32? = nil) -> [UInt8] {
+        var bytes = le(magic) + [version, type] + le(flags) + le(length ?? UInt32(payload.count))
+        let crc = checksum ?? CRC32C.checksum(payload, seed: CRC32C.checksum(bytes))
+        bytes += le(crc) + payload
+        return bytes
+    }
+
+    /// Every message `bytes` holds, fed in one piece.
+    static func decodeAll(_ bytes: [UInt8], maxPayload: Int = FrameDecoder.defaultMaxPayload)
+        throws(ProtocolError) -> [Message] {
+        var decoder = FrameDecoder(maxPayload: maxPayload)
+        decoder.append(bytes)
+        var messages: [Message] = []
+        while let message = try decoder.next() { messages.append(message) }
+        return messages
+    }
+
+    /// Page data whose every byte depends on its page and position.
+    static func pageData(pages: Int, seed: UInt64) -> [UInt8] {
+        var generator = SplitMix64(seed: seed)
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(pages * 4096)
+        for _ in 0..<(pages * 512) {
+            let word = generator.next()
+            for shift in stride(from: 0, to: 64, by: 8) { bytes.append(UInt8(truncatingIfNeeded: word >> shift)) }
+        }
+        return bytes
+    }
+
+    static let migrationID = MigrationID(hex: "00112233445566778899aabbccddeeff")!
+    static let digest = ImageDigest(bytes: (0..<32).map { UInt8($0 * 7) })!
+
+    /// One message of every type, with values that fill their fields.
+    static let samples: [Message] = [
+        .hello(migrationID: migrationID, role: .bulk, sourcePageSize: .small, regionSize: 1 << 30),
+        .hello(migrationID: migrationID, role: .urgent, sourcePageSize: .huge2M, regionSize: 64 << 30),
+        .welcome(regionSize: 1 << 30, destinationPageSize: .huge2M),
+        .pages(requestID: 0, firstPage: 7, data: pageData(pages: 1, seed: 1)[...]),
+        .pages(requestID: 0xDEAD_BEEF, firstPage: UInt64.max - 3, data: pageData(pages: 3, seed: 2)[...]),
+        .zeroPages(firstPage: 1 << 40, count: 513),
+        .roundEnd(round: 3, pagesSent: 262_144, dirtyPages: 1234),
+        .dirtyBitmap(totalBits: 262_144, firstWord: 17, words: [0, 1, UInt64.max, 0x8000_0000_0000_0001]),
+        .switchover(stalePages: 99, sourcePausedAtNanos: 1_700_000_000_123_456_789, imageDigest: digest),
+        .resumed(destinationResumedAtNanos: 1_700_000_000_223_456_789),
+        .pageRequest(requestID: 42, firstPage: 4096, count: 512),
+        .complete(pagesReceived: 262_144, faultsClean: 1000, faultsStale: 37),
+        .error(code: .outOfRange, message: "page range 100..<120 outside the region's 110 pages"),
+        .error(code: .unknown(999), message: ""),
+        .error(code: .peerLost, message: "zurück — 接続が切れた 🛑"),
+        .heartbeat,
+        .vmmOffer(regionSize: 1 << 30, pageSize: .small, fileOffset: 1 << 21),
+        .vmmAttach(guestBase: 0x7F00_0000_0000, features: [.minorShmem, .missingShmem], registerMode: 0b101),
+        .vmmResume,
+        .vmmComplete,
+    ]
+}
+
+@Suite struct ProtocolChecksumTests {
+    @Test func knownVectors() {
+        #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
+        #expect(CRC32C.checksum([UInt8](repeating: 0, count: 32)) == 0x8A91_36AA)
+        #expect(CRC32C.checksum([UInt8](repeating: 0xFF, count: 32)) == 0x62A8_AB43)
+        #expect(CRC32C.checksum([]) == 0)
+    }
+
+    @Test func matchesTheBitwiseDefinitionAtEveryLengthAndAlignment() {
+        func bitwise(_ bytes: ArraySlice<UInt8>) -> UInt32 {
+            var crc: UInt32 = 0xFFFF_FFFF
+            for byte in bytes {
+                crc ^= UInt32(byte)
+                for _ in 0..<8 { crc = crc & 1 == 1 ? (crc >> 1) ^ 0x82F6_3B78 : crc >> 1 }
+            }
+            return ~crc
+        }
+        let data = Wire.pageData(pages: 1, seed: 9)
+        for start in 0..<8 {
+            for length in 0..<70 {
+                let slice = data[start..<(start + length)]
+                #expect(slice.withUnsafeBytes { CRC32C.checksum($0) } == bitwise(slice))
+            }
+        }
+    }
+
+    @Test func continuesAcrossPieces() {
+        let data = Wire.pageData(pages: 1, seed: 3)
+        let whole = CRC32C.checksum(data)
+        for split in [0, 1, 7, 12, 13, 100, 4095, 4096] {
+            let head = Array(data[..<split]), tail = Array(data[split...])
+            #expect(CRC32C.checksum(tail, seed: CRC32C.checksum(head)) == whole)
+            var running = CRC32C()
+            running.update(data[..<split])
+            running.update(data[split...])
+            #expect(running.value == whole)
+        }
+    }
+}
+
+@Suite struct ProtocolRoundTripTests {
+    @Test func samplesCoverEveryMessageType() {
+        #expect(Set(Wire.samples.map(\.type)) == Set(MessageType.allCases))
+    }
+
+    @Test(arguments: Wire.samples)
+    func everyMessageSurvivesEncodeAndDecode(_ message: Message) throws {
+        let bytes = message.encoded()
+        #expect(bytes.count == 16 + Int(bytes[8]) + Int(bytes[9]) << 8 + Int(bytes[10]) << 16)
+        var decoder = FrameDecoder()
+        decoder.append(bytes)
+        #expect(try decoder.next() == message)
+        #expect(try decoder.next() == nil)
+        #expect(decoder.bufferedByteCount == 0)
+    }
+
+    @Test func headerLayout() {
+        let bytes = Message.resumed(destinationResumedAtNanos: 0x0102_0304_0506_0708).encoded()
+        #expect(Array(bytes[0..<4]) == Array("PCPY".utf8), "0x59504350 little-endian")
+        #expect(bytes[4] == 1)
+        #expect(bytes[5] == 8)
+        #expect(Array(bytes[6..<8]) == [0, 0])
+        #expect(Array(bytes[8..<12]) == [8, 0, 0, 0])
+        #expect(Array(bytes[16...]) == [8, 7, 6, 5, 4, 3, 2, 1])
+        let crc = CRC32C.checksum(Array(bytes[16...]), seed: CRC32C.checksum(Array(bytes[..<12])))
+        #expect(Array(bytes[12..<16]) == Wire.le(crc))
+    }
+
+    @Test func helloPayloadLayout() {
+        let hello = Message.hello(migrationID: Wire.migrationID, role: .urgent, sourcePageSize: .huge2M,
+                                  regionSize: 0x0000_0010_0000_0000)
+        let payload = Array(hello.encoded()[16...])
+        #expect(payload.count == 30)
+        #expect(Array(payload[0..<16]) == Wire.migrationID.bytes)
+        #expect(payload[0] == 0x00 && payload[15] == 0xFF)
+        #expect(payload[16] == 1 && payload[17] == 0)
+        #expect(Array(payload[18..<22]) == Wire.le(UInt32(2_097_152)))
+        #expect(Array(payload[22..<30]) == Wire.le(UInt64(0x0000_0010_0000_0000)))
+    }
+
+    @Test func framesBackToBackFedOneByteAtATime() throws {
+        let stream = Wire.samples.flatMap { $0.encoded() }
+        var decoder = FrameDecoder()
+        var decoded: [Message] = []
+        for byte in stream {
+            decoder.append([byte])
+            while let message = try decoder.next() { decoded.append(message) }
+        }
+        #expect(decoded == Wire.samples)
+        #expect(decoder.bufferedByteCount == 0)
+    }
+
+    @Test(arguments: [1, 2, 3, 0xC0FFEE] as [UInt64])
+    func framesBackToBackFedInRandomChunks(seed: UInt64) throws {
+        var generator = SplitMix64(seed: seed)
+        let messages = (0..<60).map { _ in Wire.samples.randomElement(using: &generator)! }
+        let stream = messages.flatMap { $0.encoded() }
+        var decoder = FrameDecoder()
+        var decoded: [Message] = []
+        var offset = 0
+        while offset < stream.count {
+            let chunk = min(Int(generator.next() % 9000) + 1, stream.count - offset)
+            stream[offset..<(offset + chunk)].withUnsafeBytes { decoder.append($0) }
+            offset += chunk
+            while let message = try decoder.next() { decoded.append(message) }
+        }
+        #expect(decoded == messages)
+    }
+
+    @Test func pagesEncodeFromRawBytesAndDecodeWithoutCopying() throws {
+        let data = Wire.pageData(pages: 4, seed: 5)
+        let message = Message.pages(requestID: 9, firstPage: 100, data: data[...])
+        var direct: [UInt8] = [], head: [UInt8] = []
+        data.withUnsafeBytes { raw in
+            Message.encodePages(requestID: 9, firstPage: 100, pageData: raw, into: &direct)
+            Message.encodePagesHead(requestID: 9, firstPage: 100, pageData: raw, into: &head)
+        }
+        #expect(direct == message.encoded())
+        #expect(head.count == 32)
+        #expect(head + data == direct)
+
+        var decoder = FrameDecoder()
+        decoder.append(Message.heartbeat.encoded() + direct)
+        #expect(try decoder.next() == .heartbeat)
+        guard case let .pages(requestID, firstPage, pages)? = try decoder.next() else {
+            Issue.record("expected PAGES")
+            return
+        }
+        #expect(requestID == 9 && firstPage == 100)
+        #expect(pages.count == 4 * 4096)
+        #expect(pages.startIndex == 16 + 32, "a slice of the decoder's buffer, past two headers")
+        #expect(pages.elementsEqual(data))
+    }
+
+    @Test func aDecodedSliceStaysIntactWhenTheDecoderMovesOn() throws {
+        let first = Wire.pageData(pages: 2, seed: 6), second = Wire.pageData(pages: 2, seed: 7)
+        var decoder = FrameDecoder()
+        decoder.append(Message.pages(requestID: 0, firstPage: 0, data: first[...]).encoded())
+        let kept = try decoder.next()
+        for _ in 0..<3 {
+            decoder.append(Message.pages(requestID: 0, firstPage: 2, data: second[...]).encoded())
+            #expect(try decoder.next() == .pages(requestID: 0, firstPage: 2, data: second[...]))
+        }
+        #expect(kept == .pages(requestID: 0, firstPage: 0, data: first[...]))
+    }
+
+    @Test func largeFramesInSmallReadsAcrossCompactions() throws {
+        var generator = SplitMix64(seed: 11)
+        let messages = (0..<12).map { index in
+            Message.pages(requestID: UInt32(index), firstPage: UInt64(index) * 64,
+                          data: Wire.pageData(pages: Int(generator.next() % 16) + 1, seed: UInt64(index))[...])
+        }
+        let stream = messages.flatMap { $0.encoded() }
+        var decoder = FrameDecoder()
+        var decoded: [Message] = []
+        var offset = 0
+        while offset < stream.count {
+            let chunk = min(Int(generator.next() % 20000) + 1, stream.count - offset)
+            decoder.append(Array(stream[offset..<(offset + chunk)]))
+            offset += chunk
+            while let message = try decoder.next() { decoded.append(message) }
+            #expect(decoder.bufferedByteCount < 16 + 16 + 16 * 4096)
+        }
+        #expect(decoded == messages)
+    }
+
+    @Test func longErrorMessagesAreCutOnACharacterBoundary() throws {
+        let text = "a" + String(repeating: "é", count: 600)
+        let decoded = try Wire.decodeAll(Message.error(code: .internalFailure, message: text).encoded())
+        guard case let .error(code, message)? = decoded.first else {
+            Issue.record("expected ERROR")
+            return
+        }
+        #expect(code == .internalFailure)
+        #expect(message.utf8.count == 1023)
+        #expect(message == "a" + String(repeating: "é", count: 511))
+    }
+}
+
+@Suite struct ProtocolValueTests {
+    @Test func migrationIDHex() {
+        let id = Wire.migrationID
+        #expect(id.description == "00112233445566778899aabbccddeeff")
+        #expect(MigrationID(hex: "00112233445566778899AABBCCDDEEFF") == id)
+        #expect(MigrationID(bytes: id.bytes) == id)
+        #expect(id.high == 0x0011_2233_4455_6677 && id.low == 0x8899_AABB_CCDD_EEFF)
+        #expect(MigrationID(hex: "00112233445566778899aabbccddeef") == nil, "31 digits")
+        #expect(MigrationID(hex: "00112233445566778899aabbccddeeff0") == nil, "33 digits")
+        #expect(MigrationID(hex: "0011223344556677-8899aabbccddeef") == nil)
+        #expect(MigrationID(hex: "+0112233445566778899aabbccddeeff") == nil)
+        #expect(MigrationID(hex: "g0112233445566778899aabbccddeeff") == nil)
+        #expect(MigrationID(bytes: [1, 2, 3]) == nil)
+        var generator = SplitMix64(seed: 1)
+        let random = MigrationID(using: &generator)
+        #expect(MigrationID(hex: random.description) == random)
+    }
+
+    @Test func imageDigestHex() {
+        let digest = Wire.digest
+        #expect(digest.description.count == 64)
+        #expect(digest.description.hasPrefix("00070e151c"))
+        #expect(ImageDigest(hex: digest.description) == digest)
+        #expect(ImageDigest(bytes: digest.bytes) == digest)
+        #expect(ImageDigest(bytes: [UInt8](repeating: 0, count: 31)) == nil)
+    }
+
+    @Test func errorCodes() {
+        let known: [ErrorCode] = [.protocolViolation, .incompatible, .outOfRange, .checksum,
+                                  .unexpectedMessage, .internalFailure, .cancelled, .peerLost]
+        #expect(known.map(\.rawValue) == Array(1...8))
+        for code in known { #expect(ErrorCode(rawValue: code.rawValue) == code) }
+        #expect(ErrorCode(rawValue: 0) == .unknown(0))
+        #expect(ErrorCode(rawValue: 9).description == "code 9")
+        #expect(ErrorCode.unknown(4) == .checksum)
+        #expect(Set([ErrorCode.unknown(4), .checksum]).count == 1)
+    }
+
+    @Test func messageTypesAndDescriptors() {
+        #expect(MessageType.allCases.map(\.rawValue) == Array(1...12) + Array(32...35))
+        #expect(MessageType.allCases.filter(\.carriesFileDescriptor) == [.vmmOffer, .vmmAttach])
+        #expect(MessageType.pageRequest.description == "PAGE_REQUEST")
+        #expect(MessageType.vmmComplete.description == "VMM_COMPLETE")
+    }
+}
