@@ -71,9 +71,7 @@ public final class TCPListener: Sendable {
 
     public init(endpoint: SocketEndpoint, backlog: Int32 = 8) throws {
         let fd = try endpoint.withSockaddr { address, length, family in
-            let fd = try checkLibc("socket for \(endpoint)") {
-                socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            }
+            let fd = try StreamSocket.open(family: family, for: endpoint.description)
             var one: Int32 = 1
             setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
             if bind(fd, address, length) < 0 || listen(fd, backlog) < 0 {
@@ -121,14 +119,12 @@ public final class TCPConnection: Sendable {
     /// Connects to `endpoint` (numeric host), tuned with `keepAlive`.
     public static func connect(to endpoint: SocketEndpoint, keepAlive: KeepAlive = KeepAlive()) throws -> TCPConnection {
         let fd = try endpoint.withSockaddr { address, length, family in
-            let fd = try checkLibc("socket for \(endpoint)") {
-                socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            }
-            while Glibc.connect(fd, address, length) < 0 {
-                let error = Errno.current
-                if error == .interrupted { continue }
+            let fd = try StreamSocket.open(family: family, for: endpoint.description)
+            do {
+                try StreamSocket.connect(fd, address, length, to: endpoint.description)
+            } catch {
                 close(fd)
-                throw SystemCallError("connect to \(endpoint)", error)
+                throw error
             }
             return fd
         }

@@ -25,7 +25,7 @@ public final class UnixListener: Sendable {
 
     public init(path: String, mode: mode_t = 0o600, backlog: Int32 = 4) throws {
         var address = try UnixAddress(path)
-        let fd = try checkLibc("socket AF_UNIX") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        let fd = try StreamSocket.open(family: AF_UNIX, for: path)
         do {
             try UnixListener.removeStaleSocket(at: path)
             // Bind under a umask that already excludes group and other, so
@@ -80,9 +80,10 @@ public final class UnixConnection: Sendable {
     /// Connects to a listening socket at `path`.
     public static func connect(path: String) throws -> UnixConnection {
         var address = try UnixAddress(path)
-        let fd = try checkLibc("socket AF_UNIX") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
-        let connection = UnixConnection(fd: fd)
-        try checkLibc("connect to \(path)") { address.withSockaddr { Glibc.connect(fd, $0, $1) } }
+        let connection = UnixConnection(fd: try StreamSocket.open(family: AF_UNIX, for: path))
+        try address.withSockaddr { (sockaddr, length) throws(SystemCallError) in
+            try StreamSocket.connect(connection.fd, sockaddr, length, to: path)
+        }
         return connection
     }
 
@@ -149,9 +150,11 @@ struct UnixAddress {
         withUnsafeMutableBytes(of: &storage.sun_path) { $0.copyBytes(from: bytes) }
     }
 
-    mutating func withSockaddr<T>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
-        withUnsafePointer(to: &storage) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    mutating func withSockaddr<T, E: Error>(_ body: (UnsafePointer<sockaddr>, socklen_t) throws(E) -> T) throws(E) -> T {
+        try withUnsafePointer(to: &storage) { (pointer) throws(E) -> T in
+            try pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { (address) throws(E) -> T in
+                try body(address, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
     }
 }
