@@ -55,6 +55,12 @@ public struct HugetlbfsMount: Equatable, Sendable {
         }
     }
 
+    /// The first mount among `mounts` whose pages are 2 MiB; a mount that
+    /// names no `pagesize=` has the default hugepage size.
+    public static func first2MiB(among mounts: [HugetlbfsMount], defaultPageSize: UInt64) -> HugetlbfsMount? {
+        mounts.first { ($0.pageSize ?? defaultPageSize) == PageSize.huge2M.bytes }
+    }
+
     /// "2M", "1G", "2048k" or bytes.
     static func parseSize(_ text: Substring) -> UInt64? {
         guard let unit = text.last else { return nil }

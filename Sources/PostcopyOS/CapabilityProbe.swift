@@ -18,7 +18,8 @@ public enum CapabilityProbe {
         var selfTests = [selfTest(FaultExercise(backing: .memfd, size: shmemSelfTestSize))]
         let hugePages = hugetlbSelfTestSize / PageSize.huge2M.bytes
         if hugepages.available >= hugePages {
-            let backing = Backing.choose(.hugetlbfs, hugetlbfsDirectory: hugetlbfsDirectory)
+            let backing = Backing.choose(.hugetlbfs, hugetlbfsDirectory: hugetlbfsDirectory, mounts: mounts,
+                                        defaultHugepageSize: hugepages.pageSize)
             selfTests.append(selfTest(FaultExercise(backing: backing, size: hugetlbSelfTestSize)))
         } else {
             selfTests.append(.failed(.hugetlbfs, "not run: needs \(hugePages) free 2 MiB hugepages, \(hugepages.available) available"))

@@ -15,13 +15,16 @@ public enum Backing: Sendable, Equatable, CustomStringConvertible {
     public var memoryKind: MemoryKind { self == .memfd ? .shmem : .hugetlbfs }
 
     /// The backing for `kind`: for hugetlbfs, a file in `directory` when
-    /// given, else in the first 2 MiB hugetlbfs mount, else a MFD_HUGETLB memfd.
-    public static func choose(_ kind: MemoryKind, hugetlbfsDirectory directory: String? = nil) -> Backing {
+    /// given, else in the first 2 MiB mount of `mounts`, else a MFD_HUGETLB
+    /// memfd. Without `mounts`, reads them (and the default hugepage size)
+    /// from /proc.
+    public static func choose(_ kind: MemoryKind, hugetlbfsDirectory directory: String? = nil,
+                              mounts: [HugetlbfsMount]? = nil, defaultHugepageSize: UInt64? = nil) -> Backing {
         guard kind == .hugetlbfs else { return .memfd }
         if let directory { return .hugetlbfs(directory: directory) }
-        let defaultSize = HugepagePool(meminfo: readTextFile("/proc/meminfo") ?? "").pageSize
-        let mounts = HugetlbfsMount.parse(mounts: readTextFile("/proc/mounts") ?? "")
-        let mount = mounts.first { ($0.pageSize ?? defaultSize) == PageSize.huge2M.bytes }
+        let mounts = mounts ?? HugetlbfsMount.parse(mounts: readTextFile("/proc/mounts") ?? "")
+        let defaultSize = defaultHugepageSize ?? HugepagePool(meminfo: readTextFile("/proc/meminfo") ?? "").pageSize
+        let mount = HugetlbfsMount.first2MiB(among: mounts, defaultPageSize: defaultSize)
         return mount.map { .hugetlbfs(directory: $0.path) } ?? .hugetlbMemfd
     }
 

@@ -50,6 +50,14 @@ import Testing
         ])
     }
 
+    @Test func first2MiBMountHonoursTheDefaultSize() {
+        let mounts = [HugetlbfsMount(path: "/mnt/1g", pageSize: 1 << 30), HugetlbfsMount(path: "/mnt/default", pageSize: nil),
+                      HugetlbfsMount(path: "/mnt/2m", pageSize: 2 << 20)]
+        #expect(HugetlbfsMount.first2MiB(among: mounts, defaultPageSize: 2 << 20)?.path == "/mnt/default")
+        #expect(HugetlbfsMount.first2MiB(among: mounts, defaultPageSize: 1 << 30)?.path == "/mnt/2m")
+        #expect(HugetlbfsMount.first2MiB(among: Array(mounts.prefix(1)), defaultPageSize: 2 << 20) == nil)
+    }
+
     @Test func sysfsChoice() {
         #expect(selectedSysfsChoice("always within_size advise [never] deny force\n") == "never")
         #expect(selectedSysfsChoice("[always] madvise never") == "always")

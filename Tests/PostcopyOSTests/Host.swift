@@ -18,8 +18,7 @@ enum Host {
 
     /// The first 2 MiB hugetlbfs mount, if any.
     static var hugetlbfsMount: String? {
-        let defaultSize = hugepagePool.pageSize
-        return HugetlbfsMount.parse(mounts: readTextFile("/proc/mounts") ?? "")
-            .first { ($0.pageSize ?? defaultSize) == PageSize.huge2M.bytes }?.path
+        HugetlbfsMount.first2MiB(among: HugetlbfsMount.parse(mounts: readTextFile("/proc/mounts") ?? ""),
+                                 defaultPageSize: hugepagePool.pageSize)?.path
     }
 }
