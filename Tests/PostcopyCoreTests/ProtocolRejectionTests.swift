@@ -110,8 +110,9 @@ import Testing
         let computed = CRC32C.checksum(Array(pages[16...]), seed: CRC32C.checksum(Array(pages[..<12])))
         expectRejected(pages, .checksumMismatch(type: .pages, computed: computed, announced: good))
 
-        // VMM_RESUME (34) and VMM_COMPLETE (35) differ in one bit and are both empty.
-        var resume = Message.vmmResume.encoded()
+        // COMPLETE (10) and ERROR (11) differ in one bit, and COMPLETE's 24
+        // bytes are a length ERROR admits: only the checksum can catch it.
+        var resume = Message.complete(pagesReceived: 1, faultsClean: 2, faultsStale: 3).encoded()
         resume[5] ^= 0x01
         #expect(throws: ProtocolError.self) { try Wire.decodeAll(resume) }
         do {
@@ -121,9 +122,9 @@ import Testing
                 Issue.record("expected a checksum mismatch, got \(error)")
                 return
             }
-            #expect(type == .vmmComplete)
+            #expect(type == .error)
             #expect(error.code == .checksum)
-            #expect(error.description.hasPrefix("checksum mismatch on VMM_COMPLETE frame (computed 0x"))
+            #expect(error.description.hasPrefix("checksum mismatch on ERROR frame (computed 0x"))
         }
 
         var heartbeat = Message.heartbeat.encoded()

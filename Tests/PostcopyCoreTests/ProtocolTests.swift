@@ -64,7 +64,7 @@ enum Wire {
         .heartbeat,
         .vmmOffer(regionSize: 1 << 30, pageSize: .small, fileOffset: 1 << 21),
         .vmmAttach(guestBase: 0x7F00_0000_0000, features: [.minorShmem, .missingShmem], registerMode: 0b101),
-        .vmmResume,
+        .vmmResume(imageDigest: digest),
         .vmmComplete,
     ]
 }

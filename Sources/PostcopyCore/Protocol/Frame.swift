@@ -37,7 +37,8 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         case .pageRequest: return .exactly(16)
         case .complete: return .exactly(24)
         case .error: return .between(2, 2 + Message.maxErrorMessageBytes)
-        case .heartbeat, .vmmResume, .vmmComplete: return .exactly(0)
+        case .heartbeat, .vmmComplete: return .exactly(0)
+        case .vmmResume: return .exactly(32)
         case .vmmOffer: return .exactly(20)
         case .vmmAttach: return .exactly(24)
         }

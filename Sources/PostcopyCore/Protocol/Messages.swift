@@ -38,9 +38,11 @@ public enum Message: Equatable, Sendable {
     /// VMM → daemon, with the userfaultfd's descriptor. `registerMode` is the
     /// `UFFDIO_REGISTER_MODE_*` word the VMM registered the range with.
     case vmmAttach(guestBase: UInt64, features: UffdFeatures, registerMode: UInt64)
-    /// Daemon → VMM: run the guest.
-    case vmmResume
-    /// Daemon → VMM: every page is in place; the userfaultfd can go.
+    /// Daemon → VMM: run the guest. `imageDigest` is the agent's digest of
+    /// the image as of switchover, which a verifying VMM can check.
+    case vmmResume(imageDigest: ImageDigest)
+    /// Daemon → VMM: every page is in place; the VMM unregisters the range
+    /// and answers with VMM_COMPLETE, after which the daemon stops serving.
     case vmmComplete
 
     /// The size of a page on the wire, and the unit of every page index.
@@ -174,7 +176,9 @@ extension Message: CustomStringConvertible {
             return "VMM_OFFER region \(regionSize) bytes page size \(pageSize) file offset \(fileOffset)"
         case let .vmmAttach(guestBase, features, registerMode):
             return "VMM_ATTACH guest base \(hex64(guestBase)) features \(features) mode \(hex64(registerMode))"
-        case .heartbeat, .vmmResume, .vmmComplete:
+        case let .vmmResume(imageDigest):
+            return "VMM_RESUME digest \(imageDigest)"
+        case .heartbeat, .vmmComplete:
             return type.description
         }
     }
@@ -274,8 +278,10 @@ extension Message {
         case let .error(code, message):
             out.appendLittleEndian(code.rawValue)
             out.append(contentsOf: utf8Prefix(message, maxBytes: Message.maxErrorMessageBytes))
-        case .heartbeat, .vmmResume, .vmmComplete:
+        case .heartbeat, .vmmComplete:
             return
+        case let .vmmResume(imageDigest):
+            out.append(contentsOf: imageDigest.bytes)
         case let .vmmOffer(regionSize, pageSize, fileOffset):
             out.appendLittleEndian(regionSize)
             out.appendLittleEndian(UInt32(pageSize.bytes))
@@ -363,7 +369,8 @@ extension Message {
         case .vmmAttach:
             return .vmmAttach(guestBase: u64(0), features: UffdFeatures(rawValue: u64(8)), registerMode: u64(16))
         case .vmmResume:
-            return .vmmResume
+            // The length rule guarantees the 32 bytes of the digest.
+            return .vmmResume(imageDigest: ImageDigest(bytes: bytes(0, 32))!)
         case .vmmComplete:
             return .vmmComplete
         }

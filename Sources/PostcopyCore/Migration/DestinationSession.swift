@@ -1,0 +1,176 @@
+/// What the daemon's side of one migration accepts, in which order: the
+/// handshake on both TCP connections, precopy, the dirty bitmap,
+/// switchover, postcopy. A value-type state machine: it checks each message
+/// against the phase and the region and returns what to do with it; the
+/// daemon performs the action. It never touches memory or sockets.
+public struct DestinationSession: Sendable {
+    public enum Phase: String, Sendable, CustomStringConvertible {
+        /// Waiting for the agent's two connections.
+        case handshake
+        case precopy
+        /// DIRTY_BITMAP frames are arriving; the source is paused.
+        case switchingOver = "switchover"
+        case postcopy
+        case complete
+        public var description: String { rawValue }
+    }
+
+    /// What the daemon does with a message the session accepted.
+    public enum Action: Equatable, Sendable {
+        /// Precopy pages: write them through the alias (nothing runs yet).
+        case writePrecopy(PageRun, ArraySlice<UInt8>)
+        /// Precopy pages that became zero: zero them through the alias.
+        case zeroPrecopy(PageRun)
+        /// Postcopy pages (background when `requestID` is 0): claim, write, commit.
+        case writePostcopy(PageRun, ArraySlice<UInt8>, requestID: UInt32)
+        /// Postcopy pages that are zero on the source: claim, zero, commit.
+        case zeroPostcopy(PageRun)
+        case roundEnded(round: UInt32, pagesSent: UInt64, dirtyPages: UInt64)
+        /// The source is paused and every stale page is known: resume the guest.
+        case switchover(stale: PageBitmap, sourcePausedAtNanos: UInt64, imageDigest: ImageDigest)
+        /// The peer sent ERROR: it is closing the connection.
+        case peerFailed(code: ErrorCode, message: String)
+        /// Nothing to do (HEARTBEAT).
+        case none
+    }
+
+    public let geometry: PageGeometry
+    /// The migration this daemon serves; nil to accept the first HELLO's.
+    public private(set) var migrationID: MigrationID?
+    public private(set) var phase: Phase = .handshake
+    private var connected: Set<StreamRole> = []
+    private var bitmap: [UInt64] = []
+    private var bitmapWordsReceived: UInt64 = 0
+
+    public init(geometry: PageGeometry, migrationID: MigrationID? = nil) {
+        self.geometry = geometry
+        self.migrationID = migrationID
+    }
+
+    public var limits: RegionLimits { RegionLimits(geometry) }
+
+    /// The first frame of a TCP connection; returns the WELCOME to answer.
+    public mutating func hello(_ message: Message) throws(SessionError) -> (role: StreamRole, welcome: Message) {
+        guard case let .hello(id, role, _, regionSize) = message else {
+            throw .unexpected(message.type, phase: phase, role: nil)
+        }
+        guard phase == .handshake || (phase == .precopy && !connected.contains(role)) else {
+            throw .unexpected(.hello, phase: phase, role: role)
+        }
+        if let migrationID, migrationID != id { throw .wrongMigration(expected: migrationID, got: id) }
+        guard regionSize == geometry.regionSize else {
+            throw .regionSizeMismatch(source: regionSize, destination: geometry.regionSize)
+        }
+        guard connected.insert(role).inserted else { throw .duplicateConnection(role) }
+        migrationID = id
+        if connected.count == StreamRole.allCases.count { phase = .precopy }
+        return (role, .welcome(regionSize: geometry.regionSize, destinationPageSize: geometry.pageSize))
+    }
+
+    /// A message after HELLO on the connection of `role`.
+    public mutating func receive(_ message: Message, on role: StreamRole) throws(SessionError) -> Action {
+        do throws(ProtocolError) {
+            try message.validate(against: limits)
+        } catch {
+            throw .malformed(error)
+        }
+        switch (message, role, phase) {
+        case (.heartbeat, _, _):
+            return .none
+        case let (.error(code, text), _, _):
+            return .peerFailed(code: code, message: text)
+        case let (.pages(0, first, data), .bulk, .precopy):
+            return .writePrecopy(PageRun(first: first, count: UInt64(data.count / Message.pageBytes)), data)
+        case let (.zeroPages(first, count), .bulk, .precopy):
+            return .zeroPrecopy(PageRun(first: first, count: UInt64(count)))
+        case let (.roundEnd(round, sent, dirty), .bulk, .precopy):
+            return .roundEnded(round: round, pagesSent: sent, dirtyPages: dirty)
+        case let (.dirtyBitmap(_, firstWord, words), .bulk, .precopy),
+             let (.dirtyBitmap(_, firstWord, words), .bulk, .switchingOver):
+            return try addBitmapWords(firstWord: firstWord, words: words)
+        case let (.switchover(stalePages, pausedAt, digest), .bulk, .switchingOver):
+            guard bitmapWordsReceived == UInt64(bitmap.count) else {
+                throw .bitmapIncomplete(words: bitmapWordsReceived, expected: UInt64(bitmap.count))
+            }
+            let stale = PageBitmap(words: bitmap, count: geometry.smallPageCount)!
+            guard stale.popCount == stalePages else {
+                throw .staleCountMismatch(announced: stalePages, bitmap: stale.popCount)
+            }
+            bitmap = []
+            phase = .postcopy
+            return .switchover(stale: stale, sourcePausedAtNanos: pausedAt, imageDigest: digest)
+        case let (.pages(0, first, data), .bulk, .postcopy):
+            return .writePostcopy(PageRun(first: first, count: UInt64(data.count / Message.pageBytes)), data,
+                                  requestID: 0)
+        case let (.pages(requestID, first, data), .urgent, .postcopy) where requestID != 0:
+            return .writePostcopy(PageRun(first: first, count: UInt64(data.count / Message.pageBytes)), data,
+                                  requestID: requestID)
+        case let (.zeroPages(first, count), _, .postcopy):
+            return .zeroPostcopy(PageRun(first: first, count: UInt64(count)))
+        default:
+            throw .unexpected(message.type, phase: phase, role: role)
+        }
+    }
+
+    /// Every page is in place.
+    public mutating func complete() {
+        precondition(phase == .postcopy, "complete in phase \(phase)")
+        phase = .complete
+    }
+
+    private mutating func addBitmapWords(firstWord: UInt64, words: [UInt64]) throws(SessionError) -> Action {
+        if phase == .precopy {
+            phase = .switchingOver
+            bitmap = Array(repeating: 0, count: Int((geometry.smallPageCount + 63) / 64))
+        }
+        guard firstWord == bitmapWordsReceived else {
+            throw .bitmapOutOfOrder(expectedWord: bitmapWordsReceived, got: firstWord)
+        }
+        for (offset, word) in words.enumerated() { bitmap[Int(firstWord) + offset] = word }
+        bitmapWordsReceived += UInt64(words.count)
+        return .none
+    }
+}
+
+/// Why the daemon's side refused a message; each closes the connection.
+public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
+    case malformed(ProtocolError)
+    case unexpected(MessageType, phase: DestinationSession.Phase, role: StreamRole?)
+    case wrongMigration(expected: MigrationID, got: MigrationID)
+    case regionSizeMismatch(source: UInt64, destination: UInt64)
+    case duplicateConnection(StreamRole)
+    case bitmapOutOfOrder(expectedWord: UInt64, got: UInt64)
+    case bitmapIncomplete(words: UInt64, expected: UInt64)
+    case staleCountMismatch(announced: UInt64, bitmap: UInt64)
+
+    /// The code of the ERROR frame that reports this to the peer.
+    public var code: ErrorCode {
+        switch self {
+        case let .malformed(error): return error.code
+        case .unexpected, .duplicateConnection, .bitmapOutOfOrder, .wrongMigration: return .unexpectedMessage
+        case .regionSizeMismatch: return .incompatible
+        case .staleCountMismatch, .bitmapIncomplete: return .protocolViolation
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case let .malformed(error):
+            return error.description
+        case let .unexpected(type, phase, role):
+            return "unexpected \(type) \(role.map { "on the \($0) connection " } ?? "")during \(phase)"
+        case let .wrongMigration(expected, got):
+            return "HELLO for migration \(got), this daemon serves \(expected)"
+        case let .regionSizeMismatch(source, destination):
+            return "source region is \(source) bytes, destination region is \(destination) bytes"
+        case let .duplicateConnection(role):
+            return "a second \(role) connection for the same migration"
+        case let .bitmapOutOfOrder(expectedWord, got):
+            return "DIRTY_BITMAP frame starts at word \(got), expected word \(expectedWord)"
+        case let .bitmapIncomplete(words, expected):
+            return "SWITCHOVER after \(words) of the dirty bitmap's \(expected) words"
+        case let .staleCountMismatch(announced, bitmap):
+            return "SWITCHOVER announces \(announced) stale pages, the dirty bitmap has \(bitmap)"
+        }
+    }
+}

@@ -1,0 +1,157 @@
+/// The destination's view of guest pages during postcopy: which 4 KiB pages
+/// are still stale, which are being fetched or written, and which guest
+/// pages have a thread blocked on them.
+///
+/// A value type with no locking and no clock of its own: the daemon keeps it
+/// behind one mutex and passes the time in, so tests drive it step by step.
+///
+/// The invariant it exists for: **a page is written through the alias only
+/// while it is stale, and installed in the guest only once none of its 4 KiB
+/// pieces is stale.** A writer claims stale pieces (`claim`), copies them
+/// outside the lock, then commits them (`commit`); a piece that is not stale,
+/// or already claimed, is a duplicate and is dropped. So nothing the guest
+/// may have written is ever overwritten, and each piece is written once.
+public struct PostcopyTracker: Sendable {
+    /// What the fault thread does with a fault.
+    public enum FaultAction: Equatable, Sendable {
+        /// No piece of the page is stale: CONTINUE it now.
+        case install
+        /// Ask the source for these runs; the page is installed by `commit`.
+        case fetch([PageRun])
+        /// Every stale piece is already requested or being written; the page
+        /// is installed by `commit`.
+        case wait
+    }
+
+    /// A guest page whose last stale piece has just been written while a
+    /// thread was blocked on it: install it now.
+    public struct Completion: Equatable, Sendable {
+        public let page: PageIndex
+        /// From the first fault on the page to its last piece written.
+        public let latencyNanos: UInt64
+    }
+
+    public let geometry: PageGeometry
+    private var stale: PageBitmap
+    private var claimed: PageBitmap
+    private var requested: PageBitmap
+    /// Guest pages (in the region's page size) with a thread blocked on them.
+    private var waiting: PageBitmap
+    /// When the first fault on each waiting guest page was read.
+    private var firstFaultAt: [UInt64: UInt64] = [:]
+
+    /// 4 KiB pages still stale.
+    public private(set) var stalePages: UInt64
+    /// 4 KiB pages that arrived after they were no longer stale.
+    public private(set) var duplicatePages: UInt64 = 0
+    /// 4 KiB pages written while stale.
+    public private(set) var filledPages: UInt64 = 0
+    /// 4 KiB pages asked for with PAGE_REQUEST.
+    public private(set) var requestedPages: UInt64 = 0
+    /// Faults on pages with a stale piece (the first and any concurrent ones).
+    public private(set) var staleFaults: UInt64 = 0
+    /// Faults on pages with no stale piece.
+    public private(set) var cleanFaults: UInt64 = 0
+    /// Completions handed out by `commit` whose install has not been reported
+    /// done (`installed`). Postcopy is not complete while any is pending: the
+    /// VMM must not unregister the range under an install in progress.
+    public private(set) var pendingInstalls: UInt64 = 0
+
+    /// Starts postcopy with `stale` (one bit per 4 KiB page of the region).
+    public init(geometry: PageGeometry, stale: PageBitmap) {
+        precondition(stale.count == geometry.smallPageCount, "stale bitmap of \(stale.count) bits for \(geometry)")
+        self.geometry = geometry
+        self.stale = stale
+        claimed = PageBitmap(count: stale.count)
+        requested = PageBitmap(count: stale.count)
+        waiting = PageBitmap(count: geometry.pageCount)
+        stalePages = stale.popCount
+    }
+
+    /// No page is stale and every completion is installed.
+    public var isComplete: Bool { stalePages == 0 && pendingInstalls == 0 }
+
+    /// Whether `page` (4 KiB) is still stale.
+    public func isStale(_ page: UInt64) -> Bool { stale.contains(page) }
+
+    /// A guest thread faulted on `page` (in the region's page size) at `now`.
+    /// Pieces to fetch are marked requested, so concurrent faults on the same
+    /// page ask the source only once.
+    public mutating func fault(on page: PageIndex, at now: UInt64) -> FaultAction {
+        let pieces = geometry.smallPages(of: page)
+        guard stale.containsAny(in: pieces) else {
+            cleanFaults += 1
+            return .install
+        }
+        staleFaults += 1
+        if waiting.insert(page.rawValue) { firstFaultAt[page.rawValue] = now }
+        var runs = PageRunBuilder()
+        var next = stale.nextSet(from: pieces.lowerBound)
+        while let piece = next, piece < pieces.upperBound {
+            if !requested.contains(piece) && !claimed.contains(piece) {
+                requested.insert(piece)
+                requestedPages += 1
+                runs.add(piece)
+            }
+            next = stale.nextSet(from: piece + 1)
+        }
+        let fetch = runs.finish()
+        return fetch.isEmpty ? .wait : .fetch(fetch)
+    }
+
+    /// Pages `run` arrived. Returns the runs of them that are stale and not
+    /// already being written: the caller writes exactly those through the
+    /// alias, then calls `commit` with the same runs. The rest are dropped
+    /// and counted as duplicates.
+    public mutating func claim(_ run: PageRun) -> [PageRun] {
+        precondition(run.end <= stale.count, "\(run) outside the region")
+        var claims = PageRunBuilder()
+        for page in run.pages {
+            if stale.contains(page) && !claimed.contains(page) {
+                claimed.insert(page)
+                claims.add(page)
+            } else {
+                duplicatePages += 1
+            }
+        }
+        return claims.finish()
+    }
+
+    /// The claimed `runs` are written. Marks them fresh and returns the guest
+    /// pages that were waiting for them and now have no stale piece; report
+    /// each install done with `installed`.
+    public mutating func commit(_ runs: [PageRun], at now: UInt64) -> [Completion] {
+        var completions: [Completion] = []
+        let piecesPerPage = geometry.pageSize.smallPagesPerPage
+        for run in runs {
+            for page in run.pages {
+                precondition(claimed.remove(page), "commit of unclaimed page \(page)")
+                stale.remove(page)
+                requested.remove(page)
+            }
+            stalePages -= run.count
+            filledPages += run.count
+            var guestPage = run.first / piecesPerPage
+            while guestPage * piecesPerPage < run.end {
+                let index = PageIndex(guestPage)
+                if waiting.contains(guestPage) && !stale.containsAny(in: geometry.smallPages(of: index)) {
+                    waiting.remove(guestPage)
+                    let started = firstFaultAt.removeValue(forKey: guestPage) ?? now
+                    completions.append(Completion(page: index, latencyNanos: now &- started))
+                }
+                guestPage += 1
+            }
+        }
+        pendingInstalls += UInt64(completions.count)
+        return completions
+    }
+
+    /// `count` completions from `commit` are installed in the guest.
+    public mutating func installed(_ count: Int) {
+        precondition(UInt64(count) <= pendingInstalls, "more installs reported than handed out")
+        pendingInstalls -= UInt64(count)
+    }
+
+    /// The stale pages, as a bitmap.
+    public var staleBitmap: PageBitmap { stale }
+}

@@ -1,0 +1,166 @@
+/// Figures of a latency distribution, in microseconds, for summaries.
+public struct LatencyFigures: Codable, Equatable, Sendable {
+    public let count: Int
+    public let p50Us: Double
+    public let p99Us: Double
+    public let p999Us: Double
+    public let maxUs: Double
+    /// The sum of all samples: for stalls, the total time threads were blocked.
+    public let totalMs: Double
+
+    /// From samples in nanoseconds; nil when there are none.
+    public init?(nanoseconds samples: [UInt64]) {
+        guard let summary = LatencySummary(samples.map { Double($0) }) else { return nil }
+        count = summary.count
+        p50Us = summary.median / 1000
+        p99Us = summary.p99 / 1000
+        p999Us = summary.p999 / 1000
+        maxUs = summary.max / 1000
+        totalMs = samples.reduce(0.0) { $0 + Double($1) } / 1e6
+    }
+
+    /// "p50 12.3 µs, p99 45.6 µs, max 78.9 µs (1234 samples)"
+    public var text: String {
+        "p50 \(fixed(p50Us, 1)) µs, p99 \(fixed(p99Us, 1)) µs, max \(fixed(maxUs, 1)) µs (\(count) samples)"
+    }
+}
+
+/// What the daemon reports when a migration ends.
+public struct DestinationSummary: Codable, Equatable, Sendable {
+    public var migrationID = ""
+    public var memory = ""
+    public var regionBytes: UInt64 = 0
+    public var pageBytes: UInt64 = 0
+    public var precopyRounds: UInt32 = 0
+    public var precopyPages: UInt64 = 0
+    public var precopyZeroPages: UInt64 = 0
+    public var stalePagesAtSwitchover: UInt64 = 0
+    /// Source pause → guest resumed here, by the two hosts' wall clocks.
+    public var downtimeMs: Double = 0
+    public var faultsClean: UInt64 = 0
+    public var faultsStale: UInt64 = 0
+    public var pageRequests: UInt64 = 0
+    public var pagesRequested: UInt64 = 0
+    /// Stale pages that arrived answering a PAGE_REQUEST, and in the background.
+    public var postcopyPagesUrgent: UInt64 = 0
+    public var postcopyPagesBackground: UInt64 = 0
+    /// Pages that arrived when no longer stale, and were dropped.
+    public var duplicatePages: UInt64 = 0
+    /// From the first fault on a stale page to the page written and installed.
+    public var staleFaultLatency: LatencyFigures?
+    public var postcopySeconds: Double = 0
+    public var backgroundMiBPerSecond: Double = 0
+    public var bytesReceived: UInt64 = 0
+    public var totalSeconds: Double = 0
+    public var imageDigest = ""
+
+    public init() {}
+
+    /// The summary as log lines.
+    public var lines: [String] {
+        var lines = [
+            "migration \(migrationID): \(ByteSize.format(regionBytes)) of \(memory)",
+            "precopy: \(precopyRounds) rounds, \(precopyPages) pages (\(ByteSize.format(precopyPages * 4096)))"
+                + ", \(precopyZeroPages) pages zeroed",
+            "switchover: \(stalePagesAtSwitchover) stale pages, downtime \(fixed(downtimeMs, 1)) ms",
+            "postcopy: \(fixed(postcopySeconds, 2)) s; faults \(faultsClean) clean, \(faultsStale) stale"
+                + "; \(pageRequests) requests for \(pagesRequested) pages",
+            "postcopy pages: \(postcopyPagesUrgent) urgent, \(postcopyPagesBackground) background"
+                + " (\(fixed(backgroundMiBPerSecond, 1)) MiB/s), \(duplicatePages) duplicates dropped",
+        ]
+        if let staleFaultLatency { lines.append("stale-fault latency: \(staleFaultLatency.text)") }
+        lines.append("total: \(fixed(totalSeconds, 2)) s, \(ByteSize.format(bytesReceived)) received")
+        return lines
+    }
+}
+
+/// One precopy round, as the agent saw it.
+public struct PrecopyRound: Codable, Equatable, Sendable {
+    public let round: UInt32
+    public let pagesSent: UInt64
+    public let zeroPagesSent: UInt64
+    public let bytesSent: UInt64
+    public let seconds: Double
+
+    public init(round: UInt32, pagesSent: UInt64, zeroPagesSent: UInt64, bytesSent: UInt64, seconds: Double) {
+        self.round = round
+        self.pagesSent = pagesSent
+        self.zeroPagesSent = zeroPagesSent
+        self.bytesSent = bytesSent
+        self.seconds = seconds
+    }
+}
+
+/// What the source agent reports when a migration ends.
+public struct AgentSummary: Codable, Equatable, Sendable {
+    public var migrationID = ""
+    public var regionBytes: UInt64 = 0
+    public var rounds: [PrecopyRound] = []
+    public var precopyEndReason = ""
+    public var precopySeconds: Double = 0
+    public var stalePages: UInt64 = 0
+    /// Source paused → RESUMED received, on this host's clock (an upper
+    /// bound on the guest's downtime).
+    public var downtimeMs: Double = 0
+    /// Source paused → destination resumed, by the two hosts' wall clocks.
+    public var downtimeByClocksMs: Double = 0
+    public var pageRequests: UInt64 = 0
+    public var postcopyPagesUrgent: UInt64 = 0
+    public var postcopyPagesBackground: UInt64 = 0
+    public var postcopySeconds: Double = 0
+    public var backgroundMiBPerSecond: Double = 0
+    public var bytesSent: UInt64 = 0
+    /// Non-zero pages + stale pages: what an ideal migration would send, in bytes.
+    public var idealBytes: UInt64 = 0
+    public var totalSeconds: Double = 0
+    public var imageDigest = ""
+    /// The daemon's COMPLETE.
+    public var destinationFaultsClean: UInt64 = 0
+    public var destinationFaultsStale: UInt64 = 0
+
+    public init() {}
+
+    public var lines: [String] {
+        let precopyPages = rounds.reduce(0) { $0 + $1.pagesSent }
+        return [
+            "migration \(migrationID): \(ByteSize.format(regionBytes))",
+            "precopy: \(rounds.count) rounds, \(precopyPages) pages in \(fixed(precopySeconds, 2)) s"
+                + " (ended by \(precopyEndReason))",
+            "switchover: \(stalePages) stale pages, downtime \(fixed(downtimeMs, 1)) ms"
+                + " (by wall clocks \(fixed(downtimeByClocksMs, 1)) ms)",
+            "postcopy: \(fixed(postcopySeconds, 2)) s; \(pageRequests) requests, \(postcopyPagesUrgent) pages urgent"
+                + ", \(postcopyPagesBackground) background (\(fixed(backgroundMiBPerSecond, 1)) MiB/s)",
+            "destination faults: \(destinationFaultsClean) clean, \(destinationFaultsStale) stale",
+            "total: \(fixed(totalSeconds, 2)) s, \(ByteSize.format(bytesSent)) sent"
+                + " (ideal \(ByteSize.format(idealBytes)))",
+            "image digest \(imageDigest)",
+        ]
+    }
+}
+
+/// What the reference guest reports.
+public struct GuestSummary: Codable, Equatable, Sendable {
+    public var threads = 0
+    public var pagesRead: UInt64 = 0
+    /// The first touch of each page, timed around the access.
+    public var firstTouch: LatencyFigures?
+    public var workloadSeconds: Double = 0
+    public var expectedDigest = ""
+    public var actualDigest = ""
+    public var verified = false
+    /// Pages the guest wrote after reading, checked again at the end: any
+    /// changed would mean a late page overwrote what the guest wrote.
+    public var scribbledPages: UInt64 = 0
+    public var scribblesLost: UInt64 = 0
+
+    public init() {}
+
+    public var lines: [String] {
+        var lines = ["guest: \(threads) threads read \(pagesRead) pages in \(fixed(workloadSeconds, 2)) s"]
+        if let firstTouch { lines.append("first-touch stall: \(firstTouch.text), total \(fixed(firstTouch.totalMs, 1)) ms") }
+        if scribbledPages > 0 { lines.append("guest writes kept: \(scribbledPages - scribblesLost) of \(scribbledPages)") }
+        lines.append(verified ? "verify: PASS, image digest \(actualDigest)"
+                              : "verify: FAIL, image digest \(actualDigest), expected \(expectedDigest)")
+        return lines
+    }
+}

@@ -1,0 +1,477 @@
+import PostcopyCore
+import Testing
+
+/// Sessions in each phase, and the messages that drive them.
+private enum Sessions {
+    static let migrationID = MigrationID(high: 0x0123_4567_89AB_CDEF, low: 0xFEDC_BA98_7654_3210)
+    static let otherID = MigrationID(high: 0x1111_1111_1111_1111, low: 0x2222_2222_2222_2222)
+    static let digest = ImageDigest(bytes: (0..<32).map { UInt8($0 * 5 + 1) })!
+
+    /// 64 pages of 4 KiB: one bitmap word.
+    static func geometry(pages: UInt64 = 64) throws -> PageGeometry {
+        try PageGeometry(regionSize: pages * 4096, pageSize: .small)
+    }
+
+    static func hello(_ role: StreamRole, id: MigrationID = migrationID, regionSize: UInt64,
+                      pageSize: PageSize = .small) -> Message {
+        .hello(migrationID: id, role: role, sourcePageSize: pageSize, regionSize: regionSize)
+    }
+
+    /// Page data whose bytes differ from page to page.
+    static func data(pages: Int, seed: UInt8) -> ArraySlice<UInt8> {
+        (0..<(pages * Message.pageBytes)).map { UInt8(truncatingIfNeeded: $0 / 4096 &* 31 &+ $0 &+ Int(seed)) }[...]
+    }
+
+    /// Both connections said HELLO: precopy.
+    static func precopy(_ geometry: PageGeometry, configured: MigrationID? = nil) throws -> DestinationSession {
+        var session = DestinationSession(geometry: geometry, migrationID: configured)
+        _ = try session.hello(hello(.bulk, regionSize: geometry.regionSize))
+        _ = try session.hello(hello(.urgent, regionSize: geometry.regionSize))
+        return session
+    }
+
+    /// Switched over with `words` as the dirty bitmap: postcopy.
+    static func postcopy(_ geometry: PageGeometry, words: [UInt64]) throws -> DestinationSession {
+        var session = try precopy(geometry)
+        _ = try session.receive(.dirtyBitmap(totalBits: geometry.smallPageCount, firstWord: 0, words: words),
+                                on: .bulk)
+        let stale = words.reduce(0) { $0 + UInt64($1.nonzeroBitCount) }
+        _ = try session.receive(.switchover(stalePages: stale, sourcePausedAtNanos: 1, imageDigest: digest),
+                                on: .bulk)
+        return session
+    }
+}
+
+/// The error `body` throws, or nil when it returns. (The session's methods
+/// throw only `SessionError`; anything else is recorded as an issue.)
+private func refusal<T>(_ body: () throws -> T) -> SessionError? {
+    do {
+        _ = try body()
+        return nil
+    } catch let error as SessionError {
+        return error
+    } catch {
+        Issue.record("not a SessionError: \(error)")
+        return nil
+    }
+}
+
+@Suite struct DestinationSessionTests {
+    // MARK: Handshake
+
+    @Test func bothHellosStartPrecopyAndAreWelcomed() throws {
+        let geometry = try Sessions.geometry()
+        var session = DestinationSession(geometry: geometry)
+        #expect(session.phase == .handshake)
+        #expect(session.migrationID == nil)
+
+        let bulk = try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize))
+        #expect(bulk.role == .bulk)
+        #expect(bulk.welcome == .welcome(regionSize: geometry.regionSize, destinationPageSize: .small))
+        #expect(session.phase == .handshake)
+        #expect(session.migrationID == Sessions.migrationID)
+
+        let urgent = try session.hello(Sessions.hello(.urgent, regionSize: geometry.regionSize))
+        #expect(urgent.role == .urgent)
+        #expect(urgent.welcome == .welcome(regionSize: geometry.regionSize, destinationPageSize: .small))
+        #expect(session.phase == .precopy)
+    }
+
+    @Test func theUrgentConnectionMayArriveFirst() throws {
+        let geometry = try Sessions.geometry()
+        var session = DestinationSession(geometry: geometry, migrationID: Sessions.migrationID)
+        #expect(try session.hello(Sessions.hello(.urgent, regionSize: geometry.regionSize)).role == .urgent)
+        #expect(session.phase == .handshake)
+        #expect(try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize)).role == .bulk)
+        #expect(session.phase == .precopy)
+    }
+
+    @Test func welcomeCarriesTheDestinationsPageSize() throws {
+        let geometry = try PageGeometry(regionSize: 4 * PageSize.huge2M.bytes, pageSize: .huge2M)
+        var session = DestinationSession(geometry: geometry)
+        let answer = try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize, pageSize: .small))
+        #expect(answer.welcome == .welcome(regionSize: 8_388_608, destinationPageSize: .huge2M))
+    }
+
+    @Test func aHelloForAnotherRegionSizeIsRefused() throws {
+        let geometry = try Sessions.geometry()
+        var session = DestinationSession(geometry: geometry)
+        let error = refusal { try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize * 2)) }
+        #expect(error == .regionSizeMismatch(source: geometry.regionSize * 2, destination: geometry.regionSize))
+        #expect(error?.code == .incompatible)
+        // Refused: nothing was recorded, not even the migration.
+        #expect(session.migrationID == nil)
+        #expect(session.phase == .handshake)
+        #expect(try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize)).role == .bulk)
+    }
+
+    @Test func aHelloForAnotherMigrationIsRefusedWhenOneIsConfigured() throws {
+        let geometry = try Sessions.geometry()
+        var session = DestinationSession(geometry: geometry, migrationID: Sessions.migrationID)
+        let error = refusal {
+            try session.hello(Sessions.hello(.bulk, id: Sessions.otherID, regionSize: geometry.regionSize))
+        }
+        #expect(error == .wrongMigration(expected: Sessions.migrationID, got: Sessions.otherID))
+        #expect(error?.code == .unexpectedMessage)
+        #expect(session.migrationID == Sessions.migrationID)
+        #expect(try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize)).role == .bulk)
+    }
+
+    @Test func theSecondConnectionMustBelongToTheFirstOnesMigration() throws {
+        let geometry = try Sessions.geometry()
+        var session = DestinationSession(geometry: geometry)
+        _ = try session.hello(Sessions.hello(.bulk, id: Sessions.otherID, regionSize: geometry.regionSize))
+        #expect(session.migrationID == Sessions.otherID)
+        let error = refusal { try session.hello(Sessions.hello(.urgent, regionSize: geometry.regionSize)) }
+        #expect(error == .wrongMigration(expected: Sessions.otherID, got: Sessions.migrationID))
+        #expect(session.phase == .handshake)
+    }
+
+    @Test func aSecondHelloForTheSameRoleIsRefused() throws {
+        let geometry = try Sessions.geometry()
+        var session = DestinationSession(geometry: geometry)
+        _ = try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize))
+        let error = refusal { try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize)) }
+        #expect(error == .duplicateConnection(.bulk))
+        #expect(error?.code == .unexpectedMessage)
+        #expect(session.phase == .handshake)
+
+        // Once both are connected, any further HELLO has no place.
+        _ = try session.hello(Sessions.hello(.urgent, regionSize: geometry.regionSize))
+        #expect(refusal { try session.hello(Sessions.hello(.urgent, regionSize: geometry.regionSize)) }
+            == .unexpected(.hello, phase: .precopy, role: .urgent))
+        #expect(session.phase == .precopy)
+    }
+
+    @Test func aConnectionMustStartWithHello() throws {
+        let geometry = try Sessions.geometry()
+        var session = DestinationSession(geometry: geometry)
+        let pages = Message.pages(requestID: 0, firstPage: 0, data: Sessions.data(pages: 1, seed: 1))
+        let error = refusal { try session.hello(pages) }
+        #expect(error == .unexpected(.pages, phase: .handshake, role: nil))
+        #expect(error?.description == "unexpected PAGES during handshake")
+        #expect(refusal { try session.hello(.heartbeat) } == .unexpected(.heartbeat, phase: .handshake, role: nil))
+        #expect(session.phase == .handshake)
+    }
+
+    @Test func nothingButHeartbeatAndErrorIsAcceptedBeforeBothConnectionsAreUp() throws {
+        let geometry = try Sessions.geometry()
+        var session = DestinationSession(geometry: geometry)
+        _ = try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize))
+        let pages = Message.pages(requestID: 0, firstPage: 0, data: Sessions.data(pages: 1, seed: 1))
+        #expect(refusal { try session.receive(pages, on: .bulk) } == .unexpected(.pages, phase: .handshake, role: .bulk))
+        #expect(try session.receive(.heartbeat, on: .bulk) == Action.none)
+    }
+
+    // MARK: Precopy
+
+    @Test func precopyPagesOnTheBulkConnectionAreWritten() throws {
+        let geometry = try Sessions.geometry()
+        var session = try Sessions.precopy(geometry)
+        let data = Sessions.data(pages: 3, seed: 9)
+        let action = try session.receive(.pages(requestID: 0, firstPage: 5, data: data), on: .bulk)
+        #expect(action == .writePrecopy(PageRun(first: 5, count: 3), data))
+        // The last pages of the region are in bounds.
+        let last = Sessions.data(pages: 1, seed: 2)
+        #expect(try session.receive(.pages(requestID: 0, firstPage: 63, data: last), on: .bulk)
+            == .writePrecopy(PageRun(first: 63, count: 1), last))
+        #expect(try session.receive(.zeroPages(firstPage: 10, count: 4), on: .bulk)
+            == .zeroPrecopy(PageRun(first: 10, count: 4)))
+        #expect(try session.receive(.roundEnd(round: 2, pagesSent: 60, dirtyPages: 7), on: .bulk)
+            == .roundEnded(round: 2, pagesSent: 60, dirtyPages: 7))
+        #expect(session.phase == .precopy)
+    }
+
+    @Test func precopyPagesWithARequestIDOrOnTheUrgentConnectionAreRefused() throws {
+        let geometry = try Sessions.geometry()
+        var session = try Sessions.precopy(geometry)
+        let data = Sessions.data(pages: 1, seed: 3)
+        #expect(refusal { try session.receive(.pages(requestID: 7, firstPage: 0, data: data), on: .bulk) }
+            == .unexpected(.pages, phase: .precopy, role: .bulk))
+        #expect(refusal { try session.receive(.pages(requestID: 0, firstPage: 0, data: data), on: .urgent) }
+            == .unexpected(.pages, phase: .precopy, role: .urgent))
+        #expect(refusal { try session.receive(.pages(requestID: 7, firstPage: 0, data: data), on: .urgent) }
+            == .unexpected(.pages, phase: .precopy, role: .urgent))
+        #expect(refusal { try session.receive(.zeroPages(firstPage: 0, count: 1), on: .urgent) }
+            == .unexpected(.zeroPages, phase: .precopy, role: .urgent))
+        #expect(refusal { try session.receive(.roundEnd(round: 1, pagesSent: 1, dirtyPages: 0), on: .urgent) }
+            == .unexpected(.roundEnd, phase: .precopy, role: .urgent))
+        #expect(session.phase == .precopy)
+    }
+
+    @Test func pagesOutsideTheRegionAreMalformedWhateverThePhaseOrConnection() throws {
+        let geometry = try Sessions.geometry()
+        var session = try Sessions.precopy(geometry)
+        let twoPages = Sessions.data(pages: 2, seed: 4)
+        let error = refusal { try session.receive(.pages(requestID: 0, firstPage: 63, data: twoPages), on: .bulk) }
+        #expect(error == .malformed(.pageRangeOutOfBounds(type: .pages, firstPage: 63, count: 2, regionPages: 64)))
+        #expect(error?.code == .outOfRange)
+        #expect(error?.description == "page range 63..<65 outside the region's 64 pages")
+        // Checked before the phase and connection: this would otherwise be unexpected.
+        #expect(refusal { try session.receive(.pages(requestID: 9, firstPage: 64, data: twoPages), on: .urgent) }
+            == .malformed(.pageRangeOutOfBounds(type: .pages, firstPage: 64, count: 2, regionPages: 64)))
+        #expect(refusal { try session.receive(.zeroPages(firstPage: UInt64.max, count: 2), on: .bulk) }
+            == .malformed(.pageRangeOutOfBounds(type: .zeroPages, firstPage: UInt64.max, count: 2, regionPages: 64)))
+        #expect(session.phase == .precopy)
+
+        var postcopy = try Sessions.postcopy(geometry, words: [0b1])
+        #expect(refusal { try postcopy.receive(.pages(requestID: 5, firstPage: 100, data: twoPages), on: .urgent) }
+            == .malformed(.pageRangeOutOfBounds(type: .pages, firstPage: 100, count: 2, regionPages: 64)))
+        #expect(refusal { try postcopy.receive(.zeroPages(firstPage: 60, count: 5), on: .bulk) }
+            == .malformed(.pageRangeOutOfBounds(type: .zeroPages, firstPage: 60, count: 5, regionPages: 64)))
+    }
+
+    // MARK: Switchover
+
+    @Test func aBitmapSplitOverTwoFramesThenSwitchoverStartsPostcopy() throws {
+        // 130 pages: three words, the last holding two bits.
+        let geometry = try Sessions.geometry(pages: 130)
+        var session = try Sessions.precopy(geometry)
+        let words: [UInt64] = [0x8000_0000_0000_0001, 0x0F0F_0000_0000_00F0, 0b10]
+        #expect(try session.receive(.dirtyBitmap(totalBits: 130, firstWord: 0, words: Array(words[0..<2])), on: .bulk)
+            == Action.none)
+        #expect(session.phase == .switchingOver)
+        #expect(try session.receive(.heartbeat, on: .urgent) == Action.none)
+        #expect(try session.receive(.dirtyBitmap(totalBits: 130, firstWord: 2, words: [words[2]]), on: .bulk)
+            == Action.none)
+        #expect(session.phase == .switchingOver)
+
+        let stale = try #require(PageBitmap(words: words, count: 130))
+        let action = try session.receive(.switchover(stalePages: 2 + 12 + 1, sourcePausedAtNanos: 123_456_789,
+                                                     imageDigest: Sessions.digest), on: .bulk)
+        #expect(action == .switchover(stale: stale, sourcePausedAtNanos: 123_456_789, imageDigest: Sessions.digest))
+        guard case let .switchover(received, _, _) = action else { return }
+        #expect(received.setIndices == [0, 63, 68, 69, 70, 71, 112, 113, 114, 115, 120, 121, 122, 123, 129])
+        #expect(session.phase == .postcopy)
+    }
+
+    @Test func anEmptyBitmapSwitchesOverWithNothingStale() throws {
+        let geometry = try Sessions.geometry()
+        var session = try Sessions.precopy(geometry)
+        _ = try session.receive(.dirtyBitmap(totalBits: 64, firstWord: 0, words: [0]), on: .bulk)
+        let action = try session.receive(.switchover(stalePages: 0, sourcePausedAtNanos: 0, imageDigest: Sessions.digest),
+                                         on: .bulk)
+        #expect(action == .switchover(stale: PageBitmap(count: 64), sourcePausedAtNanos: 0, imageDigest: Sessions.digest))
+    }
+
+    @Test func bitmapFramesMustArriveInOrder() throws {
+        let geometry = try Sessions.geometry(pages: 192)
+        var skipsFirst = try Sessions.precopy(geometry)
+        let first = refusal { try skipsFirst.receive(.dirtyBitmap(totalBits: 192, firstWord: 1, words: [1]), on: .bulk) }
+        #expect(first == .bitmapOutOfOrder(expectedWord: 0, got: 1))
+        #expect(first?.code == .unexpectedMessage)
+        #expect(first?.description == "DIRTY_BITMAP frame starts at word 1, expected word 0")
+
+        var skipsMiddle = try Sessions.precopy(geometry)
+        _ = try skipsMiddle.receive(.dirtyBitmap(totalBits: 192, firstWord: 0, words: [1]), on: .bulk)
+        #expect(refusal { try skipsMiddle.receive(.dirtyBitmap(totalBits: 192, firstWord: 2, words: [1]), on: .bulk) }
+            == .bitmapOutOfOrder(expectedWord: 1, got: 2))
+
+        var repeats = try Sessions.precopy(geometry)
+        _ = try repeats.receive(.dirtyBitmap(totalBits: 192, firstWord: 0, words: [1, 2]), on: .bulk)
+        #expect(refusal { try repeats.receive(.dirtyBitmap(totalBits: 192, firstWord: 1, words: [4]), on: .bulk) }
+            == .bitmapOutOfOrder(expectedWord: 2, got: 1))
+    }
+
+    @Test func bitmapFramesAreCheckedAgainstTheRegion() throws {
+        let geometry = try Sessions.geometry(pages: 130)
+        var session = try Sessions.precopy(geometry)
+        #expect(refusal { try session.receive(.dirtyBitmap(totalBits: 128, firstWord: 0, words: [1, 1]), on: .bulk) }
+            == .malformed(.bitmapSizeMismatch(totalBits: 128, regionPages: 130)))
+        #expect(refusal { try session.receive(.dirtyBitmap(totalBits: 130, firstWord: 2, words: [0b100]), on: .bulk) }
+            == .malformed(.bitmapStrayBits(totalBits: 130, lastWord: 0b100)))
+        #expect(refusal { try session.receive(.dirtyBitmap(totalBits: 130, firstWord: 2, words: [0, 0]), on: .bulk) }
+            == .malformed(.bitmapWordsOutOfBounds(firstWord: 2, wordCount: 2, totalBits: 130)))
+        // Refused before anything changed.
+        #expect(session.phase == .precopy)
+        // Only the bulk connection carries the bitmap.
+        #expect(refusal { try session.receive(.dirtyBitmap(totalBits: 130, firstWord: 0, words: [1]), on: .urgent) }
+            == .unexpected(.dirtyBitmap, phase: .precopy, role: .urgent))
+    }
+
+    @Test func switchoverBeforeTheWholeBitmapIsRefused() throws {
+        let geometry = try Sessions.geometry(pages: 192)
+        var session = try Sessions.precopy(geometry)
+        _ = try session.receive(.dirtyBitmap(totalBits: 192, firstWord: 0, words: [0b1]), on: .bulk)
+        let error = refusal {
+            try session.receive(.switchover(stalePages: 1, sourcePausedAtNanos: 5, imageDigest: Sessions.digest),
+                                on: .bulk)
+        }
+        #expect(error == .bitmapIncomplete(words: 1, expected: 3))
+        #expect(error?.code == .protocolViolation)
+        #expect(error?.description == "SWITCHOVER after 1 of the dirty bitmap's 3 words")
+        #expect(session.phase == .switchingOver)
+    }
+
+    @Test func switchoverMustAnnounceTheBitmapsStaleCount() throws {
+        let geometry = try Sessions.geometry(pages: 128)
+        var session = try Sessions.precopy(geometry)
+        _ = try session.receive(.dirtyBitmap(totalBits: 128, firstWord: 0, words: [0b1011, 1 << 63]), on: .bulk)
+        for announced: UInt64 in [3, 5, 0] {
+            let error = refusal {
+                try session.receive(.switchover(stalePages: announced, sourcePausedAtNanos: 5,
+                                                imageDigest: Sessions.digest), on: .bulk)
+            }
+            #expect(error == .staleCountMismatch(announced: announced, bitmap: 4))
+            #expect(error?.code == .protocolViolation)
+        }
+        #expect(session.phase == .switchingOver)
+        let action = try session.receive(.switchover(stalePages: 4, sourcePausedAtNanos: 5, imageDigest: Sessions.digest),
+                                         on: .bulk)
+        #expect(action == .switchover(stale: PageBitmap(words: [0b1011, 1 << 63], count: 128)!,
+                                      sourcePausedAtNanos: 5, imageDigest: Sessions.digest))
+    }
+
+    @Test func switchoverWithoutABitmapIsUnexpected() throws {
+        let geometry = try Sessions.geometry()
+        var session = try Sessions.precopy(geometry)
+        let switchover = Message.switchover(stalePages: 0, sourcePausedAtNanos: 5, imageDigest: Sessions.digest)
+        let error = refusal { try session.receive(switchover, on: .bulk) }
+        #expect(error == .unexpected(.switchover, phase: .precopy, role: .bulk))
+        #expect(error?.description == "unexpected SWITCHOVER on the bulk connection during precopy")
+        #expect(session.phase == .precopy)
+    }
+
+    @Test func onlyTheBitmapAndSwitchoverHaveAPlaceDuringSwitchover() throws {
+        let geometry = try Sessions.geometry(pages: 128)
+        var session = try Sessions.precopy(geometry)
+        _ = try session.receive(.dirtyBitmap(totalBits: 128, firstWord: 0, words: [1]), on: .bulk)
+        let data = Sessions.data(pages: 1, seed: 5)
+        let error = refusal { try session.receive(.pages(requestID: 0, firstPage: 0, data: data), on: .bulk) }
+        #expect(error == .unexpected(.pages, phase: .switchingOver, role: .bulk))
+        #expect(error?.description == "unexpected PAGES on the bulk connection during switchover")
+        #expect(refusal { try session.receive(.zeroPages(firstPage: 0, count: 1), on: .bulk) }
+            == .unexpected(.zeroPages, phase: .switchingOver, role: .bulk))
+        #expect(refusal {
+            try session.receive(.switchover(stalePages: 1, sourcePausedAtNanos: 1, imageDigest: Sessions.digest),
+                                on: .urgent)
+        } == .unexpected(.switchover, phase: .switchingOver, role: .urgent))
+    }
+
+    // MARK: Postcopy
+
+    @Test func postcopyPagesAreBackgroundOnBulkAndRequestedOnUrgent() throws {
+        let geometry = try Sessions.geometry()
+        var session = try Sessions.postcopy(geometry, words: [0xFF00])
+        #expect(session.phase == .postcopy)
+        let data = Sessions.data(pages: 2, seed: 6)
+        #expect(try session.receive(.pages(requestID: 0, firstPage: 8, data: data), on: .bulk)
+            == .writePostcopy(PageRun(first: 8, count: 2), data, requestID: 0))
+        #expect(try session.receive(.pages(requestID: 7, firstPage: 12, data: data), on: .urgent)
+            == .writePostcopy(PageRun(first: 12, count: 2), data, requestID: 7))
+        #expect(try session.receive(.zeroPages(firstPage: 9, count: 3), on: .bulk) == .zeroPostcopy(PageRun(first: 9, count: 3)))
+        #expect(try session.receive(.zeroPages(firstPage: 14, count: 1), on: .urgent)
+            == .zeroPostcopy(PageRun(first: 14, count: 1)))
+        #expect(session.phase == .postcopy)
+    }
+
+    @Test func postcopyPagesOnTheWrongConnectionAreRefused() throws {
+        let geometry = try Sessions.geometry()
+        var session = try Sessions.postcopy(geometry, words: [0xFF00])
+        let data = Sessions.data(pages: 1, seed: 7)
+        let error = refusal { try session.receive(.pages(requestID: 0, firstPage: 8, data: data), on: .urgent) }
+        #expect(error == .unexpected(.pages, phase: .postcopy, role: .urgent))
+        #expect(error?.description == "unexpected PAGES on the urgent connection during postcopy")
+        #expect(refusal { try session.receive(.pages(requestID: 7, firstPage: 8, data: data), on: .bulk) }
+            == .unexpected(.pages, phase: .postcopy, role: .bulk))
+        // Precopy and switchover messages have no place any more.
+        #expect(refusal { try session.receive(.roundEnd(round: 9, pagesSent: 1, dirtyPages: 1), on: .bulk) }
+            == .unexpected(.roundEnd, phase: .postcopy, role: .bulk))
+        #expect(refusal { try session.receive(.dirtyBitmap(totalBits: 64, firstWord: 0, words: [1]), on: .bulk) }
+            == .unexpected(.dirtyBitmap, phase: .postcopy, role: .bulk))
+        #expect(refusal {
+            try session.receive(.switchover(stalePages: 8, sourcePausedAtNanos: 1, imageDigest: Sessions.digest),
+                                on: .bulk)
+        } == .unexpected(.switchover, phase: .postcopy, role: .bulk))
+        #expect(refusal { try session.receive(.pageRequest(requestID: 1, firstPage: 0, count: 1), on: .urgent) }
+            == .unexpected(.pageRequest, phase: .postcopy, role: .urgent))
+        #expect(refusal { try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize)) }
+            == .unexpected(.hello, phase: .postcopy, role: .bulk))
+    }
+
+    @Test func completeEndsTheSession() throws {
+        let geometry = try Sessions.geometry()
+        var session = try Sessions.postcopy(geometry, words: [0])
+        session.complete()
+        #expect(session.phase == .complete)
+        let data = Sessions.data(pages: 1, seed: 8)
+        #expect(refusal { try session.receive(.pages(requestID: 0, firstPage: 0, data: data), on: .bulk) }
+            == .unexpected(.pages, phase: .complete, role: .bulk))
+        #expect(refusal { try session.receive(.zeroPages(firstPage: 0, count: 1), on: .bulk) }
+            == .unexpected(.zeroPages, phase: .complete, role: .bulk))
+    }
+
+    // MARK: Any phase
+
+    @Test func heartbeatAndErrorAreAcceptedInEveryPhase() throws {
+        let geometry = try Sessions.geometry(pages: 128)
+        var handshake = DestinationSession(geometry: geometry)
+        _ = try handshake.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize))
+        let precopy = try Sessions.precopy(geometry)
+        var switchingOver = try Sessions.precopy(geometry)
+        _ = try switchingOver.receive(.dirtyBitmap(totalBits: 128, firstWord: 0, words: [1]), on: .bulk)
+        let postcopy = try Sessions.postcopy(geometry, words: [1, 0])
+        var complete = try Sessions.postcopy(geometry, words: [0, 0])
+        complete.complete()
+
+        let phases: [(DestinationSession.Phase, DestinationSession)] = [
+            (.handshake, handshake), (.precopy, precopy), (.switchingOver, switchingOver),
+            (.postcopy, postcopy), (.complete, complete),
+        ]
+        for (phase, original) in phases {
+            #expect(original.phase == phase)
+            for role in StreamRole.allCases {
+                var session = original
+                #expect(try session.receive(.heartbeat, on: role) == Action.none, "HEARTBEAT during \(phase)")
+                #expect(session.phase == phase)
+                #expect(try session.receive(.error(code: .cancelled, message: "operator said stop"), on: role)
+                    == .peerFailed(code: .cancelled, message: "operator said stop"), "ERROR during \(phase)")
+                #expect(try session.receive(.error(code: .unknown(4242), message: ""), on: role)
+                    == .peerFailed(code: .unknown(4242), message: ""))
+            }
+        }
+    }
+
+    // MARK: Errors
+
+    @Test func everySessionErrorHasTheCodeOfItsKind() {
+        let cases: [(SessionError, ErrorCode)] = [
+            (.malformed(.pageRangeOutOfBounds(type: .pages, firstPage: 1, count: 2, regionPages: 2)), .outOfRange),
+            (.malformed(.bitmapSizeMismatch(totalBits: 1, regionPages: 2)), .incompatible),
+            (.malformed(.zeroCount(type: .zeroPages)), .protocolViolation),
+            (.unexpected(.pages, phase: .precopy, role: .urgent), .unexpectedMessage),
+            (.wrongMigration(expected: Sessions.migrationID, got: Sessions.otherID), .unexpectedMessage),
+            (.regionSizeMismatch(source: 1, destination: 2), .incompatible),
+            (.duplicateConnection(.urgent), .unexpectedMessage),
+            (.bitmapOutOfOrder(expectedWord: 1, got: 2), .unexpectedMessage),
+            (.bitmapIncomplete(words: 1, expected: 2), .protocolViolation),
+            (.staleCountMismatch(announced: 1, bitmap: 2), .protocolViolation),
+        ]
+        for (error, code) in cases {
+            #expect(error.code == code, "\(error)")
+        }
+    }
+
+    @Test func sessionErrorsNameTheProblem() {
+        let malformed = ProtocolError.pageRangeOutOfBounds(type: .zeroPages, firstPage: 100, count: 20, regionPages: 110)
+        #expect(SessionError.malformed(malformed).description == malformed.description)
+        #expect(SessionError.unexpected(.roundEnd, phase: .postcopy, role: .urgent).description
+            == "unexpected ROUND_END on the urgent connection during postcopy")
+        #expect(SessionError.unexpected(.welcome, phase: .handshake, role: nil).description
+            == "unexpected WELCOME during handshake")
+
+        let wrong = SessionError.wrongMigration(expected: Sessions.migrationID, got: Sessions.otherID).description
+        #expect(wrong.contains("0123456789abcdeffedcba9876543210"))
+        #expect(wrong.contains("11111111111111112222222222222222"))
+        #expect(wrong.hasPrefix("HELLO for migration 1111"))
+
+        #expect(SessionError.regionSizeMismatch(source: 8192, destination: 262_144).description
+            == "source region is 8192 bytes, destination region is 262144 bytes")
+        #expect(SessionError.duplicateConnection(.urgent).description
+            == "a second urgent connection for the same migration")
+        #expect(SessionError.staleCountMismatch(announced: 5, bitmap: 4).description
+            == "SWITCHOVER announces 5 stale pages, the dirty bitmap has 4")
+    }
+}
+
+private typealias Action = DestinationSession.Action
