@@ -72,7 +72,7 @@ public struct FaultExercise: Sendable {
         let timedOut = !toucher.waitUntilDone(timeoutSeconds: timeoutSeconds, loop: loop)
         if timedOut {
             // Unregistering wakes the blocked toucher; it then reads unhindered.
-            try? uffd.unregister(start: guest.address, length: guest.length)
+            try? uffd.release(start: guest.address, length: guest.length)
         }
         thread.join()
         loop.stop()

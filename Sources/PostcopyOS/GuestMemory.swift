@@ -116,20 +116,30 @@ public final class Mapping: @unchecked Sendable {
     /// Maps all of `file` read-write and shared. On shmem the range is marked
     /// MADV_NOHUGEPAGE: a THP collapse there would map pages behind the back
     /// of minor-fault tracking.
-    public init(file: MemoryFile, purpose: String) throws {
-        let length = file.geometry.regionSize
-        let address = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED, file.fd, 0)
+    public convenience init(file: MemoryFile, purpose: String) throws {
+        try self.init(descriptor: file.fd, geometry: file.geometry, fileOffset: 0,
+                      onHugetlbfs: file.backing != .memfd, purpose: purpose)
+    }
+
+    /// Maps `geometry.regionSize` bytes of the file behind `descriptor` from
+    /// `fileOffset`, read-write and shared, as `Mapping(file:purpose:)` does:
+    /// for a VMM that was handed the file rather than creating it.
+    public init(descriptor: Int32, geometry: PageGeometry, fileOffset: UInt64, onHugetlbfs: Bool,
+                purpose: String) throws {
+        let length = geometry.regionSize
+        let kind = onHugetlbfs ? "hugetlbfs" : "shmem"
+        let address = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED, descriptor, off_t(fileOffset))
         guard let address, address != MAP_FAILED else {
             let error = Errno.current
-            var step = "map \(purpose) (\(length) bytes of \(file.backing))"
-            if error.rawValue == ENOMEM && file.backing != .memfd {
+            var step = "map \(purpose) (\(length) bytes of \(kind))"
+            if error.rawValue == ENOMEM && onHugetlbfs {
                 step += ": not enough free 2 MiB hugepages for \(length >> 21) pages (see /proc/meminfo HugePages_Free)"
             }
             throw SystemCallError(step, error)
         }
         base = address
         self.length = length
-        if file.backing == .memfd {
+        if !onHugetlbfs {
             do {
                 try checkLibc("madvise MADV_NOHUGEPAGE on \(purpose)") { madvise(address, Int(length), MADV_NOHUGEPAGE) }
             } catch {

@@ -70,3 +70,68 @@ public final class EventSignal: Sendable {
         _ = write(fd, &one, 8)
     }
 }
+
+/// The wall clock (`CLOCK_REALTIME`) in nanoseconds: for times compared
+/// across hosts, such as a source's pause and a destination's resume.
+public func realtimeNanoseconds() -> UInt64 {
+    var now = timespec()
+    clock_gettime(CLOCK_REALTIME, &now)
+    return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+}
+
+/// A one-shot gate: threads wait until some thread opens it.
+public final class Latch: @unchecked Sendable {
+    // SAFETY: the mutex and condition live in their own allocations for the
+    // object's lifetime; `isOpen` is only touched with the mutex held.
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private var isOpen = false
+
+    public init() {
+        pthread_mutex_init(mutex, nil)
+        var attributes = pthread_condattr_t()
+        pthread_condattr_init(&attributes)
+        pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+        pthread_cond_init(condition, &attributes)
+        pthread_condattr_destroy(&attributes)
+    }
+
+    deinit {
+        pthread_cond_destroy(condition)
+        pthread_mutex_destroy(mutex)
+        condition.deallocate()
+        mutex.deallocate()
+    }
+
+    /// Opens the gate for every waiter, present and future.
+    public func open() {
+        pthread_mutex_lock(mutex)
+        isOpen = true
+        pthread_cond_broadcast(condition)
+        pthread_mutex_unlock(mutex)
+    }
+
+    /// Waits until the gate is open or `timeoutNanos` pass (nil: forever);
+    /// true when it opened.
+    @discardableResult
+    public func wait(timeoutNanos: UInt64? = nil) -> Bool {
+        let deadline = timeoutNanos.map { monotonicNanoseconds() &+ $0 }
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        while !isOpen {
+            if let deadline {
+                var until = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
+                if pthread_cond_timedwait(condition, mutex, &until) == ETIMEDOUT { return isOpen }
+            } else {
+                pthread_cond_wait(condition, mutex)
+            }
+        }
+        return true
+    }
+
+    public var opened: Bool {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return isOpen
+    }
+}

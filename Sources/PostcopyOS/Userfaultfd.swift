@@ -149,6 +149,18 @@ public final class Userfaultfd: Sendable {
         }
     }
 
+    /// Unregisters [start, start+length) and then wakes every thread still
+    /// waiting on a fault in it. UNREGISTER wakes the waiters it finds, but
+    /// a fault taken under the per-VMA lock can queue itself just after that
+    /// wake-up (seen on 6.18) and would then sleep until the descriptor is
+    /// closed; the second wake-up finds it. After this the range faults as
+    /// ordinary memory.
+    /// Kernel: `UFFDIO_UNREGISTER`, then `UFFDIO_WAKE`
+    public func release(start: UInt64, length: UInt64) throws(SystemCallError) {
+        try unregister(start: start, length: length)
+        try wake(start: start, length: length)
+    }
+
     /// Maps the page-cache pages of [start, start+length) into the registered
     /// range and, unless `wake` is false, wakes the threads waiting on it.
     /// Errors other than the outcomes the fault path branches on are thrown.

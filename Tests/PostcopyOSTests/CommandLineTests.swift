@@ -40,7 +40,7 @@ import Testing
     }
 
     @Test func unparsableSizeIsAUsageError() throws {
-        let result = try run("postcopyd", ["demo", "--size", "12X"])
+        let result = try run("postcopyd", ["exercise", "--size", "12X"])
         #expect(result.status == 64)
         #expect(result.stderr.hasPrefix("Error: The value '12X' is invalid for '--size <size>': '12X' is not a size (examples: 4096, 64M, 1G)\n"))
         #expect(result.stdout.isEmpty)
@@ -48,14 +48,14 @@ import Testing
 
     @Test(.enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
     func misalignedSizeNamesTheWholeChain() throws {
-        let result = try run("postcopyd", ["demo", "--size", "3000"])
+        let result = try run("postcopyd", ["exercise", "--size", "3000"])
         #expect(result.status == 1)
         #expect(result.stderr == "Error: create guest RAM: size guest RAM: region size 3000 bytes is not a multiple of the 4 KiB page size\n")
     }
 
     @Test(.enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
     func hugetlbfsDirectoryMustBeHugetlbfs() throws {
-        let result = try run("postcopyd", ["demo", "--memory", "hugetlbfs", "--hugetlbfs-dir", "/tmp", "--size", "4M"])
+        let result = try run("postcopyd", ["exercise", "--memory", "hugetlbfs", "--hugetlbfs-dir", "/tmp", "--size", "4M"])
         #expect(result.status == 1)
         #expect(result.stderr.hasPrefix("Error: create guest RAM: hugetlbfs file in /tmp (2 MiB pages): not a hugetlbfs file (filesystem magic 0x"))
     }
@@ -80,11 +80,11 @@ import Testing
     }
 
     @Test(.enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
-    func demoReportsWhatItDid() throws {
-        let result = try run("postcopyd", ["demo", "--size", "8M", "--hole-every", "8"])
+    func exerciseReportsWhatItDid() throws {
+        let result = try run("postcopyd", ["exercise", "--size", "8M", "--hole-every", "8"])
         #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
         let lines = result.stdout.split(separator: "\n").map(String.init)
-        #expect(lines.first == "postcopyd demo: 8 MiB of memfd (shmem, 4 KiB pages), random touch order (seed 1)")
+        #expect(lines.first == "postcopyd exercise: 8 MiB of memfd (shmem, 4 KiB pages), random touch order (seed 1)")
         #expect(lines.contains("region:        8 MiB of memfd (shmem, 4 KiB pages), 2048 pages"))
         #expect(lines.contains("faults:        1792 minor (UFFDIO_CONTINUE), 256 missing (hole materialized, then CONTINUE)"))
         #expect(lines.last == "checks:        pass: 2048 pages touched, 2048 faults")

@@ -1,0 +1,87 @@
+import CPostcopy
+import Glibc
+import PostcopyCore
+
+/// The source agent's read-only view of guest RAM on the source host: the
+/// file the workload's memory lives in (a shmem file in /dev/shm, or a
+/// hugetlbfs file), mapped shared and read-only, so that what is read is
+/// what the workload last wrote.
+///
+/// The file must not shrink while the image exists: touching a page past
+/// its new end raises SIGBUS.
+public final class SourceImage: @unchecked Sendable {
+    /// The path the image was opened from.
+    public let path: String
+    /// The file's size in bytes (fstat).
+    public let size: UInt64
+    /// `.huge2M` when the file is on a hugetlbfs with 2 MiB pages, else `.small`.
+    public let pageSize: PageSize
+    // SAFETY: base..base+size stays mapped (PROT_READ, MAP_SHARED) for the
+    // object's lifetime; the workload may write the pages concurrently, so
+    // a page read while it runs can be torn: the caller's protocol decides.
+    /// The start of a shared, read-only mapping of the whole file.
+    public let base: UnsafeRawPointer
+
+    private let fd: Int32
+    private static let hugetlbfsMagic: Int64 = 0x9584_58f6
+
+    /// Opens and maps `path` read-only. Fails when the file is missing, is
+    /// not a regular file, is empty or not a whole number of its pages, or
+    /// cannot be mapped.
+    public init(path: String) throws {
+        let fd = try checkLibc("open source RAM \(path)") { open(path, O_RDONLY | O_CLOEXEC) }
+        do {
+            var status = stat()
+            try checkLibc("fstat source RAM \(path)") { fstat(fd, &status) }
+            guard status.st_mode & S_IFMT == S_IFREG else {
+                throw SystemCallError("source RAM \(path): not a regular file", .invalid)
+            }
+            let size = UInt64(status.st_size)
+            var magic: Int64 = 0
+            var blockSize: Int64 = 0
+            try check("fstatfs source RAM \(path)") { cpc_fstatfs(fd, &magic, &blockSize) }
+            let pageSize: PageSize =
+                magic == SourceImage.hugetlbfsMagic && UInt64(blockSize) == PageSize.huge2M.bytes ? .huge2M : .small
+            guard size > 0 else {
+                throw SystemCallError("source RAM \(path): size is 0 bytes (an empty file)", .invalid)
+            }
+            guard size % pageSize.bytes == 0 else {
+                throw SystemCallError(
+                    "source RAM \(path): size \(size) bytes is not a multiple of the \(pageSize) page size", .invalid)
+            }
+            guard size <= UInt64(Int.max) else {
+                throw SystemCallError("source RAM \(path): size \(size) bytes is too large to map", .invalid)
+            }
+            let address = mmap(nil, Int(size), PROT_READ, MAP_SHARED, fd, 0)
+            guard let address, address != MAP_FAILED else {
+                throw SystemCallError("map source RAM \(path) (\(size) bytes, read-only)", .current)
+            }
+            self.path = path
+            self.size = size
+            self.pageSize = pageSize
+            self.base = UnsafeRawPointer(address)
+            self.fd = fd
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    deinit {
+        munmap(UnsafeMutableRawPointer(mutating: base), Int(size))
+        close(fd)
+    }
+
+    /// 4 KiB pages in the image, whatever its page size.
+    public var smallPageCount: UInt64 { size / PageSize.small.bytes }
+
+    /// The bytes of 4 KiB pages [first, first+count), lent to `body`.
+    /// The range must lie within the image.
+    public func withPages<T>(first: UInt64, count: Int, _ body: (UnsafeRawBufferPointer) throws -> T) rethrows -> T {
+        precondition(count >= 0 && first <= smallPageCount && UInt64(count) <= smallPageCount - first,
+                     "pages \(first)..<\(first)+\(count) outside \(path) (\(smallPageCount) pages)")
+        // SAFETY: [first, first+count) pages lie within base..base+size, checked above.
+        let start = base + Int(first * PageSize.small.bytes)
+        return try body(UnsafeRawBufferPointer(start: start, count: count * Int(PageSize.small.bytes)))
+    }
+}
