@@ -2,8 +2,9 @@
 #
 #   make test      installs what the tests need (libsystemd-dev; hugepages
 #                  and a hugetlbfs mount when root), builds, runs swift test
-#   make demo      probes the kernel, then resolves faults on a 1 GiB region
-#                  (HUGETLB=1 for 2 MiB pages)
+#   make demo      probes the kernel, then migrates a 1 GiB guest over loopback:
+#                  source workload, postcopyd, reference guest, postcopy-push
+#                  (HUGETLB=1 for 2 MiB pages on the destination)
 #   make check     the capability probe alone
 #   make bench     clean-fault cost vs a C baseline; results in bench-results/
 #   make install   binaries to $(DESTDIR)$(PREFIX)/bin, units to $(DESTDIR)$(UNITDIR)
@@ -18,7 +19,7 @@ DEMO_SIZE ?= 1G
 HUGETLB   ?=
 
 RELEASE   := .build/release
-PROGRAMS  := postcopyd postcopy-bench
+PROGRAMS  := postcopyd postcopy-push postcopy-guest postcopy-bench
 UNITS     := $(wildcard systemd/*.service)
 BASELINE  := benchmarks/baseline/uffd-minor-loop
 DEMO_MEMORY := $(if $(HUGETLB),hugetlbfs,shmem)
@@ -42,7 +43,7 @@ check: build
 
 demo: build
 	$(RELEASE)/postcopyd check $(if $(HUGETLB),--require-hugetlbfs)
-	$(RELEASE)/postcopyd demo --memory $(DEMO_MEMORY) --size $(DEMO_SIZE)
+	SIZE=$(DEMO_SIZE) MEMORY=$(DEMO_MEMORY) BIN=$(RELEASE) bash scripts/demo-migration.sh
 
 $(BASELINE): $(BASELINE).c
 	$(CC) -O2 -Wall -Wextra -pthread -o $@ $<

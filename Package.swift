@@ -10,6 +10,9 @@
 //                  evaluation. No syscalls; tests run without root.
 //   PostcopyOS     one Swift method per kernel operation (Userfaultfd,
 //                  GuestMemory), the fault-resolution thread, the probe.
+//   PostcopyMigration  the three roles of a migration, built from the layers
+//                  above: the destination daemon, the source agent, and the
+//                  reference guest (VMM stand-in and source workload).
 //   executables    parse arguments and wire the layers together.
 import PackageDescription
 
@@ -18,12 +21,15 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "postcopyd", targets: ["postcopyd"]),
+        .executable(name: "postcopy-push", targets: ["postcopy-push"]),
+        .executable(name: "postcopy-guest", targets: ["postcopy-guest"]),
         .executable(name: "postcopy-bench", targets: ["postcopy-bench"]),
         .library(name: "PostcopyCore", targets: ["PostcopyCore"]),
         .library(name: "PostcopyOS", targets: ["PostcopyOS"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
     ],
     targets: [
         .target(
@@ -40,22 +46,61 @@ let package = Package(
             name: "PostcopyOS",
             dependencies: ["PostcopyCore", "CPostcopy", "CSystemd"]
         ),
-        .executableTarget(
-            name: "postcopyd",
+        .target(
+            name: "PostcopyMigration",
+            dependencies: [
+                "PostcopyCore", "PostcopyOS",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "PostcopyCLI",
             dependencies: [
                 "PostcopyCore", "PostcopyOS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "postcopyd",
+            dependencies: [
+                "PostcopyCore", "PostcopyOS", "PostcopyMigration", "PostcopyCLI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "postcopy-push",
+            dependencies: [
+                "PostcopyCore", "PostcopyOS", "PostcopyMigration", "PostcopyCLI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "postcopy-guest",
+            dependencies: [
+                "PostcopyCore", "PostcopyOS", "PostcopyMigration", "PostcopyCLI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .executableTarget(
             name: "postcopy-bench",
             dependencies: [
-                "PostcopyCore", "PostcopyOS",
+                "PostcopyCore", "PostcopyOS", "PostcopyCLI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(name: "PostcopyCoreTests", dependencies: ["PostcopyCore"]),
         .testTarget(name: "PostcopyOSTests", dependencies: ["PostcopyCore", "PostcopyOS"]),
+        .testTarget(
+            name: "PostcopyMigrationTests",
+            dependencies: [
+                "PostcopyCore", "PostcopyOS", "PostcopyMigration",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
     ],
     swiftLanguageModes: [.v6]
 )

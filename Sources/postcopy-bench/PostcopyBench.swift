@@ -1,4 +1,5 @@
 import ArgumentParser
+import PostcopyCLI
 import PostcopyCore
 import PostcopyOS
 
@@ -40,11 +41,4 @@ struct CleanFaults: ParsableCommand {
         print(CleanFaultResult.table(results))
         if let json { try writeFile(json, CleanFaultResult.json(results)) }
     }
-}
-
-func parseSize(_ text: String) throws -> UInt64 {
-    guard let size = ByteSize.parse(text) else {
-        throw ValidationError("'\(text)' is not a size (examples: 4096, 64M, 1G)")
-    }
-    return size
 }

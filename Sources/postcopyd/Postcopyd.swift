@@ -1,4 +1,5 @@
 import ArgumentParser
+import PostcopyCLI
 import PostcopyCore
 import PostcopyOS
 
@@ -7,7 +8,7 @@ struct Postcopyd: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "postcopyd",
         abstract: "Destination-side postcopy for VM live migration, on userfaultfd minor faults.",
-        subcommands: [Check.self, Demo.self])
+        subcommands: [Serve.self, Check.self, Exercise.self])
 }
 
 /// Options naming the memory guest RAM lives in.
@@ -21,7 +22,6 @@ struct MemoryOptions: ParsableArguments {
     var backing: Backing { Backing.choose(memory, hugetlbfsDirectory: hugetlbfsDir) }
 }
 
-extension MemoryKind: ExpressibleByArgument {}
 
 struct Check: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -42,7 +42,7 @@ struct Check: ParsableCommand {
     }
 }
 
-struct Demo: ParsableCommand {
+struct Exercise: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Resolve minor faults on a local region: fill it through the alias, touch it through a registered mapping, verify every byte.")
 
@@ -61,16 +61,9 @@ struct Demo: ParsableCommand {
         let exercise = FaultExercise(backing: memoryOptions.backing, size: size, order: .random(seed: seed),
                                      holeEvery: holeEvery == 0 ? nil : holeEvery, verifyBytes: true,
                                      recordLatencies: true, seed: seed)
-        print("postcopyd demo: \(ByteSize.format(size)) of \(exercise.backing), random touch order (seed \(seed))")
+        print("postcopyd exercise: \(ByteSize.format(size)) of \(exercise.backing), random touch order (seed \(seed))")
         let report = try exercise.run()
         report.summaryLines.forEach { print($0) }
         if !report.outcome.passed { throw ExitCode.failure }
     }
-}
-
-func parseSize(_ text: String) throws -> UInt64 {
-    guard let size = ByteSize.parse(text) else {
-        throw ValidationError("'\(text)' is not a size (examples: 4096, 64M, 1G)")
-    }
-    return size
 }

@@ -1,0 +1,52 @@
+import ArgumentParser
+import Foundation
+import Logging
+import PostcopyCore
+import PostcopyOS
+
+// What the command-line programs share: logging set-up, argument parsing
+// for sizes, endpoints and ids, JSON output, ready files.
+
+/// Log records to stderr, at info level unless POSTCOPY_LOG_LEVEL says otherwise.
+public func bootstrapLogging(_ label: String) -> Logger {
+    LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+    var logger = Logger(label: label)
+    let level = ProcessInfo.processInfo.environment["POSTCOPY_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:))
+    logger.logLevel = level ?? .info
+    return logger
+}
+
+public func printJSON<T: Encodable>(_ value: T) throws {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys]
+    print(String(decoding: try encoder.encode(value), as: UTF8.self))
+}
+
+/// Writes `text` to `path` atomically (a temporary file, then rename), so
+/// a reader never sees half of it.
+public func writeReadyFile(_ path: String, _ text: String) throws {
+    let temporary = path + ".tmp"
+    try text.write(toFile: temporary, atomically: false, encoding: .utf8)
+    guard rename(temporary, path) == 0 else { throw SystemCallError("rename \(temporary) to \(path)", Errno.current) }
+}
+
+public func parseEndpoint(_ text: String) throws -> SocketEndpoint {
+    guard let endpoint = SocketEndpoint(text) else {
+        throw ValidationError("'\(text)' is not host:port with a numeric host (examples: 127.0.0.1:7070, [::1]:7070)")
+    }
+    return endpoint
+}
+
+public func parseMigrationID(_ text: String) throws -> MigrationID {
+    guard let id = MigrationID(hex: text) else { throw ValidationError("'\(text)' is not 32 hex digits") }
+    return id
+}
+
+public func parseSize(_ text: String) throws -> UInt64 {
+    guard let size = ByteSize.parse(text) else {
+        throw ValidationError("'\(text)' is not a size (examples: 4096, 64M, 1G)")
+    }
+    return size
+}
+
+extension MemoryKind: ExpressibleByArgument {}

@@ -1,0 +1,35 @@
+import PostcopyCore
+import PostcopyOS
+
+/// How a daemon instance serves its one incoming migration.
+public struct DestinationConfig: Sendable {
+    /// Where the agent connects (port 0: any free port, reported when listening).
+    public var listen: SocketEndpoint
+    /// The VMM's unix socket, created 0600.
+    public var vmmSocketPath: String
+    public var memory: MemoryKind
+    /// For hugetlbfs: the mount to create the RAM file in (default: the
+    /// first 2 MiB mount, else a MFD_HUGETLB memfd).
+    public var hugetlbfsDirectory: String?
+    public var regionSize: UInt64
+    /// The only uid allowed to attach as the VMM.
+    public var vmmUID: UInt32
+    /// The migration to accept; nil accepts the first HELLO's.
+    public var migrationID: MigrationID?
+    /// How long SWITCHOVER waits for a VMM that has not attached yet.
+    public var vmmAttachTimeoutNanos: UInt64 = 30_000_000_000
+    /// How long the daemon waits for the VMM to acknowledge completion.
+    public var vmmCompleteTimeoutNanos: UInt64 = 30_000_000_000
+    public var keepAlive = KeepAlive()
+
+    public init(listen: SocketEndpoint, vmmSocketPath: String, memory: MemoryKind, hugetlbfsDirectory: String? = nil,
+                regionSize: UInt64, vmmUID: UInt32, migrationID: MigrationID? = nil) {
+        self.listen = listen
+        self.vmmSocketPath = vmmSocketPath
+        self.memory = memory
+        self.hugetlbfsDirectory = hugetlbfsDirectory
+        self.regionSize = regionSize
+        self.vmmUID = vmmUID
+        self.migrationID = migrationID
+    }
+}

@@ -1,0 +1,298 @@
+import Glibc
+import Logging
+import PostcopyCore
+import PostcopyOS
+import Synchronization
+
+/// One incoming migration, start to finish: owns guest RAM, listens for the
+/// agent (TCP) and the VMM (unix socket), takes precopy pages, switches
+/// over, serves faults during postcopy and reports a summary.
+///
+/// Threads: the caller's runs the bulk connection; one thread each for the
+/// urgent connection, the VMM socket, and the fault loop. Any failure on any
+/// of them fails the migration: every peer gets ERROR with the reason, every
+/// socket is shut down, and `run` throws that reason.
+public final class DestinationDaemon: @unchecked Sendable {
+    // SAFETY (@unchecked): `summary`, `session` state and the streams are set
+    // up by the bulk thread before the threads that read them start, or are
+    // behind a Mutex/Atomic.
+    public let config: DestinationConfig
+    public let memory: GuestMemory
+    public let tcp: TCPListener
+    private let logger: Logger
+    private let failures: FailureLatch
+    private let vmm: VMMLink
+    private let session: Mutex<DestinationSession>
+    private let streams = Mutex<[MessageStream]>([])
+    private let engine = Mutex<PostcopyEngine?>(nil)
+    private let faultLoop = Mutex<FaultLoop?>(nil)
+    private let completion = Latch()
+    private let summary = Mutex(DestinationSummary())
+
+    /// Allocates guest RAM and starts listening on both sockets.
+    public init(config: DestinationConfig, logger: Logger) throws {
+        self.config = config
+        self.logger = logger
+        let backing = Backing.choose(config.memory, hugetlbfsDirectory: config.hugetlbfsDirectory)
+        memory = try inStep("create guest RAM (\(ByteSize.format(config.regionSize)), \(backing))") {
+            try GuestMemory(backing: backing, size: config.regionSize)
+        }
+        tcp = try inStep("listen for the agent on \(config.listen)") { try TCPListener(endpoint: config.listen) }
+        let unix = try inStep("listen for the VMM on \(config.vmmSocketPath)") {
+            try UnixListener(path: config.vmmSocketPath)
+        }
+        session = Mutex(DestinationSession(geometry: memory.geometry, migrationID: config.migrationID))
+        failures = FailureLatch()
+        vmm = VMMLink(listener: unix, memory: memory, allowedUID: config.vmmUID, failures: failures, logger: logger)
+        failures.whenFailed { [weak self] error in self?.shutDown(reporting: error) }
+        summary.withLock {
+            $0.memory = backing.description
+            $0.regionBytes = config.regionSize
+            $0.pageBytes = memory.geometry.pageSize.bytes
+        }
+    }
+
+    /// Where the agent connects (with the real port when 0 was asked for).
+    public var endpoint: SocketEndpoint { tcp.endpoint }
+
+    /// Serves the migration; returns its summary once every page is in place
+    /// and the VMM has let go of the userfaultfd, or throws why it failed.
+    public func run() throws -> DestinationSummary {
+        let started = monotonicNanoseconds()
+        try vmm.start()
+        var threads: [OSThread] = []
+        defer {
+            faultLoop.withLock { $0 }?.stop()
+            for stream in streams.withLock({ $0 }) { stream.shutdown() }
+            for thread in threads { thread.join() }
+            vmm.join()
+        }
+        do {
+            let (bulk, urgent) = try acceptAgent()
+            threads.append(try OSThread.start(name: "postcopy-urgent") { [self] in
+                receive(on: urgent, .urgent) { action in try handleUrgent(action) }
+            })
+            threads.append(try OSThread.start(name: "postcopy-bulk") { [self] in
+                receive(on: bulk, .bulk) { action in try handleBulk(action, bulk: bulk, urgent: urgent) }
+            })
+            try finish(bulk: bulk)
+            // The agent closes its connections once it has COMPLETE.
+            for thread in threads { thread.join() }
+        } catch {
+            failures.fail(error as? MigrationError ?? MigrationError(.internalFailure, "\(error)"))
+        }
+        if let error = failures.error {
+            logger.error("migration failed: \(error.reason)")
+            throw error
+        }
+        return summary.withLock {
+            $0.totalSeconds = Double(monotonicNanoseconds() - started) / 1e9
+            return $0
+        }
+    }
+
+    /// Reports `error` to every peer and shuts every connection down, which
+    /// wakes every thread of the migration.
+    private func shutDown(reporting error: MigrationError) {
+        for stream in streams.withLock({ $0 }) { stream.fail(error.code, error.reason) }
+        vmm.shutdown(reporting: error)
+        _ = Glibc.shutdown(tcp.fd, Int32(SHUT_RDWR))
+        completion.open()
+    }
+
+    // MARK: handshake
+
+    /// Accepts connections until the agent's bulk and urgent ones said HELLO.
+    private func acceptAgent() throws -> (bulk: MessageStream, urgent: MessageStream) {
+        var bulk: MessageStream?
+        var urgent: MessageStream?
+        while bulk == nil || urgent == nil {
+            let connection = try tcp.accept(keepAlive: config.keepAlive)
+            let stream = MessageStream(connection, peer: "agent")
+            streams.withLock { $0.append(stream) }
+            do {
+                guard let hello = try stream.receive() else { continue }
+                let (role, welcome) = try session.withLock { try $0.hello(hello) }
+                try stream.send(welcome)
+                if role == .bulk { bulk = stream } else { urgent = stream }
+                logger.info("agent connected", metadata: ["role": "\(role)", "migration": "\(hello)"])
+            } catch let error as SessionError {
+                logger.warning("refused agent connection: \(error)")
+                stream.fail(error.code, error.description)
+            }
+        }
+        let id = session.withLock { $0.migrationID?.description ?? "" }
+        summary.withLock { $0.migrationID = id }
+        return (bulk!, urgent!)
+    }
+
+    // MARK: receiving
+
+    /// Receives on `stream` until the agent closes it, handing each admitted
+    /// message's action to `handle`. The end of the stream is normal only
+    /// once the migration is complete; any error fails the migration.
+    private func receive(on stream: MessageStream, _ role: StreamRole,
+                         _ handle: (DestinationSession.Action) throws -> Void) {
+        do {
+            while let message = try stream.receive() {
+                try handle(try admit(message, on: role, stream))
+            }
+            let phase = session.withLock { $0.phase }
+            if phase != .complete {
+                failures.fail(.peerLost, "the agent closed the \(role) connection during \(phase)")
+            }
+        } catch {
+            guard failures.error == nil else { return }
+            failures.fail(error as? MigrationError ?? MigrationError(.peerLost, "agent \(role) connection: \(error)"))
+        }
+    }
+
+    private func handleBulk(_ action: DestinationSession.Action, bulk: MessageStream, urgent: MessageStream) throws {
+        switch action {
+        case let .writePrecopy(run, data):
+            data.withUnsafeBytes { bytes in
+                // SAFETY: the session validated run against the region.
+                (memory.alias.base + Int(run.first * 4096)).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+            }
+            summary.withLock { $0.precopyPages += run.count }
+        case let .zeroPrecopy(run):
+            // SAFETY: the session validated run against the region.
+            memset(memory.alias.base + Int(run.first * 4096), 0, Int(run.count * 4096))
+            summary.withLock { $0.precopyZeroPages += run.count }
+        case let .roundEnded(round, sent, dirty):
+            summary.withLock { $0.precopyRounds = round }
+            logger.info("precopy round \(round) done: \(sent) pages sent, \(dirty) found changed")
+        case let .switchover(stale, pausedAt, digest):
+            try switchover(stale: stale, pausedAt: pausedAt, digest: digest, bulk: bulk, urgent: urgent)
+        case let .writePostcopy(run, data, _):
+            try currentEngine().fill(run, data: data, urgent: false)
+        case let .zeroPostcopy(run):
+            try currentEngine().fill(run, data: nil, urgent: false)
+        case let .peerFailed(code, text):
+            throw MigrationError(.peerLost, "the agent failed (\(code)): \(text)")
+        case .none:
+            break
+        }
+    }
+
+    private func handleUrgent(_ action: DestinationSession.Action) throws {
+        switch action {
+        case let .writePostcopy(run, data, _):
+            try currentEngine().fill(run, data: data, urgent: true)
+        case let .zeroPostcopy(run):
+            try currentEngine().fill(run, data: nil, urgent: true)
+        case let .peerFailed(code, text):
+            throw MigrationError(.peerLost, "the agent failed (\(code)): \(text)")
+        default:
+            break
+        }
+    }
+
+    /// Checks `message` against the session; a refusal is reported to the
+    /// peer and fails the migration.
+    private func admit(_ message: Message, on role: StreamRole, _ stream: MessageStream) throws -> DestinationSession.Action {
+        do {
+            let action = try session.withLock { try $0.receive(message, on: role) }
+            if case let .writePostcopy(_, _, requestID) = action, requestID > 0,
+               requestID > (engine.withLock { $0 }?.lastRequestID ?? 0) {
+                throw SessionError.unexpected(.pages, phase: .postcopy, role: role)
+            }
+            return action
+        } catch let error as SessionError {
+            throw MigrationError(error.code, "refused a frame on the agent's \(role) connection: \(error)")
+        }
+    }
+
+    private func currentEngine() throws -> PostcopyEngine {
+        guard let current = engine.withLock({ $0 }) else {
+            throw MigrationError(.internalFailure, "postcopy pages before switchover")
+        }
+        return current
+    }
+
+    // MARK: switchover
+
+    private func switchover(stale: PageBitmap, pausedAt: UInt64, digest: ImageDigest, bulk: MessageStream,
+                            urgent: MessageStream) throws {
+        summary.withLock {
+            $0.stalePagesAtSwitchover = stale.popCount
+            $0.imageDigest = digest.description
+        }
+        logger.info("switchover: \(stale.popCount) stale pages", metadata: ["digest": "\(digest)"])
+        guard vmm.attached.wait(timeoutNanos: config.vmmAttachTimeoutNanos), let attachment = vmm.current else {
+            try failures.check()
+            throw MigrationError(.peerLost, "no VMM attached to \(config.vmmSocketPath) within \(config.vmmAttachTimeoutNanos / 1_000_000_000) s of switchover")
+        }
+        let installer = PageInstaller(uffd: attachment.uffd, file: memory.file, guestBase: attachment.guestBase)
+        let completion = self.completion
+        let postcopy = PostcopyEngine(memory: memory, installer: installer, stale: stale, urgent: urgent,
+                                      failures: failures, onComplete: { completion.open() })
+        engine.withLock { $0 = postcopy }
+        let loop = try FaultLoop(installer: installer, resolver: postcopy)
+        try loop.start()
+        faultLoop.withLock { $0 = loop }
+        try vmm.resume(imageDigest: digest)
+        let resumedAt = realtimeNanoseconds()
+        postcopy.backgroundBytesStartedAt.store(monotonicNanoseconds(), ordering: .relaxed)
+        let downtimeMs = resumedAt >= pausedAt ? Double(resumedAt - pausedAt) / 1e6 : 0
+        summary.withLock { $0.downtimeMs = downtimeMs }
+        try bulk.send(.resumed(destinationResumedAtNanos: resumedAt))
+        logger.info("guest resumed; postcopy started", metadata: [
+            "stale_pages": "\(stale.popCount)", "downtime_ms": "\(fixed(downtimeMs, 1))",
+        ])
+        postcopy.signalCompleteIfDone()
+    }
+
+    // MARK: completion
+
+    /// Waits for the last stale page; then tells the agent and the VMM, and
+    /// stops serving faults and waits for the VMM to let go of the range.
+    private func finish(bulk: MessageStream) throws {
+        completion.wait()
+        try failures.check()
+        // Reached only through switchover, which set both.
+        let postcopy = try currentEngine()
+        session.withLock { $0.complete() }
+        let state = postcopy.state
+        let now = monotonicNanoseconds()
+        let started = postcopy.backgroundBytesStartedAt.load(ordering: .relaxed)
+        let seconds = max(Double(now - started) / 1e9, 1e-9)
+        let background = postcopy.backgroundPages.load(ordering: .relaxed)
+        let received = streams.withLock { $0.reduce(0) { $0 + $1.bytesReceived } }
+        let latency = LatencyFigures(nanoseconds: postcopy.staleFaultLatencies)
+        summary.withLock {
+            $0.postcopySeconds = seconds
+            $0.faultsClean = state.cleanFaults
+            $0.faultsStale = state.staleFaults
+            $0.pagesRequested = state.requestedPages
+            $0.pageRequests = UInt64(postcopy.lastRequestID)
+            $0.duplicatePages = state.duplicatePages
+            $0.postcopyPagesUrgent = postcopy.urgentPages.load(ordering: .relaxed)
+            $0.postcopyPagesBackground = background
+            $0.staleFaultLatency = latency
+            $0.backgroundMiBPerSecond = Double(background * 4096) / seconds / 1_048_576
+            $0.bytesReceived = received
+        }
+        try bulk.send(.complete(pagesReceived: state.filledPages, faultsClean: state.cleanFaults,
+                                faultsStale: state.staleFaults))
+        // Stop serving faults before the VMM unregisters the range: a CONTINUE
+        // racing the unregister would fail. A guest thread that faults in
+        // between waits until the unregister wakes it, then faults normally.
+        let loop = faultLoop.withLock { $0 }
+        loop?.stop()
+        if let reason = loop?.failureReason { throw MigrationError(.internalFailure, "fault loop: \(reason)") }
+        try vmm.complete()
+        guard vmm.completed.wait(timeoutNanos: config.vmmCompleteTimeoutNanos) else {
+            try failures.check()
+            throw MigrationError(.peerLost, "the VMM did not acknowledge VMM_COMPLETE within \(config.vmmCompleteTimeoutNanos / 1_000_000_000) s")
+        }
+        try failures.check()
+        // The VMM unregistered the range. Wake it once more in case a fault
+        // raced the unregister (see Userfaultfd.release), so that no guest
+        // thread depends on this daemon after it exits.
+        if let attachment = vmm.current {
+            try? attachment.uffd.wake(start: attachment.guestBase, length: memory.geometry.regionSize)
+        }
+        logger.info("postcopy complete", metadata: ["pages": "\(state.filledPages)"])
+    }
+}

@@ -1,0 +1,148 @@
+import Glibc
+import PostcopyCore
+import PostcopyOS
+import Synchronization
+
+/// The destination during postcopy: the page-state tracker behind one lock,
+/// the fault resolver the fault thread calls, and the path by which fetched
+/// pages reach guest memory (claim → write through the alias → commit →
+/// install whatever a guest thread waits for).
+final class PostcopyEngine: FaultResolver, @unchecked Sendable {
+    // SAFETY (@unchecked): every mutable state is an Atomic or behind a Mutex;
+    // `memory` and `installer` are Sendable classes.
+    let memory: GuestMemory
+    let installer: PageInstaller
+    private let tracker: Mutex<PostcopyTracker>
+    private let urgent: MessageStream
+    private let failures: FailureLatch
+    private let onComplete: @Sendable () -> Void
+    private let nextRequestID = Atomic<UInt32>(0)
+    private let latencies = Mutex<[UInt64]>([])
+    private let completeSignalled = Atomic<Bool>(false)
+    let urgentPages = Atomic<UInt64>(0)
+    let backgroundPages = Atomic<UInt64>(0)
+    let backgroundBytesStartedAt = Atomic<UInt64>(0)
+    let lastPageAt = Atomic<UInt64>(0)
+
+    init(memory: GuestMemory, installer: PageInstaller, stale: PageBitmap, urgent: MessageStream,
+         failures: FailureLatch, onComplete: @escaping @Sendable () -> Void) {
+        self.memory = memory
+        self.installer = installer
+        tracker = Mutex(PostcopyTracker(geometry: memory.geometry, stale: stale))
+        self.urgent = urgent
+        self.failures = failures
+        self.onComplete = onComplete
+    }
+
+    // MARK: fault thread
+
+    func decide(_ fault: PageFault) -> FaultDecision {
+        let action = tracker.withLock { $0.fault(on: fault.page, at: monotonicNanoseconds()) }
+        switch action {
+        case .install:
+            return .install
+        case .wait:
+            return .deferred
+        case let .fetch(runs):
+            // One request spans them all: the agent sends only the pages in
+            // it that are still stale and unsent, so the clean pieces of a
+            // huge page between stale runs never cross the network.
+            request(PageRun(first: runs[0].first, count: runs[runs.count - 1].end - runs[0].first))
+            return .deferred
+        }
+    }
+
+    func installFailed(_ fault: PageFault, _ error: InstallError) {
+        failures.fail(.internalFailure, "resolve fault on \(fault.page): \(error)")
+    }
+
+    private func request(_ run: PageRun) {
+        var remaining = run
+        while true {
+            // One request per frame-sized piece (a 2 MiB page is 512 pages at most).
+            let count = min(remaining.count, 1024)
+            let id = nextRequestID.add(1, ordering: .relaxed).newValue
+            do {
+                try urgent.send(.pageRequest(requestID: id, firstPage: remaining.first, count: UInt32(count)))
+            } catch {
+                failures.fail(.peerLost, "request \(remaining) from the source: \(error)")
+                return
+            }
+            guard count < remaining.count else { return }
+            remaining = PageRun(first: remaining.first + count, count: remaining.count - count)
+        }
+    }
+
+    /// The highest PAGE_REQUEST id sent so far.
+    var lastRequestID: UInt32 { nextRequestID.load(ordering: .relaxed) }
+
+    // MARK: receiving threads
+
+    /// Pages `run` arrived with `data` (nil: they are zero on the source).
+    /// Writes those still stale, exactly once, and installs the guest pages
+    /// that were waiting for them.
+    func fill(_ run: PageRun, data: ArraySlice<UInt8>?, urgent isUrgent: Bool) {
+        let claims = tracker.withLock { $0.claim(run) }
+        guard !claims.isEmpty else { return }
+        var written: UInt64 = 0
+        for claim in claims {
+            let offset = Int(claim.first * 4096)
+            let length = Int(claim.count * 4096)
+            // SAFETY: claim lies inside the region (the session validated the
+            // run against it, and claims are sub-runs), so the alias holds it.
+            let target = memory.alias.base + offset
+            if let data {
+                let start = data.startIndex + Int(claim.first - run.first) * 4096
+                data[start..<(start + length)].withUnsafeBytes { source in
+                    target.copyMemory(from: source.baseAddress!, byteCount: length)
+                }
+            } else {
+                memset(target, 0, length)
+            }
+            written += claim.count
+        }
+        let now = monotonicNanoseconds()
+        let completions = tracker.withLock { $0.commit(claims, at: now) }
+        if isUrgent {
+            urgentPages.add(written, ordering: .relaxed)
+        } else {
+            backgroundPages.add(written, ordering: .relaxed)
+        }
+        lastPageAt.store(now, ordering: .relaxed)
+        for completion in completions {
+            do {
+                try installer.install(completion.page)
+            } catch {
+                failures.fail(.internalFailure, "install \(completion.page) after fetching it: \(error)")
+                return
+            }
+        }
+        if !completions.isEmpty {
+            latencies.withLock { $0.append(contentsOf: completions.map(\.latencyNanos)) }
+        }
+        let done = tracker.withLock { state in
+            state.installed(completions.count)
+            return state.isComplete
+        }
+        if done { signalComplete() }
+    }
+
+    /// Calls `onComplete` once, when the last stale page is in.
+    func signalCompleteIfDone() {
+        if tracker.withLock({ $0.isComplete }) { signalComplete() }
+    }
+
+    private func signalComplete() {
+        if !completeSignalled.exchange(true, ordering: .sequentiallyConsistent) { onComplete() }
+    }
+
+    /// A snapshot of the tracker, for status and the summary.
+    var state: PostcopyTracker { tracker.withLock { $0 } }
+
+    var staleFaultLatencies: [UInt64] { latencies.withLock { $0 } }
+}
+
+extension PostcopyEngine {
+    /// 4 KiB pages still stale.
+    var stalePages: UInt64 { tracker.withLock { $0.stalePages } }
+}

@@ -1,0 +1,115 @@
+import PostcopyCore
+import PostcopyOS
+
+/// The agent's memory of what the destination holds: for each 4 KiB page,
+/// the hash of the bytes last sent (the zero page's hash for a page never
+/// sent, which the destination holds as zeros). A page whose current hash
+/// differs has changed since it was sent.
+///
+/// Pages are copied before they are hashed and sent, so the recorded hash
+/// is always that of the bytes that went out, even when the guest writes
+/// the page while it is being sent.
+final class PageScanner: @unchecked Sendable {
+    // SAFETY (@unchecked): used by one thread at a time (the agent's bulk
+    // thread during precopy); read-only once postcopy starts.
+    let image: SourceImage
+    private var sent: [UInt64]
+    /// Pages per PAGES frame (the staging buffer holds one frame's worth).
+    let batchPages: Int
+    private let staging: UnsafeMutableRawBufferPointer
+
+    init(image: SourceImage, batchPages: Int = 256) {
+        self.image = image
+        self.batchPages = batchPages
+        sent = Array(repeating: PageHash.zeroPage, count: Int(image.smallPageCount))
+        staging = .allocate(byteCount: batchPages * 4096, alignment: 4096)
+    }
+
+    deinit { staging.deallocate() }
+
+    var pageCount: UInt64 { image.smallPageCount }
+
+    /// What one round sent.
+    struct RoundResult {
+        var pagesSent: UInt64 = 0
+        var zeroPagesSent: UInt64 = 0
+        var bytesSent: UInt64 = 0
+    }
+
+    /// One precopy round: every page whose bytes differ from what was last
+    /// sent goes out, as PAGES (copied, hashed, sent) or, when it is now all
+    /// zeros, as ZERO_PAGES. `progress` is called after each frame.
+    func sendChangedPages(to stream: MessageStream, progress: (UInt64, RoundResult) -> Void) throws -> RoundResult {
+        var result = RoundResult()
+        var dataFirst: UInt64 = 0
+        var dataCount = 0
+        var zeroFirst: UInt64 = 0
+        var zeroCount: UInt64 = 0
+
+        func flushData() throws {
+            guard dataCount > 0 else { return }
+            let bytes = UnsafeRawBufferPointer(rebasing: staging[..<(dataCount * 4096)])
+            try stream.sendPages(requestID: Message.backgroundRequestID, firstPage: dataFirst, pageData: bytes)
+            result.pagesSent += UInt64(dataCount)
+            result.bytesSent += UInt64(dataCount * 4096 + 32)
+            dataCount = 0
+            progress(dataFirst, result)
+        }
+        func flushZeros() throws {
+            guard zeroCount > 0 else { return }
+            try stream.send(.zeroPages(firstPage: zeroFirst, count: UInt32(zeroCount)))
+            result.zeroPagesSent += zeroCount
+            result.bytesSent += 28
+            zeroCount = 0
+        }
+
+        for page in 0..<pageCount {
+            let (hash, isZero) = image.withPages(first: page, count: 1) { PageHash.of($0) }
+            guard hash != sent[Int(page)] else { continue }
+            if isZero {
+                try flushData()
+                if zeroCount > 0 && zeroFirst + zeroCount != page { try flushZeros() }
+                if zeroCount == 0 { zeroFirst = page }
+                zeroCount += 1
+                sent[Int(page)] = PageHash.zeroPage
+                if zeroCount == UInt64(UInt32.max) { try flushZeros() }
+                continue
+            }
+            try flushZeros()
+            if dataCount > 0 && dataFirst + UInt64(dataCount) != page { try flushData() }
+            if dataCount == 0 { dataFirst = page }
+            // SAFETY: dataCount < batchPages, so the slot lies inside staging.
+            let slot = UnsafeMutableRawBufferPointer(rebasing: staging[(dataCount * 4096)..<((dataCount + 1) * 4096)])
+            image.withPages(first: page, count: 1) { slot.copyMemory(from: $0) }
+            sent[Int(page)] = PageHash.of(UnsafeRawBufferPointer(slot)).hash
+            dataCount += 1
+            if dataCount == batchPages { try flushData() }
+        }
+        try flushData()
+        try flushZeros()
+        return result
+    }
+
+    /// The final scan, with the source paused: the pages that differ from
+    /// what the destination holds (and those `alsoDirty` names, a dirty log
+    /// the caller kept), which of them are zero now, and the image's digest.
+    func finalScan(alsoDirty: PageBitmap?) -> (stale: PageBitmap, zero: PageBitmap, digest: ImageDigest) {
+        var stale = PageBitmap(count: pageCount)
+        var zero = PageBitmap(count: pageCount)
+        var hashes = [UInt64](repeating: 0, count: Int(pageCount))
+        for page in 0..<pageCount {
+            let (hash, isZero) = image.withPages(first: page, count: 1) { PageHash.of($0) }
+            hashes[Int(page)] = hash
+            if hash != sent[Int(page)] || alsoDirty?.contains(page) == true {
+                stale.insert(page)
+                if isZero { zero.insert(page) }
+            }
+        }
+        return (stale, zero, ImageDigest(pageHashes: hashes))
+    }
+
+    /// Pages that are not zero now: what an ideal migration sends at least once.
+    func nonZeroPages() -> UInt64 {
+        sent.reduce(0) { $0 + ($1 == PageHash.zeroPage ? 0 : 1) }
+    }
+}

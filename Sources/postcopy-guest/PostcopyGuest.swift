@@ -1,0 +1,101 @@
+import ArgumentParser
+import Glibc
+import PostcopyCLI
+import PostcopyCore
+import PostcopyMigration
+import PostcopyOS
+import Synchronization
+
+@main
+struct PostcopyGuest: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "postcopy-guest",
+        abstract: "The reference guest: a VMM stand-in on the destination, and a dirtying workload on the source.",
+        subcommands: [VMM.self, Source.self])
+}
+
+struct VMM: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Attach to postcopyd as the VMM, run a guest that reads all of RAM after resume, and verify it.",
+        discussion: """
+            Maps the RAM file postcopyd offers, registers the mapping with its own userfaultfd \
+            (MINOR|MISSING) and hands that over. After VMM_RESUME, threads read every 4 KiB page once \
+            in a random order, timing each first touch, then write a marker into it. Exits 0 only if \
+            the image matches the source's digest and every marker survived.
+            """)
+
+    @Option(help: ArgumentHelp("postcopyd's VMM socket.", valueName: "path"))
+    var socket = "/run/postcopyd/postcopyd.sock"
+
+    @Option(help: "Guest threads (vCPUs) reading RAM.")
+    var threads = 4
+
+    @Option(help: "Seed of the random read order.")
+    var seed: UInt64 = 1
+
+    @Flag(help: "Do not write markers into pages after reading them.")
+    var noScribble = false
+
+    @Flag(help: "Print the summary as one JSON object on stdout.")
+    var json = false
+
+    func run() throws {
+        let logger = bootstrapLogging("postcopy-guest")
+        var config = GuestConfig(socketPath: socket)
+        config.threads = threads
+        config.seed = seed
+        config.scribble = !noScribble
+        do {
+            let summary = try GuestVMM(config: config, logger: logger).run()
+            summary.lines.forEach { logger.info("\($0)") }
+            if json { try printJSON(summary) }
+            if !summary.verified { throw ExitCode.failure }
+        } catch let exit as ExitCode {
+            throw exit
+        } catch {
+            logger.error("guest failed: \(error)")
+            throw ExitCode.failure
+        }
+    }
+}
+
+struct Source: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create and fill a source RAM file, then keep writing a hot set of its pages until stopped.")
+
+    @Option(help: ArgumentHelp("The RAM file to create (e.g. /dev/shm/NAME).", valueName: "path"))
+    var ram: String
+
+    @Option(help: "Size of guest RAM (a multiple of 2 MiB).", transform: parseSize)
+    var size: UInt64
+
+    @Option(help: "Share of pages in the hot set rewritten continuously (0…1).")
+    var dirty = 0.10
+
+    @Option(help: "Share of pages left zero (0…1).")
+    var zero = 0.125
+
+    @Option(help: "Seed of the page pattern and the hot set.")
+    var seed: UInt64 = 7
+
+    @Option(help: "Microseconds between passes over the hot set.")
+    var passPause: UInt32 = 20_000
+
+    @Option(help: ArgumentHelp("Write this file once the RAM is filled.", valueName: "path"))
+    var readyFile: String?
+
+    func validate() throws {
+        guard (0...1).contains(dirty), (0...1).contains(zero) else { throw ValidationError("--dirty and --zero are shares from 0 to 1") }
+    }
+
+    func run() throws {
+        let logger = bootstrapLogging("postcopy-guest")
+        let workload = try SourceWorkload(path: ram, size: size, dirtyFraction: dirty, zeroFraction: zero, seed: seed)
+        logger.info("source RAM filled", metadata: [
+            "path": "\(ram)", "size": "\(ByteSize.format(size))", "hot_pages": "\(workload.hotPages.count)",
+        ])
+        if let readyFile { try writeReadyFile(readyFile, "\(getpid())\n") }
+        let never = Atomic<Bool>(false)
+        workload.dirty(pauseMicroseconds: passPause, stop: never)
+    }
+}

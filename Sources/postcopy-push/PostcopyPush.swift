@@ -1,0 +1,105 @@
+import ArgumentParser
+import Glibc
+import PostcopyCLI
+import PostcopyCore
+import PostcopyMigration
+import PostcopyOS
+
+@main
+struct PostcopyPush: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "postcopy-push",
+        abstract: "Migrate guest RAM from a shared memory file on this host to a postcopyd: precopy, switchover, postcopy.",
+        discussion: """
+            Precopy sends every non-zero page, then resends pages whose contents changed (found by a \
+            per-page hash scan) until few enough change, or a round or time limit. At switchover the \
+            source is paused (--pause-pid and/or --pause-cmd), the stale pages are sent as a dirty \
+            bitmap, and the guest resumes on the destination, which fetches stale pages on demand \
+            while the rest stream in the background. If the migration fails before the destination \
+            resumed, the source is resumed (SIGCONT and/or --resume-cmd).
+            """)
+
+    @Option(help: ArgumentHelp("The source guest RAM file (e.g. /dev/shm/NAME, or a file on hugetlbfs).", valueName: "path"))
+    var ram: String
+
+    @Option(help: ArgumentHelp("postcopyd's agent endpoint.", valueName: "host:port"), transform: parseEndpoint)
+    var to: SocketEndpoint
+
+    @Option(help: ArgumentHelp("The migration id (32 hex digits); default: a random one.", valueName: "hex"),
+            transform: parseMigrationID)
+    var migrationID: MigrationID?
+
+    @Option(help: ArgumentHelp("Pause the source by sending this process SIGSTOP (and wait until it is stopped).", valueName: "pid"))
+    var pausePID: Int32?
+
+    @Option(help: ArgumentHelp("Pause the source by running this shell command (after --pause-pid, if both).", valueName: "command"))
+    var pauseCmd: String?
+
+    @Option(help: ArgumentHelp("Resume the source with this shell command if the migration fails before switchover completes.", valueName: "command"))
+    var resumeCmd: String?
+
+    @Flag(help: "Switch over without pausing anything: only for a source image nothing writes any more.")
+    var noPause = false
+
+    @Option(help: "Precopy rounds at most, the first full pass included.")
+    var maxRounds = 5
+
+    @Option(help: "Precopy seconds at most.")
+    var maxPrecopySeconds: UInt64 = 120
+
+    @Option(help: "Switch over once a round resends at most this many pages.")
+    var switchoverPages: UInt64 = 256
+
+    @Option(help: ArgumentHelp("A dirty log kept by the caller, read at switchover and merged with the scan (one bit per 4 KiB page, little-endian 64-bit words).", valueName: "path"))
+    var dirtyBitmap: String?
+
+    @Flag(help: "No progress display.")
+    var quiet = false
+
+    @Flag(help: "Print the summary as one JSON object on stdout.")
+    var json = false
+
+    func validate() throws {
+        if pausePID == nil && pauseCmd == nil && !noPause {
+            throw ValidationError("say how to pause the source at switchover: --pause-pid, --pause-cmd, or --no-pause")
+        }
+        if noPause && (pausePID != nil || pauseCmd != nil) {
+            throw ValidationError("--no-pause contradicts --pause-pid/--pause-cmd")
+        }
+        if maxRounds < 1 { throw ValidationError("--max-rounds must be at least 1") }
+    }
+
+    func run() throws {
+        let logger = bootstrapLogging("postcopy-push")
+        var generator = SystemRandomNumberGenerator()
+        var config = AgentConfig(ramPath: ram, daemon: to, migrationID: migrationID ?? MigrationID(using: &generator),
+                                 control: sourceControl())
+        config.policy = PrecopyPolicy(maxRounds: maxRounds, maxDurationNanos: maxPrecopySeconds * 1_000_000_000,
+                                      switchoverPages: switchoverPages)
+        config.dirtyBitmapPath = dirtyBitmap
+        do {
+            let agent = try SourceAgent(config: config, logger: logger, progress: ProgressReporter(enabled: !quiet))
+            let summary = try agent.run()
+            summary.lines.forEach { logger.info("\($0)") }
+            if json { try printJSON(summary) }
+        } catch {
+            logger.error("migration failed: \(error)")
+            throw ExitCode.failure
+        }
+    }
+
+    private func sourceControl() -> SourceControl {
+        if noPause { return SourceControl("nothing to pause", pause: {}, resume: {}) }
+        let pid = pausePID
+        let pauseCommand = pauseCmd
+        let resumeCommand = resumeCmd
+        let parts = [pid.map { "SIGSTOP pid \($0)" }, pauseCommand.map { "'\($0)'" }].compactMap { $0 }
+        return SourceControl(parts.joined(separator: " + "), pause: {
+            if let pid { try ProcessPause.stop(pid: pid, timeoutNanoseconds: 10_000_000_000) }
+            if let pauseCommand { try ProcessPause.run(command: pauseCommand, timeoutNanoseconds: 60_000_000_000) }
+        }, resume: {
+            if let resumeCommand { try ProcessPause.run(command: resumeCommand, timeoutNanoseconds: 60_000_000_000) }
+            if let pid { try ProcessPause.resume(pid: pid) }
+        })
+    }
+}

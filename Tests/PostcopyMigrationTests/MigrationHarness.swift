@@ -1,0 +1,114 @@
+import Glibc
+import Logging
+import PostcopyCore
+import PostcopyMigration
+import PostcopyOS
+import Synchronization
+import Testing
+
+/// Runs something on a thread of its own and keeps its result, so that a
+/// test can wait for it with a deadline instead of hanging.
+final class Background<T: Sendable>: Sendable {
+    private final class Slot: Sendable {
+        let result = Mutex<Result<T, any Error>?>(nil)
+        let done = Latch()
+    }
+
+    private let slot = Slot()
+    private let thread: OSThread
+
+    init(_ name: String, _ body: @escaping @Sendable () throws -> T) throws {
+        let slot = self.slot
+        thread = try OSThread.start(name: name) {
+            let outcome = Result { try body() }
+            slot.result.withLock { $0 = outcome }
+            slot.done.open()
+        }
+    }
+
+    /// The result, waiting up to `seconds`; a run that does not end in time
+    /// means a hang, which stops the whole test process with a message
+    /// rather than stalling CI.
+    func wait(seconds: UInt64 = 180, _ what: String) -> Result<T, any Error> {
+        guard slot.done.wait(timeoutNanos: seconds * 1_000_000_000) else {
+            writeStandardError("FATAL: \(what) did not finish within \(seconds) s\n")
+            abort()
+        }
+        thread.join()
+        return slot.result.withLock { $0! }
+    }
+}
+
+func testLogger(_ label: String) -> Logger {
+    var logger = Logger(label: label) { StreamLogHandler.standardError(label: $0) }
+    logger.logLevel = .warning
+    return logger
+}
+
+/// One whole migration in this process, over loopback: postcopyd, the
+/// reference guest as its VMM, and the agent reading `source`. `pause` runs
+/// at switchover in place of stopping a source process: a test writes the
+/// pages it wants stale there.
+struct Migration {
+    var memory: MemoryKind = .shmem
+    var rounds = 1
+    var guestThreads = 4
+    var scribble = false
+
+    struct Outcome {
+        let daemon: DestinationSummary
+        let agent: AgentSummary
+        let guest: GuestSummary
+        /// Whether the destination's RAM equals the source's, byte for byte.
+        let identical: Bool
+    }
+
+    func run(_ source: SourceFile, pause: @escaping @Sendable () -> Void = {}) throws -> Outcome {
+        let directory = try TemporaryDirectory()
+        let config = DestinationConfig(listen: SocketEndpoint(host: "127.0.0.1", port: 0),
+                                       vmmSocketPath: directory.path + "/vmm.sock", memory: memory,
+                                       regionSize: source.size, vmmUID: geteuid())
+        let daemon = try DestinationDaemon(config: config, logger: testLogger("postcopyd"))
+        let daemonRun = try Background("test-daemon") { try daemon.run() }
+        var guestConfig = GuestConfig(socketPath: config.vmmSocketPath)
+        guestConfig.threads = guestThreads
+        guestConfig.scribble = scribble
+        let guest = GuestVMM(config: guestConfig, logger: testLogger("guest"))
+        let guestRun = try Background("test-guest") { try guest.run() }
+        var agentConfig = AgentConfig(ramPath: source.path, daemon: daemon.endpoint,
+                                      migrationID: MigrationID(high: 1, low: UInt64(getpid())),
+                                      control: SourceControl("test", pause: pause, resume: {}))
+        agentConfig.policy = PrecopyPolicy(maxRounds: rounds)
+        let agent = try SourceAgent(config: agentConfig, logger: testLogger("agent"),
+                                    progress: ProgressReporter(enabled: false))
+        let agentSummary = try Background("test-agent") { try agent.run() }.wait("the agent").get()
+        let daemonSummary = try daemonRun.wait("postcopyd").get()
+        let guestSummary = try guestRun.wait("the guest").get()
+        let identical = memcmp(source.base, daemon.memory.alias.base, Int(source.size)) == 0
+        return Outcome(daemon: daemonSummary, agent: agentSummary, guest: guestSummary, identical: identical)
+    }
+}
+
+/// A directory under /tmp, removed with what is in it.
+final class TemporaryDirectory {
+    let path: String
+
+    init() throws {
+        var template = Array("/tmp/postcopy-test.XXXXXX".utf8CString)
+        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
+            throw TestFailure("mkdtemp: errno \(errno)")
+        }
+        path = String(cString: made)
+    }
+
+    deinit {
+        if let directory = opendir(path) {
+            while let entry = readdir(directory) {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                if name != "." && name != ".." { unlink(path + "/" + name) }
+            }
+            closedir(directory)
+        }
+        rmdir(path)
+    }
+}

@@ -1,0 +1,129 @@
+import Glibc
+import PostcopyCore
+import PostcopyMigration
+import PostcopyOS
+import Synchronization
+import Testing
+
+/// Whole migrations in one process over loopback TCP, on the real kernel:
+/// precopy, a dirty set written at switchover, postcopy with the reference
+/// guest reading every page from 4 threads while the back-fill runs.
+@Suite(.serialized, .enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
+struct MigrationTests {
+    static let size: UInt64 = 256 << 20
+
+    /// Every 8th page zero; `dirty` of the pages rewritten at switchover, a
+    /// fifth of those to all zeros. Returns how many pages changed.
+    static func source(dirty fraction: Double, seed: UInt64 = 11) throws -> (SourceFile, [UInt64]) {
+        let source = try SourceFile(size: size, seed: seed) { $0 % 8 == 3 }
+        var generator = SplitMix64(seed: seed)
+        let pages = Array(0..<source.pageCount).shuffled(using: &generator)
+        let dirty = Array(pages.prefix(Int(Double(source.pageCount) * fraction))).sorted()
+        return (source, dirty)
+    }
+
+    static func dirtying(_ source: SourceFile, _ pages: [UInt64]) -> @Sendable () -> Void {
+        { for page in pages { page % 5 == 0 ? source.zero(page) : source.write(page, generation: 1) } }
+    }
+
+    /// Pages whose bytes the dirtying changes (a zero page zeroed again does not change).
+    static func changed(_ pages: [UInt64]) -> UInt64 {
+        UInt64(pages.filter { !($0 % 8 == 3 && $0 % 5 == 0) }.count)
+    }
+
+    static func check(_ outcome: Migration.Outcome, stale: UInt64) {
+        #expect(outcome.identical, "destination RAM differs from the source")
+        #expect(outcome.guest.verified, "guest digest \(outcome.guest.actualDigest) vs \(outcome.guest.expectedDigest)")
+        #expect(outcome.agent.stalePages == stale)
+        #expect(outcome.daemon.stalePagesAtSwitchover == stale)
+        // Each stale page crossed the network exactly once, by one path or the other.
+        #expect(outcome.daemon.duplicatePages == 0)
+        #expect(outcome.daemon.postcopyPagesUrgent + outcome.daemon.postcopyPagesBackground == stale)
+        #expect(outcome.agent.postcopyPagesUrgent + outcome.agent.postcopyPagesBackground == stale)
+        #expect(outcome.daemon.imageDigest == outcome.agent.imageDigest)
+        #expect(outcome.guest.pagesRead == size / 4096)
+    }
+
+    @Test(arguments: [0.0, 0.1, 1.0])
+    func shmem(dirty fraction: Double) throws {
+        let (source, dirty) = try Self.source(dirty: fraction)
+        let outcome = try Migration().run(source, pause: Self.dirtying(source, dirty))
+        Self.check(outcome, stale: Self.changed(dirty))
+        if fraction == 0 {
+            // Nothing stale: postcopy is complete at once, nothing is requested.
+            #expect(outcome.daemon.pageRequests == 0)
+            #expect(outcome.agent.pageRequests == 0)
+        } else {
+            #expect(outcome.daemon.faultsStale > 0, "the guest threads never waited for a stale page")
+            // Only a fault on a stale page asks the source for anything:
+            // clean faults, however many, never touch the network.
+            #expect(outcome.daemon.pageRequests <= outcome.daemon.faultsStale)
+            #expect(outcome.agent.pageRequests == outcome.daemon.pageRequests)
+        }
+        if fraction == 0.1 {
+            #expect(outcome.daemon.faultsClean > 0, "no clean fault happened during postcopy")
+        }
+    }
+
+    @Test(.enabled(if: Host.hasHugepages(128), Comment(rawValue: Host.needsHugepages(128))),
+          arguments: [0.0, 0.1, 1.0])
+    func hugetlbfs(dirty fraction: Double) throws {
+        let (source, dirty) = try Self.source(dirty: fraction)
+        let outcome = try Migration(memory: .hugetlbfs).run(source, pause: Self.dirtying(source, dirty))
+        Self.check(outcome, stale: Self.changed(dirty))
+        if fraction > 0 && fraction < 1 {
+            // Only the stale 4 KiB pieces of a huge page are fetched, never all 512.
+            #expect(outcome.daemon.pagesRequested <= Self.changed(dirty))
+        }
+    }
+
+    @Test func allZeroRegion() throws {
+        let source = try SourceFile(size: Self.size, seed: 5) { _ in true }
+        let outcome = try Migration().run(source)
+        Self.check(outcome, stale: 0)
+        #expect(outcome.agent.rounds.first?.pagesSent == 0, "zero pages are never sent")
+        #expect(outcome.daemon.precopyPages == 0)
+    }
+
+    @Test func precopyConvergesWhenNothingChanges() throws {
+        let (source, dirty) = try Self.source(dirty: 0.1, seed: 23)
+        let outcome = try Migration(rounds: 5).run(source, pause: Self.dirtying(source, dirty))
+        // Round 2 resent nothing: converged, switch over with what changed at the pause.
+        #expect(outcome.agent.rounds.map(\.pagesSent).last == 0)
+        #expect(outcome.agent.precopyEndReason == PrecopyPolicy.Reason.converged.rawValue)
+        Self.check(outcome, stale: Self.changed(dirty))
+    }
+
+    /// A writer keeps changing a hot set during precopy, as a running guest
+    /// does; pausing stops it. Every round resends what changed, the guest on
+    /// the destination writes every page after reading it, and nothing it
+    /// wrote is overwritten by a page arriving late.
+    @Test func guestRunningDuringPrecopyAndGuestWritesSurvive() throws {
+        let source = try SourceFile(size: Self.size, seed: 31) { $0 % 8 == 3 }
+        let writer = try Background("test-source-writer") { [source] in
+            var generation: UInt64 = 1
+            while !pauseRequested.load(ordering: .acquiring) {
+                for page in stride(from: UInt64(0), to: source.pageCount, by: 10) { source.write(page, generation: generation) }
+                generation += 1
+                usleep(5_000)
+            }
+        }
+        var migration = Migration(rounds: 3)
+        migration.scribble = true
+        let outcome = try migration.run(source) {
+            pauseRequested.store(true, ordering: .releasing)
+            _ = writer.wait("the source writer")
+        }
+        #expect(outcome.agent.rounds.count == 3)
+        #expect(outcome.agent.rounds.dropFirst().allSatisfy { $0.pagesSent > 0 }, "the writer dirtied nothing between rounds")
+        #expect(outcome.agent.stalePages > 0)
+        #expect(outcome.daemon.stalePagesAtSwitchover == outcome.agent.stalePages)
+        #expect(outcome.daemon.duplicatePages == 0)
+        #expect(outcome.guest.verified)
+        #expect(outcome.guest.scribbledPages == Self.size / 4096)
+        #expect(outcome.guest.scribblesLost == 0, "a page arriving late overwrote what the guest wrote")
+    }
+}
+
+/// Tells the test's source writer to stop (the test's "SIGSTOP").
+private let pauseRequested = Atomic<Bool>(false)
