@@ -12,13 +12,14 @@ import Testing
         let stderr: String
     }
 
-    func run(_ program: String, _ arguments: [String]) throws -> Run {
-        let path = Self.binary(program)
+    func run(_ program: String, _ arguments: [String], environment: [String: String] = [:]) throws -> Run {
+        let path = program.hasPrefix("/") ? program : Self.binary(program)
         try #require(FileManager.default.isExecutableFile(atPath: path),
                      "\(path) is missing: build it first ('swift build'; 'make test' does)")
         let process = Process()
         process.executableURL = URL(fileURLWithPath: path)
         process.arguments = arguments
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         let out = Pipe()
         let err = Pipe()
         process.standardOutput = out
@@ -88,5 +89,34 @@ import Testing
         #expect(lines.contains("region:        8 MiB of memfd (shmem, 4 KiB pages), 2048 pages"))
         #expect(lines.contains("faults:        1792 minor (UFFDIO_CONTINUE), 256 missing (hole materialized, then CONTINUE)"))
         #expect(lines.last == "checks:        pass: 2048 pages touched, 2048 faults")
+    }
+
+    @Test func pushMustBeToldHowToPauseTheSource() throws {
+        let result = try run("postcopy-push", ["--ram", "/dev/shm/none", "--to", "127.0.0.1:7070"])
+        #expect(result.status == 64)
+        #expect(result.stderr.hasPrefix("Error: say how to pause the source at switchover: --pause-pid, --pause-cmd, or --no-pause\n"))
+    }
+
+    @Test func pushNamesAMissingSourceFile() throws {
+        let result = try run("postcopy-push", ["--ram", "/dev/shm/postcopy-no-such-file", "--to", "127.0.0.1:9", "--no-pause"])
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("migration failed: open the source RAM file: "))
+        #expect(result.stderr.contains("/dev/shm/postcopy-no-such-file"))
+    }
+
+    /// The demo script's whole migration, with the three programs as separate
+    /// processes and the source really stopped with SIGSTOP, on 64 MiB.
+    @Test(.enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
+    func aWholeMigrationWithTheThreePrograms() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
+        let script = root.appendingPathComponent("scripts/demo-migration.sh").path
+        let bin = URL(fileURLWithPath: Self.binary("postcopyd")).deletingLastPathComponent().path
+        let result = try run("/bin/bash", [script], environment: ["SIZE": "64M", "BIN": bin, "TIMEOUT": "120"])
+        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+        #expect(result.stdout.contains("demo: PASS"))
+        #expect(result.stdout.contains("\"verified\":true"))
+        #expect(result.stdout.contains("\"duplicatePages\":0"))
+        #expect(result.stderr.contains("precopy: 5 rounds"), "the source workload dirtied nothing between rounds")
     }
 }

@@ -143,7 +143,12 @@ public final class DestinationDaemon: @unchecked Sendable {
             }
         } catch {
             guard failures.error == nil else { return }
-            failures.fail(error as? MigrationError ?? MigrationError(.peerLost, "agent \(role) connection: \(error)"))
+            let phase = session.withLock { $0.phase }
+            switch error {
+            case let error as MigrationError: failures.fail(error)
+            case let error as StreamError: failures.fail(error.code, "the agent's \(role) connection during \(phase): \(error)")
+            default: failures.fail(.peerLost, "the agent's \(role) connection failed during \(phase): \(error)")
+            }
         }
     }
 
