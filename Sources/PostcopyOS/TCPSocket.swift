@@ -167,6 +167,17 @@ public final class TCPConnection: Sendable {
         }
     }
 
+    /// Makes `receive` fail with EAGAIN after `nanoseconds` without data
+    /// (nil: wait forever).
+    /// Kernel: `SO_RCVTIMEO`
+    public func setReceiveTimeout(_ nanoseconds: UInt64?) throws(SystemCallError) {
+        let value = nanoseconds ?? 0
+        var timeout = timeval(tv_sec: Int(value / 1_000_000_000), tv_usec: Int(value % 1_000_000_000 / 1000))
+        try checkLibc("SO_RCVTIMEO") {
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        }
+    }
+
     /// Stops both directions, waking a thread blocked in `receive`.
     public func shutdown() {
         _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))

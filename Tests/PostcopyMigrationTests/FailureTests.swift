@@ -97,6 +97,23 @@ struct FailureTests {
         #expect(Self.bytes(of: daemon.daemon, page: Self.size / 4096 - 1).allSatisfy { $0 == 0 })
     }
 
+    @Test func aStrayConnectionIsRefusedAndTheMigrationGoesOn() throws {
+        let daemon = try Daemon()
+        let stray = MessageStream(try TCPConnection.connect(to: daemon.daemon.endpoint), peer: "postcopyd")
+        try stray.sendFrame(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
+        guard case let .error(code, text)? = try stray.receive() else {
+            Issue.record("no ERROR frame for the stray connection")
+            return
+        }
+        #expect(code == .protocolViolation)
+        #expect(text.contains("no valid HELLO: malformed frame from agent: bad magic"))
+        // The real agent is still welcome.
+        let (bulk, urgent) = try Self.connectAgent(to: daemon.daemon)
+        bulk.shutdown()
+        urgent.shutdown()
+        #expect(daemon.failure().contains("during precopy"))
+    }
+
     @Test func anUnexpectedMessageEndsTheMigration() throws {
         let daemon = try Daemon()
         let (bulk, urgent) = try Self.connectAgent(to: daemon.daemon)

@@ -20,6 +20,8 @@ public struct DestinationConfig: Sendable {
     public var vmmAttachTimeoutNanos: UInt64 = 30_000_000_000
     /// How long the daemon waits for the VMM to acknowledge completion.
     public var vmmCompleteTimeoutNanos: UInt64 = 30_000_000_000
+    /// How long a new agent connection may take to send HELLO.
+    public var handshakeTimeoutNanos: UInt64 = 10_000_000_000
     public var keepAlive = KeepAlive()
 
     public init(listen: SocketEndpoint, vmmSocketPath: String, memory: MemoryKind, hugetlbfsDirectory: String? = nil,

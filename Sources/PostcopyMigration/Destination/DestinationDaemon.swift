@@ -103,23 +103,33 @@ public final class DestinationDaemon: @unchecked Sendable {
     // MARK: handshake
 
     /// Accepts connections until the agent's bulk and urgent ones said HELLO.
+    /// A connection that sends anything else, or nothing within
+    /// `handshakeTimeoutNanos`, is refused on its own: a stray or hostile
+    /// peer does not end the migration.
     private func acceptAgent() throws -> (bulk: MessageStream, urgent: MessageStream) {
         var bulk: MessageStream?
         var urgent: MessageStream?
         while bulk == nil || urgent == nil {
             let connection = try tcp.accept(keepAlive: config.keepAlive)
             let stream = MessageStream(connection, peer: "agent")
-            streams.withLock { $0.append(stream) }
             do {
+                try connection.setReceiveTimeout(config.handshakeTimeoutNanos)
                 guard let hello = try stream.receive() else { continue }
                 let (role, welcome) = try session.withLock { try $0.hello(hello) }
+                try connection.setReceiveTimeout(nil)
                 try stream.send(welcome)
+                streams.withLock { $0.append(stream) }
                 if role == .bulk { bulk = stream } else { urgent = stream }
-                logger.info("agent connected", metadata: ["role": "\(role)", "migration": "\(hello)"])
+                let id = session.withLock { $0.migrationID?.description ?? "" }
+                logger.info("agent connected", metadata: ["role": "\(role)", "migration": "\(id)"])
             } catch let error as SessionError {
-                logger.warning("refused agent connection: \(error)")
+                logger.warning("refused an agent connection: \(error)")
                 stream.fail(error.code, error.description)
+            } catch {
+                logger.warning("refused an agent connection: no valid HELLO: \(error)")
+                stream.fail((error as? StreamError)?.code ?? .protocolViolation, "no valid HELLO: \(error)")
             }
+            try failures.check()
         }
         let id = session.withLock { $0.migrationID?.description ?? "" }
         summary.withLock { $0.migrationID = id }
