@@ -23,7 +23,10 @@ public final class UnixListener: Sendable {
     public let fd: Int32
     public let path: String
 
-    public init(path: String, mode: mode_t = 0o600, backlog: Int32 = 4) throws {
+    /// Binds `path` with `mode`; when `owner` is given, the socket file is
+    /// then handed to that uid, so that a peer running as it (and no one
+    /// else but root) may connect.
+    public init(path: String, mode: mode_t = 0o600, owner: uid_t? = nil, backlog: Int32 = 4) throws {
         var address = try UnixAddress(path)
         let fd = try StreamSocket.open(family: AF_UNIX, for: path)
         do {
@@ -36,6 +39,9 @@ public final class UnixListener: Sendable {
             umask(previous)
             if bound < 0 { throw SystemCallError("bind \(path)", Errno(bindError)) }
             try checkLibc("chmod \(path)") { chmod(path, mode) }
+            if let owner, owner != geteuid() {
+                try checkLibc("give \(path) to uid \(owner)") { chown(path, owner, gid_t.max) }
+            }
             try checkLibc("listen on \(path)") { listen(fd, backlog) }
         } catch {
             close(fd)
@@ -50,13 +56,17 @@ public final class UnixListener: Sendable {
         unlink(path)
     }
 
-    /// A socket file left by a process that died is replaced; any other
-    /// file at the path is an error, never deleted.
+    /// A socket file left by a process that died is replaced; a socket
+    /// something still listens on, or any other file, is an error and is
+    /// never deleted.
     private static func removeStaleSocket(at path: String) throws {
         var info = stat()
         guard lstat(path, &info) == 0 else { return }
         guard info.st_mode & S_IFMT == S_IFSOCK else {
             throw SystemCallError("\(path) exists and is not a socket", .exists)
+        }
+        if (try? UnixConnection.connect(path: path)) != nil {
+            throw SystemCallError("\(path): another process is listening on it", .exists)
         }
         try checkLibc("remove stale socket \(path)") { unlink(path) }
     }

@@ -8,8 +8,9 @@ import Synchronization
 /// agent (TCP) and the VMM (unix socket), takes precopy pages, switches
 /// over, serves faults during postcopy and reports a summary.
 ///
-/// Threads: the caller's runs the bulk connection; one thread each for the
-/// urgent connection, the VMM socket, and the fault loop. Any failure on any
+/// Threads: one each for the bulk connection, the urgent connection, the
+/// VMM socket and the fault loop; the caller's thread accepts the agent and
+/// then waits for completion and finishes the migration. Any failure on any
 /// of them fails the migration: every peer gets ERROR with the reason, every
 /// socket is shut down, and `run` throws that reason.
 public final class DestinationDaemon: @unchecked Sendable {
@@ -39,7 +40,7 @@ public final class DestinationDaemon: @unchecked Sendable {
         }
         tcp = try inStep("listen for the agent on \(config.listen)") { try TCPListener(endpoint: config.listen) }
         let unix = try inStep("listen for the VMM on \(config.vmmSocketPath)") {
-            try UnixListener(path: config.vmmSocketPath)
+            try UnixListener(path: config.vmmSocketPath, owner: config.vmmUID)
         }
         session = Mutex(DestinationSession(geometry: memory.geometry, migrationID: config.migrationID))
         failures = FailureLatch()

@@ -153,7 +153,8 @@ public final class SourceAgent: @unchecked Sendable {
     private func switchover(_ scanner: PageScanner, _ bulk: MessageStream) throws -> (PageBitmap, PageBitmap) {
         let pausedAt = monotonicNanoseconds()
         let pausedAtWall = realtimeNanoseconds()
-        try inStep("pause the source (\(config.control.description))") { try config.control.pause() }
+        // Set up before pausing: a pause that fails half-way (the process
+        // stopped, then a hook failed) must let the source run again too.
         var resumedDestination = false
         defer {
             if !resumedDestination {
@@ -161,6 +162,7 @@ public final class SourceAgent: @unchecked Sendable {
                 do { try config.control.resume() } catch { logger.error("could not resume the source: \(error)") }
             }
         }
+        try inStep("pause the source (\(config.control.description))") { try config.control.pause() }
         let alsoDirty = try config.dirtyBitmapPath.map { try readDirtyBitmap($0, pages: scanner.pageCount) }
         let (stale, zero, digest) = scanner.finalScan(alsoDirty: alsoDirty)
         summary.stalePages = stale.popCount
