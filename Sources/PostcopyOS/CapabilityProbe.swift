@@ -64,16 +64,20 @@ public enum CapabilityProbe {
 
 /// The whole text of a small file (procfs, sysfs), or nil when unreadable.
 public func readTextFile(_ path: String) -> String? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
+    (try? readFileBytes(path)).map { String(decoding: $0, as: UTF8.self) }
+}
+
+/// Every byte of the file at `path`.
+public func readFileBytes(_ path: String) throws(SystemCallError) -> [UInt8] {
+    let fd = try checkLibc("open \(path)") { open(path, O_RDONLY | O_CLOEXEC) }
     defer { close(fd) }
     var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 16384)
+    var chunk = [UInt8](repeating: 0, count: 65536)
     while true {
         let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
         if count < 0 && errno == EINTR { continue }
-        guard count > 0 else { break }
+        guard count >= 0 else { throw SystemCallError("read \(path)", Errno.current) }
+        if count == 0 { return bytes }
         bytes += chunk[0..<count]
     }
-    return String(decoding: bytes, as: UTF8.self)
 }

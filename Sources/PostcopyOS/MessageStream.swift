@@ -14,8 +14,8 @@ public final class MessageStream: @unchecked Sendable {
     private var decoder: FrameDecoder
     private let buffer: UnsafeMutableRawBufferPointer
     private let sendLock = Mutex<Void>(())
-    /// Bytes received and sent, for statistics; read with relaxed loads.
-    public private(set) var bytesReceived: UInt64 = 0
+    /// Bytes received, for statistics; read from any thread.
+    public let bytesReceived = Atomic<UInt64>(0)
 
     public init(_ connection: TCPConnection, peer: String, maxPayload: Int = FrameDecoder.defaultMaxPayload,
                 receiveBuffer: Int = 1 << 20) {
@@ -40,7 +40,7 @@ public final class MessageStream: @unchecked Sendable {
                 }
                 return nil
             }
-            bytesReceived &+= UInt64(count)
+            bytesReceived.add(UInt64(count), ordering: .relaxed)
             decoder.append(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
         }
     }

@@ -48,15 +48,4 @@ extension PageBitmap {
         guard let next = nextSet(from: range.lowerBound) else { return false }
         return next < range.upperBound
     }
-
-    /// The number of pages set in `range`.
-    public func count(in range: Range<UInt64>) -> UInt64 {
-        var total: UInt64 = 0
-        var next = nextSet(from: range.lowerBound)
-        while let page = next, page < range.upperBound {
-            total += 1
-            next = nextSet(from: page + 1)
-        }
-        return total
-    }
 }

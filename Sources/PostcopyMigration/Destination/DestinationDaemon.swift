@@ -71,10 +71,10 @@ public final class DestinationDaemon: @unchecked Sendable {
         do {
             let (bulk, urgent) = try acceptAgent()
             threads.append(try OSThread.start(name: "postcopy-urgent") { [self] in
-                receive(on: urgent, .urgent) { action in try handleUrgent(action) }
+                receive(on: urgent, .urgent) { action in try handle(action, on: .urgent, bulk: bulk, urgent: urgent) }
             })
             threads.append(try OSThread.start(name: "postcopy-bulk") { [self] in
-                receive(on: bulk, .bulk) { action in try handleBulk(action, bulk: bulk, urgent: urgent) }
+                receive(on: bulk, .bulk) { action in try handle(action, on: .bulk, bulk: bulk, urgent: urgent) }
             })
             try finish(bulk: bulk)
             // The agent closes its connections once it has COMPLETE.
@@ -163,7 +163,10 @@ public final class DestinationDaemon: @unchecked Sendable {
         }
     }
 
-    private func handleBulk(_ action: DestinationSession.Action, bulk: MessageStream, urgent: MessageStream) throws {
+    /// Performs an action the session admitted on the connection of `role`
+    /// (the session admits precopy and switchover actions on bulk only).
+    private func handle(_ action: DestinationSession.Action, on role: StreamRole, bulk: MessageStream,
+                        urgent: MessageStream) throws {
         switch action {
         case let .writePrecopy(run, data):
             data.withUnsafeBytes { bytes in
@@ -181,9 +184,9 @@ public final class DestinationDaemon: @unchecked Sendable {
         case let .switchover(stale, pausedAt, digest):
             try switchover(stale: stale, pausedAt: pausedAt, digest: digest, bulk: bulk, urgent: urgent)
         case let .writePostcopy(run, data, _):
-            try currentEngine().fill(run, data: data, urgent: false)
+            try currentEngine().fill(run, data: data, urgent: role == .urgent)
         case let .zeroPostcopy(run):
-            try currentEngine().fill(run, data: nil, urgent: false)
+            try currentEngine().fill(run, data: nil, urgent: role == .urgent)
         case let .peerFailed(code, text):
             throw MigrationError(.peerLost, "the agent failed (\(code)): \(text)")
         case .none:
@@ -191,18 +194,6 @@ public final class DestinationDaemon: @unchecked Sendable {
         }
     }
 
-    private func handleUrgent(_ action: DestinationSession.Action) throws {
-        switch action {
-        case let .writePostcopy(run, data, _):
-            try currentEngine().fill(run, data: data, urgent: true)
-        case let .zeroPostcopy(run):
-            try currentEngine().fill(run, data: nil, urgent: true)
-        case let .peerFailed(code, text):
-            throw MigrationError(.peerLost, "the agent failed (\(code)): \(text)")
-        default:
-            break
-        }
-    }
 
     /// Checks `message` against the session; a refusal is reported to the
     /// peer and fails the migration.
@@ -249,7 +240,7 @@ public final class DestinationDaemon: @unchecked Sendable {
         faultLoop.withLock { $0 = loop }
         try vmm.resume(imageDigest: digest)
         let resumedAt = realtimeNanoseconds()
-        postcopy.backgroundBytesStartedAt.store(monotonicNanoseconds(), ordering: .relaxed)
+        postcopy.postcopyStartedAt.store(monotonicNanoseconds(), ordering: .relaxed)
         let downtimeMs = resumedAt >= pausedAt ? Double(resumedAt - pausedAt) / 1e6 : 0
         summary.withLock { $0.downtimeMs = downtimeMs }
         try bulk.send(.resumed(destinationResumedAtNanos: resumedAt))
@@ -271,10 +262,10 @@ public final class DestinationDaemon: @unchecked Sendable {
         session.withLock { $0.complete() }
         let state = postcopy.state
         let now = monotonicNanoseconds()
-        let started = postcopy.backgroundBytesStartedAt.load(ordering: .relaxed)
+        let started = postcopy.postcopyStartedAt.load(ordering: .relaxed)
         let seconds = max(Double(now - started) / 1e9, 1e-9)
         let background = postcopy.backgroundPages.load(ordering: .relaxed)
-        let received = streams.withLock { $0.reduce(0) { $0 + $1.bytesReceived } }
+        let received = streams.withLock { $0.reduce(0) { $0 + $1.bytesReceived.load(ordering: .relaxed) } }
         let latency = LatencyFigures(nanoseconds: postcopy.staleFaultLatencies)
         summary.withLock {
             $0.postcopySeconds = seconds

@@ -7,9 +7,7 @@ import Synchronization
 /// the fault resolver the fault thread calls, and the path by which fetched
 /// pages reach guest memory (claim → write through the alias → commit →
 /// install whatever a guest thread waits for).
-final class PostcopyEngine: FaultResolver, @unchecked Sendable {
-    // SAFETY (@unchecked): every mutable state is an Atomic or behind a Mutex;
-    // `memory` and `installer` are Sendable classes.
+final class PostcopyEngine: FaultResolver, Sendable {
     let memory: GuestMemory
     let installer: PageInstaller
     private let tracker: Mutex<PostcopyTracker>
@@ -21,8 +19,8 @@ final class PostcopyEngine: FaultResolver, @unchecked Sendable {
     private let completeSignalled = Atomic<Bool>(false)
     let urgentPages = Atomic<UInt64>(0)
     let backgroundPages = Atomic<UInt64>(0)
-    let backgroundBytesStartedAt = Atomic<UInt64>(0)
-    let lastPageAt = Atomic<UInt64>(0)
+    /// When the guest resumed (monotonic): the start of the postcopy phase.
+    let postcopyStartedAt = Atomic<UInt64>(0)
 
     init(memory: GuestMemory, installer: PageInstaller, stale: PageBitmap, urgent: MessageStream,
          failures: FailureLatch, onComplete: @escaping @Sendable () -> Void) {
@@ -102,13 +100,15 @@ final class PostcopyEngine: FaultResolver, @unchecked Sendable {
             written += claim.count
         }
         let now = monotonicNanoseconds()
-        let completions = tracker.withLock { $0.commit(claims, at: now) }
+        let (completions, doneNow) = tracker.withLock { state in
+            let completions = state.commit(claims, at: now)
+            return (completions, completions.isEmpty && state.isComplete)
+        }
         if isUrgent {
             urgentPages.add(written, ordering: .relaxed)
         } else {
             backgroundPages.add(written, ordering: .relaxed)
         }
-        lastPageAt.store(now, ordering: .relaxed)
         for completion in completions {
             do {
                 try installer.install(completion.page)
@@ -117,9 +117,11 @@ final class PostcopyEngine: FaultResolver, @unchecked Sendable {
                 return
             }
         }
-        if !completions.isEmpty {
-            latencies.withLock { $0.append(contentsOf: completions.map(\.latencyNanos)) }
+        guard !completions.isEmpty else {
+            if doneNow { signalComplete() }
+            return
         }
+        latencies.withLock { $0.append(contentsOf: completions.map(\.latencyNanos)) }
         let done = tracker.withLock { state in
             state.installed(completions.count)
             return state.isComplete

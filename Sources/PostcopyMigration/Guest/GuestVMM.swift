@@ -93,31 +93,32 @@ public final class GuestVMM: Sendable {
     }
 
     private func awaitResume(_ channel: VMMChannel) throws -> ImageDigest {
-        while true {
-            guard let (message, descriptor) = try channel.receive() else {
-                throw MigrationError(.peerLost, "postcopyd closed the VMM socket before VMM_RESUME")
-            }
-            if let descriptor { close(descriptor) }
-            switch message {
-            case let .vmmResume(digest): return digest
-            case .heartbeat: continue
-            case let .error(code, text): throw MigrationError(code, "postcopyd failed before resume (\(code)): \(text)")
-            default: throw MigrationError(.unexpectedMessage, "expected VMM_RESUME from postcopyd, got \(message.type)")
-            }
+        switch try next(on: channel, "before VMM_RESUME") {
+        case let .vmmResume(digest): return digest
+        case let other: throw MigrationError(.unexpectedMessage, "expected VMM_RESUME from postcopyd, got \(other.type)")
         }
     }
 
     private func awaitComplete(_ channel: VMMChannel) throws {
+        switch try next(on: channel, "during postcopy") {
+        case .vmmComplete: return
+        case let other: throw MigrationError(.unexpectedMessage, "expected VMM_COMPLETE from postcopyd, got \(other.type)")
+        }
+    }
+
+    /// The next message from postcopyd other than HEARTBEAT, which must be
+    /// neither ERROR nor the end of the socket; `when` names what the VMM
+    /// was waiting for, for errors.
+    private func next(on channel: VMMChannel, _ when: String) throws -> Message {
         while true {
             guard let (message, descriptor) = try channel.receive() else {
-                throw MigrationError(.peerLost, "postcopyd closed the VMM socket before VMM_COMPLETE")
+                throw MigrationError(.peerLost, "postcopyd closed the VMM socket \(when)")
             }
             if let descriptor { close(descriptor) }
             switch message {
-            case .vmmComplete: return
             case .heartbeat: continue
-            case let .error(code, text): throw MigrationError(code, "postcopyd failed during postcopy (\(code)): \(text)")
-            default: throw MigrationError(.unexpectedMessage, "expected VMM_COMPLETE from postcopyd, got \(message.type)")
+            case let .error(code, text): throw MigrationError(code, "postcopyd failed \(when) (\(code)): \(text)")
+            default: return message
             }
         }
     }

@@ -191,7 +191,7 @@ public final class SourceAgent: @unchecked Sendable {
 
     private func readDirtyBitmap(_ path: String, pages: UInt64) throws -> PageBitmap {
         let words = Int((pages + 63) / 64)
-        let bytes = try inStep("read the dirty bitmap \(path)") { try readWholeFile(path) }
+        let bytes = try inStep("read the dirty bitmap \(path)") { try readFileBytes(path) }
         guard bytes.count == words * 8 else {
             throw MigrationError(.incompatible, "dirty bitmap \(path) is \(bytes.count) bytes; \(pages) pages need \(words * 8)")
         }
@@ -305,23 +305,5 @@ public final class SourceAgent: @unchecked Sendable {
             page = end
         }
         return bytes
-    }
-}
-
-/// The bytes of the file at `path`.
-func readWholeFile(_ path: String) throws -> [UInt8] {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { throw SystemCallError("open \(path)", Errno.current) }
-    defer { close(fd) }
-    var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if count < 0 {
-            if errno == EINTR { continue }
-            throw SystemCallError("read \(path)", Errno.current)
-        }
-        if count == 0 { return bytes }
-        bytes.append(contentsOf: chunk[..<count])
     }
 }
