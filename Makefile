@@ -7,10 +7,15 @@
 #                  (HUGETLB=1 for 2 MiB pages on the destination)
 #   make check     the capability probe alone
 #   make bench     clean-fault cost vs a C baseline; results in bench-results/
-#   make install   binaries to $(DESTDIR)$(PREFIX)/bin, units to $(DESTDIR)$(UNITDIR)
+#   make install   binaries to $(DESTDIR)$(PREFIX)/bin, units to $(DESTDIR)$(UNITDIR),
+#                  the journal catalog, an example config, the docs
+#   make uninstall removes what install put there (never a config you wrote)
 
 PREFIX    ?= /usr/local
 UNITDIR   ?= /etc/systemd/system
+CONFDIR   ?= /etc/postcopyd
+CATALOGDIR ?= $(PREFIX)/lib/systemd/catalog
+DOCDIR    ?= $(PREFIX)/share/doc/postcopyd
 DESTDIR   ?=
 SWIFT     ?= swift
 CC        ?= cc
@@ -19,8 +24,9 @@ DEMO_SIZE ?= 1G
 HUGETLB   ?=
 
 RELEASE   := .build/release
-PROGRAMS  := postcopyd postcopy-push postcopy-guest postcopy-bench
+PROGRAMS  := postcopyd postcopy-push postcopy-guest postcopyctl postcopy-bench
 UNITS     := $(wildcard systemd/*.service)
+DOCS      := README.md $(wildcard docs/*.md)
 BASELINE  := benchmarks/baseline/uffd-minor-loop
 DEMO_MEMORY := $(if $(HUGETLB),hugetlbfs,shmem)
 
@@ -37,6 +43,13 @@ prepare:
 test: prepare
 	$(SWIFT) build
 	$(SWIFT) test
+
+# The real postcopyd@.service under a real systemd (PID 1 of a systemd-nspawn
+# container booted from a cached Debian root), with a whole migration into it.
+# Root only (skips otherwise); installs systemd-container and debootstrap.
+.PHONY: test-systemd
+test-systemd: build
+	bash scripts/test-systemd-nspawn.sh
 
 check: build
 	$(RELEASE)/postcopyd check $(if $(HUGETLB),--require-hugetlbfs)
@@ -57,16 +70,31 @@ bench: build $(BASELINE)
 	$(RELEASE)/postcopy-bench clean-faults --baseline $(BASELINE) --runs 9 --json bench-results/clean-faults-2cpu.json
 
 install: build
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR)
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(CONFDIR) $(DESTDIR)$(CATALOGDIR) $(DESTDIR)$(DOCDIR)
 	install -m 0755 $(addprefix $(RELEASE)/,$(PROGRAMS)) $(DESTDIR)$(PREFIX)/bin/
 	for unit in $(UNITS); do \
-		sed 's|@BINDIR@|$(PREFIX)/bin|g' $$unit > $(DESTDIR)$(UNITDIR)/$$(basename $$unit); \
+		sed -e 's|@BINDIR@|$(PREFIX)/bin|g' -e 's|@DOCDIR@|$(DOCDIR)|g' $$unit > $(DESTDIR)$(UNITDIR)/$$(basename $$unit); \
 		chmod 0644 $(DESTDIR)$(UNITDIR)/$$(basename $$unit); \
 	done
+	install -m 0644 systemd/example.conf $(DESTDIR)$(CONFDIR)/example.conf.sample
+	install -m 0644 systemd/postcopyd.catalog $(DESTDIR)$(CATALOGDIR)/postcopyd.catalog
+	install -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/
+	@if [ -z "$(DESTDIR)" ]; then \
+		journalctl --update-catalog || true; \
+		if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
+		echo "installed: write $(CONFDIR)/NAME.conf (see example.conf.sample), then 'systemctl start postcopyd@NAME'"; \
+	fi
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,$(PROGRAMS))
 	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(notdir $(UNITS)))
+	rm -f $(DESTDIR)$(CONFDIR)/example.conf.sample $(DESTDIR)$(CATALOGDIR)/postcopyd.catalog
+	rm -f $(addprefix $(DESTDIR)$(DOCDIR)/,$(notdir $(DOCS)))
+	-rmdir $(DESTDIR)$(DOCDIR) $(DESTDIR)$(CONFDIR) 2>/dev/null
+	@if [ -z "$(DESTDIR)" ]; then \
+		journalctl --update-catalog || true; \
+		if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
+	fi
 
 clean:
 	rm -rf .build bench-results $(BASELINE)

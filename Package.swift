@@ -24,12 +24,13 @@ let package = Package(
         .executable(name: "postcopy-push", targets: ["postcopy-push"]),
         .executable(name: "postcopy-guest", targets: ["postcopy-guest"]),
         .executable(name: "postcopy-bench", targets: ["postcopy-bench"]),
+        .executable(name: "postcopyctl", targets: ["postcopyctl"]),
         .library(name: "PostcopyCore", targets: ["PostcopyCore"]),
         .library(name: "PostcopyOS", targets: ["PostcopyOS"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
-        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.0"),
     ],
     targets: [
         .target(
@@ -83,6 +84,13 @@ let package = Package(
                 "PostcopyCore", "PostcopyOS", "PostcopyMigration", "PostcopyCLI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "postcopyctl",
+            dependencies: [
+                "PostcopyCore", "PostcopyOS", "PostcopyCLI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .executableTarget(

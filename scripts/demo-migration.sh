@@ -39,7 +39,8 @@ pids+=("$source_pid")
 wait_for "$work/source.ready" "the source workload"
 
 echo "== destination: postcopyd on $MEMORY, the reference guest as its VMM"
-"$BIN/postcopyd" serve --listen 127.0.0.1:0 --vmm-socket "$work/vmm.sock" --memory "$MEMORY" --size "$SIZE" \
+"$BIN/postcopyd" serve --listen 127.0.0.1:0 --vmm-socket "$work/vmm.sock" --control-socket "$work/control.sock" \
+    --memory "$MEMORY" --size "$SIZE" \
     --ready-file "$work/daemon.ready" --json >"$work/daemon.json" &
 daemon_pid=$!
 pids+=("$daemon_pid")

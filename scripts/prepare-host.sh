@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing postcopyd needs on a fresh Debian host,
-# and, when run as root, makes hugetlbfs usable for the 2 MiB tests.
+# and, when run as root, makes hugetlbfs usable for the 2 MiB tests, starts
+# a journald when none runs (systemd is not PID 1 in containers and CI) and
+# installs the journal catalog, so that the journal tests read real records.
 #
 #   HUGEPAGES=N   2 MiB pages to have reserved (default 600); never lowered.
 #   HUGETLBFS=DIR where to mount hugetlbfs when no mount exists (default /dev/hugepages).
@@ -43,4 +45,30 @@ if ! awk '$3 == "hugetlbfs" { found = 1 } END { exit !found }' /proc/mounts; the
     mkdir -p "$mount_dir"
     mount -t hugetlbfs -o pagesize=2M,mode=1770 none "$mount_dir"
     say "mounted hugetlbfs at $mount_dir"
+fi
+
+# The journal tests send records to journald's native socket and read them
+# back with journalctl. Where systemd is not PID 1 nothing runs journald:
+# start it on its own, detached from this shell.
+if [ ! -S /run/systemd/journal/socket ]; then
+    journald=/lib/systemd/systemd-journald
+    [ -x "$journald" ] || journald=/usr/lib/systemd/systemd-journald
+    setsid "$journald" </dev/null >/dev/null 2>&1 &
+    for _ in $(seq 1 50); do
+        [ -S /run/systemd/journal/socket ] && break
+        sleep 0.1
+    done
+    if [ -S /run/systemd/journal/socket ]; then
+        say "started systemd-journald (pid $!)"
+    else
+        say "warning: could not start systemd-journald; the journal tests will report skips" >&2
+    fi
+fi
+
+# journalctl -x explains postcopyd's records from the catalog.
+catalog_dir=/usr/local/lib/systemd/catalog
+if ! cmp -s systemd/postcopyd.catalog "$catalog_dir/postcopyd.catalog"; then
+    install -D -m 0644 systemd/postcopyd.catalog "$catalog_dir/postcopyd.catalog"
+    journalctl --update-catalog
+    say "installed the journal catalog into $catalog_dir"
 fi

@@ -7,7 +7,10 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <signal.h>
 #include <sys/eventfd.h>
+#include <sys/signalfd.h>
 #include <sys/vfs.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -112,6 +115,45 @@ int cpc_uffdio_wake(int fd, uint64_t start, uint64_t len) {
 
 int cpc_accept_cloexec(int sock) {
     return neg_errno(accept4(sock, NULL, NULL, SOCK_CLOEXEC));
+}
+
+int cpc_peer_address(int sock, char *out, uint64_t capacity, uint16_t *port) {
+    struct sockaddr_storage address;
+    socklen_t len = sizeof(address);
+    if (getpeername(sock, (struct sockaddr *)&address, &len) < 0) return -errno;
+    const void *host;
+    if (address.ss_family == AF_INET) {
+        struct sockaddr_in *v4 = (struct sockaddr_in *)&address;
+        host = &v4->sin_addr;
+        *port = ntohs(v4->sin_port);
+    } else if (address.ss_family == AF_INET6) {
+        struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&address;
+        host = &v6->sin6_addr;
+        *port = ntohs(v6->sin6_port);
+    } else {
+        return -EAFNOSUPPORT;
+    }
+    if (inet_ntop(address.ss_family, host, out, (socklen_t)capacity) == NULL) return -errno;
+    return 0;
+}
+
+int cpc_termination_signalfd(void) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    int error = pthread_sigmask(SIG_BLOCK, &set, NULL);
+    if (error != 0) return -error;
+    return neg_errno(signalfd(-1, &set, SFD_CLOEXEC));
+}
+
+int cpc_signalfd_read(int fd) {
+    struct signalfd_siginfo info;
+    ssize_t got = read(fd, &info, sizeof(info));
+    if (got < 0) return -errno;
+    if (got != (ssize_t)sizeof(info)) return -EIO;
+    return (int)info.ssi_signo;
 }
 
 int cpc_peer_credentials(int sock, int32_t *pid, uint32_t *uid, uint32_t *gid) {

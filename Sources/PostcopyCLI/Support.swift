@@ -7,11 +7,16 @@ import PostcopyOS
 // What the command-line programs share: logging set-up, argument parsing
 // for sizes, endpoints and ids, JSON output, ready files.
 
-/// Log records to stderr, at info level unless POSTCOPY_LOG_LEVEL says otherwise.
-public func bootstrapLogging(_ label: String) -> Logger {
-    LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+/// Sets up logging for a program: records go to the journal when systemd
+/// connected stderr to it (or POSTCOPY_LOG=journal), else to stderr
+/// (POSTCOPY_LOG=stderr forces it); at info level unless POSTCOPY_LOG_LEVEL
+/// says otherwise. `context` adds its fields to every journal record.
+public func bootstrapLogging(_ label: String, context: LogContext? = nil) -> Logger {
+    let environment = ProcessInfo.processInfo.environment
+    let sink = environment["POSTCOPY_LOG"].flatMap(LogSink.init(rawValue:)) ?? .auto
+    LoggingSystem.bootstrap { PostcopyLogHandler(label: $0, sink: sink, context: context) }
     var logger = Logger(label: label)
-    let level = ProcessInfo.processInfo.environment["POSTCOPY_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:))
+    let level = environment["POSTCOPY_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:))
     logger.logLevel = level ?? .info
     return logger
 }

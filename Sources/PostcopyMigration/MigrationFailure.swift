@@ -1,3 +1,4 @@
+import Logging
 import PostcopyCore
 import Synchronization
 
@@ -29,21 +30,38 @@ final class FailureLatch: Sendable {
     }
 
     /// Records `error` if it is the first, and then shuts everything down.
-    func fail(_ error: MigrationError) {
+    /// Returns whether it was the first.
+    @discardableResult
+    func fail(_ error: MigrationError) -> Bool {
         let isFirst = first.withLock { current -> Bool in
             guard current == nil else { return false }
             current = error
             return true
         }
         if isFirst, let body = handler.withLock({ $0 }) { body(error) }
+        return isFirst
     }
 
-    func fail(_ code: ErrorCode, _ reason: String) { fail(MigrationError(code, reason)) }
+    @discardableResult
+    func fail(_ code: ErrorCode, _ reason: String) -> Bool { fail(MigrationError(code, reason)) }
 
     var error: MigrationError? { first.withLock { $0 } }
 
     /// Throws the recorded failure, if any.
     func check() throws {
         if let error { throw error }
+    }
+}
+
+extension Logger {
+    /// Logs one of the events operators look for, with its stable
+    /// MESSAGE_ID and `fields` (lower-case keys; the journal gets them in
+    /// upper case, as fields of their own).
+    public func event(_ event: DaemonEvent, _ level: Logger.Level, _ message: @autoclosure () -> Logger.Message,
+               _ fields: Logger.Metadata = [:], file: String = #fileID, function: String = #function,
+               line: UInt = #line) {
+        var metadata = fields
+        metadata["message_id"] = "\(event.messageID)"
+        log(level: level, message(), metadata: metadata, file: file, function: function, line: line)
     }
 }

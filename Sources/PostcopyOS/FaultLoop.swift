@@ -25,6 +25,10 @@ public final class FaultLoopCounters: Sendable {
     public let otherEvents = Atomic<UInt64>(0)
     public let reads = Atomic<UInt64>(0)
     public let failedInstalls = Atomic<UInt64>(0)
+    /// Turns of the loop, at least one per `FaultLoop.heartbeatNanos` even
+    /// when no fault comes: a watchdog that sees it stand still knows the
+    /// fault thread is stuck, and with it every guest thread that faults.
+    public let heartbeats = Atomic<UInt64>(0)
     public init() {}
 
     public var faults: UInt64 { minorFaults.load(ordering: .relaxed) + missingFaults.load(ordering: .relaxed) }
@@ -46,15 +50,14 @@ public final class FaultLoop: Sendable {
     public let counters = FaultLoopCounters()
     private let resolver: any FaultResolver
     private let batchSize: Int
-    private let stopSignal: EventSignal
-    private let thread = Mutex<OSThread?>(nil)
+    private let thread: StoppableThread
     private let failure = Mutex<String?>(nil)
 
     public init(installer: PageInstaller, resolver: any FaultResolver, batchSize: Int = 64) throws {
         self.installer = installer
         self.resolver = resolver
         self.batchSize = batchSize
-        stopSignal = try inStep("create the fault loop's stop signal") { try EventSignal() }
+        thread = try inStep("create the fault loop's stop signal") { try StoppableThread() }
     }
 
     deinit { stop() }
@@ -62,32 +65,28 @@ public final class FaultLoop: Sendable {
     /// Starts the fault thread. The thread keeps the loop alive until
     /// `stop()` is called: every start needs a stop.
     public func start() throws {
-        try thread.withLock { thread in
-            precondition(thread == nil, "fault loop started twice")
-            let buffer = UffdEventBuffer(capacity: batchSize)
-            thread = try OSThread.start(name: "postcopy-fault") { [self] in run(buffer) }
-        }
+        let buffer = UffdEventBuffer(capacity: batchSize)
+        try thread.start(name: "postcopy-fault") { [self] in run(buffer) }
     }
 
     /// Asks the fault thread to finish and waits for it. Faults still queued
     /// stay queued; their threads are woken when the range is unregistered.
-    public func stop() {
-        guard let running = thread.withLock({ thread -> OSThread? in
-            defer { thread = nil }
-            return thread
-        }) else { return }
-        stopSignal.signal()
-        running.join()
-    }
+    public func stop() { thread.stop() }
 
     /// Why the loop ended on its own, if it did.
     public var failureReason: String? { failure.withLock { $0 } }
 
+    /// The longest the fault thread sleeps without a turn of the loop.
+    public static let heartbeatNanos: UInt64 = 500_000_000
+
     private func run(_ buffer: UffdEventBuffer) {
         var fds = [pollfd(fd: installer.uffd.fd, events: Int16(POLLIN), revents: 0),
-                   pollfd(fd: stopSignal.fd, events: Int16(POLLIN), revents: 0)]
+                   pollfd(fd: thread.stopSignal.fd, events: Int16(POLLIN), revents: 0)]
+        let timeoutMs = Int32(Self.heartbeatNanos / 1_000_000)
         while true {
-            let ready = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, 2, -1) }
+            FaultLoopCounters.bump(counters.heartbeats)
+            let ready = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, 2, timeoutMs) }
+            if ready == 0 { continue }
             if ready < 0 {
                 if errno == EINTR { continue }
                 fail("poll userfaultfd: \(Errno.current)")

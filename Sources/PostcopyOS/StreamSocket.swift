@@ -29,4 +29,15 @@ enum StreamSocket {
         }
         throw SystemCallError("connect to \(peer())", Errno(error))
     }
+
+    /// Makes a blocking receive on `fd` fail with EAGAIN after `nanoseconds`
+    /// without data (nil: wait forever).
+    /// Kernel: `SO_RCVTIMEO`
+    static func setReceiveTimeout(_ fd: Int32, _ nanoseconds: UInt64?) throws(SystemCallError) {
+        let value = nanoseconds ?? 0
+        var timeout = timeval(tv_sec: Int(value / 1_000_000_000), tv_usec: Int(value % 1_000_000_000 / 1000))
+        try checkLibc("SO_RCVTIMEO") {
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        }
+    }
 }

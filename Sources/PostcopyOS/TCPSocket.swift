@@ -169,13 +169,18 @@ public final class TCPConnection: Sendable {
 
     /// Makes `receive` fail with EAGAIN after `nanoseconds` without data
     /// (nil: wait forever).
-    /// Kernel: `SO_RCVTIMEO`
     public func setReceiveTimeout(_ nanoseconds: UInt64?) throws(SystemCallError) {
-        let value = nanoseconds ?? 0
-        var timeout = timeval(tv_sec: Int(value / 1_000_000_000), tv_usec: Int(value % 1_000_000_000 / 1000))
-        try checkLibc("SO_RCVTIMEO") {
-            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        }
+        try StreamSocket.setReceiveTimeout(fd, nanoseconds)
+    }
+
+    /// The peer's address, "192.0.2.7:41234" ("[2001:db8::7]:41234").
+    public var peerEndpoint: SocketEndpoint? {
+        var host = [CChar](repeating: 0, count: 64)
+        var port: UInt16 = 0
+        guard cpc_peer_address(fd, &host, UInt64(host.count), &port) == 0 else { return nil }
+        let length = host.firstIndex(of: 0) ?? host.count
+        return SocketEndpoint(host: String(decoding: host[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self),
+                              port: port)
     }
 
     /// Stops both directions, waking a thread blocked in `receive`.

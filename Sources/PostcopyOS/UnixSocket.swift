@@ -106,6 +106,12 @@ public final class UnixConnection: Sendable {
         return (UnixConnection(fd: fds[0]), UnixConnection(fd: fds[1]))
     }
 
+    /// Makes `receive` fail with EAGAIN after `nanoseconds` without data
+    /// (nil: wait forever).
+    public func setReceiveTimeout(_ nanoseconds: UInt64?) throws(SystemCallError) {
+        try StreamSocket.setReceiveTimeout(fd, nanoseconds)
+    }
+
     public func peerCredentials() throws(SystemCallError) -> PeerCredentials {
         var pid: Int32 = 0
         var uid: UInt32 = 0

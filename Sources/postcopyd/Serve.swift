@@ -10,25 +10,37 @@ struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Serve one incoming migration: own guest RAM, take precopy pages, switch over, serve postcopy faults.",
         discussion: """
-            Listens for the source agent (postcopy-push) on TCP and for the VMM on a unix socket (0600). \
-            Exits 0 once every page is in place and the VMM has let go of the userfaultfd; 1 with the \
-            reason when the migration fails.
+            Listens for the source agent (postcopy-push) on TCP, for the VMM on a unix socket (0600), and for \
+            postcopyctl on a control socket (0600). Settings may come from a file (--config): the long options \
+            below without dashes, one 'key = value' per line; the command line wins. Under systemd (Type=notify) \
+            it reports READY, STATUS and WATCHDOG, and logs to the journal with structured fields. Exits 0 once \
+            every page is in place and the VMM has let go of the userfaultfd; 1 with the reason when the \
+            migration fails or is stopped (SIGTERM, SIGINT).
             """)
+
+    @Option(help: ArgumentHelp("The instance's name (systemd's %i): names its sockets and tags its journal records.", valueName: "name"))
+    var instance = "default"
+
+    @Option(help: ArgumentHelp("Read settings from this file before the command line.", valueName: "path"))
+    var config: String?
 
     @Option(help: ArgumentHelp("TCP address for the source agent (numeric host; port 0 picks a free port).", valueName: "host:port"),
             transform: parseEndpoint)
     var listen = SocketEndpoint(host: "127.0.0.1", port: 7070)
 
-    @Option(help: ArgumentHelp("Unix socket for the VMM.", valueName: "path"))
-    var vmmSocket = "/run/postcopyd/postcopyd.sock"
+    @Option(help: ArgumentHelp("Unix socket for the VMM (default: /run/postcopyd/<instance>/vmm.sock).", valueName: "path"))
+    var vmmSocket: String?
+
+    @Option(help: ArgumentHelp("Unix socket for postcopyctl (default: /run/postcopyd/<instance>/control.sock).", valueName: "path"))
+    var controlSocket: String?
 
     @Option(help: "The only uid allowed to attach as the VMM (default: this process's uid).")
     var vmmUID: UInt32 = getuid()
 
     @OptionGroup var memoryOptions: MemoryOptions
 
-    @Option(help: "Size of guest RAM (e.g. 256M, 1G); must equal the source's.", transform: parseSize)
-    var size: UInt64
+    @Option(help: "Size of guest RAM (e.g. 256M, 1G); must equal the source's. Required.", transform: parseSize)
+    var size: UInt64?
 
     @Option(help: ArgumentHelp("Accept only this migration (32 hex digits); default: the first agent's.", valueName: "hex"),
             transform: parseMigrationID)
@@ -37,36 +49,127 @@ struct Serve: ParsableCommand {
     @Option(help: "Seconds to wait at switchover for a VMM that has not attached.")
     var vmmTimeout: UInt64 = 30
 
+    @Option(help: "Log a guest thread blocked on a stale page for longer than this many milliseconds.")
+    var stallWarningMs: UInt64 = 100
+
     @Option(help: ArgumentHelp("Write the agent endpoint (host:port) to this file once listening.", valueName: "path"))
     var readyFile: String?
 
     @Flag(help: "Print the summary as one JSON object on stdout.")
     var json = false
 
+    /// What a --config file may set: the options above but for instance and config.
+    static let configSchema = ConfigFile.Schema(
+        options: ["listen", "vmm-socket", "control-socket", "vmm-uid", "memory", "hugetlbfs-dir", "size",
+                  "migration-id", "vmm-timeout", "stall-warning-ms", "ready-file"],
+        flags: ["json"])
+
     func run() throws {
-        let logger = bootstrapLogging("postcopyd")
-        var config = DestinationConfig(listen: listen, vmmSocketPath: vmmSocket, memory: memoryOptions.memory,
-                                       hugetlbfsDirectory: memoryOptions.hugetlbfsDir, regionSize: size,
-                                       vmmUID: vmmUID, migrationID: migrationID)
-        config.vmmAttachTimeoutNanos = vmmTimeout * 1_000_000_000
-        let daemon: DestinationDaemon
+        guard let config else { return try serve() }
+        // Parse again with the file's settings first, so the command line wins.
+        let file: ConfigFile
         do {
-            daemon = try DestinationDaemon(config: config, logger: logger)
+            file = try ConfigFile(bytes: try readFileBytes(config), schema: Self.configSchema)
+        } catch let error as ConfigFile.ParseError {
+            throw ValidationError("\(config): \(error)")
         } catch {
-            logger.critical("cannot start: \(error)")
+            throw ValidationError("cannot read the settings file: \(error)")
+        }
+        let commandLine = CommandLine.arguments.drop { $0 != "serve" }.dropFirst()
+        var merged = try Serve.parse(file.arguments + commandLine)
+        merged.config = nil
+        try merged.serve()
+    }
+
+    private func serve() throws {
+        guard let size else { throw ValidationError("the size of guest RAM is required: --size, or 'size = ...' in --config") }
+        let directory = "/run/postcopyd/\(instance)"
+        let vmmSocket = self.vmmSocket ?? "\(directory)/vmm.sock"
+        let controlSocket = self.controlSocket ?? "\(directory)/control.sock"
+        if self.vmmSocket == nil || self.controlSocket == nil {
+            try ensureDirectory(directory)
+        }
+
+        let context = LogContext()
+        let logger = bootstrapLogging("postcopyd", context: context)
+        // Before any other thread: termination signals go to the watcher only.
+        let signals = try SignalWatcher()
+        let notifier = ServiceNotifier()
+        var settings = DestinationConfig(listen: listen, vmmSocketPath: vmmSocket, memory: memoryOptions.memory,
+                                         hugetlbfsDirectory: memoryOptions.hugetlbfsDir, regionSize: size,
+                                         vmmUID: vmmUID, migrationID: migrationID)
+        settings.instance = instance
+        settings.vmmAttachTimeoutNanos = vmmTimeout * 1_000_000_000
+        settings.stallWarningNanos = stallWarningMs * 1_000_000
+
+        // Allocating (and on hugetlbfs reserving) guest RAM can take a while.
+        notifier.extendTimeout(nanoseconds: 120_000_000_000)
+        let daemon: DestinationDaemon
+        let control: ControlServer
+        do {
+            daemon = try DestinationDaemon(config: settings, logger: logger, context: context)
+            control = try inStep("listen for postcopyctl on \(controlSocket)") { try ControlServer(path: controlSocket) }
+        } catch {
+            logger.event(.migrationFailed, .critical, "cannot start: \(error)", [
+                "error_code": "\(ErrorCode.internalFailure)", "reason": "cannot start: \(error)",
+            ])
+            notifier.stopping(status: "failed: cannot start: \(error)")
             throw ExitCode.failure
         }
-        logger.info("listening", metadata: [
-            "agent": "\(daemon.endpoint)", "vmm_socket": "\(vmmSocket)", "memory": "\(daemon.memory.file.backing)",
-            "size": "\(ByteSize.format(size))",
+        try control.start { line in Self.reply(to: line, daemon) }
+        try signals.start { signal in
+            let phase = daemon.status().phase
+            notifier.stopping(status: "stopping on \(signal) during \(phase)")
+            let loss = phase == "postcopy" ? "; the guest here loses the pages still stale" : ""
+            logger.warning("\(signal): stopping the migration during \(phase)\(loss)")
+            daemon.cancel("stopped by \(signal) during \(phase)")
+        }
+        defer {
+            signals.stop()
+            control.stop()
+        }
+
+        logger.event(.ready, .info, "ready: \(ByteSize.format(size)) of \(daemon.memory.file.backing); agent on \(daemon.endpoint), VMM on \(vmmSocket)", [
+            "listen": "\(daemon.endpoint)", "vmm_socket": "\(vmmSocket)", "control_socket": "\(controlSocket)",
+            "memory": "\(daemon.memory.file.backing)", "region_bytes": "\(size)",
         ])
         if let readyFile { try writeReadyFile(readyFile, "\(daemon.endpoint)\n") }
+        notifier.ready(status: daemon.status().statusLine)
+        let supervisor = try ServiceSupervisor(daemon: daemon, notifier: notifier, logger: logger)
+        try supervisor.start()
+        defer { supervisor.stop() }
         do {
             let summary = try daemon.run()
+            notifier.stopping(status: daemon.status().statusLine)
             summary.lines.forEach { logger.info("\($0)") }
             if json { try printJSON(summary) }
         } catch {
+            notifier.stopping(status: daemon.status().statusLine)
             throw ExitCode.failure
+        }
+    }
+
+    /// The control socket's answer to one request line.
+    static func reply(to line: [UInt8], _ daemon: DestinationDaemon) -> [UInt8] {
+        do {
+            switch try ControlRequest(line: line) {
+            case .status:
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.sortedKeys]
+                return Array(try encoder.encode(daemon.status())) + [UInt8(ascii: "\n")]
+            }
+        } catch {
+            return Array("error: \(error)\n".utf8)
+        }
+    }
+
+    /// Creates the instance's runtime directory when systemd has not.
+    private func ensureDirectory(_ path: String) throws {
+        do {
+            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true,
+                                                    attributes: [.posixPermissions: 0o755])
+        } catch {
+            throw ValidationError("cannot create \(path) for the instance's sockets: \(error.localizedDescription); pass --vmm-socket and --control-socket elsewhere")
         }
     }
 }

@@ -91,6 +91,24 @@ import Testing
         #expect(lines.last == "checks:        pass: 2048 pages touched, 2048 faults")
     }
 
+    @Test func serveRefusesAMistakeInItsConfigFileWithTheLine() throws {
+        let path = "/tmp/postcopy-test-config-\(getpid()).conf"
+        defer { unlink(path) }
+        try "size = 64M\nlisen = 0.0.0.0:7070\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let result = try run("postcopyd", ["serve", "--config", path])
+        #expect(result.status == 64)
+        #expect(result.stderr.hasPrefix("Error: \(path): line 2: unknown setting 'lisen' (known: control-socket, hugetlbfs-dir, json, listen, memory, migration-id, ready-file, size, stall-warning-ms, vmm-socket, vmm-timeout, vmm-uid)\n"), "\(result.stderr)")
+        let missing = try run("postcopyd", ["serve", "--config", path + ".absent"])
+        #expect(missing.status == 64)
+        #expect(missing.stderr.hasPrefix("Error: cannot read the settings file: open \(path).absent: "), "\(missing.stderr)")
+    }
+
+    @Test func serveNeedsASize() throws {
+        let result = try run("postcopyd", ["serve", "--vmm-socket", "/tmp/x.sock", "--control-socket", "/tmp/y.sock"])
+        #expect(result.status == 64)
+        #expect(result.stderr.hasPrefix("Error: the size of guest RAM is required: --size, or 'size = ...' in --config\n"), "\(result.stderr)")
+    }
+
     @Test func pushMustBeToldHowToPauseTheSource() throws {
         let result = try run("postcopy-push", ["--ram", "/dev/shm/none", "--to", "127.0.0.1:7070"])
         #expect(result.status == 64)

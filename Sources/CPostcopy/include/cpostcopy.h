@@ -136,6 +136,20 @@ int64_t cpc_recv_with_fd(int sock, void *bytes, uint64_t capacity, int *fd);
  * and probe count, and TCP_NODELAY. 0 or -errno. */
 int cpc_tcp_tune(int sock, int idle_seconds, int interval_seconds, int probes);
 
+/* The peer's numeric address of a connected TCP socket (getpeername +
+ * inet_ntop) into out[0..capacity), and its port. 0 or -errno. */
+int cpc_peer_address(int sock, char *out, uint64_t capacity, uint16_t *port);
+
+/* ---- signals ------------------------------------------------------------ */
+
+/* Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (threads started
+ * later inherit the mask) and returns a close-on-exec signalfd(2) that
+ * reads them, or -errno. */
+int cpc_termination_signalfd(void);
+
+/* Reads one signal from a signalfd: its number, or -errno. */
+int cpc_signalfd_read(int fd);
+
 /* ---- ioctls (each returns 0 or -errno) ------------------------------------ */
 
 /* UFFDIO_API: on entry *features is what to enable; on return it holds what

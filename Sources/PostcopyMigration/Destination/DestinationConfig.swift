@@ -3,6 +3,8 @@ import PostcopyOS
 
 /// How a daemon instance serves its one incoming migration.
 public struct DestinationConfig: Sendable {
+    /// The instance's name (systemd's %i), in every journal record.
+    public var instance = "default"
     /// Where the agent connects (port 0: any free port, reported when listening).
     public var listen: SocketEndpoint
     /// The VMM's unix socket, created 0600.
@@ -23,6 +25,9 @@ public struct DestinationConfig: Sendable {
     /// How long a new agent connection may take to send HELLO.
     public var handshakeTimeoutNanos: UInt64 = 10_000_000_000
     public var keepAlive = KeepAlive()
+    /// A guest thread blocked on a stale page longer than this is logged
+    /// (POSTCOPYD_FAULT_STALLED, at most once a second).
+    public var stallWarningNanos: UInt64 = 100_000_000
 
     public init(listen: SocketEndpoint, vmmSocketPath: String, memory: MemoryKind, hugetlbfsDirectory: String? = nil,
                 regionSize: UInt64, vmmUID: UInt32, migrationID: MigrationID? = nil) {

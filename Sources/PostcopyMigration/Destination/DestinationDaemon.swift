@@ -29,11 +29,21 @@ public final class DestinationDaemon: @unchecked Sendable {
     private let faultLoop = Mutex<FaultLoop?>(nil)
     private let completion = Latch()
     private let summary = Mutex(DestinationSummary())
+    /// Fields of every log record (MIGRATION_ID, PHASE, POSTCOPYD_INSTANCE).
+    public let context: LogContext
+    private let startedAt = monotonicNanoseconds()
+    private let agentAddresses = Mutex<[String]>([])
+    private let receiveRate = Mutex(RateMeter())
 
-    /// Allocates guest RAM and starts listening on both sockets.
-    public init(config: DestinationConfig, logger: Logger) throws {
+    /// Allocates guest RAM and starts listening on both sockets. `context`
+    /// is kept current with the migration's id and phase for the log handler.
+    public init(config: DestinationConfig, logger: Logger, context: LogContext = LogContext()) throws {
         self.config = config
         self.logger = logger
+        self.context = context
+        context.set("POSTCOPYD_INSTANCE", config.instance)
+        context.set("PHASE", DestinationSession.Phase.handshake.rawValue)
+        if let id = config.migrationID { context.set("MIGRATION_ID", id.description) }
         let backing = Backing.choose(config.memory, hugetlbfsDirectory: config.hugetlbfsDirectory)
         memory = try inStep("create guest RAM (\(ByteSize.format(config.regionSize)), \(backing))") {
             try GuestMemory(backing: backing, size: config.regionSize)
@@ -83,13 +93,82 @@ public final class DestinationDaemon: @unchecked Sendable {
             failures.fail(error as? MigrationError ?? MigrationError(.internalFailure, "\(error)"))
         }
         if let error = failures.error {
-            logger.error("migration failed: \(error.reason)")
+            logger.event(.migrationFailed, .error, "migration failed: \(error.reason)", [
+                "error_code": "\(error.code)", "reason": "\(error.reason)",
+            ])
+            context.set("PHASE", "failed")
             throw error
         }
-        return summary.withLock {
+        let result = summary.withLock {
             $0.totalSeconds = Double(monotonicNanoseconds() - started) / 1e9
             return $0
         }
+        context.set("PHASE", DestinationSession.Phase.complete.rawValue)
+        logger.event(.postcopyComplete, .info, "postcopy complete: \(result.stalePagesAtSwitchover) stale pages in \(fixed(result.postcopySeconds, 2)) s, downtime \(fixed(result.downtimeMs, 1)) ms", [
+            "pages_stale": "\(result.stalePagesAtSwitchover)",
+            "pages_urgent": "\(result.postcopyPagesUrgent)",
+            "pages_background": "\(result.postcopyPagesBackground)",
+            "pages_duplicate": "\(result.duplicatePages)",
+            "faults_clean": "\(result.faultsClean)",
+            "faults_stale": "\(result.faultsStale)",
+            "fault_p50_us": "\(fixed(result.staleFaultLatency?.p50Us ?? 0, 1))",
+            "fault_p99_us": "\(fixed(result.staleFaultLatency?.p99Us ?? 0, 1))",
+            "fault_max_us": "\(fixed(result.staleFaultLatency?.maxUs ?? 0, 1))",
+            "bytes_received": "\(result.bytesReceived)",
+            "downtime_ms": "\(fixed(result.downtimeMs, 1))",
+            "postcopy_seconds": "\(fixed(result.postcopySeconds, 3))",
+            "total_seconds": "\(fixed(result.totalSeconds, 3))",
+        ])
+        return result
+    }
+
+    /// Ends the migration with `reason` (an operator's stop or cancel):
+    /// every peer is told, every thread wakes, and `run` throws.
+    public func cancel(_ reason: String) {
+        failures.fail(.cancelled, reason)
+    }
+
+    /// Where the migration is now, for `postcopyctl status` and sd_notify.
+    public func status() -> DaemonStatus {
+        var status = DaemonStatus()
+        status.instance = config.instance
+        status.pid = getpid()
+        status.uptimeSeconds = Double(monotonicNanoseconds() - startedAt) / 1e9
+        let (phase, id) = session.withLock { ($0.phase, $0.migrationID) }
+        status.migrationID = id?.description ?? ""
+        status.failure = failures.error?.reason
+        status.phase = status.failure == nil ? phase.rawValue : "failed"
+        status.listen = "\(endpoint)"
+        status.agentAddresses = agentAddresses.withLock { $0 }
+        status.vmmSocket = config.vmmSocketPath
+        status.vmm = vmm.current.map { "\($0.credentials)" } ?? ""
+        let summary = summary.withLock { $0 }
+        status.memory = summary.memory
+        status.regionBytes = summary.regionBytes
+        status.precopyRounds = summary.precopyRounds
+        status.precopyPages = summary.precopyPages
+        status.stalePagesAtSwitchover = summary.stalePagesAtSwitchover
+        if phase == .postcopy || phase == .complete { status.downtimeMs = summary.downtimeMs }
+        if let postcopy = engine.withLock({ $0 }) {
+            let state = postcopy.state
+            status.stalePagesLeft = state.stalePages
+            status.faultsClean = state.cleanFaults
+            status.faultsStale = state.staleFaults
+            status.pagesRequested = state.requestedPages
+            status.duplicatePages = state.duplicatePages
+            status.staleFaultLatency = LatencyFigures(nanoseconds: postcopy.staleFaultLatencies)
+        }
+        status.bytesReceived = streams.withLock { $0.reduce(0) { $0 + $1.bytesReceived.load(ordering: .relaxed) } }
+        status.receiveMiBPerSecond = receiveRate.withLock {
+            $0.record(status.bytesReceived, at: monotonicNanoseconds())
+        } / 1_048_576
+        return status
+    }
+
+    /// Turns of the fault loop, while it runs: the watchdog pings only
+    /// while this moves.
+    public var faultLoopHeartbeat: UInt64? {
+        faultLoop.withLock { $0 }?.counters.heartbeats.load(ordering: .relaxed)
     }
 
     /// Reports `error` to every peer and shuts every connection down, which
@@ -122,7 +201,10 @@ public final class DestinationDaemon: @unchecked Sendable {
                 streams.withLock { $0.append(stream) }
                 if role == .bulk { bulk = stream } else { urgent = stream }
                 let id = session.withLock { $0.migrationID?.description ?? "" }
-                logger.info("agent connected", metadata: ["role": "\(role)", "migration": "\(id)"])
+                let address = connection.peerEndpoint.map { "\($0)" } ?? "unknown"
+                agentAddresses.withLock { $0.append(address) }
+                context.set("MIGRATION_ID", id)
+                logger.info("agent connected", metadata: ["role": "\(role)", "agent_address": "\(address)"])
             } catch let error as SessionError {
                 logger.warning("refused an agent connection: \(error)")
                 stream.fail(error.code, error.description)
@@ -134,6 +216,11 @@ public final class DestinationDaemon: @unchecked Sendable {
         }
         let id = session.withLock { $0.migrationID?.description ?? "" }
         summary.withLock { $0.migrationID = id }
+        context.set("PHASE", session.withLock { $0.phase.rawValue })
+        let addresses = agentAddresses.withLock { $0 }
+        logger.event(.migrationAccepted, .info, "migration \(id) accepted from \(addresses.last ?? "unknown")", [
+            "agent_address": "\(addresses.last ?? "unknown")",
+        ])
         return (bulk!, urgent!)
     }
 
@@ -149,18 +236,28 @@ public final class DestinationDaemon: @unchecked Sendable {
                 try handle(try admit(message, on: role, stream))
             }
             let phase = session.withLock { $0.phase }
-            if phase != .complete {
-                failures.fail(.peerLost, "the agent closed the \(role) connection during \(phase)")
+            if phase != .complete, failures.error == nil {
+                lost(role, MigrationError(.peerLost, "the agent closed the \(role) connection during \(phase)"))
             }
         } catch {
             guard failures.error == nil else { return }
             let phase = session.withLock { $0.phase }
             switch error {
             case let error as MigrationError: failures.fail(error)
-            case let error as StreamError: failures.fail(error.code, "the agent's \(role) connection during \(phase): \(error)")
-            default: failures.fail(.peerLost, "the agent's \(role) connection failed during \(phase): \(error)")
+            case let error as StreamError:
+                lost(role, MigrationError(error.code, "the agent's \(role) connection during \(phase): \(error)"))
+            default:
+                lost(role, MigrationError(.peerLost, "the agent's \(role) connection failed during \(phase): \(error)"))
             }
         }
+    }
+
+    /// The agent's `role` connection ended before the migration did.
+    private func lost(_ role: StreamRole, _ error: MigrationError) {
+        guard failures.fail(error) else { return }
+        logger.event(.connectionLost, .error, "lost the agent's \(role) connection: \(error.reason)", [
+            "peer": "agent", "connection": "\(role)", "reason": "\(error.reason)",
+        ])
     }
 
     /// Performs an action the session admitted on the connection of `role`
@@ -199,7 +296,8 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// peer and fails the migration.
     private func admit(_ message: Message, on role: StreamRole, _ stream: MessageStream) throws -> DestinationSession.Action {
         do {
-            let action = try session.withLock { try $0.receive(message, on: role) }
+            let (action, phase) = try session.withLock { try ($0.receive(message, on: role), $0.phase) }
+            if case .none = action {} else { context.set("PHASE", phase.rawValue) }
             if case let .writePostcopy(_, _, requestID) = action, requestID > 0,
                requestID > (engine.withLock { $0 }?.lastRequestID ?? 0) {
                 throw SessionError.unexpected(.pages, phase: .postcopy, role: role)
@@ -232,8 +330,18 @@ public final class DestinationDaemon: @unchecked Sendable {
         }
         let installer = PageInstaller(uffd: attachment.uffd, file: memory.file, guestBase: attachment.guestBase)
         let completion = self.completion
-        let postcopy = PostcopyEngine(memory: memory, installer: installer, stale: stale, urgent: urgent,
-                                      failures: failures, onComplete: { completion.open() })
+        let logger = self.logger
+        let postcopy = PostcopyEngine(
+            memory: memory, installer: installer, stale: stale, urgent: urgent, failures: failures,
+            stalls: StallLimiter(thresholdNanos: config.stallWarningNanos),
+            onStall: { stall in
+                let ms = fixed(Double(stall.stallNanos) / 1e6, 1)
+                let more = stall.suppressed > 0 ? " (\(stall.suppressed) more stalls since the last report)" : ""
+                logger.event(.faultStalled, .warning, "a guest thread waited \(ms) ms for page \(stall.page)\(more)", [
+                        "page": "\(stall.page)", "stall_ms": "\(ms)", "stalls_suppressed": "\(stall.suppressed)",
+                    ])
+            },
+            onComplete: { completion.open() })
         engine.withLock { $0 = postcopy }
         let loop = try FaultLoop(installer: installer, resolver: postcopy)
         try loop.start()
@@ -244,8 +352,9 @@ public final class DestinationDaemon: @unchecked Sendable {
         let downtimeMs = resumedAt >= pausedAt ? Double(resumedAt - pausedAt) / 1e6 : 0
         summary.withLock { $0.downtimeMs = downtimeMs }
         try bulk.send(.resumed(destinationResumedAtNanos: resumedAt))
-        logger.info("guest resumed; postcopy started", metadata: [
-            "stale_pages": "\(stale.popCount)", "downtime_ms": "\(fixed(downtimeMs, 1))",
+        context.set("PHASE", DestinationSession.Phase.postcopy.rawValue)
+        logger.event(.switchover, .notice, "switchover: guest resumed here after \(fixed(downtimeMs, 1)) ms, \(stale.popCount) pages stale", [
+            "pages_stale": "\(stale.popCount)", "downtime_ms": "\(fixed(downtimeMs, 1))",
         ])
         postcopy.signalCompleteIfDone()
     }
@@ -300,6 +409,6 @@ public final class DestinationDaemon: @unchecked Sendable {
         if let attachment = vmm.current {
             try? attachment.uffd.wake(start: attachment.guestBase, length: memory.geometry.regionSize)
         }
-        logger.info("postcopy complete", metadata: ["pages": "\(state.filledPages)"])
+        logger.debug("VMM released guest RAM", metadata: ["pages": "\(state.filledPages)"])
     }
 }

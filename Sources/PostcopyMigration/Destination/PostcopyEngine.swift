@@ -14,6 +14,8 @@ final class PostcopyEngine: FaultResolver, Sendable {
     private let urgent: MessageStream
     private let failures: FailureLatch
     private let onComplete: @Sendable () -> Void
+    private let stalls: Mutex<StallLimiter>
+    private let onStall: @Sendable (StallLimiter.Report) -> Void
     private let nextRequestID = Atomic<UInt32>(0)
     private let latencies = Mutex<[UInt64]>([])
     private let completeSignalled = Atomic<Bool>(false)
@@ -22,14 +24,20 @@ final class PostcopyEngine: FaultResolver, Sendable {
     /// When the guest resumed (monotonic): the start of the postcopy phase.
     let postcopyStartedAt = Atomic<UInt64>(0)
 
+    /// `onStall` hears of guest threads blocked longer than the limiter's
+    /// threshold (rate-limited by it).
     init(memory: GuestMemory, installer: PageInstaller, stale: PageBitmap, urgent: MessageStream,
-         failures: FailureLatch, onComplete: @escaping @Sendable () -> Void) {
+         failures: FailureLatch, stalls: StallLimiter,
+         onStall: @escaping @Sendable (StallLimiter.Report) -> Void = { _ in },
+         onComplete: @escaping @Sendable () -> Void) {
         self.memory = memory
         self.installer = installer
         tracker = Mutex(PostcopyTracker(geometry: memory.geometry, stale: stale))
         self.urgent = urgent
         self.failures = failures
         self.onComplete = onComplete
+        self.stalls = Mutex(stalls)
+        self.onStall = onStall
     }
 
     // MARK: fault thread
@@ -63,7 +71,7 @@ final class PostcopyEngine: FaultResolver, Sendable {
             do {
                 try urgent.send(.pageRequest(requestID: id, firstPage: remaining.first, count: UInt32(count)))
             } catch {
-                failures.fail(.peerLost, "request \(remaining) from the source: \(error)")
+                failures.fail(.peerLost, "the agent's urgent connection failed during postcopy: request \(remaining): \(error)")
                 return
             }
             guard count < remaining.count else { return }
@@ -122,6 +130,10 @@ final class PostcopyEngine: FaultResolver, Sendable {
             return
         }
         latencies.withLock { $0.append(contentsOf: completions.map(\.latencyNanos)) }
+        let stalled = stalls.withLock { limiter in
+            completions.compactMap { limiter.record(page: $0.page.rawValue, stallNanos: $0.latencyNanos, at: now) }
+        }
+        stalled.forEach(onStall)
         let done = tracker.withLock { state in
             state.installed(completions.count)
             return state.isComplete

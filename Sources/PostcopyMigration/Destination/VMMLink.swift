@@ -126,8 +126,9 @@ final class VMMLink: Sendable {
         guard guestBase % geometry.pageSize.bytes == 0 else {
             throw MigrationError(.incompatible, "guest base 0x\(String(guestBase, radix: 16)) is not aligned to \(geometry.pageSize)")
         }
-        logger.info("VMM attached", metadata: [
-            "peer": "\(credentials)", "guest_base": "0x\(String(guestBase, radix: 16))", "features": "\(features)",
+        logger.event(.vmmAttached, .info, "VMM attached: \(credentials)", [
+            "vmm_pid": "\(credentials.pid)", "vmm_uid": "\(credentials.uid)",
+            "guest_base": "0x\(String(guestBase, radix: 16))", "features": "\(features)",
         ])
         return VMMAttachment(channel: channel, uffd: uffd, guestBase: guestBase, credentials: credentials)
     }
@@ -137,7 +138,12 @@ final class VMMLink: Sendable {
         while true {
             guard let (message, descriptor) = try vmm.channel.receive() else {
                 if failures.error == nil {
-                    failures.fail(.peerLost, "the VMM closed its socket before the migration completed")
+                    let reason = "the VMM closed its socket before the migration completed"
+                    if failures.fail(.peerLost, reason) {
+                        logger.event(.connectionLost, .error, "lost the VMM: \(reason)", [
+                            "peer": "vmm", "connection": "vmm socket", "reason": "\(reason)",
+                        ])
+                    }
                 }
                 return
             }

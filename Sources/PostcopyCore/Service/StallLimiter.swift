@@ -1,0 +1,44 @@
+/// Decides which stalled faults are logged: a guest thread blocked longer
+/// than the threshold is worth a journal record, but a lost link stalls
+/// thousands at once, so at most one record per interval is written and it
+/// says how many it stands for.
+public struct StallLimiter: Sendable {
+    public struct Report: Equatable, Sendable {
+        /// The guest page (in guest pages, not 4 KiB pieces) of the stall reported.
+        public let page: UInt64
+        public let stallNanos: UInt64
+        /// Stalls over the threshold since the last report, not reported one by one.
+        public let suppressed: UInt64
+
+        public init(page: UInt64, stallNanos: UInt64, suppressed: UInt64) {
+            self.page = page
+            self.stallNanos = stallNanos
+            self.suppressed = suppressed
+        }
+    }
+
+    public let thresholdNanos: UInt64
+    public let intervalNanos: UInt64
+    private var lastReportAt: UInt64?
+    private var suppressed: UInt64 = 0
+
+    public init(thresholdNanos: UInt64, intervalNanos: UInt64 = 1_000_000_000) {
+        self.thresholdNanos = thresholdNanos
+        self.intervalNanos = intervalNanos
+    }
+
+    /// A fault on `page` was resolved after `stallNanos`; returns what to
+    /// log now, if anything.
+    public mutating func record(page: UInt64, stallNanos: UInt64, at now: UInt64) -> Report? {
+        guard stallNanos >= thresholdNanos else { return nil }
+        if let last = lastReportAt, now - last < intervalNanos {
+            suppressed += 1
+            return nil
+        }
+        defer {
+            lastReportAt = now
+            suppressed = 0
+        }
+        return Report(page: page, stallNanos: stallNanos, suppressed: suppressed)
+    }
+}

@@ -1,0 +1,67 @@
+import ArgumentParser
+import Foundation
+import PostcopyCLI
+import PostcopyCore
+import PostcopyOS
+
+@main
+struct Postcopyctl: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "postcopyctl",
+        abstract: "Inspect the postcopyd instances running on this host.",
+        subcommands: [Status.self])
+}
+
+/// Where instances keep their sockets (systemd's RuntimeDirectory=postcopyd/%i).
+let runtimeDirectory = "/run/postcopyd"
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show an instance's phase, progress, stale pages left, fault statistics, peers and uptime.",
+        discussion: "Without INSTANCE: the one instance running (an error when there are several).")
+
+    @Argument(help: "The instance (postcopyd@INSTANCE).")
+    var instance: String?
+
+    @Option(help: ArgumentHelp("Ask the daemon on this control socket instead.", valueName: "path"))
+    var socket: String?
+
+    @Flag(help: "Print the daemon's status as JSON.")
+    var json = false
+
+    func run() throws {
+        let path = try socket ?? Self.controlSocket(for: instance)
+        let reply: [UInt8]
+        do {
+            reply = try ControlClient.request(ControlRequest.status.rawValue, at: path)
+        } catch {
+            throw ValidationError("cannot ask postcopyd on \(path): \(error)")
+        }
+        let text = String(decoding: reply, as: UTF8.self)
+        guard !text.hasPrefix("error: ") else { throw ValidationError("postcopyd answered: \(text.dropFirst(7))") }
+        let status: DaemonStatus
+        do {
+            status = try JSONDecoder().decode(DaemonStatus.self, from: Data(reply))
+        } catch {
+            throw ValidationError("postcopyd on \(path) answered something that is not a status: \(text.prefix(200))")
+        }
+        if json {
+            try printJSON(status)
+        } else {
+            status.lines.forEach { print($0) }
+        }
+    }
+
+    /// /run/postcopyd/INSTANCE/control.sock; without a name, the only one there.
+    static func controlSocket(for instance: String?) throws -> String {
+        if let instance { return "\(runtimeDirectory)/\(instance)/control.sock" }
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: runtimeDirectory)) ?? [])
+            .filter { FileManager.default.fileExists(atPath: "\(runtimeDirectory)/\($0)/control.sock") }
+            .sorted()
+        switch names.count {
+        case 0: throw ValidationError("no postcopyd instance is running here (no control socket under \(runtimeDirectory))")
+        case 1: return "\(runtimeDirectory)/\(names[0])/control.sock"
+        default: throw ValidationError("several instances are running (\(names.joined(separator: ", "))): name one")
+        }
+    }
+}

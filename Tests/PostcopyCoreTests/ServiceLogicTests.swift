@@ -1,0 +1,142 @@
+import Foundation
+import PostcopyCore
+import Testing
+
+@Suite struct ConfigFileTests {
+    let schema = ConfigFile.Schema(options: ["listen", "size", "vmm-uid"], flags: ["json"])
+
+    func parse(_ text: String) throws(ConfigFile.ParseError) -> ConfigFile {
+        try ConfigFile(bytes: Array(text.utf8), schema: schema)
+    }
+
+    @Test func settingsBecomeArgumentsInFileOrder() throws {
+        let file = try parse("""
+            # comment
+              listen = 0.0.0.0:7070\r
+
+            size=4G
+            json
+            vmm-uid = "107"
+            """)
+        #expect(file.arguments == ["--listen", "0.0.0.0:7070", "--size", "4G", "--json", "--vmm-uid", "107"])
+        #expect(file.entries.map(\.line) == [2, 4, 5, 6])
+    }
+
+    @Test func mistakesNameTheirLine() {
+        #expect(throws: ConfigFile.ParseError.unknownKey(line: 2, key: "lisen", known: ["json", "listen", "size", "vmm-uid"])) {
+            try parse("size = 1G\nlisen = 1.2.3.4:5\n")
+        }
+        #expect(throws: ConfigFile.ParseError.flagWithValue(line: 1, key: "json")) { try parse("json = yes") }
+        #expect(throws: ConfigFile.ParseError.missingValue(line: 1, key: "size")) { try parse("size =") }
+        #expect(throws: ConfigFile.ParseError.missingValue(line: 1, key: "size")) { try parse("size") }
+        #expect(throws: ConfigFile.ParseError.repeatedKey(line: 3, key: "size", firstLine: 1)) {
+            try parse("size = 1G\n\nsize = 2G")
+        }
+        #expect(throws: ConfigFile.ParseError.unterminatedQuote(line: 1)) { try parse("listen = \"1.2.3.4:5") }
+        #expect(throws: ConfigFile.ParseError.malformedLine(line: 1, text: "--size = 1G")) { try parse("--size = 1G") }
+        #expect(throws: ConfigFile.ParseError.notText) { try ConfigFile(bytes: [0xFF, 0xFE], schema: schema) }
+        #expect((try? parse("size = 1G")) != nil)
+    }
+
+    @Test func errorsReadWell() {
+        #expect(ConfigFile.ParseError.unknownKey(line: 7, key: "x", known: ["a", "b"]).description
+                == "line 7: unknown setting 'x' (known: a, b)")
+    }
+}
+
+@Suite struct JournalFieldTests {
+    @Test func metadataKeysBecomeJournalFields() {
+        #expect(JournalField.name(forMetadataKey: "pages_stale") == "PAGES_STALE")
+        #expect(JournalField.name(forMetadataKey: "vmm-socket") == "VMM_SOCKET")
+        #expect(JournalField.name(forMetadataKey: "message_id") == "MESSAGE_ID")
+        #expect(JournalField.name(forMetadataKey: "_pid") == nil, "leading _ is for trusted fields")
+        #expect(JournalField.name(forMetadataKey: "9lives") == nil)
+        #expect(JournalField.name(forMetadataKey: "") == nil)
+        #expect(JournalField.name(forMetadataKey: String(repeating: "a", count: 65)) == nil)
+        #expect(JournalField.name(forMetadataKey: "día") == "D__A", "each byte outside A-Z0-9 becomes _")
+    }
+
+    @Test func eventIDsAreStableDistinctAndInTheCatalog() throws {
+        let ids = DaemonEvent.allCases.map(\.messageID)
+        #expect(Set(ids).count == ids.count)
+        for id in ids {
+            #expect(id.count == 32 && id.allSatisfy { $0.isHexDigit && !$0.isUppercase }, "\(id)")
+        }
+        // Every event is explained by systemd/postcopyd.catalog, and nothing else is.
+        let catalog = try String(contentsOfFile: Self.repositoryFile("systemd/postcopyd.catalog"), encoding: .utf8)
+        let catalogued = catalog.split(separator: "\n").filter { $0.hasPrefix("-- ") }.map { String($0.dropFirst(3)) }
+        #expect(catalogued.sorted() == ids.sorted())
+        #expect(DaemonEvent.postcopyComplete.messageID == "5006448c75c84692b38c4e23125a483a")
+    }
+
+    static func repositoryFile(_ path: String) -> String {
+        var components = "\(#filePath)".split(separator: "/").dropLast(3)
+        components.append(contentsOf: path.split(separator: "/"))
+        return "/" + components.joined(separator: "/")
+    }
+}
+
+@Suite struct ServicePolicyTests {
+    @Test func stallsAreReportedAtMostOncePerInterval() {
+        var limiter = StallLimiter(thresholdNanos: 100, intervalNanos: 1000)
+        #expect(limiter.record(page: 1, stallNanos: 99, at: 0) == nil)
+        #expect(limiter.record(page: 2, stallNanos: 150, at: 10) == .init(page: 2, stallNanos: 150, suppressed: 0))
+        #expect(limiter.record(page: 3, stallNanos: 500, at: 500) == nil)
+        #expect(limiter.record(page: 4, stallNanos: 50, at: 600) == nil)
+        #expect(limiter.record(page: 5, stallNanos: 900, at: 900) == nil)
+        #expect(limiter.record(page: 6, stallNanos: 120, at: 1010) == .init(page: 6, stallNanos: 120, suppressed: 2))
+    }
+
+    @Test func rateIsOverTheWindow() {
+        var meter = RateMeter(windowNanos: 2_000_000_000)
+        #expect(meter.record(0, at: 0) == 0)
+        #expect(meter.record(1_000, at: 1_000_000_000) == 1_000)
+        #expect(meter.record(3_000, at: 2_000_000_000) == 1_500)
+        // The first sample leaves the window: 2 s from 1,000 to 5,000.
+        #expect(meter.record(5_000, at: 3_000_000_000) == 2_000)
+    }
+
+    @Test func aHeartbeatThatStandsStillIsReportedOnce() {
+        var monitor = HeartbeatMonitor(stallNanos: 100)
+        #expect(monitor.observe(nil, at: 0) == .healthy)
+        #expect(monitor.observe(1, at: 0) == .healthy)
+        #expect(monitor.observe(1, at: 99) == .healthy)
+        #expect(monitor.observe(1, at: 150) == .stalledNow(150))
+        #expect(monitor.observe(1, at: 300) == .stalled)
+        #expect(monitor.observe(2, at: 310) == .healthy)
+        #expect(monitor.observe(2, at: 400) == .healthy)
+        #expect(monitor.observe(2, at: 420) == .stalledNow(110))
+    }
+
+    @Test func controlRequests() throws {
+        #expect(try ControlRequest(line: Array("status\n".utf8)) == .status)
+        #expect(try ControlRequest(line: Array("status\r\n".utf8)) == .status)
+        #expect(throws: ControlRequestError(text: "stats")) { try ControlRequest(line: Array("stats\n".utf8)) }
+        #expect(ControlRequestError(text: "x").description == "unknown request 'x' (known: status)")
+        #expect(throws: ControlRequestError.self) { try ControlRequest(line: [UInt8](repeating: 65, count: 300)) }
+    }
+
+    @Test func statusLineFollowsThePhase() {
+        var status = DaemonStatus()
+        status.listen = "0.0.0.0:7070"
+        status.phase = "handshake"
+        #expect(status.statusLine == "waiting for the agent on 0.0.0.0:7070; VMM not attached")
+        status.phase = "precopy"
+        status.precopyRounds = 1
+        status.precopyPages = 5000
+        status.receiveMiBPerSecond = 210.04
+        status.vmm = "pid 7, uid 0, gid 0"
+        #expect(status.statusLine == "precopy round 2: 5000 pages received, 210.0 MiB/s; VMM attached")
+        status.phase = "postcopy"
+        status.stalePagesAtSwitchover = 10_000
+        status.stalePagesLeft = 8123
+        status.receiveMiBPerSecond = 41
+        #expect(status.statusLine == "postcopy: 8123 stale pages left, 41.0 MiB/s")
+        status.staleFaultLatency = LatencyFigures(nanoseconds: [180_000])
+        #expect(status.statusLine == "postcopy: 8123 stale pages left, 41.0 MiB/s, stale-fault p99 180 µs")
+        #expect(status.postcopyProgress == 0.1877)
+        status.phase = "failed"
+        status.failure = "the agent closed the bulk connection during postcopy"
+        #expect(status.statusLine == "failed: the agent closed the bulk connection during postcopy")
+    }
+}
