@@ -1,7 +1,9 @@
 # postcopyd — build, test, probe, benchmark, demo, install.
 #
-#   make test      installs what the tests need (libsystemd-dev; hugepages
-#                  and a hugetlbfs mount when root), builds, runs swift test
+#   make test      installs what the tests need (libsystemd-dev; hugepages,
+#                  a hugetlbfs mount, a journald and the journal catalog when
+#                  root), builds, runs swift test, then the systemd-nspawn test
+#                  (root only: a real systemd runs postcopyd@test)
 #   make demo      probes the kernel, then migrates a 1 GiB guest over loopback:
 #                  source workload, postcopyd, reference guest, postcopy-push
 #                  (HUGETLB=1 for 2 MiB pages on the destination)
@@ -43,6 +45,7 @@ prepare:
 test: prepare
 	$(SWIFT) build
 	$(SWIFT) test
+	BIN=.build/debug bash scripts/test-systemd-nspawn.sh
 
 # The real postcopyd@.service under a real systemd (PID 1 of a systemd-nspawn
 # container booted from a cached Debian root), with a whole migration into it.

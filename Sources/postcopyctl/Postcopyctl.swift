@@ -30,20 +30,29 @@ struct Status: ParsableCommand {
     var json = false
 
     func run() throws {
+        do {
+            try show()
+        } catch let failure as Failure {
+            writeStandardError("postcopyctl: \(failure.message)\n")
+            throw ExitCode.failure
+        }
+    }
+
+    private func show() throws {
         let path = try socket ?? Self.controlSocket(for: instance)
         let reply: [UInt8]
         do {
             reply = try ControlClient.request(ControlRequest.status.rawValue, at: path)
         } catch {
-            throw ValidationError("cannot ask postcopyd on \(path): \(error)")
+            throw Failure("cannot ask postcopyd on \(path): \(error)")
         }
         let text = String(decoding: reply, as: UTF8.self)
-        guard !text.hasPrefix("error: ") else { throw ValidationError("postcopyd answered: \(text.dropFirst(7))") }
+        guard !text.hasPrefix("error: ") else { throw Failure("postcopyd answered: \(text.dropFirst(7))") }
         let status: DaemonStatus
         do {
             status = try JSONDecoder().decode(DaemonStatus.self, from: Data(reply))
         } catch {
-            throw ValidationError("postcopyd on \(path) answered something that is not a status: \(text.prefix(200))")
+            throw Failure("postcopyd on \(path) answered something that is not a status: \(text.prefix(200))")
         }
         if json {
             try printJSON(status)
@@ -59,9 +68,15 @@ struct Status: ParsableCommand {
             .filter { FileManager.default.fileExists(atPath: "\(runtimeDirectory)/\($0)/control.sock") }
             .sorted()
         switch names.count {
-        case 0: throw ValidationError("no postcopyd instance is running here (no control socket under \(runtimeDirectory))")
+        case 0: throw Failure("no postcopyd instance is running here (no control socket under \(runtimeDirectory))")
         case 1: return "\(runtimeDirectory)/\(names[0])/control.sock"
-        default: throw ValidationError("several instances are running (\(names.joined(separator: ", "))): name one")
+        default: throw Failure("several instances are running (\(names.joined(separator: ", "))): name one")
         }
     }
+}
+
+/// A failure to report on stderr with exit status 1 (not a usage error).
+struct Failure: Error {
+    let message: String
+    init(_ message: String) { self.message = message }
 }

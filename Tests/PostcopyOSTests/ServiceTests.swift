@@ -116,6 +116,31 @@ import Testing
     }
 }
 
+extension ServiceTests {
+    @Test(.enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
+    func postcopyctlShowsTheStatus() throws {
+        let run = try ServiceRun.start(environment: ["POSTCOPY_LOG": "stderr"])
+        defer { run.cleanUp() }
+        let socket = "\(run.directory)/control.sock"
+        let json = try CommandLineTests().run("postcopyctl", ["status", "--socket", socket, "--json"])
+        #expect(json.status == 0, "\(json.stderr)")
+        let status = try JSONDecoder().decode(DaemonStatus.self, from: Data(json.stdout.utf8))
+        #expect(status.instance == "service-test")
+        #expect(status.phase == "handshake")
+        #expect(status.pid == run.daemonPID)
+        #expect(status.regionBytes == 64 << 20)
+        #expect(status.statusLine.hasPrefix("waiting for the agent on 127.0.0.1:"))
+        let text = try CommandLineTests().run("postcopyctl", ["status", "--socket", socket])
+        #expect(text.stdout.contains("\nphase:         handshake\n"), "\(text.stdout)")
+        #expect(text.stdout.hasPrefix("instance:      service-test (pid \(run.daemonPID), up "), "\(text.stdout)")
+        var mode = stat()
+        #expect(stat(socket, &mode) == 0 && mode.st_mode & 0o777 == 0o600, "the control socket is 0600")
+        let absent = try CommandLineTests().run("postcopyctl", ["status", "--socket", socket + ".absent"])
+        #expect(absent.status == 1)
+        #expect(absent.stderr == "postcopyctl: cannot ask postcopyd on \(socket).absent: connect to \(socket).absent: ENOENT (No such file or directory)\n")
+    }
+}
+
 /// journalctl, run and parsed.
 enum Journal {
     static func run(_ arguments: [String]) throws -> String {
