@@ -21,10 +21,15 @@ public func bootstrapLogging(_ label: String, context: LogContext? = nil) -> Log
     return logger
 }
 
-public func printJSON<T: Encodable>(_ value: T) throws {
+/// `value` as one line of JSON with sorted keys (stable for scripts and tests).
+public func jsonLine<T: Encodable>(_ value: T) throws -> String {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.sortedKeys]
-    print(String(decoding: try encoder.encode(value), as: UTF8.self))
+    return String(decoding: try encoder.encode(value), as: UTF8.self)
+}
+
+public func printJSON<T: Encodable>(_ value: T) throws {
+    print(try jsonLine(value))
 }
 
 /// Writes `text` to `path` atomically (a temporary file, then rename), so

@@ -154,9 +154,7 @@ struct Serve: ParsableCommand {
         do {
             switch try ControlRequest(line: line) {
             case .status:
-                let encoder = JSONEncoder()
-                encoder.outputFormatting = [.sortedKeys]
-                return Array(try encoder.encode(daemon.status())) + [UInt8(ascii: "\n")]
+                return Array((try jsonLine(daemon.status()) + "\n").utf8)
             }
         } catch {
             return Array("error: \(error)\n".utf8)

@@ -42,7 +42,7 @@ import Testing
     func journalHasTheEventsWithTheirFields() throws {
         let run = try ServiceRun.migrate(environment: ["POSTCOPY_LOG": "journal"])
         let id = try #require(run.summary["migrationID"] as? String)
-        let records = try Journal.records(pid: run.daemonPID, until: DaemonEvent.postcopyComplete)
+        let records = try JournalReader.records(pid: run.daemonPID, until: DaemonEvent.postcopyComplete)
         try #require(!records.isEmpty)
         // The id is known from the agent's HELLO on (the VMM may attach before).
         let accepted = try #require(records.firstIndex { $0["MESSAGE_ID"] == DaemonEvent.migrationAccepted.messageID })
@@ -92,7 +92,7 @@ import Testing
         #expect(!records.contains { $0["MESSAGE_ID"] == DaemonEvent.migrationFailed.messageID })
 
         // The catalog explains the records (journalctl -x).
-        let explained = try Journal.run(["-x", "--no-pager", "_PID=\(run.daemonPID)",
+        let explained = try JournalReader.run(["-x", "--no-pager", "_PID=\(run.daemonPID)",
                                          "MESSAGE_ID=\(DaemonEvent.postcopyComplete.messageID)"])
         #expect(explained.contains("Subject: Postcopy complete: migration \(id) done"),
                 "no catalog text (is systemd/postcopyd.catalog installed? 'make test' installs it):\n\(explained)")
@@ -106,7 +106,7 @@ import Testing
         kill(run.daemon.processIdentifier, SIGTERM)
         run.daemon.waitUntilExit()
         #expect(run.daemon.terminationStatus == 1)
-        let records = try Journal.records(pid: run.daemonPID, until: DaemonEvent.migrationFailed)
+        let records = try JournalReader.records(pid: run.daemonPID, until: DaemonEvent.migrationFailed)
         let failed = try #require(records.first { $0["MESSAGE_ID"] == DaemonEvent.migrationFailed.messageID })
         #expect(failed["ERROR_CODE"] == "cancelled")
         #expect(failed["REASON"] == "stopped by SIGTERM during handshake")
@@ -142,7 +142,7 @@ extension ServiceTests {
 }
 
 /// journalctl, run and parsed.
-enum Journal {
+enum JournalReader {
     static func run(_ arguments: [String]) throws -> String {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/journalctl")

@@ -296,8 +296,13 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// peer and fails the migration.
     private func admit(_ message: Message, on role: StreamRole, _ stream: MessageStream) throws -> DestinationSession.Action {
         do {
-            let (action, phase) = try session.withLock { try ($0.receive(message, on: role), $0.phase) }
-            if case .none = action {} else { context.set("PHASE", phase.rawValue) }
+            let (action, newPhase) = try session.withLock { session in
+                let before = session.phase
+                let action = try session.receive(message, on: role)
+                return (action, session.phase != before ? session.phase : nil)
+            }
+            // Only a few messages move the phase: keep the log context off the per-frame path.
+            if let newPhase { context.set("PHASE", newPhase.rawValue) }
             if case let .writePostcopy(_, _, requestID) = action, requestID > 0,
                requestID > (engine.withLock { $0 }?.lastRequestID ?? 0) {
                 throw SessionError.unexpected(.pages, phase: .postcopy, role: role)
