@@ -49,16 +49,20 @@ fi
 
 # The journal tests send records to journald's native socket and read them
 # back with journalctl. Where systemd is not PID 1 nothing runs journald:
-# start it on its own, detached from this shell.
-if [ ! -S /run/systemd/journal/socket ]; then
+# start it on its own, detached from this shell. The socket file alone proves
+# nothing: a journald that was started by hand and has since been killed
+# leaves it behind, refusing connections. systemd-cat connects to journald's
+# stream socket, so it succeeds only when a journald answers.
+journald_answers() { systemd-cat --identifier=postcopyd-prepare-host true 2>/dev/null; }
+if ! journald_answers; then
     journald=/lib/systemd/systemd-journald
     [ -x "$journald" ] || journald=/usr/lib/systemd/systemd-journald
     setsid "$journald" </dev/null >/dev/null 2>&1 &
     for _ in $(seq 1 50); do
-        [ -S /run/systemd/journal/socket ] && break
+        journald_answers && break
         sleep 0.1
     done
-    if [ -S /run/systemd/journal/socket ]; then
+    if journald_answers; then
         say "started systemd-journald (pid $!)"
     else
         say "warning: could not start systemd-journald; the journal tests will report skips" >&2
