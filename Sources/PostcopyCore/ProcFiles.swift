@@ -99,3 +99,40 @@ public func selectedSysfsChoice(_ text: String) -> String? {
     }
     return String(text[text.index(after: open)..<close])
 }
+
+/// A process's memory, from /proc/PID/status, in bytes: what the daemon
+/// costs beyond guest RAM is `anonymous + file` (the guest's shared memory
+/// file is counted apart, as `shmem`).
+public struct ProcessMemory: Codable, Equatable, Sendable {
+    /// Peak resident set (VmHWM).
+    public var peakResident: UInt64 = 0
+    public var resident: UInt64 = 0
+    public var anonymous: UInt64 = 0
+    public var file: UInt64 = 0
+    public var shmem: UInt64 = 0
+
+    public init() {}
+
+    /// Reads the `VmHWM`, `VmRSS`, `RssAnon`, `RssFile` and `RssShmem` lines
+    /// (values in kB); nil when `VmRSS` is missing.
+    public init?(status text: String) {
+        var seen = false
+        for line in text.split(separator: "\n") {
+            let parts = line.split(whereSeparator: { $0 == ":" || $0 == " " || $0 == "\t" })
+            guard parts.count >= 2, let kilobytes = UInt64(parts[1]) else { continue }
+            let bytes = kilobytes * 1024
+            switch parts[0] {
+            case "VmHWM": peakResident = bytes
+            case "VmRSS": resident = bytes; seen = true
+            case "RssAnon": anonymous = bytes
+            case "RssFile": file = bytes
+            case "RssShmem": shmem = bytes
+            default: continue
+            }
+        }
+        guard seen else { return nil }
+    }
+
+    /// Resident memory that is not guest RAM.
+    public var overhead: UInt64 { anonymous + file }
+}

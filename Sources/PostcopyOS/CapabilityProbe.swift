@@ -81,3 +81,16 @@ public func readFileBytes(_ path: String) throws(SystemCallError) -> [UInt8] {
         bytes += chunk[0..<count]
     }
 }
+
+/// Writes `text` to `path` (created 0644 or truncated), every byte or an error.
+public func writeTextFile(_ path: String, _ text: String) throws(SystemCallError) {
+    let fd = try checkLibc("create \(path)") { open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644) }
+    defer { close(fd) }
+    var bytes = Array(text.utf8)[...]
+    while !bytes.isEmpty {
+        let count = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        if count < 0 && errno == EINTR { continue }
+        guard count > 0 else { throw SystemCallError("write \(path)", Errno.current) }
+        bytes = bytes.dropFirst(count)
+    }
+}

@@ -53,6 +53,13 @@ public func monotonicNanoseconds() -> UInt64 {
     return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
 }
 
+/// Sleeps at least `nanoseconds`, resuming after signal interruptions.
+public func sleepNanoseconds(_ nanoseconds: UInt64) {
+    var interval = timespec(tv_sec: Int(nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
+    var remaining = timespec()
+    while nanosleep(&interval, &remaining) != 0 && errno == EINTR { interval = remaining }
+}
+
 /// An eventfd used as a wake-up signal between threads: one side signals,
 /// the other polls its descriptor.
 public final class EventSignal: Sendable {

@@ -166,8 +166,4 @@ public enum ProcessPause {
         return (running, tasks)
     }
 
-    private static func sleepNanoseconds(_ nanoseconds: UInt64) {
-        var interval = timespec(tv_sec: Int(nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
-        nanosleep(&interval, nil)
-    }
 }

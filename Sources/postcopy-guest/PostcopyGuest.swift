@@ -36,6 +36,17 @@ struct VMM: ParsableCommand {
     @Flag(help: "Do not write markers into pages after reading them.")
     var noScribble = false
 
+    @Option(help: "Share of the pages the threads read after resume (0…1); the rest are hashed once postcopy is over.")
+    var touch = 1.0
+
+    @Option(help: ArgumentHelp("Write every first touch as CSV (thread,t_us,page,stall_us) to this file.", valueName: "path"))
+    var touchLog: String?
+
+    func validate() throws {
+        guard (0...1).contains(touch) else { throw ValidationError("--touch is a share from 0 to 1") }
+        guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
+    }
+
     @Flag(help: "Print the summary as one JSON object on stdout.")
     var json = false
 
@@ -45,6 +56,8 @@ struct VMM: ParsableCommand {
         config.threads = threads
         config.seed = seed
         config.scribble = !noScribble
+        config.touchShare = touch
+        config.touchLogPath = touchLog
         do {
             let summary = try GuestVMM(config: config, logger: logger).run()
             summary.lines.forEach { logger.info("\($0)") }

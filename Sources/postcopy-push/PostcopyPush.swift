@@ -50,6 +50,9 @@ struct PostcopyPush: ParsableCommand {
     @Option(help: "Switch over once a round resends at most this many pages.")
     var switchoverPages: UInt64 = 256
 
+    @Option(help: ArgumentHelp("Limit the background stream during postcopy to this many MiB/s (default: no limit). Pages the destination asks for are never held back.", valueName: "MiB/s"))
+    var postcopyBandwidth: Double?
+
     @Option(help: ArgumentHelp("A dirty log kept by the caller, read at switchover and merged with the scan (one bit per 4 KiB page, little-endian 64-bit words).", valueName: "path"))
     var dirtyBitmap: String?
 
@@ -67,6 +70,9 @@ struct PostcopyPush: ParsableCommand {
             throw ValidationError("--no-pause contradicts --pause-pid/--pause-cmd")
         }
         if maxRounds < 1 { throw ValidationError("--max-rounds must be at least 1") }
+        if let postcopyBandwidth, !(postcopyBandwidth > 0) || postcopyBandwidth > 1e6 {
+            throw ValidationError("--postcopy-bandwidth is MiB/s above 0 (and at most 1000000)")
+        }
     }
 
     func run() throws {
@@ -77,6 +83,7 @@ struct PostcopyPush: ParsableCommand {
         config.policy = PrecopyPolicy(maxRounds: maxRounds, maxDurationNanos: maxPrecopySeconds * 1_000_000_000,
                                       switchoverPages: switchoverPages)
         config.dirtyBitmapPath = dirtyBitmap
+        config.postcopyBytesPerSecond = postcopyBandwidth.map { UInt64($0 * 1_048_576) }
         do {
             let agent = try SourceAgent(config: config, logger: logger, progress: ProgressReporter(enabled: !quiet))
             let summary = try agent.run()

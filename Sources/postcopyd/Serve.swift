@@ -55,13 +55,16 @@ struct Serve: ParsableCommand {
     @Option(help: ArgumentHelp("Write the agent endpoint (host:port) to this file once listening.", valueName: "path"))
     var readyFile: String?
 
+    @Option(help: ArgumentHelp("Write the postcopy phase's events (pages arrived, stale faults resolved) to this CSV file at the end.", valueName: "path"))
+    var trace: String?
+
     @Flag(help: "Print the summary as one JSON object on stdout.")
     var json = false
 
     /// What a --config file may set: the options above but for instance and config.
     static let configSchema = ConfigFile.Schema(
         options: ["listen", "vmm-socket", "control-socket", "vmm-uid", "memory", "hugetlbfs-dir", "size",
-                  "migration-id", "vmm-timeout", "stall-warning-ms", "ready-file"],
+                  "migration-id", "vmm-timeout", "stall-warning-ms", "ready-file", "trace"],
         flags: ["json"])
 
     func run() throws {
@@ -101,6 +104,7 @@ struct Serve: ParsableCommand {
         settings.instance = instance
         settings.vmmAttachTimeoutNanos = vmmTimeout * 1_000_000_000
         settings.stallWarningNanos = stallWarningMs * 1_000_000
+        settings.tracePath = trace
 
         // Allocating (and on hugetlbfs reserving) guest RAM can take a while.
         notifier.extendTimeout(nanoseconds: 120_000_000_000)

@@ -54,6 +54,11 @@ struct Migration {
     var rounds = 1
     var guestThreads = 4
     var scribble = false
+    /// Share of the pages the guest reads after resume.
+    var touchShare = 1.0
+    /// Record the daemon's trace and the guest's touch log.
+    var traced = false
+    var postcopyBytesPerSecond: UInt64?
 
     struct Outcome {
         let daemon: DestinationSummary
@@ -61,31 +66,43 @@ struct Migration {
         let guest: GuestSummary
         /// Whether the destination's RAM equals the source's, byte for byte.
         let identical: Bool
+        /// The daemon's trace file and the guest's touch log, when traced.
+        var trace: String?
+        var touchLog: String?
     }
 
     func run(_ source: SourceFile, pause: @escaping @Sendable () -> Void = {}) throws -> Outcome {
         let directory = try TemporaryDirectory()
-        let config = DestinationConfig(listen: SocketEndpoint(host: "127.0.0.1", port: 0),
+        var config = DestinationConfig(listen: SocketEndpoint(host: "127.0.0.1", port: 0),
                                        vmmSocketPath: directory.path + "/vmm.sock", memory: memory,
                                        regionSize: source.size, vmmUID: geteuid())
+        if traced { config.tracePath = directory.path + "/trace.csv" }
         let daemon = try DestinationDaemon(config: config, logger: testLogger("postcopyd"))
         let daemonRun = try Background("test-daemon") { try daemon.run() }
         var guestConfig = GuestConfig(socketPath: config.vmmSocketPath)
         guestConfig.threads = guestThreads
         guestConfig.scribble = scribble
+        guestConfig.touchShare = touchShare
+        if traced { guestConfig.touchLogPath = directory.path + "/touches.csv" }
         let guest = GuestVMM(config: guestConfig, logger: testLogger("guest"))
         let guestRun = try Background("test-guest") { try guest.run() }
         var agentConfig = AgentConfig(ramPath: source.path, daemon: daemon.endpoint,
                                       migrationID: MigrationID(high: 1, low: UInt64(getpid())),
                                       control: SourceControl("test", pause: pause, resume: {}))
         agentConfig.policy = PrecopyPolicy(maxRounds: rounds)
+        agentConfig.postcopyBytesPerSecond = postcopyBytesPerSecond
         let agent = try SourceAgent(config: agentConfig, logger: testLogger("agent"),
                                     progress: ProgressReporter(enabled: false))
         let agentSummary = try Background("test-agent") { try agent.run() }.wait("the agent").get()
         let daemonSummary = try daemonRun.wait("postcopyd").get()
         let guestSummary = try guestRun.wait("the guest").get()
         let identical = memcmp(source.base, daemon.memory.alias.base, Int(source.size)) == 0
-        return Outcome(daemon: daemonSummary, agent: agentSummary, guest: guestSummary, identical: identical)
+        var outcome = Outcome(daemon: daemonSummary, agent: agentSummary, guest: guestSummary, identical: identical)
+        if traced {
+            outcome.trace = readTextFile(directory.path + "/trace.csv")
+            outcome.touchLog = readTextFile(directory.path + "/touches.csv")
+        }
+        return outcome
     }
 }
 

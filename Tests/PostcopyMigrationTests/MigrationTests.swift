@@ -123,6 +123,60 @@ struct MigrationTests {
         #expect(outcome.guest.scribbledPages == Self.size / 4096)
         #expect(outcome.guest.scribblesLost == 0, "a page arriving late overwrote what the guest wrote")
     }
+
+    /// The daemon's trace accounts for every stale page and every stale
+    /// fault, and the guest's touch log for every page it read; a guest that
+    /// reads only some pages still checks all of RAM.
+    @Test func traceAndTouchLogAccountForEverything() throws {
+        try Self.traced(memory: .shmem)
+    }
+
+    @Test(.enabled(if: Host.hasHugepages(128), Comment(rawValue: Host.needsHugepages(128))))
+    func traceAndTouchLogOnHugetlbfs() throws {
+        try Self.traced(memory: .hugetlbfs)
+    }
+
+    static func traced(memory: MemoryKind) throws {
+        let (source, dirty) = try Self.source(dirty: 0.2, seed: 41)
+        var migration = Migration(memory: memory)
+        migration.traced = true
+        migration.touchShare = 0.25
+        migration.guestThreads = 2
+        // A slow background stream: most stale pages the guest reads are fetched.
+        migration.postcopyBytesPerSecond = 64 << 20
+        let outcome = try migration.run(source, pause: Self.dirtying(source, dirty))
+        #expect(outcome.identical)
+        #expect(outcome.guest.verified, "the digest covers the pages the guest did not read too")
+        #expect(outcome.guest.pagesRead == size / 4096 / 4)
+
+        let trace = try #require(outcome.trace.flatMap(PostcopyTrace.init(csv:)), "no readable trace")
+        #expect(trace.stalePages == changed(dirty))
+        let fills = trace.events.filter { $0.kind != .staleFault }
+        #expect(fills.reduce(0) { $0 + $1.pages } == trace.stalePages, "every stale page is in the trace once")
+        let urgent = fills.filter { $0.kind == .urgentFill }.reduce(0) { $0 + $1.pages }
+        #expect(urgent == outcome.daemon.postcopyPagesUrgent)
+        let faults = trace.events.filter { $0.kind == .staleFault }
+        #expect(faults.count == outcome.daemon.staleFaultLatency?.count ?? 0)
+        #expect(faults.count > 0, "the guest never waited for a stale page")
+        let stale = Set(dirty)
+        let pagesPerPage = memory == .shmem ? UInt64(1) : 512
+        for fault in faults {
+            #expect((0..<pagesPerPage).contains { stale.contains(fault.page + $0) }, "fault on \(fault.page) was not stale")
+        }
+
+        let touches = try #require(outcome.touchLog).split(separator: "\n").dropFirst()
+        #expect(UInt64(touches.count) == outcome.guest.pagesRead)
+        // The guest saw each fault the daemon resolved as a touch that waited
+        // at least as long as the daemon measured (the guest's clock also
+        // covers the wake-up): check the largest.
+        let waited = Dictionary(touches.map { row -> (UInt64, Double) in
+            let fields = row.split(separator: ",")
+            return (UInt64(fields[2])!, Double(fields[3])!)
+        }, uniquingKeysWith: max)
+        if memory == .shmem, let longest = faults.max(by: { $0.waitedNanos < $1.waitedNanos }), let seen = waited[longest.page] {
+            #expect(seen * 1000 >= Double(longest.waitedNanos) * 0.5, "guest saw \(seen) µs for a fault the daemon timed at \(longest.waitedNanos) ns")
+        }
+    }
 }
 
 /// Tells the test's source writer to stop (the test's "SIGSTOP").

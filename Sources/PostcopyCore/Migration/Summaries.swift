@@ -53,6 +53,10 @@ public struct DestinationSummary: Codable, Equatable, Sendable {
     public var bytesReceived: UInt64 = 0
     public var totalSeconds: Double = 0
     public var imageDigest = ""
+    /// The daemon's CPU time (user + system) up to completion.
+    public var cpuSeconds: Double = 0
+    /// The daemon's memory at completion (guest RAM is `shmem`).
+    public var memoryUse: ProcessMemory?
 
     public init() {}
 
@@ -69,7 +73,12 @@ public struct DestinationSummary: Codable, Equatable, Sendable {
                 + " (\(fixed(backgroundMiBPerSecond, 1)) MiB/s), \(duplicatePages) duplicates dropped",
         ]
         if let staleFaultLatency { lines.append("stale-fault latency: \(staleFaultLatency.text)") }
-        lines.append("total: \(fixed(totalSeconds, 2)) s, \(ByteSize.format(bytesReceived)) received")
+        lines.append("total: \(fixed(totalSeconds, 2)) s, \(ByteSize.format(bytesReceived)) received"
+            + ", \(fixed(cpuSeconds, 2)) s CPU")
+        if let memoryUse {
+            lines.append("memory: \(ByteSize.format(memoryUse.overhead)) besides guest RAM"
+                + " (\(ByteSize.format(memoryUse.anonymous)) anonymous), peak resident \(ByteSize.format(memoryUse.peakResident))")
+        }
         return lines
     }
 }
@@ -144,6 +153,9 @@ public struct GuestSummary: Codable, Equatable, Sendable {
     public var pagesRead: UInt64 = 0
     /// The first touch of each page, timed around the access.
     public var firstTouch: LatencyFigures?
+    /// The most time one thread spent blocked on first touches, summed (a
+    /// vCPU's "blocktime"); `firstTouch.totalMs` sums all threads.
+    public var blockedMsMaxThread: Double = 0
     public var workloadSeconds: Double = 0
     public var expectedDigest = ""
     public var actualDigest = ""
@@ -157,7 +169,10 @@ public struct GuestSummary: Codable, Equatable, Sendable {
 
     public var lines: [String] {
         var lines = ["guest: \(threads) threads read \(pagesRead) pages in \(fixed(workloadSeconds, 2)) s"]
-        if let firstTouch { lines.append("first-touch stall: \(firstTouch.text), total \(fixed(firstTouch.totalMs, 1)) ms") }
+        if let firstTouch {
+            lines.append("first-touch stall: \(firstTouch.text), total \(fixed(firstTouch.totalMs, 1)) ms"
+                + " (at most \(fixed(blockedMsMaxThread, 1)) ms in one thread)")
+        }
         if scribbledPages > 0 { lines.append("guest writes kept: \(scribbledPages - scribblesLost) of \(scribbledPages)") }
         lines.append(verified ? "verify: PASS, image digest \(actualDigest)"
                               : "verify: FAIL, image digest \(actualDigest), expected \(expectedDigest)")

@@ -28,6 +28,9 @@ public struct DestinationConfig: Sendable {
     /// A guest thread blocked on a stale page longer than this is logged
     /// (POSTCOPYD_FAULT_STALLED, at most once a second).
     public var stallWarningNanos: UInt64 = 100_000_000
+    /// Where to write the postcopy phase's events (`PostcopyTrace.csv`) once
+    /// the migration completes; nil records nothing.
+    public var tracePath: String?
 
     public init(listen: SocketEndpoint, vmmSocketPath: String, memory: MemoryKind, hugetlbfsDirectory: String? = nil,
                 regionSize: UInt64, vmmUID: UInt32, migrationID: MigrationID? = nil) {

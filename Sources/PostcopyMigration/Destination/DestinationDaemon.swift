@@ -101,6 +101,8 @@ public final class DestinationDaemon: @unchecked Sendable {
         }
         let result = summary.withLock {
             $0.totalSeconds = Double(monotonicNanoseconds() - started) / 1e9
+            $0.cpuSeconds = ProcessUsage.cpuSeconds()
+            $0.memoryUse = ProcessUsage.memory()
             return $0
         }
         context.set("PHASE", DestinationSession.Phase.complete.rawValue)
@@ -338,7 +340,7 @@ public final class DestinationDaemon: @unchecked Sendable {
         let logger = self.logger
         let postcopy = PostcopyEngine(
             memory: memory, installer: installer, stale: stale, urgent: urgent, failures: failures,
-            stalls: StallLimiter(thresholdNanos: config.stallWarningNanos),
+            stalls: StallLimiter(thresholdNanos: config.stallWarningNanos), tracing: config.tracePath != nil,
             onStall: { stall in
                 let ms = fixed(Double(stall.stallNanos) / 1e6, 1)
                 let more = stall.suppressed > 0 ? " (\(stall.suppressed) more stalls since the last report)" : ""
@@ -415,5 +417,12 @@ public final class DestinationDaemon: @unchecked Sendable {
             try? attachment.uffd.wake(start: attachment.guestBase, length: memory.geometry.regionSize)
         }
         logger.debug("VMM released guest RAM", metadata: ["pages": "\(state.filledPages)"])
+        if let path = config.tracePath, let trace = postcopy.traceSnapshot {
+            do {
+                try writeTextFile(path, trace.csv)
+            } catch {
+                logger.warning("could not write the postcopy trace to \(path): \(error)")
+            }
+        }
     }
 }

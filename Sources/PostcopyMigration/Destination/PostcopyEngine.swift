@@ -23,11 +23,14 @@ final class PostcopyEngine: FaultResolver, Sendable {
     let backgroundPages = Atomic<UInt64>(0)
     /// When the guest resumed (monotonic): the start of the postcopy phase.
     let postcopyStartedAt = Atomic<UInt64>(0)
+    /// Event by event, when asked for (`DestinationConfig.tracePath`).
+    private let trace: Mutex<PostcopyTrace>
+    private let tracing: Bool
 
     /// `onStall` hears of guest threads blocked longer than the limiter's
     /// threshold (rate-limited by it).
     init(memory: GuestMemory, installer: PageInstaller, stale: PageBitmap, urgent: MessageStream,
-         failures: FailureLatch, stalls: StallLimiter,
+         failures: FailureLatch, stalls: StallLimiter, tracing: Bool = false,
          onStall: @escaping @Sendable (StallLimiter.Report) -> Void = { _ in },
          onComplete: @escaping @Sendable () -> Void) {
         self.memory = memory
@@ -38,6 +41,11 @@ final class PostcopyEngine: FaultResolver, Sendable {
         self.onComplete = onComplete
         self.stalls = Mutex(stalls)
         self.onStall = onStall
+        // Room for a fill per 64 pages and a fault per 16 stale pages up
+        // front, so that recording rarely reallocates while faults wait.
+        self.tracing = tracing
+        trace = Mutex(PostcopyTrace(stalePages: stale.popCount,
+                                    reserving: tracing ? Int(stale.popCount / 64 + stale.popCount / 16) + 1024 : 0))
     }
 
     // MARK: fault thread
@@ -117,6 +125,20 @@ final class PostcopyEngine: FaultResolver, Sendable {
         } else {
             backgroundPages.add(written, ordering: .relaxed)
         }
+        if tracing {
+            let at = now &- postcopyStartedAt.load(ordering: .relaxed)
+            let pagesPerPage = memory.geometry.pageSize.smallPagesPerPage
+            trace.withLock { trace in
+                for claim in claims {
+                    trace.record(.init(kind: isUrgent ? .urgentFill : .backgroundFill, atNanos: at,
+                                       page: claim.first, pages: claim.count))
+                }
+                for completion in completions {
+                    trace.record(.init(kind: .staleFault, atNanos: at, page: completion.page.rawValue * pagesPerPage,
+                                       pages: 1, waitedNanos: completion.latencyNanos))
+                }
+            }
+        }
         for completion in completions {
             do {
                 try installer.install(completion.page)
@@ -154,6 +176,9 @@ final class PostcopyEngine: FaultResolver, Sendable {
     var state: PostcopyTracker { tracker.withLock { $0 } }
 
     var staleFaultLatencies: [UInt64] { latencies.withLock { $0 } }
+
+    /// The events so far, if tracing.
+    var traceSnapshot: PostcopyTrace? { tracing ? trace.withLock { $0 } : nil }
 }
 
 extension PostcopyEngine {

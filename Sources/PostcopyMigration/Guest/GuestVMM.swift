@@ -14,6 +14,11 @@ public struct GuestConfig: Sendable {
     /// Write a marker into each page after reading it, and check at the end
     /// that every marker survived (no late page overwrote a guest write).
     public var scribble = true
+    /// Share of the pages the threads read (0…1); the rest are only hashed
+    /// after postcopy, for the digest.
+    public var touchShare = 1.0
+    /// Write every first touch (`thread,t_us,page,stall_us`) to this file.
+    public var touchLogPath: String?
 
     public init(socketPath: String) { self.socketPath = socketPath }
 }
@@ -44,7 +49,8 @@ public final class GuestVMM: Sendable {
         logger.info("resumed: running the guest workload", metadata: ["threads": "\(config.threads)"])
 
         let workload = try GuestWorkload(mapping: mapping, geometry: geometry, threads: config.threads,
-                                         seed: config.seed, scribble: config.scribble)
+                                         seed: config.seed, scribble: config.scribble, touchShare: config.touchShare,
+                                         recordTimes: config.touchLogPath != nil)
         var failure: (any Error)?
         do {
             try awaitComplete(channel)
@@ -58,6 +64,9 @@ public final class GuestVMM: Sendable {
         }
         var summary = workload.finish()
         if let failure { throw failure }
+        if let path = config.touchLogPath {
+            try inStep("write the touch log \(path)") { try writeTextFile(path, workload.touchLog()) }
+        }
         summary.expectedDigest = digest.description
         summary.verified = summary.actualDigest == summary.expectedDigest && summary.scribblesLost == 0
         return summary

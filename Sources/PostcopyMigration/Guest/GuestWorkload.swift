@@ -3,34 +3,51 @@ import PostcopyCore
 import PostcopyOS
 import Synchronization
 
-/// The reference guest's work after resume: `threads` threads read every
-/// 4 KiB page of guest RAM once, in a seeded random order, timing the first
-/// touch of each (the stall a vCPU sees), hashing it for the image digest,
-/// and, when `scribble` is set, then writing a marker into it.
+/// The reference guest's work after resume: `threads` threads read a share
+/// of the 4 KiB pages of guest RAM (all by default) once, in a seeded random
+/// order, timing the first touch of each (the stall a vCPU sees), hashing it
+/// for the image digest, and, when `scribble` is set, then writing a marker
+/// into it. Pages not touched are hashed after postcopy, once the range is
+/// released, so the digest always covers all of RAM.
 final class GuestWorkload: @unchecked Sendable {
     // SAFETY (@unchecked): each thread writes only its own pages' slots of
-    // `hashes` and its own `stalls` array; `finish` reads them after joining.
+    // `hashes` and its own `stalls`/`startedAt` arrays; `finish` reads them
+    // after joining.
     private let mapping: Mapping
     private let pageCount: UInt64
     private let scribble: Bool
+    private let recordTimes: Bool
     private let hashes: UnsafeMutableBufferPointer<UInt64>
+    private let touched: [Bool]
+    private let shards: [[UInt64]]
     private var stalls: [[UInt64]]
+    /// When each touch began, since `started` (only with `recordTimes`).
+    private var startedAt: [[UInt64]]
     /// What each thread's first loads read, kept so the loads are not elided.
     private var sinks: [UInt64]
     private var workers: [OSThread] = []
     private let started = monotonicNanoseconds()
 
-    init(mapping: Mapping, geometry: PageGeometry, threads: Int, seed: UInt64, scribble: Bool) throws {
+    /// `touchShare` of the pages (0…1) are read by the threads; with
+    /// `recordTimes` each touch's start is kept for `touchLog`.
+    init(mapping: Mapping, geometry: PageGeometry, threads: Int, seed: UInt64, scribble: Bool,
+         touchShare: Double = 1, recordTimes: Bool = false) throws {
         self.mapping = mapping
         pageCount = geometry.smallPageCount
         self.scribble = scribble
+        self.recordTimes = recordTimes
         hashes = .allocate(capacity: Int(pageCount))
         hashes.initialize(repeating: 0)
-        let order = TouchOrder.random(seed: seed).pages(count: pageCount)
-        let shards = (0..<threads).map { index in
+        let all = TouchOrder.random(seed: seed).pages(count: pageCount)
+        let order = all.prefix(Int((Double(pageCount) * min(max(touchShare, 0), 1)).rounded()))
+        var touched = [Bool](repeating: false, count: Int(pageCount))
+        for page in order { touched[Int(page)] = true }
+        self.touched = touched
+        shards = (0..<threads).map { index in
             Array(order[(order.count * index / threads)..<(order.count * (index + 1) / threads)])
         }
         stalls = shards.map { _ in [] }
+        startedAt = shards.map { _ in [] }
         sinks = shards.map { _ in 0 }
         for (index, shard) in shards.enumerated() {
             workers.append(try OSThread.start(name: "guest-vcpu\(index)") { [self] in run(shard, index) })
@@ -45,6 +62,8 @@ final class GuestWorkload: @unchecked Sendable {
     private func run(_ pages: [UInt64], _ index: Int) {
         var samples: [UInt64] = []
         samples.reserveCapacity(pages.count)
+        var starts: [UInt64] = []
+        if recordTimes { starts.reserveCapacity(pages.count) }
         var sink: UInt64 = 0
         for page in pages {
             // SAFETY: page < pageCount, so the 4 KiB at this offset lie in the mapping.
@@ -55,31 +74,56 @@ final class GuestWorkload: @unchecked Sendable {
             sink ^= address.load(as: UInt64.self)
             let after = monotonicNanoseconds()
             samples.append(after - before)
+            if recordTimes { starts.append(before - started) }
             let bytes = UnsafeRawBufferPointer(start: address, count: 4096)
             hashes[Int(page)] = PageHash.of(bytes).hash
             if scribble { address.storeBytes(of: Self.marker(page), toByteOffset: 4096 - 8, as: UInt64.self) }
         }
         stalls[index] = samples
+        startedAt[index] = starts
         sinks[index] = sink
     }
 
-    /// Waits for the threads; the digest of what they read, their stalls,
-    /// and how many markers did not survive.
+    /// Waits for the threads, then hashes the pages they did not touch: call
+    /// it once the range is released (or postcopy failed), since reading an
+    /// untouched page would fault. The digest of all pages, the threads'
+    /// stalls, and how many markers did not survive.
     func finish() -> GuestSummary {
         for worker in workers { worker.join() }
         var summary = GuestSummary()
         summary.threads = workers.count
-        summary.pagesRead = pageCount
+        summary.pagesRead = UInt64(shards.reduce(0) { $0 + $1.count })
         summary.workloadSeconds = Double(monotonicNanoseconds() - started) / 1e9
         summary.firstTouch = LatencyFigures(nanoseconds: stalls.flatMap { $0 })
+        summary.blockedMsMaxThread = stalls.map { $0.reduce(0.0) { $0 + Double($1) } / 1e6 }.max() ?? 0
+        for page in 0..<pageCount where !touched[Int(page)] {
+            hashes[Int(page)] = PageHash.of(UnsafeRawBufferPointer(start: mapping.base + Int(page * 4096), count: 4096)).hash
+        }
         summary.actualDigest = ImageDigest(pageHashes: UnsafeBufferPointer(hashes)).description
         if scribble {
-            summary.scribbledPages = pageCount
-            for page in 0..<pageCount {
+            for page in 0..<pageCount where touched[Int(page)] {
+                summary.scribbledPages += 1
                 let word = (mapping.base + Int(page * 4096 + 4096 - 8)).load(as: UInt64.self)
                 if word != Self.marker(page) { summary.scribblesLost += 1 }
             }
         }
         return summary
+    }
+
+    /// Every touch as CSV, `thread,t_us,page,stall_us` (t_us since resume),
+    /// in time order; empty unless `recordTimes` was set.
+    func touchLog() -> String {
+        var rows: [(at: UInt64, thread: Int, page: UInt64, stall: UInt64)] = []
+        for (thread, starts) in startedAt.enumerated() {
+            for (index, at) in starts.enumerated() {
+                rows.append((at, thread, shards[thread][index], stalls[thread][index]))
+            }
+        }
+        rows.sort { $0.at < $1.at }
+        var text = "thread,t_us,page,stall_us\n"
+        for row in rows {
+            text += "\(row.thread),\(fixed(Double(row.at) / 1000, 1)),\(row.page),\(fixed(Double(row.stall) / 1000, 2))\n"
+        }
+        return text
     }
 }

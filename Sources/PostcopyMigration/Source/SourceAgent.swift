@@ -31,6 +31,10 @@ public struct AgentConfig: Sendable {
     public var dirtyBitmapPath: String?
     /// Pages per PAGES frame.
     public var batchPages = 256
+    /// The background stream's limit during postcopy, bytes per second
+    /// (nil: as fast as the link goes). Pages a fault waits for are never
+    /// held back by it.
+    public var postcopyBytesPerSecond: UInt64?
     public var keepAlive = KeepAlive()
 
     public init(ramPath: String, daemon: SocketEndpoint, migrationID: MigrationID, control: SourceControl) {
@@ -224,10 +228,15 @@ public final class SourceAgent: @unchecked Sendable {
         }
         var backgroundPages: UInt64 = 0
         var backgroundBytes: UInt64 = 0
+        var pacer = config.postcopyBytesPerSecond.map { Pacer(bytesPerSecond: $0, now: started) }
         do {
             while let run = queue.withLock({ $0.takeNext(maxPages: UInt64(config.batchPages)) }) {
-                backgroundBytes += try send(run, requestID: Message.backgroundRequestID, zero: zero, on: bulk)
+                let bytes = try send(run, requestID: Message.backgroundRequestID, zero: zero, on: bulk)
+                backgroundBytes += bytes
                 backgroundPages += run.count
+                if let wait = pacer?.sent(bytes, now: monotonicNanoseconds()), wait > 0 {
+                    sleepNanoseconds(wait)
+                }
                 let left = queue.withLock { $0.remaining }
                 progress.update("postcopy \(ProgressReporter.bar(1 - Double(left) / Double(max(stale.popCount, 1)))) \(left) stale pages left, \(ProgressReporter.rate(bytes: backgroundBytes, since: started)), \(requests.load(ordering: .relaxed)) requests")
             }
