@@ -6,6 +6,7 @@
 // Layers (each depends only on those above it):
 //   CPostcopy      C shims: variadic syscall/ioctl, uapi constants and structs.
 //   CSystemd       libsystemd, found through pkg-config.
+//   CCRC32C        the CPU's CRC-32C instruction (pure computation).
 //   PostcopyCore   pure logic: page geometry, bitmaps, fault policy, probe
 //                  evaluation. No syscalls; tests run without root.
 //   PostcopyOS     one Swift method per kernel operation (Userfaultfd,
@@ -42,7 +43,8 @@ let package = Package(
             pkgConfig: "libsystemd",
             providers: [.apt(["libsystemd-dev"])]
         ),
-        .target(name: "PostcopyCore"),
+        .target(name: "CCRC32C"),
+        .target(name: "PostcopyCore", dependencies: ["CCRC32C"]),
         .target(
             name: "PostcopyOS",
             dependencies: ["PostcopyCore", "CPostcopy", "CSystemd"]

@@ -87,11 +87,27 @@ enum Wire {
             return ~crc
         }
         let data = Wire.pageData(pages: 1, seed: 9)
+        let available = CRC32C.Implementation.allCases.filter { $0 == .software || $0 == CRC32C.implementation }
         for start in 0..<8 {
             for length in 0..<70 {
                 let slice = data[start..<(start + length)]
-                #expect(slice.withUnsafeBytes { CRC32C.checksum($0) } == bitwise(slice))
+                let expected = bitwise(slice)
+                #expect(slice.withUnsafeBytes { CRC32C.checksum($0) } == expected)
+                for implementation in available {
+                    #expect(slice.withUnsafeBytes { CRC32C.checksum($0, using: implementation) } == expected,
+                            "\(implementation) at \(start)+\(length)")
+                }
             }
+        }
+    }
+
+    /// Both implementations agree on whole pages and on seeds, where the
+    /// hardware one (when this CPU has it) is what frames are checked with.
+    @Test func hardwareAndSoftwareAgree() {
+        let data = Wire.pageData(pages: 3, seed: 21)
+        for seed: UInt32 in [0, 1, 0xDEAD_BEEF] {
+            let software = data.withUnsafeBytes { CRC32C.checksum($0, seed: seed, using: .software) }
+            #expect(data.withUnsafeBytes { CRC32C.checksum($0, seed: seed) } == software)
         }
     }
 
