@@ -3,6 +3,9 @@
  */
 #include "cpostcopy.h"
 
+#include <sched.h>
+#include <sys/resource.h>
+
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -66,6 +69,14 @@ int cpc_eventfd(void) {
 
 int cpc_thread_set_name(const char *name) {
     return -pthread_setname_np(pthread_self(), name);
+}
+
+int cpc_thread_set_scheduling(int nice) {
+    struct sched_param param = { .sched_priority = 0 };
+    pid_t tid = gettid();
+    if (nice < 0) return neg_errno(sched_setscheduler(tid, SCHED_IDLE, &param));
+    if (sched_setscheduler(tid, SCHED_OTHER, &param) != 0) return -errno;
+    return neg_errno(setpriority(PRIO_PROCESS, (id_t)tid, nice));
 }
 
 int cpc_uffdio_api(int fd, uint64_t *features, uint64_t *ioctls) {

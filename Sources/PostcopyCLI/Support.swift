@@ -60,3 +60,14 @@ public func parseSize(_ text: String) throws -> UInt64 {
 }
 
 extension MemoryKind: ExpressibleByArgument {}
+
+/// `idle`, `normal`, or `nice:N` (N from 1 to 19).
+public func parseScheduling(_ text: String) throws -> OSThread.SchedulingClass {
+    switch text {
+    case "idle": return .idle
+    case "normal": return .normal
+    default:
+        if text.hasPrefix("nice:"), let nice = Int32(text.dropFirst(5)), (1...19).contains(nice) { return .background(nice: nice) }
+        throw ValidationError("'\(text)' is not a scheduling class (idle, normal, or nice:N with N from 1 to 19)")
+    }
+}

@@ -37,6 +37,38 @@ public final class OSThread: @unchecked Sendable {
         return thread
     }
 
+    /// How the calling thread competes for a CPU. Bulk work (the background
+    /// stream, precopy) yields to the threads a blocked guest waits on.
+    public enum SchedulingClass: Sendable, Equatable, CustomStringConvertible {
+        /// SCHED_OTHER at nice 0.
+        case normal
+        /// SCHED_OTHER at a higher nice (1…19): less CPU under contention,
+        /// never starved.
+        case background(nice: Int32)
+        /// SCHED_IDLE: runs only when nothing else wants the CPU.
+        case idle
+
+        public var description: String {
+            switch self {
+            case .normal: "normal"
+            case let .background(nice): "nice:\(nice)"
+            case .idle: "idle"
+            }
+        }
+    }
+
+    /// Moves the calling thread to `schedulingClass`. Lowering needs no
+    /// privilege; going back to `.normal` from a higher nice may (EPERM).
+    public static func setCurrentScheduling(_ schedulingClass: SchedulingClass) throws(SystemCallError) {
+        let nice: Int32 = switch schedulingClass {
+        case .normal: 0
+        case let .background(nice): min(max(nice, 1), 19)
+        case .idle: -1
+        }
+        let rc = cpc_thread_set_scheduling(nice)
+        guard rc == 0 else { throw SystemCallError("set the thread's scheduling to \(schedulingClass)", Errno(-rc)) }
+    }
+
     /// Waits for the thread to finish. Idempotent; call from one thread.
     public func join() {
         guard !joined else { return }

@@ -47,6 +47,15 @@ import Testing
         #expect(result.stdout.isEmpty)
     }
 
+    @Test(arguments: ["postcopyd", "postcopy-push"])
+    func unknownSchedulingClassIsAUsageError(program: String) throws {
+        let arguments = program == "postcopyd" ? ["serve", "--size", "64M", "--background-scheduling", "nice:40"]
+                                               : ["--ram", "/x", "--to", "127.0.0.1:1", "--no-pause", "--background-scheduling", "nice:40"]
+        let result = try run(program, arguments)
+        #expect(result.status == 64)
+        #expect(result.stderr.contains("'nice:40' is not a scheduling class (idle, normal, or nice:N with N from 1 to 19)"), "\(result.stderr)")
+    }
+
     @Test(.enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
     func misalignedSizeNamesTheWholeChain() throws {
         let result = try run("postcopyd", ["exercise", "--size", "3000"])
@@ -97,7 +106,7 @@ import Testing
         try "size = 64M\nlisen = 0.0.0.0:7070\n".write(toFile: path, atomically: true, encoding: .utf8)
         let result = try run("postcopyd", ["serve", "--config", path])
         #expect(result.status == 64)
-        #expect(result.stderr.hasPrefix("Error: \(path): line 2: unknown setting 'lisen' (known: control-socket, hugetlbfs-dir, json, listen, memory, migration-id, ready-file, size, stall-warning-ms, trace, vmm-socket, vmm-timeout, vmm-uid)\n"), "\(result.stderr)")
+        #expect(result.stderr.hasPrefix("Error: \(path): line 2: unknown setting 'lisen' (known: background-scheduling, control-socket, hugetlbfs-dir, json, listen, memory, migration-id, ready-file, size, stall-warning-ms, trace, vmm-socket, vmm-timeout, vmm-uid)\n"), "\(result.stderr)")
         let missing = try run("postcopyd", ["serve", "--config", path + ".absent"])
         #expect(missing.status == 64)
         #expect(missing.stderr.hasPrefix("Error: cannot read the settings file: open \(path).absent: "), "\(missing.stderr)")

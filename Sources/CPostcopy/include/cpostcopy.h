@@ -111,6 +111,10 @@ int cpc_eventfd(void);
 /* Names the calling thread (pthread_setname_np; 15 bytes show). 0 or -errno. */
 int cpc_thread_set_name(const char *name);
 
+/* Moves the calling thread to SCHED_IDLE (nice < 0) or to SCHED_OTHER at
+   `nice` (0…19); both need _GNU_SOURCE names. 0 or -errno. */
+int cpc_thread_set_scheduling(int nice);
+
 /* ---- unix sockets ---------------------------------------------------- */
 
 /* accept4(2) with SOCK_CLOEXEC, which glibc declares only under _GNU_SOURCE.

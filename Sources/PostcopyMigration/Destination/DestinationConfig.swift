@@ -31,6 +31,9 @@ public struct DestinationConfig: Sendable {
     /// Where to write the postcopy phase's events (`PostcopyTrace.csv`) once
     /// the migration completes; nil records nothing.
     public var tracePath: String?
+    /// How the thread that receives the background stream competes for a
+    /// CPU during postcopy (see `OSThread.SchedulingClass`).
+    public var backgroundScheduling = OSThread.SchedulingClass.idle
 
     public init(listen: SocketEndpoint, vmmSocketPath: String, memory: MemoryKind, hugetlbfsDirectory: String? = nil,
                 regionSize: UInt64, vmmUID: UInt32, migrationID: MigrationID? = nil) {

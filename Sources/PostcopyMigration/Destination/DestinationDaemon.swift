@@ -282,6 +282,9 @@ public final class DestinationDaemon: @unchecked Sendable {
             logger.info("precopy round \(round) done: \(sent) pages sent, \(dirty) found changed")
         case let .switchover(stale, pausedAt, digest):
             try switchover(stale: stale, pausedAt: pausedAt, digest: digest, bulk: bulk, urgent: urgent)
+            // From here this thread carries the background stream: it gives
+            // way to the fault and urgent threads a blocked guest waits on.
+            if role == .bulk { yieldToUrgentWork("the bulk receiver") }
         case let .writePostcopy(run, data, _):
             try currentEngine().fill(run, data: data, urgent: role == .urgent)
         case let .zeroPostcopy(run):
@@ -312,6 +315,16 @@ public final class DestinationDaemon: @unchecked Sendable {
             return action
         } catch let error as SessionError {
             throw MigrationError(error.code, "refused a frame on the agent's \(role) connection: \(error)")
+        }
+    }
+
+    /// Moves the calling thread to `config.backgroundScheduling`; a failure
+    /// costs latency, not correctness, so it is logged and ignored.
+    private func yieldToUrgentWork(_ thread: String) {
+        do {
+            try OSThread.setCurrentScheduling(config.backgroundScheduling)
+        } catch {
+            logger.warning("\(thread) keeps its scheduling: \(error)")
         }
     }
 

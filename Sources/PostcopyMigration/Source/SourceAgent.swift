@@ -35,6 +35,9 @@ public struct AgentConfig: Sendable {
     /// (nil: as fast as the link goes). Pages a fault waits for are never
     /// held back by it.
     public var postcopyBytesPerSecond: UInt64?
+    /// How the thread that sends the background stream competes for a CPU
+    /// during postcopy; precopy runs at normal priority.
+    public var backgroundScheduling = OSThread.SchedulingClass.idle
     public var keepAlive = KeepAlive()
 
     public init(ramPath: String, daemon: SocketEndpoint, migrationID: MigrationID, control: SourceControl) {
@@ -229,6 +232,11 @@ public final class SourceAgent: @unchecked Sendable {
         var backgroundPages: UInt64 = 0
         var backgroundBytes: UInt64 = 0
         var pacer = config.postcopyBytesPerSecond.map { Pacer(bytesPerSecond: $0, now: started) }
+        do {
+            try OSThread.setCurrentScheduling(config.backgroundScheduling)
+        } catch {
+            logger.warning("the background stream keeps its scheduling: \(error)")
+        }
         do {
             while let run = queue.withLock({ $0.takeNext(maxPages: UInt64(config.batchPages)) }) {
                 let bytes = try send(run, requestID: Message.backgroundRequestID, zero: zero, on: bulk)
