@@ -23,6 +23,8 @@ final class PostcopyEngine: FaultResolver, Sendable {
     let backgroundPages = Atomic<UInt64>(0)
     /// When the guest resumed (monotonic): the start of the postcopy phase.
     let postcopyStartedAt = Atomic<UInt64>(0)
+    /// The process's CPU time then, in microseconds.
+    let cpuMicrosAtResume = Atomic<UInt64>(0)
     /// Event by event, when asked for (`DestinationConfig.tracePath`).
     private let trace: Mutex<PostcopyTrace>
     private let tracing: Bool
@@ -116,28 +118,18 @@ final class PostcopyEngine: FaultResolver, Sendable {
             written += claim.count
         }
         let now = monotonicNanoseconds()
+        // Counted (and traced) under the tracker's lock, with the commit: the
+        // thread that commits the last pages signals completion, and the
+        // summary must then see every other thread's pages counted.
         let (completions, doneNow) = tracker.withLock { state in
             let completions = state.commit(claims, at: now)
-            return (completions, completions.isEmpty && state.isComplete)
-        }
-        if isUrgent {
-            urgentPages.add(written, ordering: .relaxed)
-        } else {
-            backgroundPages.add(written, ordering: .relaxed)
-        }
-        if tracing {
-            let at = now &- postcopyStartedAt.load(ordering: .relaxed)
-            let pagesPerPage = memory.geometry.pageSize.smallPagesPerPage
-            trace.withLock { trace in
-                for claim in claims {
-                    trace.record(.init(kind: isUrgent ? .urgentFill : .backgroundFill, atNanos: at,
-                                       page: claim.first, pages: claim.count))
-                }
-                for completion in completions {
-                    trace.record(.init(kind: .staleFault, atNanos: at, page: completion.page.rawValue * pagesPerPage,
-                                       pages: 1, waitedNanos: completion.latencyNanos))
-                }
+            if isUrgent {
+                urgentPages.add(written, ordering: .relaxed)
+            } else {
+                backgroundPages.add(written, ordering: .relaxed)
             }
+            if tracing { record(claims, completions, urgent: isUrgent, at: now) }
+            return (completions, completions.isEmpty && state.isComplete)
         }
         for completion in completions {
             do {
@@ -161,6 +153,22 @@ final class PostcopyEngine: FaultResolver, Sendable {
             return state.isComplete
         }
         if done { signalComplete() }
+    }
+
+    private func record(_ claims: [PageRun], _ completions: [PostcopyTracker.Completion], urgent isUrgent: Bool,
+                        at now: UInt64) {
+        let at = now &- postcopyStartedAt.load(ordering: .relaxed)
+        let pagesPerPage = memory.geometry.pageSize.smallPagesPerPage
+        trace.withLock { trace in
+            for claim in claims {
+                trace.record(.init(kind: isUrgent ? .urgentFill : .backgroundFill, atNanos: at,
+                                   page: claim.first, pages: claim.count))
+            }
+            for completion in completions {
+                trace.record(.init(kind: .staleFault, atNanos: at, page: completion.page.rawValue * pagesPerPage,
+                                   pages: 1, waitedNanos: completion.latencyNanos))
+            }
+        }
     }
 
     /// Calls `onComplete` once, when the last stale page is in.
