@@ -8,7 +8,9 @@
 #                  source workload, postcopyd, reference guest, postcopy-push
 #                  (HUGETLB=1 for 2 MiB pages on the destination)
 #   make check     the capability probe alone
-#   make bench     clean-fault cost vs a C baseline; results in bench-results/
+#   make bench     every benchmark against a baseline measured in the same run
+#                  (~10 min); table, bench.json and plots in bench-results/
+#                  (BENCH_FLAGS=--quick for a short smoke run)
 #   make install   binaries to $(DESTDIR)$(PREFIX)/bin, units to $(DESTDIR)$(UNITDIR),
 #                  the journal catalog, an example config, the docs
 #   make uninstall removes what install put there (never a config you wrote)
@@ -29,7 +31,8 @@ RELEASE   := .build/release
 PROGRAMS  := postcopyd postcopy-push postcopy-guest postcopyctl postcopy-bench
 UNITS     := $(wildcard systemd/*.service)
 DOCS      := README.md $(wildcard docs/*.md)
-BASELINE  := benchmarks/baseline/uffd-minor-loop
+BASELINES := $(addprefix benchmarks/baseline/,uffd-minor-loop tcp-pingpong tcp-stream)
+BENCH_FLAGS ?=
 DEMO_MEMORY := $(if $(HUGETLB),hugetlbfs,shmem)
 
 .PHONY: all build prepare test check demo bench install uninstall clean
@@ -61,16 +64,13 @@ demo: build
 	$(RELEASE)/postcopyd check $(if $(HUGETLB),--require-hugetlbfs)
 	SIZE=$(DEMO_SIZE) MEMORY=$(DEMO_MEMORY) BIN=$(RELEASE) bash scripts/demo-migration.sh
 
-$(BASELINE): $(BASELINE).c
+benchmarks/baseline/%: benchmarks/baseline/%.c benchmarks/baseline/baseline.h
 	$(CC) -O2 -Wall -Wextra -pthread -o $@ $<
 
-# Both sides run pinned to one CPU (stable: the fault thread and the toucher
-# hand over on one core) and free on two (each fault crosses CPUs: wake-up
-# latency of an idle vCPU dominates and varies from run to run).
-bench: build $(BASELINE)
-	@mkdir -p bench-results
-	taskset -c 0 $(RELEASE)/postcopy-bench clean-faults --baseline $(BASELINE) --runs 9 --json bench-results/clean-faults-1cpu.json
-	$(RELEASE)/postcopy-bench clean-faults --baseline $(BASELINE) --runs 9 --json bench-results/clean-faults-2cpu.json
+# The benchmarks and their baselines; docs/benchmarks.md says what each
+# measures. Root only (userfaultfd, hugetlbfs).
+bench: build $(BASELINES)
+	$(RELEASE)/postcopy-bench run --out bench-results $(BENCH_FLAGS)
 
 install: build
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(CONFDIR) $(DESTDIR)$(CATALOGDIR) $(DESTDIR)$(DOCDIR)
@@ -100,4 +100,4 @@ uninstall:
 	fi
 
 clean:
-	rm -rf .build bench-results $(BASELINE)
+	rm -rf .build bench-results $(BASELINES)

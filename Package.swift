@@ -14,6 +14,8 @@
 //   PostcopyMigration  the three roles of a migration, built from the layers
 //                  above: the destination daemon, the source agent, and the
 //                  reference guest (VMM stand-in and source workload).
+//   PostcopyBench  the benchmarks of `make bench`: scenarios run as processes,
+//                  baselines, the report and its plots.
 //   executables    parse arguments and wire the layers together.
 import PackageDescription
 
@@ -95,15 +97,20 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        .target(
+            name: "PostcopyBench",
+            dependencies: ["PostcopyCore", "PostcopyOS"]
+        ),
         .executableTarget(
             name: "postcopy-bench",
             dependencies: [
-                "PostcopyCore", "PostcopyOS", "PostcopyCLI",
+                "PostcopyCore", "PostcopyOS", "PostcopyCLI", "PostcopyBench",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(name: "PostcopyCoreTests", dependencies: ["PostcopyCore"]),
         .testTarget(name: "PostcopyOSTests", dependencies: ["PostcopyCore", "PostcopyOS"]),
+        .testTarget(name: "PostcopyBenchTests", dependencies: ["PostcopyBench", "PostcopyCore"]),
         .testTarget(
             name: "PostcopyMigrationTests",
             dependencies: [

@@ -1,14 +1,143 @@
 import ArgumentParser
+import Foundation
+import PostcopyBench
 import PostcopyCLI
 import PostcopyCore
 import PostcopyOS
 
 @main
-struct PostcopyBench: ParsableCommand {
+struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "postcopy-bench",
         abstract: "postcopyd's benchmarks, each against a baseline measured in the same run.",
-        subcommands: [CleanFaults.self])
+        subcommands: [Run.self, CleanFaults.self])
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run every benchmark (what 'make bench' does): a table, one JSON file, two plots.",
+        discussion: """
+            1 clean-fault cost vs a C loop, 2 stale-fault latency vs loopback ping-pong, 3 back-fill \
+            throughput vs raw TCP and memcpy, 4 end-to-end, 5 scaling, 6 huge pages. Needs root, \
+            a release build of the programs and the C baselines (make bench builds both).
+            """)
+
+    @Option(help: ArgumentHelp("Where results go.", valueName: "dir"))
+    var out = "bench-results"
+
+    @Option(help: ArgumentHelp("The programs (a release build).", valueName: "dir"))
+    var bin = ".build/release"
+
+    @Option(help: ArgumentHelp("The C baselines.", valueName: "dir"))
+    var baselines = "benchmarks/baseline"
+
+    @Flag(help: "Small sizes: every path in a couple of minutes (figures not comparable with a full run).")
+    var quick = false
+
+    @Option(help: ArgumentHelp("--background-scheduling for postcopyd and postcopy-push in the stale-fault runs (default: theirs, idle).", valueName: "class"))
+    var backgroundScheduling: String?
+
+    @Option(help: ArgumentHelp("Only these benchmarks (comma-separated: clean,stale,backfill,e2e,scaling,huge).", valueName: "list"))
+    var only: String?
+
+    func run() throws {
+        let all = ["clean", "stale", "backfill", "e2e", "scaling", "huge"]
+        let chosen = only.map { $0.split(separator: ",").map(String.init) } ?? all
+        if let unknown = chosen.first(where: { !all.contains($0) }) {
+            throw ValidationError("unknown benchmark '\(unknown)' (known: \(all.joined(separator: ", ")))")
+        }
+        let started = Date()
+        let say: @Sendable (String) -> Void = { line in writeStandardError("bench: \(line)\n") }
+        try FileManager.default.createDirectory(atPath: out + "/work", withIntermediateDirectories: true)
+        let environment = BenchEnvironment(binDirectory: bin, baselineDirectory: baselines,
+                                           workDirectory: out + "/work", say: say)
+        var suite = Suite(environment: environment, scale: quick ? .quick : .full)
+        suite.backgroundScheduling = backgroundScheduling
+        var results = BenchResults()
+        results.command = CommandLine.arguments.joined(separator: " ")
+        results.started = ISO8601DateFormatter().string(from: started)
+        results.machine = machineFacts()
+        let notes = ["\(results.machine!.cpus) CPUs, \(results.machine!.cpuModel), Linux \(results.machine!.kernel)",
+                     "make bench, \(results.started)"]
+
+        if chosen.contains("clean") {
+            say("1. clean-fault cost (pinned to CPU 0, then free)")
+            results.cleanFaults = try cleanFaults(pinned: true) + (try cleanFaults(pinned: false))
+        }
+        if chosen.contains("stale") {
+            say("2. stale-fault latency")
+            let (figures, busy, idle) = try suite.staleFaults()
+            results.staleFaults = figures
+            try write(Report.staleFaultCDF(idle: idle, busy: busy, pingPong: figures.first?.pingPong, notes: notes),
+                      "stale-fault-cdf.svg")
+        }
+        if chosen.contains("backfill") {
+            say("3. back-fill throughput")
+            results.backfill = try suite.backfill()
+        }
+        if chosen.contains("e2e") {
+            say("4. end-to-end")
+            let (ten, tenRun) = try suite.endToEnd(dirty: 0.10, trace: true)
+            let (fifty, _) = try suite.endToEnd(dirty: 0.50, trace: false)
+            results.endToEnd = [ten, fifty]
+            try write(Report.fillProgress(tenRun, title: "Postcopy fill progress, \(ByteSize.format(ten.regionBytes)), 10% dirty workload",
+                                          notes: notes), "fill-progress.svg")
+        }
+        if chosen.contains("scaling") {
+            say("5. scaling")
+            results.scaling = try suite.scaling()
+        }
+        if chosen.contains("huge") {
+            say("6. huge pages")
+            results.hugePages = try suite.hugePages()
+        }
+        results.durationSeconds = Date().timeIntervalSince(started)
+        let table = Report.markdown(results)
+        print(table)
+        try write(table + "\n", "table.md")
+        try write(try jsonLine(results) + "\n", "bench.json")
+        say("done in \(fixed(results.durationSeconds / 60, 1)) min; results in \(out)/ (bench.json, table.md, *.svg)")
+    }
+
+    /// Benchmark 1 runs in a child of this program, so that it can be pinned
+    /// to one CPU (with everything it starts) or left free.
+    private func cleanFaults(pinned: Bool) throws -> [CleanFaultFigures] {
+        let json = "\(out)/work/clean-faults-\(pinned ? "1cpu" : "2cpu").json"
+        let process = Process()
+        let me = CommandLine.arguments[0].contains("/") ? CommandLine.arguments[0] : "\(bin)/postcopy-bench"
+        var arguments = [me, "clean-faults", "--baseline", "\(baselines)/uffd-minor-loop", "--runs", quick ? "3" : "7",
+                         "--cpus", pinned ? "1 (taskset -c 0)" : "\(ProcessInfo.processInfo.activeProcessorCount) (free)",
+                         "--json", json]
+        if quick { arguments += ["--shmem-size", "64M", "--hugetlb-size", "64M"] }
+        if pinned { arguments = ["-c", "0"] + arguments }
+        process.executableURL = URL(fileURLWithPath: pinned ? "/usr/bin/taskset" : me)
+        process.arguments = pinned ? arguments : Array(arguments.dropFirst())
+        try process.run()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else { throw BenchmarkError("clean-faults exited \(process.terminationStatus)") }
+        return try JSONDecoder().decode([CleanFaultFigures].self, from: Data(contentsOf: URL(fileURLWithPath: json)))
+    }
+
+    private func write(_ text: String, _ name: String) throws {
+        try text.write(toFile: "\(out)/\(name)", atomically: true, encoding: .utf8)
+    }
+
+    private func machineFacts() -> MachineFacts {
+        let cpuinfo = readTextFile("/proc/cpuinfo") ?? ""
+        let model = cpuinfo.split(separator: "\n").first { $0.hasPrefix("model name") }
+            .map { $0.split(separator: ":", maxSplits: 1).last!.trimmingCharacters(in: .whitespaces) } ?? "unknown CPU"
+        let memory = ProcessMemoryTotal.read()
+        return MachineFacts(cpuModel: model, cpus: ProcessInfo.processInfo.activeProcessorCount, memoryBytes: memory,
+                            kernel: CapabilityProbe.kernelRelease(), crc32c: CRC32C.implementation.rawValue)
+    }
+}
+
+/// MemTotal from /proc/meminfo, in bytes.
+enum ProcessMemoryTotal {
+    static func read() -> UInt64 {
+        let line = (readTextFile("/proc/meminfo") ?? "").split(separator: "\n").first { $0.hasPrefix("MemTotal:") }
+        return (line?.split(separator: " ").dropFirst().first).flatMap { UInt64($0) }.map { $0 * 1024 } ?? 0
+    }
 }
 
 struct CleanFaults: ParsableCommand {
@@ -29,16 +158,21 @@ struct CleanFaults: ParsableCommand {
     @Option(help: "Alternating runs per side.")
     var runs: Int = 7
 
+    @Option(help: "How this process is placed, for the report (e.g. '1 (taskset -c 0)').")
+    var cpus = "as started"
+
     @Option(help: ArgumentHelp("Write the results as JSON to this file.", valueName: "path"))
     var json: String?
 
     func run() throws {
-        var results: [CleanFaultResult] = []
-        results.append(try CleanFaultBenchmark(memory: .shmem, size: shmemSize, runs: runs, baseline: baseline).run())
+        var results: [CleanFaultFigures] = []
+        results.append(try CleanFaultBenchmark(memory: .shmem, size: shmemSize, runs: runs, baseline: baseline).run(cpus: cpus))
         if hugetlbSize > 0 {
-            results.append(try CleanFaultBenchmark(memory: .hugetlbfs, size: hugetlbSize, runs: runs, baseline: baseline).run())
+            results.append(try CleanFaultBenchmark(memory: .hugetlbfs, size: hugetlbSize, runs: runs, baseline: baseline).run(cpus: cpus))
         }
-        print(CleanFaultResult.table(results))
-        if let json { try writeFile(json, CleanFaultResult.json(results)) }
+        for result in results {
+            print("clean faults, \(result.memory), \(ByteSize.format(result.regionBytes)), CPUs \(result.cpus): postcopyd \(fixed(result.postcopydUsPerFault, 2)) µs, C \(fixed(result.baselineUsPerFault, 2)) µs, ratio \(fixed(result.ratio, 2))")
+        }
+        if let json { try (try jsonLine(results) + "\n").write(toFile: json, atomically: true, encoding: .utf8) }
     }
 }

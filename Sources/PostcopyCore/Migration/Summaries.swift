@@ -53,8 +53,10 @@ public struct DestinationSummary: Codable, Equatable, Sendable {
     public var bytesReceived: UInt64 = 0
     public var totalSeconds: Double = 0
     public var imageDigest = ""
-    /// The daemon's CPU time (user + system) up to completion.
+    /// The daemon's CPU time (user + system) up to completion, and the part
+    /// of it spent from resume to the last stale page.
     public var cpuSeconds: Double = 0
+    public var postcopyCPUSeconds: Double = 0
     /// The daemon's memory at completion (guest RAM is `shmem`).
     public var memoryUse: ProcessMemory?
 
@@ -74,7 +76,7 @@ public struct DestinationSummary: Codable, Equatable, Sendable {
         ]
         if let staleFaultLatency { lines.append("stale-fault latency: \(staleFaultLatency.text)") }
         lines.append("total: \(fixed(totalSeconds, 2)) s, \(ByteSize.format(bytesReceived)) received"
-            + ", \(fixed(cpuSeconds, 2)) s CPU")
+            + ", \(fixed(cpuSeconds, 2)) s CPU (\(fixed(postcopyCPUSeconds, 2)) s in postcopy)")
         if let memoryUse {
             lines.append("memory: \(ByteSize.format(memoryUse.overhead)) besides guest RAM"
                 + " (\(ByteSize.format(memoryUse.anonymous)) anonymous), peak resident \(ByteSize.format(memoryUse.peakResident))")

@@ -369,6 +369,7 @@ public final class DestinationDaemon: @unchecked Sendable {
         try vmm.resume(imageDigest: digest)
         let resumedAt = realtimeNanoseconds()
         postcopy.postcopyStartedAt.store(monotonicNanoseconds(), ordering: .relaxed)
+        postcopy.cpuMicrosAtResume.store(UInt64(ProcessUsage.cpuSeconds() * 1e6), ordering: .relaxed)
         let downtimeMs = resumedAt >= pausedAt ? Double(resumedAt - pausedAt) / 1e6 : 0
         summary.withLock { $0.downtimeMs = downtimeMs }
         try bulk.send(.resumed(destinationResumedAtNanos: resumedAt))
@@ -393,11 +394,13 @@ public final class DestinationDaemon: @unchecked Sendable {
         let now = monotonicNanoseconds()
         let started = postcopy.postcopyStartedAt.load(ordering: .relaxed)
         let seconds = max(Double(now - started) / 1e9, 1e-9)
+        let postcopyCPU = ProcessUsage.cpuSeconds() - Double(postcopy.cpuMicrosAtResume.load(ordering: .relaxed)) / 1e6
         let background = postcopy.backgroundPages.load(ordering: .relaxed)
         let received = streams.withLock { $0.reduce(0) { $0 + $1.bytesReceived.load(ordering: .relaxed) } }
         let latency = LatencyFigures(nanoseconds: postcopy.staleFaultLatencies)
         summary.withLock {
             $0.postcopySeconds = seconds
+            $0.postcopyCPUSeconds = max(postcopyCPU, 0)
             $0.faultsClean = state.cleanFaults
             $0.faultsStale = state.staleFaults
             $0.pagesRequested = state.requestedPages

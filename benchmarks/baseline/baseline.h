@@ -1,0 +1,57 @@
+/*
+ * What the loopback baselines (tcp-pingpong, tcp-stream) share: failing
+ * with a clear message (and taking the forked peer down with the program),
+ * and the monotonic clock. Each program defines BASELINE_NAME before
+ * including this.
+ */
+#ifndef BASELINE_H
+#define BASELINE_H
+
+#include <errno.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+static pid_t child_pid;         /* in the parent, while the forked peer runs */
+static const char *child_role;  /* in the child: "server", "sender", … */
+
+static void fail(const char *msg) {
+    if (child_role)
+        fprintf(stderr, "%s (%s): %s\n", BASELINE_NAME, child_role, msg);
+    else
+        fprintf(stderr, "%s: %s\n", BASELINE_NAME, msg);
+    if (child_pid > 0) kill(child_pid, SIGKILL);
+    exit(1);
+}
+
+static void die(const char *what) {
+    char msg[256];
+    snprintf(msg, sizeof(msg), "%s: %s", what, strerror(errno));
+    fail(msg);
+}
+
+static uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* A TCP socket listening on 127.0.0.1 at a free port, written to *addr. */
+static int listen_loopback(struct sockaddr_in *addr) {
+    int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (listener < 0) die("socket");
+    *addr = (struct sockaddr_in){ .sin_family = AF_INET, .sin_port = 0, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    if (bind(listener, (struct sockaddr *)addr, sizeof(*addr)) < 0) die("bind 127.0.0.1:0");
+    if (listen(listener, 1) < 0) die("listen");
+    socklen_t length = sizeof(*addr);
+    if (getsockname(listener, (struct sockaddr *)addr, &length) < 0) die("getsockname");
+    return listener;
+}
+
+#endif
