@@ -87,6 +87,16 @@ import Testing
         #expect(limiter.record(page: 6, stallNanos: 120, at: 1010) == .init(page: 6, stallNanos: 120, suppressed: 2))
     }
 
+    /// Threads read the clock before they take the limiter's lock: a time
+    /// earlier than the last report's is within the interval, not a trap
+    /// (it was one: an arithmetic overflow in postcopyd's bulk thread).
+    @Test func aTimeBeforeTheLastReportIsSuppressed() {
+        var limiter = StallLimiter(thresholdNanos: 100, intervalNanos: 1000)
+        #expect(limiter.record(page: 1, stallNanos: 200, at: 5_000) != nil)
+        #expect(limiter.record(page: 2, stallNanos: 200, at: 4_999) == nil)
+        #expect(limiter.record(page: 3, stallNanos: 200, at: 6_000) == .init(page: 3, stallNanos: 200, suppressed: 1))
+    }
+
     @Test func rateIsOverTheWindow() {
         var meter = RateMeter(windowNanos: 2_000_000_000)
         #expect(meter.record(0, at: 0) == 0)

@@ -242,10 +242,15 @@ final class ServiceRun: @unchecked Sendable {
                                                     "--pause-pid", "\(source.processIdentifier)", "--quiet"],
                                   stderr: "\(directory)/push.err")
         children.append(push)
-        for (process, name) in [(push, "push"), (daemon, "daemon"), (guest, "guest")] {
-            process.waitUntilExit()
-            let errors = (try? String(contentsOfFile: "\(directory)/\(name).err", encoding: .utf8)) ?? ""
-            try #require(process.terminationStatus == 0, "\(name) exited \(process.terminationStatus):\n\(errors)")
+        let programs = [(push, "push"), (daemon, "daemon"), (guest, "guest")]
+        for (process, _) in programs { process.waitUntilExit() }
+        // One failure usually fails the others: show every program's log.
+        if programs.contains(where: { $0.0.terminationStatus != 0 }) {
+            let logs = programs.map { process, name in
+                let errors = (try? String(contentsOfFile: "\(directory)/\(name).err", encoding: .utf8)) ?? ""
+                return "\(name) exited \(process.terminationStatus):\n\(errors)"
+            }
+            try #require(Bool(false), "the migration failed\n\(logs.joined(separator: "\n"))")
         }
         let json = try Data(contentsOf: URL(fileURLWithPath: "\(directory)/daemon.json"))
         summary = try #require(try JSONSerialization.jsonObject(with: json) as? [String: Any])

@@ -28,10 +28,12 @@ public struct StallLimiter: Sendable {
     }
 
     /// A fault on `page` was resolved after `stallNanos`; returns what to
-    /// log now, if anything.
+    /// log now, if anything. Threads call it with times they read before
+    /// taking the limiter's lock, so `now` may be earlier than the last
+    /// report's: that counts as within the interval.
     public mutating func record(page: UInt64, stallNanos: UInt64, at now: UInt64) -> Report? {
         guard stallNanos >= thresholdNanos else { return nil }
-        if let last = lastReportAt, now - last < intervalNanos {
+        if let last = lastReportAt, now < last || now - last < intervalNanos {
             suppressed += 1
             return nil
         }

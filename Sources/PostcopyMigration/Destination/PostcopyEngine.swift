@@ -117,11 +117,13 @@ final class PostcopyEngine: FaultResolver, Sendable {
             }
             written += claim.count
         }
-        let now = monotonicNanoseconds()
         // Counted (and traced) under the tracker's lock, with the commit: the
         // thread that commits the last pages signals completion, and the
-        // summary must then see every other thread's pages counted.
-        let (completions, doneNow) = tracker.withLock { state in
+        // summary must then see every other thread's pages counted. The time
+        // is read under the lock too: a fault registered while this thread
+        // waited for it must not look as if it ended before it began.
+        let (completions, doneNow, now) = tracker.withLock { state in
+            let now = monotonicNanoseconds()
             let completions = state.commit(claims, at: now)
             if isUrgent {
                 urgentPages.add(written, ordering: .relaxed)
@@ -129,7 +131,7 @@ final class PostcopyEngine: FaultResolver, Sendable {
                 backgroundPages.add(written, ordering: .relaxed)
             }
             if tracing { record(claims, completions, urgent: isUrgent, at: now) }
-            return (completions, completions.isEmpty && state.isComplete)
+            return (completions, completions.isEmpty && state.isComplete, now)
         }
         for completion in completions {
             do {
