@@ -9,7 +9,7 @@
 #                  (HUGETLB=1 for 2 MiB pages on the destination)
 #   make check     the capability probe alone
 #   make bench     every benchmark against a baseline measured in the same run
-#                  (~10 min); table, bench.json and plots in bench-results/
+#                  (~5 min, root); table, bench.json and plots in bench-results/
 #                  (BENCH_FLAGS=--quick for a short smoke run)
 #   make install   binaries to $(DESTDIR)$(PREFIX)/bin, units to $(DESTDIR)$(UNITDIR),
 #                  the journal catalog, an example config, the docs

@@ -2,7 +2,7 @@ import Foundation
 import PostcopyCore
 import PostcopyOS
 
-/// Sizes of the benchmark runs: `full` is what `make bench` runs (about ten
+/// Sizes of the benchmark runs: `full` is what `make bench` runs (about five
 /// minutes on two CPUs), `quick` a smoke run of every path in about two.
 public struct BenchScale: Sendable {
     public var staleRegion: UInt64
