@@ -6,13 +6,14 @@ import Synchronization
 /// frames in. Sending is safe from several threads (each frame goes out
 /// whole); receiving belongs to one thread.
 public final class MessageStream: @unchecked Sendable {
-    // SAFETY: `decoder` and `buffer` are used only by the receiving thread;
+    // SAFETY: `decoder` is used only by the receiving thread;
     // sends are serialised by `sendLock`.
     public let connection: TCPConnection
     /// Who is at the other end, for error messages ("agent bulk connection").
     public let peer: String
     private var decoder: FrameDecoder
-    private let buffer: UnsafeMutableRawBufferPointer
+    /// The most one receive asks the kernel for.
+    private let receiveSize: Int
     private let sendLock = Mutex<Void>(())
     /// Bytes received, for statistics; read from any thread.
     public let bytesReceived = Atomic<UInt64>(0)
@@ -22,10 +23,8 @@ public final class MessageStream: @unchecked Sendable {
         self.connection = connection
         self.peer = peer
         decoder = FrameDecoder(maxPayload: maxPayload)
-        buffer = .allocate(byteCount: receiveBuffer, alignment: 64)
+        receiveSize = receiveBuffer
     }
-
-    deinit { buffer.deallocate() }
 
     /// The next message, blocking until it is whole; nil when the peer
     /// closed the connection between frames. A PAGES message's data is valid
@@ -33,7 +32,9 @@ public final class MessageStream: @unchecked Sendable {
     public func receive() throws -> Message? {
         while true {
             if let message = try decoded() { return message }
-            let count = try connection.receive(into: buffer)
+            // Straight into the decoder's buffer: no copy between the socket
+            // and the frame the pages are checked in.
+            let count = try decoder.receive(upTo: receiveSize) { room in try connection.receive(into: room) }
             if count == 0 {
                 guard decoder.bufferedByteCount == 0 else {
                     throw StreamError.truncated(peer: peer, bytes: decoder.bufferedByteCount)
@@ -41,7 +42,6 @@ public final class MessageStream: @unchecked Sendable {
                 return nil
             }
             bytesReceived.add(UInt64(count), ordering: .relaxed)
-            decoder.append(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
         }
     }
 

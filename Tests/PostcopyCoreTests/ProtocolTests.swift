@@ -103,11 +103,19 @@ enum Wire {
 
     /// Both implementations agree on whole pages and on seeds, where the
     /// hardware one (when this CPU has it) is what frames are checked with.
+    /// The hardware path runs three lanes of 8 KiB side by side on buffers of
+    /// 24 KiB and more: lengths around those steps, at odd offsets.
     @Test func hardwareAndSoftwareAgree() {
-        let data = Wire.pageData(pages: 3, seed: 21)
-        for seed: UInt32 in [0, 1, 0xDEAD_BEEF] {
-            let software = data.withUnsafeBytes { CRC32C.checksum($0, seed: seed, using: .software) }
-            #expect(data.withUnsafeBytes { CRC32C.checksum($0, seed: seed) } == software)
+        let data = Wire.pageData(pages: 260, seed: 21)
+        for length in [0, 7, 12_288, 24_575, 24_576, 24_577, 49_152 + 13, 1 << 20, (1 << 20) + 7] {
+            for start in [0, 3] {
+                let slice = data[start..<(start + length)]
+                for seed: UInt32 in [0, 0xDEAD_BEEF] {
+                    let software = slice.withUnsafeBytes { CRC32C.checksum($0, seed: seed, using: .software) }
+                    #expect(slice.withUnsafeBytes { CRC32C.checksum($0, seed: seed) } == software,
+                            "\(length) bytes at \(start), seed \(seed)")
+                }
+            }
         }
     }
 
@@ -174,6 +182,34 @@ enum Wire {
             while let message = try decoder.next() { decoded.append(message) }
         }
         #expect(decoded == Wire.samples)
+        #expect(decoder.bufferedByteCount == 0)
+    }
+
+    /// As a socket feeds it: `receive` writes into the decoder's own buffer,
+    /// a read may stop anywhere, and may be shorter than the room offered.
+    @Test(arguments: [5, 6, 7] as [UInt64])
+    func framesReceivedStraightIntoTheBuffer(seed: UInt64) throws {
+        var generator = SplitMix64(seed: seed)
+        let pages = Message.pages(requestID: 3, firstPage: 10, data: Wire.pageData(pages: 64, seed: seed)[...])
+        let messages = (0..<40).map { index in index % 3 == 0 ? pages : Wire.samples.randomElement(using: &generator)! }
+        let stream = messages.flatMap { $0.encoded() }
+        var decoder = FrameDecoder()
+        var decoded: [Message] = []
+        var offset = 0
+        while offset < stream.count {
+            let room = Int.random(in: 1...300_000, using: &generator)
+            let written = decoder.receive(upTo: room) { buffer in
+                let count = min(buffer.count, Int.random(in: 1...room, using: &generator), stream.count - offset)
+                stream[offset..<(offset + count)].withUnsafeBytes { buffer.copyMemory(from: $0) }
+                return count
+            }
+            offset += written
+            while let message = try decoder.next() { decoded.append(message) }
+        }
+        #expect(decoded == messages)
+        #expect(decoder.bufferedByteCount == 0)
+        // The end of the stream: nothing written, nothing buffered.
+        #expect(decoder.receive(upTo: 4096) { _ in 0 } == 0)
         #expect(decoder.bufferedByteCount == 0)
     }
 

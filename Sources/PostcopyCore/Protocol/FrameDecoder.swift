@@ -14,7 +14,9 @@
 ///
 /// The data of a decoded PAGES message is a slice of the decoder's buffer,
 /// not a copy, so pages can be copied straight into guest memory. Drop the
-/// message before the next `append`, or that append copies the buffer.
+/// message before the next `append`/`receive`, or that call copies the
+/// buffer. `receive` lets the socket write into that buffer directly, so a
+/// page is copied once from the kernel and once into guest memory.
 public struct FrameDecoder: Sendable {
     /// The default `maxPayload`: one PAGES frame of 1024 pages (4 MiB)
     /// and then some (64 KiB).
@@ -25,9 +27,11 @@ public struct FrameDecoder: Sendable {
     /// The error that stopped the decoder, if one did.
     public private(set) var failure: ProtocolError?
 
-    /// Received bytes; those before `readIndex` are consumed.
+    /// Received bytes are `buffer[readIndex..<writeIndex]`; those before
+    /// `readIndex` are consumed, those from `writeIndex` on are room.
     private var buffer: [UInt8] = []
     private var readIndex = 0
+    private var writeIndex = 0
     /// The checked header of the frame being assembled, once its bytes are in.
     private var header: FrameHeader?
 
@@ -38,13 +42,32 @@ public struct FrameDecoder: Sendable {
 
     /// Bytes received and not yet consumed by a decoded frame. Nonzero when
     /// the stream ends means the peer stopped in the middle of a frame.
-    public var bufferedByteCount: Int { buffer.count - readIndex }
+    public var bufferedByteCount: Int { writeIndex - readIndex }
 
     /// Adds received bytes. Ignored once the decoder has failed.
     public mutating func append(_ bytes: UnsafeRawBufferPointer) {
         guard failure == nil, !bytes.isEmpty else { return }
-        compact()
-        buffer.append(contentsOf: bytes)
+        _ = receive(upTo: bytes.count) { room in
+            room.copyMemory(from: bytes)
+            return bytes.count
+        }
+    }
+
+    /// Lets `fill` write up to `count` received bytes straight into the
+    /// decoder's buffer and returns how many it wrote (0: the stream ended).
+    /// `fill` gets room for exactly `count` bytes and must return at most
+    /// that. Once the decoder has failed, `fill` still runs (so the caller
+    /// sees the end of the stream) but its bytes are dropped.
+    public mutating func receive(upTo count: Int,
+                                 _ fill: (UnsafeMutableRawBufferPointer) throws -> Int) rethrows -> Int {
+        precondition(count > 0, "receive needs room for at least one byte")
+        makeRoom(count)
+        let written = try buffer.withUnsafeMutableBytes { bytes in
+            try fill(UnsafeMutableRawBufferPointer(rebasing: bytes[writeIndex..<(writeIndex + count)]))
+        }
+        precondition((0...count).contains(written), "fill wrote \(written) bytes into room for \(count)")
+        if failure == nil { writeIndex += written }
+        return written
     }
 
     /// Adds received bytes. Ignored once the decoder has failed.
@@ -61,6 +84,7 @@ public struct FrameDecoder: Sendable {
             failure = error
             buffer = []
             readIndex = 0
+            writeIndex = 0
             header = nil
             throw error
         }
@@ -89,16 +113,28 @@ public struct FrameDecoder: Sendable {
         return message
     }
 
-    /// Drops consumed bytes when that is cheap overall: all of them when
-    /// nothing is left over, otherwise only once the consumed bytes outnumber
-    /// those left, so each byte is moved at most once on average.
-    private mutating func compact() {
-        if readIndex == buffer.count {
-            buffer.removeAll(keepingCapacity: true)
+    /// Makes room for `count` more bytes after `writeIndex`: forgets the
+    /// consumed bytes when nothing is left over; otherwise moves what is left
+    /// (a partial frame) to the front when the room is short and the consumed
+    /// bytes outnumber those left, so each byte moves at most once on
+    /// average; grows the buffer (zero-filled once) only when that is not
+    /// enough. What is left is less than one frame whenever the caller
+    /// receives (it received because `next()` needed more), so the buffer
+    /// stays under two frames and `count`.
+    private mutating func makeRoom(_ count: Int) {
+        if readIndex == writeIndex {
             readIndex = 0
-        } else if readIndex >= 4096 && readIndex >= buffer.count - readIndex {
-            buffer.removeSubrange(0..<readIndex)
+            writeIndex = 0
+        } else if buffer.count - writeIndex < count && readIndex >= writeIndex - readIndex {
+            let left = writeIndex - readIndex
+            buffer.withUnsafeMutableBytes { bytes in
+                bytes.baseAddress!.copyMemory(from: bytes.baseAddress! + readIndex, byteCount: left)
+            }
             readIndex = 0
+            writeIndex = left
+        }
+        if buffer.count - writeIndex < count {
+            buffer.append(contentsOf: repeatElement(0, count: writeIndex + count - buffer.count))
         }
     }
 }
