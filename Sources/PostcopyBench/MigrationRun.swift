@@ -30,8 +30,10 @@ public struct MigrationScenario: Sendable {
     public var postcopyMiBps: Double?
     public var maxRounds = 5
     public var seed: UInt64 = 1
-    /// --background-scheduling for postcopyd and postcopy-push (nil: their default).
+    /// --background-scheduling for postcopyd and postcopy-push (nil: their
+    /// default); `agentScheduling`, when set, for postcopy-push alone.
     public var backgroundScheduling: String?
+    public var agentScheduling: String?
 
     public init(name: String, size: UInt64, source: Source) {
         self.name = name
@@ -110,7 +112,9 @@ extension MigrationScenario {
             pushArguments += ["--dirty-bitmap", bitmap]
         }
         if let postcopyMiBps { pushArguments += ["--postcopy-bandwidth", "\(postcopyMiBps)"] }
-        if let backgroundScheduling { pushArguments += ["--background-scheduling", backgroundScheduling] }
+        if let scheduling = agentScheduling ?? backgroundScheduling {
+            pushArguments += ["--background-scheduling", scheduling]
+        }
 
         var daemonArguments = ["serve", "--instance", "bench", "--listen", "127.0.0.1:0",
                                "--vmm-socket", "\(directory)/vmm.sock", "--control-socket", "\(directory)/control.sock",
