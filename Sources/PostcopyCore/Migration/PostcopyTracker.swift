@@ -71,6 +71,21 @@ public struct PostcopyTracker: Sendable {
     /// No page is stale and every completion is installed.
     public var isComplete: Bool { stalePages == 0 && pendingInstalls == 0 }
 
+    /// The counts above, without the per-page state.
+    public struct Counters: Sendable, Equatable {
+        public let stalePages: UInt64
+        public let duplicatePages: UInt64
+        public let filledPages: UInt64
+        public let requestedPages: UInt64
+        public let staleFaults: UInt64
+        public let cleanFaults: UInt64
+    }
+
+    public var counters: Counters {
+        Counters(stalePages: stalePages, duplicatePages: duplicatePages, filledPages: filledPages,
+                 requestedPages: requestedPages, staleFaults: staleFaults, cleanFaults: cleanFaults)
+    }
+
     /// Whether `page` (4 KiB) is still stale.
     public func isStale(_ page: UInt64) -> Bool { stale.contains(page) }
 

@@ -152,7 +152,7 @@ public final class DestinationDaemon: @unchecked Sendable {
         status.stalePagesAtSwitchover = summary.stalePagesAtSwitchover
         if phase == .postcopy || phase == .complete { status.downtimeMs = summary.downtimeMs }
         if let postcopy = engine.withLock({ $0 }) {
-            let state = postcopy.state
+            let state = postcopy.counters
             status.stalePagesLeft = state.stalePages
             status.faultsClean = state.cleanFaults
             status.faultsStale = state.staleFaults
@@ -390,7 +390,7 @@ public final class DestinationDaemon: @unchecked Sendable {
         // Reached only through switchover, which set both.
         let postcopy = try currentEngine()
         session.withLock { $0.complete() }
-        let state = postcopy.state
+        let state = postcopy.counters
         let now = monotonicNanoseconds()
         let started = postcopy.postcopyStartedAt.load(ordering: .relaxed)
         let seconds = max(Double(now - started) / 1e9, 1e-9)

@@ -182,10 +182,22 @@ final class PostcopyEngine: FaultResolver, Sendable {
         if !completeSignalled.exchange(true, ordering: .sequentiallyConsistent) { onComplete() }
     }
 
-    /// A snapshot of the tracker, for status and the summary.
-    var state: PostcopyTracker { tracker.withLock { $0 } }
+    /// The tracker's counters, for status and the summary. Not a copy of the
+    /// tracker: a copy would share its per-page bitmaps, and the fault
+    /// path's next change would then copy them all (1 MiB at 8 GiB of RAM)
+    /// while holding the lock.
+    var counters: PostcopyTracker.Counters { tracker.withLock { $0.counters } }
 
-    var staleFaultLatencies: [UInt64] { latencies.withLock { $0 } }
+    /// A copy made here, under the lock, so that the array the filling
+    /// threads append to is never shared (sharing would make their next
+    /// append copy it all, on the fault path).
+    var staleFaultLatencies: [UInt64] {
+        latencies.withLock { samples in
+            Array(unsafeUninitializedCapacity: samples.count) { buffer, count in
+                count = buffer.initialize(fromContentsOf: samples)
+            }
+        }
+    }
 
     /// The events so far, if tracing.
     var traceSnapshot: PostcopyTrace? { tracing ? trace.withLock { $0 } : nil }
