@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import PostcopyCore
+import PostcopyOS
 
 /// Where the programs a benchmark runs are, and where it keeps its files.
 public struct BenchEnvironment: Sendable {
@@ -122,4 +123,17 @@ func waitForFile(_ path: String, seconds: Double, _ what: String, while child: C
 
 func makeDirectory(_ path: String) throws {
     try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+}
+
+extension MachineFacts {
+    /// This machine: /proc/cpuinfo's model name, the CPUs this process may
+    /// use, MemTotal, the kernel release, and the CRC-32C implementation.
+    public static func current() -> MachineFacts {
+        let cpuinfo = readTextFile("/proc/cpuinfo") ?? ""
+        let model = cpuinfo.split(separator: "\n").first { $0.hasPrefix("model name") }
+            .map { $0.split(separator: ":", maxSplits: 1).last!.trimmingCharacters(in: .whitespaces) } ?? "unknown CPU"
+        return MachineFacts(cpuModel: model, cpus: ProcessInfo.processInfo.activeProcessorCount,
+                            memoryBytes: procValues(readTextFile("/proc/meminfo") ?? "")["MemTotal"] ?? 0,
+                            kernel: CapabilityProbe.kernelRelease(), crc32c: CRC32C.implementation.rawValue)
+    }
 }

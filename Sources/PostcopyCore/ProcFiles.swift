@@ -16,20 +16,26 @@ public struct HugepagePool: Equatable, Sendable {
     public var available: UInt64 { free >= reserved ? free - reserved : 0 }
 
     public init(meminfo text: String) {
-        self.init()
-        for line in text.split(separator: "\n") {
-            let fields = line.split(whereSeparator: { $0 == " " || $0 == ":" })
-            guard fields.count >= 2, let value = UInt64(fields[1]) else { continue }
-            switch fields[0] {
-            case "HugePages_Total": total = value
-            case "HugePages_Free": free = value
-            case "HugePages_Rsvd": reserved = value
-            case "HugePages_Surp": surplus = value
-            case "Hugepagesize": pageSize = value * (fields.count > 2 && fields[2] == "kB" ? 1024 : 1)
-            default: continue
-            }
-        }
+        let values = procValues(text)
+        total = values["HugePages_Total"] ?? 0
+        free = values["HugePages_Free"] ?? 0
+        reserved = values["HugePages_Rsvd"] ?? 0
+        surplus = values["HugePages_Surp"] ?? 0
+        pageSize = values["Hugepagesize"] ?? 0
     }
+}
+
+/// The `Key: value [kB]` lines of /proc/meminfo and /proc/PID/status: each
+/// key's value, in bytes where the line says kB, as written otherwise.
+/// Lines that are not a key and a number are skipped.
+public func procValues(_ text: String) -> [String: UInt64] {
+    var values: [String: UInt64] = [:]
+    for line in text.split(separator: "\n") {
+        let fields = line.split(whereSeparator: { $0 == ":" || $0 == " " || $0 == "\t" })
+        guard fields.count >= 2, let value = UInt64(fields[1]) else { continue }
+        values[String(fields[0])] = fields.count > 2 && fields[2] == "kB" ? value * 1024 : value
+    }
+    return values
 }
 
 /// A mounted hugetlbfs, from /proc/mounts.
@@ -116,21 +122,13 @@ public struct ProcessMemory: Codable, Equatable, Sendable {
     /// Reads the `VmHWM`, `VmRSS`, `RssAnon`, `RssFile` and `RssShmem` lines
     /// (values in kB); nil when `VmRSS` is missing.
     public init?(status text: String) {
-        var seen = false
-        for line in text.split(separator: "\n") {
-            let parts = line.split(whereSeparator: { $0 == ":" || $0 == " " || $0 == "\t" })
-            guard parts.count >= 2, let kilobytes = UInt64(parts[1]) else { continue }
-            let bytes = kilobytes * 1024
-            switch parts[0] {
-            case "VmHWM": peakResident = bytes
-            case "VmRSS": resident = bytes; seen = true
-            case "RssAnon": anonymous = bytes
-            case "RssFile": file = bytes
-            case "RssShmem": shmem = bytes
-            default: continue
-            }
-        }
-        guard seen else { return nil }
+        let values = procValues(text)
+        guard let resident = values["VmRSS"] else { return nil }
+        self.resident = resident
+        peakResident = values["VmHWM"] ?? 0
+        anonymous = values["RssAnon"] ?? 0
+        file = values["RssFile"] ?? 0
+        shmem = values["RssShmem"] ?? 0
     }
 
     /// Resident memory that is not guest RAM.

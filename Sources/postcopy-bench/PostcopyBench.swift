@@ -56,7 +56,7 @@ struct Run: ParsableCommand {
         var results = BenchResults()
         results.command = CommandLine.arguments.joined(separator: " ")
         results.started = ISO8601DateFormatter().string(from: started)
-        results.machine = machineFacts()
+        results.machine = MachineFacts.current()
         let notes = ["\(results.machine!.cpus) CPUs, \(results.machine!.cpuModel), Linux \(results.machine!.kernel)",
                      "make bench, \(results.started)"]
 
@@ -120,23 +120,6 @@ struct Run: ParsableCommand {
 
     private func write(_ text: String, _ name: String) throws {
         try text.write(toFile: "\(out)/\(name)", atomically: true, encoding: .utf8)
-    }
-
-    private func machineFacts() -> MachineFacts {
-        let cpuinfo = readTextFile("/proc/cpuinfo") ?? ""
-        let model = cpuinfo.split(separator: "\n").first { $0.hasPrefix("model name") }
-            .map { $0.split(separator: ":", maxSplits: 1).last!.trimmingCharacters(in: .whitespaces) } ?? "unknown CPU"
-        let memory = ProcessMemoryTotal.read()
-        return MachineFacts(cpuModel: model, cpus: ProcessInfo.processInfo.activeProcessorCount, memoryBytes: memory,
-                            kernel: CapabilityProbe.kernelRelease(), crc32c: CRC32C.implementation.rawValue)
-    }
-}
-
-/// MemTotal from /proc/meminfo, in bytes.
-enum ProcessMemoryTotal {
-    static func read() -> UInt64 {
-        let line = (readTextFile("/proc/meminfo") ?? "").split(separator: "\n").first { $0.hasPrefix("MemTotal:") }
-        return (line?.split(separator: " ").dropFirst().first).flatMap { UInt64($0) }.map { $0 * 1024 } ?? 0
     }
 }
 
