@@ -178,12 +178,7 @@ extension MigrationScenario {
         var generator = SplitMix64(seed: seed &+ 0xB17)
         let chosen = Array(0..<pages).shuffled(using: &generator).prefix(Int(min(stale, pages)))
         for page in chosen { _ = bitmap.insert(page) }
-        var bytes = [UInt8]()
-        bytes.reserveCapacity(bitmap.words.count * 8)
-        for word in bitmap.words {
-            for shift in stride(from: 0, to: 64, by: 8) { bytes.append(UInt8(truncatingIfNeeded: word >> UInt64(shift))) }
-        }
-        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        try Data(bitmap.littleEndianBytes).write(to: URL(fileURLWithPath: path))
     }
 
     private func readTouches(_ path: String) throws -> [Touch] {

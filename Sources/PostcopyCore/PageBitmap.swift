@@ -22,6 +22,22 @@ public struct PageBitmap: Equatable, Sendable {
         self.count = count
     }
 
+    /// From the bytes of a dirty log (`postcopy-push --dirty-bitmap`): the
+    /// words, each 8 bytes little-endian. Refuses a length other than 8 bytes
+    /// per word of `count`, and set bits past `count`.
+    public init?(littleEndianBytes bytes: [UInt8], count: UInt64) {
+        let words = Int((count + 63) / 64)
+        guard bytes.count == words * 8 else { return nil }
+        self.init(words: (0..<words).map { index in
+            (0..<8).reduce(UInt64(0)) { $0 | UInt64(bytes[index * 8 + $1]) << (8 * $1) }
+        }, count: count)
+    }
+
+    /// The bitmap as a dirty log holds it: see `init(littleEndianBytes:count:)`.
+    public var littleEndianBytes: [UInt8] {
+        words.flatMap { word in (0..<8).map { UInt8(truncatingIfNeeded: word >> (8 * $0)) } }
+    }
+
     /// A bitmap with every page set.
     public static func full(count: UInt64) -> PageBitmap {
         var bitmap = PageBitmap(count: count)

@@ -42,6 +42,21 @@ import Testing
 }
 
 @Suite struct PageBitmapTests {
+    /// The dirty-log file form: 8 bytes per word, least significant first.
+    @Test func dirtyLogBytesRoundTrip() throws {
+        var bitmap = PageBitmap(count: 70)
+        for page: UInt64 in [0, 9, 63, 64, 69] { bitmap.insert(page) }
+        let bytes = bitmap.littleEndianBytes
+        #expect(bytes.count == 16)
+        #expect(Array(bytes[0..<8]) == [0x01, 0x02, 0, 0, 0, 0, 0, 0x80])
+        #expect(Array(bytes[8..<16]) == [0x21, 0, 0, 0, 0, 0, 0, 0])
+        #expect(PageBitmap(littleEndianBytes: bytes, count: 70) == bitmap)
+        #expect(PageBitmap(littleEndianBytes: Array(bytes.dropLast()), count: 70) == nil, "a length that is not 8 per word")
+        var past = bytes
+        past[8] |= 0x80
+        #expect(PageBitmap(littleEndianBytes: past, count: 70) == nil, "bit 71 of a 70-page bitmap")
+    }
+
     @Test func insertRemoveCount() {
         var bitmap = PageBitmap(count: 130)
         #expect(bitmap.isEmpty)

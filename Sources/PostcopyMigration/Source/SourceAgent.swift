@@ -202,10 +202,7 @@ public final class SourceAgent: @unchecked Sendable {
         guard bytes.count == words * 8 else {
             throw MigrationError(.incompatible, "dirty bitmap \(path) is \(bytes.count) bytes; \(pages) pages need \(words * 8)")
         }
-        let values = (0..<words).map { index in
-            bytes[(index * 8)..<(index * 8 + 8)].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * $1.offset) }
-        }
-        guard let bitmap = PageBitmap(words: values, count: pages) else {
+        guard let bitmap = PageBitmap(littleEndianBytes: bytes, count: pages) else {
             throw MigrationError(.incompatible, "dirty bitmap \(path) sets bits past page \(pages)")
         }
         return bitmap
