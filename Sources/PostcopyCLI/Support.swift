@@ -61,6 +61,15 @@ public func parseSize(_ text: String) throws -> UInt64 {
 
 extension MemoryKind: ExpressibleByArgument {}
 
+/// `--background-scheduling`, the same on both ends of a migration.
+public struct BackgroundSchedulingOption: ParsableArguments {
+    @Option(help: ArgumentHelp("How the background stream's thread competes for a CPU during postcopy: idle (SCHED_IDLE: only otherwise idle CPU time, so faults are served first), nice:N (1-19), or normal.", valueName: "class"),
+            transform: parseScheduling)
+    public var backgroundScheduling = OSThread.SchedulingClass.idle
+
+    public init() {}
+}
+
 /// `idle`, `normal`, or `nice:N` (N from 1 to 19).
 public func parseScheduling(_ text: String) throws -> OSThread.SchedulingClass {
     switch text {

@@ -53,9 +53,7 @@ struct PostcopyPush: ParsableCommand {
     @Option(help: ArgumentHelp("Limit the background stream during postcopy to this many MiB/s (default: no limit). Pages the destination asks for are never held back.", valueName: "MiB/s"))
     var postcopyBandwidth: Double?
 
-    @Option(help: ArgumentHelp("How the background stream's thread competes for a CPU during postcopy: idle (SCHED_IDLE: only otherwise idle CPU time, so faults are served first), nice:N (1-19), or normal.", valueName: "class"),
-            transform: parseScheduling)
-    var backgroundScheduling = OSThread.SchedulingClass.idle
+    @OptionGroup var scheduling: BackgroundSchedulingOption
 
     @Option(help: ArgumentHelp("A dirty log kept by the caller, read at switchover and merged with the scan (one bit per 4 KiB page, little-endian 64-bit words).", valueName: "path"))
     var dirtyBitmap: String?
@@ -88,7 +86,7 @@ struct PostcopyPush: ParsableCommand {
                                       switchoverPages: switchoverPages)
         config.dirtyBitmapPath = dirtyBitmap
         config.postcopyBytesPerSecond = postcopyBandwidth.map { UInt64($0 * 1_048_576) }
-        config.backgroundScheduling = backgroundScheduling
+        config.backgroundScheduling = scheduling.backgroundScheduling
         do {
             let agent = try SourceAgent(config: config, logger: logger, progress: ProgressReporter(enabled: !quiet))
             let summary = try agent.run()

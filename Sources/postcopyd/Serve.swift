@@ -55,9 +55,7 @@ struct Serve: ParsableCommand {
     @Option(help: ArgumentHelp("Write the agent endpoint (host:port) to this file once listening.", valueName: "path"))
     var readyFile: String?
 
-    @Option(help: ArgumentHelp("How the background stream's thread competes for a CPU during postcopy: idle (SCHED_IDLE: only otherwise idle CPU time, so faults are served first), nice:N (1-19), or normal.", valueName: "class"),
-            transform: parseScheduling)
-    var backgroundScheduling = OSThread.SchedulingClass.idle
+    @OptionGroup var scheduling: BackgroundSchedulingOption
 
     @Option(help: ArgumentHelp("Write the postcopy phase's events (pages arrived, stale faults resolved) to this CSV file at the end.", valueName: "path"))
     var trace: String?
@@ -109,7 +107,7 @@ struct Serve: ParsableCommand {
         settings.vmmAttachTimeoutNanos = vmmTimeout * 1_000_000_000
         settings.stallWarningNanos = stallWarningMs * 1_000_000
         settings.tracePath = trace
-        settings.backgroundScheduling = backgroundScheduling
+        settings.backgroundScheduling = scheduling.backgroundScheduling
 
         // Allocating (and on hugetlbfs reserving) guest RAM can take a while.
         notifier.extendTimeout(nanoseconds: 120_000_000_000)
