@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -40,6 +41,20 @@ static uint64_t now_ns(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* Waits for the forked peer `pid` (the `role` it plays, for the message)
+ * and fails unless it exited 0. */
+static void reap_child(pid_t pid, const char *role) {
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR) die("waitpid");
+    child_pid = 0;
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        char msg[64];
+        snprintf(msg, sizeof(msg), "%s child failed (status 0x%x)", role, status);
+        fail(msg);
+    }
 }
 
 /* A TCP socket listening on 127.0.0.1 at a free port, written to *addr. */

@@ -168,14 +168,7 @@ int main(int argc, char **argv) {
         if (page[i] != pattern_byte(i)) fail("response does not match the server's pattern");
 
     close(sock);
-    int status;
-    while (waitpid(pid, &status, 0) < 0)
-        if (errno != EINTR) die("waitpid");
-    child_pid = 0;
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-        fprintf(stderr, "tcp-pingpong: server child failed (status 0x%x)\n", status);
-        return 1;
-    }
+    reap_child(pid, "server");
 
     uint64_t sum = 0;
     for (uint64_t i = 0; i < iterations; i++) sum += samples[i];

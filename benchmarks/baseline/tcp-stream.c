@@ -97,15 +97,7 @@ static uint64_t tcp_run(int listener, const struct sockaddr_in *addr, const char
     if (n != 0) fail(n < 0 ? "recv after the stream" : "sender sent more than BYTES");
     close(conn);
 
-    int status;
-    while (waitpid(pid, &status, 0) < 0)
-        if (errno != EINTR) die("waitpid");
-    child_pid = 0;
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-        char msg[64];
-        snprintf(msg, sizeof(msg), "sender child failed (status 0x%x)", status);
-        fail(msg);
-    }
+    reap_child(pid, "sender");
     if (memcmp(dst, src, bytes)) fail("tcp: target does not match the source");
     return t1 - t0;
 }
