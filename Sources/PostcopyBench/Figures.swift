@@ -58,9 +58,9 @@ public struct StaleFaultFigures: Codable, Sendable {
     public let ratioP99: Double
     /// Runs of this link (the figures are the median run's by p99), and
     /// the lowest and highest p99 among them.
-    public let runs: Int
-    public let p99Min: Double
-    public let p99Max: Double
+    public var runs = 1
+    public var p99Min = 0.0
+    public var p99Max = 0.0
 }
 
 /// 3. Back-fill throughput.

@@ -83,15 +83,14 @@ public struct Suite: Sendable {
                     link: link, regionBytes: scale.staleRegion, stalePages: result.daemon.stalePagesAtSwitchover,
                     guest: guest, daemon: daemon, cleanTouch: cleanTouch,
                     backgroundMiBps: result.daemon.backgroundMiBPerSecond, pingPong: pingPong, baselineP99: baseline,
-                    ratioP99: guest.p99 / baseline, runs: repeats, p99Min: 0, p99Max: 0), result))
+                    ratioP99: guest.p99 / baseline), result))
             }
             measured.sort { $0.0.guest.p99 < $1.0.guest.p99 }
-            let (median, run) = measured[measured.count / 2]
-            figures.append(StaleFaultFigures(
-                link: median.link, regionBytes: median.regionBytes, stalePages: median.stalePages, guest: median.guest,
-                daemon: median.daemon, cleanTouch: median.cleanTouch, backgroundMiBps: median.backgroundMiBps,
-                pingPong: median.pingPong, baselineP99: median.baselineP99, ratioP99: median.ratioP99, runs: repeats,
-                p99Min: measured.first!.0.guest.p99, p99Max: measured.last!.0.guest.p99))
+            var (median, run) = measured[measured.count / 2]
+            median.runs = repeats
+            median.p99Min = measured.first!.0.guest.p99
+            median.p99Max = measured.last!.0.guest.p99
+            figures.append(median)
             medianRuns.append(run)
         }
         return (figures, medianRuns[1], medianRuns[0])
