@@ -386,7 +386,92 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
         #expect(refusal { try session.receive(.pageRequest(requestID: 1, firstPage: 0, count: 1), on: .urgent) }
             == .unexpected(.pageRequest, phase: .postcopy, role: .urgent))
         #expect(refusal { try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize)) }
-            == .unexpected(.hello, phase: .postcopy, role: .bulk))
+            == .postcopyInProgress)
+    }
+
+    // MARK: Pause and rejoin
+
+    static func resuming(_ role: StreamRole, _ geometry: PageGeometry, id: MigrationID = Sessions.migrationID) -> Message {
+        .hello(migrationID: id, role: role, sourcePageSize: .small, regionSize: geometry.regionSize, resume: true)
+    }
+
+    @Test func aLostConnectionPausesPostcopyOncePerGeneration() throws {
+        let geometry = try Sessions.geometry()
+        var session = try Sessions.postcopy(geometry, words: [0xFF])
+        #expect(session.epoch == 0)
+        let paused = session.connectionLost(epoch: 0)
+        #expect(paused)
+        #expect(session.phase == .paused && session.epoch == 1 && session.pauses == 1)
+        // The other connection of the same generation reports it too: nothing more.
+        let again = session.connectionLost(epoch: 0)
+        #expect(!again)
+        #expect(session.pauses == 1)
+        // Pages already on their way are still admitted while paused.
+        let data = Sessions.data(pages: 1, seed: 3)
+        #expect(try session.receive(.pages(requestID: 0, firstPage: 2, data: data), on: .bulk)
+            == .writePostcopy(PageRun(first: 2, count: 1), data, requestID: 0))
+        #expect(try session.receive(.zeroPages(firstPage: 3, count: 1), on: .urgent) == .zeroPostcopy(PageRun(first: 3, count: 1)))
+    }
+
+    @Test func aLostConnectionBeforeSwitchoverDoesNotPause() throws {
+        let geometry = try Sessions.geometry()
+        var session = try Sessions.precopy(geometry)
+        let paused = session.connectionLost(epoch: 0)
+        #expect(!paused)
+        #expect(session.phase == .precopy && session.epoch == 0)
+    }
+
+    @Test func bothConnectionsRejoiningResumePostcopy() throws {
+        let geometry = try Sessions.geometry()
+        var session = try Sessions.postcopy(geometry, words: [0xFF])
+        _ = session.connectionLost(epoch: 0)
+        let bulk = try session.hello(Self.resuming(.bulk, geometry))
+        #expect(bulk.role == .bulk && session.phase == .paused)
+        // An agent that died half-way through rejoining: its successor's bulk replaces it.
+        #expect(try session.hello(Self.resuming(.bulk, geometry)).role == .bulk)
+        #expect(try session.hello(Self.resuming(.urgent, geometry)).role == .urgent)
+        #expect(session.phase == .postcopy && session.epoch == 1)
+        // Yet another rejoin gives this generation up in turn.
+        _ = try session.hello(Self.resuming(.urgent, geometry))
+        #expect(session.phase == .paused && session.epoch == 2 && session.pauses == 2)
+    }
+
+    @Test func aRejoinWhileTheOldConnectionsLookAliveGivesThemUp() throws {
+        let geometry = try Sessions.geometry()
+        var session = try Sessions.postcopy(geometry, words: [0xFF])
+        _ = try session.hello(Self.resuming(.urgent, geometry))
+        #expect(session.phase == .paused && session.epoch == 1 && session.pauses == 1)
+        // News from the generation given up changes nothing.
+        let paused = session.connectionLost(epoch: 0)
+        #expect(!paused)
+        _ = try session.hello(Self.resuming(.bulk, geometry))
+        #expect(session.phase == .postcopy)
+    }
+
+    @Test func resumingHellosAreRefusedOutsidePostcopy() throws {
+        let geometry = try Sessions.geometry()
+        var handshake = DestinationSession(geometry: geometry)
+        #expect(refusal { try handshake.hello(Self.resuming(.bulk, geometry)) } == .nothingToResume(phase: .handshake))
+        var precopy = try Sessions.precopy(geometry)
+        #expect(refusal { try precopy.hello(Self.resuming(.bulk, geometry)) } == .nothingToResume(phase: .precopy))
+        var complete = try Sessions.postcopy(geometry, words: [0])
+        complete.complete()
+        #expect(refusal { try complete.hello(Self.resuming(.bulk, geometry)) } == .nothingToResume(phase: .complete))
+        var paused = try Sessions.postcopy(geometry, words: [1])
+        _ = paused.connectionLost(epoch: 0)
+        #expect(refusal { try paused.hello(Self.resuming(.bulk, geometry, id: Sessions.otherID)) }
+            == .wrongMigration(expected: Sessions.migrationID, got: Sessions.otherID))
+        #expect(refusal { try paused.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize)) }
+            == .postcopyInProgress)
+        #expect(SessionError.postcopyInProgress.description.contains("postcopy-push --resume"))
+    }
+
+    @Test func aPausedSessionCanComplete() throws {
+        let geometry = try Sessions.geometry()
+        var session = try Sessions.postcopy(geometry, words: [1])
+        _ = session.connectionLost(epoch: 0)
+        session.complete()
+        #expect(session.phase == .complete)
     }
 
     @Test func completeEndsTheSession() throws {

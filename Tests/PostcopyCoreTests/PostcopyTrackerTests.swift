@@ -64,6 +64,21 @@ private enum Tracking {
         #expect(tracker.requestedPages == 2)
     }
 
+    @Test func outstandingRequestsAreThoseNotArrivedOrBeingWritten() throws {
+        let geometry = try Tracking.small()
+        var tracker = PostcopyTracker(geometry: geometry, stale: Tracking.stale(geometry, [3, 4, 5, 9, 10]))
+        #expect(tracker.outstandingRequests.isEmpty)
+        _ = tracker.fault(on: PageIndex(4), at: 1)
+        _ = tracker.fault(on: PageIndex(5), at: 2)
+        _ = tracker.fault(on: PageIndex(9), at: 3)
+        _ = tracker.fault(on: PageIndex(10), at: 4)
+        #expect(tracker.outstandingRequests == [PageRun(first: 4, count: 2), PageRun(first: 9, count: 2)])
+        // Page 9 is being written, page 4 is in: neither is asked for again.
+        let claims = tracker.claim(PageRun(first: 4, count: 1)) + tracker.claim(PageRun(first: 9, count: 1))
+        _ = tracker.commit([claims[0]], at: 5)
+        #expect(tracker.outstandingRequests == [PageRun(first: 5, count: 1), PageRun(first: 10, count: 1)])
+    }
+
     @Test func aHugePageFetchesExactlyItsStalePieces() throws {
         let geometry = try Tracking.huge()
         // Page 1 is pieces 512..<1024: stale are 3, 4, 5, 100 and 511 of it.

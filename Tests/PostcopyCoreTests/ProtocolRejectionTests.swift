@@ -26,7 +26,7 @@ import Testing
         expectRejected(Wire.frame(type: 12, payload: [], flags: 0x8000), .nonzeroFlags(0x8000))
     }
 
-    @Test(arguments: [0, 13, 31, 36, 99, 255] as [UInt8])
+    @Test(arguments: [0, 14, 31, 36, 99, 255] as [UInt8])
     func unknownType(_ type: UInt8) {
         expectRejected(Wire.frame(type: type, payload: []), .unknownType(type))
         #expect(ProtocolError.unknownType(99).description == "unknown message type 99")
@@ -176,7 +176,7 @@ import Testing
         }
         #expect(throws: Never.self) { try Wire.decodeAll(hello()) }
         expectRejected(hello(role: 2), .invalidField(type: .hello, field: "role", value: 2))
-        expectRejected(hello(reserved: 1), .invalidField(type: .hello, field: "reserved byte", value: 1))
+        expectRejected(hello(reserved: 2), .invalidField(type: .hello, field: "flags", value: 2))
         expectRejected(hello(pageSize: 8192), .unsupportedPageSize(type: .hello, bytes: 8192))
         expectRejected(Wire.frame(type: 2, payload: Wire.le(UInt64(1 << 20)) + Wire.le(UInt32(0))),
                        .unsupportedPageSize(type: .welcome, bytes: 0))

@@ -48,6 +48,7 @@ enum Wire {
     static let samples: [Message] = [
         .hello(migrationID: migrationID, role: .bulk, sourcePageSize: .small, regionSize: 1 << 30),
         .hello(migrationID: migrationID, role: .urgent, sourcePageSize: .huge2M, regionSize: 64 << 30),
+        .hello(migrationID: migrationID, role: .bulk, sourcePageSize: .small, regionSize: 1 << 30, resume: true),
         .welcome(regionSize: 1 << 30, destinationPageSize: .huge2M),
         .pages(requestID: 0, firstPage: 7, data: pageData(pages: 1, seed: 1)[...]),
         .pages(requestID: 0xDEAD_BEEF, firstPage: UInt64.max - 3, data: pageData(pages: 3, seed: 2)[...]),
@@ -56,6 +57,7 @@ enum Wire {
         .dirtyBitmap(totalBits: 262_144, firstWord: 17, words: [0, 1, UInt64.max, 0x8000_0000_0000_0001]),
         .switchover(stalePages: 99, sourcePausedAtNanos: 1_700_000_000_123_456_789, imageDigest: digest),
         .resumed(destinationResumedAtNanos: 1_700_000_000_223_456_789),
+        .resync(stalePages: 0x0123_4567_89AB),
         .pageRequest(requestID: 42, firstPage: 4096, count: 512),
         .complete(pagesReceived: 262_144, faultsClean: 1000, faultsStale: 37),
         .error(code: .outOfRange, message: "page range 100..<120 outside the region's 110 pages"),
@@ -171,6 +173,9 @@ enum Wire {
         #expect(payload[16] == 1 && payload[17] == 0)
         #expect(Array(payload[18..<22]) == Wire.le(UInt32(2_097_152)))
         #expect(Array(payload[22..<30]) == Wire.le(UInt64(0x0000_0010_0000_0000)))
+        let resume = Message.hello(migrationID: Wire.migrationID, role: .bulk, sourcePageSize: .small,
+                                   regionSize: 1 << 20, resume: true)
+        #expect(resume.encoded()[16 + 17] == Message.helloResumeFlag)
     }
 
     @Test func framesBackToBackFedOneByteAtATime() throws {
@@ -339,7 +344,7 @@ enum Wire {
     }
 
     @Test func messageTypesAndDescriptors() {
-        #expect(MessageType.allCases.map(\.rawValue) == Array(1...12) + Array(32...35))
+        #expect(MessageType.allCases.map(\.rawValue) == Array(1...13) + Array(32...35))
         #expect(MessageType.allCases.filter(\.carriesFileDescriptor) == [.vmmOffer, .vmmAttach])
         #expect(MessageType.pageRequest.description == "PAGE_REQUEST")
         #expect(MessageType.vmmComplete.description == "VMM_COMPLETE")

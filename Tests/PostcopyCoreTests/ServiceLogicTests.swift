@@ -122,7 +122,8 @@ import Testing
         #expect(try ControlRequest(line: Array("status\n".utf8)) == .status)
         #expect(try ControlRequest(line: Array("status\r\n".utf8)) == .status)
         #expect(throws: ControlRequestError(text: "stats")) { try ControlRequest(line: Array("stats\n".utf8)) }
-        #expect(ControlRequestError(text: "x").description == "unknown request 'x' (known: status)")
+        #expect(ControlRequestError(text: "x").description == "unknown request 'x' (known: status, cancel)")
+        #expect(try ControlRequest(line: Array("cancel\n".utf8)) == .cancel)
         #expect(throws: ControlRequestError.self) { try ControlRequest(line: [UInt8](repeating: 65, count: 300)) }
     }
 

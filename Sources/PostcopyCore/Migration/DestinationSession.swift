@@ -1,8 +1,10 @@
 /// What the daemon's side of one migration accepts, in which order: the
 /// handshake on both TCP connections, precopy, the dirty bitmap,
-/// switchover, postcopy. A value-type state machine: it checks each message
-/// against the phase and the region and returns what to do with it; the
-/// daemon performs the action. It never touches memory or sockets.
+/// switchover, postcopy — and, when the agent's connections are lost during
+/// postcopy, paused until the agent rejoins with a resuming HELLO on both.
+/// A value-type state machine: it checks each message against the phase and
+/// the region and returns what to do with it; the daemon performs the
+/// action. It never touches memory or sockets.
 public struct DestinationSession: Sendable {
     public enum Phase: String, Sendable, CustomStringConvertible {
         /// Waiting for the agent's two connections.
@@ -11,6 +13,9 @@ public struct DestinationSession: Sendable {
         /// DIRTY_BITMAP frames are arriving; the source is paused.
         case switchingOver = "switchover"
         case postcopy
+        /// Postcopy whose agent connections were lost: clean faults are
+        /// still served, stale ones wait for the agent to rejoin.
+        case paused
         case complete
         public var description: String { rawValue }
     }
@@ -38,6 +43,12 @@ public struct DestinationSession: Sendable {
     /// The migration this daemon serves; nil to accept the first HELLO's.
     public private(set) var migrationID: MigrationID?
     public private(set) var phase: Phase = .handshake
+    /// The generation of the agent's connections: bumped each time they are
+    /// lost during postcopy, so that news from an older generation (a
+    /// receiver still winding down) is recognised as stale.
+    public private(set) var epoch: UInt64 = 0
+    /// Times postcopy was paused by a lost connection.
+    public private(set) var pauses: UInt64 = 0
     private var connected: Set<StreamRole> = []
     private var bitmap: [UInt64] = []
     private var bitmapWordsReceived: UInt64 = 0
@@ -50,21 +61,49 @@ public struct DestinationSession: Sendable {
     public var limits: RegionLimits { RegionLimits(geometry) }
 
     /// The first frame of a TCP connection; returns the WELCOME to answer.
+    ///
+    /// A resuming HELLO is admitted only during postcopy: while paused, or
+    /// while the old connections still look alive here (the agent found them
+    /// dead first), in which case they are given up — the phase turns to
+    /// paused and `epoch` moves on. Once both roles have rejoined, postcopy
+    /// goes on and the daemon sends the resync.
     public mutating func hello(_ message: Message) throws(SessionError) -> (role: StreamRole, welcome: Message) {
-        guard case let .hello(id, role, _, regionSize) = message else {
+        guard case let .hello(id, role, _, regionSize, resume) = message else {
             throw .unexpected(message.type, phase: phase, role: nil)
         }
-        guard phase == .handshake || (phase == .precopy && !connected.contains(role)) else {
-            throw .unexpected(.hello, phase: phase, role: role)
+        if resume {
+            guard phase == .paused || phase == .postcopy else { throw .nothingToResume(phase: phase) }
+        } else {
+            if phase == .paused || phase == .postcopy { throw .postcopyInProgress }
+            guard phase == .handshake || (phase == .precopy && !connected.contains(role)) else {
+                throw .unexpected(.hello, phase: phase, role: role)
+            }
         }
         if let migrationID, migrationID != id { throw .wrongMigration(expected: migrationID, got: id) }
         guard regionSize == geometry.regionSize else {
             throw .regionSizeMismatch(source: regionSize, destination: geometry.regionSize)
         }
-        guard connected.insert(role).inserted else { throw .duplicateConnection(role) }
+        if phase == .postcopy { _ = connectionLost(epoch: epoch) }
+        // While paused, a role may come again (an agent that died half-way
+        // through rejoining): the newer connection replaces the older.
+        let replacing = resume && phase == .paused && connected.contains(role)
+        guard replacing || connected.insert(role).inserted else { throw .duplicateConnection(role) }
         migrationID = id
-        if connected.count == StreamRole.allCases.count { phase = .precopy }
+        if connected.count == StreamRole.allCases.count { phase = phase == .paused ? .postcopy : .precopy }
         return (role, .welcome(regionSize: geometry.regionSize, destinationPageSize: geometry.pageSize))
+    }
+
+    /// The agent's connections of generation `epoch` failed. During postcopy
+    /// this pauses the migration (true, the first time for that generation);
+    /// in any other phase, or for an older generation, nothing changes
+    /// (false) — before switchover a lost connection fails the migration.
+    public mutating func connectionLost(epoch lost: UInt64) -> Bool {
+        guard lost == epoch, phase == .postcopy else { return false }
+        phase = .paused
+        connected = []
+        epoch += 1
+        pauses += 1
+        return true
     }
 
     /// A message after HELLO on the connection of `role`.
@@ -99,13 +138,16 @@ public struct DestinationSession: Sendable {
             bitmap = []
             phase = .postcopy
             return .switchover(stale: stale, sourcePausedAtNanos: pausedAt, imageDigest: digest)
-        case let (.pages(0, first, data), .bulk, .postcopy):
+        // Pages still arriving on a connection that is being given up are
+        // as good as any: the tracker writes only what is still stale.
+        case let (.pages(0, first, data), .bulk, .postcopy), let (.pages(0, first, data), .bulk, .paused):
             return .writePostcopy(PageRun(first: first, count: UInt64(data.count / Message.pageBytes)), data,
                                   requestID: 0)
-        case let (.pages(requestID, first, data), .urgent, .postcopy) where requestID != 0:
+        case let (.pages(requestID, first, data), .urgent, .postcopy) where requestID != 0,
+             let (.pages(requestID, first, data), .urgent, .paused) where requestID != 0:
             return .writePostcopy(PageRun(first: first, count: UInt64(data.count / Message.pageBytes)), data,
                                   requestID: requestID)
-        case let (.zeroPages(first, count), _, .postcopy):
+        case let (.zeroPages(first, count), _, .postcopy), let (.zeroPages(first, count), _, .paused):
             return .zeroPostcopy(PageRun(first: first, count: UInt64(count)))
         default:
             throw .unexpected(message.type, phase: phase, role: role)
@@ -114,7 +156,7 @@ public struct DestinationSession: Sendable {
 
     /// Every page is in place.
     public mutating func complete() {
-        precondition(phase == .postcopy, "complete in phase \(phase)")
+        precondition(phase == .postcopy || phase == .paused, "complete in phase \(phase)")
         phase = .complete
     }
 
@@ -142,12 +184,18 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
     case bitmapOutOfOrder(expectedWord: UInt64, got: UInt64)
     case bitmapIncomplete(words: UInt64, expected: UInt64)
     case staleCountMismatch(announced: UInt64, bitmap: UInt64)
+    /// A resuming HELLO with no postcopy to resume.
+    case nothingToResume(phase: DestinationSession.Phase)
+    /// A fresh HELLO for a migration already in postcopy.
+    case postcopyInProgress
 
     /// The code of the ERROR frame that reports this to the peer.
     public var code: ErrorCode {
         switch self {
         case let .malformed(error): return error.code
-        case .unexpected, .duplicateConnection, .bitmapOutOfOrder, .wrongMigration: return .unexpectedMessage
+        case .unexpected, .duplicateConnection, .bitmapOutOfOrder, .wrongMigration, .nothingToResume,
+             .postcopyInProgress:
+            return .unexpectedMessage
         case .regionSizeMismatch: return .incompatible
         case .staleCountMismatch, .bitmapIncomplete: return .protocolViolation
         }
@@ -171,6 +219,10 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
             return "SWITCHOVER after \(words) of the dirty bitmap's \(expected) words"
         case let .staleCountMismatch(announced, bitmap):
             return "SWITCHOVER announces \(announced) stale pages, the dirty bitmap has \(bitmap)"
+        case let .nothingToResume(phase):
+            return "a resuming HELLO during \(phase): there is no postcopy to resume (start the agent without --resume)"
+        case .postcopyInProgress:
+            return "this migration is already in postcopy: a restarted agent must rejoin it (postcopy-push --resume)"
         }
     }
 }

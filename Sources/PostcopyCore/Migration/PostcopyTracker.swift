@@ -169,4 +169,17 @@ public struct PostcopyTracker: Sendable {
 
     /// The stale pages, as a bitmap.
     public var staleBitmap: PageBitmap { stale }
+
+    /// The pages asked for with PAGE_REQUEST that have not arrived: after a
+    /// lost connection these are asked for again, first, since guest
+    /// threads wait on them.
+    public var outstandingRequests: [PageRun] {
+        var runs = PageRunBuilder()
+        var next = requested.nextSet(from: 0)
+        while let page = next {
+            if !claimed.contains(page) { runs.add(page) }
+            next = requested.nextSet(from: page + 1)
+        }
+        return runs.finish()
+    }
 }

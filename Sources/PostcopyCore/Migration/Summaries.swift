@@ -59,6 +59,12 @@ public struct DestinationSummary: Codable, Equatable, Sendable {
     public var postcopyCPUSeconds: Double = 0
     /// The daemon's memory at completion (guest RAM is `shmem`).
     public var memoryUse: ProcessMemory?
+    /// Times postcopy paused on a lost agent connection and the agent
+    /// rejoined; the time paused, in all; and for each rejoin, how long
+    /// until the first stale fault after it was served.
+    public var pauses: UInt64 = 0
+    public var pausedSeconds: Double = 0
+    public var rejoinToFirstFaultMs: [Double] = []
 
     public init() {}
 
@@ -75,6 +81,11 @@ public struct DestinationSummary: Codable, Equatable, Sendable {
                 + " (\(fixed(backgroundMiBPerSecond, 1)) MiB/s), \(duplicatePages) duplicates dropped",
         ]
         if let staleFaultLatency { lines.append("stale-fault latency: \(staleFaultLatency.text)") }
+        if pauses > 0 {
+            let first = rejoinToFirstFaultMs.isEmpty ? "" : "; first stale fault served "
+                + rejoinToFirstFaultMs.map { fixed($0, 1) }.joined(separator: ", ") + " ms after rejoining"
+            lines.append("paused: \(pauses) times, \(fixed(pausedSeconds, 2)) s in all\(first)")
+        }
         lines.append("total: \(fixed(totalSeconds, 2)) s, \(ByteSize.format(bytesReceived)) received"
             + ", \(fixed(cpuSeconds, 2)) s CPU (\(fixed(postcopyCPUSeconds, 2)) s in postcopy)")
         if let memoryUse {
@@ -128,6 +139,10 @@ public struct AgentSummary: Codable, Equatable, Sendable {
     /// The daemon's COMPLETE.
     public var destinationFaultsClean: UInt64 = 0
     public var destinationFaultsStale: UInt64 = 0
+    /// Times the agent rejoined a postcopy after losing its connections.
+    public var rejoins: UInt64 = 0
+    /// This agent rejoined a postcopy another agent started (`--resume`).
+    public var resumedOnly = false
 
     public init() {}
 
@@ -141,7 +156,8 @@ public struct AgentSummary: Codable, Equatable, Sendable {
                 + " (by wall clocks \(fixed(downtimeByClocksMs, 1)) ms)",
             "postcopy: \(fixed(postcopySeconds, 2)) s; \(pageRequests) requests, \(postcopyPagesUrgent) pages urgent"
                 + ", \(postcopyPagesBackground) background (\(fixed(backgroundMiBPerSecond, 1)) MiB/s)",
-            "destination faults: \(destinationFaultsClean) clean, \(destinationFaultsStale) stale",
+            "destination faults: \(destinationFaultsClean) clean, \(destinationFaultsStale) stale"
+                + (rejoins > 0 ? "; rejoined postcopyd \(rejoins) times" : ""),
             "total: \(fixed(totalSeconds, 2)) s, \(ByteSize.format(bytesSent)) sent"
                 + " (ideal \(ByteSize.format(idealBytes)))",
             "image digest \(imageDigest)",

@@ -1,6 +1,6 @@
 /// The kinds of message, as the frame header's type byte names them.
 ///
-/// 1–12 travel on the TCP connections between the source's agent and
+/// 1–13 travel on the TCP connections between the source's agent and
 /// postcopyd; 32–35 on the unix socket between postcopyd and the VMM, which
 /// also carries ERROR and HEARTBEAT.
 public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible {
@@ -16,6 +16,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
     case complete = 10
     case error = 11
     case heartbeat = 12
+    case resync = 13
     case vmmOffer = 32
     case vmmAttach = 33
     case vmmResume = 34
@@ -33,7 +34,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         case .roundEnd: return .exactly(20)
         case .dirtyBitmap: return .atLeast(20)
         case .switchover: return .exactly(48)
-        case .resumed: return .exactly(8)
+        case .resumed, .resync: return .exactly(8)
         case .pageRequest: return .exactly(16)
         case .complete: return .exactly(24)
         case .error: return .between(2, 2 + Message.maxErrorMessageBytes)
@@ -64,6 +65,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         case .complete: return "COMPLETE"
         case .error: return "ERROR"
         case .heartbeat: return "HEARTBEAT"
+        case .resync: return "RESYNC"
         case .vmmOffer: return "VMM_OFFER"
         case .vmmAttach: return "VMM_ATTACH"
         case .vmmResume: return "VMM_RESUME"

@@ -5,8 +5,11 @@
 /// (lengths, counts, defined values); whether pages lie inside the region is
 /// checked separately, by `validate(against:)`, which needs the region.
 public enum Message: Equatable, Sendable {
-    /// Agent → daemon, first frame on every TCP connection.
-    case hello(migrationID: MigrationID, role: StreamRole, sourcePageSize: PageSize, regionSize: UInt64)
+    /// Agent → daemon, first frame on every TCP connection. `resume` says the
+    /// agent rejoins a postcopy phase in progress (after a lost connection,
+    /// or as a restarted agent) rather than starting a migration.
+    case hello(migrationID: MigrationID, role: StreamRole, sourcePageSize: PageSize, regionSize: UInt64,
+               resume: Bool = false)
     /// Daemon → agent, the answer to HELLO.
     case welcome(regionSize: UInt64, destinationPageSize: PageSize)
     /// Agent → daemon: `data.count / 4096` pages starting at `firstPage`.
@@ -26,6 +29,10 @@ public enum Message: Equatable, Sendable {
     case switchover(stalePages: UInt64, sourcePausedAtNanos: UInt64, imageDigest: ImageDigest)
     /// Daemon → agent: the guest runs on the destination.
     case resumed(destinationResumedAtNanos: UInt64)
+    /// Daemon → agent on the bulk connection of a resumed postcopy, after
+    /// DIRTY_BITMAP frames holding the pages the destination still lacks:
+    /// send those, and only those.
+    case resync(stalePages: UInt64)
     /// Daemon → agent, on the urgent connection: send these pages now.
     case pageRequest(requestID: UInt32, firstPage: UInt64, count: UInt32)
     /// Daemon → agent: every page is in place.
@@ -49,12 +56,20 @@ public enum Message: Equatable, Sendable {
     public static let pageBytes = 4096
     /// The longest ERROR message, in bytes of UTF-8.
     public static let maxErrorMessageBytes = 1024
+    /// HELLO's flags byte: the agent rejoins a postcopy phase in progress.
+    public static let helloResumeFlag: UInt8 = 1
     /// The requestID of PAGES sent in the background rather than on request.
     public static let backgroundRequestID: UInt32 = 0
 
     /// The ERROR message that reports `error` to the peer.
     public static func reporting(_ error: ProtocolError) -> Message {
         .error(code: error.code, message: error.description)
+    }
+
+    /// A HELLO that rejoins a postcopy in progress.
+    public var isResumingHello: Bool {
+        if case .hello(_, _, _, _, true) = self { return true }
+        return false
     }
 
     public var type: MessageType {
@@ -67,6 +82,7 @@ public enum Message: Equatable, Sendable {
         case .dirtyBitmap: return .dirtyBitmap
         case .switchover: return .switchover
         case .resumed: return .resumed
+        case .resync: return .resync
         case .pageRequest: return .pageRequest
         case .complete: return .complete
         case .error: return .error
@@ -150,8 +166,8 @@ extension Message: CustomStringConvertible {
     /// One line for logs: the type and its fields, never the page bytes.
     public var description: String {
         switch self {
-        case let .hello(migrationID, role, sourcePageSize, regionSize):
-            return "HELLO migration \(migrationID) role \(role) page size \(sourcePageSize) region \(regionSize) bytes"
+        case let .hello(migrationID, role, sourcePageSize, regionSize, resume):
+            return "HELLO migration \(migrationID) role \(role) page size \(sourcePageSize) region \(regionSize) bytes\(resume ? " resume" : "")"
         case let .welcome(regionSize, destinationPageSize):
             return "WELCOME region \(regionSize) bytes page size \(destinationPageSize)"
         case let .pages(requestID, firstPage, data):
@@ -166,6 +182,8 @@ extension Message: CustomStringConvertible {
             return "SWITCHOVER stale \(stalePages) paused at \(sourcePausedAtNanos) ns digest \(imageDigest)"
         case let .resumed(destinationResumedAtNanos):
             return "RESUMED at \(destinationResumedAtNanos) ns"
+        case let .resync(stalePages):
+            return "RESYNC stale \(stalePages)"
         case let .pageRequest(requestID, firstPage, count):
             return "PAGE_REQUEST request \(requestID) pages \(firstPage) + \(count)"
         case let .complete(pagesReceived, faultsClean, faultsStale):
@@ -231,10 +249,10 @@ extension Message {
     /// traps); an ERROR message is cut to `maxErrorMessageBytes`.
     func appendPayload(to out: inout [UInt8]) {
         switch self {
-        case let .hello(migrationID, role, sourcePageSize, regionSize):
+        case let .hello(migrationID, role, sourcePageSize, regionSize, resume):
             out.append(contentsOf: migrationID.bytes)
             out.appendLittleEndian(role.rawValue)
-            out.appendLittleEndian(UInt8(0))
+            out.appendLittleEndian(resume ? Message.helloResumeFlag : 0)
             out.appendLittleEndian(UInt32(sourcePageSize.bytes))
             out.appendLittleEndian(regionSize)
         case let .welcome(regionSize, destinationPageSize):
@@ -266,6 +284,8 @@ extension Message {
             out.append(contentsOf: imageDigest.bytes)
         case let .resumed(destinationResumedAtNanos):
             out.appendLittleEndian(destinationResumedAtNanos)
+        case let .resync(stalePages):
+            out.appendLittleEndian(stalePages)
         case let .pageRequest(requestID, firstPage, count):
             precondition(count >= 1, "PAGE_REQUEST with count 0")
             out.appendLittleEndian(requestID)
@@ -324,11 +344,14 @@ extension Message {
             guard let streamRole = StreamRole(rawValue: role) else {
                 throw .invalidField(type: type, field: "role", value: UInt64(role))
             }
-            let reserved: UInt8 = payload.loadLittleEndian(at: 17)
-            guard reserved == 0 else { throw .invalidField(type: type, field: "reserved byte", value: UInt64(reserved)) }
+            let flags: UInt8 = payload.loadLittleEndian(at: 17)
+            guard flags & ~Message.helloResumeFlag == 0 else {
+                throw .invalidField(type: type, field: "flags", value: UInt64(flags))
+            }
             // The length rule guarantees the 16 bytes of the identifier.
             return .hello(migrationID: MigrationID(bytes: bytes(0, 16))!, role: streamRole,
-                          sourcePageSize: try pageSize(18), regionSize: u64(22))
+                          sourcePageSize: try pageSize(18), regionSize: u64(22),
+                          resume: flags & Message.helloResumeFlag != 0)
         case .welcome:
             return .welcome(regionSize: u64(0), destinationPageSize: try pageSize(8))
         case .pages:
@@ -354,6 +377,8 @@ extension Message {
                                imageDigest: ImageDigest(bytes: bytes(16, 32))!)
         case .resumed:
             return .resumed(destinationResumedAtNanos: u64(0))
+        case .resync:
+            return .resync(stalePages: u64(0))
         case .pageRequest:
             return .pageRequest(requestID: u32(0), firstPage: u64(4), count: try count(12))
         case .complete:

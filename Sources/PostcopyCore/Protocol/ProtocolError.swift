@@ -20,7 +20,7 @@ public enum ProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
     case checksumMismatch(type: MessageType, computed: UInt32, announced: UInt32)
     /// A page, word or request count is 0 where at least 1 is required.
     case zeroCount(type: MessageType)
-    /// A field holds a value v1 does not define (a stream role, a reserved byte).
+    /// A field holds a value v1 does not define (a stream role, an undefined flag).
     case invalidField(type: MessageType, field: String, value: UInt64)
     /// A page size other than 4 KiB or 2 MiB.
     case unsupportedPageSize(type: MessageType, bytes: UInt32)

@@ -10,6 +10,10 @@ public enum DaemonEvent: String, CaseIterable, Sendable {
     case migrationFailed
     case faultStalled
     case connectionLost
+    /// Postcopy paused: the agent's connections were lost.
+    case postcopyPaused
+    /// The agent rejoined a paused postcopy.
+    case postcopyResumed
 
     /// The journal's MESSAGE_ID: 32 lowercase hex digits.
     public var messageID: String {
@@ -22,6 +26,8 @@ public enum DaemonEvent: String, CaseIterable, Sendable {
         case .migrationFailed: "3cc5a6c412d04c27a3eb3ed27442dc86"
         case .faultStalled: "43ade87bd26045c09e9d8c40f6c5b2ae"
         case .connectionLost: "292784b104304e68bc02cc8d834978fc"
+        case .postcopyPaused: "14c69670ea3d41c9af456da93a6f26d8"
+        case .postcopyResumed: "477af0a540f34d719568f47c0d525d72"
         }
     }
 }

@@ -3,7 +3,7 @@
 public struct DaemonStatus: Codable, Equatable, Sendable {
     public var instance = ""
     public var migrationID = ""
-    /// handshake, precopy, switchover, postcopy, complete, failed.
+    /// handshake, precopy, switchover, postcopy, paused, complete, failed.
     public var phase = ""
     public var pid: Int32 = 0
     public var uptimeSeconds: Double = 0
@@ -28,6 +28,10 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     /// Received over the last few seconds.
     public var receiveMiBPerSecond: Double = 0
     public var downtimeMs: Double?
+    /// Times postcopy paused on a lost agent connection, and for how long
+    /// the current pause has lasted (while paused).
+    public var pauses: UInt64 = 0
+    public var pausedSeconds: Double?
     /// Why the migration failed, once it has.
     public var failure: String?
 
@@ -36,7 +40,9 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     /// Fraction of the migration's current phase done, when it has one:
     /// stale pages fetched during postcopy.
     public var postcopyProgress: Double? {
-        guard phase == "postcopy" || phase == "complete", stalePagesAtSwitchover > 0 else { return nil }
+        guard phase == "postcopy" || phase == "paused" || phase == "complete", stalePagesAtSwitchover > 0 else {
+            return nil
+        }
         return Double(stalePagesAtSwitchover - min(stalePagesLeft, stalePagesAtSwitchover)) / Double(stalePagesAtSwitchover)
     }
 
@@ -54,6 +60,9 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
         case "postcopy":
             let p99 = staleFaultLatency.map { ", stale-fault p99 \(fixed($0.p99Us, 0)) µs" } ?? ""
             return "postcopy: \(stalePagesLeft) stale pages left, \(rate)\(p99)"
+        case "paused":
+            let waited = pausedSeconds.map { " for \(fixed($0, 0)) s" } ?? ""
+            return "paused: agent connection lost, waiting\(waited) for it to rejoin; \(stalePagesLeft) stale pages left"
         case "complete":
             return "complete: \(stalePagesAtSwitchover) stale pages fetched, \(faultsStale) stale faults"
         case "failed":
@@ -75,13 +84,14 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
             "VMM:           \(vmm.isEmpty ? "not attached (\(vmmSocket))" : vmm)",
             "precopy:       \(precopyRounds) rounds done, \(precopyPages) pages",
         ]
-        if phase == "postcopy" || phase == "complete" {
+        if phase == "postcopy" || phase == "paused" || phase == "complete" {
             let percent = postcopyProgress.map { " (\(fixed($0 * 100, 1))% fetched)" } ?? ""
             lines.append("stale pages:   \(stalePagesLeft) of \(stalePagesAtSwitchover) left\(percent)")
             lines.append("faults:        \(faultsClean) clean, \(faultsStale) stale; \(pagesRequested) pages requested, \(duplicatePages) duplicates")
             if let staleFaultLatency { lines.append("stale faults:  \(staleFaultLatency.text)") }
         }
         if let downtimeMs { lines.append("downtime:      \(fixed(downtimeMs, 1)) ms") }
+        if pauses > 0 { lines.append("pauses:        \(pauses) (agent connection lost and rejoined)") }
         lines.append("received:      \(ByteSize.format(bytesReceived)), \(fixed(receiveMiBPerSecond, 1)) MiB/s now")
         if let failure { lines.append("failure:       \(failure)") }
         return lines
@@ -112,10 +122,16 @@ public struct RateMeter: Sendable {
 ///
 ///     → status\n
 ///     ← {"phase":"postcopy", ...}\n        (a DaemonStatus as JSON)
+///     → cancel\n
+///     ← ok: cancelling migration …\n       (before switchover only)
+///     ← error: …\n                          (during or after switchover)
 ///     → anything else\n
 ///     ← error: unknown request 'anything else' (known: status)\n
 public enum ControlRequest: String, CaseIterable, Sendable {
     case status
+    /// Abort the migration; allowed only before switchover, while the
+    /// source still holds the only complete copy of the guest and runs it.
+    case cancel
 
     /// The longest request line the daemon reads.
     public static let maxLength = 256
