@@ -34,10 +34,15 @@ enum StreamSocket {
     /// without data (nil: wait forever).
     /// Kernel: `SO_RCVTIMEO`
     static func setReceiveTimeout(_ fd: Int32, _ nanoseconds: UInt64?) throws(SystemCallError) {
+        try setTimeout(fd, SO_RCVTIMEO, nanoseconds)
+    }
+
+    /// Sets `SO_RCVTIMEO` or `SO_SNDTIMEO` (nil: no timeout).
+    static func setTimeout(_ fd: Int32, _ option: Int32, _ nanoseconds: UInt64?) throws(SystemCallError) {
         let value = nanoseconds ?? 0
         var timeout = timeval(tv_sec: Int(value / 1_000_000_000), tv_usec: Int(value % 1_000_000_000 / 1000))
-        try checkLibc("SO_RCVTIMEO") {
-            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        try checkLibc(option == SO_RCVTIMEO ? "SO_RCVTIMEO" : "SO_SNDTIMEO") {
+            setsockopt(fd, SOL_SOCKET, option, &timeout, socklen_t(MemoryLayout<timeval>.size))
         }
     }
 }

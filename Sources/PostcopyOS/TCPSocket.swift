@@ -106,6 +106,18 @@ public final class TCPListener: Sendable {
         try tcp.tune(keepAlive)
         return tcp
     }
+
+    /// Like `accept`, but gives up after `timeoutNanos` without a connection
+    /// and returns nil, so that a caller can check its deadlines. A listener
+    /// shut down meanwhile fails the accept.
+    public func accept(keepAlive: KeepAlive = KeepAlive(), timeoutNanos: UInt64) throws(SystemCallError) -> TCPConnection? {
+        var waiter = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        let ready = try checkLibc("poll for a connection on \(endpoint)") {
+            poll(&waiter, 1, Int32(min(timeoutNanos / 1_000_000, UInt64(Int32.max))))
+        }
+        guard ready > 0 else { return nil }
+        return try accept(keepAlive: keepAlive)
+    }
 }
 
 /// A connected TCP stream, blocking, with whole-buffer send and receive.
@@ -171,6 +183,14 @@ public final class TCPConnection: Sendable {
     /// (nil: wait forever).
     public func setReceiveTimeout(_ nanoseconds: UInt64?) throws(SystemCallError) {
         try StreamSocket.setReceiveTimeout(fd, nanoseconds)
+    }
+
+    /// Makes `send` fail with EAGAIN after `nanoseconds` in which the peer
+    /// took no data (nil: wait forever): a peer that stopped reading is
+    /// found dead instead of blocking the sender for good.
+    /// Kernel: `SO_SNDTIMEO`
+    public func setSendTimeout(_ nanoseconds: UInt64?) throws(SystemCallError) {
+        try StreamSocket.setTimeout(fd, SO_SNDTIMEO, nanoseconds)
     }
 
     /// The peer's address, "192.0.2.7:41234" ("[2001:db8::7]:41234").

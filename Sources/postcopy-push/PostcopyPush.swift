@@ -16,7 +16,9 @@ struct PostcopyPush: ParsableCommand {
             source is paused (--pause-pid and/or --pause-cmd), the stale pages are sent as a dirty \
             bitmap, and the guest resumes on the destination, which fetches stale pages on demand \
             while the rest stream in the background. If the migration fails before the destination \
-            resumed, the source is resumed (SIGCONT and/or --resume-cmd).
+            resumed, the source is resumed (SIGCONT and/or --resume-cmd). If the connections are lost \
+            during postcopy, it rejoins postcopyd (retrying with backoff up to --reconnect-timeout) and \
+            resends only what the destination still lacks; a restarted agent does the same with --resume.
             """)
 
     @Option(help: ArgumentHelp("The source guest RAM file (e.g. /dev/shm/NAME, or a file on hugetlbfs).", valueName: "path"))
@@ -58,6 +60,15 @@ struct PostcopyPush: ParsableCommand {
     @Option(help: ArgumentHelp("A dirty log kept by the caller, read at switchover and merged with the scan (one bit per 4 KiB page, little-endian 64-bit words).", valueName: "path"))
     var dirtyBitmap: String?
 
+    @Flag(help: "Rejoin a postcopy phase already under way (after the agent that started it died): no precopy, no pause; send what postcopyd still lacks. Needs the same --migration-id and --ram.")
+    var resume = false
+
+    @Option(help: ArgumentHelp("Declare postcopyd dead after this many seconds without a frame from it (it sends HEARTBEAT every quarter of that).", valueName: "seconds"))
+    var deadPeerTimeout: Double = 5
+
+    @Option(help: ArgumentHelp("After losing postcopyd during postcopy, keep trying to rejoin for this many seconds (backoff 0.1 s doubling to 2 s).", valueName: "seconds"))
+    var reconnectTimeout: Double = 600
+
     @Flag(help: "No progress display.")
     var quiet = false
 
@@ -65,7 +76,16 @@ struct PostcopyPush: ParsableCommand {
     var json = false
 
     func validate() throws {
-        if pausePID == nil && pauseCmd == nil && !noPause {
+        if resume && migrationID == nil {
+            throw ValidationError("--resume rejoins a migration under way: give its --migration-id")
+        }
+        if !(deadPeerTimeout >= 0.1 && deadPeerTimeout <= 3600) {
+            throw ValidationError("--dead-peer-timeout is seconds between 0.1 and 3600")
+        }
+        if !(reconnectTimeout >= 0 && reconnectTimeout <= 86_400) {
+            throw ValidationError("--reconnect-timeout is seconds between 0 and 86400")
+        }
+        if pausePID == nil && pauseCmd == nil && !noPause && !resume {
             throw ValidationError("say how to pause the source at switchover: --pause-pid, --pause-cmd, or --no-pause")
         }
         if noPause && (pausePID != nil || pauseCmd != nil) {
@@ -87,6 +107,9 @@ struct PostcopyPush: ParsableCommand {
         config.dirtyBitmapPath = dirtyBitmap
         config.postcopyBytesPerSecond = postcopyBandwidth.map { UInt64($0 * 1_048_576) }
         config.backgroundScheduling = scheduling.backgroundScheduling
+        config.resume = resume
+        config.deadPeerTimeoutNanos = UInt64(deadPeerTimeout * 1e9)
+        config.reconnectTimeoutNanos = UInt64(reconnectTimeout * 1e9)
         do {
             let agent = try SourceAgent(config: config, logger: logger, progress: ProgressReporter(enabled: !quiet))
             let summary = try agent.run()

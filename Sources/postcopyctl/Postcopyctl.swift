@@ -8,8 +8,8 @@ import PostcopyOS
 struct Postcopyctl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "postcopyctl",
-        abstract: "Inspect the postcopyd instances running on this host.",
-        subcommands: [Status.self])
+        abstract: "Inspect and control the postcopyd instances running on this host.",
+        subcommands: [Status.self, Cancel.self])
 }
 
 /// Where instances keep their sockets (systemd's RuntimeDirectory=postcopyd/%i).
@@ -71,6 +71,40 @@ struct Status: ParsableCommand {
         case 0: throw Failure("no postcopyd instance is running here (no control socket under \(runtimeDirectory))")
         case 1: return "\(runtimeDirectory)/\(names[0])/control.sock"
         default: throw Failure("several instances are running (\(names.joined(separator: ", "))): name one")
+        }
+    }
+}
+
+struct Cancel: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Abort an instance's migration before switchover; the source keeps running the guest.",
+        discussion: """
+            Refused once switchover has begun: from then on the guest runs on this host and the \
+            source holds the pages it still lacks, so aborting would lose them. Without INSTANCE: \
+            the one instance running.
+            """)
+
+    @Argument(help: "The instance (postcopyd@INSTANCE).")
+    var instance: String?
+
+    @Option(help: ArgumentHelp("Ask the daemon on this control socket instead.", valueName: "path"))
+    var socket: String?
+
+    func run() throws {
+        do {
+            let path = try socket ?? Status.controlSocket(for: instance)
+            let reply: [UInt8]
+            do {
+                reply = try ControlClient.request(ControlRequest.cancel.rawValue, at: path)
+            } catch {
+                throw Failure("cannot ask postcopyd on \(path): \(error)")
+            }
+            let text = String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .newlines)
+            guard text.hasPrefix("ok: ") else { throw Failure("postcopyd refused: \(text.dropFirst(7))") }
+            print(text.dropFirst(4))
+        } catch let failure as Failure {
+            writeStandardError("postcopyctl: \(failure.message)\n")
+            throw ExitCode.failure
         }
     }
 }

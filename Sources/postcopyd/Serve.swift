@@ -55,6 +55,12 @@ struct Serve: ParsableCommand {
     @Option(help: ArgumentHelp("Write the agent endpoint (host:port) to this file once listening.", valueName: "path"))
     var readyFile: String?
 
+    @Option(help: ArgumentHelp("Declare the agent's connection dead after this many seconds without a frame (the agent sends HEARTBEAT every quarter of that). During postcopy this pauses the migration.", valueName: "seconds"))
+    var deadPeerTimeout: Double = 5
+
+    @Option(help: ArgumentHelp("How long a paused postcopy waits for the agent to rejoin before the migration fails.", valueName: "seconds"))
+    var reconnectTimeout: Double = 600
+
     @OptionGroup var scheduling: BackgroundSchedulingOption
 
     @Option(help: ArgumentHelp("Write the postcopy phase's events (pages arrived, stale faults resolved) to this CSV file at the end.", valueName: "path"))
@@ -66,7 +72,8 @@ struct Serve: ParsableCommand {
     /// What a --config file may set: the options above but for instance and config.
     static let configSchema = ConfigFile.Schema(
         options: ["listen", "vmm-socket", "control-socket", "vmm-uid", "memory", "hugetlbfs-dir", "size",
-                  "migration-id", "vmm-timeout", "stall-warning-ms", "ready-file", "trace", "background-scheduling"],
+                  "migration-id", "vmm-timeout", "stall-warning-ms", "ready-file", "trace", "background-scheduling",
+                  "dead-peer-timeout", "reconnect-timeout"],
         flags: ["json"])
 
     func run() throws {
@@ -84,6 +91,15 @@ struct Serve: ParsableCommand {
         var merged = try Serve.parse(file.arguments + commandLine)
         merged.config = nil
         try merged.serve()
+    }
+
+    func validate() throws {
+        if !(deadPeerTimeout >= 0.1 && deadPeerTimeout <= 3600) {
+            throw ValidationError("--dead-peer-timeout is seconds between 0.1 and 3600")
+        }
+        if !(reconnectTimeout >= 1 && reconnectTimeout <= 86_400) {
+            throw ValidationError("--reconnect-timeout is seconds between 1 and 86400")
+        }
     }
 
     private func serve() throws {
@@ -108,6 +124,8 @@ struct Serve: ParsableCommand {
         settings.stallWarningNanos = stallWarningMs * 1_000_000
         settings.tracePath = trace
         settings.backgroundScheduling = scheduling.backgroundScheduling
+        settings.deadPeerTimeoutNanos = UInt64(deadPeerTimeout * 1e9)
+        settings.reconnectTimeoutNanos = UInt64(reconnectTimeout * 1e9)
 
         // Allocating (and on hugetlbfs reserving) guest RAM can take a while.
         notifier.extendTimeout(nanoseconds: 120_000_000_000)
@@ -127,7 +145,7 @@ struct Serve: ParsableCommand {
         try signals.start { signal in
             let phase = daemon.status().phase
             notifier.stopping(status: "stopping on \(signal) during \(phase)")
-            let loss = phase == "postcopy" ? "; the guest here loses the pages still stale" : ""
+            let loss = phase == "postcopy" || phase == "paused" ? "; the guest here loses the pages still stale" : ""
             logger.warning("\(signal): stopping the migration during \(phase)\(loss)")
             daemon.cancel("stopped by \(signal) during \(phase)")
         }
@@ -162,6 +180,8 @@ struct Serve: ParsableCommand {
             switch try ControlRequest(line: line) {
             case .status:
                 return Array((try jsonLine(daemon.status()) + "\n").utf8)
+            case .cancel:
+                return Array("ok: \(try daemon.cancelBeforeSwitchover())\n".utf8)
             }
         } catch {
             return Array("error: \(error)\n".utf8)

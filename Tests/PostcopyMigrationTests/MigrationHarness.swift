@@ -59,6 +59,13 @@ struct Migration {
     /// Record the daemon's trace and the guest's touch log.
     var traced = false
     var postcopyBytesPerSecond: UInt64?
+    /// Both sides' dead-peer timeout (nil: the default).
+    var deadPeerTimeoutNanos: UInt64?
+    /// Where the agent connects, given the daemon's endpoint: a test puts a
+    /// fault-injecting proxy between them.
+    var route: (@Sendable (SocketEndpoint) throws -> SocketEndpoint)?
+    /// Runs on a thread of its own once postcopy has begun.
+    var duringPostcopy: (@Sendable (DestinationDaemon) -> Void)?
 
     struct Outcome {
         let daemon: DestinationSummary
@@ -77,8 +84,15 @@ struct Migration {
                                        vmmSocketPath: directory.path + "/vmm.sock", memory: memory,
                                        regionSize: source.size, vmmUID: geteuid())
         if traced { config.tracePath = directory.path + "/trace.csv" }
+        if let deadPeerTimeoutNanos { config.deadPeerTimeoutNanos = deadPeerTimeoutNanos }
         let daemon = try DestinationDaemon(config: config, logger: testLogger("postcopyd"))
         let daemonRun = try Background("test-daemon") { try daemon.run() }
+        let watcher = try duringPostcopy.map { hook in
+            try Background("test-postcopy-hook") {
+                guard daemon.waitForPhase(["postcopy", "paused", "complete", "failed"]) else { return }
+                hook(daemon)
+            }
+        }
         var guestConfig = GuestConfig(socketPath: config.vmmSocketPath)
         guestConfig.threads = guestThreads
         guestConfig.scribble = scribble
@@ -86,16 +100,21 @@ struct Migration {
         if traced { guestConfig.touchLogPath = directory.path + "/touches.csv" }
         let guest = GuestVMM(config: guestConfig, logger: testLogger("guest"))
         let guestRun = try Background("test-guest") { try guest.run() }
-        var agentConfig = AgentConfig(ramPath: source.path, daemon: daemon.endpoint,
+        var agentConfig = AgentConfig(ramPath: source.path, daemon: try route?(daemon.endpoint) ?? daemon.endpoint,
                                       migrationID: MigrationID(high: 1, low: UInt64(getpid())),
                                       control: SourceControl("test", pause: pause, resume: {}))
         agentConfig.policy = PrecopyPolicy(maxRounds: rounds)
         agentConfig.postcopyBytesPerSecond = postcopyBytesPerSecond
+        if let deadPeerTimeoutNanos { agentConfig.deadPeerTimeoutNanos = deadPeerTimeoutNanos }
+        agentConfig.reconnectInitialDelayNanos = 20_000_000
+        agentConfig.reconnectMaxDelayNanos = 200_000_000
+        agentConfig.reconnectTimeoutNanos = 60_000_000_000
         let agent = try SourceAgent(config: agentConfig, logger: testLogger("agent"),
                                     progress: ProgressReporter(enabled: false))
         let agentSummary = try Background("test-agent") { try agent.run() }.wait("the agent").get()
         let daemonSummary = try daemonRun.wait("postcopyd").get()
         let guestSummary = try guestRun.wait("the guest").get()
+        _ = watcher?.wait("the postcopy hook")
         let identical = memcmp(source.base, daemon.memory.alias.base, Int(source.size)) == 0
         var outcome = Outcome(daemon: daemonSummary, agent: agentSummary, guest: guestSummary, identical: identical)
         if traced {
@@ -103,6 +122,18 @@ struct Migration {
             outcome.touchLog = readTextFile(directory.path + "/touches.csv")
         }
         return outcome
+    }
+}
+
+extension DestinationDaemon {
+    /// Waits (up to `seconds`) until the daemon's phase is one of `phases`.
+    func waitForPhase(_ phases: Set<String>, seconds: UInt64 = 120) -> Bool {
+        let deadline = monotonicNanoseconds() + seconds * 1_000_000_000
+        while monotonicNanoseconds() < deadline {
+            if phases.contains(status().phase) { return true }
+            usleep(1_000)
+        }
+        return false
     }
 }
 

@@ -25,6 +25,13 @@ public struct DestinationConfig: Sendable {
     /// How long a new agent connection may take to send HELLO.
     public var handshakeTimeoutNanos: UInt64 = 10_000_000_000
     public var keepAlive = KeepAlive()
+    /// An agent connection that carries nothing (not even HEARTBEAT, which
+    /// the agent sends every quarter of this) for this long is dead: during
+    /// postcopy the migration pauses, before it fails.
+    public var deadPeerTimeoutNanos: UInt64 = 5_000_000_000
+    /// How long a paused postcopy waits for the agent to rejoin before it
+    /// fails (the guest then lacks its stale pages).
+    public var reconnectTimeoutNanos: UInt64 = 600_000_000_000
     /// A guest thread blocked on a stale page longer than this is logged
     /// (POSTCOPYD_FAULT_STALLED, at most once a second).
     public var stallWarningNanos: UInt64 = 100_000_000

@@ -8,15 +8,22 @@ import Synchronization
 /// agent (TCP) and the VMM (unix socket), takes precopy pages, switches
 /// over, serves faults during postcopy and reports a summary.
 ///
-/// Threads: one each for the bulk connection, the urgent connection, the
-/// VMM socket and the fault loop; the caller's thread accepts the agent and
-/// then waits for completion and finishes the migration. Any failure on any
-/// of them fails the migration: every peer gets ERROR with the reason, every
-/// socket is shut down, and `run` throws that reason.
+/// Threads: one accepts agent connections for the whole migration; each
+/// generation of the agent's two connections has a receiving thread per
+/// connection; one sends HEARTBEATs; one serves the VMM socket and one the
+/// fault loop. The caller's thread waits for completion and finishes the
+/// migration.
+///
+/// Failures: before switchover any failure fails the migration — every
+/// peer gets ERROR with the reason, every socket is shut down, and `run`
+/// throws it; the source still runs the guest. During postcopy a lost,
+/// silent or misbehaving agent connection pauses the migration instead: the
+/// guest keeps running on the pages it has, the agent rejoins (a resuming
+/// HELLO on both connections), is told which pages are still stale, and the
+/// pages guest threads wait for are asked for again first. Only a lost VMM,
+/// an operator, or no agent within `reconnectTimeoutNanos` fails postcopy.
 public final class DestinationDaemon: @unchecked Sendable {
-    // SAFETY (@unchecked): `summary`, `session` state and the streams are set
-    // up by the bulk thread before the threads that read them start, or are
-    // behind a Mutex/Atomic.
+    // SAFETY (@unchecked): every mutable field is behind a Mutex or Atomic.
     public let config: DestinationConfig
     public let memory: GuestMemory
     public let tcp: TCPListener
@@ -24,16 +31,36 @@ public final class DestinationDaemon: @unchecked Sendable {
     private let failures: FailureLatch
     private let vmm: VMMLink
     private let session: Mutex<DestinationSession>
-    private let streams = Mutex<[MessageStream]>([])
+    /// The agent's connections of the current generation, and every
+    /// receiving thread ever started (joined at the end).
+    private let agent = Mutex(AgentConnections())
     private let engine = Mutex<PostcopyEngine?>(nil)
     private let faultLoop = Mutex<FaultLoop?>(nil)
     private let completion = Latch()
+    private let finished = Atomic<Bool>(false)
     private let summary = Mutex(DestinationSummary())
     /// Fields of every log record (MIGRATION_ID, PHASE, POSTCOPYD_INSTANCE).
     public let context: LogContext
     private let startedAt = monotonicNanoseconds()
     private let agentAddresses = Mutex<[String]>([])
     private let receiveRate = Mutex(RateMeter())
+    /// When the current pause began (monotonic; 0: not paused), and the
+    /// paused time of earlier pauses.
+    private let pausedAt = Atomic<UInt64>(0)
+    private let pausedNanos = Atomic<UInt64>(0)
+    /// Receiving threads still running.
+    private let receivers = Atomic<Int>(0)
+
+    private struct AgentConnections {
+        var epoch: UInt64 = 0
+        var streams: [StreamRole: MessageStream] = [:]
+        var threads: [OSThread] = []
+        /// Bytes received on connections given up.
+        var retiredBytes: UInt64 = 0
+        var bytesReceived: UInt64 {
+            streams.values.reduce(retiredBytes) { $0 + $1.bytesReceived.load(ordering: .relaxed) }
+        }
+    }
 
     /// Allocates guest RAM and starts listening on both sockets. `context`
     /// is kept current with the migration's id and phase for the log handler.
@@ -71,24 +98,27 @@ public final class DestinationDaemon: @unchecked Sendable {
     public func run() throws -> DestinationSummary {
         let started = monotonicNanoseconds()
         try vmm.start()
-        var threads: [OSThread] = []
+        let heartbeat = try StoppableThread()
         defer {
+            finished.store(true, ordering: .sequentiallyConsistent)
+            heartbeat.stop()
             faultLoop.withLock { $0 }?.stop()
-            for stream in streams.withLock({ $0 }) { stream.shutdown() }
+            _ = Glibc.shutdown(tcp.fd, Int32(SHUT_RDWR))
+            let threads = agent.withLock { agent in
+                for stream in agent.streams.values { stream.shutdown() }
+                return agent.threads
+            }
             for thread in threads { thread.join() }
             vmm.join()
         }
         do {
-            let (bulk, urgent) = try acceptAgent()
-            threads.append(try OSThread.start(name: "postcopy-urgent") { [self] in
-                receive(on: urgent, .urgent) { action in try handle(action, on: .urgent, bulk: bulk, urgent: urgent) }
-            })
-            threads.append(try OSThread.start(name: "postcopy-bulk") { [self] in
-                receive(on: bulk, .bulk) { action in try handle(action, on: .bulk, bulk: bulk, urgent: urgent) }
-            })
-            try finish(bulk: bulk)
-            // The agent closes its connections once it has COMPLETE.
-            for thread in threads { thread.join() }
+            let acceptor = try OSThread.start(name: "postcopy-accept") { [self] in acceptAgents() }
+            agent.withLock { $0.threads.append(acceptor) }
+            try heartbeat.start(name: "postcopy-beat") { [self] in
+                let interval = max(config.deadPeerTimeoutNanos / 4, 10_000_000)
+                while !heartbeat.waitForStop(timeoutNanos: interval) { sendHeartbeats() }
+            }
+            try finish()
         } catch {
             failures.fail(error as? MigrationError ?? MigrationError(.internalFailure, "\(error)"))
         }
@@ -120,6 +150,7 @@ public final class DestinationDaemon: @unchecked Sendable {
             "downtime_ms": "\(fixed(result.downtimeMs, 1))",
             "postcopy_seconds": "\(fixed(result.postcopySeconds, 3))",
             "total_seconds": "\(fixed(result.totalSeconds, 3))",
+            "pauses": "\(result.pauses)",
         ])
         return result
     }
@@ -130,16 +161,50 @@ public final class DestinationDaemon: @unchecked Sendable {
         failures.fail(.cancelled, reason)
     }
 
+    /// `postcopyctl cancel`: ends the migration if switchover has not begun
+    /// (the source then goes on running the guest) and says so; refuses
+    /// afterwards, when the guest depends on pages only the source holds.
+    public func cancelBeforeSwitchover() throws(CancelRefusal) -> String {
+        let phase = session.withLock { $0.phase }
+        if let failed = failures.error { throw CancelRefusal(phase: phase, failure: failed.reason) }
+        switch phase {
+        case .handshake, .precopy:
+            let id = session.withLock { $0.migrationID?.description } ?? "(no agent yet)"
+            logger.warning("cancelled by an operator during \(phase)")
+            cancel("cancelled by an operator (postcopyctl cancel) during \(phase)")
+            return "cancelled migration \(id) during \(phase); the source keeps running the guest"
+        case .switchingOver, .postcopy, .paused, .complete:
+            throw CancelRefusal(phase: phase)
+        }
+    }
+
+    /// Why `postcopyctl cancel` was refused.
+    public struct CancelRefusal: Error, CustomStringConvertible {
+        public let phase: DestinationSession.Phase
+        public var failure: String?
+        public var description: String {
+            if let failure { return "the migration has already ended: \(failure)" }
+            return phase == .complete
+                ? "the migration is complete; there is nothing to cancel"
+                : "the migration is in \(phase): the guest runs here now and the source holds pages it lacks, so it cannot be cancelled (stop the service to give it up)"
+        }
+    }
+
     /// Where the migration is now, for `postcopyctl status` and sd_notify.
     public func status() -> DaemonStatus {
         var status = DaemonStatus()
         status.instance = config.instance
         status.pid = getpid()
         status.uptimeSeconds = Double(monotonicNanoseconds() - startedAt) / 1e9
-        let (phase, id) = session.withLock { ($0.phase, $0.migrationID) }
+        let (phase, id, pauses) = session.withLock { ($0.phase, $0.migrationID, $0.pauses) }
         status.migrationID = id?.description ?? ""
         status.failure = failures.error?.reason
         status.phase = status.failure == nil ? phase.rawValue : "failed"
+        status.pauses = pauses
+        let pausedSince = pausedAt.load(ordering: .relaxed)
+        if phase == .paused, pausedSince > 0 {
+            status.pausedSeconds = Double(monotonicNanoseconds() &- pausedSince) / 1e9
+        }
         status.listen = "\(endpoint)"
         status.agentAddresses = agentAddresses.withLock { $0 }
         status.vmmSocket = config.vmmSocketPath
@@ -150,7 +215,7 @@ public final class DestinationDaemon: @unchecked Sendable {
         status.precopyRounds = summary.precopyRounds
         status.precopyPages = summary.precopyPages
         status.stalePagesAtSwitchover = summary.stalePagesAtSwitchover
-        if phase == .postcopy || phase == .complete { status.downtimeMs = summary.downtimeMs }
+        if phase == .postcopy || phase == .paused || phase == .complete { status.downtimeMs = summary.downtimeMs }
         if let postcopy = engine.withLock({ $0 }) {
             let state = postcopy.counters
             status.stalePagesLeft = state.stalePages
@@ -160,7 +225,7 @@ public final class DestinationDaemon: @unchecked Sendable {
             status.duplicatePages = state.duplicatePages
             status.staleFaultLatency = LatencyFigures(nanoseconds: postcopy.staleFaultLatencies)
         }
-        status.bytesReceived = streams.withLock { $0.reduce(0) { $0 + $1.bytesReceived.load(ordering: .relaxed) } }
+        status.bytesReceived = agent.withLock { $0.bytesReceived }
         status.receiveMiBPerSecond = receiveRate.withLock {
             $0.record(status.bytesReceived, at: monotonicNanoseconds())
         } / 1_048_576
@@ -176,96 +241,249 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// Reports `error` to every peer and shuts every connection down, which
     /// wakes every thread of the migration.
     private func shutDown(reporting error: MigrationError) {
-        for stream in streams.withLock({ $0 }) { stream.fail(error.code, error.reason) }
+        for stream in agent.withLock({ Array($0.streams.values) }) { stream.fail(error.code, error.reason) }
         vmm.shutdown(reporting: error)
         _ = Glibc.shutdown(tcp.fd, Int32(SHUT_RDWR))
         completion.open()
     }
 
-    // MARK: handshake
-
-    /// Accepts connections until the agent's bulk and urgent ones said HELLO.
-    /// A connection that sends anything else, or nothing within
-    /// `handshakeTimeoutNanos`, is refused on its own: a stray or hostile
-    /// peer does not end the migration.
-    private func acceptAgent() throws -> (bulk: MessageStream, urgent: MessageStream) {
-        var bulk: MessageStream?
-        var urgent: MessageStream?
-        while bulk == nil || urgent == nil {
-            let connection = try tcp.accept(keepAlive: config.keepAlive)
-            let stream = MessageStream(connection, peer: "agent")
-            do {
-                try connection.setReceiveTimeout(config.handshakeTimeoutNanos)
-                guard let hello = try stream.receive() else { continue }
-                let (role, welcome) = try session.withLock { try $0.hello(hello) }
-                try connection.setReceiveTimeout(nil)
-                try stream.send(welcome)
-                streams.withLock { $0.append(stream) }
-                if role == .bulk { bulk = stream } else { urgent = stream }
-                let id = session.withLock { $0.migrationID?.description ?? "" }
-                let address = connection.peerEndpoint.map { "\($0)" } ?? "unknown"
-                agentAddresses.withLock { $0.append(address) }
-                context.set("MIGRATION_ID", id)
-                logger.info("agent connected", metadata: ["role": "\(role)", "agent_address": "\(address)"])
-            } catch let error as SessionError {
-                logger.warning("refused an agent connection: \(error)")
-                stream.fail(error.code, error.description)
-            } catch {
-                logger.warning("refused an agent connection: no valid HELLO: \(error)")
-                stream.fail((error as? StreamError)?.code ?? .protocolViolation, "no valid HELLO: \(error)")
-            }
-            try failures.check()
+    /// HEARTBEAT on each agent connection, so that the agent can tell a
+    /// silent daemon from a dead one. A send that fails is left to the
+    /// connection's receiving thread to report.
+    private func sendHeartbeats() {
+        for stream in agent.withLock({ Array($0.streams.values) }) {
+            do { try stream.send(.heartbeat) } catch { stream.shutdown() }
         }
+    }
+
+    // MARK: agent connections
+
+    /// Accepts agent connections for the whole migration: the first two,
+    /// then, during postcopy, the two an agent rejoins with. A connection
+    /// that sends anything but an admissible HELLO, or nothing within
+    /// `handshakeTimeoutNanos`, is refused on its own: a stray or hostile
+    /// peer does not end the migration. Fails the migration when a pause
+    /// outlasts `reconnectTimeoutNanos`.
+    private func acceptAgents() {
+        while !finished.load(ordering: .sequentiallyConsistent), failures.error == nil {
+            let since = pausedAt.load(ordering: .relaxed)
+            if since > 0, monotonicNanoseconds() &- since > config.reconnectTimeoutNanos {
+                failures.fail(.peerLost, "the agent did not rejoin within \(config.reconnectTimeoutNanos / 1_000_000_000) s of losing its connections during postcopy")
+                return
+            }
+            do {
+                guard let connection = try tcp.accept(keepAlive: config.keepAlive, timeoutNanos: 250_000_000) else {
+                    continue
+                }
+                admit(connection)
+            } catch {
+                if finished.load(ordering: .sequentiallyConsistent) || failures.error != nil { return }
+                failures.fail(.internalFailure, "accepting agent connections on \(endpoint): \(error)")
+                return
+            }
+        }
+    }
+
+    /// Reads one connection's HELLO and answers it; starts receiving once
+    /// both connections of a generation are there.
+    private func admit(_ connection: TCPConnection) {
+        let stream = MessageStream(connection, peer: "agent")
+        do {
+            try connection.setReceiveTimeout(config.handshakeTimeoutNanos)
+            guard let hello = try stream.receive() else { return }
+            let (role, welcome, epoch, superseded, ready) = try session.withLock { session in
+                let (before, phase) = (session.epoch, session.phase)
+                let (role, welcome) = try session.hello(hello)
+                let ready = phase != session.phase && (session.phase == .precopy || session.phase == .postcopy)
+                return (role, welcome, session.epoch, session.epoch != before, ready)
+            }
+            if superseded {
+                paused(epoch: epoch - 1, because: "the agent rejoined: it found the connections dead first", role: role)
+            }
+            // From here a connection that carries nothing, not even
+            // HEARTBEAT, for this long is dead.
+            try connection.setReceiveTimeout(config.deadPeerTimeoutNanos)
+            try connection.setSendTimeout(config.deadPeerTimeoutNanos)
+            try stream.send(welcome)
+            let address = connection.peerEndpoint.map { "\($0)" } ?? "unknown"
+            let replaced = agent.withLock { agent in
+                if agent.epoch != epoch {
+                    agent.epoch = epoch
+                    agent.retiredBytes = agent.bytesReceived
+                    agent.streams = [:]
+                }
+                defer { agent.streams[role] = stream }
+                return agent.streams[role]
+            }
+            replaced?.shutdown()
+            agentAddresses.withLock { $0.append(address) }
+            let id = session.withLock { $0.migrationID?.description ?? "" }
+            context.set("MIGRATION_ID", id)
+            logger.info("agent connected", metadata: ["role": "\(role)", "agent_address": "\(address)",
+                                                      "resume": "\(hello.isResumingHello)"])
+            guard ready else { return }
+            if hello.isResumingHello {
+                try rejoined(epoch: epoch, from: address)
+            } else {
+                accepted(from: address)
+            }
+            try startReceiving(epoch: epoch)
+        } catch let error as SessionError {
+            logger.warning("refused an agent connection: \(error)")
+            stream.fail(error.code, error.description)
+        } catch {
+            logger.warning("refused an agent connection: no valid HELLO: \(error)")
+            stream.fail((error as? StreamError)?.code ?? .protocolViolation, "no valid HELLO: \(error)")
+        }
+    }
+
+    private func accepted(from address: String) {
         let id = session.withLock { $0.migrationID?.description ?? "" }
         summary.withLock { $0.migrationID = id }
-        context.set("PHASE", session.withLock { $0.phase.rawValue })
-        let addresses = agentAddresses.withLock { $0 }
-        logger.event(.migrationAccepted, .info, "migration \(id) accepted from \(addresses.last ?? "unknown")", [
-            "agent_address": "\(addresses.last ?? "unknown")",
+        context.set("PHASE", DestinationSession.Phase.precopy.rawValue)
+        logger.event(.migrationAccepted, .info, "migration \(id) accepted from \(address)", [
+            "agent_address": "\(address)",
         ])
-        return (bulk!, urgent!)
+    }
+
+    /// Starts a receiving thread on each connection of generation `epoch`.
+    private func startReceiving(epoch: UInt64) throws {
+        let streams = agent.withLock { $0.epoch == epoch ? $0.streams : [:] }
+        guard let bulk = streams[.bulk], let urgent = streams[.urgent] else { return }
+        for (role, stream) in [(StreamRole.urgent, urgent), (.bulk, bulk)] {
+            receivers.add(1, ordering: .relaxed)
+            let rejoining = session.withLock { $0.phase == .postcopy }
+            let thread = try OSThread.start(name: "postcopy-\(role)") { [self] in
+                defer { receivers.subtract(1, ordering: .relaxed) }
+                // A rejoined bulk connection carries the background stream
+                // from its first frame (the first one does from switchover).
+                if rejoining && role == .bulk { yieldToUrgentWork("the bulk receiver") }
+                receive(on: stream, role, epoch: epoch) { action in
+                    try handle(action, on: role, bulk: bulk)
+                }
+            }
+            agent.withLock { $0.threads.append(thread) }
+        }
+    }
+
+    // MARK: pause and rejoin
+
+    /// The agent's connections of generation `epoch` are given up during
+    /// postcopy (the session has already moved on): shut them down, hold
+    /// page requests, and say so.
+    private func paused(epoch: UInt64, because reason: String, role: StreamRole) {
+        let streams = agent.withLock { $0.epoch == epoch ? Array($0.streams.values) : [] }
+        for stream in streams { stream.shutdown() }
+        engine.withLock { $0 }?.pause()
+        pausedAt.store(monotonicNanoseconds(), ordering: .relaxed)
+        context.set("PHASE", DestinationSession.Phase.paused.rawValue)
+        let stale = engine.withLock { $0 }?.stalePages ?? 0
+        logger.event(.postcopyPaused, .warning, "postcopy paused: lost the agent's \(role) connection: \(reason); \(stale) pages still stale, waiting for the agent to rejoin", [
+            "peer": "agent", "connection": "\(role)", "reason": "\(reason)", "pages_stale": "\(stale)",
+            "reconnect_timeout_s": "\(config.reconnectTimeoutNanos / 1_000_000_000)",
+        ])
+    }
+
+    /// Both connections of a new generation said a resuming HELLO: tell the
+    /// agent which pages are still stale, then ask again for those guest
+    /// threads wait on — before the receiving threads start, so nothing
+    /// else goes first.
+    private func rejoined(epoch: UInt64, from address: String) throws {
+        // Lost during switchover, the connections may come back before the
+        // VMM has attached and postcopy has its engine.
+        let deadline = monotonicNanoseconds() + config.vmmAttachTimeoutNanos
+        var engine = self.engine.withLock { $0 }
+        while engine == nil, failures.error == nil, monotonicNanoseconds() < deadline {
+            sleepNanoseconds(10_000_000)
+            engine = self.engine.withLock { $0 }
+        }
+        let streams = agent.withLock { $0.epoch == epoch ? $0.streams : [:] }
+        guard let postcopy = engine, let bulk = streams[.bulk], let urgent = streams[.urgent] else {
+            throw MigrationError(.internalFailure, "the agent rejoined, but postcopy never started")
+        }
+        let stale = postcopy.staleSnapshot()
+        try sendBitmap(stale, on: bulk)
+        try bulk.send(.resync(stalePages: stale.popCount))
+        let now = monotonicNanoseconds()
+        let asked = postcopy.rejoin(urgent: urgent, at: now)
+        let since = pausedAt.exchange(0, ordering: .relaxed)
+        let pausedFor = since > 0 ? now &- since : 0
+        pausedNanos.add(pausedFor, ordering: .relaxed)
+        context.set("PHASE", DestinationSession.Phase.postcopy.rawValue)
+        logger.event(.postcopyResumed, .notice, "postcopy resumed: the agent rejoined from \(address) after \(fixed(Double(pausedFor) / 1e6, 0)) ms; \(stale.popCount) pages still stale, \(asked) asked for again", [
+            "agent_address": "\(address)", "paused_ms": "\(fixed(Double(pausedFor) / 1e6, 1))",
+            "pages_stale": "\(stale.popCount)", "pages_rerequested": "\(asked)",
+        ])
+    }
+
+    /// A page bitmap as DIRTY_BITMAP frames.
+    private func sendBitmap(_ bitmap: PageBitmap, on stream: MessageStream) throws {
+        let wordsPerFrame = 65_536
+        var first = 0
+        while first < bitmap.words.count {
+            let end = min(first + wordsPerFrame, bitmap.words.count)
+            try stream.send(.dirtyBitmap(totalBits: bitmap.count, firstWord: UInt64(first),
+                                         words: Array(bitmap.words[first..<end])))
+            first = end
+        }
     }
 
     // MARK: receiving
 
     /// Receives on `stream` until the agent closes it, handing each admitted
     /// message's action to `handle`. The end of the stream is normal only
-    /// once the migration is complete; any error fails the migration.
-    private func receive(on stream: MessageStream, _ role: StreamRole,
+    /// once the migration is complete; before, it is a lost connection.
+    private func receive(on stream: MessageStream, _ role: StreamRole, epoch: UInt64,
                          _ handle: (DestinationSession.Action) throws -> Void) {
         do {
             while let message = try stream.receive() {
-                try handle(try admit(message, on: role, stream))
+                let action = try admit(message, on: role, stream)
+                if case let .peerFailed(code, text) = action {
+                    throw MigrationError(.peerLost, "the agent reported \(code): \(text)")
+                }
+                // What fails here is this host's (the VMM, guest memory), not
+                // the connection's: it ends the migration in any phase.
+                do {
+                    try handle(action)
+                } catch {
+                    failures.fail(error as? MigrationError ?? MigrationError(.internalFailure, "\(error)"))
+                    return
+                }
             }
-            let phase = session.withLock { $0.phase }
-            if phase != .complete, failures.error == nil {
-                lost(role, MigrationError(.peerLost, "the agent closed the \(role) connection during \(phase)"))
-            }
+            lost(role, epoch: epoch, MigrationError(.peerLost, "the agent closed the \(role) connection"))
+        } catch let error as MigrationError {
+            lost(role, epoch: epoch, error)
+        } catch let error as StreamError {
+            lost(role, epoch: epoch, MigrationError(error.code, "the agent's \(role) connection: \(error)"))
+        } catch let error as SystemCallError where error.errno == .again {
+            lost(role, epoch: epoch, MigrationError(.peerLost, "nothing from the agent on the \(role) connection for \(fixed(Double(config.deadPeerTimeoutNanos) / 1e9, 1)) s, not even HEARTBEAT"))
         } catch {
-            guard failures.error == nil else { return }
-            let phase = session.withLock { $0.phase }
-            switch error {
-            case let error as MigrationError: failures.fail(error)
-            case let error as StreamError:
-                lost(role, MigrationError(error.code, "the agent's \(role) connection during \(phase): \(error)"))
-            default:
-                lost(role, MigrationError(.peerLost, "the agent's \(role) connection failed during \(phase): \(error)"))
-            }
+            lost(role, epoch: epoch, MigrationError(.peerLost, "the agent's \(role) connection failed: \(error)"))
         }
     }
 
-    /// The agent's `role` connection ended before the migration did.
-    private func lost(_ role: StreamRole, _ error: MigrationError) {
-        guard failures.fail(error) else { return }
-        logger.event(.connectionLost, .error, "lost the agent's \(role) connection: \(error.reason)", [
-            "peer": "agent", "connection": "\(role)", "reason": "\(error.reason)",
+    /// The agent's `role` connection of generation `epoch` ended: a pause
+    /// during postcopy, nothing once complete or for an older generation,
+    /// and the end of the migration before switchover.
+    private func lost(_ role: StreamRole, epoch: UInt64, _ error: MigrationError) {
+        guard failures.error == nil, !finished.load(ordering: .sequentiallyConsistent) else { return }
+        let (pause, phase, current) = session.withLock { ($0.connectionLost(epoch: epoch), $0.phase, $0.epoch) }
+        if pause {
+            paused(epoch: epoch, because: error.reason, role: role)
+            return
+        }
+        // Already paused, complete, or news of connections given up.
+        guard phase != .paused, phase != .complete, epoch == current else { return }
+        let reason = "\(error.reason) during \(phase)"
+        guard failures.fail(MigrationError(error.code, reason)) else { return }
+        logger.event(.connectionLost, .error, "lost the agent's \(role) connection: \(reason)", [
+            "peer": "agent", "connection": "\(role)", "reason": "\(reason)",
         ])
     }
 
     /// Performs an action the session admitted on the connection of `role`
     /// (the session admits precopy and switchover actions on bulk only).
-    private func handle(_ action: DestinationSession.Action, on role: StreamRole, bulk: MessageStream,
-                        urgent: MessageStream) throws {
+    private func handle(_ action: DestinationSession.Action, on role: StreamRole, bulk: MessageStream) throws {
         switch action {
         case let .writePrecopy(run, data):
             data.withUnsafeBytes { bytes in
@@ -280,8 +498,8 @@ public final class DestinationDaemon: @unchecked Sendable {
         case let .roundEnded(round, sent, dirty):
             summary.withLock { $0.precopyRounds = round }
             logger.info("precopy round \(round) done: \(sent) pages sent, \(dirty) found changed")
-        case let .switchover(stale, pausedAt, digest):
-            try switchover(stale: stale, pausedAt: pausedAt, digest: digest, bulk: bulk, urgent: urgent)
+        case let .switchover(stale, sourcePausedAt, digest):
+            try switchover(stale: stale, sourcePausedAt: sourcePausedAt, digest: digest, bulk: bulk)
             // From here this thread carries the background stream: it gives
             // way to the fault and urgent threads a blocked guest waits on.
             if role == .bulk { yieldToUrgentWork("the bulk receiver") }
@@ -337,8 +555,11 @@ public final class DestinationDaemon: @unchecked Sendable {
 
     // MARK: switchover
 
-    private func switchover(stale: PageBitmap, pausedAt: UInt64, digest: ImageDigest, bulk: MessageStream,
-                            urgent: MessageStream) throws {
+    private func switchover(stale: PageBitmap, sourcePausedAt pausedAt: UInt64, digest: ImageDigest,
+                            bulk: MessageStream) throws {
+        guard let urgent = agent.withLock({ $0.streams[.urgent] }) else {
+            throw MigrationError(.internalFailure, "switchover without the agent's urgent connection")
+        }
         summary.withLock {
             $0.stalePagesAtSwitchover = stale.popCount
             $0.imageDigest = digest.description
@@ -372,8 +593,16 @@ public final class DestinationDaemon: @unchecked Sendable {
         postcopy.cpuMicrosAtResume.store(UInt64(ProcessUsage.cpuSeconds() * 1e6), ordering: .relaxed)
         let downtimeMs = resumedAt >= pausedAt ? Double(resumedAt - pausedAt) / 1e6 : 0
         summary.withLock { $0.downtimeMs = downtimeMs }
-        try bulk.send(.resumed(destinationResumedAtNanos: resumedAt))
-        context.set("PHASE", DestinationSession.Phase.postcopy.rawValue)
+        // The guest runs here now. An agent that misses RESUMED (its
+        // connection lost) finds the migration in postcopy when it rejoins.
+        do {
+            try bulk.send(.resumed(destinationResumedAtNanos: resumedAt))
+        } catch {
+            bulk.shutdown()
+        }
+        if session.withLock({ $0.phase }) == .postcopy {
+            context.set("PHASE", DestinationSession.Phase.postcopy.rawValue)
+        }
         logger.event(.switchover, .notice, "switchover: guest resumed here after \(fixed(downtimeMs, 1)) ms, \(stale.popCount) pages stale", [
             "pages_stale": "\(stale.popCount)", "downtime_ms": "\(fixed(downtimeMs, 1))",
         ])
@@ -384,7 +613,7 @@ public final class DestinationDaemon: @unchecked Sendable {
 
     /// Waits for the last stale page; then tells the agent and the VMM, and
     /// stops serving faults and waits for the VMM to let go of the range.
-    private func finish(bulk: MessageStream) throws {
+    private func finish() throws {
         completion.wait()
         try failures.check()
         // Reached only through switchover, which set both.
@@ -396,8 +625,9 @@ public final class DestinationDaemon: @unchecked Sendable {
         let seconds = max(Double(now - started) / 1e9, 1e-9)
         let postcopyCPU = ProcessUsage.cpuSeconds() - Double(postcopy.cpuMicrosAtResume.load(ordering: .relaxed)) / 1e6
         let background = postcopy.backgroundPages.load(ordering: .relaxed)
-        let received = streams.withLock { $0.reduce(0) { $0 + $1.bytesReceived.load(ordering: .relaxed) } }
+        let (received, bulk) = agent.withLock { ($0.bytesReceived, $0.streams[.bulk]) }
         let latency = LatencyFigures(nanoseconds: postcopy.staleFaultLatencies)
+        let pauses = session.withLock { $0.pauses }
         summary.withLock {
             $0.postcopySeconds = seconds
             $0.postcopyCPUSeconds = max(postcopyCPU, 0)
@@ -411,9 +641,20 @@ public final class DestinationDaemon: @unchecked Sendable {
             $0.staleFaultLatency = latency
             $0.backgroundMiBPerSecond = Double(background * 4096) / seconds / 1_048_576
             $0.bytesReceived = received
+            $0.pauses = pauses
+            $0.pausedSeconds = Double(pausedNanos.load(ordering: .relaxed)) / 1e9
+            $0.rejoinToFirstFaultMs = postcopy.rejoinToFirstFaultNanos.map { Double($0) / 1e6 }
         }
-        try bulk.send(.complete(pagesReceived: state.filledPages, faultsClean: state.cleanFaults,
-                                faultsStale: state.staleFaults))
+        // Every page is here: the agent missing this (its connection lost)
+        // changes nothing for the guest. The agent closes its connections
+        // once it has COMPLETE; a dead one is found by its silence.
+        do {
+            guard let bulk else { throw MigrationError(.peerLost, "no agent connection") }
+            try bulk.send(.complete(pagesReceived: state.filledPages, faultsClean: state.cleanFaults,
+                                    faultsStale: state.staleFaults))
+        } catch {
+            logger.warning("every page is in place, but the agent could not be told: \(error); its source stays paused until an operator stops it")
+        }
         // Stop serving faults before the VMM unregisters the range: a CONTINUE
         // racing the unregister would fail. A guest thread that faults in
         // between waits until the unregister wakes it, then faults normally.
@@ -439,6 +680,12 @@ public final class DestinationDaemon: @unchecked Sendable {
             } catch {
                 logger.warning("could not write the postcopy trace to \(path): \(error)")
             }
+        }
+        // Let the agent close first, so that COMPLETE is read before the
+        // sockets go; one that never does is dead and not waited for.
+        let deadline = monotonicNanoseconds() + config.deadPeerTimeoutNanos
+        while receivers.load(ordering: .relaxed) > 0, monotonicNanoseconds() < deadline {
+            sleepNanoseconds(5_000_000)
         }
     }
 }

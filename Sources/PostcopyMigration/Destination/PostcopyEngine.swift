@@ -11,7 +11,8 @@ final class PostcopyEngine: FaultResolver, Sendable {
     let memory: GuestMemory
     let installer: PageInstaller
     private let tracker: Mutex<PostcopyTracker>
-    private let urgent: MessageStream
+    /// Where PAGE_REQUESTs go; nil while postcopy is paused.
+    private let urgent: Mutex<MessageStream?>
     private let failures: FailureLatch
     private let onComplete: @Sendable () -> Void
     private let stalls: Mutex<StallLimiter>
@@ -25,6 +26,9 @@ final class PostcopyEngine: FaultResolver, Sendable {
     let postcopyStartedAt = Atomic<UInt64>(0)
     /// The process's CPU time then, in microseconds.
     let cpuMicrosAtResume = Atomic<UInt64>(0)
+    /// When the agent last rejoined (monotonic), until the first stale
+    /// fault after it is served; then how long that took, per rejoin.
+    private let rejoined = Mutex<(at: UInt64?, firstFaultNanos: [UInt64])>((nil, []))
     /// Event by event, when asked for (`DestinationConfig.tracePath`).
     private let trace: Mutex<PostcopyTrace>
     private let tracing: Bool
@@ -38,7 +42,7 @@ final class PostcopyEngine: FaultResolver, Sendable {
         self.memory = memory
         self.installer = installer
         tracker = Mutex(PostcopyTracker(geometry: memory.geometry, stale: stale))
-        self.urgent = urgent
+        self.urgent = Mutex(urgent)
         self.failures = failures
         self.onComplete = onComplete
         self.stalls = Mutex(stalls)
@@ -72,22 +76,50 @@ final class PostcopyEngine: FaultResolver, Sendable {
         failures.fail(.internalFailure, "resolve fault on \(fault.page): \(error)")
     }
 
+    /// Asks the agent for `run`. With no connection (paused), or when the
+    /// send fails, the request waits in the tracker: `rejoin` asks again.
     private func request(_ run: PageRun) {
+        guard let stream = urgent.withLock({ $0 }) else { return }
         var remaining = run
         while true {
             // One request per frame-sized piece (a 2 MiB page is 512 pages at most).
             let count = min(remaining.count, 1024)
             let id = nextRequestID.add(1, ordering: .relaxed).newValue
             do {
-                try urgent.send(.pageRequest(requestID: id, firstPage: remaining.first, count: UInt32(count)))
+                try stream.send(.pageRequest(requestID: id, firstPage: remaining.first, count: UInt32(count)))
             } catch {
-                failures.fail(.peerLost, "the agent's urgent connection failed during postcopy: request \(remaining): \(error)")
+                // The receiving thread of this connection reports the loss;
+                // shutting it down makes sure it notices now.
+                stream.shutdown()
                 return
             }
             guard count < remaining.count else { return }
             remaining = PageRun(first: remaining.first + count, count: remaining.count - count)
         }
     }
+
+    /// The agent's connections are gone: stop sending requests.
+    func pause() {
+        urgent.withLock { $0 = nil }
+    }
+
+    /// The agent rejoined on `stream`: asks again for every page a guest
+    /// thread waits on, before anything else is sent. Returns how many pages
+    /// that is. The stream is installed first, so a fault from now on asks
+    /// for itself and one from before is in the tracker's list (asking twice
+    /// is harmless: the agent sends only pages it has not sent since).
+    @discardableResult
+    func rejoin(urgent stream: MessageStream, at now: UInt64) -> UInt64 {
+        urgent.withLock { $0 = stream }
+        rejoined.withLock { $0.at = now }
+        let runs = tracker.withLock { $0.outstandingRequests }
+        for run in runs { request(run) }
+        return runs.reduce(0) { $0 + $1.count }
+    }
+
+    /// For each rejoin whose first stale fault has been served: how long
+    /// after the rejoin that was.
+    var rejoinToFirstFaultNanos: [UInt64] { rejoined.withLock { $0.firstFaultNanos } }
 
     /// The highest PAGE_REQUEST id sent so far.
     var lastRequestID: UInt32 { nextRequestID.load(ordering: .relaxed) }
@@ -146,6 +178,12 @@ final class PostcopyEngine: FaultResolver, Sendable {
             return
         }
         latencies.withLock { $0.append(contentsOf: completions.map(\.latencyNanos)) }
+        rejoined.withLock { state in
+            if let at = state.at, now >= at {
+                state.firstFaultNanos.append(now &- at)
+                state.at = nil
+            }
+        }
         let stalled = stalls.withLock { limiter in
             completions.compactMap { limiter.record(page: $0.page.rawValue, stallNanos: $0.latencyNanos, at: now) }
         }
@@ -206,4 +244,14 @@ final class PostcopyEngine: FaultResolver, Sendable {
 extension PostcopyEngine {
     /// 4 KiB pages still stale.
     var stalePages: UInt64 { tracker.withLock { $0.stalePages } }
+
+    /// The stale pages now, as a bitmap of its own: its words are copied
+    /// under the lock, so the tracker's next change copies nothing.
+    func staleSnapshot() -> PageBitmap {
+        tracker.withLock { state in
+            let bitmap = state.staleBitmap
+            let words = bitmap.words.withUnsafeBufferPointer { Array($0) }
+            return PageBitmap(words: words, count: bitmap.count)!
+        }
+    }
 }

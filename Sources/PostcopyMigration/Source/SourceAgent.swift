@@ -39,6 +39,19 @@ public struct AgentConfig: Sendable {
     /// during postcopy; precopy runs at normal priority.
     public var backgroundScheduling = OSThread.SchedulingClass.idle
     public var keepAlive = KeepAlive()
+    /// A connection to postcopyd that carries nothing for this long (the
+    /// daemon sends HEARTBEAT every quarter of it) is dead.
+    public var deadPeerTimeoutNanos: UInt64 = 5_000_000_000
+    /// After losing postcopyd during postcopy: how long to keep trying to
+    /// rejoin, with backoff from `reconnectInitialDelayNanos` doubling up to
+    /// `reconnectMaxDelayNanos`, before giving up (the source stays paused).
+    public var reconnectTimeoutNanos: UInt64 = 600_000_000_000
+    public var reconnectInitialDelayNanos: UInt64 = 100_000_000
+    public var reconnectMaxDelayNanos: UInt64 = 2_000_000_000
+    /// Rejoin a postcopy phase another agent started (one that died or was
+    /// killed): no precopy, no pause; the destination says which pages it
+    /// still lacks.
+    public var resume = false
 
     public init(ramPath: String, daemon: SocketEndpoint, migrationID: MigrationID, control: SourceControl) {
         self.ramPath = ramPath
@@ -49,7 +62,8 @@ public struct AgentConfig: Sendable {
 }
 
 /// The source side of one migration: precopy rounds driven by a hash scan,
-/// switchover, then postcopy serving requests and pushing the rest.
+/// switchover, then postcopy serving requests and pushing the rest —
+/// rejoining postcopyd whenever the connections are lost during postcopy.
 public final class SourceAgent: @unchecked Sendable {
     // SAFETY (@unchecked): `summary` is written by the calling thread only,
     // before the urgent thread starts and after it is joined; counters the
@@ -62,6 +76,8 @@ public final class SourceAgent: @unchecked Sendable {
     private let urgentPages = Atomic<UInt64>(0)
     private let requests = Atomic<UInt64>(0)
     private let urgentBytes = Atomic<UInt64>(0)
+    /// Every connection opened, for the heartbeat thread and the end.
+    private let links = Mutex<[MessageStream]>([])
 
     public init(config: AgentConfig, logger: Logger, progress: ProgressReporter) throws {
         self.config = config
@@ -74,31 +90,60 @@ public final class SourceAgent: @unchecked Sendable {
 
     public func run() throws -> AgentSummary {
         let started = monotonicNanoseconds()
-        let bulk = try connect(.bulk)
-        let urgent = try connect(.urgent)
-        defer {
-            bulk.shutdown()
-            urgent.shutdown()
+        let heartbeat = try StoppableThread()
+        try heartbeat.start(name: "push-beat") { [self] in
+            let interval = max(config.deadPeerTimeoutNanos / 4, 10_000_000)
+            while !heartbeat.waitForStop(timeoutNanos: interval) {
+                for stream in links.withLock({ $0 }) {
+                    do { try stream.send(.heartbeat) } catch { stream.shutdown() }
+                }
+            }
         }
-        let scanner = PageScanner(image: image, batchPages: config.batchPages)
-        try precopy(scanner, bulk)
-        let (stale, zero) = try switchover(scanner, bulk)
-        try postcopy(stale: stale, zero: zero, bulk: bulk, urgent: urgent)
+        defer {
+            heartbeat.stop()
+            for stream in links.withLock({ $0 }) { stream.shutdown() }
+        }
+        if config.resume {
+            // A restarted agent: the source was paused by the one before it,
+            // and the destination says what it still lacks.
+            summary.resumedOnly = true
+            let (bulk, urgent, stale) = try rejoin()
+            let zero = zeroPages(among: stale)
+            try postcopy(stale: stale, zero: zero, bulk: bulk, urgent: urgent)
+            summary.idealBytes = stale.popCount * 4096
+        } else {
+            let bulk = try connect(.bulk)
+            let urgent = try connect(.urgent)
+            let scanner = PageScanner(image: image, batchPages: config.batchPages)
+            do {
+                try precopy(scanner, bulk)
+            } catch {
+                throw Self.reasonGiven(on: bulk) ?? error
+            }
+            let (stale, zero, links) = try switchover(scanner, bulk, urgent)
+            try postcopy(stale: stale, zero: zero, bulk: links.bulk, urgent: links.urgent)
+            summary.idealBytes = (scanner.nonZeroPages() + stale.popCount) * 4096
+        }
         summary.totalSeconds = Double(monotonicNanoseconds() - started) / 1e9
-        summary.idealBytes = (scanner.nonZeroPages() + stale.popCount) * 4096
         summary.bytesSent += urgentBytes.load(ordering: .relaxed)
         return summary
     }
 
-    private func connect(_ role: StreamRole) throws -> MessageStream {
+    /// Opens the `role` connection and says HELLO (resuming, to rejoin a
+    /// postcopy in progress). From then on a connection that carries
+    /// nothing for `deadPeerTimeoutNanos`, not even HEARTBEAT, is dead.
+    private func connect(_ role: StreamRole, resume: Bool = false) throws -> MessageStream {
         let connection = try inStep("connect the \(role) connection to postcopyd at \(config.daemon)") {
             try TCPConnection.connect(to: config.daemon, keepAlive: config.keepAlive)
         }
+        try connection.setReceiveTimeout(config.deadPeerTimeoutNanos)
+        try connection.setSendTimeout(config.deadPeerTimeoutNanos)
         let stream = MessageStream(connection, peer: "postcopyd \(role) connection")
         try stream.send(.hello(migrationID: config.migrationID, role: role, sourcePageSize: image.pageSize,
-                               regionSize: image.size))
+                               regionSize: image.size, resume: resume))
         switch try next(on: stream, "during the \(role) connection's handshake") {
         case let .welcome(regionSize, _) where regionSize == image.size:
+            links.withLock { $0.append(stream) }
             return stream
         case let .welcome(regionSize, _):
             throw MigrationError(.incompatible, "the destination region is \(regionSize) bytes, the source's \(image.size)")
@@ -107,16 +152,53 @@ public final class SourceAgent: @unchecked Sendable {
         }
     }
 
-    /// The next message from postcopyd, which must be neither ERROR nor the
-    /// end of the stream; `when` says where the migration stands, for errors.
+    /// The next message from postcopyd other than HEARTBEAT, which must be
+    /// neither ERROR nor the end of the stream; `when` says where the
+    /// migration stands, for errors. The end of the stream or silence
+    /// throws `ConnectionLost`; ERROR throws the daemon's reason.
     private func next(on stream: MessageStream, _ when: String) throws -> Message {
-        switch try stream.receive() {
-        case let .error(code, text)?:
-            throw MigrationError(code, "postcopyd failed \(when) (\(code)): \(text)")
-        case let message?:
-            return message
-        case nil:
-            throw MigrationError(.peerLost, "postcopyd closed the connection \(when)")
+        while true {
+            let message: Message?
+            do {
+                message = try stream.receive()
+            } catch let error as SystemCallError where error.errno == .again {
+                throw ConnectionLost("nothing from postcopyd \(when) for \(fixed(Double(config.deadPeerTimeoutNanos) / 1e9, 1)) s, not even HEARTBEAT")
+            }
+            switch message {
+            case .heartbeat?:
+                continue
+            case let .error(code, text)?:
+                throw MigrationError(code, "postcopyd failed \(when) (\(code)): \(text)")
+            case let message?:
+                return message
+            case nil:
+                throw ConnectionLost("postcopyd closed the connection \(when)")
+            }
+        }
+    }
+
+    /// The ERROR postcopyd sent before closing `stream`, if it did: during
+    /// precopy the agent only writes, so a failed send is all it sees of
+    /// the daemon's reason (a cancel, a refused frame) until it looks.
+    static func reasonGiven(on stream: MessageStream) -> MigrationError? {
+        try? stream.connection.setReceiveTimeout(200_000_000)
+        while let message = try? stream.receive() {
+            if case let .error(code, text) = message {
+                return MigrationError(code, "postcopyd ended the migration (\(code)): \(text)")
+            }
+        }
+        return nil
+    }
+
+    /// Whether `error` means the connection to postcopyd is gone (rejoin)
+    /// rather than that postcopyd or this agent failed the migration.
+    static func connectionLoss(_ error: any Error) -> ConnectionLost? {
+        switch error {
+        case let lost as ConnectionLost: return lost
+        case is MigrationError: return nil
+        case let error as SystemCallError where error.errno == .again:
+            return ConnectionLost("postcopyd took nothing for the send timeout: \(error)")
+        default: return ConnectionLost("\(error)")
         }
     }
 
@@ -157,16 +239,28 @@ public final class SourceAgent: @unchecked Sendable {
 
     // MARK: switchover
 
-    private func switchover(_ scanner: PageScanner, _ bulk: MessageStream) throws -> (PageBitmap, PageBitmap) {
+    private func switchover(_ scanner: PageScanner, _ bulk: MessageStream, _ urgent: MessageStream) throws
+        -> (stale: PageBitmap, zero: PageBitmap, links: (bulk: MessageStream, urgent: MessageStream)) {
         let pausedAt = monotonicNanoseconds()
         let pausedAtWall = realtimeNanoseconds()
+        // Who runs the guest decides what a failure does to the source:
+        // before SWITCHOVER went out only the source can (resume it); once
+        // postcopyd answered, the destination does (never resume it); in
+        // between, and when the connection is lost, it is not known until
+        // the agent rejoins (never resume it either: two running copies of
+        // one guest are worse than a paused one).
+        var owner = GuestOwner.source
         // Set up before pausing: a pause that fails half-way (the process
         // stopped, then a hook failed) must let the source run again too.
-        var resumedDestination = false
         defer {
-            if !resumedDestination {
+            switch owner {
+            case .source:
                 logger.warning("switchover failed before the destination resumed: resuming the source")
                 do { try config.control.resume() } catch { logger.error("could not resume the source: \(error)") }
+            case .unknown:
+                logger.error("switchover was interrupted after SWITCHOVER went out and postcopyd could not be reached again: the guest may be running on the destination, so the source stays paused. Check the destination (postcopyctl status, journalctl -u postcopyd@...) before resuming or discarding the source.")
+            case .destination:
+                break
             }
         }
         try inStep("pause the source (\(config.control.description))") { try config.control.pause() }
@@ -182,19 +276,41 @@ public final class SourceAgent: @unchecked Sendable {
             summary.bytesSent += UInt64(36 + 8 * (end - first))
             first = end
         }
-        try bulk.send(.switchover(stalePages: stale.popCount, sourcePausedAtNanos: pausedAtWall, imageDigest: digest))
-        switch try next(on: bulk, "at switchover") {
-        case let .resumed(resumedAtWall):
-            resumedDestination = true
+        owner = .unknown
+        do {
+            try bulk.send(.switchover(stalePages: stale.popCount, sourcePausedAtNanos: pausedAtWall, imageDigest: digest))
+            switch try next(on: bulk, "at switchover") {
+            case let .resumed(resumedAtWall):
+                owner = .destination
+                summary.downtimeMs = Double(monotonicNanoseconds() - pausedAt) / 1e6
+                summary.downtimeByClocksMs = resumedAtWall >= pausedAtWall ? Double(resumedAtWall - pausedAtWall) / 1e6 : 0
+            case let other:
+                owner = .source
+                throw MigrationError(.unexpectedMessage, "expected RESUMED from postcopyd, got \(other.type)")
+            }
+        } catch let error as MigrationError {
+            // postcopyd refused switchover (ERROR): it did not resume the guest.
+            owner = .source
+            throw error
+        } catch {
+            guard let lost = Self.connectionLoss(error) else { throw error }
+            logger.warning("lost postcopyd at switchover: \(lost.reason); rejoining to learn whether the guest runs there")
+            bulk.shutdown()
+            urgent.shutdown()
+            let (newBulk, newUrgent, stillStale) = try rejoin()
+            owner = .destination
             summary.downtimeMs = Double(monotonicNanoseconds() - pausedAt) / 1e6
-            summary.downtimeByClocksMs = resumedAtWall >= pausedAtWall ? Double(resumedAtWall - pausedAtWall) / 1e6 : 0
-        case let other:
-            throw MigrationError(.unexpectedMessage, "expected RESUMED from postcopyd, got \(other.type)")
+            logger.info("switchover: \(stale.popCount) stale pages, downtime \(fixed(summary.downtimeMs, 1)) ms (by this host's clock, including the rejoin)",
+                        metadata: ["digest": "\(digest)"])
+            return (stillStale, zero, (newBulk, newUrgent))
         }
         logger.info("switchover: \(stale.popCount) stale pages, downtime \(fixed(summary.downtimeMs, 1)) ms",
                     metadata: ["digest": "\(digest)"])
-        return (stale, zero)
+        return (stale, zero, (bulk, urgent))
     }
+
+    /// Who runs the guest while switchover is under way (see `switchover`).
+    private enum GuestOwner { case source, unknown, destination }
 
     private func readDirtyBitmap(_ path: String, pages: UInt64) throws -> PageBitmap {
         let words = Int((pages + 63) / 64)
@@ -210,9 +326,56 @@ public final class SourceAgent: @unchecked Sendable {
 
     // MARK: postcopy
 
+    /// Serves postcopy until postcopyd says COMPLETE, rejoining it each time
+    /// the connections are lost; `stale` is what the destination lacks.
     private func postcopy(stale: PageBitmap, zero: PageBitmap, bulk: MessageStream, urgent: MessageStream) throws {
         let started = monotonicNanoseconds()
-        let queue = Mutex(PostcopySendQueue(stale: stale))
+        var connections = (bulk: bulk, urgent: urgent)
+        var pending = stale
+        let background = BackgroundStream(pacer: config.postcopyBytesPerSecond.map { Pacer(bytesPerSecond: $0, now: started) })
+        while true {
+            do {
+                try serve(pending, zero: zero, connections, started: started, background: background)
+                break
+            } catch {
+                guard let lost = Self.connectionLoss(error) else { throw error }
+                progress.finish()
+                logger.warning("lost postcopyd during postcopy: \(lost.reason); rejoining")
+                connections.bulk.shutdown()
+                connections.urgent.shutdown()
+                let (newBulk, newUrgent, stillStale) = try rejoin()
+                connections = (newBulk, newUrgent)
+                pending = stillStale
+            }
+        }
+        summary.postcopySeconds = Double(monotonicNanoseconds() - started) / 1e9
+        summary.postcopyPagesBackground = background.pages
+        summary.postcopyPagesUrgent = urgentPages.load(ordering: .relaxed)
+        summary.pageRequests = requests.load(ordering: .relaxed)
+        summary.bytesSent += background.bytes
+        summary.backgroundMiBPerSecond = Double(background.pages * 4096) / max(summary.postcopySeconds, 1e-9) / 1_048_576
+    }
+
+    /// The background stream's totals and pacing, across rejoins; used by
+    /// one sending thread at a time.
+    private final class BackgroundStream: @unchecked Sendable {
+        var pages: UInt64 = 0
+        var bytes: UInt64 = 0
+        var pacer: Pacer?
+        init(pacer: Pacer?) { self.pacer = pacer }
+    }
+
+    /// One connection generation's postcopy: requests answered on the
+    /// urgent connection at normal priority, `pending` pushed on bulk by a
+    /// thread at `backgroundScheduling`, then COMPLETE awaited. Threads are
+    /// made per generation, from this thread (normal priority): a thread
+    /// inherits its creator's scheduling, and one moved to SCHED_IDLE may
+    /// not come back.
+    private func serve(_ pending: PageBitmap, zero: PageBitmap,
+                       _ connections: (bulk: MessageStream, urgent: MessageStream), started: UInt64,
+                       background: BackgroundStream) throws {
+        let (bulk, urgent) = connections
+        let queue = Mutex(PostcopySendQueue(stale: pending))
         let failure = Mutex<(any Error)?>(nil)
         let urgentThread = try OSThread.start(name: "push-urgent") { [self] in
             do {
@@ -226,37 +389,37 @@ public final class SourceAgent: @unchecked Sendable {
             urgent.shutdown()
             urgentThread.join()
         }
-        var backgroundPages: UInt64 = 0
-        var backgroundBytes: UInt64 = 0
-        var pacer = config.postcopyBytesPerSecond.map { Pacer(bytesPerSecond: $0, now: started) }
-        do {
-            try OSThread.setCurrentScheduling(config.backgroundScheduling)
-        } catch {
-            logger.warning("the background stream keeps its scheduling: \(error)")
-        }
-        do {
-            while let run = queue.withLock({ $0.takeNext(maxPages: UInt64(config.batchPages)) }) {
-                let bytes = try send(run, requestID: Message.backgroundRequestID, zero: zero, on: bulk)
-                backgroundBytes += bytes
-                backgroundPages += run.count
-                if let wait = pacer?.sent(bytes, now: monotonicNanoseconds()), wait > 0 {
-                    sleepNanoseconds(wait)
-                }
-                let left = queue.withLock { $0.remaining }
-                progress.update("postcopy \(ProgressReporter.bar(1 - Double(left) / Double(max(stale.popCount, 1)))) \(left) stale pages left, \(ProgressReporter.rate(bytes: backgroundBytes, since: started)), \(requests.load(ordering: .relaxed)) requests")
+        let backgroundThread = try OSThread.start(name: "push-background") { [self] in
+            do {
+                try OSThread.setCurrentScheduling(config.backgroundScheduling)
+            } catch {
+                logger.warning("the background stream keeps its scheduling: \(error)")
             }
-            progress.finish()
+            do {
+                while let run = queue.withLock({ $0.takeNext(maxPages: UInt64(config.batchPages)) }) {
+                    let bytes = try send(run, requestID: Message.backgroundRequestID, zero: zero, on: bulk)
+                    background.bytes += bytes
+                    background.pages += run.count
+                    if let wait = background.pacer?.sent(bytes, now: monotonicNanoseconds()), wait > 0 {
+                        sleepNanoseconds(wait)
+                    }
+                    let left = queue.withLock { $0.remaining }
+                    progress.update("postcopy \(ProgressReporter.bar(1 - Double(left) / Double(max(pending.popCount, 1)))) \(left) stale pages left, \(ProgressReporter.rate(bytes: background.bytes, since: started)), \(requests.load(ordering: .relaxed)) requests")
+                }
+                progress.finish()
+            } catch {
+                failure.withLock { $0 = $0 ?? error }
+                urgent.shutdown()
+            }
+        }
+        backgroundThread.join()
+        do {
+            if let first = failure.withLock({ $0 }) { throw first }
             try awaitComplete(bulk)
         } catch {
             if let first = failure.withLock({ $0 }) { throw first }
             throw error
         }
-        summary.postcopySeconds = Double(monotonicNanoseconds() - started) / 1e9
-        summary.postcopyPagesBackground = backgroundPages
-        summary.postcopyPagesUrgent = urgentPages.load(ordering: .relaxed)
-        summary.pageRequests = requests.load(ordering: .relaxed)
-        summary.bytesSent += backgroundBytes
-        summary.backgroundMiBPerSecond = Double(backgroundPages * 4096) / max(summary.postcopySeconds, 1e-9) / 1_048_576
     }
 
     private func awaitComplete(_ bulk: MessageStream) throws {
@@ -273,7 +436,8 @@ public final class SourceAgent: @unchecked Sendable {
     /// Answers PAGE_REQUESTs with the pages no sender has taken yet.
     private func serveRequests(_ urgent: MessageStream, queue: borrowing Mutex<PostcopySendQueue>, zero: PageBitmap) throws {
         let limits = RegionLimits(smallPageCount: image.smallPageCount)
-        while let message = try urgent.receive() {
+        while true {
+            let message = try next(on: urgent, "on the urgent connection during postcopy")
             switch message {
             case let .pageRequest(requestID, firstPage, count):
                 do throws(ProtocolError) {
@@ -288,14 +452,88 @@ public final class SourceAgent: @unchecked Sendable {
                     urgentBytes.add(try send(run, requestID: requestID, zero: zero, on: urgent), ordering: .relaxed)
                     urgentPages.add(run.count, ordering: .relaxed)
                 }
-            case .heartbeat:
-                continue
-            case let .error(code, text):
-                throw MigrationError(code, "postcopyd failed (\(code)): \(text)")
             default:
                 throw MigrationError(.unexpectedMessage, "unexpected \(message.type) on the urgent connection")
             }
         }
+    }
+
+    // MARK: rejoining
+
+    /// Connects again, both connections with a resuming HELLO, retrying
+    /// with backoff until `reconnectTimeoutNanos`; returns them and the
+    /// pages postcopyd still lacks (its resync). An ERROR from postcopyd
+    /// (the migration failed, or there is nothing to resume) ends it.
+    private func rejoin() throws -> (bulk: MessageStream, urgent: MessageStream, stale: PageBitmap) {
+        let started = monotonicNanoseconds()
+        let deadline = started + config.reconnectTimeoutNanos
+        var delay = config.reconnectInitialDelayNanos
+        var attempt = 0
+        while true {
+            attempt += 1
+            do {
+                let bulk = try connect(.bulk, resume: true)
+                do {
+                    let urgent = try connect(.urgent, resume: true)
+                    let stale = try receiveResync(bulk)
+                    summary.rejoins += 1
+                    logger.notice("rejoined postcopyd at \(config.daemon) after \(fixed(Double(monotonicNanoseconds() - started) / 1e6, 0)) ms (\(attempt) attempts): \(stale.popCount) pages still stale")
+                    return (bulk, urgent, stale)
+                } catch {
+                    bulk.shutdown()
+                    throw error
+                }
+            } catch {
+                guard let lost = Self.connectionLoss(error) else { throw error }
+                let now = monotonicNanoseconds()
+                guard now + delay < deadline else {
+                    throw MigrationError(.peerLost, "could not rejoin postcopyd at \(config.daemon) within \(config.reconnectTimeoutNanos / 1_000_000_000) s (\(attempt) attempts; last: \(lost.reason)). The source stays paused: the guest runs on the destination and may still need its pages")
+                }
+                logger.info("rejoin attempt \(attempt) failed: \(lost.reason); next in \(delay / 1_000_000) ms")
+                sleepNanoseconds(delay)
+                delay = min(delay * 2, config.reconnectMaxDelayNanos)
+            }
+        }
+    }
+
+    /// DIRTY_BITMAP frames of the pages postcopyd still lacks, then RESYNC.
+    private func receiveResync(_ bulk: MessageStream) throws -> PageBitmap {
+        let limits = RegionLimits(smallPageCount: image.smallPageCount)
+        var words = [UInt64](repeating: 0, count: Int((image.smallPageCount + 63) / 64))
+        var received = 0
+        while true {
+            let message = try next(on: bulk, "while rejoining")
+            do throws(ProtocolError) {
+                try message.validate(against: limits)
+            } catch {
+                throw MigrationError(error.code, "refused postcopyd's resync: \(error)")
+            }
+            switch message {
+            case let .dirtyBitmap(_, firstWord, frameWords) where firstWord == UInt64(received):
+                words.replaceSubrange(received..<(received + frameWords.count), with: frameWords)
+                received += frameWords.count
+            case let .resync(stalePages):
+                guard received == words.count, let stale = PageBitmap(words: words, count: image.smallPageCount),
+                      stale.popCount == stalePages else {
+                    throw MigrationError(.protocolViolation, "postcopyd's resync announces \(stalePages) stale pages after \(received) of \(words.count) bitmap words that do not add up to it")
+                }
+                return stale
+            default:
+                throw MigrationError(.unexpectedMessage, "expected DIRTY_BITMAP or RESYNC from postcopyd while rejoining, got \(message.type)")
+            }
+        }
+    }
+
+    /// Which of `pages` are all zeros on the source now (a restarted agent
+    /// did not see the final scan).
+    private func zeroPages(among pages: PageBitmap) -> PageBitmap {
+        var zero = PageBitmap(count: pages.count)
+        var next = pages.nextSet(from: 0)
+        while let page = next {
+            if image.withPages(first: page, count: 1, { PageHash.of($0).isZero }) { zero.insert(page) }
+            next = pages.nextSet(from: page + 1)
+        }
+        return zero
     }
 
     /// Sends `run` straight from the paused source: PAGES for data, ZERO_PAGES
@@ -320,4 +558,12 @@ public final class SourceAgent: @unchecked Sendable {
         }
         return bytes
     }
+}
+
+/// The connection to postcopyd is gone (closed, reset, or silent past the
+/// dead-peer timeout): during postcopy the agent rejoins.
+struct ConnectionLost: Error, CustomStringConvertible {
+    let reason: String
+    init(_ reason: String) { self.reason = reason }
+    var description: String { reason }
 }
