@@ -322,12 +322,19 @@ public final class DestinationDaemon: @unchecked Sendable {
             logger.info("agent connected", metadata: ["role": "\(role)", "agent_address": "\(address)",
                                                       "resume": "\(hello.isResumingHello)"])
             guard ready else { return }
-            if hello.isResumingHello {
-                try rejoined(epoch: epoch, from: address)
-            } else {
-                accepted(from: address)
+            do {
+                if hello.isResumingHello {
+                    try rejoined(epoch: epoch, from: address)
+                } else {
+                    accepted(from: address)
+                }
+                try startReceiving(epoch: epoch)
+            } catch {
+                // The generation broke before its receivers ran: it is lost
+                // like any other (a pause in postcopy, the end before).
+                lost(role, epoch: epoch, error as? MigrationError
+                    ?? MigrationError(.peerLost, "the agent's connections failed as they started: \(error)"))
             }
-            try startReceiving(epoch: epoch)
         } catch let error as SessionError {
             logger.warning("refused an agent connection: \(error)")
             stream.fail(error.code, error.description)

@@ -76,8 +76,8 @@ public final class SourceAgent: @unchecked Sendable {
     private let urgentPages = Atomic<UInt64>(0)
     private let requests = Atomic<UInt64>(0)
     private let urgentBytes = Atomic<UInt64>(0)
-    /// Every connection opened, for the heartbeat thread and the end.
-    private let links = Mutex<[MessageStream]>([])
+    /// The latest connection of each role, for the heartbeat thread and the end.
+    private let links = Mutex<[StreamRole: MessageStream]>([:])
 
     public init(config: AgentConfig, logger: Logger, progress: ProgressReporter) throws {
         self.config = config
@@ -94,14 +94,14 @@ public final class SourceAgent: @unchecked Sendable {
         try heartbeat.start(name: "push-beat") { [self] in
             let interval = max(config.deadPeerTimeoutNanos / 4, 10_000_000)
             while !heartbeat.waitForStop(timeoutNanos: interval) {
-                for stream in links.withLock({ $0 }) {
+                for stream in links.withLock({ Array($0.values) }) {
                     do { try stream.send(.heartbeat) } catch { stream.shutdown() }
                 }
             }
         }
         defer {
             heartbeat.stop()
-            for stream in links.withLock({ $0 }) { stream.shutdown() }
+            for stream in links.withLock({ Array($0.values) }) { stream.shutdown() }
         }
         if config.resume {
             // A restarted agent: the source was paused by the one before it,
@@ -143,7 +143,7 @@ public final class SourceAgent: @unchecked Sendable {
                                regionSize: image.size, resume: resume))
         switch try next(on: stream, "during the \(role) connection's handshake") {
         case let .welcome(regionSize, _) where regionSize == image.size:
-            links.withLock { $0.append(stream) }
+            links.withLock { $0[role] = stream }
             return stream
         case let .welcome(regionSize, _):
             throw MigrationError(.incompatible, "the destination region is \(regionSize) bytes, the source's \(image.size)")
