@@ -120,8 +120,8 @@ public final class SourceAgent: @unchecked Sendable {
             } catch {
                 throw Self.reasonGiven(on: bulk) ?? error
             }
-            let (stale, zero, links) = try switchover(scanner, bulk, urgent)
-            try postcopy(stale: stale, zero: zero, bulk: links.bulk, urgent: links.urgent)
+            let (stale, zero, connections) = try switchover(scanner, bulk, urgent)
+            try postcopy(stale: stale, zero: zero, bulk: connections.bulk, urgent: connections.urgent)
             summary.idealBytes = (scanner.nonZeroPages() + stale.popCount) * 4096
         }
         summary.totalSeconds = Double(monotonicNanoseconds() - started) / 1e9
@@ -182,7 +182,8 @@ public final class SourceAgent: @unchecked Sendable {
     /// the daemon's reason (a cancel, a refused frame) until it looks.
     static func reasonGiven(on stream: MessageStream) -> MigrationError? {
         try? stream.connection.setReceiveTimeout(200_000_000)
-        while let message = try? stream.receive() {
+        let deadline = monotonicNanoseconds() + 500_000_000
+        while monotonicNanoseconds() < deadline, let message = try? stream.receive() {
             if case let .error(code, text) = message {
                 return MigrationError(code, "postcopyd ended the migration (\(code)): \(text)")
             }
@@ -240,7 +241,7 @@ public final class SourceAgent: @unchecked Sendable {
     // MARK: switchover
 
     private func switchover(_ scanner: PageScanner, _ bulk: MessageStream, _ urgent: MessageStream) throws
-        -> (stale: PageBitmap, zero: PageBitmap, links: (bulk: MessageStream, urgent: MessageStream)) {
+        -> (stale: PageBitmap, zero: PageBitmap, connections: (bulk: MessageStream, urgent: MessageStream)) {
         let pausedAt = monotonicNanoseconds()
         let pausedAtWall = realtimeNanoseconds()
         // Who runs the guest decides what a failure does to the source:
