@@ -350,3 +350,34 @@ enum Wire {
         #expect(MessageType.vmmComplete.description == "VMM_COMPLETE")
     }
 }
+
+@Suite struct BitmapFrameTests {
+    @Test func aBitmapSurvivesItsFramesInOrder() {
+        var bitmap = PageBitmap(count: 64 * 5 + 3)
+        for page in [0, 63, 64, 200, 322] as [UInt64] { bitmap.insert(page) }
+        let frames = bitmap.dirtyBitmapMessages(wordsPerFrame: 2)
+        #expect(frames.count == 3)
+        var assembler = BitmapAssembler(count: bitmap.count)
+        func added(_ first: UInt64, _ words: [UInt64]) -> Bool { assembler.add(firstWord: first, words: words) }
+        for frame in frames {
+            #expect(assembler.bitmap == nil)
+            guard case let .dirtyBitmap(totalBits, first, words) = frame else { Issue.record("\(frame)"); return }
+            #expect(totalBits == bitmap.count)
+            #expect(added(first, words))
+        }
+        #expect(assembler.isComplete)
+        #expect(assembler.bitmap == bitmap)
+    }
+
+    @Test func framesOutOfOrderOrPastTheEndAreRefused() {
+        var assembler = BitmapAssembler(count: 128)
+        func added(_ first: UInt64, _ words: [UInt64]) -> Bool { assembler.add(firstWord: first, words: words) }
+        #expect(!added(1, [1]))
+        #expect(added(0, [1]))
+        #expect(!added(0, [1]))
+        #expect(!added(1, [1, 2]))
+        #expect(assembler.wordsReceived == 1 && !assembler.isComplete)
+        #expect(added(1, [2]))
+        #expect(assembler.bitmap?.popCount == 2)
+    }
+}

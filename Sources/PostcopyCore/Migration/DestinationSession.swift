@@ -50,8 +50,8 @@ public struct DestinationSession: Sendable {
     /// Times postcopy was paused by a lost connection.
     public private(set) var pauses: UInt64 = 0
     private var connected: Set<StreamRole> = []
-    private var bitmap: [UInt64] = []
-    private var bitmapWordsReceived: UInt64 = 0
+    /// The dirty bitmap, from the first DIRTY_BITMAP frame to SWITCHOVER.
+    private var bitmap: BitmapAssembler?
 
     public init(geometry: PageGeometry, migrationID: MigrationID? = nil) {
         self.geometry = geometry
@@ -128,14 +128,15 @@ public struct DestinationSession: Sendable {
              let (.dirtyBitmap(_, firstWord, words), .bulk, .switchingOver):
             return try addBitmapWords(firstWord: firstWord, words: words)
         case let (.switchover(stalePages, pausedAt, digest), .bulk, .switchingOver):
-            guard bitmapWordsReceived == UInt64(bitmap.count) else {
-                throw .bitmapIncomplete(words: bitmapWordsReceived, expected: UInt64(bitmap.count))
+            // Entering switchingOver made the assembler; validation kept
+            // bits past the region out of it.
+            guard let assembled = bitmap, let stale = assembled.bitmap else {
+                throw .bitmapIncomplete(words: bitmap?.wordsReceived ?? 0, expected: bitmap?.wordCount ?? 0)
             }
-            let stale = PageBitmap(words: bitmap, count: geometry.smallPageCount)!
             guard stale.popCount == stalePages else {
                 throw .staleCountMismatch(announced: stalePages, bitmap: stale.popCount)
             }
-            bitmap = []
+            bitmap = nil
             phase = .postcopy
             return .switchover(stale: stale, sourcePausedAtNanos: pausedAt, imageDigest: digest)
         // Pages still arriving on a connection that is being given up are
@@ -163,13 +164,12 @@ public struct DestinationSession: Sendable {
     private mutating func addBitmapWords(firstWord: UInt64, words: [UInt64]) throws(SessionError) -> Action {
         if phase == .precopy {
             phase = .switchingOver
-            bitmap = Array(repeating: 0, count: Int((geometry.smallPageCount + 63) / 64))
+            bitmap = BitmapAssembler(count: geometry.smallPageCount)
         }
-        guard firstWord == bitmapWordsReceived else {
-            throw .bitmapOutOfOrder(expectedWord: bitmapWordsReceived, got: firstWord)
+        // Set on entering switchingOver, just above.
+        guard bitmap!.add(firstWord: firstWord, words: words) else {
+            throw .bitmapOutOfOrder(expectedWord: bitmap!.wordsReceived, got: firstWord)
         }
-        for (offset, word) in words.enumerated() { bitmap[Int(firstWord) + offset] = word }
-        bitmapWordsReceived += UInt64(words.count)
         return .none
     }
 }

@@ -409,7 +409,7 @@ public final class DestinationDaemon: @unchecked Sendable {
             throw MigrationError(.internalFailure, "the agent rejoined, but postcopy never started")
         }
         let stale = postcopy.staleSnapshot()
-        try sendBitmap(stale, on: bulk)
+        for frame in stale.dirtyBitmapMessages() { try bulk.send(frame) }
         try bulk.send(.resync(stalePages: stale.popCount))
         let now = monotonicNanoseconds()
         let asked = postcopy.rejoin(urgent: urgent, at: now)
@@ -421,18 +421,6 @@ public final class DestinationDaemon: @unchecked Sendable {
             "agent_address": "\(address)", "paused_ms": "\(fixed(Double(pausedFor) / 1e6, 1))",
             "pages_stale": "\(stale.popCount)", "pages_rerequested": "\(asked)",
         ])
-    }
-
-    /// A page bitmap as DIRTY_BITMAP frames.
-    private func sendBitmap(_ bitmap: PageBitmap, on stream: MessageStream) throws {
-        let wordsPerFrame = 65_536
-        var first = 0
-        while first < bitmap.words.count {
-            let end = min(first + wordsPerFrame, bitmap.words.count)
-            try stream.send(.dirtyBitmap(totalBits: bitmap.count, firstWord: UInt64(first),
-                                         words: Array(bitmap.words[first..<end])))
-            first = end
-        }
     }
 
     // MARK: receiving

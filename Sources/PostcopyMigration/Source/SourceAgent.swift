@@ -269,13 +269,9 @@ public final class SourceAgent: @unchecked Sendable {
         let (stale, zero, digest) = scanner.finalScan(alsoDirty: alsoDirty)
         summary.stalePages = stale.popCount
         summary.imageDigest = digest.description
-        let wordsPerFrame = 65_536
-        var first = 0
-        while first < stale.words.count {
-            let end = min(first + wordsPerFrame, stale.words.count)
-            try bulk.send(.dirtyBitmap(totalBits: stale.count, firstWord: UInt64(first), words: Array(stale.words[first..<end])))
-            summary.bytesSent += UInt64(36 + 8 * (end - first))
-            first = end
+        for frame in stale.dirtyBitmapMessages() {
+            try bulk.send(frame)
+            if case let .dirtyBitmap(_, _, words) = frame { summary.bytesSent += UInt64(36 + 8 * words.count) }
         }
         owner = .unknown
         do {
@@ -500,8 +496,7 @@ public final class SourceAgent: @unchecked Sendable {
     /// DIRTY_BITMAP frames of the pages postcopyd still lacks, then RESYNC.
     private func receiveResync(_ bulk: MessageStream) throws -> PageBitmap {
         let limits = RegionLimits(smallPageCount: image.smallPageCount)
-        var words = [UInt64](repeating: 0, count: Int((image.smallPageCount + 63) / 64))
-        var received = 0
+        var assembler = BitmapAssembler(count: image.smallPageCount)
         while true {
             let message = try next(on: bulk, "while rejoining")
             do throws(ProtocolError) {
@@ -510,13 +505,13 @@ public final class SourceAgent: @unchecked Sendable {
                 throw MigrationError(error.code, "refused postcopyd's resync: \(error)")
             }
             switch message {
-            case let .dirtyBitmap(_, firstWord, frameWords) where firstWord == UInt64(received):
-                words.replaceSubrange(received..<(received + frameWords.count), with: frameWords)
-                received += frameWords.count
+            case let .dirtyBitmap(_, firstWord, words):
+                guard assembler.add(firstWord: firstWord, words: words) else {
+                    throw MigrationError(.unexpectedMessage, "postcopyd's resync DIRTY_BITMAP frame starts at word \(firstWord), expected word \(assembler.wordsReceived)")
+                }
             case let .resync(stalePages):
-                guard received == words.count, let stale = PageBitmap(words: words, count: image.smallPageCount),
-                      stale.popCount == stalePages else {
-                    throw MigrationError(.protocolViolation, "postcopyd's resync announces \(stalePages) stale pages after \(received) of \(words.count) bitmap words that do not add up to it")
+                guard let stale = assembler.bitmap, stale.popCount == stalePages else {
+                    throw MigrationError(.protocolViolation, "postcopyd's resync announces \(stalePages) stale pages after \(assembler.wordsReceived) of \(assembler.wordCount) bitmap words that do not add up to it")
                 }
                 return stale
             default:
