@@ -26,9 +26,11 @@ final class PostcopyEngine: FaultResolver, Sendable {
     let postcopyStartedAt = Atomic<UInt64>(0)
     /// The process's CPU time then, in microseconds.
     let cpuMicrosAtResume = Atomic<UInt64>(0)
-    /// When the agent last rejoined (monotonic), until the first stale
-    /// fault after it is served; then how long that took, per rejoin.
-    private let rejoined = Mutex<(at: UInt64?, firstFaultNanos: [UInt64])>((nil, []))
+    /// When the agent last rejoined (monotonic; 0 once the first stale
+    /// fault after it is served), and then how long that took, per rejoin.
+    /// An atomic, so that the fault path takes no lock for it.
+    private let rejoinedAt = Atomic<UInt64>(0)
+    private let rejoinToFirstFault = Mutex<[UInt64]>([])
     /// Event by event, when asked for (`DestinationConfig.tracePath`).
     private let trace: Mutex<PostcopyTrace>
     private let tracing: Bool
@@ -111,7 +113,7 @@ final class PostcopyEngine: FaultResolver, Sendable {
     @discardableResult
     func rejoin(urgent stream: MessageStream, at now: UInt64) -> UInt64 {
         urgent.withLock { $0 = stream }
-        rejoined.withLock { $0.at = now }
+        rejoinedAt.store(now, ordering: .relaxed)
         let runs = tracker.withLock { $0.outstandingRequests }
         for run in runs { request(run) }
         return runs.reduce(0) { $0 + $1.count }
@@ -119,7 +121,7 @@ final class PostcopyEngine: FaultResolver, Sendable {
 
     /// For each rejoin whose first stale fault has been served: how long
     /// after the rejoin that was.
-    var rejoinToFirstFaultNanos: [UInt64] { rejoined.withLock { $0.firstFaultNanos } }
+    var rejoinToFirstFaultNanos: [UInt64] { rejoinToFirstFault.withLock { $0 } }
 
     /// The highest PAGE_REQUEST id sent so far.
     var lastRequestID: UInt32 { nextRequestID.load(ordering: .relaxed) }
@@ -178,11 +180,9 @@ final class PostcopyEngine: FaultResolver, Sendable {
             return
         }
         latencies.withLock { $0.append(contentsOf: completions.map(\.latencyNanos)) }
-        rejoined.withLock { state in
-            if let at = state.at, now >= at {
-                state.firstFaultNanos.append(now &- at)
-                state.at = nil
-            }
+        let at = rejoinedAt.load(ordering: .relaxed)
+        if at != 0, now >= at, rejoinedAt.compareExchange(expected: at, desired: 0, ordering: .relaxed).exchanged {
+            rejoinToFirstFault.withLock { $0.append(now &- at) }
         }
         let stalled = stalls.withLock { limiter in
             completions.compactMap { limiter.record(page: $0.page.rawValue, stallNanos: $0.latencyNanos, at: now) }
