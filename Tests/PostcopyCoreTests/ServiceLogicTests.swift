@@ -127,6 +127,16 @@ import Testing
         #expect(throws: ControlRequestError.self) { try ControlRequest(line: [UInt8](repeating: 65, count: 300)) }
     }
 
+    @Test func aPausedStatusSaysWhatItWaitsFor() {
+        var status = DaemonStatus()
+        status.phase = "paused"
+        status.stalePagesLeft = 812
+        status.pausedSeconds = 12.4
+        status.pauses = 2
+        #expect(status.statusLine == "paused: agent connection lost, waiting for 12 s for it to rejoin; 812 stale pages left")
+        #expect(status.lines.contains("pauses:        2 (agent connection lost and rejoined)"))
+    }
+
     @Test func statusLineFollowsThePhase() {
         var status = DaemonStatus()
         status.listen = "0.0.0.0:7070"
