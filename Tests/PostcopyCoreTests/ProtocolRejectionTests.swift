@@ -26,7 +26,7 @@ import Testing
         expectRejected(Wire.frame(type: 12, payload: [], flags: 0x8000), .nonzeroFlags(0x8000))
     }
 
-    @Test(arguments: [0, 14, 31, 36, 99, 255] as [UInt8])
+    @Test(arguments: [0, 14, 31, 38, 99, 255] as [UInt8])
     func unknownType(_ type: UInt8) {
         expectRejected(Wire.frame(type: type, payload: []), .unknownType(type))
         #expect(ProtocolError.unknownType(99).description == "unknown message type 99")
@@ -182,6 +182,7 @@ import Testing
                        .unsupportedPageSize(type: .welcome, bytes: 0))
         expectRejected(Wire.frame(type: 32, payload: Wire.le(UInt64(1 << 20)) + Wire.le(UInt32(65536)) + Wire.le(UInt64(0))),
                        .unsupportedPageSize(type: .vmmOffer, bytes: 65536))
+        expectRejected(Wire.frame(type: 36, payload: Wire.le(UInt32(3))), .invalidField(type: .vmmHandback, field: "kind", value: 3))
         #expect(ProtocolError.unsupportedPageSize(type: .hello, bytes: 8192).code == .incompatible)
     }
 

@@ -68,6 +68,9 @@ enum Wire {
         .vmmAttach(guestBase: 0x7F00_0000_0000, features: [.minorShmem, .missingShmem], registerMode: 0b101),
         .vmmResume(imageDigest: digest),
         .vmmComplete,
+        .vmmHandback(.ram),
+        .vmmHandback(.pageState),
+        .vmmReattach(guestBase: 0x7F00_0020_0000, features: [.minorHugetlbfs, .missingHugetlbfs], registerMode: 0b101),
     ]
 }
 
@@ -344,8 +347,10 @@ enum Wire {
     }
 
     @Test func messageTypesAndDescriptors() {
-        #expect(MessageType.allCases.map(\.rawValue) == Array(1...13) + Array(32...35))
-        #expect(MessageType.allCases.filter(\.carriesFileDescriptor) == [.vmmOffer, .vmmAttach])
+        #expect(MessageType.allCases.map(\.rawValue) == Array(1...13) + Array(32...37))
+        #expect(MessageType.allCases.filter(\.carriesFileDescriptor)
+            == [.vmmOffer, .vmmAttach, .vmmResume, .vmmHandback, .vmmReattach])
+        #expect(MessageType.vmmHandback.description == "VMM_HANDBACK")
         #expect(MessageType.pageRequest.description == "PAGE_REQUEST")
         #expect(MessageType.vmmComplete.description == "VMM_COMPLETE")
     }

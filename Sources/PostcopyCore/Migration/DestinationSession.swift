@@ -58,6 +58,16 @@ public struct DestinationSession: Sendable {
         self.migrationID = migrationID
     }
 
+    /// A restarted daemon taking over `migrationID`, whose daemon died
+    /// during postcopy: paused, until the agent rejoins with a resuming
+    /// HELLO on both connections.
+    public init(takingOver migrationID: MigrationID, geometry: PageGeometry) {
+        self.geometry = geometry
+        self.migrationID = migrationID
+        phase = .paused
+        epoch = 1
+    }
+
     public var limits: RegionLimits { RegionLimits(geometry) }
 
     /// The first frame of a TCP connection; returns the WELCOME to answer.

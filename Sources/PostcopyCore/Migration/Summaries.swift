@@ -65,6 +65,10 @@ public struct DestinationSummary: Codable, Equatable, Sendable {
     public var pauses: UInt64 = 0
     public var pausedSeconds: Double = 0
     public var rejoinToFirstFaultMs: [Double] = []
+    /// This daemon took the migration over from one that died during
+    /// postcopy; figures before that (precopy, faults served then) were the
+    /// dead daemon's and are not in this summary.
+    public var tookOver = false
 
     public init() {}
 
@@ -81,6 +85,9 @@ public struct DestinationSummary: Codable, Equatable, Sendable {
                 + " (\(fixed(backgroundMiBPerSecond, 1)) MiB/s), \(duplicatePages) duplicates dropped",
         ]
         if let staleFaultLatency { lines.append("stale-fault latency: \(staleFaultLatency.text)") }
+        if tookOver {
+            lines.append("took over from a postcopyd that died during postcopy; precopy and earlier faults were that daemon's")
+        }
         if pauses > 0 {
             let first = rejoinToFirstFaultMs.isEmpty ? "" : "; first stale fault served "
                 + rejoinToFirstFaultMs.map { fixed($0, 1) }.joined(separator: ", ") + " ms after rejoining"
@@ -182,11 +189,15 @@ public struct GuestSummary: Codable, Equatable, Sendable {
     /// changed would mean a late page overwrote what the guest wrote.
     public var scribbledPages: UInt64 = 0
     public var scribblesLost: UInt64 = 0
+    /// Times the VMM reattached to a postcopyd restarted after the one
+    /// serving it died.
+    public var reattachments = 0
 
     public init() {}
 
     public var lines: [String] {
         var lines = ["guest: \(threads) threads read \(pagesRead) pages in \(fixed(workloadSeconds, 2)) s"]
+        if reattachments > 0 { lines.append("reattached to a restarted postcopyd \(reattachments) times") }
         if let firstTouch {
             lines.append("first-touch stall: \(firstTouch.text), total \(fixed(firstTouch.totalMs, 1)) ms"
                 + " (at most \(fixed(blockedMsMaxThread, 1)) ms in one thread)")

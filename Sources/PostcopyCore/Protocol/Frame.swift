@@ -1,7 +1,7 @@
 /// The kinds of message, as the frame header's type byte names them.
 ///
 /// 1–13 travel on the TCP connections between the source's agent and
-/// postcopyd; 32–35 on the unix socket between postcopyd and the VMM, which
+/// postcopyd; 32–37 on the unix socket between postcopyd and the VMM, which
 /// also carries ERROR and HEARTBEAT.
 public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     case hello = 1
@@ -21,6 +21,8 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
     case vmmAttach = 33
     case vmmResume = 34
     case vmmComplete = 35
+    case vmmHandback = 36
+    case vmmReattach = 37
 
     /// The length rule a header's payloadLength must meet for this type,
     /// checked before any of the payload is buffered. PAGES and DIRTY_BITMAP
@@ -41,14 +43,22 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         case .heartbeat, .vmmComplete: return .exactly(0)
         case .vmmResume: return .exactly(32)
         case .vmmOffer: return .exactly(20)
-        case .vmmAttach: return .exactly(24)
+        case .vmmAttach, .vmmReattach: return .exactly(24)
+        case .vmmHandback: return .exactly(4)
         }
     }
 
     /// Whether a frame of this type travels with exactly one file descriptor
     /// (SCM_RIGHTS ancillary data on the VMM socket, outside the frame):
-    /// VMM_OFFER carries the RAM file, VMM_ATTACH the userfaultfd.
-    public var carriesFileDescriptor: Bool { self == .vmmOffer || self == .vmmAttach }
+    /// VMM_OFFER carries the RAM file, VMM_ATTACH and VMM_REATTACH the
+    /// userfaultfd, VMM_RESUME the page-state file for the VMM to keep, and
+    /// VMM_HANDBACK what the VMM kept, back to a restarted postcopyd.
+    public var carriesFileDescriptor: Bool {
+        switch self {
+        case .vmmOffer, .vmmAttach, .vmmResume, .vmmHandback, .vmmReattach: return true
+        default: return false
+        }
+    }
 
     /// The name the protocol document uses: `PAGE_REQUEST`, `VMM_OFFER`.
     public var description: String {
@@ -70,6 +80,8 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         case .vmmAttach: return "VMM_ATTACH"
         case .vmmResume: return "VMM_RESUME"
         case .vmmComplete: return "VMM_COMPLETE"
+        case .vmmHandback: return "VMM_HANDBACK"
+        case .vmmReattach: return "VMM_REATTACH"
         }
     }
 }

@@ -45,12 +45,20 @@ public enum Message: Equatable, Sendable {
     /// VMM → daemon, with the userfaultfd's descriptor. `registerMode` is the
     /// `UFFDIO_REGISTER_MODE_*` word the VMM registered the range with.
     case vmmAttach(guestBase: UInt64, features: UffdFeatures, registerMode: UInt64)
-    /// Daemon → VMM: run the guest. `imageDigest` is the agent's digest of
-    /// the image as of switchover, which a verifying VMM can check.
+    /// Daemon → VMM, with the page-state file's descriptor, which the VMM
+    /// keeps for a restarted postcopyd: run the guest (or, answering
+    /// VMM_REATTACH, go on running it). `imageDigest` is the agent's digest
+    /// of the image as of switchover, which a verifying VMM can check.
     case vmmResume(imageDigest: ImageDigest)
     /// Daemon → VMM: every page is in place; the VMM unregisters the range
     /// and answers with VMM_COMPLETE, after which the daemon stops serving.
     case vmmComplete
+    /// VMM → a restarted daemon, with a descriptor the VMM kept for it:
+    /// the RAM file of VMM_OFFER, or the page-state file of VMM_RESUME.
+    case vmmHandback(HandbackKind)
+    /// VMM → a restarted daemon, after both VMM_HANDBACKs, with the
+    /// userfaultfd: the fields are those of the VMM's first VMM_ATTACH.
+    case vmmReattach(guestBase: UInt64, features: UffdFeatures, registerMode: UInt64)
 
     /// The size of a page on the wire, and the unit of every page index.
     public static let pageBytes = 4096
@@ -91,6 +99,8 @@ public enum Message: Equatable, Sendable {
         case .vmmAttach: return .vmmAttach
         case .vmmResume: return .vmmResume
         case .vmmComplete: return .vmmComplete
+        case .vmmHandback: return .vmmHandback
+        case .vmmReattach: return .vmmReattach
         }
     }
 }
@@ -194,12 +204,26 @@ extension Message: CustomStringConvertible {
             return "VMM_OFFER region \(regionSize) bytes page size \(pageSize) file offset \(fileOffset)"
         case let .vmmAttach(guestBase, features, registerMode):
             return "VMM_ATTACH guest base \(hex64(guestBase)) features \(features) mode \(hex64(registerMode))"
+        case let .vmmReattach(guestBase, features, registerMode):
+            return "VMM_REATTACH guest base \(hex64(guestBase)) features \(features) mode \(hex64(registerMode))"
+        case let .vmmHandback(kind):
+            return "VMM_HANDBACK \(kind)"
         case let .vmmResume(imageDigest):
             return "VMM_RESUME digest \(imageDigest)"
         case .heartbeat, .vmmComplete:
             return type.description
         }
     }
+}
+
+/// What a VMM_HANDBACK gives back.
+public enum HandbackKind: UInt32, Sendable, CaseIterable, CustomStringConvertible {
+    /// The guest RAM file VMM_OFFER passed.
+    case ram = 1
+    /// The page-state file VMM_RESUME passed.
+    case pageState = 2
+
+    public var description: String { self == .ram ? "guest RAM file" : "page-state file" }
 }
 
 /// What page ranges must fit in: the region the pages belong to.
@@ -306,10 +330,12 @@ extension Message {
             out.appendLittleEndian(regionSize)
             out.appendLittleEndian(UInt32(pageSize.bytes))
             out.appendLittleEndian(fileOffset)
-        case let .vmmAttach(guestBase, features, registerMode):
+        case let .vmmAttach(guestBase, features, registerMode), let .vmmReattach(guestBase, features, registerMode):
             out.appendLittleEndian(guestBase)
             out.appendLittleEndian(features.rawValue)
             out.appendLittleEndian(registerMode)
+        case let .vmmHandback(kind):
+            out.appendLittleEndian(kind.rawValue)
         }
     }
 
@@ -398,6 +424,13 @@ extension Message {
             return .vmmResume(imageDigest: ImageDigest(bytes: bytes(0, 32))!)
         case .vmmComplete:
             return .vmmComplete
+        case .vmmReattach:
+            return .vmmReattach(guestBase: u64(0), features: UffdFeatures(rawValue: u64(8)), registerMode: u64(16))
+        case .vmmHandback:
+            guard let kind = HandbackKind(rawValue: u32(0)) else {
+                throw .invalidField(type: type, field: "kind", value: UInt64(u32(0)))
+            }
+            return .vmmHandback(kind)
         }
     }
 }

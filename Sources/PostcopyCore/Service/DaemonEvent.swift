@@ -14,6 +14,8 @@ public enum DaemonEvent: String, CaseIterable, Sendable {
     case postcopyPaused
     /// The agent rejoined a paused postcopy.
     case postcopyResumed
+    /// A restarted postcopyd took over a migration whose daemon died during postcopy.
+    case migrationTakenOver
 
     /// The journal's MESSAGE_ID: 32 lowercase hex digits.
     public var messageID: String {
@@ -28,6 +30,7 @@ public enum DaemonEvent: String, CaseIterable, Sendable {
         case .connectionLost: "292784b104304e68bc02cc8d834978fc"
         case .postcopyPaused: "14c69670ea3d41c9af456da93a6f26d8"
         case .postcopyResumed: "477af0a540f34d719568f47c0d525d72"
+        case .migrationTakenOver: "ea930c537fa5448ba7cbf921af607dd0"
         }
     }
 }

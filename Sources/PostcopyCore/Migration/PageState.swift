@@ -1,0 +1,189 @@
+/// The page-state record: what a restarted postcopyd needs to take a
+/// migration over from one that died during postcopy.
+///
+/// It lives in a small shared file (a memfd) that outlives the daemon,
+/// because the VMM and systemd's file-descriptor store keep it open. It has
+/// two parts:
+///
+/// - a header of `PageStateHeader.bytes`, written once at switchover, before
+///   the guest is resumed. It holds what the agent and the VMM agreed on:
+///   the migration, the geometry, where the guest maps RAM, the image
+///   digest, and the switchover figures. A CRC32C makes a torn or foreign
+///   header unusable.
+/// - from `PageStateLayout.bitmapOffset`, the stale bitmap: one bit per
+///   4 KiB page, stored as 64-bit words in native byte order. It is shared
+///   memory only processes on this host read.
+///
+/// **The invariant.** A page the guest may already have written is never
+/// overwritten. The daemon writes a stale page's bytes through the alias,
+/// then clears its bit here, and only then CONTINUEs it into the guest.
+/// Clearing a bit is one aligned 8-byte store, which a process's death
+/// cannot tear. So a bit that is clear means the page's bytes are complete.
+/// A bit that is set means the guest has never mapped the page, so fetching
+/// it again is safe. A record whose header does not check out is "unknown"
+/// as a whole. The only conservative path then is to refuse to take over:
+/// guessing could either CONTINUE an old page or overwrite a guest write.
+public struct PageStateHeader: Equatable, Sendable {
+    public static let magic: [UInt8] = Array("PCDPAGES".utf8)
+    public static let version: UInt32 = 1
+    /// Bytes the header's fields and checksum take; the rest of the header
+    /// page is zero.
+    public static let bytes = 124
+
+    public var migrationID: MigrationID
+    public var geometry: PageGeometry
+    /// Where the guest's mapping of RAM starts, in the VMM's address space.
+    public var guestBase: UInt64
+    /// The VMM's userfaultfd features and register mode (VMM_ATTACH).
+    public var features: UffdFeatures
+    public var registerMode: UInt64
+    public var imageDigest: ImageDigest
+    public var stalePagesAtSwitchover: UInt64
+    /// The source's clock when it paused the guest (SWITCHOVER).
+    public var sourcePausedAtNanos: UInt64
+    /// How long the guest was paused at switchover, in microseconds.
+    public var downtimeMicros: UInt64
+
+    public init(migrationID: MigrationID, geometry: PageGeometry, guestBase: UInt64, features: UffdFeatures,
+                registerMode: UInt64, imageDigest: ImageDigest, stalePagesAtSwitchover: UInt64,
+                sourcePausedAtNanos: UInt64, downtimeMicros: UInt64 = 0) {
+        self.migrationID = migrationID
+        self.geometry = geometry
+        self.guestBase = guestBase
+        self.features = features
+        self.registerMode = registerMode
+        self.imageDigest = imageDigest
+        self.stalePagesAtSwitchover = stalePagesAtSwitchover
+        self.sourcePausedAtNanos = sourcePausedAtNanos
+        self.downtimeMicros = downtimeMicros
+    }
+
+    /// The header's bytes, checksum last.
+    public var encoded: [UInt8] {
+        var out = PageStateHeader.magic
+        out.appendLittleEndian(PageStateHeader.version)
+        out.appendLittleEndian(UInt32(geometry.pageSize.bytes))
+        out.appendLittleEndian(geometry.regionSize)
+        out.appendLittleEndian(guestBase)
+        out.appendLittleEndian(features.rawValue)
+        out.appendLittleEndian(registerMode)
+        out.appendLittleEndian(stalePagesAtSwitchover)
+        out.appendLittleEndian(sourcePausedAtNanos)
+        out.appendLittleEndian(downtimeMicros)
+        out.append(contentsOf: migrationID.bytes)
+        out.append(contentsOf: imageDigest.bytes)
+        out.appendLittleEndian(CRC32C.checksum(out))
+        return out
+    }
+
+    /// Reads a header; refuses anything that is not one this version wrote
+    /// whole.
+    public init(decoding bytes: ArraySlice<UInt8>) throws(PageStateError) {
+        guard bytes.count >= PageStateHeader.bytes else { throw .truncated(bytes: bytes.count) }
+        let header = Array(bytes.prefix(PageStateHeader.bytes))
+        guard Array(header[0..<8]) == PageStateHeader.magic else { throw .notAPageStateRecord }
+        let fields = header[...]
+        let version: UInt32 = fields.loadLittleEndian(at: 8)
+        guard version == PageStateHeader.version else { throw .unsupportedVersion(version) }
+        let stored: UInt32 = fields.loadLittleEndian(at: 120)
+        let computed = CRC32C.checksum(Array(header[0..<120]))
+        guard stored == computed else { throw .checksumMismatch(stored: stored, computed: computed) }
+        let pageBytes: UInt32 = fields.loadLittleEndian(at: 12)
+        guard let pageSize = PageSize(bytes: UInt64(pageBytes)) else { throw .invalidGeometry("page size \(pageBytes)") }
+        do {
+            geometry = try PageGeometry(regionSize: fields.loadLittleEndian(at: 16), pageSize: pageSize)
+        } catch {
+            throw .invalidGeometry("\(error)")
+        }
+        guestBase = fields.loadLittleEndian(at: 24)
+        features = UffdFeatures(rawValue: fields.loadLittleEndian(at: 32))
+        registerMode = fields.loadLittleEndian(at: 40)
+        stalePagesAtSwitchover = fields.loadLittleEndian(at: 48)
+        sourcePausedAtNanos = fields.loadLittleEndian(at: 56)
+        downtimeMicros = fields.loadLittleEndian(at: 64)
+        // The checksum covers both: they are exactly 16 and 32 bytes here.
+        migrationID = MigrationID(bytes: Array(header[72..<88]))!
+        imageDigest = ImageDigest(bytes: Array(header[88..<120]))!
+    }
+}
+
+/// Why a page-state record cannot be used.
+public enum PageStateError: Error, Equatable, CustomStringConvertible {
+    case truncated(bytes: Int)
+    case notAPageStateRecord
+    case unsupportedVersion(UInt32)
+    case checksumMismatch(stored: UInt32, computed: UInt32)
+    case invalidGeometry(String)
+    case sizeMismatch(fileBytes: UInt64, expected: UInt64)
+
+    public var description: String {
+        switch self {
+        case let .truncated(bytes): return "the page-state record is \(bytes) bytes, shorter than its header"
+        case .notAPageStateRecord: return "not a postcopyd page-state record (wrong magic)"
+        case let .unsupportedVersion(version): return "page-state record version \(version); this postcopyd reads \(PageStateHeader.version)"
+        case let .checksumMismatch(stored, computed):
+            return "the page-state header's checksum is 0x\(String(stored, radix: 16)), its bytes give 0x\(String(computed, radix: 16))"
+        case let .invalidGeometry(reason): return "the page-state header names no valid guest RAM: \(reason)"
+        case let .sizeMismatch(fileBytes, expected):
+            return "the page-state file is \(fileBytes) bytes; its header's region needs \(expected)"
+        }
+    }
+}
+
+/// Where things are in the page-state file.
+public enum PageStateLayout {
+    /// The bitmap starts on the second 4 KiB page: the header has a page of its own.
+    public static let bitmapOffset = 4096
+
+    /// The file's size for `geometry`: the header page and the bitmap,
+    /// rounded up to whole 4 KiB pages.
+    public static func fileBytes(for geometry: PageGeometry) -> UInt64 {
+        let bitmapBytes = (geometry.smallPageCount + 63) / 64 * 8
+        return UInt64(bitmapOffset) + (bitmapBytes + 4095) / 4096 * 4096
+    }
+}
+
+/// The stale bitmap of a page-state record, in place: a view of its words
+/// in memory the caller keeps mapped. Not thread-safe: the daemon changes
+/// it only under the tracker's lock.
+public struct PageStateBitmap: @unchecked Sendable {
+    // SAFETY (@unchecked): the words are shared memory; callers serialise
+    // every change (the tracker's lock), and readers are later processes.
+    public let words: UnsafeMutablePointer<UInt64>
+    public let count: UInt64
+
+    /// A view of `count` bits at `words`, which must hold (count+63)/64 words.
+    public init(words: UnsafeMutablePointer<UInt64>, count: UInt64) {
+        self.words = words
+        self.count = count
+    }
+
+    private var wordCount: Int { Int((count + 63) / 64) }
+
+    /// Writes `bitmap` over the record.
+    public func store(_ bitmap: PageBitmap) {
+        precondition(bitmap.count == count, "a bitmap of \(bitmap.count) bits for a record of \(count)")
+        bitmap.words.withUnsafeBufferPointer { words.update(from: $0.baseAddress!, count: wordCount) }
+    }
+
+    /// The record's bitmap, copied out; nil when bits past `count` are set
+    /// (the record is not one this version wrote).
+    public func load() -> PageBitmap? {
+        PageBitmap(words: Array(UnsafeBufferPointer(start: words, count: wordCount)), count: count)
+    }
+
+    /// Clears the bits of `run`: its pages are written and may be installed.
+    /// Each word changes with one store.
+    public func markFresh(_ run: PageRun) {
+        precondition(run.end <= count, "\(run) outside a record of \(count) pages")
+        var page = run.first
+        while page < run.end {
+            let word = Int(page >> 6)
+            let low = page & 63
+            let span = min(64 - low, run.end - page)
+            let mask: UInt64 = span == 64 ? .max : ((1 << span) - 1) << low
+            words[word] &= ~mask
+            page += span
+        }
+    }
+}
