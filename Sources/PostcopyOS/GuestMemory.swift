@@ -11,8 +11,17 @@ public enum Backing: Sendable, Equatable, CustomStringConvertible {
     /// A new file in a hugetlbfs mount (2 MiB pages), unlinked once open so
     /// that nothing is left behind if the process dies.
     case hugetlbfs(directory: String)
+    /// A file another process created and handed over (a restarted
+    /// postcopyd taking a migration over).
+    case adopted(MemoryKind)
 
-    public var memoryKind: MemoryKind { self == .memfd ? .shmem : .hugetlbfs }
+    public var memoryKind: MemoryKind {
+        switch self {
+        case .memfd: return .shmem
+        case .hugetlbMemfd, .hugetlbfs: return .hugetlbfs
+        case let .adopted(kind): return kind
+        }
+    }
 
     /// The backing for `kind`: for hugetlbfs, a file in `directory` when
     /// given, else in the first 2 MiB mount of `mounts`, else a MFD_HUGETLB
@@ -33,6 +42,8 @@ public enum Backing: Sendable, Equatable, CustomStringConvertible {
         case .memfd: return "memfd (shmem, 4 KiB pages)"
         case .hugetlbMemfd: return "memfd (hugetlbfs, 2 MiB pages)"
         case let .hugetlbfs(directory): return "hugetlbfs file in \(directory) (2 MiB pages)"
+        case .adopted(.shmem): return "guest RAM file taken over (shmem, 4 KiB pages)"
+        case .adopted(.hugetlbfs): return "guest RAM file taken over (hugetlbfs, 2 MiB pages)"
         }
     }
 }
@@ -58,6 +69,8 @@ public final class MemoryFile: Sendable {
             fd = try check("memfd_create MFD_HUGETLB") { cpc_memfd_create(name, flags) }
         case let .hugetlbfs(directory):
             fd = try MemoryFile.createUnlinked(in: directory, name: name)
+        case .adopted:
+            preconditionFailure("an adopted RAM file is opened with init(adopting:geometry:)")
         }
         do {
             try MemoryFile.verifyFilesystem(fd: fd, backing: backing)
@@ -71,7 +84,42 @@ public final class MemoryFile: Sendable {
         self.backing = backing
     }
 
+    /// Takes ownership of `descriptor`, a RAM file another process created
+    /// (a restarted postcopyd taking a migration over): it must be a file of
+    /// exactly `geometry.regionSize` bytes, on hugetlbfs with 2 MiB pages
+    /// when the geometry says 2 MiB and on anything else (shmem) when 4 KiB.
+    /// Closes the descriptor when it refuses it.
+    public init(adopting descriptor: Int32, geometry: PageGeometry) throws {
+        let backing = Backing.adopted(geometry.pageSize == .small ? .shmem : .hugetlbfs)
+        do {
+            _ = fcntl(descriptor, F_SETFD, FD_CLOEXEC)
+            var magic: Int64 = 0
+            var blockSize: Int64 = 0
+            try check("fstatfs on the RAM file handed over") { cpc_fstatfs(descriptor, &magic, &blockSize) }
+            if geometry.pageSize == .small {
+                guard magic != MemoryFile.hugetlbfsMagic else {
+                    throw SystemCallError("the RAM file handed over is on hugetlbfs, but the migration's pages are 4 KiB", .invalid)
+                }
+            } else {
+                try MemoryFile.verifyFilesystem(fd: descriptor, backing: backing)
+            }
+            let size = try fileSize(descriptor, "the RAM file handed over")
+            guard size == geometry.regionSize else {
+                throw SystemCallError("the RAM file handed over is \(size) bytes; the migration's guest RAM is \(geometry.regionSize)", .invalid)
+            }
+        } catch {
+            close(descriptor)
+            throw error
+        }
+        fd = descriptor
+        self.geometry = geometry
+        self.backing = backing
+    }
+
     deinit { close(fd) }
+
+    /// The file's device and inode: the same for every descriptor of it.
+    public var identity: FileIdentity { FileIdentity(descriptor: fd) }
 
     private static func createUnlinked(in directory: String, name: String) throws -> Int32 {
         let path = "\(directory)/\(name).\(getpid()).\(UInt32.random(in: 0...UInt32.max))"
@@ -83,7 +131,7 @@ public final class MemoryFile: Sendable {
     /// A hugetlbfs backing must really be hugetlbfs with 2 MiB pages: a file
     /// on any other filesystem would not raise minor faults as expected.
     private static func verifyFilesystem(fd: Int32, backing: Backing) throws {
-        guard backing != .memfd else { return }
+        guard backing.memoryKind == .hugetlbfs else { return }
         var magic: Int64 = 0
         var blockSize: Int64 = 0
         try check("fstatfs") { cpc_fstatfs(fd, &magic, &blockSize) }
@@ -118,7 +166,7 @@ public final class Mapping: @unchecked Sendable {
     /// of minor-fault tracking.
     public convenience init(file: MemoryFile, purpose: String) throws {
         try self.init(descriptor: file.fd, geometry: file.geometry, fileOffset: 0,
-                      onHugetlbfs: file.backing != .memfd, purpose: purpose)
+                      onHugetlbfs: file.backing.memoryKind == .hugetlbfs, purpose: purpose)
     }
 
     /// Maps `geometry.regionSize` bytes of the file behind `descriptor` from
@@ -165,6 +213,12 @@ public final class GuestMemory: Sendable {
         alias = try Mapping(file: file, purpose: "alias")
     }
 
+    /// Guest RAM in a file handed over, with an alias of its own.
+    public init(file: MemoryFile) throws {
+        self.file = file
+        alias = try Mapping(file: file, purpose: "alias")
+    }
+
     public var geometry: PageGeometry { file.geometry }
 
     /// A second mapping of the same file, for a guest (or a test standing in
@@ -180,4 +234,33 @@ public final class GuestMemory: Sendable {
         let start = alias.base + Int(offset.rawValue)
         return try body(UnsafeMutableRawBufferPointer(start: start, count: Int(geometry.pageSize.bytes)))
     }
+}
+
+/// Which file a descriptor refers to (`fstat(2)`'s device and inode), to
+/// tell whether two descriptors, passed by different processes, are the
+/// same file.
+public struct FileIdentity: Hashable, Sendable, CustomStringConvertible {
+    public let device: UInt64
+    public let inode: UInt64
+
+    /// The identity of `descriptor`'s file; device and inode 0 if fstat fails.
+    public init(descriptor: Int32) {
+        var status = stat()
+        if fstat(descriptor, &status) == 0 {
+            device = UInt64(status.st_dev)
+            inode = UInt64(status.st_ino)
+        } else {
+            device = 0
+            inode = 0
+        }
+    }
+
+    public var description: String { "device \(device) inode \(inode)" }
+}
+
+/// The size of the file behind `descriptor`.
+func fileSize(_ descriptor: Int32, _ what: String) throws -> UInt64 {
+    var status = stat()
+    try checkLibc("fstat \(what)") { fstat(descriptor, &status) }
+    return UInt64(status.st_size)
 }

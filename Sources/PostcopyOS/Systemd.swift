@@ -7,6 +7,39 @@ public enum Systemd {
     /// Whether the system was booted with systemd as its init.
     /// libsystemd: `sd_booted(3)`
     public static var isBooted: Bool { sd_booted() > 0 }
+
+    /// The descriptors the service manager passed this process by name:
+    /// those its fd store kept from an earlier run of the service (FDSTORE=1,
+    /// FDNAME=), and any sockets it activated. Unsets LISTEN_FDS and its
+    /// kin, and marks each descriptor close-on-exec. Empty when none.
+    /// libsystemd: `sd_listen_fds_with_names(3)`
+    public static func passedDescriptors() -> [(name: String, fd: Int32)] {
+        var names: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?
+        let count = sd_listen_fds_with_names(1, &names)
+        guard count > 0 else { return [] }
+        defer {
+            if let names {
+                for index in 0..<Int(count) { free(names[index]) }
+                free(names)
+            }
+        }
+        return (0..<count).map { index in
+            let fd = SD_LISTEN_FDS_START + index
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            let name = names?[Int(index)].map { String(cString: $0) } ?? "unknown"
+            return (name, fd)
+        }
+    }
+}
+
+/// Somewhere descriptors survive the process: systemd's file-descriptor
+/// store, for a restarted daemon to take a migration over.
+public protocol DescriptorStore: Sendable {
+    /// Keeps a copy of `descriptor` as `name` (replacing one of that name);
+    /// returns whether it was sent.
+    @discardableResult func store(_ descriptor: Int32, name: String) -> Bool
+    /// Drops what is kept as `name`.
+    func remove(name: String)
 }
 
 /// Tells the service manager how the daemon is doing (`sd_notify(3)`):
@@ -48,6 +81,22 @@ public struct ServiceNotifier: Sendable {
     /// A STATUS= value is one line.
     private static func clean(_ text: String) -> String {
         String(text.map { $0 == "\n" ? " " : $0 })
+    }
+}
+
+extension ServiceNotifier: DescriptorStore {
+    /// FDSTORE=1 with FDNAME=`name` (the unit needs FileDescriptorStoreMax=).
+    /// libsystemd: `sd_pid_notify_with_fds(3)`
+    @discardableResult
+    public func store(_ descriptor: Int32, name: String) -> Bool {
+        guard isActive else { return false }
+        var fds = [descriptor]
+        return sd_pid_notify_with_fds(0, 0, "FDSTORE=1\nFDNAME=\(name)", &fds, 1) > 0
+    }
+
+    /// FDSTOREREMOVE=1 with FDNAME=`name`.
+    public func remove(name: String) {
+        notify("FDSTOREREMOVE=1", "FDNAME=\(name)")
     }
 }
 

@@ -76,6 +76,17 @@ public final class UnixListener: Sendable {
         let connection = try check("accept on \(path)") { cpc_accept_cloexec(fd) }
         return UnixConnection(fd: connection)
     }
+
+    /// Like `accept`, but gives up after `timeoutNanos` without a connection
+    /// and returns nil.
+    public func accept(timeoutNanos: UInt64) throws(SystemCallError) -> UnixConnection? {
+        var waiter = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        let ready = try checkLibc("poll for a connection on \(path)") {
+            poll(&waiter, 1, Int32(min(timeoutNanos / 1_000_000, UInt64(Int32.max))))
+        }
+        guard ready > 0 else { return nil }
+        return try accept()
+    }
 }
 
 /// A connected unix stream socket that can carry one file descriptor with

@@ -21,7 +21,9 @@ struct VMM: ParsableCommand {
             Maps the RAM file postcopyd offers, registers the mapping with its own userfaultfd \
             (MINOR|MISSING) and hands that over. After VMM_RESUME, threads read every 4 KiB page once \
             in a random order, timing each first touch, then write a marker into it. Exits 0 only if \
-            the image matches the source's digest and every marker survived.
+            the image matches the source's digest and every marker survived. If postcopyd dies during \
+            postcopy, the guest's faults wait while it reattaches to a restarted postcopyd \
+            (--reattach-timeout), handing back the RAM file, the page-state record and the userfaultfd.
             """)
 
     @Option(help: ArgumentHelp("postcopyd's VMM socket.", valueName: "path"))
@@ -42,9 +44,18 @@ struct VMM: ParsableCommand {
     @Option(help: ArgumentHelp("Write every first touch as CSV (thread,t_us,page,stall_us) to this file.", valueName: "path"))
     var touchLog: String?
 
+    @Option(help: ArgumentHelp("Microseconds each thread works (sleeps) after a touch before the next.", valueName: "µs"))
+    var thinkUs: UInt64 = 0
+
+    @Option(help: ArgumentHelp("If postcopyd dies during postcopy, wait this long for a restarted one to take the guest over (0: give the guest up at once).", valueName: "seconds"))
+    var reattachTimeout: Double = 60
+
     func validate() throws {
         guard (0...1).contains(touch) else { throw ValidationError("--touch is a share from 0 to 1") }
         guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
+        guard reattachTimeout >= 0, reattachTimeout <= 86_400 else {
+            throw ValidationError("--reattach-timeout is seconds between 0 and 86400")
+        }
     }
 
     @Flag(help: "Print the summary as one JSON object on stdout.")
@@ -58,6 +69,8 @@ struct VMM: ParsableCommand {
         config.scribble = !noScribble
         config.touchShare = touch
         config.touchLogPath = touchLog
+        config.reattachTimeoutNanos = UInt64(reattachTimeout * 1e9)
+        config.thinkNanos = thinkUs * 1000
         do {
             let summary = try GuestVMM(config: config, logger: logger).run()
             summary.lines.forEach { logger.info("\($0)") }

@@ -13,7 +13,10 @@ struct Serve: ParsableCommand {
             Listens for the source agent (postcopy-push) on TCP, for the VMM on a unix socket (0600), and for \
             postcopyctl on a control socket (0600). Settings may come from a file (--config): the long options \
             below without dashes, one 'key = value' per line; the command line wins. Under systemd (Type=notify) \
-            it reports READY, STATUS and WATCHDOG, and logs to the journal with structured fields. Exits 0 once \
+            it reports READY, STATUS and WATCHDOG, logs to the journal with structured fields, and keeps guest RAM, \
+            the page-state record and the userfaultfd in systemd's fd store from switchover on: restarted after a \
+            crash during postcopy, it takes the migration over from them (without systemd, --takeover takes it \
+            over from the VMM, which hands them back when it reattaches). Exits 0 once \
             every page is in place and the VMM has let go of the userfaultfd; 1 with the reason when the \
             migration fails or is stopped (SIGTERM, SIGINT).
             """)
@@ -39,8 +42,11 @@ struct Serve: ParsableCommand {
 
     @OptionGroup var memoryOptions: MemoryOptions
 
-    @Option(help: "Size of guest RAM (e.g. 256M, 1G); must equal the source's. Required.", transform: parseSize)
+    @Option(help: "Size of guest RAM (e.g. 256M, 1G); must equal the source's. Required, but for a takeover.", transform: parseSize)
     var size: UInt64?
+
+    @Flag(help: "Take over a migration whose postcopyd died during postcopy: wait (--vmm-timeout) for its VMM to reattach and hand back guest RAM, the page-state record and the userfaultfd, then serve postcopy on once the agent rejoins. Under systemd, what its fd store kept is used without this flag.")
+    var takeover = false
 
     @Option(help: ArgumentHelp("Accept only this migration (32 hex digits); default: the first agent's.", valueName: "hex"),
             transform: parseMigrationID)
@@ -74,7 +80,7 @@ struct Serve: ParsableCommand {
         options: ["listen", "vmm-socket", "control-socket", "vmm-uid", "memory", "hugetlbfs-dir", "size",
                   "migration-id", "vmm-timeout", "stall-warning-ms", "ready-file", "trace", "background-scheduling",
                   "dead-peer-timeout", "reconnect-timeout"],
-        flags: ["json"])
+        flags: ["json", "takeover"])
 
     func run() throws {
         guard let config else { return try serve() }
@@ -103,7 +109,6 @@ struct Serve: ParsableCommand {
     }
 
     private func serve() throws {
-        guard let size else { throw ValidationError("the size of guest RAM is required: --size, or 'size = ...' in --config") }
         let directory = "/run/postcopyd/\(instance)"
         let vmmSocket = self.vmmSocket ?? "\(directory)/vmm.sock"
         let controlSocket = self.controlSocket ?? "\(directory)/control.sock"
@@ -113,11 +118,15 @@ struct Serve: ParsableCommand {
 
         let context = LogContext()
         let logger = bootstrapLogging("postcopyd", context: context)
+        let takeoverSource = takeoverSource(logger)
+        guard size != nil || takeoverSource != nil else {
+            throw ValidationError("the size of guest RAM is required: --size, or 'size = ...' in --config")
+        }
         // Before any other thread: termination signals go to the watcher only.
         let signals = try SignalWatcher()
         let notifier = ServiceNotifier()
         var settings = DestinationConfig(listen: listen, vmmSocketPath: vmmSocket, memory: memoryOptions.memory,
-                                         hugetlbfsDirectory: memoryOptions.hugetlbfsDir, regionSize: size,
+                                         hugetlbfsDirectory: memoryOptions.hugetlbfsDir, regionSize: size ?? 0,
                                          vmmUID: vmmUID, migrationID: migrationID)
         settings.instance = instance
         settings.vmmAttachTimeoutNanos = vmmTimeout * 1_000_000_000
@@ -132,7 +141,8 @@ struct Serve: ParsableCommand {
         let daemon: DestinationDaemon
         let control: ControlServer
         do {
-            daemon = try DestinationDaemon(config: settings, logger: logger, context: context)
+            daemon = try DestinationDaemon(config: settings, logger: logger, context: context, takeover: takeoverSource,
+                                           descriptorStore: notifier.isActive ? notifier : nil)
             control = try inStep("listen for postcopyctl on \(controlSocket)") { try ControlServer(path: controlSocket) }
         } catch {
             logger.event(.migrationFailed, .critical, "cannot start: \(error)", [
@@ -154,6 +164,7 @@ struct Serve: ParsableCommand {
             control.stop()
         }
 
+        let size = daemon.memory.geometry.regionSize
         logger.event(.ready, .info, "ready: \(ByteSize.format(size)) of \(daemon.memory.file.backing); agent on \(daemon.endpoint), VMM on \(vmmSocket)", [
             "listen": "\(daemon.endpoint)", "vmm_socket": "\(vmmSocket)", "control_socket": "\(controlSocket)",
             "memory": "\(daemon.memory.file.backing)", "region_bytes": "\(size)",
@@ -172,6 +183,29 @@ struct Serve: ParsableCommand {
             notifier.stopping(status: daemon.status().statusLine)
             throw ExitCode.failure
         }
+    }
+
+    /// What to take a migration over from: what systemd's fd store kept
+    /// (when it kept a page-state record), else the VMM with --takeover.
+    private func takeoverSource(_ logger: Logger) -> TakeoverSource? {
+        var stored: [String: Int32] = [:]
+        for (name, fd) in Systemd.passedDescriptors() {
+            if StoredDescriptor.all.contains(name) {
+                stored[name] = fd
+            } else {
+                logger.warning("closing descriptor \(fd) ('\(name)') systemd passed: postcopyd does not use it")
+                close(fd)
+            }
+        }
+        if stored[StoredDescriptor.pageState] != nil {
+            logger.notice("systemd's fd store kept \(stored.keys.sorted().joined(separator: ", ")): taking the migration over")
+            return .stored(stored)
+        }
+        if !stored.isEmpty {
+            logger.warning("systemd's fd store kept \(stored.keys.sorted().joined(separator: ", ")) but no page-state record: the migration never reached postcopy, so there is nothing to take over")
+            stored.values.forEach { close($0) }
+        }
+        return takeover ? .vmm : nil
     }
 
     /// The control socket's answer to one request line.

@@ -106,7 +106,7 @@ import Testing
         try "size = 64M\nlisen = 0.0.0.0:7070\n".write(toFile: path, atomically: true, encoding: .utf8)
         let result = try run("postcopyd", ["serve", "--config", path])
         #expect(result.status == 64)
-        #expect(result.stderr.hasPrefix("Error: \(path): line 2: unknown setting 'lisen' (known: background-scheduling, control-socket, dead-peer-timeout, hugetlbfs-dir, json, listen, memory, migration-id, ready-file, reconnect-timeout, size, stall-warning-ms, trace, vmm-socket, vmm-timeout, vmm-uid)\n"), "\(result.stderr)")
+        #expect(result.stderr.hasPrefix("Error: \(path): line 2: unknown setting 'lisen' (known: background-scheduling, control-socket, dead-peer-timeout, hugetlbfs-dir, json, listen, memory, migration-id, ready-file, reconnect-timeout, size, stall-warning-ms, takeover, trace, vmm-socket, vmm-timeout, vmm-uid)\n"), "\(result.stderr)")
         let missing = try run("postcopyd", ["serve", "--config", path + ".absent"])
         #expect(missing.status == 64)
         #expect(missing.stderr.hasPrefix("Error: cannot read the settings file: open \(path).absent: "), "\(missing.stderr)")

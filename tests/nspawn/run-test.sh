@@ -4,7 +4,9 @@
 # (PID 1) is up. It drives the real postcopyd@test unit through a whole
 # migration and checks what systemd sees of it: READY=1, the status text,
 # the control socket, the hardening in force, the journal records and their
-# catalog texts, and a clean exit. It ends the container with `systemctl exit
+# catalog texts, and a clean exit. Then a second migration whose daemon is
+# killed (SIGKILL) during postcopy: systemd restarts it, it takes the
+# migration over from the fd store, and the guest still verifies. It ends the container with `systemctl exit
 # 0` on a pass and `systemctl exit 1` on a failure, the reason printed first.
 #
 # stdout and stderr go to the journal and to the console, which
@@ -28,6 +30,7 @@ readonly ID_ATTACHED=92596745fecc410095d3741bae74377a
 readonly ID_SWITCHOVER=2968fddeec3244b8a51a16e2fc84e6f9
 readonly ID_COMPLETE=5006448c75c84692b38c4e23125a483a
 readonly ID_FAILED=3cc5a6c412d04c27a3eb3ed27442dc86
+readonly ID_TAKEN_OVER=ea930c537fa5448ba7cbf921af607dd0
 
 step=starting
 pids=()
@@ -253,6 +256,75 @@ journalctl --no-pager -x -u "$UNIT" >"$WORK/journal-x.txt"
 grep -q 'Subject: Postcopy complete' "$WORK/journal-x.txt" ||
     fail "journalctl -x -u $UNIT does not show the catalog's 'Postcopy complete' subject"
 ok "journalctl -x: $(grep -o 'Subject: Postcopy complete.*' "$WORK/journal-x.txt" | head -n 1)"
+
+# --- a crash during postcopy: systemd restarts the daemon, which takes over -----
+json_number() {  # key, file: the first "key":number of a JSON object
+    grep -o "\"$1\" *: *[0-9]*" "$2" | head -n 1 | sed 's/.*: *//'
+}
+step="crash: systemctl start $UNIT"
+timeout 120 systemctl start "$UNIT" || fail "systemctl start $UNIT (second migration) failed"
+rm -f "$WORK/source.ready"
+postcopy-guest source --ram "$SOURCE_RAM" --size "$SIZE" --dirty 0.10 --ready-file "$WORK/source.ready" \
+    2>"$WORK/source2.err" &
+source_pid=$!
+pids+=("$source_pid")
+wait_until 60 "the source workload" test -s "$WORK/source.ready"
+# The guest's threads touch a tenth of RAM, working 2 ms between touches, so
+# that they still fault when the daemon has been replaced.
+postcopy-guest vmm --socket "$SOCKDIR/vmm.sock" --touch 0.1 --think-us 2000 --reattach-timeout 60 --json \
+    >"$WORK/guest2.json" 2>"$WORK/guest2.err" &
+guest_pid=$!
+pids+=("$guest_pid")
+# The background paced, so that postcopy lasts seconds.
+postcopy-push --ram "$SOURCE_RAM" --to "127.0.0.1:$PORT" --pause-pid "$source_pid" --quiet --json \
+    --postcopy-bandwidth 2 --dead-peer-timeout 1 --reconnect-timeout 60 >"$WORK/push2.json" 2>"$WORK/push2.err" &
+push_pid=$!
+pids+=("$push_pid")
+
+step="crash: postcopy serving"
+serving() {
+    postcopyctl status "$INSTANCE" --json >"$WORK/ctl-crash.json" 2>/dev/null || return 1
+    [[ $(json_string phase "$WORK/ctl-crash.json") == postcopy && $(json_number faultsStale "$WORK/ctl-crash.json") -gt 0 ]]
+}
+wait_until 120 "postcopy to serve a stale fault" serving
+sleep 0.2
+first_pid=$(systemctl show -P MainPID "$UNIT")
+step="crash: kill -9 pid $first_pid"
+systemctl kill --kill-whom=main -s SIGKILL "$UNIT"
+restarted() {
+    local pid
+    pid=$(systemctl show -P MainPID "$UNIT")
+    [[ $pid -gt 0 && $pid != "$first_pid" && $(systemctl show -P NRestarts "$UNIT") -ge 1 ]]
+}
+wait_until 30 "systemd to restart $UNIT" restarted
+ok "killed postcopyd pid $first_pid during postcopy ($(json_number stalePagesLeft "$WORK/ctl-crash.json") pages stale); systemd restarted it as pid $(systemctl show -P MainPID "$UNIT")"
+
+step="crash: migration"
+push_rc=0
+wait "$push_pid" || push_rc=$?
+[[ $push_rc -eq 0 ]] || fail "postcopy-push exited $push_rc after the crash: $(tail -n 20 "$WORK/push2.err")"
+guest_rc=0
+wait "$guest_pid" || guest_rc=$?
+[[ $guest_rc -eq 0 ]] || fail "the reference VMM exited $guest_rc after the crash: $(tail -n 20 "$WORK/guest2.err")"
+grep -q 'verify: PASS' "$WORK/guest2.err" || fail "the reference VMM did not verify the image after the crash"
+grep -q 'reattached to a restarted postcopyd 1 times' "$WORK/guest2.err" ||
+    fail "the reference VMM did not reattach once: $(tail -n 20 "$WORK/guest2.err")"
+{ kill -KILL "$source_pid" && wait "$source_pid"; } 2>/dev/null || true
+wait_until 60 "$UNIT to exit after the migration" unit_done
+result=$(systemctl show -P Result "$UNIT")
+exit_status=$(systemctl show -P ExecMainStatus "$UNIT")
+[[ $result == success && $exit_status == 0 ]] ||
+    fail "$UNIT ended with Result=$result, exit status $exit_status after taking over"
+ok "after the crash: postcopy-push exit 0, reference VMM $(grep -o 'verify: PASS' "$WORK/guest2.err") (reattached once), $UNIT Result=success"
+
+step="crash: journal"
+journalctl --sync
+taken=$(journalctl --no-pager -o json "MESSAGE_ID=$ID_TAKEN_OVER")
+[[ $(grep -c . <<<"$taken") -eq 1 ]] || fail "expected one MESSAGE_ID=$ID_TAKEN_OVER record, found: $taken"
+grep -q '"TAKEOVER_SOURCE":"systemd' <<<"$taken" || fail "the takeover did not come from the fd store: $taken"
+journalctl --no-pager -x "MESSAGE_ID=$ID_TAKEN_OVER" | grep -q 'Subject: Migration .* taken over' ||
+    fail "journalctl -x does not explain the takeover record"
+ok "MESSAGE_ID=$ID_TAKEN_OVER: $(grep -o '"MESSAGE":"[^"]*"' <<<"$taken" | head -c 200)"
 
 step=finished
 say "PASS"

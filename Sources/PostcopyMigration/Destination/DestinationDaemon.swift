@@ -50,6 +50,11 @@ public final class DestinationDaemon: @unchecked Sendable {
     private let pausedNanos = Atomic<UInt64>(0)
     /// Receiving threads still running.
     private let receivers = Atomic<Int>(0)
+    /// What this daemon took over, when it was started to take a migration over.
+    private let recovered: Recovered?
+    /// Where the RAM file, the page-state record and the userfaultfd are
+    /// kept for a daemon restarted after this one dies (systemd's fd store).
+    private let descriptorStore: (any DescriptorStore)?
 
     private struct AgentConnections {
         var epoch: UInt64 = 0
@@ -64,28 +69,61 @@ public final class DestinationDaemon: @unchecked Sendable {
 
     /// Allocates guest RAM and starts listening on both sockets. `context`
     /// is kept current with the migration's id and phase for the log handler.
-    public init(config: DestinationConfig, logger: Logger, context: LogContext = LogContext()) throws {
+    ///
+    /// With `takeover`, allocates nothing: takes back the RAM file, the
+    /// userfaultfd and the page-state record of a migration whose daemon
+    /// died during postcopy (waiting for the VMM to reattach, for `.vmm`),
+    /// and serves it on from the paused phase. `descriptorStore` (systemd's
+    /// fd store) keeps those three for a daemon restarted after this one.
+    public init(config: DestinationConfig, logger: Logger, context: LogContext = LogContext(),
+                takeover: TakeoverSource? = nil, descriptorStore: (any DescriptorStore)? = nil) throws {
         self.config = config
         self.logger = logger
         self.context = context
+        self.descriptorStore = descriptorStore
         context.set("POSTCOPYD_INSTANCE", config.instance)
         context.set("PHASE", DestinationSession.Phase.handshake.rawValue)
         if let id = config.migrationID { context.set("MIGRATION_ID", id.description) }
-        let backing = Backing.choose(config.memory, hugetlbfsDirectory: config.hugetlbfsDirectory)
-        memory = try inStep("create guest RAM (\(ByteSize.format(config.regionSize)), \(backing))") {
-            try GuestMemory(backing: backing, size: config.regionSize)
-        }
-        tcp = try inStep("listen for the agent on \(config.listen)") { try TCPListener(endpoint: config.listen) }
         let unix = try inStep("listen for the VMM on \(config.vmmSocketPath)") {
             try UnixListener(path: config.vmmSocketPath, owner: config.vmmUID)
         }
-        session = Mutex(DestinationSession(geometry: memory.geometry, migrationID: config.migrationID))
         failures = FailureLatch()
-        vmm = VMMLink(listener: unix, memory: memory, allowedUID: config.vmmUID, failures: failures, logger: logger)
+        if let takeover {
+            if case .vmm = takeover {
+                logger.info("taking a migration over: waiting for the VMM to reattach to \(config.vmmSocketPath)")
+            }
+            let taken = try inStep("take the migration over from \(takeover)") {
+                try Recovered.take(from: takeover, listener: unix, allowedUID: config.vmmUID,
+                                   timeoutNanos: config.vmmAttachTimeoutNanos, logger: logger)
+            }
+            let header = taken.header
+            if let wanted = config.migrationID, wanted != header.migrationID {
+                throw MigrationError(.incompatible, "asked to serve migration \(wanted), but the one to take over is \(header.migrationID)")
+            }
+            if config.regionSize != 0, config.regionSize != header.geometry.regionSize {
+                throw MigrationError(.incompatible, "asked for \(ByteSize.format(config.regionSize)) of guest RAM, but the migration to take over has \(ByteSize.format(header.geometry.regionSize))")
+            }
+            context.set("MIGRATION_ID", header.migrationID.description)
+            context.set("PHASE", DestinationSession.Phase.paused.rawValue)
+            memory = taken.memory
+            recovered = taken
+            session = Mutex(DestinationSession(takingOver: header.migrationID, geometry: header.geometry))
+            vmm = VMMLink(listener: unix, memory: memory, allowedUID: config.vmmUID, failures: failures, logger: logger,
+                          takeover: VMMTakeover(pageState: taken.pageState, attached: taken.vmm))
+        } else {
+            let backing = Backing.choose(config.memory, hugetlbfsDirectory: config.hugetlbfsDirectory)
+            memory = try inStep("create guest RAM (\(ByteSize.format(config.regionSize)), \(backing))") {
+                try GuestMemory(backing: backing, size: config.regionSize)
+            }
+            recovered = nil
+            session = Mutex(DestinationSession(geometry: memory.geometry, migrationID: config.migrationID))
+            vmm = VMMLink(listener: unix, memory: memory, allowedUID: config.vmmUID, failures: failures, logger: logger)
+        }
+        tcp = try inStep("listen for the agent on \(config.listen)") { try TCPListener(endpoint: config.listen) }
         failures.whenFailed { [weak self] error in self?.shutDown(reporting: error) }
         summary.withLock {
-            $0.memory = backing.description
-            $0.regionBytes = config.regionSize
+            $0.memory = memory.file.backing.description
+            $0.regionBytes = memory.geometry.regionSize
             $0.pageBytes = memory.geometry.pageSize.bytes
         }
     }
@@ -100,6 +138,8 @@ public final class DestinationDaemon: @unchecked Sendable {
         try vmm.start()
         let heartbeat = try StoppableThread()
         defer {
+            // Ended, well or not, this migration leaves nothing to take over.
+            if let descriptorStore { StoredDescriptor.all.forEach { descriptorStore.remove(name: $0) } }
             finished.store(true, ordering: .sequentiallyConsistent)
             heartbeat.stop()
             faultLoop.withLock { $0 }?.stop()
@@ -112,6 +152,7 @@ public final class DestinationDaemon: @unchecked Sendable {
             vmm.join()
         }
         do {
+            if let recovered { try resumeTakenOver(recovered) }
             let acceptor = try OSThread.start(name: "postcopy-accept") { [self] in acceptAgents() }
             agent.withLock { $0.threads.append(acceptor) }
             try heartbeat.start(name: "postcopy-beat") { [self] in
@@ -565,24 +606,28 @@ public final class DestinationDaemon: @unchecked Sendable {
             throw MigrationError(.peerLost, "no VMM attached to \(config.vmmSocketPath) within \(config.vmmAttachTimeoutNanos / 1_000_000_000) s of switchover")
         }
         let installer = PageInstaller(uffd: attachment.uffd, file: memory.file, guestBase: attachment.guestBase)
-        let completion = self.completion
-        let logger = self.logger
-        let postcopy = PostcopyEngine(
-            memory: memory, installer: installer, stale: stale, urgent: urgent, failures: failures,
-            stalls: StallLimiter(thresholdNanos: config.stallWarningNanos), tracing: config.tracePath != nil,
-            onStall: { stall in
-                let ms = fixed(Double(stall.stallNanos) / 1e6, 1)
-                let more = stall.suppressed > 0 ? " (\(stall.suppressed) more stalls since the last report)" : ""
-                logger.event(.faultStalled, .warning, "a guest thread waited \(ms) ms for page \(stall.page)\(more)", [
-                        "page": "\(stall.page)", "stall_ms": "\(ms)", "stalls_suppressed": "\(stall.suppressed)",
-                    ])
-            },
-            onComplete: { completion.open() })
+        // The record a restarted daemon would take over from: written whole
+        // before the guest runs, kept by the VMM (VMM_RESUME passes it) and
+        // by systemd's fd store.
+        let id = try session.withLock { session in
+            guard let id = session.migrationID else { throw MigrationError(.internalFailure, "switchover before HELLO") }
+            return id
+        }
+        let downtimeSoFar = realtimeNanoseconds() >= pausedAt ? (realtimeNanoseconds() - pausedAt) / 1000 : 0
+        let pageState = try inStep("write the page-state record") {
+            try PageStateFile(header: PageStateHeader(
+                migrationID: id, geometry: memory.geometry, guestBase: attachment.guestBase,
+                features: attachment.uffd.features, registerMode: attachment.registerMode, imageDigest: digest,
+                stalePagesAtSwitchover: stale.popCount, sourcePausedAtNanos: pausedAt, downtimeMicros: downtimeSoFar),
+                stale: stale)
+        }
+        storeDescriptors(pageState: pageState, uffd: attachment.uffd)
+        let postcopy = makeEngine(installer: installer, stale: stale, urgent: urgent, pageState: pageState)
         engine.withLock { $0 = postcopy }
         let loop = try FaultLoop(installer: installer, resolver: postcopy)
         try loop.start()
         faultLoop.withLock { $0 = loop }
-        try vmm.resume(imageDigest: digest)
+        try vmm.resume(imageDigest: digest, pageState: pageState)
         let resumedAt = realtimeNanoseconds()
         postcopy.postcopyStartedAt.store(monotonicNanoseconds(), ordering: .relaxed)
         postcopy.cpuMicrosAtResume.store(UInt64(ProcessUsage.cpuSeconds() * 1e6), ordering: .relaxed)
@@ -600,6 +645,78 @@ public final class DestinationDaemon: @unchecked Sendable {
         }
         logger.event(.switchover, .notice, "switchover: guest resumed here after \(fixed(downtimeMs, 1)) ms, \(stale.popCount) pages stale", [
             "pages_stale": "\(stale.popCount)", "downtime_ms": "\(fixed(downtimeMs, 1))",
+        ])
+        postcopy.signalCompleteIfDone()
+    }
+
+    /// The engine of postcopy, fed `stale`; with no `urgent` stream it
+    /// starts paused.
+    private func makeEngine(installer: PageInstaller, stale: PageBitmap, urgent: MessageStream?,
+                            pageState: PageStateFile) -> PostcopyEngine {
+        let completion = self.completion
+        let logger = self.logger
+        return PostcopyEngine(
+            memory: memory, installer: installer, stale: stale, urgent: urgent, pageState: pageState,
+            failures: failures, stalls: StallLimiter(thresholdNanos: config.stallWarningNanos),
+            tracing: config.tracePath != nil,
+            onStall: { stall in
+                let ms = fixed(Double(stall.stallNanos) / 1e6, 1)
+                let more = stall.suppressed > 0 ? " (\(stall.suppressed) more stalls since the last report)" : ""
+                logger.event(.faultStalled, .warning, "a guest thread waited \(ms) ms for page \(stall.page)\(more)", [
+                    "page": "\(stall.page)", "stall_ms": "\(ms)", "stalls_suppressed": "\(stall.suppressed)",
+                ])
+            },
+            onComplete: { completion.open() })
+    }
+
+    /// Hands the RAM file, the page-state record and the userfaultfd to
+    /// systemd's fd store, when there is one.
+    private func storeDescriptors(pageState: PageStateFile, uffd: Userfaultfd) {
+        guard let descriptorStore else { return }
+        let kept = [(StoredDescriptor.ram, memory.file.fd), (StoredDescriptor.pageState, pageState.fd),
+                    (StoredDescriptor.uffd, uffd.fd)].filter { descriptorStore.store($0.1, name: $0.0) }
+        if kept.count < 3 {
+            logger.warning("systemd's fd store did not take all of guest RAM, the page-state record and the userfaultfd (FileDescriptorStoreMax=?): a restarted postcopyd can take this migration over only if the VMM reattaches")
+        }
+    }
+
+    // MARK: taking over
+
+    /// Serves the migration taken over: postcopy from the record's stale
+    /// pages, paused until the agent rejoins. Guest threads the dead daemon
+    /// read faults from (and never answered) are woken, so they fault again.
+    private func resumeTakenOver(_ taken: Recovered) throws {
+        let header = taken.header
+        let stale = try inStep("read the page-state record") { try taken.pageState.stalePages() }
+        summary.withLock {
+            $0.migrationID = header.migrationID.description
+            $0.stalePagesAtSwitchover = header.stalePagesAtSwitchover
+            $0.imageDigest = header.imageDigest.description
+            $0.downtimeMs = Double(header.downtimeMicros) / 1e3
+            $0.tookOver = true
+        }
+        let installer = PageInstaller(uffd: taken.uffd, file: memory.file, guestBase: header.guestBase)
+        let postcopy = makeEngine(installer: installer, stale: stale, urgent: nil, pageState: taken.pageState)
+        engine.withLock { $0 = postcopy }
+        let now = monotonicNanoseconds()
+        pausedAt.store(now, ordering: .relaxed)
+        postcopy.postcopyStartedAt.store(now, ordering: .relaxed)
+        postcopy.cpuMicrosAtResume.store(UInt64(ProcessUsage.cpuSeconds() * 1e6), ordering: .relaxed)
+        let loop = try FaultLoop(installer: installer, resolver: postcopy)
+        try loop.start()
+        faultLoop.withLock { $0 = loop }
+        try inStep("wake the guest threads the dead daemon left waiting") {
+            try taken.uffd.wake(start: header.guestBase, length: header.geometry.regionSize)
+        }
+        // A VMM that handed the migration back is told to go on (or to start
+        // the guest, if the dead daemon never told it to).
+        if taken.vmm != nil { try vmm.resume(imageDigest: header.imageDigest, pageState: taken.pageState) }
+        storeDescriptors(pageState: taken.pageState, uffd: taken.uffd)
+        let source = taken.vmm != nil ? "the VMM's reattachment" : "systemd's file-descriptor store"
+        logger.event(.migrationTakenOver, .notice, "took migration \(header.migrationID) over from \(source): \(stale.popCount) of \(header.stalePagesAtSwitchover) pages still stale; paused until the agent rejoins", [
+            "takeover_source": "\(source)", "pages_stale": "\(stale.popCount)",
+            "pages_stale_at_switchover": "\(header.stalePagesAtSwitchover)",
+            "reconnect_timeout_s": "\(config.reconnectTimeoutNanos / 1_000_000_000)",
         ])
         postcopy.signalCompleteIfDone()
     }

@@ -31,20 +31,25 @@ final class PostcopyEngine: FaultResolver, Sendable {
     /// An atomic, so that the fault path takes no lock for it.
     private let rejoinedAt = Atomic<UInt64>(0)
     private let rejoinToFirstFault = Mutex<[UInt64]>([])
+    /// The record a restarted daemon takes over from: a page's bit there is
+    /// cleared once its bytes are written, before it is installed.
+    let pageState: PageStateFile?
     /// Event by event, when asked for (`DestinationConfig.tracePath`).
     private let trace: Mutex<PostcopyTrace>
     private let tracing: Bool
 
     /// `onStall` hears of guest threads blocked longer than the limiter's
-    /// threshold (rate-limited by it).
-    init(memory: GuestMemory, installer: PageInstaller, stale: PageBitmap, urgent: MessageStream,
-         failures: FailureLatch, stalls: StallLimiter, tracing: Bool = false,
+    /// threshold (rate-limited by it). With no `urgent` stream, postcopy
+    /// starts paused (a daemon taking over waits for the agent to rejoin).
+    init(memory: GuestMemory, installer: PageInstaller, stale: PageBitmap, urgent: MessageStream?,
+         pageState: PageStateFile?, failures: FailureLatch, stalls: StallLimiter, tracing: Bool = false,
          onStall: @escaping @Sendable (StallLimiter.Report) -> Void = { _ in },
          onComplete: @escaping @Sendable () -> Void) {
         self.memory = memory
         self.installer = installer
         tracker = Mutex(PostcopyTracker(geometry: memory.geometry, stale: stale))
         self.urgent = Mutex(urgent)
+        self.pageState = pageState
         self.failures = failures
         self.onComplete = onComplete
         self.stalls = Mutex(stalls)
@@ -151,6 +156,9 @@ final class PostcopyEngine: FaultResolver, Sendable {
             }
             written += claim.count
         }
+        // The pages are written: record them fresh before anything can
+        // install them (the page-state invariant), under the tracker's lock,
+        // which serialises every change to the record.
         // Counted (and traced) under the tracker's lock, with the commit: the
         // thread that commits the last pages signals completion, and the
         // summary must then see every other thread's pages counted. The time
@@ -158,6 +166,7 @@ final class PostcopyEngine: FaultResolver, Sendable {
         // waited for it must not look as if it ended before it began.
         let (completions, doneNow, now) = tracker.withLock { state in
             let now = monotonicNanoseconds()
+            if let pageState { for claim in claims { pageState.bitmap.markFresh(claim) } }
             let completions = state.commit(claims, at: now)
             if isUrgent {
                 urgentPages.add(written, ordering: .relaxed)

@@ -10,14 +10,43 @@ struct VMMAttachment: Sendable {
     let uffd: Userfaultfd
     let guestBase: UInt64
     let credentials: PeerCredentials
+    /// The UFFDIO_REGISTER_MODE_* word the VMM registered its range with.
+    let registerMode: UInt64
+}
+
+/// What a VMM hands a restarted daemon (VMM_HANDBACK twice, then
+/// VMM_REATTACH): the descriptors are the receiver's to close.
+struct Reattachment: Sendable {
+    let channel: VMMChannel
+    let credentials: PeerCredentials
+    let ram: Int32
+    let pageState: Int32
+    let uffd: Int32
+    let guestBase: UInt64
+    let features: UffdFeatures
+    let registerMode: UInt64
+
+    func closeDescriptors() {
+        for fd in [ram, pageState, uffd] { close(fd) }
+    }
+}
+
+/// A daemon taking a migration over: the record it took over from, and the
+/// VMM when it is what handed the migration back.
+struct VMMTakeover: Sendable {
+    let pageState: PageStateFile
+    let attached: VMMAttachment?
 }
 
 /// The daemon's side of the VMM socket, on a thread of its own: accepts the
 /// VMM, offers it the RAM file, takes its userfaultfd, then watches the
-/// socket so that a VMM that goes away fails the migration at once.
+/// socket so that a VMM that goes away fails the migration at once. A
+/// daemon taking a migration over instead accepts the VMM's reattachment
+/// (when the VMM did not hand the migration over in the first place).
 final class VMMLink: Sendable {
     let listener: UnixListener
     private let memory: GuestMemory
+    private let takeover: VMMTakeover?
     private let allowedUID: UInt32
     private let failures: FailureLatch
     private let logger: Logger
@@ -29,9 +58,15 @@ final class VMMLink: Sendable {
     private let completeSent = Atomic<Bool>(false)
     private let thread = Mutex<OSThread?>(nil)
 
-    init(listener: UnixListener, memory: GuestMemory, allowedUID: UInt32, failures: FailureLatch, logger: Logger) {
+    init(listener: UnixListener, memory: GuestMemory, allowedUID: UInt32, failures: FailureLatch, logger: Logger,
+         takeover: VMMTakeover? = nil) {
         self.listener = listener
         self.memory = memory
+        self.takeover = takeover
+        if let vmm = takeover?.attached {
+            attachment.withLock { $0 = vmm }
+            attached.open()
+        }
         self.allowedUID = allowedUID
         self.failures = failures
         self.logger = logger
@@ -47,10 +82,11 @@ final class VMMLink: Sendable {
     /// The VMM, once attached.
     var current: VMMAttachment? { attachment.withLock { $0 } }
 
-    /// Tells the VMM to run the guest.
-    func resume(imageDigest: ImageDigest) throws {
+    /// Tells the VMM to run the guest, and hands it the page-state record
+    /// to keep for a restarted daemon.
+    func resume(imageDigest: ImageDigest, pageState: PageStateFile) throws {
         guard let vmm = current else { throw MigrationError(.internalFailure, "resume before the VMM attached") }
-        try vmm.channel.send(.vmmResume(imageDigest: imageDigest))
+        try vmm.channel.send(.vmmResume(imageDigest: imageDigest), passing: pageState.fd)
     }
 
     /// Tells the VMM every page is in place; it answers once it unregistered.
@@ -72,6 +108,10 @@ final class VMMLink: Sendable {
 
     private func run() {
         do {
+            if let vmm = takeover?.attached {
+                try watch(vmm)
+                return
+            }
             guard let vmm = try acceptVMM() else { return }
             attachment.withLock { $0 = vmm }
             attached.open()
@@ -91,17 +131,98 @@ final class VMMLink: Sendable {
                 if failures.error != nil { return nil }
                 throw error
             }
-            let credentials = try connection.peerCredentials()
-            let channel = VMMChannel(connection)
-            guard credentials.uid == allowedUID else {
-                let reason = "VMM socket peer uid \(credentials.uid) is not the allowed uid \(allowedUID)"
-                logger.warning("refused VMM connection: \(reason)", metadata: ["peer": "\(credentials)"])
-                try? channel.send(.error(code: .unexpectedMessage, message: reason))
+            guard let (channel, credentials) = try VMMLink.admit(connection, allowedUID: allowedUID, logger: logger) else {
                 continue
             }
-            return try attach(channel, credentials)
+            do {
+                if let takeover { return try reattach(channel, credentials, takeover.pageState) }
+                return try attach(channel, credentials)
+            } catch let refusal as VMMRefusal {
+                logger.warning("refused VMM connection: \(refusal.reason)", metadata: ["peer": "\(credentials)"])
+                try? channel.send(.error(code: refusal.code, message: refusal.reason))
+                continue
+            }
         }
         return nil
+    }
+
+    /// The connection as a channel, with its peer's credentials, when the
+    /// peer is `allowedUID`; otherwise refused with ERROR (nil).
+    static func admit(_ connection: UnixConnection, allowedUID: UInt32,
+                      logger: Logger) throws -> (VMMChannel, PeerCredentials)? {
+        let credentials = try connection.peerCredentials()
+        let channel = VMMChannel(connection)
+        guard credentials.uid == allowedUID else {
+            let reason = "VMM socket peer uid \(credentials.uid) is not the allowed uid \(allowedUID)"
+            logger.warning("refused VMM connection: \(reason)", metadata: ["peer": "\(credentials)"])
+            try? channel.send(.error(code: .unexpectedMessage, message: reason))
+            return nil
+        }
+        return (channel, credentials)
+    }
+
+    /// A VMM connection turned away on its own, the migration unharmed.
+    private struct VMMRefusal: Error {
+        let code: ErrorCode
+        let reason: String
+    }
+
+    /// Accepts the reattachment of the VMM of a migration this daemon took
+    /// over from what systemd's fd store kept: what it hands back must be
+    /// the very files taken over, and it must map guest RAM where it did.
+    private func reattach(_ channel: VMMChannel, _ credentials: PeerCredentials,
+                          _ pageState: PageStateFile) throws -> VMMAttachment {
+        let handed = try VMMLink.receiveReattachment(channel, credentials)
+        defer { close(handed.ram); close(handed.pageState) }
+        let header = pageState.header
+        guard FileIdentity(descriptor: handed.ram) == memory.file.identity,
+              FileIdentity(descriptor: handed.pageState) == pageState.identity else {
+            close(handed.uffd)
+            throw VMMRefusal(code: .incompatible, reason: "the VMM handed back another migration's files (RAM \(FileIdentity(descriptor: handed.ram)), page state \(FileIdentity(descriptor: handed.pageState)))")
+        }
+        guard handed.guestBase == header.guestBase else {
+            close(handed.uffd)
+            throw VMMRefusal(code: .incompatible, reason: "the VMM reattached with guest base 0x\(String(handed.guestBase, radix: 16)); the migration's is 0x\(String(header.guestBase, radix: 16))")
+        }
+        let vmm = VMMAttachment(channel: channel, uffd: Userfaultfd.adopting(fd: handed.uffd, features: handed.features),
+                                guestBase: handed.guestBase, credentials: credentials, registerMode: handed.registerMode)
+        try channel.send(.vmmResume(imageDigest: header.imageDigest), passing: pageState.fd)
+        logger.event(.vmmAttached, .info, "VMM reattached: \(credentials)", [
+            "vmm_pid": "\(credentials.pid)", "vmm_uid": "\(credentials.uid)",
+            "guest_base": "0x\(String(handed.guestBase, radix: 16))", "features": "\(handed.features)",
+            "reattached": "1",
+        ])
+        return vmm
+    }
+
+    /// Reads what a reattaching VMM sends: VMM_HANDBACK of the RAM file and
+    /// of the page-state record, then VMM_REATTACH with the userfaultfd.
+    static func receiveReattachment(_ channel: VMMChannel, _ credentials: PeerCredentials) throws -> Reattachment {
+        var handed: [HandbackKind: Int32] = [:]
+        var done = false
+        defer { if !done { handed.values.forEach { close($0) } } }
+        while true {
+            guard let (message, descriptor) = try channel.receive() else {
+                throw MigrationError(.peerLost, "the VMM closed the socket while reattaching")
+            }
+            switch (message, descriptor) {
+            case let (.vmmHandback(kind), descriptor?):
+                if let earlier = handed.updateValue(descriptor, forKey: kind) { close(earlier) }
+            case let (.vmmReattach(guestBase, features, registerMode), uffd?):
+                guard let ram = handed[.ram], let pageState = handed[.pageState] else {
+                    close(uffd)
+                    throw MigrationError(.unexpectedMessage, "VMM_REATTACH before both VMM_HANDBACKs (RAM file and page-state record)")
+                }
+                done = true
+                return Reattachment(channel: channel, credentials: credentials, ram: ram, pageState: pageState,
+                                    uffd: uffd, guestBase: guestBase, features: features, registerMode: registerMode)
+            case let (.heartbeat, descriptor):
+                if let descriptor { close(descriptor) }
+            case let (other, descriptor):
+                if let descriptor { close(descriptor) }
+                throw MigrationError(.unexpectedMessage, "expected VMM_HANDBACK or VMM_REATTACH from a reattaching VMM, got \(other.type)")
+            }
+        }
     }
 
     private func attach(_ channel: VMMChannel, _ credentials: PeerCredentials) throws -> VMMAttachment {
@@ -110,6 +231,10 @@ final class VMMLink: Sendable {
                          passing: memory.file.fd)
         guard let (message, descriptor) = try channel.receive() else {
             throw MigrationError(.peerLost, "the VMM closed the socket before VMM_ATTACH")
+        }
+        if message.type == .vmmHandback || message.type == .vmmReattach {
+            if let descriptor { close(descriptor) }
+            throw VMMRefusal(code: .unexpectedMessage, reason: "a VMM tried to reattach, but this postcopyd serves a new migration: it was not started to take one over (postcopyd serve --takeover) and systemd's fd store held no page-state record")
         }
         guard case let .vmmAttach(guestBase, features, registerMode) = message, let descriptor else {
             throw MigrationError(.unexpectedMessage, "expected VMM_ATTACH from the VMM, got \(message)")
@@ -130,7 +255,8 @@ final class VMMLink: Sendable {
             "vmm_pid": "\(credentials.pid)", "vmm_uid": "\(credentials.uid)",
             "guest_base": "0x\(String(guestBase, radix: 16))", "features": "\(features)",
         ])
-        return VMMAttachment(channel: channel, uffd: uffd, guestBase: guestBase, credentials: credentials)
+        return VMMAttachment(channel: channel, uffd: uffd, guestBase: guestBase, credentials: credentials,
+                             registerMode: registerMode)
     }
 
     /// Reads the VMM socket until the VMM acknowledges completion or goes away.

@@ -17,8 +17,15 @@ public struct GuestConfig: Sendable {
     /// Share of the pages the threads read (0…1); the rest are only hashed
     /// after postcopy, for the digest.
     public var touchShare = 1.0
+    /// How long each thread works (sleeps) after a touch before the next.
+    public var thinkNanos: UInt64 = 0
     /// Write every first touch (`thread,t_us,page,stall_us`) to this file.
     public var touchLogPath: String?
+    /// When postcopyd goes away during postcopy without saying why (it
+    /// died), keep the guest's faults waiting and reattach to a restarted
+    /// postcopyd for this long, handing back the RAM file, the page-state
+    /// record and the userfaultfd; 0 gives the guest up at once.
+    public var reattachTimeoutNanos: UInt64 = 0
 
     public init(socketPath: String) { self.socketPath = socketPath }
 }
@@ -28,7 +35,9 @@ public struct GuestConfig: Sendable {
 /// registers its mapping with a userfaultfd of its own (MINOR and MISSING),
 /// hands the userfaultfd over, and runs its "guest" once told to resume:
 /// threads that read every page in a random order, timing each first
-/// touch, and check the image against the source's digest.
+/// touch, and check the image against the source's digest. It keeps the
+/// RAM file and the page-state record postcopyd gives it, and hands them
+/// back with the userfaultfd to a postcopyd restarted after the first died.
 public final class GuestVMM: Sendable {
     public let config: GuestConfig
     private let logger: Logger
@@ -40,29 +49,32 @@ public final class GuestVMM: Sendable {
 
     /// Attaches to postcopyd; `attached` runs once VMM_ATTACH is sent.
     public func run(attached: () -> Void = {}) throws -> GuestSummary {
-        let channel = VMMChannel(try inStep("connect to postcopyd's VMM socket \(config.socketPath)") {
+        var channel = VMMChannel(try inStep("connect to postcopyd's VMM socket \(config.socketPath)") {
             try UnixConnection.connect(path: config.socketPath)
         })
-        let (mapping, geometry, uffd) = try attach(channel)
+        let guest = try attach(channel)
         attached()
-        let digest = try awaitResume(channel)
+        let digest = try awaitResume(channel, guest)
         logger.info("resumed: running the guest workload", metadata: ["threads": "\(config.threads)"])
 
-        let workload = try GuestWorkload(mapping: mapping, geometry: geometry, threads: config.threads,
+        let workload = try GuestWorkload(mapping: guest.mapping, geometry: guest.geometry, threads: config.threads,
                                          seed: config.seed, scribble: config.scribble, touchShare: config.touchShare,
-                                         recordTimes: config.touchLogPath != nil)
+                                         thinkNanos: config.thinkNanos, recordTimes: config.touchLogPath != nil)
         var failure: (any Error)?
         do {
-            try awaitComplete(channel)
-            try inStep("unregister the guest range") { try uffd.release(start: mapping.address, length: mapping.length) }
+            channel = try awaitComplete(channel, guest)
+            try inStep("unregister the guest range") {
+                try guest.uffd.release(start: guest.mapping.address, length: guest.mapping.length)
+            }
             try channel.send(.vmmComplete)
         } catch {
             // Releasing the range wakes any thread blocked on a fault, so
             // the workload ends (reading whatever is there) and nothing hangs.
             failure = error
-            try? uffd.release(start: mapping.address, length: mapping.length)
+            try? guest.uffd.release(start: guest.mapping.address, length: guest.mapping.length)
         }
         var summary = workload.finish()
+        summary.reattachments = guest.reattachments
         if let failure { throw failure }
         if let path = config.touchLogPath {
             try inStep("write the touch log \(path)") { try writeTextFile(path, workload.touchLog()) }
@@ -72,7 +84,40 @@ public final class GuestVMM: Sendable {
         return summary
     }
 
-    private func attach(_ channel: VMMChannel) throws -> (Mapping, PageGeometry, Userfaultfd) {
+    /// Guest RAM as this VMM holds it, and what it keeps for a restarted
+    /// postcopyd.
+    private final class Guest {
+        let mapping: Mapping
+        let geometry: PageGeometry
+        let uffd: Userfaultfd
+        let mode: RegisterMode
+        /// The RAM file VMM_OFFER passed, and the page-state record
+        /// VMM_RESUME passed: handed back on a reattachment.
+        let ram: Int32
+        var pageState: Int32 = -1
+        var reattachments = 0
+
+        init(mapping: Mapping, geometry: PageGeometry, uffd: Userfaultfd, mode: RegisterMode, ram: Int32) {
+            self.mapping = mapping
+            self.geometry = geometry
+            self.uffd = uffd
+            self.mode = mode
+            self.ram = ram
+        }
+
+        /// Keeps `descriptor` as the page-state record, closing the one before.
+        func keep(pageState descriptor: Int32) {
+            if pageState >= 0 { close(pageState) }
+            pageState = descriptor
+        }
+
+        deinit {
+            close(ram)
+            if pageState >= 0 { close(pageState) }
+        }
+    }
+
+    private func attach(_ channel: VMMChannel) throws -> Guest {
         guard let (offer, descriptor) = try channel.receive() else {
             throw MigrationError(.peerLost, "postcopyd closed the VMM socket before VMM_OFFER")
         }
@@ -80,7 +125,8 @@ public final class GuestVMM: Sendable {
         guard case let .vmmOffer(regionSize, pageSize, fileOffset) = offer, let descriptor else {
             throw MigrationError(.unexpectedMessage, "expected VMM_OFFER from postcopyd, got \(offer.type)")
         }
-        defer { close(descriptor) }
+        var kept = false
+        defer { if !kept { close(descriptor) } }
         let geometry = try inStep("guest RAM geometry") { try PageGeometry(regionSize: regionSize, pageSize: pageSize) }
         let kind: MemoryKind = pageSize == .small ? .shmem : .hugetlbfs
         let mapping = try Mapping(descriptor: descriptor, geometry: geometry, fileOffset: fileOffset,
@@ -98,36 +144,107 @@ public final class GuestVMM: Sendable {
         try channel.send(.vmmAttach(guestBase: mapping.address, features: uffd.features, registerMode: mode.rawValue),
                          passing: uffd.fd)
         logger.info("attached to postcopyd", metadata: ["region": "\(geometry)"])
-        return (mapping, geometry, uffd)
+        kept = true
+        return Guest(mapping: mapping, geometry: geometry, uffd: uffd, mode: mode, ram: descriptor)
     }
 
-    private func awaitResume(_ channel: VMMChannel) throws -> ImageDigest {
-        switch try next(on: channel, "before VMM_RESUME") {
-        case let .vmmResume(digest): return digest
-        case let other: throw MigrationError(.unexpectedMessage, "expected VMM_RESUME from postcopyd, got \(other.type)")
+    /// VMM_RESUME, with the page-state record to keep.
+    private func awaitResume(_ channel: VMMChannel, _ guest: Guest) throws -> ImageDigest {
+        let (message, descriptor) = try next(on: channel, "before VMM_RESUME")
+        guard case let .vmmResume(digest) = message, let descriptor else {
+            throw MigrationError(.unexpectedMessage, "expected VMM_RESUME from postcopyd, got \(message.type)")
         }
+        guest.keep(pageState: descriptor)
+        return digest
     }
 
-    private func awaitComplete(_ channel: VMMChannel) throws {
-        switch try next(on: channel, "during postcopy") {
-        case .vmmComplete: return
-        case let other: throw MigrationError(.unexpectedMessage, "expected VMM_COMPLETE from postcopyd, got \(other.type)")
-        }
-    }
-
-    /// The next message from postcopyd other than HEARTBEAT, which must be
-    /// neither ERROR nor the end of the socket; `when` names what the VMM
-    /// was waiting for, for errors.
-    private func next(on channel: VMMChannel, _ when: String) throws -> Message {
+    /// Waits for VMM_COMPLETE; returns the channel it came on. A postcopyd
+    /// that goes away without ERROR (it died) is waited for, within
+    /// `reattachTimeoutNanos`: the guest's faults stay blocked meanwhile.
+    private func awaitComplete(_ first: VMMChannel, _ guest: Guest) throws -> VMMChannel {
+        var channel = first
         while true {
-            guard let (message, descriptor) = try channel.receive() else {
-                throw MigrationError(.peerLost, "postcopyd closed the VMM socket \(when)")
+            do {
+                let (message, descriptor) = try next(on: channel, "during postcopy")
+                if let descriptor { close(descriptor) }
+                guard case .vmmComplete = message else {
+                    throw MigrationError(.unexpectedMessage, "expected VMM_COMPLETE from postcopyd, got \(message.type)")
+                }
+                return channel
+            } catch let gone as DaemonGone where config.reattachTimeoutNanos > 0 {
+                logger.warning("postcopyd went away during postcopy (\(gone.reason)): the guest's faults wait while this VMM reattaches to a restarted postcopyd, for up to \(fixed(Double(config.reattachTimeoutNanos) / 1e9, 0)) s")
+                channel = try reattach(guest)
             }
-            if let descriptor { close(descriptor) }
+        }
+    }
+
+    /// Hands the RAM file, the page-state record and the userfaultfd back
+    /// to a restarted postcopyd, retrying with backoff until one takes them
+    /// (it answers VMM_RESUME with the record) or the time is up.
+    private func reattach(_ guest: Guest) throws -> VMMChannel {
+        let deadline = monotonicNanoseconds() + config.reattachTimeoutNanos
+        var delay: UInt64 = 50_000_000
+        var last = "nothing listened on \(config.socketPath)"
+        while monotonicNanoseconds() < deadline {
+            do {
+                let channel = VMMChannel(try UnixConnection.connect(path: config.socketPath))
+                try channel.send(.vmmHandback(.ram), passing: guest.ram)
+                try channel.send(.vmmHandback(.pageState), passing: guest.pageState)
+                try channel.send(.vmmReattach(guestBase: guest.mapping.address, features: guest.uffd.features,
+                                              registerMode: guest.mode.rawValue), passing: guest.uffd.fd)
+                while true {
+                    let (message, descriptor) = try next(on: channel, "while reattaching")
+                    if case .vmmResume = message, let descriptor {
+                        guest.keep(pageState: descriptor)
+                        guest.reattachments += 1
+                        logger.info("reattached to a restarted postcopyd")
+                        return channel
+                    }
+                    // A postcopyd serving a new migration offers its RAM
+                    // first, then refuses the reattachment with ERROR.
+                    if let descriptor { close(descriptor) }
+                }
+            } catch {
+                last = "\(error)"
+            }
+            sleepNanoseconds(delay)
+            delay = min(delay * 2, 1_000_000_000)
+        }
+        throw MigrationError(.peerLost, "no restarted postcopyd took the guest over within \(fixed(Double(config.reattachTimeoutNanos) / 1e9, 0)) s (last: \(last))")
+    }
+
+    /// postcopyd's end of the VMM socket closed or broke without an ERROR:
+    /// the daemon died (or was killed), rather than failing the migration.
+    private struct DaemonGone: Error, CustomStringConvertible {
+        let reason: String
+        var description: String { reason }
+    }
+
+    /// The next message from postcopyd other than HEARTBEAT, and the
+    /// descriptor it carried (the caller's to close), which must be neither
+    /// ERROR nor the end of the socket; `when` names what the VMM was
+    /// waiting for, for errors. The socket's end, or a failure to read it,
+    /// is `DaemonGone`.
+    private func next(on channel: VMMChannel, _ when: String) throws -> (Message, Int32?) {
+        while true {
+            let received: (message: Message, descriptor: Int32?)?
+            do {
+                received = try channel.receive()
+            } catch let error as SystemCallError {
+                throw DaemonGone(reason: "reading the VMM socket \(when): \(error)")
+            }
+            guard let (message, descriptor) = received else {
+                throw DaemonGone(reason: "postcopyd closed the VMM socket \(when)")
+            }
             switch message {
-            case .heartbeat: continue
-            case let .error(code, text): throw MigrationError(code, "postcopyd failed \(when) (\(code)): \(text)")
-            default: return message
+            case .heartbeat:
+                if let descriptor { close(descriptor) }
+                continue
+            case let .error(code, text):
+                if let descriptor { close(descriptor) }
+                throw MigrationError(code, "postcopyd failed \(when) (\(code)): \(text)")
+            default:
+                return (message, descriptor)
             }
         }
     }

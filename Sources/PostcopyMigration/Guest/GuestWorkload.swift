@@ -17,6 +17,8 @@ final class GuestWorkload: @unchecked Sendable {
     private let pageCount: UInt64
     private let scribble: Bool
     private let recordTimes: Bool
+    /// Work between two touches (a vCPU does more than fault).
+    private let thinkNanos: UInt64
     private let hashes: UnsafeMutableBufferPointer<UInt64>
     private let touched: [Bool]
     private let shards: [[UInt64]]
@@ -28,11 +30,13 @@ final class GuestWorkload: @unchecked Sendable {
     private var workers: [OSThread] = []
     private let started = monotonicNanoseconds()
 
-    /// `touchShare` of the pages (0…1) are read by the threads; with
-    /// `recordTimes` each touch's start is kept for `touchLog`.
+    /// `touchShare` of the pages (0…1) are read by the threads, each
+    /// sleeping `thinkNanos` after a touch; with `recordTimes` each touch's
+    /// start is kept for `touchLog`.
     init(mapping: Mapping, geometry: PageGeometry, threads: Int, seed: UInt64, scribble: Bool,
-         touchShare: Double = 1, recordTimes: Bool = false) throws {
+         touchShare: Double = 1, thinkNanos: UInt64 = 0, recordTimes: Bool = false) throws {
         self.mapping = mapping
+        self.thinkNanos = thinkNanos
         pageCount = geometry.smallPageCount
         self.scribble = scribble
         self.recordTimes = recordTimes
@@ -78,6 +82,7 @@ final class GuestWorkload: @unchecked Sendable {
             let bytes = UnsafeRawBufferPointer(start: address, count: 4096)
             hashes[Int(page)] = PageHash.of(bytes).hash
             if scribble { address.storeBytes(of: Self.marker(page), toByteOffset: 4096 - 8, as: UInt64.self) }
+            if thinkNanos > 0 { sleepNanoseconds(thinkNanos) }
         }
         stalls[index] = samples
         startedAt[index] = starts

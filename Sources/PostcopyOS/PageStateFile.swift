@@ -1,0 +1,107 @@
+import CPostcopy
+import Glibc
+import PostcopyCore
+
+/// The page-state record (`PageStateHeader`, `PageStateBitmap`) in a memfd
+/// of its own, mapped shared. It outlives the daemon while the VMM (or
+/// systemd's fd store) holds a descriptor of it, and a restarted daemon
+/// adopts it to take the migration over.
+public final class PageStateFile: @unchecked Sendable {
+    // SAFETY (@unchecked): the mapping stays for the object's lifetime; the
+    // bitmap's words change only under the caller's lock (see PageStateBitmap).
+    public let fd: Int32
+    public let header: PageStateHeader
+    /// The stale bitmap, in place.
+    public let bitmap: PageStateBitmap
+    private let base: UnsafeMutableRawPointer
+    private let length: Int
+
+    /// Writes a new record at switchover: the stale bitmap first, then the
+    /// header, whose checksum makes the record valid.
+    public init(header: PageStateHeader, stale: PageBitmap) throws {
+        precondition(stale.count == header.geometry.smallPageCount, "stale bitmap of \(stale.count) bits for \(header.geometry)")
+        let length = PageStateLayout.fileBytes(for: header.geometry)
+        let fd = try check("memfd_create for the page-state record") {
+            cpc_memfd_create("postcopyd-page-state", UInt32(CPC_MFD_CLOEXEC))
+        }
+        let base: UnsafeMutableRawPointer
+        do {
+            try checkLibc("ftruncate the page-state record to \(length) bytes") { ftruncate(fd, off_t(length)) }
+            base = try PageStateFile.map(fd, length)
+        } catch {
+            close(fd)
+            throw error
+        }
+        self.fd = fd
+        self.base = base
+        self.length = Int(length)
+        self.header = header
+        bitmap = PageStateBitmap(words: (base + PageStateLayout.bitmapOffset).assumingMemoryBound(to: UInt64.self),
+                                 count: stale.count)
+        bitmap.store(stale)
+        header.encoded.withUnsafeBytes { base.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+    }
+
+    /// Takes ownership of `descriptor`, a record handed back; refuses (and
+    /// closes) one whose header or size does not check out.
+    public init(adopting descriptor: Int32) throws {
+        _ = fcntl(descriptor, F_SETFD, FD_CLOEXEC)
+        let base: UnsafeMutableRawPointer
+        let header: PageStateHeader
+        let length: Int
+        do {
+            let size = try fileSize(descriptor, "the page-state record handed over")
+            guard size >= UInt64(PageStateLayout.bitmapOffset), size <= 1 << 32 else {
+                throw PageStateError.truncated(bytes: Int(min(size, 1 << 32)))
+            }
+            length = Int(size)
+            base = try PageStateFile.map(descriptor, size)
+            do {
+                let bytes = Array(UnsafeRawBufferPointer(start: base, count: PageStateHeader.bytes))
+                header = try PageStateHeader(decoding: bytes[...])
+                let expected = PageStateLayout.fileBytes(for: header.geometry)
+                guard size == expected else { throw PageStateError.sizeMismatch(fileBytes: size, expected: expected) }
+            } catch {
+                munmap(base, length)
+                throw error
+            }
+        } catch {
+            close(descriptor)
+            throw error
+        }
+        fd = descriptor
+        self.base = base
+        self.length = length
+        self.header = header
+        bitmap = PageStateBitmap(words: (base + PageStateLayout.bitmapOffset).assumingMemoryBound(to: UInt64.self),
+                                 count: header.geometry.smallPageCount)
+    }
+
+    deinit {
+        munmap(base, length)
+        close(fd)
+    }
+
+    /// The stale pages the record holds; throws when it holds bits past the
+    /// region or more stale pages than there were at switchover (it can
+    /// only ever lose them).
+    public func stalePages() throws -> PageBitmap {
+        guard let stale = bitmap.load() else {
+            throw SystemCallError("the page-state record sets bits past the end of guest RAM", .invalid)
+        }
+        guard stale.popCount <= header.stalePagesAtSwitchover else {
+            throw SystemCallError("the page-state record holds \(stale.popCount) stale pages, more than the \(header.stalePagesAtSwitchover) of switchover", .invalid)
+        }
+        return stale
+    }
+
+    public var identity: FileIdentity { FileIdentity(descriptor: fd) }
+
+    private static func map(_ fd: Int32, _ length: UInt64) throws -> UnsafeMutableRawPointer {
+        let address = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        guard let address, address != MAP_FAILED else {
+            throw SystemCallError("map the page-state record (\(length) bytes)", Errno.current)
+        }
+        return address
+    }
+}
