@@ -50,21 +50,17 @@ public final class PageStateFile: @unchecked Sendable {
         let header: PageStateHeader
         let length: Int
         do {
+            // The header first, read rather than mapped: it says how big
+            // the record must be, before anything of that size is mapped.
             let size = try fileSize(descriptor, "the page-state record handed over")
-            guard size >= UInt64(PageStateLayout.bitmapOffset), size <= 1 << 32 else {
-                throw PageStateError.truncated(bytes: Int(min(size, 1 << 32)))
-            }
+            var bytes = [UInt8](repeating: 0, count: PageStateHeader.bytes)
+            let read = bytes.withUnsafeMutableBytes { pread(descriptor, $0.baseAddress, $0.count, 0) }
+            guard read >= 0 else { throw SystemCallError("read the page-state record's header", Errno.current) }
+            header = try PageStateHeader(decoding: bytes.prefix(read))
+            let expected = PageStateLayout.fileBytes(for: header.geometry)
+            guard size == expected else { throw PageStateError.sizeMismatch(fileBytes: size, expected: expected) }
             length = Int(size)
             base = try PageStateFile.map(descriptor, size)
-            do {
-                let bytes = Array(UnsafeRawBufferPointer(start: base, count: PageStateHeader.bytes))
-                header = try PageStateHeader(decoding: bytes[...])
-                let expected = PageStateLayout.fileBytes(for: header.geometry)
-                guard size == expected else { throw PageStateError.sizeMismatch(fileBytes: size, expected: expected) }
-            } catch {
-                munmap(base, length)
-                throw error
-            }
         } catch {
             close(descriptor)
             throw error

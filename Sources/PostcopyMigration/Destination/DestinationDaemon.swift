@@ -710,8 +710,12 @@ public final class DestinationDaemon: @unchecked Sendable {
         }
         // A VMM that handed the migration back is told to go on (or to start
         // the guest, if the dead daemon never told it to).
-        if taken.vmm != nil { try vmm.resume(imageDigest: header.imageDigest, pageState: taken.pageState) }
-        storeDescriptors(pageState: taken.pageState, uffd: taken.uffd)
+        if taken.vmm != nil {
+            try vmm.resume(imageDigest: header.imageDigest, pageState: taken.pageState)
+            // Taken from the VMM: keep them for a daemon restarted after this
+            // one too (taken from the store, they are there already).
+            storeDescriptors(pageState: taken.pageState, uffd: taken.uffd)
+        }
         let source = taken.vmm != nil ? "the VMM's reattachment" : "systemd's file-descriptor store"
         logger.event(.migrationTakenOver, .notice, "took migration \(header.migrationID) over from \(source): \(stale.popCount) of \(header.stalePagesAtSwitchover) pages still stale; paused until the agent rejoins", [
             "takeover_source": "\(source)", "pages_stale": "\(stale.popCount)",
@@ -773,6 +777,12 @@ public final class DestinationDaemon: @unchecked Sendable {
         let loop = faultLoop.withLock { $0 }
         loop?.stop()
         if let reason = loop?.failureReason { throw MigrationError(.internalFailure, "fault loop: \(reason)") }
+        // A daemon that took over from systemd's fd store may finish before
+        // the VMM has reattached: it must, to release the range.
+        guard vmm.attached.wait(timeoutNanos: config.vmmAttachTimeoutNanos) else {
+            try failures.check()
+            throw MigrationError(.peerLost, "every page is in place, but the VMM did not reattach within \(config.vmmAttachTimeoutNanos / 1_000_000_000) s to release the range")
+        }
         try vmm.complete()
         guard vmm.completed.wait(timeoutNanos: config.vmmCompleteTimeoutNanos) else {
             try failures.check()
