@@ -32,8 +32,9 @@ public struct SocketEndpoint: Hashable, Sendable, CustomStringConvertible {
     }
 
     /// The socket address for a numeric host (no name resolution: the
-    /// daemon must not block on DNS).
-    func withSockaddr<T>(_ body: (UnsafePointer<sockaddr>, socklen_t, Int32) throws -> T) throws -> T {
+    /// daemon must not block on DNS), lent to `body` with its length and
+    /// address family.
+    public func withSockaddr<T>(_ body: (UnsafePointer<sockaddr>, socklen_t, Int32) throws -> T) throws -> T {
         var v4 = sockaddr_in()
         if inet_pton(AF_INET, host, &v4.sin_addr) == 1 {
             v4.sin_family = sa_family_t(AF_INET)

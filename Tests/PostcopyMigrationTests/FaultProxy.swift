@@ -262,47 +262,24 @@ extension FaultProxy {
 // MARK: - Threads
 
 extension FaultProxy {
-    /// The target as a socket address, checked once so that a bad address
-    /// fails `init` rather than every connection.
+    /// The target, its address checked once so that a bad one fails `init`
+    /// rather than every connection.
     private struct Target: Sendable {
         let endpoint: SocketEndpoint
         let family: Int32
 
         init(_ endpoint: SocketEndpoint) throws {
             self.endpoint = endpoint
-            var v4 = in_addr()
-            var v6 = in6_addr()
-            if inet_pton(AF_INET, endpoint.host, &v4) == 1 {
-                family = AF_INET
-            } else if inet_pton(AF_INET6, endpoint.host, &v6) == 1 {
-                family = AF_INET6
-            } else {
+            do {
+                family = try endpoint.withSockaddr { _, _, family in family }
+            } catch {
                 throw TestFailure("fault proxy target \(endpoint) is not a numeric address")
             }
         }
 
         /// Starts a non-blocking connect of `fd`: 0, or -1 and errno.
         func connect(_ fd: Int32) -> Int32 {
-            if family == AF_INET {
-                var address = sockaddr_in()
-                address.sin_family = sa_family_t(AF_INET)
-                address.sin_port = endpoint.port.bigEndian
-                inet_pton(AF_INET, endpoint.host, &address.sin_addr)
-                return withUnsafePointer(to: &address) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                        Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                    }
-                }
-            }
-            var address = sockaddr_in6()
-            address.sin6_family = sa_family_t(AF_INET6)
-            address.sin6_port = endpoint.port.bigEndian
-            inet_pton(AF_INET6, endpoint.host, &address.sin6_addr)
-            return withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size))
-                }
-            }
+            (try? endpoint.withSockaddr { address, length, _ in Glibc.connect(fd, address, length) }) ?? -1
         }
     }
 

@@ -89,6 +89,21 @@ json_string() {  # key, file: the first "key":"value" of a JSON object
     grep -o "\"$1\" *: *\"[^\"]*\"" "$2" | head -n 1 | sed 's/.*: *"\(.*\)"/\1/'
 }
 
+json_number() {  # key, file: the first "key":number of a JSON object
+    grep -o "\"$1\" *: *[0-9]*" "$2" | head -n 1 | sed 's/.*: *//'
+}
+
+# Starts the source workload (stderr to $1) and waits until it is ready;
+# sets source_pid.
+start_source() {
+    rm -f "$WORK/source.ready"
+    postcopy-guest source --ram "$SOURCE_RAM" --size "$SIZE" --dirty 0.10 --ready-file "$WORK/source.ready" \
+        2>"$1" &
+    source_pid=$!
+    pids+=("$source_pid")
+    wait_until 60 "the source workload" test -s "$WORK/source.ready"
+}
+
 mkdir -p "$WORK"
 
 # --- the container is what it should be ----------------------------------------
@@ -189,12 +204,7 @@ ok "postcopyctl status: phase $phase"
 
 # --- a whole migration into the service -------------------------------------------
 step="source workload"
-rm -f "$WORK/source.ready"
-postcopy-guest source --ram "$SOURCE_RAM" --size "$SIZE" --dirty 0.10 --ready-file "$WORK/source.ready" \
-    2>"$WORK/source.err" &
-source_pid=$!
-pids+=("$source_pid")
-wait_until 60 "the source workload" test -s "$WORK/source.ready"
+start_source "$WORK/source.err"
 ok "source workload pid $source_pid: $SIZE in $SOURCE_RAM"
 
 step="reference VMM"
@@ -258,17 +268,9 @@ grep -q 'Subject: Postcopy complete' "$WORK/journal-x.txt" ||
 ok "journalctl -x: $(grep -o 'Subject: Postcopy complete.*' "$WORK/journal-x.txt" | head -n 1)"
 
 # --- a crash during postcopy: systemd restarts the daemon, which takes over -----
-json_number() {  # key, file: the first "key":number of a JSON object
-    grep -o "\"$1\" *: *[0-9]*" "$2" | head -n 1 | sed 's/.*: *//'
-}
 step="crash: systemctl start $UNIT"
 timeout 120 systemctl start "$UNIT" || fail "systemctl start $UNIT (second migration) failed"
-rm -f "$WORK/source.ready"
-postcopy-guest source --ram "$SOURCE_RAM" --size "$SIZE" --dirty 0.10 --ready-file "$WORK/source.ready" \
-    2>"$WORK/source2.err" &
-source_pid=$!
-pids+=("$source_pid")
-wait_until 60 "the source workload" test -s "$WORK/source.ready"
+start_source "$WORK/source2.err"
 # The guest's threads touch a tenth of RAM, working 2 ms between touches, so
 # that they still fault when the daemon has been replaced.
 postcopy-guest vmm --socket "$SOCKDIR/vmm.sock" --touch 0.1 --think-us 2000 --reattach-timeout 60 --json \

@@ -613,7 +613,8 @@ public final class DestinationDaemon: @unchecked Sendable {
             guard let id = session.migrationID else { throw MigrationError(.internalFailure, "switchover before HELLO") }
             return id
         }
-        let downtimeSoFar = realtimeNanoseconds() >= pausedAt ? (realtimeNanoseconds() - pausedAt) / 1000 : 0
+        let recordedAt = realtimeNanoseconds()
+        let downtimeSoFar = recordedAt >= pausedAt ? (recordedAt - pausedAt) / 1000 : 0
         let pageState = try inStep("write the page-state record") {
             try PageStateFile(header: PageStateHeader(
                 migrationID: id, geometry: memory.geometry, guestBase: attachment.guestBase,

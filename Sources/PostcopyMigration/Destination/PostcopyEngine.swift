@@ -156,9 +156,6 @@ final class PostcopyEngine: FaultResolver, Sendable {
             }
             written += claim.count
         }
-        // The pages are written: record them fresh before anything can
-        // install them (the page-state invariant), under the tracker's lock,
-        // which serialises every change to the record.
         // Counted (and traced) under the tracker's lock, with the commit: the
         // thread that commits the last pages signals completion, and the
         // summary must then see every other thread's pages counted. The time
@@ -166,6 +163,9 @@ final class PostcopyEngine: FaultResolver, Sendable {
         // waited for it must not look as if it ended before it began.
         let (completions, doneNow, now) = tracker.withLock { state in
             let now = monotonicNanoseconds()
+            // The pages are written: record them fresh before anything can
+            // install them (the page-state invariant). The tracker's lock
+            // serialises every change to the record.
             if let pageState { for claim in claims { pageState.bitmap.markFresh(claim) } }
             let completions = state.commit(claims, at: now)
             if isUrgent {

@@ -152,6 +152,7 @@ public final class GuestVMM: Sendable {
     private func awaitResume(_ channel: VMMChannel, _ guest: Guest) throws -> ImageDigest {
         let (message, descriptor) = try next(on: channel, "before VMM_RESUME")
         guard case let .vmmResume(digest) = message, let descriptor else {
+            if let descriptor { close(descriptor) }
             throw MigrationError(.unexpectedMessage, "expected VMM_RESUME from postcopyd, got \(message.type)")
         }
         guest.keep(pageState: descriptor)
