@@ -6,6 +6,8 @@
 // Layers (each depends only on those above it):
 //   CPostcopy      C shims: variadic syscall/ioctl, uapi constants and structs.
 //   CSystemd       libsystemd, found through pkg-config.
+//   COpenSSL       OpenSSL's libssl (TLS 1.3 for the agent's connections),
+//                  found through pkg-config.
 //   CCRC32C        the CPU's CRC-32C instruction (pure computation).
 //   PostcopyCore   pure logic: page geometry, bitmaps, fault policy, probe
 //                  evaluation. No syscalls; tests run without root.
@@ -45,11 +47,16 @@ let package = Package(
             pkgConfig: "libsystemd",
             providers: [.apt(["libsystemd-dev"])]
         ),
+        .systemLibrary(
+            name: "COpenSSL",
+            pkgConfig: "openssl",
+            providers: [.apt(["libssl-dev"])]
+        ),
         .target(name: "CCRC32C"),
         .target(name: "PostcopyCore", dependencies: ["CCRC32C"]),
         .target(
             name: "PostcopyOS",
-            dependencies: ["PostcopyCore", "CPostcopy", "CSystemd"]
+            dependencies: ["PostcopyCore", "CPostcopy", "CSystemd", "COpenSSL"]
         ),
         .target(
             name: "PostcopyMigration",

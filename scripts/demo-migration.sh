@@ -4,6 +4,10 @@
 # postcopy-push; then each program's summary and the verification result.
 #
 #   SIZE=1G MEMORY=shmem|hugetlbfs DIRTY=0.10 BIN=.build/release scripts/demo-migration.sh
+#
+# Both connections use TLS 1.3 with certificates made for the run by
+# scripts/make-test-certs.sh, and a migration secret; TLS=0 runs them in
+# plaintext (--insecure-plaintext) instead, to compare.
 set -euo pipefail
 
 SIZE=${SIZE:-1G}
@@ -11,6 +15,7 @@ MEMORY=${MEMORY:-shmem}
 DIRTY=${DIRTY:-0.10}
 BIN=${BIN:-.build/release}
 TIMEOUT=${TIMEOUT:-300}
+TLS=${TLS:-1}
 
 work=$(mktemp -d /tmp/postcopy-demo.XXXXXX)
 source_ram=/dev/shm/postcopy-demo-source.$$
@@ -38,9 +43,22 @@ source_pid=$!
 pids+=("$source_pid")
 wait_for "$work/source.ready" "the source workload"
 
+if [[ $TLS == 1 ]]; then
+    echo "== TLS: a test CA and certificates for both ends (scripts/make-test-certs.sh)"
+    bash "$(dirname "$0")/make-test-certs.sh" "$work/tls" >/dev/null
+    daemon_tls=(--tls-ca "$work/tls/ca.pem" --tls-cert "$work/tls/daemon.pem" --tls-key "$work/tls/daemon.key"
+                --tls-client-name postcopy-agent)
+    agent_tls=(--tls-ca "$work/tls/ca.pem" --tls-cert "$work/tls/agent.pem" --tls-key "$work/tls/agent.key")
+else
+    echo "== plaintext (TLS=0): guest RAM crosses loopback unencrypted"
+    daemon_tls=(--insecure-plaintext)
+    agent_tls=(--insecure-plaintext)
+fi
+
 echo "== destination: postcopyd on $MEMORY, the reference guest as its VMM"
 "$BIN/postcopyd" serve --listen 127.0.0.1:0 --vmm-socket "$work/vmm.sock" --control-socket "$work/control.sock" \
     --memory "$MEMORY" --size "$SIZE" \
+    "${daemon_tls[@]}" \
     --ready-file "$work/daemon.ready" --json >"$work/daemon.json" &
 daemon_pid=$!
 pids+=("$daemon_pid")
@@ -51,7 +69,9 @@ pids+=("$guest_pid")
 
 echo "== migrate"
 timeout "$TIMEOUT" "$BIN/postcopy-push" --ram "$source_ram" --to "$(cat "$work/daemon.ready")" \
-    --pause-pid "$source_pid" --json >"$work/push.json"
+    --pause-pid "$source_pid" --json >"$work/push.json" \
+    "${agent_tls[@]}" \
+    --migration-secret-file "$work/migration.secret"
 status=0
 wait "$daemon_pid" || status=$?
 wait "$guest_pid" || status=$?

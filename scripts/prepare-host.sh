@@ -15,15 +15,22 @@ mount_dir=${HUGETLBFS:-/dev/hugepages}
 
 say() { printf 'prepare-host: %s\n' "$*"; }
 
-if ! pkg-config --exists libsystemd 2>/dev/null; then
+# Build: libsystemd (sd_notify, the journal) and OpenSSL's libssl (TLS),
+# found through pkg-config; the openssl command makes the test certificates.
+missing=()
+pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev)
+pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+command -v openssl >/dev/null || missing+=(openssl)
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
-        say "libsystemd-dev is missing and this is not root: install it with 'apt-get install libsystemd-dev'" >&2
+        say "${missing[*]} missing and this is not root: install with 'apt-get install ${missing[*]}'" >&2
         exit 1
     fi
-    say "installing libsystemd-dev and pkg-config"
+    say "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null
-    apt-get install -y -qq libsystemd-dev pkg-config >/dev/null
+    apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 if [ "$(id -u)" -ne 0 ]; then

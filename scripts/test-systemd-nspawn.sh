@@ -173,6 +173,10 @@ size = $SIZE
 memory = shmem
 vmm-uid = 0
 vmm-timeout = 60
+tls-ca = /etc/postcopyd/tls/ca.pem
+tls-cert = /etc/postcopyd/tls/daemon.pem
+tls-key = /etc/postcopyd/tls/daemon.key
+tls-client-name = postcopy-agent
 EOF
     # Read by run-test.sh: what the host asked for.
     cat >"$stage/test.env" <<EOF
@@ -182,6 +186,8 @@ BINDIR=$C_BINDIR
 RESULTS=$C_RESULTS
 EOF
     chmod -R a+rX "$stage"
+    # Made after the chmod: the private keys stay 0600.
+    bash "$repo/scripts/make-test-certs.sh" "$stage/tls" >/dev/null
 }
 
 # --- cgroups -------------------------------------------------------------------
@@ -304,6 +310,7 @@ binds=(
     --bind=/dev/userfaultfd
     --bind-ro="$C_SWIFTLIB"
     --bind-ro="$work/stage/test.conf:/etc/postcopyd/test.conf"
+    --bind-ro="$work/stage/tls:/etc/postcopyd/tls"
     --bind-ro="$work/stage/test.env:$C_TESTDIR/test.env"
     --bind-ro="$repo/tests/nspawn/run-test.sh:$C_TESTDIR/run-test.sh"
     --bind-ro="$repo/systemd/postcopyd.catalog:/usr/local/lib/systemd/catalog/postcopyd.catalog"

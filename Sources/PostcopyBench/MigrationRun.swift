@@ -104,8 +104,11 @@ extension MigrationScenario {
         children.append(workload)
         try waitForFile("\(directory)/source.ready", seconds: 300, "the source RAM to be filled", while: workload)
 
+        // Plaintext, explicitly: these figures are postcopyd's own, comparable
+        // with the raw-TCP baselines and across runs; docs/benchmarks.md
+        // gives TLS's cost separately.
         var pushArguments = ["--ram", sourceRAM, "--pause-pid", "\(workload.pid)", "--max-rounds", "\(maxRounds)",
-                             "--quiet", "--json"]
+                             "--quiet", "--json", "--insecure-plaintext"]
         if case let .image(stalePages) = source {
             let bitmap = "\(directory)/dirty.bitmap"
             try writeDirtyBitmap(bitmap, pages: size / 4096, stale: stalePages)
@@ -119,7 +122,7 @@ extension MigrationScenario {
         var daemonArguments = ["serve", "--instance", "bench", "--listen", "127.0.0.1:0",
                                "--vmm-socket", "\(directory)/vmm.sock", "--control-socket", "\(directory)/control.sock",
                                "--memory", memory.rawValue, "--size", "\(size)",
-                               "--ready-file", "\(directory)/daemon.ready", "--json"]
+                               "--ready-file", "\(directory)/daemon.ready", "--json", "--insecure-plaintext"]
         if trace { daemonArguments += ["--trace", "\(directory)/trace.csv"] }
         if let backgroundScheduling { daemonArguments += ["--background-scheduling", backgroundScheduling] }
         let logToStderr = ["POSTCOPY_LOG": "stderr"]

@@ -2,13 +2,13 @@ import Glibc
 import PostcopyCore
 import Synchronization
 
-/// Protocol messages over one TCP connection: whole frames out, decoded
-/// frames in. Sending is safe from several threads (each frame goes out
+/// Protocol messages over one connection (TCP, plain or inside TLS): whole
+/// frames out, decoded frames in. Sending is safe from several threads (each frame goes out
 /// whole); receiving belongs to one thread.
 public final class MessageStream: @unchecked Sendable {
     // SAFETY: `decoder` is used only by the receiving thread;
     // sends are serialised by `sendLock`.
-    public let connection: TCPConnection
+    public let connection: any ByteStream
     /// Who is at the other end, for error messages ("agent bulk connection").
     public let peer: String
     private var decoder: FrameDecoder
@@ -18,7 +18,7 @@ public final class MessageStream: @unchecked Sendable {
     /// Bytes received, for statistics; read from any thread.
     public let bytesReceived = Atomic<UInt64>(0)
 
-    public init(_ connection: TCPConnection, peer: String, maxPayload: Int = FrameDecoder.defaultMaxPayload,
+    public init(_ connection: any ByteStream, peer: String, maxPayload: Int = FrameDecoder.defaultMaxPayload,
                 receiveBuffer: Int = 1 << 20) {
         self.connection = connection
         self.peer = peer

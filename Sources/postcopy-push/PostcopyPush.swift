@@ -57,6 +57,14 @@ struct PostcopyPush: ParsableCommand {
 
     @OptionGroup var scheduling: BackgroundSchedulingOption
 
+    @OptionGroup(title: "Transport security") var transportOptions: TransportOptions
+
+    @Option(help: ArgumentHelp("The identity postcopyd's certificate must name (a DNS name or an IP address in its subjectAltName); default: the host of --to.", valueName: "name"))
+    var tlsServerName: String?
+
+    @Option(help: ArgumentHelp("The migration secret (64 hex digits, mode 0600) that binds the migration to this agent; created with a fresh secret when missing. A --resume needs the file the first agent used. Default: a fresh secret kept in memory only.", valueName: "path"))
+    var migrationSecretFile: String?
+
     @Option(help: ArgumentHelp("A dirty log kept by the caller, read at switchover and merged with the scan (one bit per 4 KiB page, little-endian 64-bit words).", valueName: "path"))
     var dirtyBitmap: String?
 
@@ -100,14 +108,23 @@ struct PostcopyPush: ParsableCommand {
     func run() throws {
         let logger = bootstrapLogging("postcopy-push")
         var generator = SystemRandomNumberGenerator()
-        var config = AgentConfig(ramPath: ram, daemon: to, migrationID: migrationID ?? MigrationID(using: &generator),
-                                 control: sourceControl())
+        let transport = try transportOptions.transport(.client, peerName: tlsServerName ?? to.host,
+                                                       peerNameOption: "--tls-server-name", logger: logger)
+        var config = AgentConfig(ramPath: ram, daemon: to, transport: transport,
+                                 migrationID: migrationID ?? MigrationID(using: &generator), control: sourceControl())
         config.policy = PrecopyPolicy(maxRounds: maxRounds, maxDurationNanos: maxPrecopySeconds * 1_000_000_000,
                                       switchoverPages: switchoverPages)
         config.dirtyBitmapPath = dirtyBitmap
         config.postcopyBytesPerSecond = postcopyBandwidth.map { UInt64($0 * 1_048_576) }
         config.backgroundScheduling = scheduling.backgroundScheduling
         config.resume = resume
+        if let migrationSecretFile {
+            let (secret, created) = try SecretFile.readOrCreate(migrationSecretFile)
+            config.secret = secret
+            if created { logger.info("wrote a fresh migration secret to \(migrationSecretFile)") }
+        } else if resume {
+            throw ValidationError("--resume needs --migration-secret-file: the secret the agent that started the migration used")
+        }
         config.deadPeerTimeoutNanos = UInt64(deadPeerTimeout * 1e9)
         config.reconnectTimeoutNanos = UInt64(reconnectTimeout * 1e9)
         do {

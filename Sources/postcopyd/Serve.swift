@@ -42,6 +42,11 @@ struct Serve: ParsableCommand {
 
     @OptionGroup var memoryOptions: MemoryOptions
 
+    @OptionGroup(title: "Transport security") var transportOptions: TransportOptions
+
+    @Option(help: ArgumentHelp("With TLS, the identity the agent's certificate must name: a DNS name (or IP address) in its subjectAltName, or its CN.", valueName: "name"))
+    var tlsClientName: String?
+
     @Option(help: "Size of guest RAM (e.g. 256M, 1G); must equal the source's. Required, but for a takeover.", transform: parseSize)
     var size: UInt64?
 
@@ -51,6 +56,9 @@ struct Serve: ParsableCommand {
     @Option(help: ArgumentHelp("Accept only this migration (32 hex digits); default: the first agent's.", valueName: "hex"),
             transform: parseMigrationID)
     var migrationID: MigrationID?
+
+    @Option(help: ArgumentHelp("Admit only agents whose HELLO carries the secret in this file (64 hex digits, mode 0600); default: bind the migration to the first agent's secret.", valueName: "path"))
+    var migrationSecretFile: String?
 
     @Option(help: "Seconds to wait at switchover for a VMM that has not attached.")
     var vmmTimeout: UInt64 = 30
@@ -79,8 +87,8 @@ struct Serve: ParsableCommand {
     static let configSchema = ConfigFile.Schema(
         options: ["listen", "vmm-socket", "control-socket", "vmm-uid", "memory", "hugetlbfs-dir", "size",
                   "migration-id", "vmm-timeout", "stall-warning-ms", "ready-file", "trace", "background-scheduling",
-                  "dead-peer-timeout", "reconnect-timeout"],
-        flags: ["json", "takeover"])
+                  "dead-peer-timeout", "reconnect-timeout", "tls-ca", "tls-cert", "tls-key", "tls-client-name", "migration-secret-file"],
+        flags: ["json", "takeover", "insecure-plaintext"])
 
     func run() throws {
         guard let config else { return try serve() }
@@ -125,10 +133,13 @@ struct Serve: ParsableCommand {
         // Before any other thread: termination signals go to the watcher only.
         let signals = try SignalWatcher()
         let notifier = ServiceNotifier()
-        var settings = DestinationConfig(listen: listen, vmmSocketPath: vmmSocket, memory: memoryOptions.memory,
+        let transport = try transportOptions.transport(.server, peerName: tlsClientName,
+                                                       peerNameOption: "--tls-client-name", logger: logger)
+        var settings = DestinationConfig(listen: listen, transport: transport, vmmSocketPath: vmmSocket, memory: memoryOptions.memory,
                                          hugetlbfsDirectory: memoryOptions.hugetlbfsDir, regionSize: size ?? 0,
                                          vmmUID: vmmUID, migrationID: migrationID)
         settings.instance = instance
+        settings.migrationSecret = try migrationSecretFile.map(SecretFile.read)
         settings.vmmAttachTimeoutNanos = vmmTimeout * 1_000_000_000
         settings.stallWarningNanos = stallWarningMs * 1_000_000
         settings.tracePath = trace

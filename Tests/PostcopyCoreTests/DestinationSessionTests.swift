@@ -14,7 +14,7 @@ private enum Sessions {
 
     static func hello(_ role: StreamRole, id: MigrationID = migrationID, regionSize: UInt64,
                       pageSize: PageSize = .small) -> Message {
-        .hello(migrationID: id, role: role, sourcePageSize: pageSize, regionSize: regionSize)
+        .hello(migrationID: id, role: role, sourcePageSize: pageSize, regionSize: regionSize, secret: .test)
     }
 
     /// Page data whose bytes differ from page to page.
@@ -392,7 +392,7 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
     // MARK: Pause and rejoin
 
     static func resuming(_ role: StreamRole, _ geometry: PageGeometry, id: MigrationID = Sessions.migrationID) -> Message {
-        .hello(migrationID: id, role: role, sourcePageSize: .small, regionSize: geometry.regionSize, resume: true)
+        .hello(migrationID: id, role: role, sourcePageSize: .small, regionSize: geometry.regionSize, secret: .test, resume: true)
     }
 
     @Test func aLostConnectionPausesPostcopyOncePerGeneration() throws {

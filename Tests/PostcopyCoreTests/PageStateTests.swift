@@ -11,7 +11,8 @@ import Testing
         return PageStateHeader(migrationID: id, geometry: try PageGeometry(regionSize: bytes, pageSize: pageSize),
                                guestBase: 0x7F12_3400_0000, features: [.minorShmem, .missingShmem],
                                registerMode: 0b101, imageDigest: digest, stalePagesAtSwitchover: 321,
-                               sourcePausedAtNanos: 1_700_000_000_000_000_123, downtimeMicros: 4567)
+                               sourcePausedAtNanos: 1_700_000_000_000_000_123, downtimeMicros: 4567,
+                               secretDigest: MigrationSecret.test.digest)
     }
 
     @Test func aHeaderSurvivesItsBytes() throws {
@@ -36,10 +37,10 @@ import Testing
         #expect(throws: PageStateError.notAPageStateRecord) { try PageStateHeader(decoding: foreign[...]) }
         #expect(throws: PageStateError.truncated(bytes: 100)) { try PageStateHeader(decoding: bytes.prefix(100)) }
         // A newer version is refused even with a valid checksum.
-        var newer = Array(bytes.prefix(120))
-        newer[8] = 2
+        var newer = Array(bytes.prefix(152))
+        newer[8] = 3
         newer += withUnsafeBytes(of: CRC32C.checksum(newer).littleEndian) { Array($0) }
-        #expect(throws: PageStateError.unsupportedVersion(2)) { try PageStateHeader(decoding: newer[...]) }
+        #expect(throws: PageStateError.unsupportedVersion(3)) { try PageStateHeader(decoding: newer[...]) }
     }
 
     @Test func theFileHoldsTheHeaderPageAndTheBitmapInWholePages() throws {
@@ -86,11 +87,11 @@ import Testing
 
     @Test func aTakenOverSessionIsPausedUntilBothConnectionsRejoin() throws {
         let geometry = try PageGeometry(regionSize: 64 * 4096, pageSize: .small)
-        var session = DestinationSession(takingOver: Self.id, geometry: geometry)
+        var session = DestinationSession(takingOver: Self.id, geometry: geometry, secretDigest: MigrationSecret.test.digest)
         #expect(session.phase == .paused)
         #expect(session.migrationID == Self.id)
         func hello(_ role: StreamRole, resume: Bool, id: MigrationID = Self.id) -> Message {
-            .hello(migrationID: id, role: role, sourcePageSize: .small, regionSize: geometry.regionSize, resume: resume)
+            .hello(migrationID: id, role: role, sourcePageSize: .small, regionSize: geometry.regionSize, secret: .test, resume: resume)
         }
         #expect(throws: SessionError.postcopyInProgress) { try session.hello(hello(.bulk, resume: false)) }
         #expect(throws: SessionError.self) { try session.hello(hello(.bulk, resume: true, id: MigrationID(high: 1, low: 2))) }

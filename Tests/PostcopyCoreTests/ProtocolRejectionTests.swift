@@ -15,10 +15,11 @@ import Testing
     }
 
     @Test func badVersion() {
-        expectRejected(Wire.frame(type: 12, payload: [], version: 2), .unsupportedVersion(2))
+        expectRejected(Wire.frame(type: 12, payload: [], version: 1), .unsupportedVersion(1))
+        expectRejected(Wire.frame(type: 12, payload: [], version: 3), .unsupportedVersion(3))
         expectRejected(Wire.frame(type: 12, payload: [], version: 0), .unsupportedVersion(0))
-        #expect(ProtocolError.unsupportedVersion(2).description
-            == "unsupported protocol version 2 (this build speaks 1)")
+        #expect(ProtocolError.unsupportedVersion(1).description
+            == "unsupported protocol version 1 (this build speaks 2)")
     }
 
     @Test func nonzeroFlags() {
@@ -133,7 +134,7 @@ import Testing
     }
 
     @Test func truncatedInputIsNotAnError() throws {
-        let frames = [Message.hello(migrationID: Wire.migrationID, role: .bulk, sourcePageSize: .small, regionSize: 1 << 20),
+        let frames = [Message.hello(migrationID: Wire.migrationID, role: .bulk, sourcePageSize: .small, regionSize: 1 << 20, secret: .test),
                       .pages(requestID: 0, firstPage: 1, data: Wire.pageData(pages: 1, seed: 8)[...]),
                       .heartbeat]
         for frame in frames {
@@ -172,7 +173,8 @@ import Testing
 
     @Test func undefinedFieldValues() {
         func hello(role: UInt8 = 0, reserved: UInt8 = 0, pageSize: UInt32 = 4096) -> [UInt8] {
-            Wire.frame(type: 1, payload: Wire.migrationID.bytes + [role, reserved] + Wire.le(pageSize) + Wire.le(UInt64(1 << 20)))
+            Wire.frame(type: 1, payload: Wire.migrationID.bytes + [role, reserved] + Wire.le(pageSize) + Wire.le(UInt64(1 << 20))
+                + MigrationSecret.test.bytes)
         }
         #expect(throws: Never.self) { try Wire.decodeAll(hello()) }
         expectRejected(hello(role: 2), .invalidField(type: .hello, field: "role", value: 2))

@@ -46,9 +46,9 @@ enum Wire {
 
     /// One message of every type, with values that fill their fields.
     static let samples: [Message] = [
-        .hello(migrationID: migrationID, role: .bulk, sourcePageSize: .small, regionSize: 1 << 30),
-        .hello(migrationID: migrationID, role: .urgent, sourcePageSize: .huge2M, regionSize: 64 << 30),
-        .hello(migrationID: migrationID, role: .bulk, sourcePageSize: .small, regionSize: 1 << 30, resume: true),
+        .hello(migrationID: migrationID, role: .bulk, sourcePageSize: .small, regionSize: 1 << 30, secret: .test),
+        .hello(migrationID: migrationID, role: .urgent, sourcePageSize: .huge2M, regionSize: 64 << 30, secret: .test),
+        .hello(migrationID: migrationID, role: .bulk, sourcePageSize: .small, regionSize: 1 << 30, secret: .test, resume: true),
         .welcome(regionSize: 1 << 30, destinationPageSize: .huge2M),
         .pages(requestID: 0, firstPage: 7, data: pageData(pages: 1, seed: 1)[...]),
         .pages(requestID: 0xDEAD_BEEF, firstPage: UInt64.max - 3, data: pageData(pages: 3, seed: 2)[...]),
@@ -157,7 +157,7 @@ enum Wire {
     @Test func headerLayout() {
         let bytes = Message.resumed(destinationResumedAtNanos: 0x0102_0304_0506_0708).encoded()
         #expect(Array(bytes[0..<4]) == Array("PCPY".utf8), "0x59504350 little-endian")
-        #expect(bytes[4] == 1)
+        #expect(bytes[4] == 2)
         #expect(bytes[5] == 8)
         #expect(Array(bytes[6..<8]) == [0, 0])
         #expect(Array(bytes[8..<12]) == [8, 0, 0, 0])
@@ -168,16 +168,18 @@ enum Wire {
 
     @Test func helloPayloadLayout() {
         let hello = Message.hello(migrationID: Wire.migrationID, role: .urgent, sourcePageSize: .huge2M,
-                                  regionSize: 0x0000_0010_0000_0000)
+                                  regionSize: 0x0000_0010_0000_0000, secret: .test)
         let payload = Array(hello.encoded()[16...])
-        #expect(payload.count == 30)
+        #expect(payload.count == 62)
         #expect(Array(payload[0..<16]) == Wire.migrationID.bytes)
         #expect(payload[0] == 0x00 && payload[15] == 0xFF)
         #expect(payload[16] == 1 && payload[17] == 0)
         #expect(Array(payload[18..<22]) == Wire.le(UInt32(2_097_152)))
         #expect(Array(payload[22..<30]) == Wire.le(UInt64(0x0000_0010_0000_0000)))
+        #expect(Array(payload[30..<62]) == MigrationSecret.test.bytes)
+        #expect(!"\(hello)".contains(MigrationSecret.test.hex), "a HELLO's description shows its secret")
         let resume = Message.hello(migrationID: Wire.migrationID, role: .bulk, sourcePageSize: .small,
-                                   regionSize: 1 << 20, resume: true)
+                                   regionSize: 1 << 20, secret: .test, resume: true)
         #expect(resume.encoded()[16 + 17] == Message.helloResumeFlag)
     }
 
@@ -337,11 +339,11 @@ enum Wire {
 
     @Test func errorCodes() {
         let known: [ErrorCode] = [.protocolViolation, .incompatible, .outOfRange, .checksum,
-                                  .unexpectedMessage, .internalFailure, .cancelled, .peerLost]
-        #expect(known.map(\.rawValue) == Array(1...8))
+                                  .unexpectedMessage, .internalFailure, .cancelled, .peerLost, .refused]
+        #expect(known.map(\.rawValue) == Array(1...9))
         for code in known { #expect(ErrorCode(rawValue: code.rawValue) == code) }
         #expect(ErrorCode(rawValue: 0) == .unknown(0))
-        #expect(ErrorCode(rawValue: 9).description == "code 9")
+        #expect(ErrorCode(rawValue: 10).description == "code 10")
         #expect(ErrorCode.unknown(4) == .checksum)
         #expect(Set([ErrorCode.unknown(4), .checksum]).count == 1)
     }

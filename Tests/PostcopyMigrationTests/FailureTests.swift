@@ -1,4 +1,5 @@
 import Glibc
+import Logging
 import PostcopyCore
 import PostcopyMigration
 import PostcopyOS
@@ -19,13 +20,14 @@ struct FailureTests {
         let daemon: DestinationDaemon
         let run: Background<DestinationSummary>
 
-        init(size: UInt64 = FailureTests.size, reconnectTimeoutNanos: UInt64? = nil) throws {
+        init(size: UInt64 = FailureTests.size, reconnectTimeoutNanos: UInt64? = nil,
+             transport: TransportSecurity = TestCertificates.daemon, logger: Logger = testLogger("postcopyd")) throws {
             directory = try TemporaryDirectory()
-            var config = DestinationConfig(listen: SocketEndpoint(host: "127.0.0.1", port: 0),
+            var config = DestinationConfig(listen: SocketEndpoint(host: "127.0.0.1", port: 0), transport: transport,
                                            vmmSocketPath: directory.path + "/vmm.sock", memory: .shmem,
                                            regionSize: size, vmmUID: geteuid())
             if let reconnectTimeoutNanos { config.reconnectTimeoutNanos = reconnectTimeoutNanos }
-            let daemon = try DestinationDaemon(config: config, logger: testLogger("postcopyd"))
+            let daemon = try DestinationDaemon(config: config, logger: logger)
             self.daemon = daemon
             run = try Background("test-daemon") { try daemon.run() }
         }
@@ -41,13 +43,21 @@ struct FailureTests {
         }
     }
 
+    /// A connection to `daemon` as the agent makes it (TLS with the agent's
+    /// test certificate, unless `transport` says otherwise).
+    static func dial(_ daemon: DestinationDaemon, _ transport: TransportSecurity = TestCertificates.agent()) throws -> MessageStream {
+        let tcp = try TCPConnection.connect(to: daemon.endpoint)
+        return MessageStream(try transport.secure(tcp, timeoutNanos: 10_000_000_000), peer: "postcopyd")
+    }
+
     /// The agent's two connections, spoken by hand.
-    static func connectAgent(to daemon: DestinationDaemon, pages: UInt64 = size / 4096)
+    static func connectAgent(to daemon: DestinationDaemon, pages: UInt64 = size / 4096,
+                             transport: TransportSecurity = TestCertificates.agent())
         throws -> (bulk: MessageStream, urgent: MessageStream) {
         func open(_ role: StreamRole) throws -> MessageStream {
-            let stream = MessageStream(try TCPConnection.connect(to: daemon.endpoint), peer: "postcopyd")
+            let stream = try dial(daemon, transport)
             try stream.send(.hello(migrationID: MigrationID(high: 7, low: 7), role: role, sourcePageSize: .small,
-                                   regionSize: pages * 4096))
+                                   regionSize: pages * 4096, secret: .test))
             guard case .welcome? = try stream.receive() else { throw TestFailure("no WELCOME on \(role)") }
             return stream
         }
@@ -100,8 +110,8 @@ struct FailureTests {
     }
 
     @Test func aStrayConnectionIsRefusedAndTheMigrationGoesOn() throws {
-        let daemon = try Daemon()
-        let stray = MessageStream(try TCPConnection.connect(to: daemon.daemon.endpoint), peer: "postcopyd")
+        let daemon = try Daemon(transport: .plaintext)
+        let stray = try Self.dial(daemon.daemon, .plaintext)
         try stray.sendFrame(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
         guard case let .error(code, text)? = try stray.receive() else {
             Issue.record("no ERROR frame for the stray connection")
@@ -110,7 +120,7 @@ struct FailureTests {
         #expect(code == .protocolViolation)
         #expect(text.contains("no valid HELLO: malformed frame from agent: bad magic"))
         // The real agent is still welcome.
-        let (bulk, urgent) = try Self.connectAgent(to: daemon.daemon)
+        let (bulk, urgent) = try Self.connectAgent(to: daemon.daemon, transport: .plaintext)
         bulk.shutdown()
         urgent.shutdown()
         #expect(daemon.failure().contains("during precopy"))
@@ -167,7 +177,7 @@ struct FailureTests {
         let resumed = Atomic<Int>(0)
         let paused = Atomic<Int>(0)
         var agentConfig = AgentConfig(ramPath: source.path, daemon: daemon.daemon.endpoint,
-                                      migrationID: MigrationID(high: 9, low: 9),
+                                      transport: TestCertificates.agent(), migrationID: MigrationID(high: 9, low: 9),
                                       control: SourceControl("test", pause: {
                                           paused.add(1, ordering: .relaxed)
                                           // Hold the switchover until the VMM is gone.

@@ -66,6 +66,8 @@ struct Migration {
     var route: (@Sendable (SocketEndpoint) throws -> SocketEndpoint)?
     /// Runs on a thread of its own once postcopy has begun.
     var duringPostcopy: (@Sendable (DestinationDaemon) -> Void)?
+    /// Where the daemon logs (default: standard error, warnings and up).
+    var daemonLogger: Logger?
 
     struct Outcome {
         let daemon: DestinationSummary
@@ -81,11 +83,12 @@ struct Migration {
     func run(_ source: SourceFile, pause: @escaping @Sendable () -> Void = {}) throws -> Outcome {
         let directory = try TemporaryDirectory()
         var config = DestinationConfig(listen: SocketEndpoint(host: "127.0.0.1", port: 0),
+                                       transport: TestCertificates.daemon,
                                        vmmSocketPath: directory.path + "/vmm.sock", memory: memory,
                                        regionSize: source.size, vmmUID: geteuid())
         if traced { config.tracePath = directory.path + "/trace.csv" }
         if let deadPeerTimeoutNanos { config.deadPeerTimeoutNanos = deadPeerTimeoutNanos }
-        let daemon = try DestinationDaemon(config: config, logger: testLogger("postcopyd"))
+        let daemon = try DestinationDaemon(config: config, logger: daemonLogger ?? testLogger("postcopyd"))
         let daemonRun = try Background("test-daemon") { try daemon.run() }
         let watcher = try duringPostcopy.map { hook in
             try Background("test-postcopy-hook") {
@@ -101,7 +104,7 @@ struct Migration {
         let guest = GuestVMM(config: guestConfig, logger: testLogger("guest"))
         let guestRun = try Background("test-guest") { try guest.run() }
         var agentConfig = AgentConfig(ramPath: source.path, daemon: try route?(daemon.endpoint) ?? daemon.endpoint,
-                                      migrationID: MigrationID(high: 1, low: UInt64(getpid())),
+                                      transport: TestCertificates.agent(), migrationID: MigrationID(high: 1, low: UInt64(getpid())),
                                       control: SourceControl("test", pause: pause, resume: {}))
         agentConfig.policy = PrecopyPolicy(maxRounds: rounds)
         agentConfig.postcopyBytesPerSecond = postcopyBytesPerSecond

@@ -138,6 +138,7 @@ struct ResilienceTests {
     @Test func cancelBeforeSwitchoverOnly() throws {
         let directory = try TemporaryDirectory()
         let config = DestinationConfig(listen: SocketEndpoint(host: "127.0.0.1", port: 0),
+                                       transport: TestCertificates.daemon,
                                        vmmSocketPath: directory.path + "/vmm.sock", memory: .shmem,
                                        regionSize: 16 << 20, vmmUID: geteuid())
         let daemon = try DestinationDaemon(config: config, logger: testLogger("postcopyd"))
@@ -146,7 +147,7 @@ struct ResilienceTests {
         let paused = Atomic<Int>(0)
         let resumed = Atomic<Int>(0)
         var agentConfig = AgentConfig(ramPath: source.path, daemon: daemon.endpoint,
-                                      migrationID: MigrationID(high: 4, low: 4),
+                                      transport: TestCertificates.agent(), migrationID: MigrationID(high: 4, low: 4),
                                       control: SourceControl("test", pause: {
                                           paused.add(1, ordering: .relaxed)
                                       }, resume: { resumed.add(1, ordering: .relaxed) }))
@@ -187,6 +188,7 @@ extension ResilienceTests {
         let source = try SourceFile(size: Self.size, seed: 13) { _ in false }
         let directory = try TemporaryDirectory()
         var config = DestinationConfig(listen: SocketEndpoint(host: "127.0.0.1", port: 0),
+                                       transport: TestCertificates.daemon,
                                        vmmSocketPath: directory.path + "/vmm.sock", memory: .shmem,
                                        regionSize: Self.size, vmmUID: geteuid())
         config.deadPeerTimeoutNanos = 1_000_000_000
@@ -201,6 +203,7 @@ extension ResilienceTests {
         let id = "00000000000000130000000000000013"
         let common = ["--ram", source.path, "--to", "\(daemon.endpoint)", "--migration-id", id, "--quiet",
                       "--postcopy-bandwidth", "8", "--dead-peer-timeout", "1", "--reconnect-timeout", "30"]
+            + TestCertificates.agentFlags + ["--migration-secret-file", directory.path + "/secret"]
         // The first agent's "pause" rewrites 40 MiB of the source, as a
         // guest would have since precopy sent it: those pages are stale.
         let rewrite = "dd if=/dev/urandom of=\(source.path) bs=1M count=40 conv=notrunc status=none"

@@ -34,7 +34,7 @@ struct TakeoverTests {
         let vmmSocket = directory.path + "/vmm.sock"
         let control = directory.path + "/control.sock"
         let common = ["serve", "--vmm-socket", vmmSocket, "--control-socket", control, "--dead-peer-timeout", "1",
-                      "--reconnect-timeout", "60", "--json"]
+                      "--reconnect-timeout", "60", "--json"] + TestCertificates.daemonFlags
         let first = try Program.spawn("postcopyd", common + ["--listen", "127.0.0.1:0", "--size", "\(Self.size)",
                                                              "--ready-file", directory.path + "/ready"],
                                       stderr: directory.path + "/postcopyd1.err")
@@ -62,7 +62,7 @@ struct TakeoverTests {
             "--ram", source.path, "--to", endpoint, "--migration-id", "00000000000000170000000000000017", "--quiet",
             "--postcopy-bandwidth", "8", "--dead-peer-timeout", "1", "--reconnect-timeout", "60",
             "--pause-cmd", rewrite, "--max-rounds", "1",
-        ], stderr: directory.path + "/push.err")
+        ] + TestCertificates.agentFlags, stderr: directory.path + "/push.err")
         defer { if agent.isRunning { kill(agent.processIdentifier, SIGKILL) } }
 
         // Let it serve a while, then kill it where it stands.
@@ -120,6 +120,7 @@ extension TakeoverTests {
         let size: UInt64 = 4 << 20
         let geometry = try PageGeometry(regionSize: size, pageSize: .small)
         var config = DestinationConfig(listen: SocketEndpoint(host: "127.0.0.1", port: 0),
+                                       transport: TestCertificates.daemon,
                                        vmmSocketPath: directory.path + "/vmm.sock", memory: .shmem,
                                        regionSize: 0, vmmUID: geteuid())
         config.vmmAttachTimeoutNanos = 20_000_000_000
@@ -127,7 +128,8 @@ extension TakeoverTests {
         let header = PageStateHeader(migrationID: MigrationID(high: 7, low: 7), geometry: geometry, guestBase: 1 << 30,
                                      features: MemoryKind.shmem.requiredFeatures, registerMode: 0b101,
                                      imageDigest: ImageDigest(bytes: [UInt8](repeating: 1, count: 32))!,
-                                     stalePagesAtSwitchover: 10, sourcePausedAtNanos: 1)
+                                     stalePagesAtSwitchover: 10, sourcePausedAtNanos: 1,
+                                     secretDigest: MigrationSecret.test.digest)
         let record = try PageStateFile(header: header, stale: PageBitmap(count: geometry.smallPageCount))
         // One flipped bit in the header's region size.
         var byte: UInt8 = 0

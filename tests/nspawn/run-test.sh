@@ -23,6 +23,8 @@ readonly UNIT=postcopyd@$INSTANCE.service
 readonly SOCKDIR=/run/postcopyd/$INSTANCE
 readonly WORK=/run/postcopyd-nspawn-test
 readonly SOURCE_RAM=/dev/shm/postcopyd-nspawn-source
+# The agent's side of the TLS the instance's config asks for.
+readonly TLS=(--tls-ca /etc/postcopyd/tls/ca.pem --tls-cert /etc/postcopyd/tls/agent.pem --tls-key /etc/postcopyd/tls/agent.key)
 # MESSAGE_IDs of the daemon's records (Sources/PostcopyCore/Service/DaemonEvent.swift).
 readonly ID_READY=b99b2c1a1273418cb585442989372fa0
 readonly ID_ACCEPTED=e2aaf165d3814a388208aabe58391c7a
@@ -215,7 +217,7 @@ pids+=("$guest_pid")
 step=migration
 started_ns=$(date +%s%N)
 push_rc=0
-timeout 150 postcopy-push --ram "$SOURCE_RAM" --to "127.0.0.1:$PORT" --pause-pid "$source_pid" --quiet --json \
+timeout 150 postcopy-push --ram "$SOURCE_RAM" --to "127.0.0.1:$PORT" --pause-pid "$source_pid" --quiet --json "${TLS[@]}" \
     >"$WORK/push.json" 2>"$WORK/push.err" || push_rc=$?
 [[ $push_rc -eq 0 ]] || fail "postcopy-push exited $push_rc: $(tail -n 20 "$WORK/push.err")"
 guest_rc=0
@@ -278,7 +280,7 @@ postcopy-guest vmm --socket "$SOCKDIR/vmm.sock" --touch 0.1 --think-us 2000 --re
 guest_pid=$!
 pids+=("$guest_pid")
 # The background paced, so that postcopy lasts seconds.
-postcopy-push --ram "$SOURCE_RAM" --to "127.0.0.1:$PORT" --pause-pid "$source_pid" --quiet --json \
+postcopy-push --ram "$SOURCE_RAM" --to "127.0.0.1:$PORT" --pause-pid "$source_pid" --quiet --json "${TLS[@]}" \
     --postcopy-bandwidth 2 --dead-peer-timeout 1 --reconnect-timeout 60 >"$WORK/push2.json" 2>"$WORK/push2.err" &
 push_pid=$!
 pids+=("$push_pid")

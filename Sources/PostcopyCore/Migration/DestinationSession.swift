@@ -53,17 +53,26 @@ public struct DestinationSession: Sendable {
     /// The dirty bitmap, from the first DIRTY_BITMAP frame to SWITCHOVER.
     private var bitmap: BitmapAssembler?
 
-    public init(geometry: PageGeometry, migrationID: MigrationID? = nil) {
+    /// The digest of the secret every HELLO must carry: the configured one,
+    /// else the first admitted HELLO's.
+    public private(set) var secretDigest: SecretDigest?
+
+    /// `migrationID` and `secret`, when given, are the only ones admitted;
+    /// otherwise the first HELLO's bind the migration.
+    public init(geometry: PageGeometry, migrationID: MigrationID? = nil, secret: MigrationSecret? = nil) {
         self.geometry = geometry
         self.migrationID = migrationID
+        secretDigest = secret?.digest
     }
 
     /// A restarted daemon taking over `migrationID`, whose daemon died
     /// during postcopy: paused, until the agent rejoins with a resuming
-    /// HELLO on both connections.
-    public init(takingOver migrationID: MigrationID, geometry: PageGeometry) {
+    /// HELLO on both connections, carrying the secret whose digest the
+    /// page-state record kept.
+    public init(takingOver migrationID: MigrationID, geometry: PageGeometry, secretDigest: SecretDigest) {
         self.geometry = geometry
         self.migrationID = migrationID
+        self.secretDigest = secretDigest
         phase = .paused
         epoch = 1
     }
@@ -78,9 +87,14 @@ public struct DestinationSession: Sendable {
     /// paused and `epoch` moves on. Once both roles have rejoined, postcopy
     /// goes on and the daemon sends the resync.
     public mutating func hello(_ message: Message) throws(SessionError) -> (role: StreamRole, welcome: Message) {
-        guard case let .hello(id, role, _, regionSize, resume) = message else {
+        guard case let .hello(id, role, _, regionSize, secret, resume) = message else {
             throw .unexpected(message.type, phase: phase, role: nil)
         }
+        // Who first: a HELLO for another migration, or without this one's
+        // secret, is refused as such whatever the phase.
+        if let migrationID, migrationID != id { throw .wrongMigration(expected: migrationID, got: id) }
+        let digest = secret.digest
+        if let secretDigest, !secretDigest.matches(digest) { throw .wrongSecret(id) }
         if resume {
             guard phase == .paused || phase == .postcopy else { throw .nothingToResume(phase: phase) }
         } else {
@@ -89,7 +103,6 @@ public struct DestinationSession: Sendable {
                 throw .unexpected(.hello, phase: phase, role: role)
             }
         }
-        if let migrationID, migrationID != id { throw .wrongMigration(expected: migrationID, got: id) }
         guard regionSize == geometry.regionSize else {
             throw .regionSizeMismatch(source: regionSize, destination: geometry.regionSize)
         }
@@ -99,6 +112,7 @@ public struct DestinationSession: Sendable {
         let replacing = resume && phase == .paused && connected.contains(role)
         guard replacing || connected.insert(role).inserted else { throw .duplicateConnection(role) }
         migrationID = id
+        secretDigest = digest
         if connected.count == StreamRole.allCases.count { phase = phase == .paused ? .postcopy : .precopy }
         return (role, .welcome(regionSize: geometry.regionSize, destinationPageSize: geometry.pageSize))
     }
@@ -189,6 +203,8 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
     case malformed(ProtocolError)
     case unexpected(MessageType, phase: DestinationSession.Phase, role: StreamRole?)
     case wrongMigration(expected: MigrationID, got: MigrationID)
+    /// A HELLO for the migration, without its secret.
+    case wrongSecret(MigrationID)
     case regionSizeMismatch(source: UInt64, destination: UInt64)
     case duplicateConnection(StreamRole)
     case bitmapOutOfOrder(expectedWord: UInt64, got: UInt64)
@@ -207,6 +223,7 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
              .postcopyInProgress:
             return .unexpectedMessage
         case .regionSizeMismatch: return .incompatible
+        case .wrongSecret: return .refused
         case .staleCountMismatch, .bitmapIncomplete: return .protocolViolation
         }
     }
@@ -219,6 +236,8 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
             return "unexpected \(type) \(role.map { "on the \($0) connection " } ?? "")during \(phase)"
         case let .wrongMigration(expected, got):
             return "HELLO for migration \(got), this daemon serves \(expected)"
+        case let .wrongSecret(id):
+            return "HELLO for migration \(id) without its secret: the migration is bound to the agent that started it (a second agent, or an attempt to hijack it)"
         case let .regionSizeMismatch(source, destination):
             return "source region is \(source) bytes, destination region is \(destination) bytes"
         case let .duplicateConnection(role):

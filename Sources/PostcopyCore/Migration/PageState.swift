@@ -25,10 +25,11 @@
 /// guessing could either CONTINUE an old page or overwrite a guest write.
 public struct PageStateHeader: Equatable, Sendable {
     public static let magic: [UInt8] = Array("PCDPAGES".utf8)
-    public static let version: UInt32 = 1
+    /// 2: the digest of the migration secret.
+    public static let version: UInt32 = 2
     /// Bytes the header's fields and checksum take; the rest of the header
     /// page is zero.
-    public static let bytes = 124
+    public static let bytes = 156
 
     public var migrationID: MigrationID
     public var geometry: PageGeometry
@@ -43,10 +44,13 @@ public struct PageStateHeader: Equatable, Sendable {
     public var sourcePausedAtNanos: UInt64
     /// How long the guest was paused at switchover, in microseconds.
     public var downtimeMicros: UInt64
+    /// The digest of the migration's secret: a restarted daemon admits only
+    /// the agent that holds it.
+    public var secretDigest: SecretDigest
 
     public init(migrationID: MigrationID, geometry: PageGeometry, guestBase: UInt64, features: UffdFeatures,
                 registerMode: UInt64, imageDigest: ImageDigest, stalePagesAtSwitchover: UInt64,
-                sourcePausedAtNanos: UInt64, downtimeMicros: UInt64 = 0) {
+                sourcePausedAtNanos: UInt64, downtimeMicros: UInt64 = 0, secretDigest: SecretDigest) {
         self.migrationID = migrationID
         self.geometry = geometry
         self.guestBase = guestBase
@@ -56,6 +60,7 @@ public struct PageStateHeader: Equatable, Sendable {
         self.stalePagesAtSwitchover = stalePagesAtSwitchover
         self.sourcePausedAtNanos = sourcePausedAtNanos
         self.downtimeMicros = downtimeMicros
+        self.secretDigest = secretDigest
     }
 
     /// The header's bytes, checksum last.
@@ -72,6 +77,7 @@ public struct PageStateHeader: Equatable, Sendable {
         out.appendLittleEndian(downtimeMicros)
         out.append(contentsOf: migrationID.bytes)
         out.append(contentsOf: imageDigest.bytes)
+        out.append(contentsOf: secretDigest.bytes)
         out.appendLittleEndian(CRC32C.checksum(out))
         return out
     }
@@ -85,8 +91,8 @@ public struct PageStateHeader: Equatable, Sendable {
         let fields = header[...]
         let version: UInt32 = fields.loadLittleEndian(at: 8)
         guard version == PageStateHeader.version else { throw .unsupportedVersion(version) }
-        let stored: UInt32 = fields.loadLittleEndian(at: 120)
-        let computed = CRC32C.checksum(Array(header[0..<120]))
+        let stored: UInt32 = fields.loadLittleEndian(at: 152)
+        let computed = CRC32C.checksum(Array(header[0..<152]))
         guard stored == computed else { throw .checksumMismatch(stored: stored, computed: computed) }
         let pageBytes: UInt32 = fields.loadLittleEndian(at: 12)
         guard let pageSize = PageSize(bytes: UInt64(pageBytes)) else { throw .invalidGeometry("page size \(pageBytes)") }
@@ -101,9 +107,10 @@ public struct PageStateHeader: Equatable, Sendable {
         stalePagesAtSwitchover = fields.loadLittleEndian(at: 48)
         sourcePausedAtNanos = fields.loadLittleEndian(at: 56)
         downtimeMicros = fields.loadLittleEndian(at: 64)
-        // The checksum covers both: they are exactly 16 and 32 bytes here.
+        // The checksum covers them: they are exactly 16, 32 and 32 bytes here.
         migrationID = MigrationID(bytes: Array(header[72..<88]))!
         imageDigest = ImageDigest(bytes: Array(header[88..<120]))!
+        secretDigest = SecretDigest(bytes: Array(header[120..<152]))!
     }
 }
 

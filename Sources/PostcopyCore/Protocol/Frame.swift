@@ -29,7 +29,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
     /// are checked again, exactly, once their count field has arrived.
     public var allowedPayloadLength: PayloadLength {
         switch self {
-        case .hello: return .exactly(30)
+        case .hello: return .exactly(62)
         case .welcome: return .exactly(12)
         case .pages: return .atLeast(16)
         case .zeroPages: return .exactly(12)
@@ -90,7 +90,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
 ///
 ///     offset  size  field
 ///          0     4  magic 0x59504350 (the bytes "PCPY")
-///          4     1  version (1)
+///          4     1  version (2)
 ///          5     1  type
 ///          6     2  flags (0 in v1)
 ///          8     4  payloadLength
@@ -98,7 +98,8 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
 public struct FrameHeader: Equatable, Sendable {
     public static let size = 16
     public static let magic: UInt32 = 0x5950_4350
-    public static let version: UInt8 = 1
+    /// 2: HELLO carries the migration secret.
+    public static let version: UInt8 = 2
     /// Header bytes the checksum covers: all but the checksum itself.
     public static let checksummedSize = 12
 

@@ -5,11 +5,12 @@
 /// (lengths, counts, defined values); whether pages lie inside the region is
 /// checked separately, by `validate(against:)`, which needs the region.
 public enum Message: Equatable, Sendable {
-    /// Agent → daemon, first frame on every TCP connection. `resume` says the
-    /// agent rejoins a postcopy phase in progress (after a lost connection,
-    /// or as a restarted agent) rather than starting a migration.
+    /// Agent → daemon, first frame on every TCP connection. `secret` binds
+    /// the connection to the migration's agent; `resume` says the agent
+    /// rejoins a postcopy phase in progress (after a lost connection, or as
+    /// a restarted agent) rather than starting a migration.
     case hello(migrationID: MigrationID, role: StreamRole, sourcePageSize: PageSize, regionSize: UInt64,
-               resume: Bool = false)
+               secret: MigrationSecret, resume: Bool = false)
     /// Daemon → agent, the answer to HELLO.
     case welcome(regionSize: UInt64, destinationPageSize: PageSize)
     /// Agent → daemon: `data.count / 4096` pages starting at `firstPage`.
@@ -76,7 +77,7 @@ public enum Message: Equatable, Sendable {
 
     /// A HELLO that rejoins a postcopy in progress.
     public var isResumingHello: Bool {
-        if case .hello(_, _, _, _, true) = self { return true }
+        if case .hello(_, _, _, _, _, true) = self { return true }
         return false
     }
 
@@ -176,7 +177,7 @@ extension Message: CustomStringConvertible {
     /// One line for logs: the type and its fields, never the page bytes.
     public var description: String {
         switch self {
-        case let .hello(migrationID, role, sourcePageSize, regionSize, resume):
+        case let .hello(migrationID, role, sourcePageSize, regionSize, _, resume):
             return "HELLO migration \(migrationID) role \(role) page size \(sourcePageSize) region \(regionSize) bytes\(resume ? " resume" : "")"
         case let .welcome(regionSize, destinationPageSize):
             return "WELCOME region \(regionSize) bytes page size \(destinationPageSize)"
@@ -273,12 +274,13 @@ extension Message {
     /// traps); an ERROR message is cut to `maxErrorMessageBytes`.
     func appendPayload(to out: inout [UInt8]) {
         switch self {
-        case let .hello(migrationID, role, sourcePageSize, regionSize, resume):
+        case let .hello(migrationID, role, sourcePageSize, regionSize, secret, resume):
             out.append(contentsOf: migrationID.bytes)
             out.appendLittleEndian(role.rawValue)
             out.appendLittleEndian(resume ? Message.helloResumeFlag : 0)
             out.appendLittleEndian(UInt32(sourcePageSize.bytes))
             out.appendLittleEndian(regionSize)
+            out.append(contentsOf: secret.bytes)
         case let .welcome(regionSize, destinationPageSize):
             out.appendLittleEndian(regionSize)
             out.appendLittleEndian(UInt32(destinationPageSize.bytes))
@@ -374,9 +376,11 @@ extension Message {
             guard flags & ~Message.helloResumeFlag == 0 else {
                 throw .invalidField(type: type, field: "flags", value: UInt64(flags))
             }
-            // The length rule guarantees the 16 bytes of the identifier.
+            // The length rule guarantees the 16 bytes of the identifier and
+            // the 32 of the secret.
             return .hello(migrationID: MigrationID(bytes: bytes(0, 16))!, role: streamRole,
                           sourcePageSize: try pageSize(18), regionSize: u64(22),
+                          secret: MigrationSecret(bytes: bytes(30, 32))!,
                           resume: flags & Message.helloResumeFlag != 0)
         case .welcome:
             return .welcome(regionSize: u64(0), destinationPageSize: try pageSize(8))

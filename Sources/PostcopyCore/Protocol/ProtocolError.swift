@@ -142,6 +142,8 @@ public enum ErrorCode: Hashable, Sendable, CustomStringConvertible {
     case cancelled
     /// The other connection of the migration, or the VMM, went away.
     case peerLost
+    /// The peer is not the migration's: a HELLO with the wrong secret.
+    case refused
     case unknown(UInt16)
 
     public init(rawValue: UInt16) {
@@ -154,6 +156,7 @@ public enum ErrorCode: Hashable, Sendable, CustomStringConvertible {
         case 6: self = .internalFailure
         case 7: self = .cancelled
         case 8: self = .peerLost
+        case 9: self = .refused
         default: self = .unknown(rawValue)
         }
     }
@@ -169,6 +172,7 @@ public enum ErrorCode: Hashable, Sendable, CustomStringConvertible {
         case .internalFailure: return 6
         case .cancelled: return 7
         case .peerLost: return 8
+        case .refused: return 9
         case let .unknown(code): return code
         }
     }
@@ -187,6 +191,7 @@ public enum ErrorCode: Hashable, Sendable, CustomStringConvertible {
         case .internalFailure: return "internal"
         case .cancelled: return "cancelled"
         case .peerLost: return "peer-lost"
+        case .refused: return "refused"
         case let .unknown(code): return "code \(code)"
         }
     }

@@ -16,6 +16,9 @@ public enum DaemonEvent: String, CaseIterable, Sendable {
     case postcopyResumed
     /// A restarted postcopyd took over a migration whose daemon died during postcopy.
     case migrationTakenOver
+    /// An agent connection was refused: TLS, its certificate, or its HELLO
+    /// (a wrong migration or secret). The migration goes on.
+    case agentRefused
 
     /// The journal's MESSAGE_ID: 32 lowercase hex digits.
     public var messageID: String {
@@ -31,6 +34,7 @@ public enum DaemonEvent: String, CaseIterable, Sendable {
         case .postcopyPaused: "14c69670ea3d41c9af456da93a6f26d8"
         case .postcopyResumed: "477af0a540f34d719568f47c0d525d72"
         case .migrationTakenOver: "ea930c537fa5448ba7cbf921af607dd0"
+        case .agentRefused: "ffbdc5116c514418a09f3aa19416dd4a"
         }
     }
 }

@@ -7,6 +7,9 @@ public struct DestinationConfig: Sendable {
     public var instance = "default"
     /// Where the agent connects (port 0: any free port, reported when listening).
     public var listen: SocketEndpoint
+    /// How the agent's connections are protected: TLS with the agent's
+    /// certificate checked, or plaintext (an explicit choice).
+    public var transport: TransportSecurity
     /// The VMM's unix socket, created 0600.
     public var vmmSocketPath: String
     public var memory: MemoryKind
@@ -18,6 +21,9 @@ public struct DestinationConfig: Sendable {
     public var vmmUID: UInt32
     /// The migration to accept; nil accepts the first HELLO's.
     public var migrationID: MigrationID?
+    /// The secret every HELLO must carry; nil binds the migration to the
+    /// first HELLO's.
+    public var migrationSecret: MigrationSecret?
     /// How long SWITCHOVER waits for a VMM that has not attached yet.
     public var vmmAttachTimeoutNanos: UInt64 = 30_000_000_000
     /// How long the daemon waits for the VMM to acknowledge completion.
@@ -42,9 +48,10 @@ public struct DestinationConfig: Sendable {
     /// CPU during postcopy (see `OSThread.SchedulingClass`).
     public var backgroundScheduling = OSThread.SchedulingClass.idle
 
-    public init(listen: SocketEndpoint, vmmSocketPath: String, memory: MemoryKind, hugetlbfsDirectory: String? = nil,
+    public init(listen: SocketEndpoint, transport: TransportSecurity, vmmSocketPath: String, memory: MemoryKind, hugetlbfsDirectory: String? = nil,
                 regionSize: UInt64, vmmUID: UInt32, migrationID: MigrationID? = nil) {
         self.listen = listen
+        self.transport = transport
         self.vmmSocketPath = vmmSocketPath
         self.memory = memory
         self.hugetlbfsDirectory = hugetlbfsDirectory

@@ -107,7 +107,8 @@ public final class DestinationDaemon: @unchecked Sendable {
             context.set("PHASE", DestinationSession.Phase.paused.rawValue)
             memory = taken.memory
             recovered = taken
-            session = Mutex(DestinationSession(takingOver: header.migrationID, geometry: header.geometry))
+            session = Mutex(DestinationSession(takingOver: header.migrationID, geometry: header.geometry,
+                                                  secretDigest: header.secretDigest))
             vmm = VMMLink(listener: unix, memory: memory, allowedUID: config.vmmUID, failures: failures, logger: logger,
                           takeover: VMMTakeover(pageState: taken.pageState, attached: taken.vmm))
         } else {
@@ -116,7 +117,8 @@ public final class DestinationDaemon: @unchecked Sendable {
                 try GuestMemory(backing: backing, size: config.regionSize)
             }
             recovered = nil
-            session = Mutex(DestinationSession(geometry: memory.geometry, migrationID: config.migrationID))
+            session = Mutex(DestinationSession(geometry: memory.geometry, migrationID: config.migrationID,
+                                                  secret: config.migrationSecret))
             vmm = VMMLink(listener: unix, memory: memory, allowedUID: config.vmmUID, failures: failures, logger: logger)
         }
         tcp = try inStep("listen for the agent on \(config.listen)") { try TCPListener(endpoint: config.listen) }
@@ -327,7 +329,15 @@ public final class DestinationDaemon: @unchecked Sendable {
 
     /// Reads one connection's HELLO and answers it; starts receiving once
     /// both connections of a generation are there.
-    private func admit(_ connection: TCPConnection) {
+    private func admit(_ tcp: TCPConnection) {
+        let address = tcp.peerEndpoint.map { "\($0)" } ?? "unknown"
+        let connection: any ByteStream
+        do {
+            connection = try config.transport.secure(tcp, timeoutNanos: config.handshakeTimeoutNanos)
+        } catch {
+            refused(address, identity: nil, "\(error)")
+            return
+        }
         let stream = MessageStream(connection, peer: "agent")
         do {
             try connection.setReceiveTimeout(config.handshakeTimeoutNanos)
@@ -346,7 +356,6 @@ public final class DestinationDaemon: @unchecked Sendable {
             try connection.setReceiveTimeout(config.deadPeerTimeoutNanos)
             try connection.setSendTimeout(config.deadPeerTimeoutNanos)
             try stream.send(welcome)
-            let address = connection.peerEndpoint.map { "\($0)" } ?? "unknown"
             let replaced = agent.withLock { agent in
                 if agent.epoch != epoch {
                     agent.epoch = epoch
@@ -360,8 +369,10 @@ public final class DestinationDaemon: @unchecked Sendable {
             agentAddresses.withLock { $0.append(address) }
             let id = session.withLock { $0.migrationID?.description ?? "" }
             context.set("MIGRATION_ID", id)
-            logger.info("agent connected", metadata: ["role": "\(role)", "agent_address": "\(address)",
-                                                      "resume": "\(hello.isResumingHello)"])
+            var fields: Logger.Metadata = ["role": "\(role)", "agent_address": "\(address)",
+                                           "resume": "\(hello.isResumingHello)"]
+            if let identity = connection.peerIdentity { fields["tls_identity"] = "\(identity)" }
+            logger.info("agent connected", metadata: fields)
             guard ready else { return }
             do {
                 if hello.isResumingHello {
@@ -377,12 +388,29 @@ public final class DestinationDaemon: @unchecked Sendable {
                     ?? MigrationError(.peerLost, "the agent's connections failed as they started: \(error)"))
             }
         } catch let error as SessionError {
-            logger.warning("refused an agent connection: \(error)")
+            refused(address, identity: connection.peerIdentity, error.description)
             stream.fail(error.code, error.description)
         } catch {
-            logger.warning("refused an agent connection: no valid HELLO: \(error)")
-            stream.fail((error as? StreamError)?.code ?? .protocolViolation, "no valid HELLO: \(error)")
+            let reason = "no valid HELLO: \(error)\(Self.tlsHint(error, config.transport))"
+            refused(address, identity: connection.peerIdentity, reason)
+            stream.fail((error as? StreamError)?.code ?? .protocolViolation, reason)
         }
+    }
+
+    /// Logs a refused agent connection (POSTCOPYD_AGENT_REFUSED); the
+    /// migration goes on.
+    private func refused(_ address: String, identity: String?, _ reason: String) {
+        var fields: Logger.Metadata = ["agent_address": "\(address)", "reason": "\(reason)"]
+        if let identity { fields["tls_identity"] = "\(identity)" }
+        logger.event(.agentRefused, .warning, "refused an agent connection from \(address): \(reason)", fields)
+    }
+
+    /// What a plaintext daemon adds when a TLS client said hello: its
+    /// record header (0x16 0x03) reads as a bad frame magic.
+    private static func tlsHint(_ error: any Error, _ transport: TransportSecurity) -> String {
+        guard transport.isPlaintext, case let .malformed(_, .badMagic(magic))? = error as? StreamError,
+              magic & 0xFFFF == 0x0316 else { return "" }
+        return " (the peer speaks TLS, but this postcopyd runs with --insecure-plaintext)"
     }
 
     private func accepted(from address: String) {
@@ -609,9 +637,11 @@ public final class DestinationDaemon: @unchecked Sendable {
         // The record a restarted daemon would take over from: written whole
         // before the guest runs, kept by the VMM (VMM_RESUME passes it) and
         // by systemd's fd store.
-        let id = try session.withLock { session in
-            guard let id = session.migrationID else { throw MigrationError(.internalFailure, "switchover before HELLO") }
-            return id
+        let (id, secretDigest) = try session.withLock { session in
+            guard let id = session.migrationID, let secretDigest = session.secretDigest else {
+                throw MigrationError(.internalFailure, "switchover before HELLO")
+            }
+            return (id, secretDigest)
         }
         let recordedAt = realtimeNanoseconds()
         let downtimeSoFar = recordedAt >= pausedAt ? (recordedAt - pausedAt) / 1000 : 0
@@ -619,7 +649,8 @@ public final class DestinationDaemon: @unchecked Sendable {
             try PageStateFile(header: PageStateHeader(
                 migrationID: id, geometry: memory.geometry, guestBase: attachment.guestBase,
                 features: attachment.uffd.features, registerMode: attachment.registerMode, imageDigest: digest,
-                stalePagesAtSwitchover: stale.popCount, sourcePausedAtNanos: pausedAt, downtimeMicros: downtimeSoFar),
+                stalePagesAtSwitchover: stale.popCount, sourcePausedAtNanos: pausedAt, downtimeMicros: downtimeSoFar,
+                secretDigest: secretDigest),
                 stale: stale)
         }
         storeDescriptors(pageState: pageState, uffd: attachment.uffd)

@@ -23,7 +23,13 @@ public struct AgentConfig: Sendable {
     /// The source's guest RAM file.
     public var ramPath: String
     public var daemon: SocketEndpoint
+    /// How the connections to postcopyd are protected: TLS with postcopyd's
+    /// certificate checked, or plaintext (an explicit choice).
+    public var transport: TransportSecurity
     public var migrationID: MigrationID
+    /// Carried by every HELLO: postcopyd admits only the agent that holds
+    /// it. A restarted agent (`resume`) needs the first one's.
+    public var secret: MigrationSecret
     public var policy = PrecopyPolicy()
     public var control: SourceControl
     /// Read at switchover: a dirty log the caller kept (one bit per 4 KiB
@@ -53,10 +59,14 @@ public struct AgentConfig: Sendable {
     /// still lacks.
     public var resume = false
 
-    public init(ramPath: String, daemon: SocketEndpoint, migrationID: MigrationID, control: SourceControl) {
+    public init(ramPath: String, daemon: SocketEndpoint, transport: TransportSecurity, migrationID: MigrationID,
+                control: SourceControl) {
         self.ramPath = ramPath
         self.daemon = daemon
+        self.transport = transport
         self.migrationID = migrationID
+        var generator = SystemRandomNumberGenerator()
+        secret = MigrationSecret(using: &generator)
         self.control = control
     }
 }
@@ -134,13 +144,14 @@ public final class SourceAgent: @unchecked Sendable {
     /// nothing for `deadPeerTimeoutNanos`, not even HEARTBEAT, is dead.
     private func connect(_ role: StreamRole, resume: Bool = false) throws -> MessageStream {
         let connection = try inStep("connect the \(role) connection to postcopyd at \(config.daemon)") {
-            try TCPConnection.connect(to: config.daemon, keepAlive: config.keepAlive)
+            let tcp = try TCPConnection.connect(to: config.daemon, keepAlive: config.keepAlive)
+            return try config.transport.secure(tcp, timeoutNanos: config.deadPeerTimeoutNanos)
         }
         try connection.setReceiveTimeout(config.deadPeerTimeoutNanos)
         try connection.setSendTimeout(config.deadPeerTimeoutNanos)
         let stream = MessageStream(connection, peer: "postcopyd \(role) connection")
         try stream.send(.hello(migrationID: config.migrationID, role: role, sourcePageSize: image.pageSize,
-                               regionSize: image.size, resume: resume))
+                               regionSize: image.size, secret: config.secret, resume: resume))
         switch try next(on: stream, "during the \(role) connection's handshake") {
         case let .welcome(regionSize, _) where regionSize == image.size:
             links.withLock { $0[role] = stream }

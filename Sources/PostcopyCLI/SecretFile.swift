@@ -1,0 +1,46 @@
+import ArgumentParser
+import Glibc
+import PostcopyCore
+import PostcopyOS
+
+/// The migration secret in a file: 64 hex digits, readable by its owner
+/// only. postcopyd reads it (`--migration-secret-file`); the agent reads
+/// it too, or creates it with a fresh secret when it does not exist yet, so
+/// that a restarted agent (`--resume`) can prove it is the same migration's.
+public enum SecretFile {
+    /// The secret in `path`; refuses a file others may read.
+    public static func read(_ path: String) throws -> MigrationSecret {
+        var info = stat()
+        guard stat(path, &info) == 0 else {
+            throw ValidationError("the migration secret file \(path): \(Errno.current)")
+        }
+        guard info.st_mode & 0o077 == 0 else {
+            throw ValidationError("the migration secret file \(path) may be read by others (mode \(String(info.st_mode & 0o777, radix: 8))): chmod 600 it")
+        }
+        let text = String(decoding: try readFileBytes(path), as: UTF8.self)
+        guard let secret = MigrationSecret(hex: text) else {
+            throw ValidationError("the migration secret file \(path) does not hold 64 hex digits")
+        }
+        return secret
+    }
+
+    /// The secret in `path`, or, when there is no such file, a fresh one
+    /// written there (mode 0600); `created` says which.
+    public static func readOrCreate(_ path: String) throws -> (secret: MigrationSecret, created: Bool) {
+        var generator = SystemRandomNumberGenerator()
+        let fresh = MigrationSecret(using: &generator)
+        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        if fd < 0 {
+            guard errno == EEXIST else { throw ValidationError("create the migration secret file \(path): \(Errno.current)") }
+            return (try read(path), false)
+        }
+        defer { close(fd) }
+        let text = Array((fresh.hex + "\n").utf8)
+        guard write(fd, text, text.count) == text.count, fsync(fd) == 0 else {
+            let error = Errno.current
+            unlink(path)
+            throw ValidationError("write the migration secret file \(path): \(error)")
+        }
+        return (fresh, true)
+    }
+}

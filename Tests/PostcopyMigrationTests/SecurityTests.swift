@@ -1,0 +1,188 @@
+import Glibc
+import Logging
+import PostcopyCore
+import PostcopyMigration
+import PostcopyOS
+import Synchronization
+import Testing
+
+/// A log handler that keeps the records a test asserts on.
+final class LogCapture: Sendable {
+    private let records = Mutex<[(Logger.Level, String, Logger.Metadata)]>([])
+
+    var logger: Logger {
+        var logger = Logger(label: "postcopyd") { _ in Handler(capture: self) }
+        logger.logLevel = .info
+        return logger
+    }
+
+    /// The messages at `level` or above whose MESSAGE_ID is `event`'s.
+    func messages(_ event: DaemonEvent) -> [String] {
+        records.withLock { records in
+            records.filter { $0.2["message_id"].map { "\($0)" } == event.messageID }.map(\.1)
+        }
+    }
+
+    struct Handler: LogHandler {
+        let capture: LogCapture
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .info
+
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+
+        // swift-log's requirement, with its parameter names.
+        // swiftlint:disable:next function_parameter_count
+        func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String,
+                 file: String, function: String, line: UInt) {
+            let merged = self.metadata.merging(metadata ?? [:]) { $1 }
+            capture.records.withLock { $0.append((level, "\(message)", merged)) }
+        }
+    }
+}
+
+/// Who may talk to postcopyd: TLS 1.3 with certificates checked both ways,
+/// and a migration bound to its agent's secret. Every peer refused here is
+/// refused with a reason in the journal (POSTCOPYD_AGENT_REFUSED) and
+/// nothing it sent reaches guest memory; the migration goes on.
+@Suite(.serialized, .enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
+struct SecurityTests {
+    static let size: UInt64 = 4 << 20
+
+    /// Whether every byte of the daemon's guest RAM is still zero.
+    static func untouched(_ daemon: DestinationDaemon) -> Bool {
+        UnsafeRawBufferPointer(start: daemon.memory.alias.base, count: Int(size)).allSatisfy { $0 == 0 }
+    }
+
+    /// A real agent with `transport`, against a daemon with `daemonTransport`:
+    /// the agent must fail saying `agentSays`, the daemon must log a refusal
+    /// saying `daemonSays` (nil: no refusal logged), and guest RAM stays zero.
+    func refused(agent transport: TransportSecurity, daemon daemonTransport: TransportSecurity = TestCertificates.daemon,
+                 agentSays: String, daemonSays: String?) throws {
+        let capture = LogCapture()
+        let daemon = try FailureTests.Daemon(size: Self.size, transport: daemonTransport, logger: capture.logger)
+        let source = try SourceFile(size: Self.size, seed: 5) { _ in false }
+        var config = AgentConfig(ramPath: source.path, daemon: daemon.daemon.endpoint, transport: transport,
+                                 migrationID: MigrationID(high: 3, low: 3),
+                                 control: SourceControl("test", pause: {}, resume: {}))
+        config.deadPeerTimeoutNanos = 2_000_000_000
+        let agent = try SourceAgent(config: config, logger: testLogger("agent"), progress: ProgressReporter(enabled: false))
+        let outcome = try Background("test-agent") { try agent.run() }.wait("the agent")
+        guard case let .failure(error) = outcome else {
+            Issue.record("the agent was not refused")
+            return
+        }
+        #expect("\(error)".contains(agentSays), "agent: \(error)")
+        Self.expectRefused(daemon, capture, saying: daemonSays)
+    }
+
+    /// The daemon logged a refusal saying `reason` (nil: none expected),
+    /// guest RAM is untouched and no migration started; then it is stopped.
+    static func expectRefused(_ daemon: FailureTests.Daemon, _ capture: LogCapture, saying reason: String?) {
+        if let reason {
+            // The daemon logs a refusal as it happens; give its thread a moment.
+            var refusals: [String] = []
+            for _ in 0..<100 {
+                refusals = capture.messages(.agentRefused)
+                if !refusals.isEmpty { break }
+                usleep(20_000)
+            }
+            #expect(refusals.contains { $0.contains(reason) }, "postcopyd logged: \(refusals)")
+        }
+        #expect(untouched(daemon.daemon), "a refused agent's pages reached guest memory")
+        #expect(daemon.daemon.status().phase == "handshake")
+        daemon.daemon.cancel("test over")
+        _ = daemon.failure()
+    }
+
+    @Test func anAgentCertificateFromAnotherCAIsRefused() throws {
+        try refused(agent: TestCertificates.agent("stranger-agent"), agentSays: "postcopyd refused the handshake",
+                    daemonSays: "the client's certificate is refused: unable to get local issuer certificate")
+    }
+
+    @Test func anExpiredAgentCertificateIsRefused() throws {
+        // The agent refuses to start with it; the daemon, which would refuse
+        // it too, is shown it by a hand-made client below.
+        #expect(throws: TLSError.self) {
+            _ = try TLSContext(.client, TestCertificates.configuration(certificate: "expired-agent", peerName: "127.0.0.1"))
+        }
+        let capture = LogCapture()
+        let daemon = try FailureTests.Daemon(size: Self.size, logger: capture.logger)
+        #expect(throws: (any Error).self) {
+            let stream = try FailureTests.dial(daemon.daemon, try ExpiredClient.transport)
+            try stream.send(.hello(migrationID: MigrationID(high: 3, low: 3), role: .bulk, sourcePageSize: .small,
+                                   regionSize: Self.size, secret: .test))
+            _ = try stream.receive()
+        }
+        Self.expectRefused(daemon, capture, saying: "the client's certificate is refused: certificate has expired")
+    }
+
+    @Test func anAgentCertificateForAnotherClientIsRefused() throws {
+        try refused(agent: TestCertificates.agent("other-agent"), agentSays: "postcopyd refused the handshake",
+                    daemonSays: "the client's certificate is refused: it does not name 'postcopy-agent'")
+    }
+
+    @Test func aPlaintextAgentIsRefusedByATLSDaemon() throws {
+        try refused(agent: .plaintext, agentSays: "(refused): the peer speaks the postcopy protocol without TLS; this postcopyd requires TLS",
+                    daemonSays: "the peer speaks the postcopy protocol without TLS")
+    }
+
+    @Test func aTLSAgentIsRefusedByAPlaintextDaemon() throws {
+        try refused(agent: TestCertificates.agent(), daemon: .plaintext, agentSays: "does not speak TLS",
+                    daemonSays: "the peer speaks TLS, but this postcopyd runs with --insecure-plaintext")
+    }
+
+    @Test func theAgentRefusesADaemonItCannotVerify() throws {
+        let impostor = TestCertificates.transport(.server, certificate: "stranger-daemon", peerName: TestCertificates.clientName)
+        try refused(agent: TestCertificates.agent(), daemon: impostor,
+                    agentSays: "postcopyd's certificate is refused: unable to get local issuer certificate",
+                    daemonSays: nil)
+    }
+
+    /// A second agent with a valid certificate and the migration id, but
+    /// not the secret, can neither join in precopy nor rejoin in postcopy;
+    /// the migration completes byte for byte.
+    @Test func aHijackedMigrationIDIsRefused() throws {
+        let (source, dirty) = try MigrationTests.source(dirty: 0.05)
+        let capture = LogCapture()
+        let hijacks = Mutex<[String]>([])
+        var migration = Migration()
+        migration.daemonLogger = capture.logger
+        migration.duringPostcopy = { daemon in
+            for resume in [false, true] {
+                do {
+                    let stream = try FailureTests.dial(daemon)
+                    try stream.send(.hello(migrationID: MigrationID(high: 1, low: UInt64(getpid())), role: .urgent,
+                                           sourcePageSize: .small, regionSize: MigrationTests.size,
+                                           secret: .other, resume: resume))
+                    let answer = try stream.receive()
+                    hijacks.withLock { $0.append(answer.map { "\($0)" } ?? "closed") }
+                    // Were it admitted, these pages would overwrite page 0.
+                    try stream.sendFrame(FailureTests.pagesFrame(first: 0, count: 1, byte: 0x66))
+                } catch {
+                    hijacks.withLock { $0.append("\(error)") }
+                }
+            }
+        }
+        let outcome = try migration.run(source, pause: MigrationTests.dirtying(source, dirty))
+        MigrationTests.check(outcome, stale: MigrationTests.changed(dirty))
+        let answers = hijacks.withLock { $0 }
+        #expect(answers.count == 2)
+        #expect(answers.allSatisfy { $0.contains("ERROR refused") }, "\(answers)")
+        #expect(capture.messages(.agentRefused).filter { $0.contains("without its secret") }.count == 2)
+    }
+}
+
+/// A client presenting the expired certificate, without the check
+/// `TLSContext` makes of its own certificate: what a careless or hostile
+/// agent would use.
+enum ExpiredClient {
+    static var transport: TransportSecurity {
+        get throws {
+            .tls(try TLSContext(.client, TestCertificates.configuration(certificate: "expired-agent", peerName: "127.0.0.1"),
+                                checkingOwnValidity: false))
+        }
+    }
+}
