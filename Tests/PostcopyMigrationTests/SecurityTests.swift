@@ -114,7 +114,7 @@ struct SecurityTests {
             let stream = try FailureTests.dial(daemon.daemon, try ExpiredClient.transport)
             try stream.send(.hello(migrationID: MigrationID(high: 3, low: 3), role: .bulk, sourcePageSize: .small,
                                    regionSize: Self.size, secret: .test))
-            _ = try stream.receive()
+            _ = try FailureTests.next(stream)
         }
         Self.expectRefused(daemon, capture, saying: "the client's certificate is refused: certificate has expired")
     }
@@ -157,7 +157,7 @@ struct SecurityTests {
                     try stream.send(.hello(migrationID: MigrationID(high: 1, low: UInt64(getpid())), role: .urgent,
                                            sourcePageSize: .small, regionSize: MigrationTests.size,
                                            secret: .other, resume: resume))
-                    let answer = try stream.receive()
+                    let answer = try FailureTests.next(stream)
                     hijacks.withLock { $0.append(answer.map { "\($0)" } ?? "closed") }
                     // Were it admitted, these pages would overwrite page 0.
                     try stream.sendFrame(FailureTests.pagesFrame(first: 0, count: 1, byte: 0x66))
@@ -172,6 +172,27 @@ struct SecurityTests {
         #expect(answers.count == 2)
         #expect(answers.allSatisfy { $0.contains("ERROR refused") }, "\(answers)")
         #expect(capture.messages(.agentRefused).filter { $0.contains("without its secret") }.count == 2)
+    }
+
+    /// While the VMM is attached, a second connection to the VMM socket is
+    /// answered with ERROR at once, and the migration completes.
+    @Test func aSecondVMMIsRefusedWhileOneIsAttached() throws {
+        let (source, dirty) = try MigrationTests.source(dirty: 0.02)
+        let answer = Mutex<String>("")
+        var migration = Migration()
+        migration.duringPostcopy = { daemon in
+            do {
+                let channel = VMMChannel(try UnixConnection.connect(path: daemon.config.vmmSocketPath))
+                let reply = try channel.receive()
+                answer.withLock { $0 = reply.map { "\($0.message)" } ?? "closed" }
+            } catch {
+                answer.withLock { $0 = "\(error)" }
+            }
+        }
+        let outcome = try migration.run(source, pause: MigrationTests.dirtying(source, dirty))
+        MigrationTests.check(outcome, stale: MigrationTests.changed(dirty))
+        let reply = answer.withLock { $0 }
+        #expect(reply.contains("ERROR unexpected-message: a VMM is already attached to this migration"), "\(reply)")
     }
 }
 

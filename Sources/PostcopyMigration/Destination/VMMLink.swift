@@ -108,16 +108,45 @@ final class VMMLink: Sendable {
 
     private func run() {
         do {
-            if let vmm = takeover?.attached {
-                try watch(vmm)
-                return
+            let vmm: VMMAttachment
+            if let handedBack = takeover?.attached {
+                vmm = handedBack
+            } else {
+                guard let accepted = try acceptVMM() else { return }
+                vmm = accepted
+                attachment.withLock { $0 = vmm }
+                attached.open()
             }
-            guard let vmm = try acceptVMM() else { return }
-            attachment.withLock { $0 = vmm }
-            attached.open()
+            let watching = Atomic<Bool>(true)
+            let refuser = try OSThread.start(name: "postcopy-vmm-refuse") { [self] in
+                refuseOthers(vmm.credentials, while: watching)
+            }
+            defer {
+                watching.store(false, ordering: .sequentiallyConsistent)
+                refuser.join()
+            }
             try watch(vmm)
         } catch {
             failures.fail(.peerLost, "VMM: \(error)")
+        }
+    }
+
+    /// While `vmm` is attached, answers any other connection to the socket
+    /// with ERROR at once — one VMM per migration — instead of leaving it
+    /// waiting in the backlog.
+    private func refuseOthers(_ vmm: PeerCredentials, while watching: borrowing Atomic<Bool>) {
+        while watching.load(ordering: .sequentiallyConsistent) {
+            let next: UnixConnection?
+            do {
+                next = try listener.accept(timeoutNanos: 200_000_000)
+            } catch {
+                return  // the listener was shut down: the migration is ending
+            }
+            guard let connection = next else { continue }
+            let credentials = try? connection.peerCredentials()
+            let reason = "a VMM is already attached to this migration (\(vmm)); one VMM per migration"
+            logger.warning("refused VMM connection: \(reason)", metadata: ["peer": "\(credentials.map { "\($0)" } ?? "unknown")"])
+            try? VMMChannel(connection).send(.error(code: .unexpectedMessage, message: reason))
         }
     }
 
