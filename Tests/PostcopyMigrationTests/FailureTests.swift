@@ -21,12 +21,14 @@ struct FailureTests {
         let run: Background<DestinationSummary>
 
         init(size: UInt64 = FailureTests.size, reconnectTimeoutNanos: UInt64? = nil,
-             transport: TransportSecurity = TestCertificates.daemon, logger: Logger = testLogger("postcopyd")) throws {
+             transport: TransportSecurity = TestCertificates.daemon, logger: Logger = testLogger("postcopyd"),
+             maxPendingConnections: Int? = nil) throws {
             directory = try TemporaryDirectory()
             var config = DestinationConfig(listen: SocketEndpoint(host: "127.0.0.1", port: 0), transport: transport,
                                            vmmSocketPath: directory.path + "/vmm.sock", memory: .shmem,
                                            regionSize: size, vmmUID: geteuid())
             if let reconnectTimeoutNanos { config.reconnectTimeoutNanos = reconnectTimeoutNanos }
+            if let maxPendingConnections { config.maxPendingConnections = maxPendingConnections }
             let daemon = try DestinationDaemon(config: config, logger: logger)
             self.daemon = daemon
             run = try Background("test-daemon") { try daemon.run() }

@@ -174,6 +174,31 @@ struct SecurityTests {
         #expect(capture.messages(.agentRefused).filter { $0.contains("without its secret") }.count == 2)
     }
 
+    /// Connections that never finish their handshake hold at most
+    /// `maxPendingConnections` admission threads; one more is closed at
+    /// once, and once they are gone the real agent is admitted.
+    @Test func connectionsInTheirHandshakeAreBounded() throws {
+        let capture = LogCapture()
+        let daemon = try FailureTests.Daemon(logger: capture.logger, maxPendingConnections: 2)
+        let idle = try (0..<2).map { _ in try TCPConnection.connect(to: daemon.daemon.endpoint) }
+        usleep(200_000)
+        let extra = try TCPConnection.connect(to: daemon.daemon.endpoint)
+        try extra.setReceiveTimeout(5_000_000_000)
+        var byte = [UInt8](repeating: 0, count: 1)
+        let started = monotonicNanoseconds()
+        let count = try? byte.withUnsafeMutableBytes { try extra.receive(into: $0) }
+        #expect(count == nil || count == 0, "the connection past the limit was not closed")
+        #expect(monotonicNanoseconds() - started < 2_000_000_000, "closed only after a timeout")
+        #expect(capture.messages(.agentRefused).contains { $0.contains("2 connections are already in their handshake") },
+                "\(capture.messages(.agentRefused))")
+        idle.forEach { $0.shutdown() }
+        usleep(300_000)
+        let (bulk, urgent) = try FailureTests.connectAgent(to: daemon.daemon)
+        bulk.shutdown()
+        urgent.shutdown()
+        #expect(daemon.failure().contains("during precopy"))
+    }
+
     /// While the VMM is attached, a second connection to the VMM socket is
     /// answered with ERROR at once, and the migration completes.
     @Test func aSecondVMMIsRefusedWhileOneIsAttached() throws {

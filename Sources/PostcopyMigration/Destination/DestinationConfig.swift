@@ -28,8 +28,13 @@ public struct DestinationConfig: Sendable {
     public var vmmAttachTimeoutNanos: UInt64 = 30_000_000_000
     /// How long the daemon waits for the VMM to acknowledge completion.
     public var vmmCompleteTimeoutNanos: UInt64 = 30_000_000_000
-    /// How long a new agent connection may take to send HELLO.
+    /// How long a new agent connection may take for its TLS handshake, and
+    /// then for its HELLO.
     public var handshakeTimeoutNanos: UInt64 = 10_000_000_000
+    /// Agent connections allowed in their handshake at once; more are
+    /// closed at once, so that no peer can make the daemon hold unbounded
+    /// threads or memory.
+    public var maxPendingConnections = 4
     public var keepAlive = KeepAlive()
     /// An agent connection that carries nothing (not even HEARTBEAT, which
     /// the agent sends every quarter of this) for this long is dead: during

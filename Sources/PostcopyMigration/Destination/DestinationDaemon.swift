@@ -50,6 +50,18 @@ public final class DestinationDaemon: @unchecked Sendable {
     private let pausedNanos = Atomic<UInt64>(0)
     /// Receiving threads still running.
     private let receivers = Atomic<Int>(0)
+    /// Agent connections in their TLS handshake or HELLO, each on a thread
+    /// of its own (at most `config.maxPendingConnections`).
+    private let admissions = Mutex<[Admission]>([])
+    /// Connections turned away at the limit since the last log line about them.
+    private let turnedAway = Mutex<(count: UInt64, loggedAt: UInt64)>((0, 0))
+
+    private final class Admission: Sendable {
+        let connection: TCPConnection
+        let done = Atomic<Bool>(false)
+        let thread = Mutex<OSThread?>(nil)
+        init(_ connection: TCPConnection) { self.connection = connection }
+    }
     /// What this daemon took over, when it was started to take a migration over.
     private let recovered: Recovered?
     /// Where the RAM file, the page-state record and the userfaultfd are
@@ -59,6 +71,11 @@ public final class DestinationDaemon: @unchecked Sendable {
     private struct AgentConnections {
         var epoch: UInt64 = 0
         var streams: [StreamRole: MessageStream] = [:]
+        /// The generation whose two HELLOs the session admitted, and the one
+        /// whose receivers started: the second of a pair's connections to
+        /// be registered starts them, whichever finished its HELLO first.
+        var readyEpoch: UInt64?
+        var startedEpoch: UInt64?
         var threads: [OSThread] = []
         /// Bytes received on connections given up.
         var retiredBytes: UInt64 = 0
@@ -146,6 +163,10 @@ public final class DestinationDaemon: @unchecked Sendable {
             heartbeat.stop()
             faultLoop.withLock { $0 }?.stop()
             _ = Glibc.shutdown(tcp.fd, Int32(SHUT_RDWR))
+            for admission in admissions.withLock({ $0 }) {
+                admission.connection.shutdown()
+                admission.thread.withLock { $0 }?.join()
+            }
             let threads = agent.withLock { agent in
                 for stream in agent.streams.values { stream.shutdown() }
                 return agent.threads
@@ -314,17 +335,62 @@ public final class DestinationDaemon: @unchecked Sendable {
                 failures.fail(.peerLost, "the agent did not rejoin within \(config.reconnectTimeoutNanos / 1_000_000_000) s of losing its connections during postcopy")
                 return
             }
+            reapAdmissions()
             do {
                 guard let connection = try tcp.accept(keepAlive: config.keepAlive, timeoutNanos: 250_000_000) else {
                     continue
                 }
-                admit(connection)
+                try startAdmission(connection)
             } catch {
                 if finished.load(ordering: .sequentiallyConsistent) || failures.error != nil { return }
                 failures.fail(.internalFailure, "accepting agent connections on \(endpoint): \(error)")
                 return
             }
         }
+    }
+
+    /// Admits `connection` on a thread of its own, so that a peer slow to
+    /// shake hands holds up no other; beyond `maxPendingConnections` at
+    /// once, closes it at once (a flood costs a log line a second).
+    private func startAdmission(_ connection: TCPConnection) throws {
+        let pending = admissions.withLock { $0.count }
+        guard pending < config.maxPendingConnections else {
+            let now = monotonicNanoseconds()
+            let (count, first) = turnedAway.withLock { state -> (UInt64, Bool) in
+                state.count += 1
+                guard now &- state.loggedAt >= 1_000_000_000 else { return (state.count, false) }
+                defer { state = (0, now) }
+                return (state.count, true)
+            }
+            if first {
+                let address = connection.peerEndpoint.map { "\($0)" } ?? "unknown"
+                refused(address, identity: nil, "\(pending) connections are already in their handshake (the limit); turned away \(count) connection\(count == 1 ? "" : "s") in the last second")
+            }
+            connection.shutdown()
+            return
+        }
+        let admission = Admission(connection)
+        admissions.withLock { $0.append(admission) }
+        do {
+            let thread = try OSThread.start(name: "postcopy-admit") { [self] in
+                admit(connection)
+                admission.done.store(true, ordering: .releasing)
+            }
+            admission.thread.withLock { $0 = thread }
+        } catch {
+            admissions.withLock { $0.removeAll { $0 === admission } }
+            throw error
+        }
+    }
+
+    /// Joins the admission threads that have finished.
+    private func reapAdmissions() {
+        let finished = admissions.withLock { list -> [Admission] in
+            let done = list.filter { $0.done.load(ordering: .acquiring) }
+            list.removeAll { admission in done.contains { $0 === admission } }
+            return done
+        }
+        for admission in finished { admission.thread.withLock { $0 }?.join() }
     }
 
     /// Reads one connection's HELLO and answers it; starts receiving once
@@ -356,14 +422,25 @@ public final class DestinationDaemon: @unchecked Sendable {
             try connection.setReceiveTimeout(config.deadPeerTimeoutNanos)
             try connection.setSendTimeout(config.deadPeerTimeoutNanos)
             try stream.send(welcome)
-            let replaced = agent.withLock { agent in
+            let registered = agent.withLock { agent -> (replaced: MessageStream?, start: Bool)? in
+                // A generation newer than this connection's began while it
+                // shook hands (admissions run side by side): it is dead.
+                guard epoch >= agent.epoch else { return nil }
                 if agent.epoch != epoch {
                     agent.epoch = epoch
                     agent.retiredBytes = agent.bytesReceived
                     agent.streams = [:]
                 }
-                defer { agent.streams[role] = stream }
-                return agent.streams[role]
+                let replaced = agent.streams.updateValue(stream, forKey: role)
+                if ready { agent.readyEpoch = epoch }
+                let start = agent.readyEpoch == epoch && agent.startedEpoch != epoch
+                    && agent.streams.count == StreamRole.allCases.count
+                if start { agent.startedEpoch = epoch }
+                return (replaced, start)
+            }
+            guard let (replaced, start) = registered else {
+                stream.shutdown()
+                return
             }
             replaced?.shutdown()
             agentAddresses.withLock { $0.append(address) }
@@ -373,7 +450,7 @@ public final class DestinationDaemon: @unchecked Sendable {
                                            "resume": "\(hello.isResumingHello)"]
             if let identity = connection.peerIdentity { fields["tls_identity"] = "\(identity)" }
             logger.info("agent connected", metadata: fields)
-            guard ready else { return }
+            guard start else { return }
             do {
                 if hello.isResumingHello {
                     try rejoined(epoch: epoch, from: address)
