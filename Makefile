@@ -1,9 +1,12 @@
 # postcopyd — build, test, probe, benchmark, demo, install.
 #
-#   make test      installs what the tests need (libsystemd-dev; hugepages,
-#                  a hugetlbfs mount, a journald and the journal catalog when
-#                  root), builds, runs swift test, then the systemd-nspawn test
-#                  (root only: a real systemd runs postcopyd@test)
+#   make test      installs what the tests need (libsystemd-dev, libssl-dev,
+#                  openssl; hugepages, a hugetlbfs mount, a journald and the
+#                  journal catalog when root), builds, runs swift test (the
+#                  fuzz regressions among them), 8 concurrent migrations
+#                  (make test-load), then the systemd-nspawn test (root only:
+#                  a real systemd runs postcopyd@test)
+#   make test-sanitizers  swift test under ASan and TSan (slow)
 #   make demo      probes the kernel, then migrates a 1 GiB guest over loopback:
 #                  source workload, postcopyd, reference guest, postcopy-push
 #                  (HUGETLB=1 for 2 MiB pages on the destination)
@@ -11,6 +14,12 @@
 #   make bench     every benchmark against a baseline measured in the same run
 #                  (~5 min, root); table, bench.json and plots in bench-results/
 #                  (BENCH_FLAGS=--quick for a short smoke run)
+#   make load      8 migrations of 256 MiB (10 % dirty) at once over loopback,
+#                  each with its own source, postcopyd, reference guest and
+#                  agent (root); per-instance times, daemon peak memory, JSON
+#                  (LOAD_N=, LOAD_SIZE=, LOAD_DIRTY= to change)
+#   make test-load the same with 8 × 32 MiB on the debug build, building
+#                  nothing (for make test; skips when not root)
 #   make install   binaries to $(DESTDIR)$(PREFIX)/bin, units to $(DESTDIR)$(UNITDIR),
 #                  the journal catalog, an example config, the docs
 #   make uninstall removes what install put there (never a config you wrote)
@@ -33,6 +42,9 @@ UNITS     := $(wildcard systemd/*.service)
 DOCS      := README.md $(wildcard docs/*.md)
 BASELINES := $(addprefix benchmarks/baseline/,uffd-minor-loop tcp-pingpong tcp-stream)
 BENCH_FLAGS ?=
+LOAD_N     ?= 8
+LOAD_SIZE  ?= 256M
+LOAD_DIRTY ?= 0.10
 DEMO_MEMORY := $(if $(HUGETLB),hugetlbfs,shmem)
 
 .PHONY: all build prepare test check demo bench install uninstall clean
@@ -48,7 +60,17 @@ prepare:
 test: prepare
 	$(SWIFT) build
 	$(SWIFT) test
+	$(MAKE) test-load
 	BIN=.build/debug bash scripts/test-systemd-nspawn.sh
+
+# The whole test suite again under AddressSanitizer (with LeakSanitizer) and
+# under ThreadSanitizer, each in a build folder of its own. Slow (see
+# docs/benchmarks.md), so not part of make test.
+.PHONY: test-sanitizers
+test-sanitizers: prepare
+	LSAN_OPTIONS=suppressions=$(CURDIR)/scripts/lsan.supp \
+		$(SWIFT) test --sanitize=address --scratch-path .build-asan
+	$(SWIFT) test --sanitize=thread --scratch-path .build-tsan
 
 # The real postcopyd@.service under a real systemd (PID 1 of a systemd-nspawn
 # container booted from a cached Debian root), with a whole migration into it.
@@ -98,6 +120,16 @@ uninstall:
 		journalctl --update-catalog || true; \
 		if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
 	fi
+
+# N migrations at once on this machine over loopback (scripts/load-test.sh).
+# Root only; refuses when N × SIZE × 2 does not fit in MemAvailable.
+.PHONY: load test-load
+load: build
+	N=$(LOAD_N) SIZE=$(LOAD_SIZE) DIRTY=$(LOAD_DIRTY) BIN=$(RELEASE) bash scripts/load-test.sh
+
+# The same at sizes make test can afford, on the debug build it has built.
+test-load:
+	SKIP_UNLESS_ROOT=1 N=8 SIZE=32M DIRTY=0.10 BIN=.build/debug bash scripts/load-test.sh
 
 clean:
 	rm -rf .build bench-results $(BASELINES)

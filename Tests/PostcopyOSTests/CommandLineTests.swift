@@ -106,7 +106,7 @@ import Testing
         try "size = 64M\nlisen = 0.0.0.0:7070\n".write(toFile: path, atomically: true, encoding: .utf8)
         let result = try run("postcopyd", ["serve", "--config", path])
         #expect(result.status == 64)
-        #expect(result.stderr.hasPrefix("Error: \(path): line 2: unknown setting 'lisen' (known: background-scheduling, control-socket, dead-peer-timeout, hugetlbfs-dir, json, listen, memory, migration-id, ready-file, reconnect-timeout, size, stall-warning-ms, takeover, trace, vmm-socket, vmm-timeout, vmm-uid)\n"), "\(result.stderr)")
+        #expect(result.stderr.hasPrefix("Error: \(path): line 2: unknown setting 'lisen' (known: background-scheduling, control-socket, dead-peer-timeout, hugetlbfs-dir, insecure-plaintext, json, listen, memory, migration-id, migration-secret-file, ready-file, reconnect-timeout, size, stall-warning-ms, takeover, tls-ca, tls-cert, tls-client-name, tls-key, trace, vmm-socket, vmm-timeout, vmm-uid)\n"), "\(result.stderr)")
         let missing = try run("postcopyd", ["serve", "--config", path + ".absent"])
         #expect(missing.status == 64)
         #expect(missing.stderr.hasPrefix("Error: cannot read the settings file: open \(path).absent: "), "\(missing.stderr)")
@@ -125,10 +125,34 @@ import Testing
     }
 
     @Test func pushNamesAMissingSourceFile() throws {
-        let result = try run("postcopy-push", ["--ram", "/dev/shm/postcopy-no-such-file", "--to", "127.0.0.1:9", "--no-pause"])
+        let result = try run("postcopy-push", ["--ram", "/dev/shm/postcopy-no-such-file", "--to", "127.0.0.1:9", "--no-pause",
+                                               "--insecure-plaintext"])
         #expect(result.status == 1)
         #expect(result.stderr.contains("migration failed: open the source RAM file: "))
         #expect(result.stderr.contains("/dev/shm/postcopy-no-such-file"))
+    }
+
+    /// Guest RAM is not sent in clear text by accident: without TLS material
+    /// or an explicit --insecure-plaintext each program refuses to start,
+    /// saying what to give; so does one given both, or broken TLS files.
+    @Test func transportSecurityIsAnExplicitChoice() throws {
+        let push = ["--ram", "/dev/shm/none", "--to", "127.0.0.1:9", "--no-pause"]
+        let none = try run("postcopy-push", push)
+        #expect(none.status == 64)
+        #expect(none.stderr.contains("the agent's connections need TLS: give --tls-ca, --tls-cert and --tls-key, or --insecure-plaintext"), "\(none.stderr)")
+        let serve = try run("postcopyd", ["serve", "--size", "64M", "--vmm-socket", "/tmp/x.sock", "--control-socket", "/tmp/y.sock"])
+        #expect(serve.status == 64)
+        #expect(serve.stderr.contains("give --tls-ca, --tls-cert and --tls-key and --tls-client-name, or --insecure-plaintext"), "\(serve.stderr)")
+        let both = try run("postcopy-push", push + ["--insecure-plaintext", "--tls-ca", "/x.pem"])
+        #expect(both.status == 64)
+        #expect(both.stderr.contains("--insecure-plaintext turns TLS off"), "\(both.stderr)")
+        let missing = try run("postcopy-push", push + ["--tls-ca", "/no/ca.pem", "--tls-cert", "/no/c.pem", "--tls-key", "/no/k.pem"])
+        #expect(missing.status == 64)
+        #expect(missing.stderr.contains("TLS: cannot read the CA certificate /no/ca.pem"), "\(missing.stderr)")
+        let resume = try run("postcopy-push", ["--ram", "/dev/shm/none", "--to", "127.0.0.1:9", "--resume", "--insecure-plaintext",
+                                               "--migration-id", "0123456789abcdef0123456789abcdef"])
+        #expect(resume.status == 64)
+        #expect(resume.stderr.contains("--resume needs --migration-secret-file"), "\(resume.stderr)")
     }
 
     /// The demo script's whole migration, with the three programs as separate

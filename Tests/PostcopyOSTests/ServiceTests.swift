@@ -195,6 +195,7 @@ final class ServiceRun: @unchecked Sendable {
     /// Starts the daemon from a config file and waits until it listens.
     static func start(environment: [String: String]) throws -> ServiceRun {
         let directory = try makeTemporaryDirectory()
+        try makeCertificates(in: "\(directory)/tls")
         let config = """
             # written by ServiceTests
             listen = 127.0.0.1:0
@@ -204,6 +205,10 @@ final class ServiceRun: @unchecked Sendable {
             control-socket = \(directory)/control.sock
             ready-file = \(directory)/daemon.ready
             stall-warning-ms = 0
+            tls-ca = \(directory)/tls/ca.pem
+            tls-cert = \(directory)/tls/daemon.pem
+            tls-key = \(directory)/tls/daemon.key
+            tls-client-name = postcopy-agent
             json
             """
         try config.write(toFile: "\(directory)/test.conf", atomically: true, encoding: .utf8)
@@ -239,7 +244,10 @@ final class ServiceRun: @unchecked Sendable {
         let endpoint = try String(contentsOfFile: "\(directory)/daemon.ready", encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines)
         let push = try Self.spawn("postcopy-push", ["--ram", sourceRAM, "--to", endpoint,
-                                                    "--pause-pid", "\(source.processIdentifier)", "--quiet"],
+                                                    "--pause-pid", "\(source.processIdentifier)", "--quiet",
+                                                    "--tls-ca", "\(directory)/tls/ca.pem",
+                                                    "--tls-cert", "\(directory)/tls/agent.pem",
+                                                    "--tls-key", "\(directory)/tls/agent.key"],
                                   stderr: "\(directory)/push.err")
         children.append(push)
         let programs = [(push, "push"), (daemon, "daemon"), (guest, "guest")]
@@ -278,7 +286,7 @@ final class ServiceRun: @unchecked Sendable {
     static func spawn(_ program: String, _ arguments: [String], environment: [String: String] = [:],
                       stdout: String? = nil, stderr: String? = nil) throws -> Process {
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: CommandLineTests.binary(program))
+        process.executableURL = URL(fileURLWithPath: program.hasPrefix("/") ? program : CommandLineTests.binary(program))
         process.arguments = arguments
         process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         if let stdout {
@@ -291,6 +299,15 @@ final class ServiceRun: @unchecked Sendable {
         }
         try process.run()
         return process
+    }
+
+    /// The test CA and both ends' certificates, by scripts/make-test-certs.sh.
+    static func makeCertificates(in directory: String) throws {
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("scripts/make-test-certs.sh").path
+        let process = try spawn("/bin/bash", [script, directory], stdout: "/dev/null")
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else { throw CancellationError() }
     }
 
     static func makeTemporaryDirectory() throws -> String {
