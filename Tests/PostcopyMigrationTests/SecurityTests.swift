@@ -175,25 +175,26 @@ struct SecurityTests {
     }
 
     /// Connections that never finish their handshake hold at most
-    /// `maxPendingConnections` admission threads; one more is closed at
-    /// once, and once they are gone the real agent is admitted.
+    /// `maxPendingConnections` admission threads: one more gives up the
+    /// oldest at once, and the real agent, coming last, is admitted.
     @Test func connectionsInTheirHandshakeAreBounded() throws {
         let capture = LogCapture()
         let daemon = try FailureTests.Daemon(logger: capture.logger, maxPendingConnections: 2)
+        let oldest = try TCPConnection.connect(to: daemon.daemon.endpoint)
+        try oldest.setReceiveTimeout(5_000_000_000)
+        usleep(100_000)
         let idle = try (0..<2).map { _ in try TCPConnection.connect(to: daemon.daemon.endpoint) }
-        usleep(200_000)
-        let extra = try TCPConnection.connect(to: daemon.daemon.endpoint)
-        try extra.setReceiveTimeout(5_000_000_000)
         var byte = [UInt8](repeating: 0, count: 1)
         let started = monotonicNanoseconds()
-        let count = try? byte.withUnsafeMutableBytes { try extra.receive(into: $0) }
-        #expect(count == nil || count == 0, "the connection past the limit was not closed")
-        #expect(monotonicNanoseconds() - started < 2_000_000_000, "closed only after a timeout")
-        #expect(capture.messages(.agentRefused).contains { $0.contains("2 connections are already in their handshake") },
+        let count = try? byte.withUnsafeMutableBytes { try oldest.receive(into: $0) }
+        #expect(count == nil || count == 0, "the oldest connection was not given up")
+        #expect(monotonicNanoseconds() - started < 2_000_000_000, "given up only after a timeout")
+        #expect(capture.messages(.agentRefused).contains { $0.contains("2 connections were already in their handshake (the limit): gave up the oldest") },
                 "\(capture.messages(.agentRefused))")
-        idle.forEach { $0.shutdown() }
-        usleep(300_000)
+        // Two more idle ones are still there; the agent's two connections
+        // push them out in turn.
         let (bulk, urgent) = try FailureTests.connectAgent(to: daemon.daemon)
+        withExtendedLifetime(idle) {}
         bulk.shutdown()
         urgent.shutdown()
         #expect(daemon.failure().contains("during precopy"))

@@ -31,9 +31,9 @@ public struct DestinationConfig: Sendable {
     /// How long a new agent connection may take for its TLS handshake, and
     /// then for its HELLO.
     public var handshakeTimeoutNanos: UInt64 = 10_000_000_000
-    /// Agent connections allowed in their handshake at once; more are
-    /// closed at once, so that no peer can make the daemon hold unbounded
-    /// threads or memory.
+    /// Agent connections allowed in their handshake at once; past that the
+    /// oldest is given up for the newest, so that no peer can make the
+    /// daemon hold unbounded threads or memory.
     public var maxPendingConnections = 4
     public var keepAlive = KeepAlive()
     /// An agent connection that carries nothing (not even HEARTBEAT, which

@@ -350,27 +350,31 @@ public final class DestinationDaemon: @unchecked Sendable {
     }
 
     /// Admits `connection` on a thread of its own, so that a peer slow to
-    /// shake hands holds up no other; beyond `maxPendingConnections` at
-    /// once, closes it at once (a flood costs a log line a second).
+    /// shake hands holds up no other. At most `maxPendingConnections` shake
+    /// hands at once: past that, the oldest is given up for the newest, so
+    /// that connections left half-dead by a network fault cannot keep the
+    /// agent's rejoin out (a flood costs a log line a second).
     private func startAdmission(_ connection: TCPConnection) throws {
-        let pending = admissions.withLock { $0.count }
-        guard pending < config.maxPendingConnections else {
+        let admission = Admission(connection)
+        let evicted = admissions.withLock { list -> Admission? in
+            let waiting = list.filter { !$0.done.load(ordering: .acquiring) }
+            list.append(admission)
+            return waiting.count >= config.maxPendingConnections ? waiting.first : nil
+        }
+        if let evicted {
             let now = monotonicNanoseconds()
-            let (count, first) = turnedAway.withLock { state -> (UInt64, Bool) in
+            let (count, due) = turnedAway.withLock { state -> (UInt64, Bool) in
                 state.count += 1
                 guard now &- state.loggedAt >= 1_000_000_000 else { return (state.count, false) }
                 defer { state = (0, now) }
                 return (state.count, true)
             }
-            if first {
-                let address = connection.peerEndpoint.map { "\($0)" } ?? "unknown"
-                refused(address, identity: nil, "\(pending) connections are already in their handshake (the limit); turned away \(count) connection\(count == 1 ? "" : "s") in the last second")
+            if due {
+                let address = evicted.connection.peerEndpoint.map { "\($0)" } ?? "unknown"
+                refused(address, identity: nil, "\(config.maxPendingConnections) connections were already in their handshake (the limit): gave up the oldest for a newer one (\(count) in the last second)")
             }
-            connection.shutdown()
-            return
+            evicted.connection.shutdown()
         }
-        let admission = Admission(connection)
-        admissions.withLock { $0.append(admission) }
         do {
             let thread = try OSThread.start(name: "postcopy-admit") { [self] in
                 admit(connection)

@@ -145,7 +145,9 @@ public final class SourceAgent: @unchecked Sendable {
     private func connect(_ role: StreamRole, resume: Bool = false) throws -> MessageStream {
         let connection = try inStep("connect the \(role) connection to postcopyd at \(config.daemon)") {
             let tcp = try TCPConnection.connect(to: config.daemon, keepAlive: config.keepAlive)
-            return try config.transport.secure(tcp, timeoutNanos: config.deadPeerTimeoutNanos)
+            // A handshake is a round trip and some crypto: a dead-peer
+            // timeout tuned for a fast network would fail it on a busy host.
+            return try config.transport.secure(tcp, timeoutNanos: max(config.deadPeerTimeoutNanos, 5_000_000_000))
         }
         try connection.setReceiveTimeout(config.deadPeerTimeoutNanos)
         try connection.setSendTimeout(config.deadPeerTimeoutNanos)
