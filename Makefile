@@ -64,13 +64,14 @@ test: prepare
 	BIN=.build/debug bash scripts/test-systemd-nspawn.sh
 
 # The whole test suite again under AddressSanitizer (with LeakSanitizer) and
-# under ThreadSanitizer, each in a build folder of its own. Slow (see
-# docs/benchmarks.md), so not part of make test.
+# under ThreadSanitizer, each in a build folder of its own, with the
+# timing-sensitive tests' timeouts stretched (POSTCOPY_TEST_TIME_SCALE). Slow
+# (see docs/benchmarks.md), so not part of make test.
 .PHONY: test-sanitizers
 test-sanitizers: prepare
-	LSAN_OPTIONS=suppressions=$(CURDIR)/scripts/lsan.supp \
+	POSTCOPY_TEST_TIME_SCALE=4 LSAN_OPTIONS=suppressions=$(CURDIR)/scripts/lsan.supp \
 		$(SWIFT) test --sanitize=address --scratch-path .build-asan
-	$(SWIFT) test --sanitize=thread --scratch-path .build-tsan
+	POSTCOPY_TEST_TIME_SCALE=6 $(SWIFT) test --sanitize=thread --scratch-path .build-tsan
 
 # The real postcopyd@.service under a real systemd (PID 1 of a systemd-nspawn
 # container booted from a cached Debian root), with a whole migration into it.
@@ -131,5 +132,20 @@ load: build
 test-load:
 	SKIP_UNLESS_ROOT=1 N=8 SIZE=32M DIRTY=0.10 BIN=.build/debug bash scripts/load-test.sh
 
+# Fuzzing (docs/fuzzing.md). fuzz: every decoder under libFuzzer and
+# AddressSanitizer for FUZZ_SECONDS each (scripts/fuzz.sh; built in
+# .build-fuzz, results in fuzz-results/, exit 1 on a crash). fuzz-seed:
+# regenerates the seed corpus fuzz/corpus/ from the encoders, after a
+# protocol change.
+FUZZ_SECONDS ?= 60
+.PHONY: fuzz fuzz-seed
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) SWIFT=$(SWIFT) bash scripts/fuzz.sh
+
+fuzz-seed:
+	$(SWIFT) build --scratch-path .build-fuzz --product postcopy-fuzz
+	rm -rf fuzz/corpus
+	.build-fuzz/debug/postcopy-fuzz seed fuzz/corpus
+
 clean:
-	rm -rf .build bench-results $(BASELINES)
+	rm -rf .build .build-fuzz bench-results fuzz-results $(BASELINES)

@@ -30,6 +30,7 @@ let package = Package(
         .executable(name: "postcopy-guest", targets: ["postcopy-guest"]),
         .executable(name: "postcopy-bench", targets: ["postcopy-bench"]),
         .executable(name: "postcopyctl", targets: ["postcopyctl"]),
+        .executable(name: "postcopy-fuzz", targets: ["postcopy-fuzz"]),
         .library(name: "PostcopyCore", targets: ["PostcopyCore"]),
         .library(name: "PostcopyOS", targets: ["PostcopyOS"]),
     ],
@@ -115,6 +116,12 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // Fuzzing (docs/fuzzing.md): the targets, the program that runs them
+        // (libFuzzer when built with -DLIBFUZZER by scripts/fuzz.sh), and the
+        // corpus and regressions run as tests.
+        .target(name: "PostcopyFuzz", dependencies: ["PostcopyCore"]),
+        .executableTarget(name: "postcopy-fuzz", dependencies: ["PostcopyFuzz", "PostcopyCore"]),
+        .testTarget(name: "PostcopyFuzzTests", dependencies: ["PostcopyFuzz", "PostcopyCore"]),
         .testTarget(name: "PostcopyCoreTests", dependencies: ["PostcopyCore"]),
         .testTarget(name: "PostcopyOSTests", dependencies: ["PostcopyCore", "PostcopyOS"]),
         .testTarget(name: "PostcopyBenchTests", dependencies: ["PostcopyBench", "PostcopyCore"]),

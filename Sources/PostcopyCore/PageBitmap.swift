@@ -16,7 +16,7 @@ public struct PageBitmap: Equatable, Sendable {
     /// A bitmap over existing words, e.g. decoded from the wire. Refuses
     /// a word count that does not match `count` and set bits past `count`.
     public init?(words: [UInt64], count: UInt64) {
-        guard words.count == Int((count + 63) / 64) else { return nil }
+        guard UInt64(words.count) == PageBitmap.wordCount(bits: count) else { return nil }
         if count % 64 != 0, let last = words.last, last >> (count % 64) != 0 { return nil }
         self.words = words
         self.count = count
@@ -26,12 +26,16 @@ public struct PageBitmap: Equatable, Sendable {
     /// words, each 8 bytes little-endian. Refuses a length other than 8 bytes
     /// per word of `count`, and set bits past `count`.
     public init?(littleEndianBytes bytes: [UInt8], count: UInt64) {
-        let words = Int((count + 63) / 64)
-        guard bytes.count == words * 8 else { return nil }
+        guard bytes.count % 8 == 0, UInt64(bytes.count / 8) == PageBitmap.wordCount(bits: count) else { return nil }
+        let words = bytes.count / 8
         self.init(words: (0..<words).map { index in
             (0..<8).reduce(UInt64(0)) { $0 | UInt64(bytes[index * 8 + $1]) << (8 * $1) }
         }, count: count)
     }
+
+    /// The 64-bit words that hold `bits` bits, for any count (`count + 63`
+    /// would overflow near `UInt64.max`).
+    static func wordCount(bits: UInt64) -> UInt64 { bits / 64 + (bits % 64 == 0 ? 0 : 1) }
 
     /// The bitmap as a dirty log holds it: see `init(littleEndianBytes:count:)`.
     public var littleEndianBytes: [UInt8] {

@@ -96,6 +96,16 @@ import Testing
         #expect(PageBitmap(words: [0, 1 << 6], count: 70) == nil, "a bit past the end")
         #expect(PageBitmap(words: [0, 1 << 5], count: 70)?.setIndices == [69])
     }
+
+    /// A count whose word count does not fit `count + 63` is refused, not a
+    /// trap (found by the fuzzer: fuzz/regressions/bitmap/).
+    @Test func countsNearTheTopAreRefused() {
+        for count in [UInt64.max, UInt64.max - 62, UInt64.max - 63, 1 << 63] {
+            #expect(PageBitmap(words: [0], count: count) == nil, "\(count)")
+            #expect(PageBitmap(littleEndianBytes: [0, 0, 0, 0, 0, 0, 0, 0], count: count) == nil, "\(count)")
+        }
+        #expect(PageBitmap(littleEndianBytes: [], count: 0) == PageBitmap(count: 0))
+    }
 }
 
 @Suite struct TouchOrderTests {

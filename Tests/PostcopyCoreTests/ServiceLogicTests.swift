@@ -38,6 +38,16 @@ import Testing
         #expect((try? parse("size = 1G")) != nil)
     }
 
+    /// Blanks and quotes are found by Unicode scalar: one followed by a
+    /// combining mark is a single Character, and still a blank or a quote
+    /// (found by the fuzzer: fuzz/regressions/config/).
+    @Test func aBlankOrQuoteBeforeACombiningMarkCounts() throws {
+        #expect(try parse("listen = \u{34B}x").entries.first?.value?.unicodeScalars.first == "\u{34B}")
+        #expect(try parse("listen = \r\u{34B}x").entries.first?.value?.unicodeScalars.first == "\u{34B}")
+        #expect(try parse("listen = \"\u{34B}x \"").entries.first?.value?.unicodeScalars.count == 3)
+        #expect(throws: ConfigFile.ParseError.unterminatedQuote(line: 1)) { try parse("listen = \"x\"\u{34B}") }
+    }
+
     @Test func errorsReadWell() {
         #expect(ConfigFile.ParseError.unknownKey(line: 7, key: "x", known: ["a", "b"]).description
                 == "line 7: unknown setting 'x' (known: a, b)")

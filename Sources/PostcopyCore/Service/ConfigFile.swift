@@ -94,10 +94,13 @@ public struct ConfigFile: Equatable, Sendable {
         self.entries = entries
     }
 
+    /// The value inside double quotes, if `text` starts with one. Quotes are
+    /// found by Unicode scalar, like blanks (see `trimmingBlanks`).
     private static func unquote(_ text: Substring, line: Int) throws(ParseError) -> String {
-        guard text.hasPrefix("\"") else { return String(text) }
-        guard text.count >= 2, text.hasSuffix("\"") else { throw .unterminatedQuote(line: line) }
-        return String(text.dropFirst().dropLast())
+        let scalars = text.unicodeScalars
+        guard scalars.first == "\"" else { return String(text) }
+        guard scalars.count >= 2, scalars.last == "\"" else { throw .unterminatedQuote(line: line) }
+        return String(Substring(scalars.dropFirst().dropLast()))
     }
 
     /// The entries as command-line arguments ("--key", "value"), to be
@@ -109,10 +112,14 @@ public struct ConfigFile: Equatable, Sendable {
 }
 
 extension Substring {
+    /// Without spaces, tabs and CRs at either end. Trimmed by Unicode scalar,
+    /// not by Character: a blank followed by a combining mark is one
+    /// Character, and its blank must go all the same.
     func trimmingBlanks() -> Substring {
-        var result = self
-        while let first = result.first, first == " " || first == "\t" || first == "\r" { result.removeFirst() }
-        while let last = result.last, last == " " || last == "\t" || last == "\r" { result.removeLast() }
-        return result
+        var scalars = unicodeScalars[...]
+        let isBlank = { (scalar: Unicode.Scalar) in scalar == " " || scalar == "\t" || scalar == "\r" }
+        while let first = scalars.first, isBlank(first) { scalars.removeFirst() }
+        while let last = scalars.last, isBlank(last) { scalars.removeLast() }
+        return Substring(scalars)
     }
 }
