@@ -39,6 +39,21 @@ final class Background<T: Sendable>: Sendable {
     }
 }
 
+/// How much longer the timing-sensitive tests allow: POSTCOPY_TEST_TIME_SCALE
+/// (default 1), which `make test-sanitizers` sets, as code under a sanitizer
+/// runs several times slower. It stretches dead-peer timeouts and the waits
+/// that depend on them, never a check of what the code does.
+enum TestTiming {
+    static let scale: UInt64 = {
+        guard let text = getenv("POSTCOPY_TEST_TIME_SCALE").map({ String(cString: $0) }),
+              let value = UInt64(text), value >= 1 else { return 1 }
+        return value
+    }()
+
+    /// `seconds` stretched, as a command-line argument.
+    static func seconds(_ seconds: Double) -> String { "\(seconds * Double(scale))" }
+}
+
 func testLogger(_ label: String) -> Logger {
     var logger = Logger(label: label) { StreamLogHandler.standardError(label: $0) }
     logger.logLevel = .warning
@@ -87,7 +102,7 @@ struct Migration {
                                        vmmSocketPath: directory.path + "/vmm.sock", memory: memory,
                                        regionSize: source.size, vmmUID: geteuid())
         if traced { config.tracePath = directory.path + "/trace.csv" }
-        if let deadPeerTimeoutNanos { config.deadPeerTimeoutNanos = deadPeerTimeoutNanos }
+        if let deadPeerTimeoutNanos { config.deadPeerTimeoutNanos = deadPeerTimeoutNanos * TestTiming.scale }
         let daemon = try DestinationDaemon(config: config, logger: daemonLogger ?? testLogger("postcopyd"))
         let daemonRun = try Background("test-daemon") { try daemon.run() }
         let watcher = try duringPostcopy.map { hook in
@@ -108,7 +123,7 @@ struct Migration {
                                       control: SourceControl("test", pause: pause, resume: {}))
         agentConfig.policy = PrecopyPolicy(maxRounds: rounds)
         agentConfig.postcopyBytesPerSecond = postcopyBytesPerSecond
-        if let deadPeerTimeoutNanos { agentConfig.deadPeerTimeoutNanos = deadPeerTimeoutNanos }
+        if let deadPeerTimeoutNanos { agentConfig.deadPeerTimeoutNanos = deadPeerTimeoutNanos * TestTiming.scale }
         agentConfig.reconnectInitialDelayNanos = 20_000_000
         agentConfig.reconnectMaxDelayNanos = 200_000_000
         agentConfig.reconnectTimeoutNanos = 60_000_000_000

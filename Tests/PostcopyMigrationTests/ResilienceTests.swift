@@ -112,8 +112,8 @@ struct ResilienceTests {
         let (source, rewrite) = try Self.allStale(seed: 9)
         let proxy = ProxySlot()
         var migration = Self.throughProxy(proxy)
-        let timeout: UInt64 = 1_000_000_000
-        migration.deadPeerTimeoutNanos = timeout
+        migration.deadPeerTimeoutNanos = 1_000_000_000
+        let timeout = 1_000_000_000 * TestTiming.scale  // as the harness applies it
         let detected = Mutex<UInt64?>(nil)
         migration.duringPostcopy = { daemon in
             usleep(200_000)
@@ -128,7 +128,7 @@ struct ResilienceTests {
         let took = try #require(detected.withLock { $0 }, "postcopy never paused on a silent agent")
         print("resilience silent peer: paused \(fixed(Double(took) / 1e6, 0)) ms after the stall (timeout \(timeout / 1_000_000) ms)")
         #expect(took >= timeout * 9 / 10, "paused before the timeout: \(took) ns")
-        #expect(took < timeout + 1_500_000_000, "found dead after \(took) ns")
+        #expect(took < timeout + 1_500_000_000 * TestTiming.scale, "found dead after \(took) ns")
         Self.expectVerified(outcome)
         #expect(outcome.agent.rejoins >= 1)
     }
@@ -191,7 +191,7 @@ extension ResilienceTests {
                                        transport: TestCertificates.daemon,
                                        vmmSocketPath: directory.path + "/vmm.sock", memory: .shmem,
                                        regionSize: Self.size, vmmUID: geteuid())
-        config.deadPeerTimeoutNanos = 1_000_000_000
+        config.deadPeerTimeoutNanos = 1_000_000_000 * TestTiming.scale
         let daemon = try DestinationDaemon(config: config, logger: testLogger("postcopyd"))
         let daemonRun = try Background("test-daemon") { try daemon.run() }
         var guestConfig = GuestConfig(socketPath: config.vmmSocketPath)
@@ -202,7 +202,7 @@ extension ResilienceTests {
         let guestRun = try Background("test-guest") { try guest.run() }
         let id = "00000000000000130000000000000013"
         let common = ["--ram", source.path, "--to", "\(daemon.endpoint)", "--migration-id", id, "--quiet",
-                      "--postcopy-bandwidth", "8", "--dead-peer-timeout", "1", "--reconnect-timeout", "30"]
+                      "--postcopy-bandwidth", "8", "--dead-peer-timeout", TestTiming.seconds(1), "--reconnect-timeout", "30"]
             + TestCertificates.agentFlags + ["--migration-secret-file", directory.path + "/secret"]
         // The first agent's "pause" rewrites 40 MiB of the source, as a
         // guest would have since precopy sent it: those pages are stale.

@@ -33,7 +33,7 @@ struct TakeoverTests {
         let directory = try TemporaryDirectory()
         let vmmSocket = directory.path + "/vmm.sock"
         let control = directory.path + "/control.sock"
-        let common = ["serve", "--vmm-socket", vmmSocket, "--control-socket", control, "--dead-peer-timeout", "1",
+        let common = ["serve", "--vmm-socket", vmmSocket, "--control-socket", control, "--dead-peer-timeout", TestTiming.seconds(1),
                       "--reconnect-timeout", "60", "--json"] + TestCertificates.daemonFlags
         let first = try Program.spawn("postcopyd", common + ["--listen", "127.0.0.1:0", "--size", "\(Self.size)",
                                                              "--ready-file", directory.path + "/ready"],
@@ -60,13 +60,13 @@ struct TakeoverTests {
         let rewrite = "dd if=/dev/urandom of=\(source.path) bs=1M count=40 conv=notrunc status=none"
         let agent = try Program.spawn("postcopy-push", [
             "--ram", source.path, "--to", endpoint, "--migration-id", "00000000000000170000000000000017", "--quiet",
-            "--postcopy-bandwidth", "8", "--dead-peer-timeout", "1", "--reconnect-timeout", "60",
+            "--postcopy-bandwidth", "8", "--dead-peer-timeout", TestTiming.seconds(1), "--reconnect-timeout", "60",
             "--pause-cmd", rewrite, "--max-rounds", "1",
         ] + TestCertificates.agentFlags, stderr: directory.path + "/push.err")
         defer { if agent.isRunning { kill(agent.processIdentifier, SIGKILL) } }
 
         // Let it serve a while, then kill it where it stands.
-        let serving = Self.waitFor(control, seconds: 60) { $0.phase == "postcopy" && $0.faultsStale > 0 }
+        let serving = Self.waitFor(control, seconds: 60 * Double(TestTiming.scale)) { $0.phase == "postcopy" && $0.faultsStale > 0 }
         try #require(serving != nil, "postcopy never served a stale fault:\n\(readTextFile(directory.path + "/postcopyd1.err") ?? "")")
         usleep(200_000)
         let before = try #require(Self.status(control))

@@ -369,6 +369,7 @@ final class NotifyListener: @unchecked Sendable {
         }
         guard first else { return }
         done.wait()
+        thread = nil  // it held this listener through its closure
         close(fd)
     }
 
