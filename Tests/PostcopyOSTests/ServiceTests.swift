@@ -286,7 +286,7 @@ final class ServiceRun: @unchecked Sendable {
     static func spawn(_ program: String, _ arguments: [String], environment: [String: String] = [:],
                       stdout: String? = nil, stderr: String? = nil) throws -> Process {
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: program.hasPrefix("/") ? program : CommandLineTests.binary(program))
+        process.executableURL = URL(fileURLWithPath: CommandLineTests.binary(program))
         process.arguments = arguments
         process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         if let stdout {
@@ -305,7 +305,12 @@ final class ServiceRun: @unchecked Sendable {
     static func makeCertificates(in directory: String) throws {
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .deletingLastPathComponent().appendingPathComponent("scripts/make-test-certs.sh").path
-        let process = try spawn("/bin/bash", [script, directory], stdout: "/dev/null")
+        // Not spawn(stdout:): creating the file would replace /dev/null.
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/bash")
+        process.arguments = [script, directory]
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
         process.waitUntilExit()
         guard process.terminationStatus == 0 else { throw CancellationError() }
     }
