@@ -19,8 +19,8 @@ public struct MigrationError: Error, CustomStringConvertible, Sendable {
 /// Records the first failure and runs the shutdown that wakes every other
 /// thread of a migration, exactly once.
 final class FailureLatch: Sendable {
-    private let first = Mutex<MigrationError?>(nil)
-    private let handler = Mutex<(@Sendable (MigrationError) -> Void)?>(nil)
+    private let first = Locked<MigrationError?>(nil)
+    private let handler = Locked<(@Sendable (MigrationError) -> Void)?>(nil)
 
     init() {}
 

@@ -168,7 +168,7 @@ public struct FaultExerciseReport: Sendable {
 /// loop has stopped (joining the thread orders the reads after the writes).
 final class CountingResolver: FaultResolver, @unchecked Sendable {
     private let counts: UnsafeMutableBufferPointer<UInt8>
-    private let failure = Mutex<String?>(nil)
+    private let failure = Locked<String?>(nil)
 
     init(pageCount: UInt64) {
         counts = .allocate(capacity: Int(pageCount))

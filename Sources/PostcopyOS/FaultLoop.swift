@@ -51,7 +51,7 @@ public final class FaultLoop: Sendable {
     private let resolver: any FaultResolver
     private let batchSize: Int
     private let thread: StoppableThread
-    private let failure = Mutex<String?>(nil)
+    private let failure = Locked<String?>(nil)
 
     public init(installer: PageInstaller, resolver: any FaultResolver, batchSize: Int = 64) throws {
         self.installer = installer

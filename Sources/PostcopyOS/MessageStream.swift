@@ -14,7 +14,7 @@ public final class MessageStream: @unchecked Sendable {
     private var decoder: FrameDecoder
     /// The most one receive asks the kernel for.
     private let receiveSize: Int
-    private let sendLock = Mutex<Void>(())
+    private let sendLock = Locked<Void>(())
     /// Bytes received, for statistics; read from any thread.
     public let bytesReceived = Atomic<UInt64>(0)
 

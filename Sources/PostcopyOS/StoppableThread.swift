@@ -1,5 +1,6 @@
 import Glibc
 import Synchronization
+import PostcopyCore
 
 /// A thread that runs until asked to stop: `stop()` makes an eventfd
 /// readable, which the thread's body polls beside whatever it waits for,
@@ -7,7 +8,7 @@ import Synchronization
 public final class StoppableThread: Sendable {
     /// Readable once `stop()` was called.
     public let stopSignal: EventSignal
-    private let thread = Mutex<OSThread?>(nil)
+    private let thread = Locked<OSThread?>(nil)
 
     public init() throws(SystemCallError) {
         stopSignal = try EventSignal()

@@ -291,7 +291,7 @@ public final class TLSContext: @unchecked Sendable {
         defer { X509_free(certificate) }
         var text = [CChar](repeating: 0, count: 512)
         guard X509_NAME_oneline(X509_get_subject_name(certificate), &text, Int32(text.count)) != nil else { return "" }
-        return String(cString: text)
+        return String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 }
 
@@ -305,7 +305,7 @@ public final class TLSConnection: ByteStream, @unchecked Sendable {
     public let peerIdentity: String?
     private let ssl: OpaquePointer
     private let side: TLSContext.Side
-    private let lock = Mutex<Void>(())
+    private let lock = Locked<Void>(())
     /// 0: wait forever.
     private let receiveTimeout = Atomic<UInt64>(0)
     private let sendTimeout = Atomic<UInt64>(0)

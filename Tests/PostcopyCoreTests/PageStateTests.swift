@@ -81,7 +81,7 @@ import Testing
     }
 
     @Test func aRecordWithBitsPastTheRegionIsNotLoaded() throws {
-        try withRecord(pages: 70) { record in
+        withRecord(pages: 70) { record in
             record.store(PageBitmap(count: 70))
             record.words[1] = 1 << 10
             #expect(record.load() == nil)

@@ -292,7 +292,7 @@ extension FaultProxy {
     /// The proxy's threads and the state they share. They hold this rather
     /// than the proxy, so that the proxy's deinit can stop them.
     private final class Core: Sendable {
-        let state = Mutex(State())
+        let state = Locked(State())
         /// Wakes the accept thread, in `poll` or in a connect to the target.
         let stopSignal: EventSignal
         let stopped = Latch()

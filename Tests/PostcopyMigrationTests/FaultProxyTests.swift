@@ -2,6 +2,7 @@ import Glibc
 import PostcopyOS
 import Synchronization
 import Testing
+import PostcopyCore
 
 /// The fault proxy itself, against an echo server: it must forward bytes
 /// unchanged, and each fault must look to a peer exactly as documented,
@@ -208,7 +209,7 @@ final class EchoServer: Sendable {
     /// What the accept thread shares with `stop()`. The thread holds this,
     /// never the server, so the server's deinit can stop it.
     private final class Connections: Sendable {
-        let state = Mutex<(open: [TCPConnection], threads: [OSThread], stopped: Bool)>(([], [], false))
+        let state = Locked<(open: [TCPConnection], threads: [OSThread], stopped: Bool)>(([], [], false))
     }
 
     private let listener: TCPListener

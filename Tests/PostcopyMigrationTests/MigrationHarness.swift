@@ -10,7 +10,7 @@ import Testing
 /// test can wait for it with a deadline instead of hanging.
 final class Background<T: Sendable>: Sendable {
     private final class Slot: Sendable {
-        let result = Mutex<Result<T, any Error>?>(nil)
+        let result = Locked<Result<T, any Error>?>(nil)
         let done = Latch()
     }
 

@@ -114,7 +114,7 @@ struct ResilienceTests {
         var migration = Self.throughProxy(proxy)
         migration.deadPeerTimeoutNanos = 1_000_000_000
         let timeout = 1_000_000_000 * TestTiming.scale  // as the harness applies it
-        let detected = Mutex<UInt64?>(nil)
+        let detected = Locked<UInt64?>(nil)
         migration.duringPostcopy = { daemon in
             usleep(200_000)
             guard let proxy = proxy.current, daemon.status().phase == "postcopy" else { return }
@@ -175,7 +175,7 @@ struct ResilienceTests {
 
 /// The proxy a migration's route made, for the hooks that break it.
 final class ProxySlot: Sendable {
-    private let proxy = Mutex<FaultProxy?>(nil)
+    private let proxy = Locked<FaultProxy?>(nil)
     func set(_ made: FaultProxy) { proxy.withLock { $0 = made } }
     var current: FaultProxy? { proxy.withLock { $0 } }
 }

@@ -8,7 +8,7 @@ import Testing
 
 /// A log handler that keeps the records a test asserts on.
 final class LogCapture: Sendable {
-    private let records = Mutex<[(Logger.Level, String, Logger.Metadata)]>([])
+    private let records = Locked<[(Logger.Level, String, Logger.Metadata)]>([])
 
     var logger: Logger {
         var logger = Logger(label: "postcopyd") { _ in Handler(capture: self) }
@@ -33,12 +33,9 @@ final class LogCapture: Sendable {
             set { metadata[key] = newValue }
         }
 
-        // swift-log's requirement, with its parameter names.
-        // swiftlint:disable:next function_parameter_count
-        func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String,
-                 file: String, function: String, line: UInt) {
-            let merged = self.metadata.merging(metadata ?? [:]) { $1 }
-            capture.records.withLock { $0.append((level, "\(message)", merged)) }
+        func log(event: LogEvent) {
+            let merged = metadata.merging(event.metadata ?? [:]) { $1 }
+            capture.records.withLock { $0.append((event.level, "\(event.message)", merged)) }
         }
     }
 }
@@ -147,7 +144,7 @@ struct SecurityTests {
     @Test func aHijackedMigrationIDIsRefused() throws {
         let (source, dirty) = try MigrationTests.source(dirty: 0.05)
         let capture = LogCapture()
-        let hijacks = Mutex<[String]>([])
+        let hijacks = Locked<[String]>([])
         var migration = Migration()
         migration.daemonLogger = capture.logger
         migration.duringPostcopy = { daemon in
@@ -204,7 +201,7 @@ struct SecurityTests {
     /// answered with ERROR at once, and the migration completes.
     @Test func aSecondVMMIsRefusedWhileOneIsAttached() throws {
         let (source, dirty) = try MigrationTests.source(dirty: 0.02)
-        let answer = Mutex<String>("")
+        let answer = Locked<String>("")
         var migration = Migration()
         migration.duringPostcopy = { daemon in
             do {

@@ -2,6 +2,7 @@ import Glibc
 import PostcopyOS
 import Synchronization
 import Testing
+import PostcopyCore
 
 /// The background stream's thread moves to a lower scheduling class, as the
 /// kernel reports it back, and only that thread does.
@@ -12,7 +13,7 @@ import Testing
     }
 
     func observe(_ schedulingClass: OSThread.SchedulingClass) throws -> (thread: Observed, caller: Observed) {
-        let seen = Mutex<Result<Observed, SystemCallError>?>(nil)
+        let seen = Locked<Result<Observed, SystemCallError>?>(nil)
         let thread = try OSThread.start(name: "sched-test") {
             do throws(SystemCallError) {
                 try OSThread.setCurrentScheduling(schedulingClass)

@@ -4,7 +4,7 @@ import Synchronization
 /// written, such as MIGRATION_ID and PHASE: the daemon sets them as the
 /// migration moves on, the log handler reads them for each record.
 public final class LogContext: Sendable {
-    private let fields = Mutex<[String: String]>([:])
+    private let fields = Locked<[String: String]>([:])
 
     public init() {}
 

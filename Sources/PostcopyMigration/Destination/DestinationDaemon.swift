@@ -30,20 +30,20 @@ public final class DestinationDaemon: @unchecked Sendable {
     private let logger: Logger
     private let failures: FailureLatch
     private let vmm: VMMLink
-    private let session: Mutex<DestinationSession>
+    private let session: Locked<DestinationSession>
     /// The agent's connections of the current generation, and every
     /// receiving thread ever started (joined at the end).
-    private let agent = Mutex(AgentConnections())
-    private let engine = Mutex<PostcopyEngine?>(nil)
-    private let faultLoop = Mutex<FaultLoop?>(nil)
+    private let agent = Locked(AgentConnections())
+    private let engine = Locked<PostcopyEngine?>(nil)
+    private let faultLoop = Locked<FaultLoop?>(nil)
     private let completion = Latch()
     private let finished = Atomic<Bool>(false)
-    private let summary = Mutex(DestinationSummary())
+    private let summary = Locked(DestinationSummary())
     /// Fields of every log record (MIGRATION_ID, PHASE, POSTCOPYD_INSTANCE).
     public let context: LogContext
     private let startedAt = monotonicNanoseconds()
-    private let agentAddresses = Mutex<[String]>([])
-    private let receiveRate = Mutex(RateMeter())
+    private let agentAddresses = Locked<[String]>([])
+    private let receiveRate = Locked(RateMeter())
     /// When the current pause began (monotonic; 0: not paused), and the
     /// paused time of earlier pauses.
     private let pausedAt = Atomic<UInt64>(0)
@@ -52,14 +52,14 @@ public final class DestinationDaemon: @unchecked Sendable {
     private let receivers = Atomic<Int>(0)
     /// Agent connections in their TLS handshake or HELLO, each on a thread
     /// of its own (at most `config.maxPendingConnections`).
-    private let admissions = Mutex<[Admission]>([])
+    private let admissions = Locked<[Admission]>([])
     /// Connections turned away at the limit since the last log line about them.
-    private let turnedAway = Mutex<(count: UInt64, loggedAt: UInt64)>((0, 0))
+    private let turnedAway = Locked<(count: UInt64, loggedAt: UInt64)>((0, 0))
 
     private final class Admission: Sendable {
         let connection: TCPConnection
         let done = Atomic<Bool>(false)
-        let thread = Mutex<OSThread?>(nil)
+        let thread = Locked<OSThread?>(nil)
         init(_ connection: TCPConnection) { self.connection = connection }
     }
     /// What this daemon took over, when it was started to take a migration over.
@@ -124,7 +124,7 @@ public final class DestinationDaemon: @unchecked Sendable {
             context.set("PHASE", DestinationSession.Phase.paused.rawValue)
             memory = taken.memory
             recovered = taken
-            session = Mutex(DestinationSession(takingOver: header.migrationID, geometry: header.geometry,
+            session = Locked(DestinationSession(takingOver: header.migrationID, geometry: header.geometry,
                                                   secretDigest: header.secretDigest))
             vmm = VMMLink(listener: unix, memory: memory, allowedUID: config.vmmUID, failures: failures, logger: logger,
                           takeover: VMMTakeover(pageState: taken.pageState, attached: taken.vmm))
@@ -134,7 +134,7 @@ public final class DestinationDaemon: @unchecked Sendable {
                 try GuestMemory(backing: backing, size: config.regionSize)
             }
             recovered = nil
-            session = Mutex(DestinationSession(geometry: memory.geometry, migrationID: config.migrationID,
+            session = Locked(DestinationSession(geometry: memory.geometry, migrationID: config.migrationID,
                                                   secret: config.migrationSecret))
             vmm = VMMLink(listener: unix, memory: memory, allowedUID: config.vmmUID, failures: failures, logger: logger)
         }

@@ -10,15 +10,15 @@ import Synchronization
 final class PostcopyEngine: FaultResolver, Sendable {
     let memory: GuestMemory
     let installer: PageInstaller
-    private let tracker: Mutex<PostcopyTracker>
+    private let tracker: Locked<PostcopyTracker>
     /// Where PAGE_REQUESTs go; nil while postcopy is paused.
-    private let urgent: Mutex<MessageStream?>
+    private let urgent: Locked<MessageStream?>
     private let failures: FailureLatch
     private let onComplete: @Sendable () -> Void
-    private let stalls: Mutex<StallLimiter>
+    private let stalls: Locked<StallLimiter>
     private let onStall: @Sendable (StallLimiter.Report) -> Void
     private let nextRequestID = Atomic<UInt32>(0)
-    private let latencies = Mutex<[UInt64]>([])
+    private let latencies = Locked<[UInt64]>([])
     private let completeSignalled = Atomic<Bool>(false)
     let urgentPages = Atomic<UInt64>(0)
     let backgroundPages = Atomic<UInt64>(0)
@@ -30,12 +30,12 @@ final class PostcopyEngine: FaultResolver, Sendable {
     /// fault after it is served), and then how long that took, per rejoin.
     /// An atomic, so that the fault path takes no lock for it.
     private let rejoinedAt = Atomic<UInt64>(0)
-    private let rejoinToFirstFault = Mutex<[UInt64]>([])
+    private let rejoinToFirstFault = Locked<[UInt64]>([])
     /// The record a restarted daemon takes over from: a page's bit there is
     /// cleared once its bytes are written, before it is installed.
     let pageState: PageStateFile?
     /// Event by event, when asked for (`DestinationConfig.tracePath`).
-    private let trace: Mutex<PostcopyTrace>
+    private let trace: Locked<PostcopyTrace>
     private let tracing: Bool
 
     /// `onStall` hears of guest threads blocked longer than the limiter's
@@ -47,17 +47,17 @@ final class PostcopyEngine: FaultResolver, Sendable {
          onComplete: @escaping @Sendable () -> Void) {
         self.memory = memory
         self.installer = installer
-        tracker = Mutex(PostcopyTracker(geometry: memory.geometry, stale: stale))
-        self.urgent = Mutex(urgent)
+        tracker = Locked(PostcopyTracker(geometry: memory.geometry, stale: stale))
+        self.urgent = Locked(urgent)
         self.pageState = pageState
         self.failures = failures
         self.onComplete = onComplete
-        self.stalls = Mutex(stalls)
+        self.stalls = Locked(stalls)
         self.onStall = onStall
         // Room for a fill per 64 pages and a fault per 16 stale pages up
         // front, so that recording rarely reallocates while faults wait.
         self.tracing = tracing
-        trace = Mutex(PostcopyTrace(stalePages: stale.popCount,
+        trace = Locked(PostcopyTrace(stalePages: stale.popCount,
                                     reserving: tracing ? Int(stale.popCount / 64 + stale.popCount / 16) + 1024 : 0))
     }
 

@@ -50,13 +50,13 @@ final class VMMLink: Sendable {
     private let allowedUID: UInt32
     private let failures: FailureLatch
     private let logger: Logger
-    private let attachment = Mutex<VMMAttachment?>(nil)
+    private let attachment = Locked<VMMAttachment?>(nil)
     /// Opens once the VMM attached.
     let attached = Latch()
     /// Opens once the VMM acknowledged VMM_COMPLETE.
     let completed = Latch()
     private let completeSent = Atomic<Bool>(false)
-    private let thread = Mutex<OSThread?>(nil)
+    private let thread = Locked<OSThread?>(nil)
 
     init(listener: UnixListener, memory: GuestMemory, allowedUID: UInt32, failures: FailureLatch, logger: Logger,
          takeover: VMMTakeover? = nil) {

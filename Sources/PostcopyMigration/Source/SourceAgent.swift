@@ -87,7 +87,7 @@ public final class SourceAgent: @unchecked Sendable {
     private let requests = Atomic<UInt64>(0)
     private let urgentBytes = Atomic<UInt64>(0)
     /// The latest connection of each role, for the heartbeat thread and the end.
-    private let links = Mutex<[StreamRole: MessageStream]>([:])
+    private let links = Locked<[StreamRole: MessageStream]>([:])
 
     public init(config: AgentConfig, logger: Logger, progress: ProgressReporter) throws {
         self.config = config
@@ -385,8 +385,8 @@ public final class SourceAgent: @unchecked Sendable {
                        _ connections: (bulk: MessageStream, urgent: MessageStream), started: UInt64,
                        background: BackgroundStream) throws {
         let (bulk, urgent) = connections
-        let queue = Mutex(PostcopySendQueue(stale: pending))
-        let failure = Mutex<(any Error)?>(nil)
+        let queue = Locked(PostcopySendQueue(stale: pending))
+        let failure = Locked<(any Error)?>(nil)
         let urgentThread = try OSThread.start(name: "push-urgent") { [self] in
             do {
                 try serveRequests(urgent, queue: queue, zero: zero)
@@ -444,7 +444,7 @@ public final class SourceAgent: @unchecked Sendable {
     }
 
     /// Answers PAGE_REQUESTs with the pages no sender has taken yet.
-    private func serveRequests(_ urgent: MessageStream, queue: borrowing Mutex<PostcopySendQueue>, zero: PageBitmap) throws {
+    private func serveRequests(_ urgent: MessageStream, queue: Locked<PostcopySendQueue>, zero: PageBitmap) throws {
         let limits = RegionLimits(smallPageCount: image.smallPageCount)
         while true {
             let message = try next(on: urgent, "on the urgent connection during postcopy")
