@@ -14,7 +14,7 @@ public final class MessageStream: @unchecked Sendable {
     private var decoder: FrameDecoder
     /// The most one receive asks the kernel for.
     private let receiveSize: Int
-    private let sendLock = Locked<Void>(())
+    private let sendLock = Lock()
     /// Bytes received, for statistics; read from any thread.
     public let bytesReceived = Atomic<UInt64>(0)
 
@@ -61,7 +61,7 @@ public final class MessageStream: @unchecked Sendable {
     /// Sends bytes holding one or more whole frames, none interleaved with
     /// another thread's.
     public func sendFrame(_ frame: [UInt8]) throws {
-        try sendLock.withLock { _ in
+        try sendLock.withLock {
             do {
                 try frame.withUnsafeBytes { try connection.send($0) }
             } catch {
@@ -75,7 +75,7 @@ public final class MessageStream: @unchecked Sendable {
         var head: [UInt8] = []
         head.reserveCapacity(32)
         Message.encodePagesHead(requestID: requestID, firstPage: firstPage, pageData: pageData, into: &head)
-        try sendLock.withLock { _ in
+        try sendLock.withLock {
             do {
                 try head.withUnsafeBytes { try connection.send($0) }
                 try connection.send(pageData)

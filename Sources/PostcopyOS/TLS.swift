@@ -305,7 +305,7 @@ public final class TLSConnection: ByteStream, @unchecked Sendable {
     public let peerIdentity: String?
     private let ssl: OpaquePointer
     private let side: TLSContext.Side
-    private let lock = Locked<Void>(())
+    private let lock = Lock()
     /// 0: wait forever.
     private let receiveTimeout = Atomic<UInt64>(0)
     private let sendTimeout = Atomic<UInt64>(0)
@@ -323,7 +323,7 @@ public final class TLSConnection: ByteStream, @unchecked Sendable {
     /// code, errno and the queued reasons, all read before another thread
     /// can make a call.
     private func call(_ body: (OpaquePointer) -> Int32) -> (result: Int32, code: Int32, errno: Int32, reasons: String) {
-        lock.withLock { _ in
+        lock.withLock {
             ERR_clear_error()
             let result = body(ssl)
             guard result <= 0 else { return (result, SSL_ERROR_NONE, 0, "") }
@@ -355,7 +355,7 @@ public final class TLSConnection: ByteStream, @unchecked Sendable {
                 count += Int(outcome.result)
                 // More only while OpenSSL holds it already: no system call
                 // just to learn that the socket is empty.
-                guard lock.withLock({ _ in SSL_has_pending(ssl) }) == 1 else { return count }
+                guard lock.withLock({ SSL_has_pending(ssl) }) == 1 else { return count }
                 continue
             }
             let ended = outcome.code == SSL_ERROR_ZERO_RETURN || (outcome.code == SSL_ERROR_SYSCALL && outcome.errno == 0)

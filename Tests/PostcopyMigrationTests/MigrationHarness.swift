@@ -30,7 +30,7 @@ final class Background<T: Sendable>: Sendable {
     /// means a hang, which stops the whole test process with a message
     /// rather than stalling CI.
     func wait(seconds: UInt64 = 180, _ what: String) -> Result<T, any Error> {
-        guard slot.done.wait(timeoutNanos: seconds * 1_000_000_000) else {
+        guard slot.done.wait(timeoutNanos: seconds * TestTiming.scale * 1_000_000_000) else {
             writeStandardError("FATAL: \(what) did not finish within \(seconds) s\n")
             abort()
         }
