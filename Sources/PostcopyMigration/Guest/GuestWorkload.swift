@@ -11,8 +11,8 @@ import Synchronization
 /// released, so the digest always covers all of RAM.
 final class GuestWorkload: @unchecked Sendable {
     // SAFETY (@unchecked): each thread writes only its own pages' slots of
-    // `hashes` and its own `stalls`/`startedAt` arrays; `finish` reads them
-    // after joining.
+    // `hashes`, and hands its results over through `results`; `finish`
+    // reads them after joining.
     private let mapping: Mapping
     private let pageCount: UInt64
     private let scribble: Bool
@@ -22,11 +22,11 @@ final class GuestWorkload: @unchecked Sendable {
     private let hashes: UnsafeMutableBufferPointer<UInt64>
     private let touched: [Bool]
     private let shards: [[UInt64]]
-    private var stalls: [[UInt64]]
-    /// When each touch began, since `started` (only with `recordTimes`).
-    private var startedAt: [[UInt64]]
-    /// What each thread's first loads read, kept so the loads are not elided.
-    private var sinks: [UInt64]
+    /// Per thread: its first-touch stalls, when each touch began since
+    /// `started` (only with `recordTimes`), and what its loads read (kept
+    /// so that they are not elided). Threads write their own slot, under the
+    /// lock: slots of one array are not separate variables.
+    private let results: Locked<[(stalls: [UInt64], startedAt: [UInt64], sink: UInt64)]>
     private var workers: [OSThread] = []
     private let started = monotonicNanoseconds()
 
@@ -50,9 +50,7 @@ final class GuestWorkload: @unchecked Sendable {
         shards = (0..<threads).map { index in
             Array(order[(order.count * index / threads)..<(order.count * (index + 1) / threads)])
         }
-        stalls = shards.map { _ in [] }
-        startedAt = shards.map { _ in [] }
-        sinks = shards.map { _ in 0 }
+        results = Locked(shards.map { _ in ([], [], 0) })
         for (index, shard) in shards.enumerated() {
             workers.append(try OSThread.start(name: "guest-vcpu\(index)") { [self] in run(shard, index) })
         }
@@ -84,9 +82,7 @@ final class GuestWorkload: @unchecked Sendable {
             if scribble { address.storeBytes(of: Self.marker(page), toByteOffset: 4096 - 8, as: UInt64.self) }
             if thinkNanos > 0 { sleepNanoseconds(thinkNanos) }
         }
-        stalls[index] = samples
-        startedAt[index] = starts
-        sinks[index] = sink
+        results.withLock { $0[index] = (samples, starts, sink) }
     }
 
     /// Waits for the threads, then hashes the pages they did not touch: call
@@ -95,6 +91,7 @@ final class GuestWorkload: @unchecked Sendable {
     /// stalls, and how many markers did not survive.
     func finish() -> GuestSummary {
         for worker in workers { worker.join() }
+        let stalls = results.withLock { $0.map(\.stalls) }
         var summary = GuestSummary()
         summary.threads = workers.count
         summary.pagesRead = UInt64(shards.reduce(0) { $0 + $1.count })
@@ -119,9 +116,9 @@ final class GuestWorkload: @unchecked Sendable {
     /// in time order; empty unless `recordTimes` was set.
     func touchLog() -> String {
         var rows: [(at: UInt64, thread: Int, page: UInt64, stall: UInt64)] = []
-        for (thread, starts) in startedAt.enumerated() {
-            for (index, at) in starts.enumerated() {
-                rows.append((at, thread, shards[thread][index], stalls[thread][index]))
+        for (thread, result) in results.withLock({ $0 }).enumerated() {
+            for (index, at) in result.startedAt.enumerated() {
+                rows.append((at, thread, shards[thread][index], result.stalls[index]))
             }
         }
         rows.sort { $0.at < $1.at }
