@@ -127,7 +127,9 @@ struct ResilienceTests {
         proxy.current?.stop()
         let took = try #require(detected.withLock { $0 }, "postcopy never paused on a silent agent")
         print("resilience silent peer: paused \(fixed(Double(took) / 1e6, 0)) ms after the stall (timeout \(timeout / 1_000_000) ms)")
-        #expect(took >= timeout * 9 / 10, "paused before the timeout: \(took) ns")
+        // The clock starts at the last frame before the stall, which may be a
+        // HEARTBEAT up to a quarter of the timeout earlier.
+        #expect(took >= timeout * 7 / 10, "paused before the timeout: \(took) ns")
         #expect(took < timeout + 1_500_000_000 * TestTiming.scale, "found dead after \(took) ns")
         Self.expectVerified(outcome)
         #expect(outcome.agent.rejoins >= 1)

@@ -58,6 +58,10 @@ public final class DestinationDaemon: @unchecked Sendable {
 
     private final class Admission: Sendable {
         let connection: TCPConnection
+        /// Past its HELLO (a connection of the migration now), or given up:
+        /// no longer one to give up for a newer connection.
+        let settled = Atomic<Bool>(false)
+        /// Its thread has finished: join it.
         let done = Atomic<Bool>(false)
         let thread = Locked<OSThread?>(nil)
         init(_ connection: TCPConnection) { self.connection = connection }
@@ -357,9 +361,11 @@ public final class DestinationDaemon: @unchecked Sendable {
     private func startAdmission(_ connection: TCPConnection) throws {
         let admission = Admission(connection)
         let evicted = admissions.withLock { list -> Admission? in
-            let waiting = list.filter { !$0.done.load(ordering: .acquiring) }
+            let waiting = list.filter { !$0.settled.load(ordering: .acquiring) }
             list.append(admission)
-            return waiting.count >= config.maxPendingConnections ? waiting.first : nil
+            guard waiting.count >= config.maxPendingConnections, let oldest = waiting.first else { return nil }
+            oldest.settled.store(true, ordering: .releasing)
+            return oldest
         }
         if let evicted {
             let now = monotonicNanoseconds()
@@ -377,7 +383,8 @@ public final class DestinationDaemon: @unchecked Sendable {
         }
         do {
             let thread = try OSThread.start(name: "postcopy-admit") { [self] in
-                admit(connection)
+                admit(connection) { admission.settled.store(true, ordering: .releasing) }
+                admission.settled.store(true, ordering: .releasing)
                 admission.done.store(true, ordering: .releasing)
             }
             admission.thread.withLock { $0 = thread }
@@ -399,7 +406,10 @@ public final class DestinationDaemon: @unchecked Sendable {
 
     /// Reads one connection's HELLO and answers it; starts receiving once
     /// both connections of a generation are there.
-    private func admit(_ tcp: TCPConnection) {
+    ///
+    /// `admitted` runs once the session took the HELLO: from then on the
+    /// connection is the migration's, never one to give up for a newer one.
+    private func admit(_ tcp: TCPConnection, admitted: () -> Void) {
         let address = tcp.peerEndpoint.map { "\($0)" } ?? "unknown"
         let connection: any ByteStream
         do {
@@ -418,6 +428,7 @@ public final class DestinationDaemon: @unchecked Sendable {
                 let ready = phase != session.phase && (session.phase == .precopy || session.phase == .postcopy)
                 return (role, welcome, session.epoch, session.epoch != before, ready)
             }
+            admitted()
             if superseded {
                 paused(epoch: epoch - 1, because: "the agent rejoined: it found the connections dead first", role: role)
             }
