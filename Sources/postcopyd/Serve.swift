@@ -187,10 +187,13 @@ struct Serve: ParsableCommand {
         defer { supervisor.stop() }
         do {
             let summary = try daemon.run()
+            // The supervisor first: nothing (STATUS, WATCHDOG) after STOPPING.
+            supervisor.stop()
             notifier.stopping(status: daemon.status().statusLine)
             summary.lines.forEach { logger.info("\($0)") }
             if json { try printJSON(summary) }
         } catch {
+            supervisor.stop()
             notifier.stopping(status: daemon.status().statusLine)
             throw ExitCode.failure
         }
