@@ -64,7 +64,7 @@ struct SecurityTests {
         var config = AgentConfig(ramPath: source.path, daemon: daemon.daemon.endpoint, transport: transport,
                                  migrationID: MigrationID(high: 3, low: 3),
                                  control: SourceControl("test", pause: {}, resume: {}))
-        config.deadPeerTimeoutNanos = 2_000_000_000
+        config.deadPeerTimeoutNanos = 2_000_000_000 * TestTiming.scale
         let agent = try SourceAgent(config: config, logger: testLogger("agent"), progress: ProgressReporter(enabled: false))
         let outcome = try Background("test-agent") { try agent.run() }.wait("the agent")
         guard case let .failure(error) = outcome else {
