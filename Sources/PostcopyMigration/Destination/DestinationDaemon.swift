@@ -53,8 +53,8 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// Agent connections in their TLS handshake or HELLO, each on a thread
     /// of its own (at most `config.maxPendingConnections`).
     private let admissions = Locked<[Admission]>([])
-    /// Connections turned away at the limit since the last log line about them.
-    private let turnedAway = Locked<(count: UInt64, loggedAt: UInt64)>((0, 0))
+    /// Connections given up at the limit: a log line a second at most.
+    private let givenUpLog = Locked(ReportLimiter())
 
     private final class Admission: Sendable {
         let connection: TCPConnection
@@ -369,15 +369,9 @@ public final class DestinationDaemon: @unchecked Sendable {
         }
         if let evicted {
             let now = monotonicNanoseconds()
-            let (count, due) = turnedAway.withLock { state -> (UInt64, Bool) in
-                state.count += 1
-                guard now &- state.loggedAt >= 1_000_000_000 else { return (state.count, false) }
-                defer { state = (0, now) }
-                return (state.count, true)
-            }
-            if due {
+            if let unreported = givenUpLog.withLock({ $0.record(at: now) }) {
                 let address = evicted.connection.peerEndpoint.map { "\($0)" } ?? "unknown"
-                refused(address, identity: nil, "\(config.maxPendingConnections) connections were already in their handshake (the limit): gave up the oldest for a newer one (\(count) in the last second)")
+                refused(address, identity: nil, "\(config.maxPendingConnections) connections were already in their handshake (the limit): gave up the oldest for a newer one (\(unreported + 1) since the last such report)")
             }
             evicted.connection.shutdown()
         }
