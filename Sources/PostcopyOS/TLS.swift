@@ -319,17 +319,28 @@ public final class TLSConnection: ByteStream, @unchecked Sendable {
 
     deinit { SSL_free(ssl) }
 
-    /// One call into OpenSSL under the lock: its result, SSL_get_error's
-    /// code, errno and the queued reasons, all read before another thread
-    /// can make a call.
-    private func call(_ body: (OpaquePointer) -> Int32) -> (result: Int32, code: Int32, errno: Int32, reasons: String) {
+    /// What one call into OpenSSL did, read before another thread can make
+    /// a call: its result, and after success whether OpenSSL holds more
+    /// received data; after failure SSL_get_error's code, errno and the
+    /// queued reasons.
+    private struct Outcome {
+        var result: Int32
+        var pending = false
+        var code = SSL_ERROR_NONE
+        var errno: Int32 = 0
+        var reasons = ""
+    }
+
+    /// One call into OpenSSL under the lock.
+    private func call(_ body: (OpaquePointer) -> Int32) -> Outcome {
         lock.withLock {
             ERR_clear_error()
             let result = body(ssl)
-            guard result <= 0 else { return (result, SSL_ERROR_NONE, 0, "") }
+            guard result <= 0 else { return Outcome(result: result, pending: SSL_has_pending(ssl) == 1) }
             let code = SSL_get_error(ssl, result)
             let savedErrno = errno
-            return (result, code, savedErrno, code == SSL_ERROR_SSL ? TLSContext.queuedErrors() : "")
+            return Outcome(result: result, code: code, errno: savedErrno,
+                           reasons: code == SSL_ERROR_SSL ? TLSContext.queuedErrors() : "")
         }
     }
 
@@ -355,7 +366,7 @@ public final class TLSConnection: ByteStream, @unchecked Sendable {
                 count += Int(outcome.result)
                 // More only while OpenSSL holds it already: no system call
                 // just to learn that the socket is empty.
-                guard lock.withLock({ SSL_has_pending(ssl) }) == 1 else { return count }
+                guard outcome.pending else { return count }
                 continue
             }
             let ended = outcome.code == SSL_ERROR_ZERO_RETURN || (outcome.code == SSL_ERROR_SYSCALL && outcome.errno == 0)
@@ -368,8 +379,7 @@ public final class TLSConnection: ByteStream, @unchecked Sendable {
     /// After a call that moved no data: waits for the socket when OpenSSL
     /// asks to, else throws what went wrong (a socket error as
     /// `SystemCallError`, a TLS error as `TLSError`).
-    private func settle(_ outcome: (result: Int32, code: Int32, errno: Int32, reasons: String),
-                        _ operation: String, timeout: UInt64) throws {
+    private func settle(_ outcome: Outcome, _ operation: String, timeout: UInt64) throws {
         let deadline = timeout == 0 ? UInt64.max : monotonicNanoseconds() &+ timeout
         switch outcome.code {
         case SSL_ERROR_WANT_READ:
