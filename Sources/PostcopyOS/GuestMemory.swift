@@ -14,12 +14,17 @@ public enum Backing: Sendable, Equatable, CustomStringConvertible {
     /// A file another process created and handed over (a restarted
     /// postcopyd taking a migration over).
     case adopted(MemoryKind)
+    /// A new file at `path`, left linked so that a VMM can open it by name
+    /// (QEMU's `memory-backend-file,mem-path=`): on tmpfs for shmem, on a
+    /// 2 MiB hugetlbfs mount for hugetlbfs. Removed when the daemon lets go
+    /// of it, if the name still points at it.
+    case namedFile(path: String, kind: MemoryKind)
 
     public var memoryKind: MemoryKind {
         switch self {
         case .memfd: return .shmem
         case .hugetlbMemfd, .hugetlbfs: return .hugetlbfs
-        case let .adopted(kind): return kind
+        case let .adopted(kind), let .namedFile(_, kind): return kind
         }
     }
 
@@ -44,6 +49,8 @@ public enum Backing: Sendable, Equatable, CustomStringConvertible {
         case let .hugetlbfs(directory): return "hugetlbfs file in \(directory) (2 MiB pages)"
         case .adopted(.shmem): return "guest RAM file taken over (shmem, 4 KiB pages)"
         case .adopted(.hugetlbfs): return "guest RAM file taken over (hugetlbfs, 2 MiB pages)"
+        case let .namedFile(path, .shmem): return "file \(path) (shmem, 4 KiB pages)"
+        case let .namedFile(path, .hugetlbfs): return "file \(path) (hugetlbfs, 2 MiB pages)"
         }
     }
 }
@@ -56,6 +63,7 @@ public final class MemoryFile: Sendable {
     public let backing: Backing
 
     private static let hugetlbfsMagic: Int64 = 0x9584_58f6
+    private static let tmpfsMagic: Int64 = 0x0102_1994
 
     public init(backing: Backing, size: UInt64, name: String = "postcopyd-guest-ram") throws {
         let pageSize = backing.memoryKind.pageSize
@@ -69,6 +77,10 @@ public final class MemoryFile: Sendable {
             fd = try check("memfd_create MFD_HUGETLB") { cpc_memfd_create(name, flags) }
         case let .hugetlbfs(directory):
             fd = try MemoryFile.createUnlinked(in: directory, name: name)
+        case let .namedFile(path, _):
+            fd = try checkLibc("create the guest RAM file \(path)") {
+                open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            }
         case .adopted:
             preconditionFailure("an adopted RAM file is opened with init(adopting:geometry:)")
         }
@@ -76,6 +88,7 @@ public final class MemoryFile: Sendable {
             try MemoryFile.verifyFilesystem(fd: fd, backing: backing)
             try checkLibc("ftruncate to \(size) bytes") { ftruncate(fd, off_t(size)) }
         } catch {
+            if case let .namedFile(path, _) = backing { unlink(path) }
             close(fd)
             throw error
         }
@@ -116,10 +129,20 @@ public final class MemoryFile: Sendable {
         self.backing = backing
     }
 
-    deinit { close(fd) }
+    deinit {
+        if case let .namedFile(path, _) = backing, FileIdentity(path: path) == identity { unlink(path) }
+        close(fd)
+    }
 
     /// The file's device and inode: the same for every descriptor of it.
     public var identity: FileIdentity { FileIdentity(descriptor: fd) }
+
+    /// Gives a named RAM file to `uid` (the VMM's), so that a VMM running
+    /// as another user can open it; the mode stays 0600.
+    public func giveOwnership(to uid: UInt32) throws {
+        guard case let .namedFile(path, _) = backing, uid != geteuid() else { return }
+        try checkLibc("chown \(path) to uid \(uid)") { fchown(fd, uid, UInt32.max) }
+    }
 
     private static func createUnlinked(in directory: String, name: String) throws -> Int32 {
         let path = "\(directory)/\(name).\(getpid()).\(UInt32.random(in: 0...UInt32.max))"
@@ -130,10 +153,19 @@ public final class MemoryFile: Sendable {
 
     /// A hugetlbfs backing must really be hugetlbfs with 2 MiB pages: a file
     /// on any other filesystem would not raise minor faults as expected.
+    /// A named shmem file must be on tmpfs: a disk file raises no minor
+    /// faults.
     private static func verifyFilesystem(fd: Int32, backing: Backing) throws {
-        guard backing.memoryKind == .hugetlbfs else { return }
         var magic: Int64 = 0
         var blockSize: Int64 = 0
+        if case .namedFile(_, .shmem) = backing {
+            try check("fstatfs") { cpc_fstatfs(fd, &magic, &blockSize) }
+            guard magic == tmpfsMagic else {
+                throw SystemCallError("\(backing): not on tmpfs (filesystem magic 0x\(String(magic, radix: 16))); shmem guest RAM needs a tmpfs such as /dev/shm, 2 MiB pages a hugetlbfs mount", .invalid)
+            }
+            return
+        }
+        guard backing.memoryKind == .hugetlbfs else { return }
         try check("fstatfs") { cpc_fstatfs(fd, &magic, &blockSize) }
         guard magic == hugetlbfsMagic else {
             throw SystemCallError("\(backing): not a hugetlbfs file (filesystem magic 0x\(String(magic, radix: 16)))", .invalid)
@@ -253,6 +285,14 @@ public struct FileIdentity: Hashable, Sendable, CustomStringConvertible {
             device = 0
             inode = 0
         }
+    }
+
+    /// The identity of the file at `path`, nil when there is none.
+    public init?(path: String) {
+        var status = stat()
+        guard stat(path, &status) == 0 else { return nil }
+        device = UInt64(status.st_dev)
+        inode = UInt64(status.st_ino)
     }
 
     public var description: String { "device \(device) inode \(inode)" }

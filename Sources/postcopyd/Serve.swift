@@ -42,6 +42,9 @@ struct Serve: ParsableCommand {
 
     @OptionGroup var memoryOptions: MemoryOptions
 
+    @Option(help: ArgumentHelp("Create guest RAM as a file at this path, for a VMM that opens it by name (QEMU's memory-backend-file mem-path=): on a tmpfs such as /dev/shm for shmem, on a 2 MiB hugetlbfs mount for hugetlbfs. It must not exist; it is owned by --vmm-uid and removed when postcopyd exits.", valueName: "path"))
+    var ramFile: String?
+
     @OptionGroup(title: "Transport security") var transportOptions: TransportOptions
 
     @Option(help: ArgumentHelp("With TLS, the identity the agent's certificate must name: a DNS name (or IP address) in its subjectAltName, or its CN.", valueName: "name"))
@@ -85,7 +88,7 @@ struct Serve: ParsableCommand {
 
     /// What a --config file may set: the options above but for instance and config.
     static let configSchema = ConfigFile.Schema(
-        options: ["listen", "vmm-socket", "control-socket", "vmm-uid", "memory", "hugetlbfs-dir", "size",
+        options: ["listen", "vmm-socket", "control-socket", "vmm-uid", "memory", "hugetlbfs-dir", "ram-file", "size",
                   "migration-id", "vmm-timeout", "stall-warning-ms", "ready-file", "trace", "background-scheduling",
                   "dead-peer-timeout", "reconnect-timeout", "tls-ca", "tls-cert", "tls-key", "tls-client-name", "migration-secret-file"],
         flags: ["json", "takeover", "insecure-plaintext"])
@@ -108,6 +111,9 @@ struct Serve: ParsableCommand {
     }
 
     func validate() throws {
+        if ramFile != nil, memoryOptions.hugetlbfsDir != nil {
+            throw ValidationError("--ram-file and --hugetlbfs-dir both say where guest RAM lives: give one")
+        }
         if !(deadPeerTimeout >= 0.1 && deadPeerTimeout <= 3600) {
             throw ValidationError("--dead-peer-timeout is seconds between 0.1 and 3600")
         }
@@ -139,6 +145,7 @@ struct Serve: ParsableCommand {
                                          hugetlbfsDirectory: memoryOptions.hugetlbfsDir, regionSize: size ?? 0,
                                          vmmUID: vmmUID, migrationID: migrationID)
         settings.instance = instance
+        settings.ramFile = ramFile
         settings.migrationSecret = try migrationSecretFile.map(SecretFile.read)
         settings.vmmAttachTimeoutNanos = vmmTimeout * 1_000_000_000
         settings.stallWarningNanos = stallWarningMs * 1_000_000

@@ -16,6 +16,10 @@ public struct DestinationConfig: Sendable {
     /// For hugetlbfs: the mount to create the RAM file in (default: the
     /// first 2 MiB mount, else a MFD_HUGETLB memfd).
     public var hugetlbfsDirectory: String?
+    /// Create guest RAM as a file at this path (tmpfs for shmem, hugetlbfs
+    /// for hugetlbfs) that a VMM can open by name, instead of a memfd or an
+    /// unlinked file; it is removed when the daemon exits.
+    public var ramFile: String?
     public var regionSize: UInt64
     /// The only uid allowed to attach as the VMM.
     public var vmmUID: UInt32

@@ -133,9 +133,12 @@ public final class DestinationDaemon: @unchecked Sendable {
             vmm = VMMLink(listener: unix, memory: memory, allowedUID: config.vmmUID, failures: failures, logger: logger,
                           takeover: VMMTakeover(pageState: taken.pageState, attached: taken.vmm))
         } else {
-            let backing = Backing.choose(config.memory, hugetlbfsDirectory: config.hugetlbfsDirectory)
+            let backing = config.ramFile.map { Backing.namedFile(path: $0, kind: config.memory) }
+                ?? Backing.choose(config.memory, hugetlbfsDirectory: config.hugetlbfsDirectory)
             memory = try inStep("create guest RAM (\(ByteSize.format(config.regionSize)), \(backing))") {
-                try GuestMemory(backing: backing, size: config.regionSize)
+                let memory = try GuestMemory(backing: backing, size: config.regionSize)
+                try memory.file.giveOwnership(to: config.vmmUID)
+                return memory
             }
             recovered = nil
             session = Locked(DestinationSession(geometry: memory.geometry, migrationID: config.migrationID,
