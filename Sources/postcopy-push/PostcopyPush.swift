@@ -40,6 +40,9 @@ struct PostcopyPush: ParsableCommand {
     @Option(help: ArgumentHelp("Resume the source with this shell command if the migration fails before switchover completes.", valueName: "command"))
     var resumeCmd: String?
 
+    @Option(help: ArgumentHelp("Once postcopyd has resumed the guest's memory, run this shell command to start the guest on the destination (for QEMU: migrate its device state, then 'cont' there); its time counts as downtime. Postcopy goes on if it fails; the source stays paused.", valueName: "command"))
+    var resumedCmd: String?
+
     @Flag(help: "Switch over without pausing anything: only for a source image nothing writes any more.")
     var noPause = false
 
@@ -144,12 +147,17 @@ struct PostcopyPush: ParsableCommand {
         let pauseCommand = pauseCmd
         let resumeCommand = resumeCmd
         let parts = [pid.map { "SIGSTOP pid \($0)" }, pauseCommand.map { "'\($0)'" }].compactMap { $0 }
+        let handOver = resumedCmd.map { command in
+            (description: "'\(command)'", run: { @Sendable in
+                try ProcessPause.run(command: command, timeoutNanoseconds: 300_000_000_000)
+            })
+        }
         return SourceControl(parts.joined(separator: " + "), pause: {
             if let pid { try ProcessPause.stop(pid: pid, timeoutNanoseconds: 10_000_000_000) }
             if let pauseCommand { try ProcessPause.run(command: pauseCommand, timeoutNanoseconds: 60_000_000_000) }
         }, resume: {
             if let resumeCommand { try ProcessPause.run(command: resumeCommand, timeoutNanoseconds: 60_000_000_000) }
             if let pid { try ProcessPause.resume(pid: pid) }
-        })
+        }, handOver: handOver)
     }
 }

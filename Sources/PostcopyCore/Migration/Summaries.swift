@@ -133,6 +133,11 @@ public struct AgentSummary: Codable, Equatable, Sendable {
     public var downtimeMs: Double = 0
     /// Source paused → destination resumed, by the two hosts' wall clocks.
     public var downtimeByClocksMs: Double = 0
+    /// The hand-over command (`--resumed-command`), when one ran.
+    public var handOverMs: Double?
+    /// Source paused → hand-over command done: the guest's downtime when
+    /// that command is what starts it on the destination.
+    public var guestDowntimeMs: Double?
     public var pageRequests: UInt64 = 0
     public var postcopyPagesUrgent: UInt64 = 0
     public var postcopyPagesBackground: UInt64 = 0
@@ -160,7 +165,8 @@ public struct AgentSummary: Codable, Equatable, Sendable {
             "precopy: \(rounds.count) rounds, \(precopyPages) pages in \(fixed(precopySeconds, 2)) s"
                 + " (ended by \(precopyEndReason))",
             "switchover: \(stalePages) stale pages, downtime \(fixed(downtimeMs, 1)) ms"
-                + " (by wall clocks \(fixed(downtimeByClocksMs, 1)) ms)",
+                + " (by wall clocks \(fixed(downtimeByClocksMs, 1)) ms)"
+                + (guestDowntimeMs.map { "; with the hand-over (\(fixed(handOverMs ?? 0, 1)) ms) the guest was paused \(fixed($0, 1)) ms" } ?? ""),
             "postcopy: \(fixed(postcopySeconds, 2)) s; \(pageRequests) requests, \(postcopyPagesUrgent) pages urgent"
                 + ", \(postcopyPagesBackground) background (\(fixed(backgroundMiBPerSecond, 1)) MiB/s)",
             "destination faults: \(destinationFaultsClean) clean, \(destinationFaultsStale) stale"

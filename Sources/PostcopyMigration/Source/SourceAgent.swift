@@ -10,12 +10,19 @@ public struct SourceControl: Sendable {
     public let description: String
     public let pause: @Sendable () throws -> Void
     public let resume: @Sendable () throws -> Void
+    /// Run once postcopyd has resumed the guest's memory (RESUMED): what
+    /// makes the guest run on the destination when postcopyd's RESUMED alone
+    /// does not, such as moving a VMM's device state and starting it
+    /// (`postcopy-push --resumed-command`). Its time counts as downtime.
+    public let handOver: (description: String, run: @Sendable () throws -> Void)?
 
     public init(_ description: String, pause: @escaping @Sendable () throws -> Void,
-                resume: @escaping @Sendable () throws -> Void) {
+                resume: @escaping @Sendable () throws -> Void,
+                handOver: (description: String, run: @Sendable () throws -> Void)? = nil) {
         self.description = description
         self.pause = pause
         self.resume = resume
+        self.handOver = handOver
     }
 }
 
@@ -88,6 +95,11 @@ public final class SourceAgent: @unchecked Sendable {
     private let urgentBytes = Atomic<UInt64>(0)
     /// The latest connection of each role, for the heartbeat thread and the end.
     private let links = Locked<[StreamRole: MessageStream]>([:])
+    /// Why the hand-over command failed, reported once postcopy has put
+    /// every page in place.
+    private var handOverFailure: (any Error)?
+    /// When switchover paused the source.
+    private var pausedAt: UInt64 = 0
 
     public init(config: AgentConfig, logger: Logger, progress: ProgressReporter) throws {
         self.config = config
@@ -131,12 +143,66 @@ public final class SourceAgent: @unchecked Sendable {
                 throw Self.reasonGiven(on: bulk) ?? error
             }
             let (stale, zero, connections) = try switchover(scanner, bulk, urgent)
-            try postcopy(stale: stale, zero: zero, bulk: connections.bulk, urgent: connections.urgent)
+            let handOver = try startHandOver()
+            do {
+                try postcopy(stale: stale, zero: zero, bulk: connections.bulk, urgent: connections.urgent)
+            } catch {
+                _ = handOver?.finish(into: &summary)
+                throw error
+            }
+            handOverFailure = handOver?.finish(into: &summary)
             summary.idealBytes = (scanner.nonZeroPages() + stale.popCount) * 4096
         }
         summary.totalSeconds = Double(monotonicNanoseconds() - started) / 1e9
         summary.bytesSent += urgentBytes.load(ordering: .relaxed)
+        if let handOverFailure {
+            throw MigrationError(.peerLost, "every page reached the destination, but the hand-over command failed: \(handOverFailure). The guest may not be running on the destination; the source stays paused")
+        }
         return summary
+    }
+
+    /// Starts the hand-over once the destination owns the guest, on a
+    /// thread of its own: the VMM it starts may touch stale pages on the way
+    /// (QEMU reads guest RAM while it loads device state), and those are
+    /// served by the postcopy this thread goes on to run. A failure does not
+    /// stop postcopy: the destination's memory still has to be completed,
+    /// and the source must stay paused either way.
+    private func startHandOver() throws -> HandOver? {
+        guard let command = config.control.handOver else { return nil }
+        let pausedAt = self.pausedAt
+        let outcome = Locked<Result<(handOverMs: Double, guestDowntimeMs: Double), any Error>?>(nil)
+        let thread = try OSThread.start(name: "push-hand-over") { [logger] in
+            let started = monotonicNanoseconds()
+            do {
+                try inStep("hand the guest over (\(command.description))") { try command.run() }
+                let now = monotonicNanoseconds()
+                let figures = (handOverMs: Double(now - started) / 1e6, guestDowntimeMs: Double(now - pausedAt) / 1e6)
+                logger.info("hand-over: \(fixed(figures.handOverMs, 1)) ms; the guest was paused for \(fixed(figures.guestDowntimeMs, 1)) ms")
+                outcome.withLock { $0 = .success(figures) }
+            } catch {
+                logger.error("the hand-over failed: \(error). Postcopy goes on so that the destination gets every page; the source stays paused")
+                outcome.withLock { $0 = .failure(error) }
+            }
+        }
+        return HandOver(thread: thread, outcome: outcome)
+    }
+
+    private struct HandOver {
+        let thread: OSThread
+        let outcome: Locked<Result<(handOverMs: Double, guestDowntimeMs: Double), any Error>?>
+
+        /// Waits for the command; its figures go into `summary`.
+        func finish(into summary: inout AgentSummary) -> (any Error)? {
+            thread.join()
+            switch outcome.withLock({ $0 }) {
+            case let .success(figures)?:
+                summary.handOverMs = figures.handOverMs
+                summary.guestDowntimeMs = figures.guestDowntimeMs
+                return nil
+            case let .failure(error)?: return error
+            case nil: return nil
+            }
+        }
     }
 
     /// Opens the `role` connection and says HELLO (resuming, to rejoin a
@@ -256,6 +322,7 @@ public final class SourceAgent: @unchecked Sendable {
     private func switchover(_ scanner: PageScanner, _ bulk: MessageStream, _ urgent: MessageStream) throws
         -> (stale: PageBitmap, zero: PageBitmap, connections: (bulk: MessageStream, urgent: MessageStream)) {
         let pausedAt = monotonicNanoseconds()
+        self.pausedAt = pausedAt
         let pausedAtWall = realtimeNanoseconds()
         // Who runs the guest decides what a failure does to the source:
         // before SWITCHOVER went out only the source can (resume it); once
