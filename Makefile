@@ -20,6 +20,11 @@
 #                  (LOAD_N=, LOAD_SIZE=, LOAD_DIRTY= to change)
 #   make test-load the same with 8 × 32 MiB on the debug build, building
 #                  nothing (for make test; skips when not root)
+#   make test-qemu a real QEMU guest (Debian's kernel, a self-verifying
+#                  workload) migrated onto postcopyd through the preload
+#                  adapter, on shmem and on hugetlbfs (root; installs QEMU)
+#   make preload   libpostcopy-vmm.so, the adapter that puts an unmodified
+#                  VMM on postcopyd (LD_PRELOAD), in .build/preload/
 #   make install   binaries to $(DESTDIR)$(PREFIX)/bin, units to $(DESTDIR)$(UNITDIR),
 #                  the journal catalog, an example config, the docs
 #   make uninstall removes what install put there (never a config you wrote)
@@ -29,6 +34,7 @@ UNITDIR   ?= /etc/systemd/system
 CONFDIR   ?= /etc/postcopyd
 CATALOGDIR ?= $(PREFIX)/lib/systemd/catalog
 DOCDIR    ?= $(PREFIX)/share/doc/postcopyd
+LIBDIR    ?= $(PREFIX)/lib/postcopyd
 DESTDIR   ?=
 SWIFT     ?= swift
 CC        ?= cc
@@ -47,12 +53,24 @@ LOAD_SIZE  ?= 256M
 LOAD_DIRTY ?= 0.10
 DEMO_MEMORY := $(if $(HUGETLB),hugetlbfs,shmem)
 
-.PHONY: all build prepare test check demo bench install uninstall clean
+.PHONY: all build prepare test check demo bench install uninstall clean preload test-qemu
 
 all: build
 
-build: prepare
+build: prepare preload
 	$(SWIFT) build -c release
+
+# The adapter runs inside the VMM, so it is C and links nothing but libc.
+PRELOAD_LIB := .build/preload/libpostcopy-vmm.so
+preload: $(PRELOAD_LIB)
+$(PRELOAD_LIB): preload/postcopy-vmm.c
+	@mkdir -p $(dir $@)
+	$(CC) -shared -fPIC -O2 -Wall -Wextra -Werror -pthread -o $@ $< -ldl
+
+# The whole QEMU flow on the debug build (qemu/test.sh; qemu/migrate.sh
+# runs one migration with your settings).
+test-qemu: preload
+	BIN=.build/debug bash qemu/test.sh
 
 prepare:
 	@HUGEPAGES=$(HUGEPAGES) bash scripts/prepare-host.sh
@@ -61,6 +79,7 @@ test: prepare
 	$(SWIFT) build
 	$(SWIFT) test
 	$(MAKE) test-load
+	$(MAKE) test-qemu
 	BIN=.build/debug bash scripts/test-systemd-nspawn.sh
 
 # The whole test suite again under AddressSanitizer (with LeakSanitizer) and
@@ -105,6 +124,8 @@ install: build
 	install -m 0644 systemd/example.conf $(DESTDIR)$(CONFDIR)/example.conf.sample
 	install -m 0644 systemd/postcopyd.catalog $(DESTDIR)$(CATALOGDIR)/postcopyd.catalog
 	install -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/
+	install -d $(DESTDIR)$(LIBDIR)
+	install -m 0755 $(PRELOAD_LIB) $(DESTDIR)$(LIBDIR)/
 	@if [ -z "$(DESTDIR)" ]; then \
 		journalctl --update-catalog || true; \
 		if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
@@ -116,7 +137,8 @@ uninstall:
 	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(notdir $(UNITS)))
 	rm -f $(DESTDIR)$(CONFDIR)/example.conf.sample $(DESTDIR)$(CATALOGDIR)/postcopyd.catalog
 	rm -f $(addprefix $(DESTDIR)$(DOCDIR)/,$(notdir $(DOCS)))
-	-rmdir $(DESTDIR)$(DOCDIR) $(DESTDIR)$(CONFDIR) 2>/dev/null
+	rm -f $(DESTDIR)$(LIBDIR)/libpostcopy-vmm.so
+	-rmdir $(DESTDIR)$(DOCDIR) $(DESTDIR)$(CONFDIR) $(DESTDIR)$(LIBDIR) 2>/dev/null
 	@if [ -z "$(DESTDIR)" ]; then \
 		journalctl --update-catalog || true; \
 		if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
