@@ -21,7 +21,7 @@ enum ConfigFuzzer {
     /// which lives in an executable and cannot be imported. A test compares
     /// the two.
     static let daemonSchema = ConfigFile.Schema(
-        options: ["listen", "vmm-socket", "control-socket", "vmm-uid", "memory", "hugetlbfs-dir", "size",
+        options: ["listen", "vmm-socket", "control-socket", "vmm-uid", "memory", "hugetlbfs-dir", "ram-file", "size",
                   "migration-id", "vmm-timeout", "stall-warning-ms", "ready-file", "trace", "background-scheduling",
                   "dead-peer-timeout", "reconnect-timeout", "tls-ca", "tls-cert", "tls-key", "tls-client-name",
                   "migration-secret-file"],

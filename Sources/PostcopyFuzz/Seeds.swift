@@ -332,6 +332,7 @@ extension ConfigFuzzer {
         size = 1G\r
         memory = hugetlbfs
         hugetlbfs-dir = "/dev/hugepages"
+        ram-file = /dev/hugepages/vm42.ram
 
         vmm-uid = 64055
         vmm-socket = /run/postcopyd/vm42/vmm.sock

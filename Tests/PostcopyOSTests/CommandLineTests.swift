@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import PostcopyOS
 
 /// The built executables, run as an operator would, their output and exit
 /// status compared exactly where they are deterministic.
@@ -106,10 +107,41 @@ import Testing
         try "size = 64M\nlisen = 0.0.0.0:7070\n".write(toFile: path, atomically: true, encoding: .utf8)
         let result = try run("postcopyd", ["serve", "--config", path])
         #expect(result.status == 64)
-        #expect(result.stderr.hasPrefix("Error: \(path): line 2: unknown setting 'lisen' (known: background-scheduling, control-socket, dead-peer-timeout, hugetlbfs-dir, insecure-plaintext, json, listen, memory, migration-id, migration-secret-file, ready-file, reconnect-timeout, size, stall-warning-ms, takeover, tls-ca, tls-cert, tls-client-name, tls-key, trace, vmm-socket, vmm-timeout, vmm-uid)\n"), "\(result.stderr)")
+        #expect(result.stderr.hasPrefix("Error: \(path): line 2: unknown setting 'lisen' (known: background-scheduling, control-socket, dead-peer-timeout, hugetlbfs-dir, insecure-plaintext, json, listen, memory, migration-id, migration-secret-file, ram-file, ready-file, reconnect-timeout, size, stall-warning-ms, takeover, tls-ca, tls-cert, tls-client-name, tls-key, trace, vmm-socket, vmm-timeout, vmm-uid)\n"), "\(result.stderr)")
         let missing = try run("postcopyd", ["serve", "--config", path + ".absent"])
         #expect(missing.status == 64)
         #expect(missing.stderr.hasPrefix("Error: cannot read the settings file: open \(path).absent: "), "\(missing.stderr)")
+    }
+
+    @Test func ramFileAndHugetlbfsDirectoryAreOneChoice() throws {
+        let result = try run("postcopyd", ["serve", "--size", "64M", "--insecure-plaintext", "--ram-file", "/dev/shm/x",
+                                           "--hugetlbfs-dir", "/dev/hugepages"])
+        #expect(result.status == 64)
+        #expect(result.stderr.hasPrefix("Error: --ram-file and --hugetlbfs-dir both say where guest RAM lives: give one\n"), "\(result.stderr)")
+    }
+
+    /// A RAM file must be new, and on tmpfs for shmem: an existing file
+    /// (another guest's memory, say) is left exactly as it was, and a file
+    /// made on another filesystem is removed again.
+    @Test(.enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
+    func ramFileIsNewAndOnTmpfs() throws {
+        let existing = "/dev/shm/postcopy-test-ram-file-\(getpid())"
+        defer { unlink(existing) }
+        try "another guest's memory".write(toFile: existing, atomically: false, encoding: .utf8)
+        let sockets = ["--vmm-socket", "/tmp/postcopy-test-vmm-\(getpid()).sock",
+                       "--control-socket", "/tmp/postcopy-test-control-\(getpid()).sock"]
+        let taken = try run("postcopyd", ["serve", "--size", "4M", "--insecure-plaintext", "--listen", "127.0.0.1:0",
+                                          "--ram-file", existing] + sockets)
+        #expect(taken.status == 1)
+        #expect(taken.stderr.contains("create the guest RAM file \(existing): EEXIST"), "\(taken.stderr)")
+        #expect(readTextFile(existing) == "another guest's memory")
+
+        let onDisk = "/tmp/postcopy-test-ram-file-\(getpid())"
+        let disk = try run("postcopyd", ["serve", "--size", "4M", "--insecure-plaintext", "--listen", "127.0.0.1:0",
+                                         "--ram-file", onDisk] + sockets)
+        #expect(disk.status == 1)
+        #expect(disk.stderr.contains("file \(onDisk) (shmem, 4 KiB pages): not on tmpfs (filesystem magic 0x"), "\(disk.stderr)")
+        #expect(access(onDisk, F_OK) != 0, "the refused file was left behind")
     }
 
     @Test func serveNeedsASize() throws {
