@@ -83,10 +83,16 @@ struct Migration {
     var duringPostcopy: (@Sendable (DestinationDaemon) -> Void)?
     /// Where the daemon logs (default: standard error, warnings and up).
     var daemonLogger: Logger?
+    /// The agent's hand-over (`--resumed-cmd`), given the daemon.
+    var handOver: (@Sendable (DestinationDaemon) throws -> Void)?
+    /// Report the agent's failure in the outcome instead of throwing it.
+    var agentMayFail = false
 
     struct Outcome {
         let daemon: DestinationSummary
         let agent: AgentSummary
+        /// Why the agent failed, when `agentMayFail` (its summary is then empty).
+        var agentFailure: (any Error)?
         let guest: GuestSummary
         /// Whether the destination's RAM equals the source's, byte for byte.
         let identical: Bool
@@ -120,7 +126,10 @@ struct Migration {
         let guestRun = try Background("test-guest") { try guest.run() }
         var agentConfig = AgentConfig(ramPath: source.path, daemon: try route?(daemon.endpoint) ?? daemon.endpoint,
                                       transport: TestCertificates.agent(), migrationID: MigrationID(high: 1, low: UInt64(getpid())),
-                                      control: SourceControl("test", pause: pause, resume: {}))
+                                      control: SourceControl("test", pause: pause, resume: {},
+                                                             handOver: handOver.map { hook in
+                                                                 (description: "test", run: { try hook(daemon) })
+                                                             }))
         agentConfig.policy = PrecopyPolicy(maxRounds: rounds)
         agentConfig.postcopyBytesPerSecond = postcopyBytesPerSecond
         if let deadPeerTimeoutNanos { agentConfig.deadPeerTimeoutNanos = deadPeerTimeoutNanos * TestTiming.scale }
@@ -129,12 +138,20 @@ struct Migration {
         agentConfig.reconnectTimeoutNanos = 60_000_000_000
         let agent = try SourceAgent(config: agentConfig, logger: testLogger("agent"),
                                     progress: ProgressReporter(enabled: false))
-        let agentSummary = try Background("test-agent") { try agent.run() }.wait("the agent").get()
+        let agentResult = try Background("test-agent") { try agent.run() }.wait("the agent")
         let daemonSummary = try daemonRun.wait("postcopyd").get()
         let guestSummary = try guestRun.wait("the guest").get()
         _ = watcher?.wait("the postcopy hook")
+        var agentSummary = AgentSummary()
+        var agentFailure: (any Error)?
+        switch agentResult {
+        case let .success(summary): agentSummary = summary
+        case let .failure(error) where agentMayFail: agentFailure = error
+        case let .failure(error): throw error
+        }
         let identical = memcmp(source.base, daemon.memory.alias.base, Int(source.size)) == 0
-        var outcome = Outcome(daemon: daemonSummary, agent: agentSummary, guest: guestSummary, identical: identical)
+        var outcome = Outcome(daemon: daemonSummary, agent: agentSummary, agentFailure: agentFailure,
+                              guest: guestSummary, identical: identical)
         if traced {
             outcome.trace = readTextFile(directory.path + "/trace.csv")
             outcome.touchLog = readTextFile(directory.path + "/touches.csv")

@@ -94,6 +94,51 @@ struct MigrationTests {
         Self.check(outcome, stale: Self.changed(dirty))
     }
 
+    /// The hand-over (`--resumed-cmd`, what starts a QEMU on the
+    /// destination) runs once postcopyd has resumed the guest, and postcopy
+    /// serves faults while it runs: QEMU reads guest RAM while it loads its
+    /// device state. This hand-over waits for a stale fault to be served,
+    /// which an agent that ran it before serving requests never lets happen.
+    @Test func handOverRunsWhilePostcopyServes() throws {
+        let (source, dirty) = try Self.source(dirty: 0.5)
+        let phaseAtHandOver = Locked("")
+        var migration = Migration()
+        migration.handOver = { daemon in
+            phaseAtHandOver.withLock { $0 = daemon.status().phase }
+            let deadline = monotonicNanoseconds() + 30_000_000_000 * TestTiming.scale
+            while daemon.status().faultsStale == 0 {
+                guard monotonicNanoseconds() < deadline else {
+                    throw MigrationError(.internalFailure, "no stale fault was served while the hand-over ran")
+                }
+                usleep(1_000)
+            }
+            usleep(50_000)
+        }
+        let outcome = try migration.run(source, pause: Self.dirtying(source, dirty))
+        Self.check(outcome, stale: Self.changed(dirty))
+        #expect(["postcopy", "complete"].contains(phaseAtHandOver.withLock { $0 }), "the hand-over ran before RESUMED")
+        let handOver = try #require(outcome.agent.handOverMs)
+        let guestDowntime = try #require(outcome.agent.guestDowntimeMs)
+        #expect(handOver >= 50)
+        #expect(guestDowntime >= outcome.agent.downtimeMs + handOver - 1)
+    }
+
+    /// A hand-over that fails does not cost the destination a page: postcopy
+    /// completes, and the agent then says the guest may not run there.
+    @Test func aFailedHandOverStillCompletesTheMemory() throws {
+        let (source, dirty) = try Self.source(dirty: 0.1)
+        var migration = Migration()
+        migration.agentMayFail = true
+        migration.handOver = { _ in throw MigrationError(.internalFailure, "device state refused") }
+        let outcome = try migration.run(source, pause: Self.dirtying(source, dirty))
+        #expect(outcome.identical, "destination RAM differs from the source")
+        #expect(outcome.guest.verified)
+        #expect(outcome.daemon.stalePagesAtSwitchover == Self.changed(dirty))
+        let failure = try #require(outcome.agentFailure)
+        #expect("\(failure)".contains("every page reached the destination, but the hand-over command failed"), "\(failure)")
+        #expect("\(failure)".contains("device state refused"), "\(failure)")
+    }
+
     /// A writer keeps changing a hot set during precopy, as a running guest
     /// does; pausing stops it. Every round resends what changed, the guest on
     /// the destination writes every page after reading it, and nothing it

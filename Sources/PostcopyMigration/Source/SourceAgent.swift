@@ -156,7 +156,7 @@ public final class SourceAgent: @unchecked Sendable {
         summary.totalSeconds = Double(monotonicNanoseconds() - started) / 1e9
         summary.bytesSent += urgentBytes.load(ordering: .relaxed)
         if let handOverFailure {
-            throw MigrationError(.peerLost, "every page reached the destination, but the hand-over command failed: \(handOverFailure). The guest may not be running on the destination; the source stays paused")
+            throw MigrationError(.internalFailure, "every page reached the destination, but the hand-over command failed: \(handOverFailure). The guest may not be running on the destination; the source stays paused")
         }
         return summary
     }
