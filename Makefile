@@ -23,6 +23,7 @@
 #   make test-qemu a real QEMU guest (Debian's kernel, a self-verifying
 #                  workload) migrated onto postcopyd through the preload
 #                  adapter, on shmem and on hugetlbfs (root; installs QEMU)
+#   make test-preload  the adapter against a real postcopyd, without QEMU
 #   make preload   libpostcopy-vmm.so, the adapter that puts an unmodified
 #                  VMM on postcopyd (LD_PRELOAD), in .build/preload/
 #   make install   binaries to $(DESTDIR)$(PREFIX)/bin, units to $(DESTDIR)$(UNITDIR),
@@ -53,7 +54,7 @@ LOAD_SIZE  ?= 256M
 LOAD_DIRTY ?= 0.10
 DEMO_MEMORY := $(if $(HUGETLB),hugetlbfs,shmem)
 
-.PHONY: all build prepare test check demo bench install uninstall clean preload test-qemu
+.PHONY: all build prepare test check demo bench install uninstall clean preload test-preload test-qemu
 
 all: build
 
@@ -67,6 +68,11 @@ $(PRELOAD_LIB): preload/postcopy-vmm.c
 	@mkdir -p $(dir $@)
 	$(CC) -shared -fPIC -O2 -Wall -Wextra -Werror -pthread -o $@ $< -ldl
 
+# The adapter against a real postcopyd, without QEMU: what it leaves alone
+# and what it refuses (root; skips otherwise).
+test-preload: preload
+	BIN=.build/debug bash preload/test/adapter-test.sh
+
 # The whole QEMU flow on the debug build (qemu/test.sh; qemu/migrate.sh
 # runs one migration with your settings).
 test-qemu: preload
@@ -79,6 +85,7 @@ test: prepare
 	$(SWIFT) build
 	$(SWIFT) test
 	$(MAKE) test-load
+	$(MAKE) test-preload
 	$(MAKE) test-qemu
 	BIN=.build/debug bash scripts/test-systemd-nspawn.sh
 

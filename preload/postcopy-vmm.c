@@ -239,9 +239,13 @@ broken:
 
 static void report_error_frame(const struct frame *frame, const char *when)
 {
+    static const char *const names[] = { "", "protocol", "incompatible", "outOfRange", "checksum",
+        "unexpectedMessage", "internal", "cancelled", "peerLost", "refused" };
     unsigned code = frame->length >= 2 ? (unsigned)(frame->payload[0] | frame->payload[1] << 8) : 0;
     int text = frame->length >= 2 ? (int)frame->length - 2 : 0;
-    say("postcopyd sent ERROR %u %s: %.*s", code, when, text, (const char *)frame->payload + 2);
+    const char *name = code > 0 && code < sizeof names / sizeof names[0] ? names[code] : "unknown code";
+    say("postcopyd sent ERROR %u (%s)%s%s: %.*s", code, name, *when ? " " : "", when, text,
+        (const char *)frame->payload + 2);
 }
 
 /* ---- state ---- */

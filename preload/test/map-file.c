@@ -1,0 +1,47 @@
+/*
+ * A stand-in for a VMM's guest-RAM setup, for preload/test/adapter-test.sh:
+ * maps SIZE bytes of PATH shared, the way QEMU's memory-backend-file does
+ * (a reservation, then the file mapped over it with MAP_FIXED), writes and
+ * reads back its first byte unless told not to touch it, and says what
+ * happened on stdout: "mapped", "wrote" or "mmap failed: <errno name>".
+ *
+ *   map-file PATH SIZE [touch|no-touch]
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+int main(int argc, char **argv)
+{
+    if (argc < 3) {
+        fprintf(stderr, "usage: map-file PATH SIZE [touch|no-touch]\n");
+        return 2;
+    }
+    size_t size = strtoull(argv[2], NULL, 0);
+    int touch = argc < 4 || strcmp(argv[3], "no-touch") != 0;
+    int fd = open(argv[1], O_RDWR);
+    if (fd < 0) {
+        printf("open failed: %s\n", strerrorname_np(errno));
+        return 1;
+    }
+    void *reserved = mmap(NULL, size + (2u << 20), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *at = (void *)(((unsigned long)reserved + (2u << 20) - 1) & ~((2ul << 20) - 1));
+    void *mapped = mmap(at, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+    if (mapped == MAP_FAILED) {
+        printf("mmap failed: %s\n", strerrorname_np(errno));
+        return 1;
+    }
+    printf("mapped\n");
+    fflush(stdout);
+    if (touch) {
+        volatile char *first = mapped;
+        *first = 42;
+        printf(*first == 42 ? "wrote\n" : "read back something else\n");
+    }
+    return 0;
+}
