@@ -23,97 +23,25 @@
 # postcopyd served stale faults, and the source QEMU stayed paused.
 set -euo pipefail
 
-here=$(cd "$(dirname "$0")" && pwd)
-SIZE=${SIZE:-512M}
+name=migrate
 MEMORY=${MEMORY:-shmem}
-ACCEL=${ACCEL:-auto}
 BIN=${BIN:-.build/debug}
 PRELOAD=${PRELOAD:-.build/preload/libpostcopy-vmm.so}
-GUEST=${GUEST:-.build/qemu-guest}
 HUGETLBFS_DIR=${HUGETLBFS_DIR:-/dev/hugepages}
-PRECOPY_SECONDS=${PRECOPY_SECONDS:-30}
-RESULT=${RESULT:-}
 TLS=${TLS:-1}
-QEMU=${QEMU:-qemu-system-x86_64}
-# The QMP steps at switchover count as downtime: a bare interpreter starts
-# in ~10 ms, where a version manager's shim takes ~150.
-PYTHON=${PYTHON:-$(command -v /usr/bin/python3 || command -v python3)}
-
-for needed in "$BIN/postcopyd" "$BIN/postcopy-push" "$PRELOAD" "$GUEST/vmlinuz" "$GUEST/initrd.gz"; do
-    [[ -e $needed ]] || { echo "migrate: $needed is missing (make build preload qemu-guest)" >&2; exit 2; }
-done
-command -v "$QEMU" >/dev/null || { echo "migrate: $QEMU is not installed (apt-get install qemu-system-x86)" >&2; exit 2; }
-work=$(mktemp -d /tmp/postcopy-qemu.XXXXXX)
+case $MEMORY in
+    shmem | hugetlbfs) ;;
+    *) echo "migrate: MEMORY is shmem or hugetlbfs, not $MEMORY" >&2; exit 2 ;;
+esac
+source "$(dirname "$0")/common.sh"
+require "$BIN/postcopyd" "$BIN/postcopy-push" "$PRELOAD" "$GUEST/vmlinuz" "$GUEST/initrd.gz"
 source_ram=/dev/shm/postcopy-qemu-source.$$
 case $MEMORY in
     shmem) destination_ram=/dev/shm/postcopy-qemu-destination.$$ ;;
     hugetlbfs) destination_ram=$HUGETLBFS_DIR/postcopy-qemu-destination.$$ ;;
-    *) echo "migrate: MEMORY is shmem or hugetlbfs, not $MEMORY" >&2; exit 2 ;;
 esac
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -f "$source_ram" "$destination_ram"
-    if [[ ${KEEP:-0} == 1 ]]; then echo "migrate: logs kept in $work"; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
-say() { echo "== $*"; }
-fail() {
-    echo "migrate: FAIL: $*" >&2
-    for log in "$work"/*.log "$work"/*.err; do
-        [[ -s $log ]] && { echo "--- $log (last lines)" >&2; tail -n 15 "$log" >&2; }
-    done
-    exit 1
-}
-qmp() { "$PYTHON" -S "$here/qmp.py" "$@"; }
-qmp_command="$PYTHON -S $here/qmp.py"
+removals+=("$source_ram" "$destination_ram")
 
-# Waits until `file` has a line matching `pattern`; prints that line.
-wait_line() {  # file pattern seconds what
-    local deadline=$((SECONDS + $3))
-    while ((SECONDS < deadline)); do
-        if grep -m1 -a -E "$2" "$1" 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    fail "timed out after $3 s waiting for $4"
-}
-
-# A guest console: a pipe chardev (NAME.in, NAME.out) whose output is
-# logged to NAME.log, and whose input takes the workload's commands.
-console() {  # name → the QEMU arguments, in console_args
-    mkfifo "$work/$1.in" "$work/$1.out"
-    cat "$work/$1.out" >"$work/$1.log" &
-    pids+=($!)
-    console_args=(-chardev "pipe,id=console,path=$work/$1" -serial chardev:console)
-}
-
-mem_mib=$(($(numfmt --from=iec "$SIZE") >> 20))
-# Guest RAM is the memory backend "ram" each QEMU names; the rest is the
-# same on both sides.
-guest_args=(-nodefaults -no-user-config -display none -machine "pc,memory-backend=ram"
-            -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initrd.gz"
-            -append "console=ttyS0 quiet panic=-1")
-
-accel=$ACCEL
-if [[ $accel == auto ]]; then
-    accel=tcg
-    if [[ -w /dev/kvm ]]; then
-        # KVM under nested virtualisation may exist but not run a guest:
-        # take it only if a small guest boots to the workload with it.
-        console probe
-        timeout 20 "$QEMU" -accel kvm -m 256M -object memory-backend-ram,id=ram,size=256M "${guest_args[@]}" \
-            "${console_args[@]}" >"$work/kvm-probe.err" 2>&1 &
-        probe=$!
-        for _ in $(seq 1 200); do
-            grep -q "POSTCOPY-GUEST READY" "$work/probe.log" && { accel=kvm; break; }
-            kill -0 "$probe" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$probe" 2>/dev/null || true
-        wait "$probe" 2>/dev/null || true
-    fi
-fi
 say "accelerator: $accel"
 
 say "source QEMU: $SIZE guest in $source_ram"
@@ -153,7 +81,7 @@ pids+=($!)
 wait_line "$work/destination-qemu.log" "handed to postcopyd|postcopy-vmm: .*(cannot|refus|lacks)" 60 \
     "the destination QEMU to attach" | grep -q "handed to postcopyd" || fail "the adapter did not attach"
 for side in source destination; do
-    for _ in $(seq 1 100); do [[ -S $work/$side.qmp ]] && break; sleep 0.1; done
+    wait_qmp "$work/$side.qmp"
     qmp "$work/$side.qmp" migrate-set-capabilities '{"capabilities":[{"capability":"x-ignore-shared","state":true}]}' >/dev/null
 done
 qmp "$work/destination.qmp" migrate-incoming "{\"uri\":\"unix:$work/device-state.sock\"}" >/dev/null
@@ -178,13 +106,8 @@ set -e
 
 say "postcopy complete: the guest verifies its memory on the destination"
 source_status=$(qmp "$work/source.qmp" query-status | jq -r .status)
-echo v >"$work/destination.in"
-verdict=$(wait_line "$work/destination.log" "POSTCOPY-GUEST VERIFY" 300 "the guest's verdict")
-stalls=$(wait_line "$work/destination.log" "POSTCOPY-GUEST STALLS" 30 "the guest's stall figures")
-echo "$verdict"
-echo "$stalls"
+verify_guest destination
 
-stale_faults=$(jq -r '.faultsStale // .staleFaults // empty' "$work/daemon.json")
 figures=$(jq -n --arg accel "$accel" --arg memory "$MEMORY" --arg size "$SIZE" --arg verdict "$verdict" \
     --arg stalls "$stalls" --arg sourceStatus "$source_status" \
     --slurpfile push "$work/push.json" --slurpfile daemon "$work/daemon.json" --slurpfile handOver "$work/hand-over.json" \

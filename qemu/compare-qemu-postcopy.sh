@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The same guest and workload as qemu/migrate.sh, migrated by QEMU's own
+# postcopy instead of postcopyd: capabilities postcopy-ram and (on the
+# destination) postcopy-blocktime, and postcopy-preempt with PREEMPT=1.
+# Precopy runs for PRECOPY_SECONDS, then migrate-start-postcopy. The
+# figures are the ones qemu/migrate.sh reports, for docs/benchmarks.md.
+#
+#   PREEMPT=0|1 SIZE=512M PRECOPY_SECONDS=5 RESULT=out.json qemu/compare-qemu-postcopy.sh
+#
+# Guest RAM is a shared file in /dev/shm on both sides, as in migrate.sh
+# (RAM=anonymous for memory-backend-ram instead). QEMU's bandwidth limits
+# are lifted so that the link, not a setting, bounds both.
+set -euo pipefail
+
+name=compare
+PREEMPT=${PREEMPT:-0}
+RAM=${RAM:-file}
+source "$(dirname "$0")/common.sh"
+require "$GUEST/vmlinuz" "$GUEST/initrd.gz"
+
+backend() {  # side → the memory backend's arguments
+    if [[ $RAM == anonymous ]]; then
+        echo "memory-backend-ram,id=ram,size=$SIZE"
+    else
+        removals+=("/dev/shm/postcopy-compare-$1.$$")
+        echo "memory-backend-file,id=ram,size=$SIZE,mem-path=/dev/shm/postcopy-compare-$1.$$,share=on"
+    fi
+}
+say "accelerator: $accel; QEMU's own postcopy$( ((PREEMPT)) && echo ' with postcopy-preempt')"
+
+console source
+"$QEMU" -accel "$accel" -m "${mem_mib}M" -object "$(backend source)" "${guest_args[@]}" "${console_args[@]}" \
+    -qmp "unix:$work/source.qmp,server=on,wait=off" >"$work/source-qemu.log" 2>&1 &
+pids+=($!)
+wait_line "$work/source.log" "POSTCOPY-GUEST READY" 180 "the guest to fill its memory" >/dev/null
+
+console destination
+"$QEMU" -accel "$accel" -m "${mem_mib}M" -object "$(backend destination)" "${guest_args[@]}" "${console_args[@]}" \
+    -incoming defer -qmp "unix:$work/destination.qmp,server=on,wait=off" >"$work/destination-qemu.log" 2>&1 &
+pids+=($!)
+
+capabilities='{"capability":"postcopy-ram","state":true}'
+((PREEMPT)) && capabilities+=',{"capability":"postcopy-preempt","state":true}'
+for side in source destination; do
+    wait_qmp "$work/$side.qmp"
+    extra=""
+    [[ $side == destination ]] && extra=',{"capability":"postcopy-blocktime","state":true}'
+    qmp "$work/$side.qmp" migrate-set-capabilities "{\"capabilities\":[$capabilities$extra]}" >/dev/null
+    qmp "$work/$side.qmp" migrate-set-parameters '{"max-bandwidth":107374182400,"max-postcopy-bandwidth":0}' >/dev/null
+done
+port=$("$PYTHON" -S -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+qmp "$work/destination.qmp" migrate-incoming "{\"uri\":\"tcp:127.0.0.1:$port\"}" >/dev/null
+
+say "precopy for ${PRECOPY_SECONDS} s while the guest runs, then migrate-start-postcopy"
+echo r >"$work/source.in"
+wait_line "$work/source.log" "POSTCOPY-GUEST RESET" 30 "the guest to reset its stall figures" >/dev/null
+qmp "$work/source.qmp" migrate "{\"uri\":\"tcp:127.0.0.1:$port\"}" >/dev/null
+sleep "$PRECOPY_SECONDS"
+started=$(date +%s.%N)
+qmp "$work/source.qmp" migrate-start-postcopy >/dev/null
+qmp "$work/source.qmp" wait-migration 600 >"$work/source-migrate.json" || fail "QEMU's migration failed"
+ended=$(date +%s.%N)
+qmp "$work/destination.qmp" wait-status running 60 >/dev/null || fail "the destination guest is not running"
+qmp "$work/destination.qmp" query-migrate >"$work/destination-migrate.json"
+source_status=$(qmp "$work/source.qmp" query-status | jq -r .status)
+
+say "migration complete: the guest verifies its memory on the destination"
+verify_guest destination
+
+figures=$(jq -n --arg accel "$accel" --arg size "$SIZE" --argjson preempt "$PREEMPT" --arg ram "$RAM" \
+    --arg verdict "$verdict" --arg stalls "$stalls" --arg sourceStatus "$source_status" \
+    --argjson postcopySeconds "$(awk "BEGIN { print $ended - $started }")" \
+    --slurpfile source "$work/source-migrate.json" --slurpfile destination "$work/destination-migrate.json" \
+    '{accel: $accel, size: $size, preempt: ($preempt == 1), ram: $ram, sourceStatus: $sourceStatus,
+      verified: ($verdict | test("VERIFY PASS")),
+      longestStallUs: ($stalls | capture("longest-stall-us=(?<v>[0-9]+)").v | tonumber),
+      stallsOver10ms: ($stalls | capture("over-10ms=(?<v>[0-9]+)").v | tonumber),
+      downtimeMs: $source[0].downtime, totalMs: $source[0]["total-time"],
+      postcopySeconds: $postcopySeconds,
+      postcopyRequests: $source[0].ram["postcopy-requests"],
+      pagesSent: $source[0].ram.normal, dirtySyncCount: $source[0].ram["dirty-sync-count"],
+      blocktimeMs: $destination[0]["postcopy-blocktime"],
+      vcpuBlocktimeMs: $destination[0]["postcopy-vcpu-blocktime"]}')
+[[ -n $RESULT ]] && echo "$figures" >"$RESULT"
+echo "$figures" | jq -c .
+[[ $verdict == *"VERIFY PASS"* ]] || fail "the guest found its memory wrong: $verdict"
+say "PASS: QEMU's own postcopy; guest verified"
