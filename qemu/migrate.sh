@@ -18,6 +18,9 @@
 #   PRECOPY_SECONDS  how long the guest runs under precopy before switchover
 #   RESULT=path      write the figures as JSON here
 #   KEEP=1           keep the work directory (logs) after the run
+#   KILL_DAEMON=1    kill -9 postcopyd right after VMM_RESUME, and start
+#                    another with --takeover: the adapter hands it the guest,
+#                    the agent rejoins it, and the guest still verifies
 #
 # Exit status 0 only when the guest verified every page on the destination,
 # postcopyd served stale faults, and the source QEMU stayed paused.
@@ -29,6 +32,7 @@ BIN=${BIN:-.build/debug}
 PRELOAD=${PRELOAD:-.build/preload/libpostcopy-vmm.so}
 HUGETLBFS_DIR=${HUGETLBFS_DIR:-/dev/hugepages}
 TLS=${TLS:-1}
+KILL_DAEMON=${KILL_DAEMON:-0}
 case $MEMORY in
     shmem | hugetlbfs) ;;
     *) echo "migrate: MEMORY is shmem or hugetlbfs, not $MEMORY" >&2; exit 2 ;;
@@ -62,10 +66,14 @@ else
     agent_tls=(--insecure-plaintext)
 fi
 
+# A daemon restarted after KILL_DAEMON must listen where the agent rejoins.
+port=0
+((KILL_DAEMON)) && port=$("$PYTHON" -S -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+daemon_args=(--instance qemu --listen "127.0.0.1:$port" --vmm-socket "$work/vmm.sock" --control-socket "$work/control.sock"
+             "${daemon_tls[@]}" --json)
 say "destination: postcopyd owns $destination_ram ($MEMORY)"
-"$BIN/postcopyd" serve --instance qemu --listen 127.0.0.1:0 --vmm-socket "$work/vmm.sock" \
-    --control-socket "$work/control.sock" --memory "$MEMORY" --size "$SIZE" --ram-file "$destination_ram" \
-    "${daemon_tls[@]}" --ready-file "$work/daemon.ready" --json >"$work/daemon.json" 2>"$work/daemon.log" &
+"$BIN/postcopyd" serve "${daemon_args[@]}" --memory "$MEMORY" --size "$SIZE" --ram-file "$destination_ram" \
+    --ready-file "$work/daemon.ready" >"$work/daemon.json" 2>"$work/daemon.log" &
 daemon_pid=$!
 pids+=("$daemon_pid")
 for _ in $(seq 1 300); do [[ -s $work/daemon.ready ]] && break; sleep 0.1; done
@@ -86,6 +94,9 @@ for side in source destination; do
 done
 qmp "$work/destination.qmp" migrate-incoming "{\"uri\":\"unix:$work/device-state.sock\"}" >/dev/null
 
+push_extra=()
+# Slow back-fill leaves the guest's own faults to the restarted postcopyd.
+((KILL_DAEMON)) && push_extra=(--postcopy-bandwidth 1)
 say "precopy for ${PRECOPY_SECONDS} s while the guest runs, then switchover"
 echo r >"$work/source.in"
 wait_line "$work/source.log" "POSTCOPY-GUEST RESET" 30 "the guest to reset its stall figures" >/dev/null
@@ -96,7 +107,24 @@ set +e
     --pause-cmd "$qmp_command $work/source.qmp stop >/dev/null" \
     --resume-cmd "$qmp_command $work/source.qmp cont >/dev/null" \
     --resumed-cmd "$qmp_command $work/source.qmp hand-over $work/destination.qmp unix:$work/device-state.sock >$work/hand-over.json" \
-    >"$work/push.json" 2>"$work/push.log"
+    "${push_extra[@]}" >"$work/push.json" 2>"$work/push.log" &
+push_pid=$!
+pids+=("$push_pid")
+if ((KILL_DAEMON)); then
+    # postcopyd dies right after VMM_RESUME, while the hand-over starts the
+    # guest: every stale fault then waits for a restarted postcopyd, which
+    # takes the migration over from what the adapter hands back; the agent
+    # rejoins it.
+    wait_line "$work/destination-qemu.log" "VMM_RESUME" 600 "VMM_RESUME" >/dev/null
+    say "killing postcopyd (SIGKILL) at the start of postcopy; a new one takes over (--takeover)"
+    kill -KILL "$daemon_pid"
+    wait "$daemon_pid" 2>/dev/null
+    mv "$work/daemon.log" "$work/daemon-killed.err"
+    "$BIN/postcopyd" serve "${daemon_args[@]}" --takeover >"$work/daemon.json" 2>"$work/daemon.log" &
+    daemon_pid=$!
+    pids+=("$daemon_pid")
+fi
+wait "$push_pid"
 push_status=$?
 wait "$daemon_pid"
 daemon_status=$?
@@ -126,4 +154,9 @@ echo "$figures" | jq -c 'del(.daemon)'
 [[ $verdict == *"VERIFY PASS"* ]] || fail "the guest found its memory wrong: $verdict"
 [[ $source_status == postmigrate || $source_status == paused ]] || fail "the source QEMU is '$source_status', not paused"
 (($(echo "$figures" | jq .staleFaults) > 0)) || fail "postcopyd served no stale fault"
+if ((KILL_DAEMON)); then
+    grep -q "postcopy-vmm: reattached to a restarted postcopyd" "$work/destination-qemu.log" ||
+        fail "the adapter never reattached to the restarted postcopyd"
+    say "the adapter handed the guest to the restarted postcopyd, which completed postcopy"
+fi
 say "PASS: $accel guest verified on the destination after postcopy; source QEMU $source_status"

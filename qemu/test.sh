@@ -2,7 +2,8 @@
 # make test-qemu: a real QEMU guest (Debian's kernel, the self-verifying
 # workload) migrated with postcopyd serving its faults, through
 # libpostcopy-vmm.so: once onto shmem, once onto hugetlbfs when enough 2 MiB
-# pages are free. Root only: QEMU's process opens the userfaultfd, and the
+# pages are free, and once onto shmem with postcopyd killed (SIGKILL) right
+# after VMM_RESUME and a new one taking over from what the adapter hands back. Root only: QEMU's process opens the userfaultfd, and the
 # flow reads and writes /dev/shm and hugetlbfs files. Installs QEMU, jq and
 # cpio when missing.
 #
@@ -36,12 +37,14 @@ bash qemu/build-guest.sh "$GUEST"
 
 results=$(mktemp -d)
 trap 'rm -rf "$results"' EXIT
-run() {  # memory
-    say "migrating a $SIZE QEMU guest onto $1"
-    MEMORY=$1 SIZE=$SIZE BIN=$BIN GUEST=$GUEST HUGETLBFS_DIR=$HUGETLBFS_DIR PRECOPY_SECONDS=${PRECOPY_SECONDS:-5} \
-        RESULT="$results/$1.json" bash qemu/migrate.sh
+run() {  # memory [kill]
+    local kill=${2:-0}
+    say "migrating a $SIZE QEMU guest onto $1$( ((kill)) && echo ', postcopyd killed and taken over')"
+    MEMORY=$1 KILL_DAEMON=$kill SIZE=$SIZE BIN=$BIN GUEST=$GUEST HUGETLBFS_DIR=$HUGETLBFS_DIR \
+        PRECOPY_SECONDS=${PRECOPY_SECONDS:-5} RESULT="$results/$1$( ((kill)) && echo -takeover).json" bash qemu/migrate.sh
 }
 run shmem
+run shmem 1
 
 size_pages=$(($(numfmt --from=iec "$SIZE") / 2097152))
 free_pages=$(awk '/HugePages_Free/ { print $2 }' /proc/meminfo)
