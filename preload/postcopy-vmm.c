@@ -41,6 +41,7 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -315,11 +316,15 @@ __attribute__((constructor)) static void postcopy_vmm_load(void)
             socket_path, strerror(-s));
         return;
     }
+    /* postcopyd answers at once; a VMM must not hang at start if it does not. */
+    struct timeval patience = { .tv_sec = 10 }, forever = { 0 };
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &patience, sizeof patience);
     struct frame offer;
     int rc = receive_frame(s, &offer);
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &forever, sizeof forever);
     if (rc <= 0) {
-        say("postcopyd's VMM socket %s closed before VMM_OFFER: %s", socket_path,
-            rc == 0 ? "end of file" : strerror(-rc));
+        say("no VMM_OFFER from postcopyd's VMM socket %s: %s", socket_path,
+            rc == 0 ? "it closed the connection" : rc == -EAGAIN ? "none within 10 s" : strerror(-rc));
         close(s);
         return;
     }
@@ -400,9 +405,14 @@ int madvise(void *address, size_t length, int advice)
     return real_madvise(address, length, advice);
 }
 
+/* Undoes a matched mapping that cannot be served. The offer stands, so a
+ * later mapping of the file is checked (and refused) the same way rather
+ * than passed through untracked. */
 static void *refuse_mapping(void *mapped, size_t length)
 {
     munmap(mapped, length);
+    if (!atomic_load(&registered))
+        atomic_store(&offered, 1);
     errno = ENOTSUP;
     return MAP_FAILED;
 }
@@ -613,10 +623,16 @@ static void *release_thread(void *unused)
         }
         break;
     }
+    /* Nothing is left to hand back: the range is released. */
     if (sock >= 0)
         close(sock);
     sock = -1;
     close(uffd);
     uffd = -1;
+    close(ram_fd);
+    ram_fd = -1;
+    if (page_state_fd >= 0)
+        close(page_state_fd);
+    page_state_fd = -1;
     return NULL;
 }

@@ -73,6 +73,15 @@ case_ "without POSTCOPY_VMM_SOCKET the adapter does nothing" "mapped wrote" '^$'
 case_ "no postcopyd at the socket: said, and the mapping left alone" "mapped wrote" \
     "postcopy-vmm: cannot connect to postcopyd's VMM socket" -- \
     env LD_PRELOAD="$PRELOAD" POSTCOPY_VMM_SOCKET="$work/nothing.sock" "$work/map-file" "$other" "$size"
+# A socket that never answers: the VMM starts after 10 s, untouched.
+python3 -S -c 'import socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(); time.sleep(60)' "$work/silent.sock" &
+silent=$!
+for _ in $(seq 1 50); do [[ -S $work/silent.sock ]] && break; sleep 0.1; done
+case_ "a socket that never offers: the VMM goes on after 10 s, the mapping left alone" "mapped wrote" \
+    "no VMM_OFFER from postcopyd's VMM socket .*: none within 10 s" -- \
+    env LD_PRELOAD="$PRELOAD" POSTCOPY_VMM_SOCKET="$work/silent.sock" "$work/map-file" "$other" "$size"
+kill "$silent" 2>/dev/null || true
 start_daemon --vmm-uid 65534
 case_ "postcopyd's refusal (not --vmm-uid) is reported, the mapping left alone" "mapped wrote" \
     "postcopy-vmm: postcopyd sent ERROR 5 \(unexpectedMessage\) instead of VMM_OFFER: VMM socket peer uid 0 is not the allowed uid 65534" -- \
@@ -85,6 +94,10 @@ start_daemon
 case_ "the offered file at another size is refused (ENOTSUP, alias EOPNOTSUPP)" "mmap failed: EOPNOTSUPP" \
     "the VMM maps 33554432 bytes of guest RAM at file offset 0, but postcopyd serves 67108864 bytes" -- \
     "${preloaded[@]}" "$work/map-file" "$ram" "$((32 << 20))"
+start_daemon
+case_ "a refused mapping keeps the offer: the next one is checked again, then registered" "mmap failed: EOPNOTSUPP mapped" \
+    "guest RAM at 0x[0-9a-f]+ registered" -- \
+    "${preloaded[@]}" "$work/map-file" "$ram" "$((32 << 20)),$size" no-touch
 start_daemon
 case_ "the offered file is registered and handed over" "mapped" \
     "guest RAM at 0x[0-9a-f]+ registered \(minor\|missing\) and handed to postcopyd" -- \

@@ -5,7 +5,9 @@
  * reads back its first byte unless told not to touch it, and says what
  * happened on stdout: "mapped", "wrote" or "mmap failed: <errno name>".
  *
- *   map-file PATH SIZE [touch|no-touch]
+ * Several sizes, comma-separated, map the file once for each, in turn.
+ *
+ *   map-file PATH SIZE[,SIZE...] [touch|no-touch]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -16,19 +18,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-int main(int argc, char **argv)
+/* One mapping of `size` bytes; 0 when it worked. */
+static int map_once(int fd, size_t size, int touch)
 {
-    if (argc < 3) {
-        fprintf(stderr, "usage: map-file PATH SIZE [touch|no-touch]\n");
-        return 2;
-    }
-    size_t size = strtoull(argv[2], NULL, 0);
-    int touch = argc < 4 || strcmp(argv[3], "no-touch") != 0;
-    int fd = open(argv[1], O_RDWR);
-    if (fd < 0) {
-        printf("open failed: %s\n", strerrorname_np(errno));
-        return 1;
-    }
     void *reserved = mmap(NULL, size + (2u << 20), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     void *at = (void *)(((unsigned long)reserved + (2u << 20) - 1) & ~((2ul << 20) - 1));
     void *mapped = mmap(at, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
@@ -44,4 +36,22 @@ int main(int argc, char **argv)
         printf(*first == 42 ? "wrote\n" : "read back something else\n");
     }
     return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 3) {
+        fprintf(stderr, "usage: map-file PATH SIZE[,SIZE...] [touch|no-touch]\n");
+        return 2;
+    }
+    int touch = argc < 4 || strcmp(argv[3], "no-touch") != 0;
+    int fd = open(argv[1], O_RDWR);
+    if (fd < 0) {
+        printf("open failed: %s\n", strerrorname_np(errno));
+        return 1;
+    }
+    int failed = 0;
+    for (char *size = strtok(argv[2], ","); size; size = strtok(NULL, ","))
+        failed |= map_once(fd, strtoull(size, NULL, 0), touch);
+    return failed;
 }
