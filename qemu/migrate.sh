@@ -15,7 +15,8 @@
 #   BIN=.build/debug postcopyd and postcopy-push
 #   PRELOAD=…        libpostcopy-vmm.so (default .build/preload/, make preload)
 #   GUEST=…          where qemu/build-guest.sh put vmlinuz and initrd.gz
-#   PRECOPY_SECONDS  how long the guest runs under precopy before switchover
+#   PRECOPY_SECONDS  precopy runs this long (default 30), unless a round
+#                    resends fewer than 256 pages first
 #   RESULT=path      write the figures as JSON here
 #   KEEP=1           keep the work directory (logs) after the run
 #   KILL_DAEMON=1    kill -9 postcopyd right after VMM_RESUME, and start
@@ -103,7 +104,7 @@ wait_line "$work/source.log" "POSTCOPY-GUEST RESET" 30 "the guest to reset its s
 set +e
 "$BIN/postcopy-push" --ram "$source_ram" --to "$(cat "$work/daemon.ready")" "${agent_tls[@]}" \
     --migration-secret-file "$work/migration.secret" --quiet --json \
-    --max-precopy-seconds "$PRECOPY_SECONDS" \
+    --max-precopy-seconds "$PRECOPY_SECONDS" --max-rounds 1000 \
     --pause-cmd "$qmp_command $work/source.qmp stop >/dev/null" \
     --resume-cmd "$qmp_command $work/source.qmp cont >/dev/null" \
     --resumed-cmd "$qmp_command $work/source.qmp hand-over $work/destination.qmp unix:$work/device-state.sock >$work/hand-over.json" \
