@@ -68,13 +68,21 @@ wait_qmp() {  # path
 }
 
 # The guest's verdict after migration: sends 'v' to the destination's
-# console; sets verdict and stalls to the workload's two answer lines.
+# console; sets verdict and stalls to the workload's two answer lines. A
+# guest kernel that oopsed or panicked (its memory came back wrong in a
+# way that killed it before it could check) is a verdict too: verdict is
+# then that line, and stalls is empty.
 verify_guest() {  # console name
     echo v >"$work/$1.in"
-    verdict=$(wait_line "$work/$1.log" "POSTCOPY-GUEST VERIFY" 300 "the guest's verdict")
-    stalls=$(wait_line "$work/$1.log" "POSTCOPY-GUEST STALLS" 30 "the guest's stall figures")
+    verdict=$(wait_line "$work/$1.log" "POSTCOPY-GUEST VERIFY|Kernel panic|BUG: |Oops" 300 "the guest's verdict")
+    stalls=""
+    if [[ $verdict == *POSTCOPY-GUEST* ]]; then
+        stalls=$(wait_line "$work/$1.log" "POSTCOPY-GUEST STALLS" 30 "the guest's stall figures")
+    else
+        verdict="GUEST KERNEL CRASHED: $verdict"
+    fi
     echo "$verdict"
-    echo "$stalls"
+    [[ -z $stalls ]] || echo "$stalls"
 }
 
 mem_mib=$(($(numfmt --from=iec "$SIZE") >> 20))

@@ -142,8 +142,9 @@ figures=$(jq -n --arg accel "$accel" --arg memory "$MEMORY" --arg size "$SIZE" -
     --slurpfile push "$work/push.json" --slurpfile daemon "$work/daemon.json" --slurpfile handOver "$work/hand-over.json" \
     '{accel: $accel, memory: $memory, size: $size, sourceStatus: $sourceStatus,
       verified: ($verdict | test("VERIFY PASS")),
-      longestStallUs: ($stalls | capture("longest-stall-us=(?<v>[0-9]+)").v | tonumber),
-      stallsOver10ms: ($stalls | capture("over-10ms=(?<v>[0-9]+)").v | tonumber),
+      crashed: ($verdict | test("CRASHED")),
+      longestStallUs: ($stalls | try (capture("longest-stall-us=(?<v>[0-9]+)").v | tonumber) catch null),
+      stallsOver10ms: ($stalls | try (capture("over-10ms=(?<v>[0-9]+)").v | tonumber) catch null),
       precopySeconds: $push[0].precopySeconds, stalePages: $push[0].stalePages,
       downtimeToResumedMs: $push[0].downtimeMs, guestDowntimeMs: $push[0].guestDowntimeMs,
       handOver: $handOver[0], postcopySeconds: $push[0].postcopySeconds,
