@@ -345,6 +345,14 @@ __attribute__((constructor)) static void postcopy_vmm_load(void)
     region_size = get64(offer.payload);
     page_size = get32(offer.payload + 8);
     file_offset = get64(offer.payload + 12);
+    if ((page_size != 4096 && page_size != 2u << 20) || region_size == 0 || region_size % page_size
+        || file_offset % page_size) {
+        say("VMM_OFFER makes no sense (%" PRIu64 " bytes at offset %" PRIu64 " in %" PRIu64
+            "-byte pages); not attaching", region_size, file_offset, page_size);
+        close(offer.fd);
+        close(s);
+        return;
+    }
     sock = s;
     ram_fd = offer.fd;
     ram_dev = st.st_dev;
@@ -378,7 +386,8 @@ void *mmap(void *address, size_t length, int prot, int flags, int fd, off_t offs
     if (!real_mmap) /* a call before the constructor ran */
         return (void *)syscall(SYS_mmap, address, length, prot, flags, fd, offset);
     void *mapped = real_mmap(address, length, prot, flags, fd, offset);
-    if (mapped == MAP_FAILED || fd < 0 || !(flags & MAP_SHARED) || !atomic_load(&offered))
+    if (mapped == MAP_FAILED || fd < 0 || !(flags & MAP_SHARED)
+        || !(atomic_load(&offered) || atomic_load(&registered)))
         return mapped;
     struct stat st;
     if (fstat(fd, &st) < 0 || st.st_dev != ram_dev || st.st_ino != ram_ino)

@@ -99,6 +99,10 @@ case_ "a refused mapping keeps the offer: the next one is checked again, then re
     "guest RAM at 0x[0-9a-f]+ registered" -- \
     "${preloaded[@]}" "$work/map-file" "$ram" "$((32 << 20)),$size" no-touch
 start_daemon
+case_ "a second mapping of guest RAM while postcopy runs is refused (it would not be tracked)" "mapped mmap failed: EOPNOTSUPP" \
+    "the VMM maps guest RAM a second time while postcopy runs" -- \
+    "${preloaded[@]}" "$work/map-file" "$ram" "$size,$size" no-touch
+start_daemon
 case_ "the offered file is registered and handed over" "mapped" \
     "guest RAM at 0x[0-9a-f]+ registered \(minor\|missing\) and handed to postcopyd" -- \
     "${preloaded[@]}" "$work/map-file" "$ram" "$size" no-touch
