@@ -27,6 +27,7 @@ mkdir -p "$OUT"
 for run in $(seq 1 "$RUNS"); do
     for kind in $KINDS; do  # interleaved, so that drift hits every kind alike
         result="$OUT/$kind-$run.json"
+        rm -f "$result"
         case $kind in
             postcopyd-shmem) MEMORY=shmem RESULT=$result bash qemu/migrate.sh >"$OUT/$kind-$run.log" 2>&1 ;;
             postcopyd-hugetlbfs) MEMORY=hugetlbfs RESULT=$result bash qemu/migrate.sh >"$OUT/$kind-$run.log" 2>&1 ;;

@@ -83,6 +83,7 @@ figures=$(jq -n --arg accel "$accel" --arg size "$SIZE" --argjson preempt "$PREE
       crashed: ($verdict | test("CRASHED")),
       longestStallUs: ($stalls | try (capture("longest-stall-us=(?<v>[0-9]+)").v | tonumber) catch null),
       stallsOver10ms: ($stalls | try (capture("over-10ms=(?<v>[0-9]+)").v | tonumber) catch null),
+      clockBack: ($stalls | try (capture("clock-back=(?<v>[0-9]+)").v | tonumber) catch null),
       downtimeMs: $source[0].downtime, totalMs: $source[0]["total-time"],
       postcopySeconds: $postcopySeconds,
       postcopyRequests: $source[0].ram["postcopy-requests"], postcopyBytes: $source[0].ram["postcopy-bytes"],

@@ -145,6 +145,7 @@ figures=$(jq -n --arg accel "$accel" --arg memory "$MEMORY" --arg size "$SIZE" -
       crashed: ($verdict | test("CRASHED")),
       longestStallUs: ($stalls | try (capture("longest-stall-us=(?<v>[0-9]+)").v | tonumber) catch null),
       stallsOver10ms: ($stalls | try (capture("over-10ms=(?<v>[0-9]+)").v | tonumber) catch null),
+      clockBack: ($stalls | try (capture("clock-back=(?<v>[0-9]+)").v | tonumber) catch null),
       precopySeconds: $push[0].precopySeconds, stalePages: $push[0].stalePages,
       downtimeToResumedMs: $push[0].downtimeMs, guestDowntimeMs: $push[0].guestDowntimeMs,
       handOver: $handOver[0], postcopySeconds: $push[0].postcopySeconds,

@@ -15,6 +15,10 @@
  *   READY pages=N hot=H            the fill is done; the hot loop runs
  *   VERIFY PASS pages=N ...        answer to 'v': every page checked
  *   VERIFY FAIL bad=K first=I ...  answer to 'v': K pages are wrong
+ *   STALLS longest-stall-us=…      after each verdict, and answer to 's': the
+ *                                  longest gap between two hot writes, how
+ *                                  many exceeded 1, 10 and 100 ms, and how
+ *                                  often the clock stepped back
  *   RESET                          answer to 'r': stall figures zeroed
  * Commands are single bytes read from the console: 'v' verify, 'r' reset
  * the stall figures, 's' print them without verifying.
@@ -121,6 +125,7 @@ static int check_page(uint64_t index, uint64_t *found_index, uint64_t *found_gen
 }
 
 struct stalls {
+    uint64_t clock_back; /* times CLOCK_MONOTONIC went backwards */
     uint64_t longest_ns;
     uint64_t over_1ms;
     uint64_t over_10ms;
@@ -147,8 +152,9 @@ static void note_gap(struct stalls *s, uint64_t gap)
 static void report_stalls(const char *what, const struct stalls *s)
 {
     say("POSTCOPY-GUEST %s longest-stall-us=%" PRIu64 " stalls-over-1ms=%" PRIu64
-        " over-10ms=%" PRIu64 " over-100ms=%" PRIu64 " hot-writes=%" PRIu64 " seconds=%" PRIu64,
-        what, s->longest_ns / 1000, s->over_1ms, s->over_10ms, s->over_100ms, s->writes,
+        " over-10ms=%" PRIu64 " over-100ms=%" PRIu64 " hot-writes=%" PRIu64 " clock-back=%" PRIu64
+        " seconds=%" PRIu64,
+        what, s->longest_ns / 1000, s->over_1ms, s->over_10ms, s->over_100ms, s->writes, s->clock_back,
         (now_ns() - s->since_ns) / 1000000000ull);
 }
 
@@ -239,7 +245,10 @@ int main(void)
         write_page(index, generation[index]);
         s.writes++;
         uint64_t t = now_ns();
-        note_gap(&s, t - last);
+        if (t >= last)
+            note_gap(&s, t - last);
+        else
+            s.clock_back++; /* a guest clock stepped back by a migration */
         last = t;
         if ((k & 255) == 0) {
             struct pollfd p = { .fd = console, .events = POLLIN };
