@@ -93,7 +93,11 @@ guest_args=(-nodefaults -no-user-config -display none -machine "pc,memory-backen
             -append "console=ttyS0 quiet panic=-1")
 
 accel=$ACCEL
-if [[ $accel == auto ]]; then
+# The probe's answer is kept beside the guest it booted ($GUEST/accel-probe),
+# so that a series of runs probes once.
+if [[ $accel == auto && -s $GUEST/accel-probe && $GUEST/accel-probe -nt $GUEST/initrd.gz ]]; then
+    accel=$(cat "$GUEST/accel-probe")
+elif [[ $accel == auto ]]; then
     accel=tcg
     if [[ -w /dev/kvm ]]; then
         # KVM under nested virtualisation may exist but not run a guest:
@@ -110,4 +114,5 @@ if [[ $accel == auto ]]; then
         kill -KILL "$probe" 2>/dev/null || true
         wait "$probe" 2>/dev/null || true
     fi
+    echo "$accel" >"$GUEST/accel-probe" 2>/dev/null || true
 fi
