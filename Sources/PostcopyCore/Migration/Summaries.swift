@@ -133,7 +133,7 @@ public struct AgentSummary: Codable, Equatable, Sendable {
     public var downtimeMs: Double = 0
     /// Source paused → destination resumed, by the two hosts' wall clocks.
     public var downtimeByClocksMs: Double = 0
-    /// The hand-over command (`--resumed-command`), when one ran.
+    /// The hand-over command (`--resumed-cmd`), when one ran.
     public var handOverMs: Double?
     /// Source paused → hand-over command done: the guest's downtime when
     /// that command is what starts it on the destination.

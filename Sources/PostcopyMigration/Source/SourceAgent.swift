@@ -13,7 +13,7 @@ public struct SourceControl: Sendable {
     /// Run once postcopyd has resumed the guest's memory (RESUMED): what
     /// makes the guest run on the destination when postcopyd's RESUMED alone
     /// does not, such as moving a VMM's device state and starting it
-    /// (`postcopy-push --resumed-command`). Its time counts as downtime.
+    /// (`postcopy-push --resumed-cmd`). Its time counts as downtime.
     public let handOver: (description: String, run: @Sendable () throws -> Void)?
 
     public init(_ description: String, pause: @escaping @Sendable () throws -> Void,
