@@ -128,6 +128,9 @@ public struct AgentSummary: Codable, Equatable, Sendable {
     public var precopyEndReason = ""
     public var precopySeconds: Double = 0
     public var stalePages: UInt64 = 0
+    /// The final scan of the paused source (hashing every page): most of
+    /// the downtime when no dirty log is given.
+    public var finalScanMs: Double = 0
     /// Source paused → RESUMED received, on this host's clock (an upper
     /// bound on the guest's downtime).
     public var downtimeMs: Double = 0
@@ -165,7 +168,7 @@ public struct AgentSummary: Codable, Equatable, Sendable {
             "precopy: \(rounds.count) rounds, \(precopyPages) pages in \(fixed(precopySeconds, 2)) s"
                 + " (ended by \(precopyEndReason))",
             "switchover: \(stalePages) stale pages, downtime \(fixed(downtimeMs, 1)) ms"
-                + " (by wall clocks \(fixed(downtimeByClocksMs, 1)) ms)"
+                + " (by wall clocks \(fixed(downtimeByClocksMs, 1)) ms; final scan \(fixed(finalScanMs, 1)) ms)"
                 + (guestDowntimeMs.map { "; with the hand-over (\(fixed(handOverMs ?? 0, 1)) ms) the guest was paused \(fixed($0, 1)) ms" } ?? ""),
             "postcopy: \(fixed(postcopySeconds, 2)) s; \(pageRequests) requests, \(postcopyPagesUrgent) pages urgent"
                 + ", \(postcopyPagesBackground) background (\(fixed(backgroundMiBPerSecond, 1)) MiB/s)",

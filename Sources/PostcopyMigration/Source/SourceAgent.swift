@@ -346,7 +346,9 @@ public final class SourceAgent: @unchecked Sendable {
         }
         try inStep("pause the source (\(config.control.description))") { try config.control.pause() }
         let alsoDirty = try config.dirtyBitmapPath.map { try readDirtyBitmap($0, pages: scanner.pageCount) }
+        let scanStarted = monotonicNanoseconds()
         let (stale, zero, digest) = scanner.finalScan(alsoDirty: alsoDirty)
+        summary.finalScanMs = Double(monotonicNanoseconds() - scanStarted) / 1e6
         summary.stalePages = stale.popCount
         summary.imageDigest = digest.description
         for frame in stale.dirtyBitmapMessages() {
