@@ -146,7 +146,7 @@ figures=$(jq -n --arg accel "$accel" --arg memory "$MEMORY" --arg size "$SIZE" -
       longestStallUs: ([$stalls | capture("longest-stall-us=(?<v>[0-9]+)") | .v | tonumber] | first),
       stallsOver10ms: ([$stalls | capture("over-10ms=(?<v>[0-9]+)") | .v | tonumber] | first),
       clockBack: ([$stalls | capture("clock-back=(?<v>[0-9]+)") | .v | tonumber] | first),
-      precopySeconds: $push[0].precopySeconds, stalePages: $push[0].stalePages,
+      precopySeconds: $push[0].precopySeconds, stalePages: $push[0].stalePages, finalScanMs: $push[0].finalScanMs,
       downtimeToResumedMs: $push[0].downtimeMs, guestDowntimeMs: $push[0].guestDowntimeMs,
       handOver: $handOver[0], postcopySeconds: $push[0].postcopySeconds,
       staleFaults: $push[0].destinationFaultsStale, cleanFaults: $push[0].destinationFaultsClean,
