@@ -171,6 +171,9 @@ stage_files() {
 listen = 127.0.0.1:$PORT
 size = $SIZE
 memory = shmem
+# A named RAM file, as a QEMU on postcopyd needs: created under the unit's
+# hardening (ProtectSystem=strict leaves /dev/shm writable).
+ram-file = /dev/shm/postcopyd-test.ram
 vmm-uid = 0
 vmm-timeout = 60
 tls-ca = /etc/postcopyd/tls/ca.pem

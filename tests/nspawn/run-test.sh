@@ -242,6 +242,9 @@ exit_status=$(systemctl show -P ExecMainStatus "$UNIT")
 [[ $(systemctl show -P ActiveState "$UNIT") == inactive ]] || fail "$UNIT is not inactive"
 [[ ! -e $SOCKDIR ]] || fail "RuntimeDirectory $SOCKDIR left behind"
 ok "$UNIT inactive, Result=success, exit status 0, $SOCKDIR removed"
+# test.conf names a RAM file (ram-file =), as a QEMU on postcopyd needs: the
+# daemon created it under the unit's hardening, and removed it at the end.
+[[ ! -e /dev/shm/postcopyd-test.ram ]] || fail "the RAM file /dev/shm/postcopyd-test.ram outlived postcopyd"
 
 # --- the journal ---------------------------------------------------------------------------
 step=journal
@@ -255,6 +258,9 @@ if grep -q "\"MESSAGE_ID\":\"$ID_FAILED\"" <<<"$unit_json"; then
     fail "journalctl -u $UNIT has a failure record"
 fi
 ok "journalctl -u $UNIT: ready, accepted, VMM attached, switchover and complete records"
+grep -q '"MEMORY":"file /dev/shm/postcopyd-test.ram (shmem, 4 KiB pages)"' <<<"$unit_json" ||
+    fail "the ready record does not name the RAM file /dev/shm/postcopyd-test.ram"
+ok "guest RAM was the named file /dev/shm/postcopyd-test.ram (ram-file), created and removed under the unit's hardening"
 
 complete=$(journalctl --no-pager -o json "MESSAGE_ID=$ID_COMPLETE")
 [[ $(grep -c . <<<"$complete") -eq 1 ]] || fail "expected one MESSAGE_ID=$ID_COMPLETE record, found: $complete"
