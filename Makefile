@@ -4,8 +4,9 @@
 #                  openssl; hugepages, a hugetlbfs mount, a journald and the
 #                  journal catalog when root), builds, runs swift test (the
 #                  fuzz regressions among them), 8 concurrent migrations
-#                  (make test-load), then the systemd-nspawn test (root only:
-#                  a real systemd runs postcopyd@test)
+#                  (make test-load), the preload adapter (make test-preload),
+#                  a real QEMU guest (make test-qemu), then the systemd-nspawn
+#                  test (root only: a real systemd runs postcopyd@test)
 #   make test-sanitizers  swift test under ASan and TSan (slow)
 #   make demo      probes the kernel, then migrates a 1 GiB guest over loopback:
 #                  source workload, postcopyd, reference guest, postcopy-push
@@ -22,11 +23,13 @@
 #                  nothing (for make test; skips when not root)
 #   make test-qemu a real QEMU guest (Debian's kernel, a self-verifying
 #                  workload) migrated onto postcopyd through the preload
-#                  adapter, on shmem and on hugetlbfs (root; installs QEMU)
+#                  adapter, on shmem, on hugetlbfs, and with postcopyd
+#                  killed and taken over (root; installs QEMU)
 #   make test-preload  the adapter against a real postcopyd, without QEMU
 #   make preload   libpostcopy-vmm.so, the adapter that puts an unmodified
 #                  VMM on postcopyd (LD_PRELOAD), in .build/preload/
-#   make install   binaries to $(DESTDIR)$(PREFIX)/bin, units to $(DESTDIR)$(UNITDIR),
+#   make install   binaries to $(DESTDIR)$(PREFIX)/bin, libpostcopy-vmm.so to
+#                  $(DESTDIR)$(LIBDIR), units to $(DESTDIR)$(UNITDIR),
 #                  the journal catalog, an example config, the docs
 #   make uninstall removes what install put there (never a config you wrote)
 
