@@ -23,11 +23,13 @@ RAM=${RAM:-file}
 source "$(dirname "$0")/common.sh"
 require "$GUEST/vmlinuz" "$GUEST/initrd.gz"
 
+# Called as $(backend side), in a subshell: the files are listed for
+# removal here, in the script's own shell.
+removals+=("/dev/shm/postcopy-compare-source.$$" "/dev/shm/postcopy-compare-destination.$$")
 backend() {  # side → the memory backend's arguments
     if [[ $RAM == anonymous ]]; then
         echo "memory-backend-ram,id=ram,size=$SIZE"
     else
-        removals+=("/dev/shm/postcopy-compare-$1.$$")
         echo "memory-backend-file,id=ram,size=$SIZE,mem-path=/dev/shm/postcopy-compare-$1.$$,share=on"
     fi
 }
