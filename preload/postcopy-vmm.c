@@ -272,6 +272,14 @@ static ino_t ram_ino;
 static uint64_t region_size, page_size, file_offset;
 static uint64_t guest_base, features, register_mode;
 
+/* VMM_ATTACH's payload, which VMM_REATTACH repeats. */
+static void attach_payload(uint8_t payload[24])
+{
+    put64(payload, guest_base);
+    put64(payload + 8, features);
+    put64(payload + 16, register_mode);
+}
+
 static int connect_socket(void)
 {
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -483,9 +491,7 @@ static void *attach_mapping(void *mapped, size_t length, off_t offset)
     features = api.features;
     register_mode = reg.mode;
     uint8_t payload[24];
-    put64(payload, guest_base);
-    put64(payload + 8, features);
-    put64(payload + 16, register_mode);
+    attach_payload(payload);
     int rc = send_frame(sock, TYPE_VMM_ATTACH, payload, sizeof payload, uffd);
     if (rc < 0) {
         say("cannot send VMM_ATTACH to postcopyd: %s", strerror(-rc));
@@ -547,9 +553,7 @@ static int reattach(void)
         int s = connect_socket();
         if (s >= 0) {
             uint8_t kind[4], payload[24];
-            put64(payload, guest_base);
-            put64(payload + 8, features);
-            put64(payload + 16, register_mode);
+            attach_payload(payload);
             put32(kind, HANDBACK_RAM);
             int rc = send_frame(s, TYPE_VMM_HANDBACK, kind, 4, ram_fd);
             put32(kind, HANDBACK_PAGE_STATE);

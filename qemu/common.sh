@@ -85,6 +85,21 @@ verify_guest() {  # console name
     [[ -z $stalls ]] || echo "$stalls"
 }
 
+# The guest's half of a run's figures, as JSON, from verify_guest's lines.
+guest_figures() {
+    jq -n --arg verdict "$verdict" --arg stalls "$stalls" '{
+      verified: ($verdict | test("VERIFY PASS")),
+      crashed: ($verdict | test("CRASHED")),
+      longestStallUs: ([$stalls | capture("longest-stall-us=(?<v>[0-9]+)") | .v | tonumber] | first),
+      stallsOver10ms: ([$stalls | capture("over-10ms=(?<v>[0-9]+)") | .v | tonumber] | first),
+      clockBack: ([$stalls | capture("clock-back=(?<v>[0-9]+)") | .v | tonumber] | first)}'
+}
+
+# A TCP port on 127.0.0.1 that nothing listens on now.
+free_port() {
+    "$PYTHON" -S -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
 mem_mib=$(($(numfmt --from=iec "$SIZE") >> 20))
 # Guest RAM is the memory backend "ram" each QEMU names; the rest is the
 # same on both sides.

@@ -57,7 +57,7 @@ for side in source destination; do
     # that postcopy starts after PRECOPY_SECONDS as postcopyd's does.
     qmp "$work/$side.qmp" migrate-set-parameters '{"max-bandwidth":107374182400,"max-postcopy-bandwidth":0,"downtime-limit":1}' >/dev/null
 done
-port=$("$PYTHON" -S -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 qmp "$work/destination.qmp" migrate-incoming "{\"uri\":\"tcp:127.0.0.1:$port\"}" >/dev/null
 
 say "precopy for ${PRECOPY_SECONDS} s while the guest runs, then migrate-start-postcopy"
@@ -77,15 +77,10 @@ say "migration complete: the guest verifies its memory on the destination"
 verify_guest destination
 
 figures=$(jq -n --arg accel "$accel" --arg size "$SIZE" --argjson preempt "$PREEMPT" --arg ram "$RAM" \
-    --arg verdict "$verdict" --arg stalls "$stalls" --arg sourceStatus "$source_status" \
+    --arg sourceStatus "$source_status" --argjson guest "$(guest_figures)" \
     --argjson postcopySeconds "$(awk "BEGIN { print $ended - $started }")" \
     --slurpfile source "$work/source-migrate.json" --slurpfile destination "$work/destination-migrate.json" \
-    '{accel: $accel, size: $size, preempt: ($preempt == 1), ram: $ram, sourceStatus: $sourceStatus,
-      verified: ($verdict | test("VERIFY PASS")),
-      crashed: ($verdict | test("CRASHED")),
-      longestStallUs: ([$stalls | capture("longest-stall-us=(?<v>[0-9]+)") | .v | tonumber] | first),
-      stallsOver10ms: ([$stalls | capture("over-10ms=(?<v>[0-9]+)") | .v | tonumber] | first),
-      clockBack: ([$stalls | capture("clock-back=(?<v>[0-9]+)") | .v | tonumber] | first),
+    '{accel: $accel, size: $size, preempt: ($preempt == 1), ram: $ram, sourceStatus: $sourceStatus} + $guest + {
       downtimeMs: $source[0].downtime, totalMs: $source[0]["total-time"],
       postcopySeconds: $postcopySeconds,
       postcopyRequests: $source[0].ram["postcopy-requests"], postcopyBytes: $source[0].ram["postcopy-bytes"],

@@ -69,7 +69,7 @@ fi
 
 # A daemon restarted after KILL_DAEMON must listen where the agent rejoins.
 port=0
-((KILL_DAEMON)) && port=$("$PYTHON" -S -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+((KILL_DAEMON)) && port=$(free_port)
 daemon_args=(--instance qemu --listen "127.0.0.1:$port" --vmm-socket "$work/vmm.sock" --control-socket "$work/control.sock"
              "${daemon_tls[@]}" --json)
 say "destination: postcopyd owns $destination_ram ($MEMORY)"
@@ -137,15 +137,10 @@ say "postcopy complete: the guest verifies its memory on the destination"
 source_status=$(qmp "$work/source.qmp" query-status | jq -r .status)
 verify_guest destination
 
-figures=$(jq -n --arg accel "$accel" --arg memory "$MEMORY" --arg size "$SIZE" --arg verdict "$verdict" \
-    --arg stalls "$stalls" --arg sourceStatus "$source_status" \
+figures=$(jq -n --arg accel "$accel" --arg memory "$MEMORY" --arg size "$SIZE" --arg sourceStatus "$source_status" \
+    --argjson guest "$(guest_figures)" \
     --slurpfile push "$work/push.json" --slurpfile daemon "$work/daemon.json" --slurpfile handOver "$work/hand-over.json" \
-    '{accel: $accel, memory: $memory, size: $size, sourceStatus: $sourceStatus,
-      verified: ($verdict | test("VERIFY PASS")),
-      crashed: ($verdict | test("CRASHED")),
-      longestStallUs: ([$stalls | capture("longest-stall-us=(?<v>[0-9]+)") | .v | tonumber] | first),
-      stallsOver10ms: ([$stalls | capture("over-10ms=(?<v>[0-9]+)") | .v | tonumber] | first),
-      clockBack: ([$stalls | capture("clock-back=(?<v>[0-9]+)") | .v | tonumber] | first),
+    '{accel: $accel, memory: $memory, size: $size, sourceStatus: $sourceStatus} + $guest + {
       precopySeconds: $push[0].precopySeconds, stalePages: $push[0].stalePages, finalScanMs: $push[0].finalScanMs,
       downtimeToResumedMs: $push[0].downtimeMs, guestDowntimeMs: $push[0].guestDowntimeMs,
       handOver: $handOver[0], postcopySeconds: $push[0].postcopySeconds,

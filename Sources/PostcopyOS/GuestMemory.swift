@@ -156,17 +156,18 @@ public final class MemoryFile: Sendable {
     /// A named shmem file must be on tmpfs: a disk file raises no minor
     /// faults.
     private static func verifyFilesystem(fd: Int32, backing: Backing) throws {
+        var namedShmem = false
+        if case .namedFile(_, .shmem) = backing { namedShmem = true }
+        guard namedShmem || backing.memoryKind == .hugetlbfs else { return }
         var magic: Int64 = 0
         var blockSize: Int64 = 0
-        if case .namedFile(_, .shmem) = backing {
-            try check("fstatfs") { cpc_fstatfs(fd, &magic, &blockSize) }
+        try check("fstatfs") { cpc_fstatfs(fd, &magic, &blockSize) }
+        if namedShmem {
             guard magic == tmpfsMagic else {
                 throw SystemCallError("\(backing): not on tmpfs (filesystem magic 0x\(String(magic, radix: 16))); shmem guest RAM needs a tmpfs such as /dev/shm, 2 MiB pages a hugetlbfs mount", .invalid)
             }
             return
         }
-        guard backing.memoryKind == .hugetlbfs else { return }
-        try check("fstatfs") { cpc_fstatfs(fd, &magic, &blockSize) }
         guard magic == hugetlbfsMagic else {
             throw SystemCallError("\(backing): not a hugetlbfs file (filesystem magic 0x\(String(magic, radix: 16)))", .invalid)
         }

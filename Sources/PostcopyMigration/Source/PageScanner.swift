@@ -103,7 +103,7 @@ final class PageScanner: @unchecked Sendable {
         var hashes = [UInt64](repeating: 0, count: count)
         var zeros = [UInt8](repeating: 0, count: count)
         let workers = max(1, min(threads, count / 1024))
-        let share = (count + workers - 1) / max(workers, 1)
+        let share = (count + workers - 1) / workers
         hashes.withUnsafeMutableBufferPointer { hashes in
             zeros.withUnsafeMutableBufferPointer { zeros in
                 let slots = ScanSlots(hashes: hashes.baseAddress!, zeros: zeros.baseAddress!)
