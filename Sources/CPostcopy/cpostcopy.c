@@ -237,3 +237,48 @@ int cpc_tcp_tune(int sock, int idle_seconds, int interval_seconds, int probes) {
     if (setsockopt(sock, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof(probes)) < 0) return -errno;
     return 0;
 }
+
+/* The uapi layout of PAGEMAP_SCAN (include/uapi/linux/fs.h, Linux 6.7). */
+struct cpc_pm_scan_arg {
+    uint64_t size;
+    uint64_t flags;
+    uint64_t start;
+    uint64_t end;
+    uint64_t walk_end;
+    uint64_t vec;
+    uint64_t vec_len;
+    uint64_t max_pages;
+    uint64_t category_inverted;
+    uint64_t category_mask;
+    uint64_t category_anyof_mask;
+    uint64_t return_mask;
+};
+_Static_assert(sizeof(struct cpc_pm_scan_arg) == 96, "pm_scan_arg is 96 bytes");
+_Static_assert(sizeof(struct cpc_page_region) == 24, "page_region is 24 bytes");
+
+#define CPC_PAGEMAP_SCAN _IOWR('f', 16, struct cpc_pm_scan_arg)
+#define CPC_PM_SCAN_WP_MATCHING (1 << 0)
+#define CPC_PM_SCAN_CHECK_WPASYNC (1 << 1)
+#ifdef PAGEMAP_SCAN
+_Static_assert(PAGEMAP_SCAN == CPC_PAGEMAP_SCAN, "PAGEMAP_SCAN matches the kernel's");
+#endif
+
+int64_t cpc_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, int protect,
+                                 struct cpc_page_region *regions, uint64_t capacity, uint64_t *walk_end) {
+    struct cpc_pm_scan_arg arg = {
+        .size = sizeof(arg),
+        .flags = CPC_PM_SCAN_CHECK_WPASYNC | (protect ? CPC_PM_SCAN_WP_MATCHING : 0),
+        .start = start,
+        .end = end,
+        .vec = (uint64_t)(uintptr_t)regions,
+        .vec_len = capacity,
+        .category_mask = CPC_PAGE_IS_WRITTEN,
+        .return_mask = CPC_PAGE_IS_WRITTEN,
+    };
+    /* No retry on EINTR: the kernel returns it only for a fatal signal, and
+     * the regions of a walk cut short that way are gone with the caller. */
+    long rc = ioctl(pagemap_fd, CPC_PAGEMAP_SCAN, &arg);
+    if (rc < 0) return -errno;
+    *walk_end = arg.walk_end;
+    return rc;
+}

@@ -78,6 +78,27 @@ public struct PageBitmap: Equatable, Sendable {
         return wasSet
     }
 
+    /// Sets bits [first, first+count), a word at a time where it can.
+    public mutating func insert(first: UInt64, count pages: UInt64) {
+        precondition(first <= count && pages <= count - first,
+                     "pages \(first)..<\(first)+\(pages) outside a bitmap of \(count)")
+        var index = first
+        let end = first + pages
+        while index < end {
+            let bit = index & 63
+            let span = min(64 - bit, end - index)
+            let mask = span == 64 ? UInt64.max : ((1 << span) - 1) << bit
+            words[Int(index >> 6)] |= mask
+            index += span
+        }
+    }
+
+    /// Sets every bit set in `other`, a bitmap of the same count.
+    public mutating func formUnion(_ other: PageBitmap) {
+        precondition(other.count == count, "a bitmap of \(other.count) joined to one of \(count)")
+        for index in words.indices { words[index] |= other.words[index] }
+    }
+
     /// Pages set.
     public var popCount: UInt64 {
         words.reduce(0) { $0 + UInt64($1.nonzeroBitCount) }

@@ -16,6 +16,11 @@ public final class SourceImage: @unchecked Sendable {
     public let size: UInt64
     /// `.huge2M` when the file is on a hugetlbfs with 2 MiB pages, else `.small`.
     public let pageSize: PageSize
+    /// The file's device and inode (fstat), which name it in `/proc/PID/maps`.
+    public let device: UInt64
+    public let inode: UInt64
+    /// The file's owner.
+    public let owner: UInt32
     // SAFETY: base..base+size stays mapped (PROT_READ, MAP_SHARED) for the
     // object's lifetime; the workload may write the pages concurrently, so
     // a page read while it runs can be torn: the caller's protocol decides.
@@ -59,6 +64,9 @@ public final class SourceImage: @unchecked Sendable {
             self.path = path
             self.size = size
             self.pageSize = pageSize
+            device = UInt64(status.st_dev)
+            inode = UInt64(status.st_ino)
+            owner = status.st_uid
             self.base = UnsafeRawPointer(address)
             self.fd = fd
         } catch {
@@ -74,6 +82,11 @@ public final class SourceImage: @unchecked Sendable {
 
     /// 4 KiB pages in the image, whatever its page size.
     public var smallPageCount: UInt64 { size / PageSize.small.bytes }
+
+    /// Whether 4 KiB page `page` is all zeros now.
+    public func isZero(_ page: UInt64) -> Bool {
+        withPages(first: page, count: 1) { PageHash.isZero($0) }
+    }
 
     /// The bytes of 4 KiB pages [first, first+count), lent to `body`.
     /// The range must lie within the image.

@@ -111,12 +111,15 @@ public final class Userfaultfd: Sendable {
     }
 
     /// Opens a userfaultfd with `features` enabled, after probing that the
-    /// kernel offers all of them; the error names those it lacks.
+    /// kernel offers all of them; the error names those it lacks, with
+    /// `hint` (which kernel brings them). `pretendingAbsent` masks features
+    /// off the probe's answer, for testing the paths of an older kernel.
     /// Kernel: `UFFDIO_API`
-    public static func open(enabling features: UffdFeatures) throws -> Userfaultfd {
-        let offered = try inStep("probe userfaultfd features") { try offeredFeatures() }
+    public static func open(enabling features: UffdFeatures, hint: String = UffdFeatureError.minorFaultsHint,
+                            pretendingAbsent: UffdFeatures = []) throws -> Userfaultfd {
+        let offered = try inStep("probe userfaultfd features") { try offeredFeatures() }.subtracting(pretendingAbsent)
         let absent = features.subtracting(offered)
-        guard absent.isEmpty else { throw UffdFeatureError(missing: absent, offered: offered) }
+        guard absent.isEmpty else { throw UffdFeatureError(missing: absent, offered: offered, hint: hint) }
         let (fd, method) = try inStep("open userfaultfd") { try openDescriptor() }
         var enabled = features.rawValue
         var ioctls: UInt64 = 0
@@ -210,9 +213,13 @@ public final class Userfaultfd: Sendable {
 public struct UffdFeatureError: Error, CustomStringConvertible {
     public let missing: UffdFeatures
     public let offered: UffdFeatures
+    /// Which kernel brings what was asked for.
+    public var hint = UffdFeatureError.minorFaultsHint
+
+    public static let minorFaultsHint = "minor faults need Linux ≥ 5.13 for hugetlbfs and ≥ 5.14 for shmem"
 
     public var description: String {
-        "the kernel's userfaultfd lacks \(missing) (it offers: \(offered)); minor faults need Linux ≥ 5.13 for hugetlbfs and ≥ 5.14 for shmem"
+        "the kernel's userfaultfd lacks \(missing) (it offers: \(offered)); \(hint)"
     }
 }
 

@@ -174,4 +174,30 @@ int cpc_uffdio_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int
 /* UFFDIO_WAKE over [start, start+len). */
 int cpc_uffdio_wake(int fd, uint64_t start, uint64_t len);
 
+/* ---- PAGEMAP_SCAN (Linux 6.7), which Debian 12's linux/fs.h lacks ------- */
+
+/* struct page_region of include/uapi/linux/fs.h: [start, end) and the
+ * PAGE_IS_* categories the range shares. */
+struct cpc_page_region {
+    uint64_t start;
+    uint64_t end;
+    uint64_t categories;
+};
+
+enum {
+    CPC_PAGE_IS_WPALLOWED = 1 << 0,
+    CPC_PAGE_IS_WRITTEN = 1 << 1,
+};
+
+/* PAGEMAP_SCAN on an open /proc/PID/pagemap: the pages of [start, end) that
+ * were written since they were last write-protected (PAGE_IS_WRITTEN), as
+ * up to `capacity` regions. With `protect`, the ranges reported are
+ * write-protected again in the same walk (PM_SCAN_WP_MATCHING). Every page
+ * must lie in a range registered for asynchronous write-protect
+ * (PM_SCAN_CHECK_WPASYNC), else the scan fails. The walk stops early when
+ * the regions run out: *walk_end says where, and a caller goes on from
+ * there. Returns the number of regions filled, or -errno. */
+int64_t cpc_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, int protect,
+                                 struct cpc_page_region *regions, uint64_t capacity, uint64_t *walk_end);
+
 #endif /* CPOSTCOPY_H */

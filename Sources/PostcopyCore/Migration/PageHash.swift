@@ -59,6 +59,24 @@ public enum PageHash {
         return (avalanche(hash), anyBits == 0)
     }
 
+    /// Whether every byte of `bytes` (a multiple of 32 bytes) is zero; stops
+    /// at the first 32 bytes that are not, so a page of data costs a few
+    /// loads.
+    public static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        precondition(bytes.count % 32 == 0)
+        var offset = 0
+        while offset < bytes.count {
+            // SAFETY: count is a multiple of 32 and offset < count, so bytes offset..<offset+32 are in bounds.
+            let bits = bytes.loadUnaligned(fromByteOffset: offset, as: UInt64.self)
+                | bytes.loadUnaligned(fromByteOffset: offset &+ 8, as: UInt64.self)
+                | bytes.loadUnaligned(fromByteOffset: offset &+ 16, as: UInt64.self)
+                | bytes.loadUnaligned(fromByteOffset: offset &+ 24, as: UInt64.self)
+            if bits != 0 { return false }
+            offset &+= 32
+        }
+        return true
+    }
+
     /// The hash of a 4096-byte page of zeros.
     public static let zeroPage: UInt64 = {
         let zeros = [UInt8](repeating: 0, count: 4096)
