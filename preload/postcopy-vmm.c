@@ -50,9 +50,10 @@
 
 enum {
     FRAME_MAGIC = 0x59504350u, /* "PCPY" read as a little-endian word */
-    FRAME_VERSION = 2,
+    FRAME_VERSION = 3,
     HEADER_BYTES = 16,
     MAX_PAYLOAD = 1026, /* the largest frame the VMM socket carries: ERROR */
+    DIGEST_BYTES = 32,
     TYPE_ERROR = 11,
     TYPE_HEARTBEAT = 12,
     TYPE_VMM_OFFER = 32,
@@ -206,9 +207,32 @@ static int receive_bytes(int sock, uint8_t *into, size_t count, int *fd)
     return 1;
 }
 
+/* Whether postcopyd may send a frame of `type` with `length` bytes of
+ * payload: the codec's length rule (docs/protocol.md, "Messages") for each
+ * frame this adapter receives. VMM_COMPLETE from postcopyd carries the
+ * source's image digest, which the adapter does not check (its answer is
+ * empty); VMM_RESUME carries only the page-state record's descriptor. */
+static int payload_length_fits(uint8_t type, uint32_t length)
+{
+    switch (type) {
+    case TYPE_VMM_OFFER:
+        return length == 20;
+    case TYPE_VMM_RESUME:
+    case TYPE_HEARTBEAT:
+        return length == 0;
+    case TYPE_VMM_COMPLETE:
+        return length == DIGEST_BYTES;
+    case TYPE_ERROR:
+        return length >= 2 && length <= MAX_PAYLOAD;
+    default:
+        return 1; /* not a frame postcopyd sends a VMM: the caller says so */
+    }
+}
+
 /* 1: a frame; 0: the peer closed the socket; < 0: -errno, or -EPROTO for
  * a frame that fails the codec's checks (bad magic, version, flags,
- * length or checksum). */
+ * length or checksum). The length is checked against the type before any
+ * of the payload is read. */
 static int receive_frame(int sock, struct frame *frame)
 {
     uint8_t header[HEADER_BYTES];
@@ -219,7 +243,7 @@ static int receive_frame(int sock, struct frame *frame)
     frame->type = header[5];
     frame->length = get32(header + 8);
     if (get32(header) != FRAME_MAGIC || header[4] != FRAME_VERSION || header[6] || header[7]
-        || frame->length > MAX_PAYLOAD)
+        || frame->length > MAX_PAYLOAD || !payload_length_fits(frame->type, frame->length))
         goto malformed;
     rc = receive_bytes(sock, frame->payload, frame->length, &frame->fd);
     if (rc <= 0)
@@ -601,6 +625,7 @@ static void *release_thread(void *unused)
             continue;
         }
         if (rc == 1 && frame.type == TYPE_VMM_COMPLETE) {
+            /* Its payload is the source's image digest; the answer is empty. */
             release_range("postcopy is complete; guest RAM is an ordinary shared mapping again");
             if (send_frame(sock, TYPE_VMM_COMPLETE, NULL, 0, -1) < 0)
                 say("cannot answer VMM_COMPLETE: %s", strerror(errno));

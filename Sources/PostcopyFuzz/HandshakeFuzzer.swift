@@ -6,7 +6,9 @@ import PostcopyCore
 /// `DestinationDaemon` drives it: the first message of a connection goes to
 /// `hello`, the rest to `receive` on the role it was admitted as; a decoding
 /// error, a refused message, an ERROR from the agent or a close loses the
-/// connection (`connectionLost`); `complete` is called only in postcopy.
+/// connection (`connectionLost`); `pagesComplete` is called only in
+/// postcopy, and `complete` once the session says the migration completes
+/// (pages and the image digest both in, in either order).
 ///
 /// Input:
 ///
@@ -20,7 +22,8 @@ import PostcopyCore
 ///       0 connect   a new connection in the slot (the one there is closed)
 ///       1 send      a 2-byte length, then that many bytes, on the slot
 ///       2 close     the agent closes the slot's connection
-///       3 complete  every page is in (ignored outside postcopy)
+///       3 complete  every page is in (ignored outside postcopy); the
+///                   session completes if it has the image digest
 ///
 /// Errors are expected; what must hold besides "no trap": the phase moves
 /// only along the protocol's transitions; the epoch counts the pauses; the
@@ -28,7 +31,9 @@ import PostcopyCore
 /// HELLO carries both; a refused HELLO changes nothing; WELCOME carries this
 /// region; every action names pages inside the region and comes in a phase
 /// that allows it; a switchover's bitmap covers the region and holds the
-/// announced count; `connectionLost` pauses exactly when it should.
+/// announced count; `connectionLost` pauses exactly when it should; the
+/// image digest, once known, never changes, and the session completes only
+/// with it and every page in.
 enum HandshakeFuzzer {
     /// The migration the seeds' HELLOs name, and a configured daemon serves.
     static let migrationID = MigrationID(high: 0x0011_2233_4455_6677, low: 0x8899_AABB_CCDD_EEFF)
@@ -145,7 +150,9 @@ private struct SessionHarness {
     mutating func completeIfServing() {
         guard session.phase == .postcopy || session.phase == .paused else { return }
         let before = snapshot
-        session.complete()
+        let completes = session.pagesComplete()
+        require(completes == (session.imageDigest != nil), "pagesComplete() says \(completes) with digest \(String(describing: session.imageDigest))")
+        if completes { session.complete() }
         checkInvariants(since: before)
     }
 
@@ -180,6 +187,8 @@ private struct SessionHarness {
             let action = try session.receive(message, on: role)
             check(action, for: message, before: before)
             if case .peerFailed = action { lose(slot) }
+            // The daemon's finish(): the digest was the last thing missing.
+            if case .imageDigest(_, completes: true) = action { session.complete() }
         } catch {
             use(error.description)
             lose(slot)
@@ -207,14 +216,19 @@ private struct SessionHarness {
             require(run.first < pages && run.count <= pages - run.first, "\(run) outside \(pages) pages")
         case let .zeroPrecopy(run), let .zeroPostcopy(run):
             require(run.first < pages && run.count <= pages - run.first, "\(run) outside \(pages) pages")
-        case let .switchover(stale, _, _):
-            guard case let .switchover(announced, _, _) = message else {
+        case let .switchover(stale, _):
+            guard case let .switchover(announced, _) = message else {
                 fatalError("fuzz property broken: switchover from \(message)")
             }
             require(stale.count == pages && stale.popCount == announced,
                     "switchover bitmap of \(stale.count) bits, \(stale.popCount) set, announced \(announced)")
             require(before.phase == .switchingOver && session.phase == .postcopy,
                     "switchover from \(before.phase) to \(session.phase)")
+        case let .imageDigest(digest, completes):
+            require(message == .imageDigest(digest) && before.imageDigest == nil && session.imageDigest == digest,
+                    "\(action) from \(message), the digest known before: \(String(describing: before.imageDigest))")
+            require(completes == session.pagesInPlace, "\(action) with every page in: \(session.pagesInPlace)")
+            require(before.phase == .postcopy || before.phase == .paused, "\(action) during \(before.phase)")
         default:
             break
         }
@@ -234,11 +248,12 @@ private struct SessionHarness {
         let epoch: UInt64
         let migrationID: MigrationID?
         let secretDigest: SecretDigest?
+        let imageDigest: ImageDigest?
     }
 
     var snapshot: Snapshot {
         Snapshot(phase: session.phase, epoch: session.epoch, migrationID: session.migrationID,
-                 secretDigest: session.secretDigest)
+                 secretDigest: session.secretDigest, imageDigest: session.imageDigest)
     }
 
     private func checkInvariants(since before: Snapshot) {
@@ -254,6 +269,12 @@ private struct SessionHarness {
         }
         if let configuredID {
             require(session.migrationID == configuredID, "a daemon for \(configuredID) serves \(String(describing: session.migrationID))")
+        }
+        if let digest = before.imageDigest {
+            require(session.imageDigest == digest, "the image digest \(digest) became \(String(describing: session.imageDigest))")
+        }
+        if session.phase == .complete {
+            require(session.pagesInPlace && session.imageDigest != nil, "complete without every page or the digest")
         }
     }
 

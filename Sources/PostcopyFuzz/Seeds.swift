@@ -78,41 +78,42 @@ extension FrameFuzzer {
         case .zeroPages: return .zeroPages(firstPage: 100, count: 28)
         case .roundEnd: return .roundEnd(round: 2, pagesSent: 4096, dirtyPages: 77)
         case .dirtyBitmap: return .dirtyBitmap(totalBits: 1 << 20, firstWord: 3, words: [0x8001, 0, .max])
-        case .switchover:
-            return .switchover(stalePages: 1234, sourcePausedAtNanos: 1_700_000_000_000_000_000,
-                               imageDigest: SeedValues.digest)
+        case .switchover: return .switchover(stalePages: 1234, sourcePausedAtNanos: 1_700_000_000_000_000_000)
         case .resumed: return .resumed(destinationResumedAtNanos: 1_700_000_000_050_000_000)
         case .pageRequest: return .pageRequest(requestID: 9, firstPage: 512, count: 512)
         case .complete: return .complete(pagesReceived: 262_144, faultsClean: 1000, faultsStale: 12)
         case .error: return .error(code: .outOfRange, message: "page range 5..<9 outside the region's 4 pages")
         case .heartbeat: return .heartbeat
         case .resync: return .resync(stalePages: 321)
+        case .imageDigest: return .imageDigest(SeedValues.digest)
         case .vmmOffer: return .vmmOffer(regionSize: 1 << 30, pageSize: .small, fileOffset: 0)
         case .vmmAttach:
             return .vmmAttach(guestBase: 0x7F00_0000_0000, features: UffdFeatures(rawValue: 0x2D8), registerMode: 5)
-        case .vmmResume: return .vmmResume(imageDigest: SeedValues.digest)
-        case .vmmComplete: return .vmmComplete
+        case .vmmResume: return .vmmResume
+        case .vmmComplete: return .vmmComplete(imageDigest: SeedValues.digest)
         case .vmmHandback: return .vmmHandback(.pageState)
         case .vmmReattach:
             return .vmmReattach(guestBase: 0x7F00_0000_0000, features: UffdFeatures(rawValue: 0x2D8), registerMode: 5)
         }
     }
 
-    /// What the bulk connection carries up to switchover.
+    /// What the bulk connection carries up to switchover, and the digest after it.
     static var agentBulkStream: [Message] {
         [
             sample(of: .hello), .pages(requestID: 0, firstPage: 0, data: SeedValues.pageData(pages: 1, seed: 2)),
             .zeroPages(firstPage: 1, count: 3), .roundEnd(round: 1, pagesSent: 4, dirtyPages: 4), .heartbeat,
             .dirtyBitmap(totalBits: 1 << 20, firstWord: 0, words: [0b1011]),
             .dirtyBitmap(totalBits: 1 << 20, firstWord: 1, words: [1 << 63]),
-            .switchover(stalePages: 4, sourcePausedAtNanos: 1_700_000_000_000_000_000, imageDigest: SeedValues.digest),
+            .switchover(stalePages: 4, sourcePausedAtNanos: 1_700_000_000_000_000_000),
+            .imageDigest(SeedValues.digest),
         ]
     }
 
     /// What a VMM and postcopyd say to each other, both ways.
     static var vmmStream: [Message] {
         [sample(of: .vmmOffer), sample(of: .vmmAttach), sample(of: .vmmResume), .heartbeat,
-         sample(of: .vmmHandback), .vmmHandback(.ram), sample(of: .vmmReattach), .vmmComplete]
+         sample(of: .vmmHandback), .vmmHandback(.ram), sample(of: .vmmReattach), sample(of: .vmmComplete),
+         .vmmComplete(imageDigest: nil)]
     }
 }
 
@@ -164,7 +165,8 @@ extension HandshakeFuzzer {
     }
 
     /// A region of 16 pages: precopy, a bitmap of pages 3, 4 and 9,
-    /// switchover, postcopy (optionally lost and rejoined), complete.
+    /// switchover, the image digest, postcopy (optionally lost and rejoined,
+    /// the digest sent again), complete.
     private static func migration(rejoining: Bool) -> HandshakeScript {
         let size: UInt64 = 16 << 12
         var script = HandshakeScript(pages: 16)
@@ -175,7 +177,7 @@ extension HandshakeFuzzer {
         script.send([.pages(requestID: 0, firstPage: 0, data: SeedValues.pageData(pages: 2, seed: 3)),
                      .zeroPages(firstPage: 2, count: 1), .roundEnd(round: 1, pagesSent: 3, dirtyPages: 3), .heartbeat,
                      .dirtyBitmap(totalBits: 16, firstWord: 0, words: [1 << 3 | 1 << 4 | 1 << 9]),
-                     .switchover(stalePages: 3, sourcePausedAtNanos: 1, imageDigest: SeedValues.digest)], on: 0)
+                     .switchover(stalePages: 3, sourcePausedAtNanos: 1), .imageDigest(SeedValues.digest)], on: 0)
         script.send([.pages(requestID: 1, firstPage: 3, data: SeedValues.pageData(pages: 1, seed: 4))], on: 1)
         if rejoining {
             script.close(0)
@@ -183,7 +185,7 @@ extension HandshakeFuzzer {
             script.connect(2)
             script.connect(3)
             script.send([hello(.urgent, regionSize: size, resume: true)], on: 3)
-            script.send([hello(.bulk, regionSize: size, resume: true)], on: 2)
+            script.send([hello(.bulk, regionSize: size, resume: true), .imageDigest(SeedValues.digest)], on: 2)
             script.send([.zeroPages(firstPage: 4, count: 1)], on: 3)
             script.send([.pages(requestID: 0, firstPage: 9, data: SeedValues.pageData(pages: 1, seed: 5))], on: 2)
         } else {
@@ -194,7 +196,8 @@ extension HandshakeFuzzer {
         return script
     }
 
-    /// A restarted daemon: the agent rejoins with resuming HELLOs.
+    /// A restarted daemon: the agent rejoins with resuming HELLOs. Every
+    /// page is in before the digest, which completes the migration.
     private static func takeover() -> HandshakeScript {
         let size: UInt64 = 8 << 12
         var script = HandshakeScript(pages: 8, options: takeOver)
@@ -204,6 +207,7 @@ extension HandshakeFuzzer {
         script.send([hello(.urgent, regionSize: size, resume: true)], on: 1)
         script.send([.zeroPages(firstPage: 0, count: 8)], on: 0)
         script.complete()
+        script.send([.imageDigest(SeedValues.digest)], on: 0)
         return script
     }
 
@@ -217,7 +221,7 @@ extension HandshakeFuzzer {
         script.send([hello(.urgent, regionSize: size)], on: 1)
         script.send([.dirtyBitmap(totalBits: 1024, firstWord: 0, words: Array(repeating: 0, count: 8)),
                      .dirtyBitmap(totalBits: 1024, firstWord: 8, words: [0, 0, 0, 0, 0, 0, 0, 1 << 63]),
-                     .switchover(stalePages: 1, sourcePausedAtNanos: 2, imageDigest: SeedValues.digest)], on: 0)
+                     .switchover(stalePages: 1, sourcePausedAtNanos: 2), .imageDigest(SeedValues.digest)], on: 0)
         script.send([.zeroPages(firstPage: 1023, count: 1)], on: 1)
         script.complete()
         return script
@@ -225,7 +229,8 @@ extension HandshakeFuzzer {
 
     /// Connections the session turns away: another migration, another
     /// secret, a region of the wrong size, a resume with nothing to resume,
-    /// a second bulk connection, and an agent that reports an error.
+    /// a second bulk connection, an agent that reports an error, and an
+    /// image digest before switchover.
     private static func refused() -> HandshakeScript {
         let size: UInt64 = 4 << 12
         var script = HandshakeScript(pages: 4, options: configuredMigration)
@@ -243,6 +248,7 @@ extension HandshakeFuzzer {
         script.connect(2)
         script.send([hello(.urgent, regionSize: size), .error(code: .internalFailure, message: "source read failed")],
                     on: 2)
+        script.send([.imageDigest(SeedValues.digest)], on: 0)
         return script
     }
 }
@@ -292,7 +298,7 @@ extension BitmapFuzzer {
         let geometry = try! PageGeometry(regionSize: pages * 4096, pageSize: pageSize)
         let header = PageStateHeader(migrationID: SeedValues.migrationID, geometry: geometry,
                                      guestBase: 0x7F00_0000_0000, features: UffdFeatures(rawValue: 0x2D8),
-                                     registerMode: 5, imageDigest: SeedValues.digest, stalePagesAtSwitchover: 17,
+                                     registerMode: 5, stalePagesAtSwitchover: 17,
                                      sourcePausedAtNanos: 1_700_000_000_000_000_000, downtimeMicros: 900,
                                      secretDigest: SeedValues.secret.digest)
         var file = header.encoded

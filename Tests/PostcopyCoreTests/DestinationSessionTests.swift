@@ -36,9 +36,17 @@ private enum Sessions {
         _ = try session.receive(.dirtyBitmap(totalBits: geometry.smallPageCount, firstWord: 0, words: words),
                                 on: .bulk)
         let stale = words.reduce(0) { $0 + UInt64($1.nonzeroBitCount) }
-        _ = try session.receive(.switchover(stalePages: stale, sourcePausedAtNanos: 1, imageDigest: digest),
+        _ = try session.receive(.switchover(stalePages: stale, sourcePausedAtNanos: 1),
                                 on: .bulk)
         return session
+    }
+
+    /// The source's digest in, every page in place, and complete.
+    static func complete(_ session: inout DestinationSession) throws {
+        _ = try session.receive(.imageDigest(digest), on: .bulk)
+        let completes = session.pagesComplete()
+        #expect(completes)
+        session.complete()
     }
 }
 
@@ -237,10 +245,9 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
         #expect(session.phase == .switchingOver)
 
         let stale = try #require(PageBitmap(words: words, count: 130))
-        let action = try session.receive(.switchover(stalePages: 2 + 12 + 1, sourcePausedAtNanos: 123_456_789,
-                                                     imageDigest: Sessions.digest), on: .bulk)
-        #expect(action == .switchover(stale: stale, sourcePausedAtNanos: 123_456_789, imageDigest: Sessions.digest))
-        guard case let .switchover(received, _, _) = action else { return }
+        let action = try session.receive(.switchover(stalePages: 2 + 12 + 1, sourcePausedAtNanos: 123_456_789), on: .bulk)
+        #expect(action == .switchover(stale: stale, sourcePausedAtNanos: 123_456_789))
+        guard case let .switchover(received, _) = action else { return }
         #expect(received.setIndices == [0, 63, 68, 69, 70, 71, 112, 113, 114, 115, 120, 121, 122, 123, 129])
         #expect(session.phase == .postcopy)
     }
@@ -249,9 +256,9 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
         let geometry = try Sessions.geometry()
         var session = try Sessions.precopy(geometry)
         _ = try session.receive(.dirtyBitmap(totalBits: 64, firstWord: 0, words: [0]), on: .bulk)
-        let action = try session.receive(.switchover(stalePages: 0, sourcePausedAtNanos: 0, imageDigest: Sessions.digest),
+        let action = try session.receive(.switchover(stalePages: 0, sourcePausedAtNanos: 0),
                                          on: .bulk)
-        #expect(action == .switchover(stale: PageBitmap(count: 64), sourcePausedAtNanos: 0, imageDigest: Sessions.digest))
+        #expect(action == .switchover(stale: PageBitmap(count: 64), sourcePausedAtNanos: 0))
     }
 
     @Test func bitmapFramesMustArriveInOrder() throws {
@@ -294,7 +301,7 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
         var session = try Sessions.precopy(geometry)
         _ = try session.receive(.dirtyBitmap(totalBits: 192, firstWord: 0, words: [0b1]), on: .bulk)
         let error = refusal {
-            try session.receive(.switchover(stalePages: 1, sourcePausedAtNanos: 5, imageDigest: Sessions.digest),
+            try session.receive(.switchover(stalePages: 1, sourcePausedAtNanos: 5),
                                 on: .bulk)
         }
         #expect(error == .bitmapIncomplete(words: 1, expected: 3))
@@ -309,23 +316,22 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
         _ = try session.receive(.dirtyBitmap(totalBits: 128, firstWord: 0, words: [0b1011, 1 << 63]), on: .bulk)
         for announced: UInt64 in [3, 5, 0] {
             let error = refusal {
-                try session.receive(.switchover(stalePages: announced, sourcePausedAtNanos: 5,
-                                                imageDigest: Sessions.digest), on: .bulk)
+                try session.receive(.switchover(stalePages: announced, sourcePausedAtNanos: 5), on: .bulk)
             }
             #expect(error == .staleCountMismatch(announced: announced, bitmap: 4))
             #expect(error?.code == .protocolViolation)
         }
         #expect(session.phase == .switchingOver)
-        let action = try session.receive(.switchover(stalePages: 4, sourcePausedAtNanos: 5, imageDigest: Sessions.digest),
+        let action = try session.receive(.switchover(stalePages: 4, sourcePausedAtNanos: 5),
                                          on: .bulk)
         #expect(action == .switchover(stale: PageBitmap(words: [0b1011, 1 << 63], count: 128)!,
-                                      sourcePausedAtNanos: 5, imageDigest: Sessions.digest))
+                                      sourcePausedAtNanos: 5))
     }
 
     @Test func switchoverWithoutABitmapIsUnexpected() throws {
         let geometry = try Sessions.geometry()
         var session = try Sessions.precopy(geometry)
-        let switchover = Message.switchover(stalePages: 0, sourcePausedAtNanos: 5, imageDigest: Sessions.digest)
+        let switchover = Message.switchover(stalePages: 0, sourcePausedAtNanos: 5)
         let error = refusal { try session.receive(switchover, on: .bulk) }
         #expect(error == .unexpected(.switchover, phase: .precopy, role: .bulk))
         #expect(error?.description == "unexpected SWITCHOVER on the bulk connection during precopy")
@@ -343,7 +349,7 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
         #expect(refusal { try session.receive(.zeroPages(firstPage: 0, count: 1), on: .bulk) }
             == .unexpected(.zeroPages, phase: .switchingOver, role: .bulk))
         #expect(refusal {
-            try session.receive(.switchover(stalePages: 1, sourcePausedAtNanos: 1, imageDigest: Sessions.digest),
+            try session.receive(.switchover(stalePages: 1, sourcePausedAtNanos: 1),
                                 on: .urgent)
         } == .unexpected(.switchover, phase: .switchingOver, role: .urgent))
     }
@@ -380,7 +386,7 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
         #expect(refusal { try session.receive(.dirtyBitmap(totalBits: 64, firstWord: 0, words: [1]), on: .bulk) }
             == .unexpected(.dirtyBitmap, phase: .postcopy, role: .bulk))
         #expect(refusal {
-            try session.receive(.switchover(stalePages: 8, sourcePausedAtNanos: 1, imageDigest: Sessions.digest),
+            try session.receive(.switchover(stalePages: 8, sourcePausedAtNanos: 1),
                                 on: .bulk)
         } == .unexpected(.switchover, phase: .postcopy, role: .bulk))
         #expect(refusal { try session.receive(.pageRequest(requestID: 1, firstPage: 0, count: 1), on: .urgent) }
@@ -455,7 +461,7 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
         var precopy = try Sessions.precopy(geometry)
         #expect(refusal { try precopy.hello(Self.resuming(.bulk, geometry)) } == .nothingToResume(phase: .precopy))
         var complete = try Sessions.postcopy(geometry, words: [0])
-        complete.complete()
+        try Sessions.complete(&complete)
         #expect(refusal { try complete.hello(Self.resuming(.bulk, geometry)) } == .nothingToResume(phase: .complete))
         var paused = try Sessions.postcopy(geometry, words: [1])
         _ = paused.connectionLost(epoch: 0)
@@ -470,20 +476,156 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
         let geometry = try Sessions.geometry()
         var session = try Sessions.postcopy(geometry, words: [1])
         _ = session.connectionLost(epoch: 0)
-        session.complete()
+        try Sessions.complete(&session)
         #expect(session.phase == .complete)
     }
 
     @Test func completeEndsTheSession() throws {
         let geometry = try Sessions.geometry()
         var session = try Sessions.postcopy(geometry, words: [0])
-        session.complete()
+        try Sessions.complete(&session)
         #expect(session.phase == .complete)
         let data = Sessions.data(pages: 1, seed: 8)
         #expect(refusal { try session.receive(.pages(requestID: 0, firstPage: 0, data: data), on: .bulk) }
             == .unexpected(.pages, phase: .complete, role: .bulk))
         #expect(refusal { try session.receive(.zeroPages(firstPage: 0, count: 1), on: .bulk) }
             == .unexpected(.zeroPages, phase: .complete, role: .bulk))
+    }
+
+    // MARK: The image digest
+
+    static let otherDigest = ImageDigest(bytes: [UInt8](repeating: 0xEE, count: 32))!
+
+    /// A session in each phase an IMAGE_DIGEST may meet, named.
+    static func sessionsByPhase(_ geometry: PageGeometry) throws -> [(String, DestinationSession)] {
+        var handshake = DestinationSession(geometry: geometry)
+        _ = try handshake.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize))
+        var switchingOver = try Sessions.precopy(geometry)
+        _ = try switchingOver.receive(.dirtyBitmap(totalBits: 64, firstWord: 0, words: [1]), on: .bulk)
+        var paused = try Sessions.postcopy(geometry, words: [1])
+        _ = paused.connectionLost(epoch: 0)
+        var rejoined = try Sessions.postcopy(geometry, words: [1])
+        _ = rejoined.connectionLost(epoch: 0)
+        _ = try rejoined.hello(Self.resuming(.bulk, geometry))
+        _ = try rejoined.hello(Self.resuming(.urgent, geometry))
+        var takenOver = DestinationSession(takingOver: Sessions.migrationID, geometry: geometry,
+                                           secretDigest: MigrationSecret.test.digest)
+        _ = try takenOver.hello(Self.resuming(.bulk, geometry))
+        _ = try takenOver.hello(Self.resuming(.urgent, geometry))
+        return [
+            ("handshake", handshake), ("precopy", try Sessions.precopy(geometry)), ("switchover", switchingOver),
+            ("postcopy", try Sessions.postcopy(geometry, words: [1])), ("paused", paused),
+            ("rejoined", rejoined), ("taken over, rejoined", takenOver),
+        ]
+    }
+
+    /// IMAGE_DIGEST has a place on the bulk connection once postcopy began
+    /// (RESUMED follows SWITCHOVER on the same thread), in any generation,
+    /// and nowhere else.
+    @Test func theDigestIsAcceptedOnlyOnBulkDuringPostcopy() throws {
+        let geometry = try Sessions.geometry()
+        let accepted: Set<String> = ["postcopy", "paused", "rejoined", "taken over, rejoined"]
+        for (name, original) in try Self.sessionsByPhase(geometry) {
+            for role in StreamRole.allCases {
+                var session = original
+                let message = Message.imageDigest(Sessions.digest)
+                if accepted.contains(name) && role == .bulk {
+                    #expect(try session.receive(message, on: role) == .imageDigest(Sessions.digest, completes: false),
+                            "\(name)")
+                    #expect(session.imageDigest == Sessions.digest, "\(name)")
+                } else {
+                    let error = refusal { try session.receive(message, on: role) }
+                    #expect(error == .unexpected(.imageDigest, phase: original.phase, role: role), "\(name), \(role)")
+                    #expect(error?.code == .unexpectedMessage)
+                    #expect(session.imageDigest == nil, "\(name), \(role)")
+                }
+                #expect(session.phase == original.phase, "\(name), \(role)")
+            }
+        }
+        var precopy = try Sessions.precopy(geometry)
+        #expect(refusal { try precopy.receive(.imageDigest(Sessions.digest), on: .bulk) }?.description
+            == "unexpected IMAGE_DIGEST on the bulk connection during precopy")
+    }
+
+    /// The agent sends the digest after RESUMED and again after every
+    /// rejoin: the same value is harmless, in any generation and even once
+    /// complete; another value is a protocol violation and changes nothing.
+    @Test func theDigestMaySayItAgainButNeverChange() throws {
+        let geometry = try Sessions.geometry()
+        let cases: [(String, ImageDigest, Action?, SessionError?)] = [
+            ("the same digest", Sessions.digest, Action.none, nil),
+            ("another digest", Self.otherDigest, nil,
+             .imageDigestChanged(known: Sessions.digest, got: Self.otherDigest)),
+        ]
+        for (name, second, action, error) in cases {
+            var session = try Sessions.postcopy(geometry, words: [1])
+            _ = try session.receive(.imageDigest(Sessions.digest), on: .bulk)
+            var later = session
+            _ = later.connectionLost(epoch: 0)
+            _ = try later.hello(Self.resuming(.bulk, geometry))
+            _ = try later.hello(Self.resuming(.urgent, geometry))
+            var complete = session
+            let completes = complete.pagesComplete()
+            #expect(completes)
+            complete.complete()
+            for (when, original) in [("same generation", session), ("next generation", later), ("complete", complete)] {
+                var copy = original
+                if let action {
+                    #expect(try copy.receive(.imageDigest(second), on: .bulk) == action, "\(name), \(when)")
+                } else {
+                    #expect(refusal { try copy.receive(.imageDigest(second), on: .bulk) } == error, "\(name), \(when)")
+                }
+                #expect(copy.imageDigest == Sessions.digest, "\(name), \(when)")
+                #expect(copy.phase == original.phase, "\(name), \(when)")
+            }
+        }
+        let changed = SessionError.imageDigestChanged(known: Sessions.digest, got: Self.otherDigest)
+        #expect(changed.code == .protocolViolation)
+        #expect(changed.description.hasPrefix("IMAGE_DIGEST \(Self.otherDigest) differs from the source's digest sent before, \(Sessions.digest)"))
+    }
+
+    /// Completion needs every page and the digest, in either order: the
+    /// second of the two says it completes now.
+    @Test func completionWaitsForEveryPageAndTheDigest() throws {
+        let geometry = try Sessions.geometry()
+        // (name, digest first, paused in between)
+        let orders: [(String, Bool, Bool)] = [
+            ("digest, then pages", true, false), ("pages, then digest", false, false),
+            ("digest, then pages, paused", true, true), ("pages, then digest, paused", false, true),
+        ]
+        for (name, digestFirst, pause) in orders {
+            var session = try Sessions.postcopy(geometry, words: [1])
+            if digestFirst {
+                #expect(try session.receive(.imageDigest(Sessions.digest), on: .bulk)
+                    == .imageDigest(Sessions.digest, completes: false), "\(name)")
+                #expect(!session.pagesInPlace, "\(name)")
+            } else {
+                let completes = session.pagesComplete()
+                #expect(!completes, "\(name): complete without the digest")
+                #expect(session.pagesInPlace && session.imageDigest == nil, "\(name)")
+            }
+            if pause { _ = session.connectionLost(epoch: 0) }
+            #expect(session.phase == (pause ? .paused : .postcopy), "\(name): waits in postcopy")
+            if digestFirst {
+                let completes = session.pagesComplete()
+                #expect(completes, "\(name)")
+            } else {
+                #expect(try session.receive(.imageDigest(Sessions.digest), on: .bulk)
+                    == .imageDigest(Sessions.digest, completes: true), "\(name)")
+            }
+            session.complete()
+            #expect(session.phase == .complete, "\(name)")
+        }
+        // A restarted daemon knows no digest until the rejoined agent sends it.
+        var takenOver = DestinationSession(takingOver: Sessions.migrationID, geometry: geometry,
+                                           secretDigest: MigrationSecret.test.digest)
+        #expect(takenOver.imageDigest == nil)
+        let completes = takenOver.pagesComplete()
+        #expect(!completes)
+        _ = try takenOver.hello(Self.resuming(.bulk, geometry))
+        _ = try takenOver.hello(Self.resuming(.urgent, geometry))
+        #expect(try takenOver.receive(.imageDigest(Sessions.digest), on: .bulk)
+            == .imageDigest(Sessions.digest, completes: true))
     }
 
     // MARK: Any phase
@@ -497,7 +639,7 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
         _ = try switchingOver.receive(.dirtyBitmap(totalBits: 128, firstWord: 0, words: [1]), on: .bulk)
         let postcopy = try Sessions.postcopy(geometry, words: [1, 0])
         var complete = try Sessions.postcopy(geometry, words: [0, 0])
-        complete.complete()
+        try Sessions.complete(&complete)
 
         let phases: [(DestinationSession.Phase, DestinationSession)] = [
             (.handshake, handshake), (.precopy, precopy), (.switchingOver, switchingOver),
@@ -531,6 +673,7 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
             (.bitmapOutOfOrder(expectedWord: 1, got: 2), .unexpectedMessage),
             (.bitmapIncomplete(words: 1, expected: 2), .protocolViolation),
             (.staleCountMismatch(announced: 1, bitmap: 2), .protocolViolation),
+            (.imageDigestChanged(known: Sessions.digest, got: Self.otherDigest), .protocolViolation),
         ]
         for (error, code) in cases {
             #expect(error.code == code, "\(error)")

@@ -4,13 +4,12 @@ import Testing
 /// The page-state record a restarted postcopyd takes a migration over from.
 @Suite struct PageStateTests {
     static let id = MigrationID(high: 0x0123_4567_89AB_CDEF, low: 0xFEDC_BA98_7654_3210)
-    static let digest = ImageDigest(bytes: (0..<32).map { UInt8($0 * 7 + 3) })!
 
     static func header(pages: UInt64 = 1000, pageSize: PageSize = .small) throws -> PageStateHeader {
         let bytes = pageSize == .small ? pages * 4096 : (pages * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20)
         return PageStateHeader(migrationID: id, geometry: try PageGeometry(regionSize: bytes, pageSize: pageSize),
                                guestBase: 0x7F12_3400_0000, features: [.minorShmem, .missingShmem],
-                               registerMode: 0b101, imageDigest: digest, stalePagesAtSwitchover: 321,
+                               registerMode: 0b101, stalePagesAtSwitchover: 321,
                                sourcePausedAtNanos: 1_700_000_000_000_000_123, downtimeMicros: 4567,
                                secretDigest: MigrationSecret.test.digest)
     }
@@ -19,15 +18,30 @@ import Testing
         for header in [try Self.header(), try Self.header(pages: 1 << 20, pageSize: .huge2M)] {
             let bytes = header.encoded
             #expect(bytes.count == PageStateHeader.bytes)
+            #expect(bytes.count == 124)
             #expect(try PageStateHeader(decoding: bytes[...]) == header)
             // Trailing bytes (the rest of the header page) are not the header's.
             #expect(try PageStateHeader(decoding: (bytes + [UInt8](repeating: 0xAA, count: 100))[...]) == header)
         }
     }
 
+    /// Version 3: no image digest (the source sends it after the guest
+    /// resumed); the secret's digest follows the migration id, then the
+    /// checksum of everything before it.
+    @Test func theHeaderLayout() throws {
+        let header = try Self.header()
+        let bytes = header.encoded
+        #expect(Array(bytes[0..<8]) == Array("PCDPAGES".utf8))
+        #expect(Array(bytes[8..<12]) == [3, 0, 0, 0])
+        #expect(Array(bytes[72..<88]) == Self.id.bytes)
+        #expect(Array(bytes[88..<120]) == MigrationSecret.test.digest.bytes)
+        let checksum = CRC32C.checksum(Array(bytes[0..<120]))
+        #expect(Array(bytes[120..<124]) == (0..<4).map { UInt8(truncatingIfNeeded: checksum >> (8 * $0)) })
+    }
+
     @Test func aDamagedHeaderIsRefusedNotGuessed() throws {
         let bytes = try Self.header().encoded
-        for index in [0, 8, 12, 20, 30, 75, 100, 119, 121] {
+        for index in [0, 8, 12, 20, 30, 75, 90, 119, 121] {
             var damaged = bytes
             damaged[index] ^= 0x10
             #expect(throws: PageStateError.self, "byte \(index)") { try PageStateHeader(decoding: damaged[...]) }
@@ -36,11 +50,14 @@ import Testing
         foreign[0] = UInt8(ascii: "X")
         #expect(throws: PageStateError.notAPageStateRecord) { try PageStateHeader(decoding: foreign[...]) }
         #expect(throws: PageStateError.truncated(bytes: 100)) { try PageStateHeader(decoding: bytes.prefix(100)) }
-        // A newer version is refused even with a valid checksum.
-        var newer = Array(bytes.prefix(152))
-        newer[8] = 3
-        newer += withUnsafeBytes(of: CRC32C.checksum(newer).littleEndian) { Array($0) }
-        #expect(throws: PageStateError.unsupportedVersion(3)) { try PageStateHeader(decoding: newer[...]) }
+        // Another version is refused even with a valid checksum: a newer
+        // one, and version 2, whose header held the image digest.
+        for version: UInt8 in [2, 4] {
+            var other = Array(bytes.prefix(120))
+            other[8] = version
+            other += withUnsafeBytes(of: CRC32C.checksum(other).littleEndian) { Array($0) }
+            #expect(throws: PageStateError.unsupportedVersion(UInt32(version))) { try PageStateHeader(decoding: other[...]) }
+        }
     }
 
     @Test func theFileHoldsTheHeaderPageAndTheBitmapInWholePages() throws {

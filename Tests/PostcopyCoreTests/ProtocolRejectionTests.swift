@@ -16,10 +16,12 @@ import Testing
 
     @Test func badVersion() {
         expectRejected(Wire.frame(type: 12, payload: [], version: 1), .unsupportedVersion(1))
-        expectRejected(Wire.frame(type: 12, payload: [], version: 3), .unsupportedVersion(3))
+        // Version 2 carried the image digest in SWITCHOVER and VMM_RESUME.
+        expectRejected(Wire.frame(type: 12, payload: [], version: 2), .unsupportedVersion(2))
+        expectRejected(Wire.frame(type: 12, payload: [], version: 4), .unsupportedVersion(4))
         expectRejected(Wire.frame(type: 12, payload: [], version: 0), .unsupportedVersion(0))
-        #expect(ProtocolError.unsupportedVersion(1).description
-            == "unsupported protocol version 1 (this build speaks 2)")
+        #expect(ProtocolError.unsupportedVersion(2).description
+            == "unsupported protocol version 2 (this build speaks 3)")
     }
 
     @Test func nonzeroFlags() {
@@ -27,7 +29,7 @@ import Testing
         expectRejected(Wire.frame(type: 12, payload: [], flags: 0x8000), .nonzeroFlags(0x8000))
     }
 
-    @Test(arguments: [0, 14, 31, 38, 99, 255] as [UInt8])
+    @Test(arguments: [0, 15, 31, 38, 99, 255] as [UInt8])
     func unknownType(_ type: UInt8) {
         expectRejected(Wire.frame(type: type, payload: []), .unknownType(type))
         #expect(ProtocolError.unknownType(99).description == "unknown message type 99")
@@ -88,6 +90,32 @@ import Testing
         expectRejected(Wire.frame(type: 11, payload: [1]), .payloadLength(type: .error, actual: 1, expected: .between(2, 1026)))
         #expect(ProtocolError.payloadLength(type: .hello, actual: 29, expected: .exactly(30)).description
             == "HELLO payload is 29 bytes, expected 30")
+    }
+
+    /// VMM_COMPLETE is 32 bytes from the daemon (the digest) and 0 from the
+    /// VMM: any other length is refused from the header.
+    @Test func vmmCompleteIsEmptyOrADigest() throws {
+        #expect(MessageType.vmmComplete.allowedPayloadLength == .either(0, 32))
+        for wrong in [1, 16, 31, 33, 48] {
+            let header = Array(Wire.frame(type: 35, payload: [], length: UInt32(wrong))[..<16])
+            expectRejected(header, .payloadLength(type: .vmmComplete, actual: wrong, expected: .either(0, 32)))
+        }
+        #expect(ProtocolError.payloadLength(type: .vmmComplete, actual: 31, expected: .either(0, 32)).description
+            == "VMM_COMPLETE payload is 31 bytes, expected 0 or 32")
+    }
+
+    /// The digest moved out of SWITCHOVER and VMM_RESUME: a version 2
+    /// sender's lengths are refused, and IMAGE_DIGEST is exactly 32 bytes.
+    @Test func theDigestsOldAndNewPlaces() throws {
+        expectRejected(Wire.frame(type: 7, payload: [UInt8](repeating: 0, count: 48)),
+                       .payloadLength(type: .switchover, actual: 48, expected: .exactly(16)))
+        expectRejected(Wire.frame(type: 34, payload: Wire.digest.bytes),
+                       .payloadLength(type: .vmmResume, actual: 32, expected: .exactly(0)))
+        for wrong in [0, 31, 33, 64] {
+            expectRejected(Wire.frame(type: 14, payload: [UInt8](repeating: 7, count: wrong)),
+                           .payloadLength(type: .imageDigest, actual: wrong, expected: .exactly(32)))
+        }
+        #expect(try Wire.decodeAll(Wire.frame(type: 14, payload: Wire.digest.bytes)) == [.imageDigest(Wire.digest)])
     }
 
     @Test func errorMessageLongerThan1024BytesIsRefused() throws {

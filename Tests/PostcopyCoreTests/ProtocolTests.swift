@@ -55,9 +55,10 @@ enum Wire {
         .zeroPages(firstPage: 1 << 40, count: 513),
         .roundEnd(round: 3, pagesSent: 262_144, dirtyPages: 1234),
         .dirtyBitmap(totalBits: 262_144, firstWord: 17, words: [0, 1, UInt64.max, 0x8000_0000_0000_0001]),
-        .switchover(stalePages: 99, sourcePausedAtNanos: 1_700_000_000_123_456_789, imageDigest: digest),
+        .switchover(stalePages: 99, sourcePausedAtNanos: 1_700_000_000_123_456_789),
         .resumed(destinationResumedAtNanos: 1_700_000_000_223_456_789),
         .resync(stalePages: 0x0123_4567_89AB),
+        .imageDigest(digest),
         .pageRequest(requestID: 42, firstPage: 4096, count: 512),
         .complete(pagesReceived: 262_144, faultsClean: 1000, faultsStale: 37),
         .error(code: .outOfRange, message: "page range 100..<120 outside the region's 110 pages"),
@@ -66,8 +67,9 @@ enum Wire {
         .heartbeat,
         .vmmOffer(regionSize: 1 << 30, pageSize: .small, fileOffset: 1 << 21),
         .vmmAttach(guestBase: 0x7F00_0000_0000, features: [.minorShmem, .missingShmem], registerMode: 0b101),
-        .vmmResume(imageDigest: digest),
-        .vmmComplete,
+        .vmmResume,
+        .vmmComplete(imageDigest: digest),
+        .vmmComplete(imageDigest: nil),
         .vmmHandback(.ram),
         .vmmHandback(.pageState),
         .vmmReattach(guestBase: 0x7F00_0020_0000, features: [.minorHugetlbfs, .missingHugetlbfs], registerMode: 0b101),
@@ -157,7 +159,7 @@ enum Wire {
     @Test func headerLayout() {
         let bytes = Message.resumed(destinationResumedAtNanos: 0x0102_0304_0506_0708).encoded()
         #expect(Array(bytes[0..<4]) == Array("PCPY".utf8), "0x59504350 little-endian")
-        #expect(bytes[4] == 2)
+        #expect(bytes[4] == 3)
         #expect(bytes[5] == 8)
         #expect(Array(bytes[6..<8]) == [0, 0])
         #expect(Array(bytes[8..<12]) == [8, 0, 0, 0])
@@ -181,6 +183,27 @@ enum Wire {
         let resume = Message.hello(migrationID: Wire.migrationID, role: .bulk, sourcePageSize: .small,
                                    regionSize: 1 << 20, secret: .test, resume: true)
         #expect(resume.encoded()[16 + 17] == Message.helloResumeFlag)
+    }
+
+    /// The image digest travels after the guest resumed: IMAGE_DIGEST from
+    /// the agent, VMM_COMPLETE to the VMM; SWITCHOVER and VMM_RESUME no
+    /// longer carry it.
+    @Test func digestPayloadLayouts() throws {
+        let digest = Array(Message.imageDigest(Wire.digest).encoded()[...])
+        #expect(digest[5] == 14)
+        #expect(Array(digest[16...]) == Wire.digest.bytes)
+        let switchover = Message.switchover(stalePages: 0x0102, sourcePausedAtNanos: 0x0304).encoded()
+        #expect(Array(switchover[16...]) == Wire.le(UInt64(0x0102)) + Wire.le(UInt64(0x0304)))
+        #expect(Message.vmmResume.encoded().count == 16)
+        #expect(Array(Message.vmmComplete(imageDigest: Wire.digest).encoded()[16...]) == Wire.digest.bytes)
+        #expect(Message.vmmComplete(imageDigest: nil).encoded().count == 16)
+        // The length tells the daemon's VMM_COMPLETE from the VMM's answer.
+        #expect(try Wire.decodeAll(Wire.frame(type: 35, payload: [])) == [.vmmComplete(imageDigest: nil)])
+        #expect(try Wire.decodeAll(Wire.frame(type: 35, payload: Wire.digest.bytes))
+            == [.vmmComplete(imageDigest: Wire.digest)])
+        #expect("\(Message.imageDigest(Wire.digest))" == "IMAGE_DIGEST \(Wire.digest)")
+        #expect("\(Message.vmmComplete(imageDigest: Wire.digest))" == "VMM_COMPLETE digest \(Wire.digest)")
+        #expect("\(Message.vmmComplete(imageDigest: nil))" == "VMM_COMPLETE")
     }
 
     @Test func framesBackToBackFedOneByteAtATime() throws {
@@ -349,12 +372,13 @@ enum Wire {
     }
 
     @Test func messageTypesAndDescriptors() {
-        #expect(MessageType.allCases.map(\.rawValue) == Array(1...13) + Array(32...37))
+        #expect(MessageType.allCases.map(\.rawValue) == Array(1...14) + Array(32...37))
         #expect(MessageType.allCases.filter(\.carriesFileDescriptor)
             == [.vmmOffer, .vmmAttach, .vmmResume, .vmmHandback, .vmmReattach])
         #expect(MessageType.vmmHandback.description == "VMM_HANDBACK")
         #expect(MessageType.pageRequest.description == "PAGE_REQUEST")
         #expect(MessageType.vmmComplete.description == "VMM_COMPLETE")
+        #expect(MessageType.imageDigest.description == "IMAGE_DIGEST")
     }
 }
 

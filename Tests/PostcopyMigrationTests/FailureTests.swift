@@ -164,8 +164,7 @@ struct FailureTests {
         let (bulk, urgent) = try Self.connectAgent(to: daemon.daemon)
         let stale = PageBitmap.full(count: Self.size / 4096)
         try bulk.send(.dirtyBitmap(totalBits: stale.count, firstWord: 0, words: stale.words))
-        try bulk.send(.switchover(stalePages: stale.popCount, sourcePausedAtNanos: realtimeNanoseconds(),
-                                  imageDigest: ImageDigest(pageHashes: [UInt64]())))
+        try bulk.send(.switchover(stalePages: stale.popCount, sourcePausedAtNanos: realtimeNanoseconds()))
         guard case .resumed? = try Self.next(bulk) else { throw TestFailure("no RESUMED") }
         // Wait for the guest to fault (a request arrives), then go away.
         guard case .pageRequest? = try Self.next(urgent) else { throw TestFailure("no PAGE_REQUEST") }
@@ -179,6 +178,40 @@ struct FailureTests {
             return
         }
         #expect("\(guestError)".contains("postcopyd failed during postcopy"), "\(guestError)")
+    }
+
+    /// Every page is in place as soon as the guest resumes (nothing is
+    /// stale), but postcopyd completes only once the source's digest has
+    /// come (IMAGE_DIGEST, after RESUMED): until then it waits in postcopy.
+    /// It then passes the digest on in VMM_COMPLETE, against which the
+    /// reference VMM checks the image; a repeat of the same digest is fine.
+    @Test func completionWaitsForTheSourcesDigest() throws {
+        let daemon = try Daemon()
+        var config = GuestConfig(socketPath: daemon.socketPath)
+        config.scribble = false
+        let guest = GuestVMM(config: config, logger: testLogger("guest"))
+        let guestRun = try Background("test-guest") { try guest.run() }
+        let (bulk, urgent) = try Self.connectAgent(to: daemon.daemon)
+        defer { withExtendedLifetime(urgent) {} }
+        let pages = Self.size / 4096
+        try bulk.send(.dirtyBitmap(totalBits: pages, firstWord: 0, words: PageBitmap(count: pages).words))
+        try bulk.send(.switchover(stalePages: 0, sourcePausedAtNanos: realtimeNanoseconds()))
+        guard case .resumed? = try Self.next(bulk) else { throw TestFailure("no RESUMED") }
+        // Nothing was ever sent: the source's image is all zeros.
+        let digest = ImageDigest(pageHashes: [UInt64](repeating: PageHash.zeroPage, count: Int(pages)))
+        usleep(300_000)
+        let waiting = daemon.daemon.status()
+        #expect(waiting.phase == "postcopy" && waiting.stalePagesLeft == 0, "\(waiting.phase), \(waiting.stalePagesLeft) stale")
+        try bulk.send(.imageDigest(digest))
+        try bulk.send(.imageDigest(digest))
+        guard case .complete? = try Self.next(bulk) else { throw TestFailure("no COMPLETE after IMAGE_DIGEST") }
+        bulk.shutdown()
+        urgent.shutdown()
+        let summary = try daemon.run.wait("postcopyd").get()
+        #expect(summary.imageDigest == digest.description)
+        let guestSummary = try guestRun.wait("the guest").get()
+        #expect(guestSummary.expectedDigest == digest.description, "VMM_COMPLETE carried another digest")
+        #expect(guestSummary.verified, "guest digest \(guestSummary.actualDigest) vs \(guestSummary.expectedDigest)")
     }
 
     /// The VMM attaches and then goes away during precopy: postcopyd fails,

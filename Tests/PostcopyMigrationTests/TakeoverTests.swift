@@ -108,6 +108,9 @@ struct TakeoverTests {
         #expect(guestSummary.reattachments == 1)
         #expect(guestSummary.verified, "guest digest \(guestSummary.actualDigest) vs \(guestSummary.expectedDigest)")
         #expect(guestSummary.scribblesLost == 0)
+        // The record holds no digest: the second daemon learned it from the
+        // rejoining agent (IMAGE_DIGEST), and passed it on in VMM_COMPLETE.
+        #expect(summary.imageDigest == guestSummary.expectedDigest)
     }
 }
 
@@ -127,7 +130,6 @@ extension TakeoverTests {
         let ram = try MemoryFile(backing: .memfd, size: size)
         let header = PageStateHeader(migrationID: MigrationID(high: 7, low: 7), geometry: geometry, guestBase: 1 << 30,
                                      features: MemoryKind.shmem.requiredFeatures, registerMode: 0b101,
-                                     imageDigest: ImageDigest(bytes: [UInt8](repeating: 1, count: 32))!,
                                      stalePagesAtSwitchover: 10, sourcePausedAtNanos: 1,
                                      secretDigest: MigrationSecret.test.digest)
         let record = try PageStateFile(header: header, stale: PageBitmap(count: geometry.smallPageCount))

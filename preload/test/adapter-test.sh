@@ -112,6 +112,36 @@ if ! grep -q "VMM attached" "$work/daemon.log"; then
     tail -n 5 "$work/daemon.log" >&2
     failures=$((failures + 1))
 fi
+# A whole migration through the adapter: a VMM that maps guest RAM and
+# runs on while postcopy-push migrates a source of zeros. The adapter takes
+# VMM_RESUME (no payload: the page-state record's descriptor), then
+# VMM_COMPLETE (the source's image digest, which postcopyd waits for),
+# releases the range and answers; postcopyd completes.
+start_daemon
+truncate -s "$size" "$work/source"
+"${preloaded[@]}" "$work/map-file" "$ram" "$size" no-touch hold >/dev/null 2>"$work/vmm.err" &
+vmm=$!
+for _ in $(seq 1 50); do grep -q "VMM attached" "$work/daemon.log" && break; sleep 0.1; done
+push=0
+timeout 60 "$BIN/postcopy-push" --ram "$work/source" --to "$(cat "$work/ready")" --insecure-plaintext \
+    --no-pause --max-rounds 1 --quiet >/dev/null 2>"$work/push.err" || push=$?
+served=0
+if timeout 30 tail --pid="$daemon" -f /dev/null; then
+    wait "$daemon" || served=$?
+    daemon=
+else
+    served="none within 30 s"
+fi
+kill "$vmm" 2>/dev/null || true
+wait "$vmm" 2>/dev/null || true
+if ((push == 0 && served == 0)) && grep -q "postcopyd serves guest RAM now (VMM_RESUME)" "$work/vmm.err" &&
+    grep -q "guest RAM released: postcopy is complete" "$work/vmm.err"; then
+    say "ok: a whole migration: VMM_RESUME, then VMM_COMPLETE with the digest, answered"
+else
+    say "FAIL: a whole migration through the adapter (postcopy-push exit $push, postcopyd exit: $served)"
+    tail -n 5 "$work/push.err" "$work/daemon.log" "$work/vmm.err" >&2
+    failures=$((failures + 1))
+fi
 if ((failures)); then
     say "FAIL: $failures case(s)"
     exit 1

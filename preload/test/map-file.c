@@ -6,8 +6,10 @@
  * happened on stdout: "mapped", "wrote" or "mmap failed: <errno name>".
  *
  * Several sizes, comma-separated, map the file once for each, in turn.
+ * With "hold" it then stays until killed, as a VMM runs on while
+ * postcopyd serves its guest RAM.
  *
- *   map-file PATH SIZE[,SIZE...] [touch|no-touch]
+ *   map-file PATH SIZE[,SIZE...] [touch|no-touch] [hold]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -41,7 +43,7 @@ static int map_once(int fd, size_t size, int touch)
 int main(int argc, char **argv)
 {
     if (argc < 3) {
-        fprintf(stderr, "usage: map-file PATH SIZE[,SIZE...] [touch|no-touch]\n");
+        fprintf(stderr, "usage: map-file PATH SIZE[,SIZE...] [touch|no-touch] [hold]\n");
         return 2;
     }
     int touch = argc < 4 || strcmp(argv[3], "no-touch") != 0;
@@ -53,5 +55,8 @@ int main(int argc, char **argv)
     int failed = 0;
     for (char *size = strtok(argv[2], ","); size; size = strtok(NULL, ","))
         failed |= map_once(fd, strtoull(size, NULL, 0), touch);
+    if (argc > 4 && strcmp(argv[4], "hold") == 0)
+        for (;;)
+            pause();
     return failed;
 }

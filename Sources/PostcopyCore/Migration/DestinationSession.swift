@@ -5,6 +5,13 @@
 /// A value-type state machine: it checks each message against the phase and
 /// the region and returns what to do with it; the daemon performs the
 /// action. It never touches memory or sockets.
+///
+/// **Completion** needs two things, which arrive in either order: every
+/// page in place (`pagesComplete()`, from the tracker) and the source's
+/// image digest (IMAGE_DIGEST, which the agent sends on the bulk connection
+/// once the guest has resumed, and again after every rejoin). Whichever
+/// comes second says that the migration completes now; the daemon then
+/// calls `complete()`, and passes the digest on in VMM_COMPLETE.
 public struct DestinationSession: Sendable {
     public enum Phase: String, Sendable, CustomStringConvertible {
         /// Waiting for the agent's two connections.
@@ -32,7 +39,10 @@ public struct DestinationSession: Sendable {
         case zeroPostcopy(PageRun)
         case roundEnded(round: UInt32, pagesSent: UInt64, dirtyPages: UInt64)
         /// The source is paused and every stale page is known: resume the guest.
-        case switchover(stale: PageBitmap, sourcePausedAtNanos: UInt64, imageDigest: ImageDigest)
+        case switchover(stale: PageBitmap, sourcePausedAtNanos: UInt64)
+        /// The source's image digest, the first time it arrives. `completes`:
+        /// every page is in place already, so the migration completes now.
+        case imageDigest(ImageDigest, completes: Bool)
         /// The peer sent ERROR: it is closing the connection.
         case peerFailed(code: ErrorCode, message: String)
         /// Nothing to do (HEARTBEAT).
@@ -52,6 +62,11 @@ public struct DestinationSession: Sendable {
     private var connected: Set<StreamRole> = []
     /// The dirty bitmap, from the first DIRTY_BITMAP frame to SWITCHOVER.
     private var bitmap: BitmapAssembler?
+    /// The source's image digest, once IMAGE_DIGEST brought it; it never
+    /// changes after.
+    public private(set) var imageDigest: ImageDigest?
+    /// Every page is in place (`pagesComplete()` was called).
+    public private(set) var pagesInPlace = false
 
     /// The digest of the secret every HELLO must carry: the configured one,
     /// else the first admitted HELLO's.
@@ -151,7 +166,7 @@ public struct DestinationSession: Sendable {
         case let (.dirtyBitmap(_, firstWord, words), .bulk, .precopy),
              let (.dirtyBitmap(_, firstWord, words), .bulk, .switchingOver):
             return try addBitmapWords(firstWord: firstWord, words: words)
-        case let (.switchover(stalePages, pausedAt, digest), .bulk, .switchingOver):
+        case let (.switchover(stalePages, pausedAt), .bulk, .switchingOver):
             // Entering switchingOver made the assembler; validation kept
             // bits past the region out of it.
             guard let assembled = bitmap, let stale = assembled.bitmap else {
@@ -162,7 +177,13 @@ public struct DestinationSession: Sendable {
             }
             bitmap = nil
             phase = .postcopy
-            return .switchover(stale: stale, sourcePausedAtNanos: pausedAt, imageDigest: digest)
+            return .switchover(stale: stale, sourcePausedAtNanos: pausedAt)
+        // Sent once the guest resumed, and again after every rejoin (also
+        // by a restarted agent): any generation's, and even once complete,
+        // as long as it is the same.
+        case let (.imageDigest(digest), .bulk, .postcopy), let (.imageDigest(digest), .bulk, .paused),
+             let (.imageDigest(digest), .bulk, .complete):
+            return try receiveDigest(digest)
         // Pages still arriving on a connection that is being given up are
         // as good as any: the tracker writes only what is still stale.
         case let (.pages(0, first, data), .bulk, .postcopy), let (.pages(0, first, data), .bulk, .paused):
@@ -179,10 +200,30 @@ public struct DestinationSession: Sendable {
         }
     }
 
-    /// Every page is in place.
+    /// Every page is in place (the tracker says so). Returns whether the
+    /// migration completes now: true once the source's digest is known;
+    /// false until IMAGE_DIGEST brings it, whose action then says so.
+    public mutating func pagesComplete() -> Bool {
+        precondition(phase == .postcopy || phase == .paused, "pages complete in phase \(phase)")
+        pagesInPlace = true
+        return imageDigest != nil
+    }
+
+    /// The migration is complete: every page is in place and the source's
+    /// digest is known.
     public mutating func complete() {
         precondition(phase == .postcopy || phase == .paused, "complete in phase \(phase)")
+        precondition(pagesInPlace && imageDigest != nil, "complete without every page (\(pagesInPlace)) or the digest")
         phase = .complete
+    }
+
+    private mutating func receiveDigest(_ digest: ImageDigest) throws(SessionError) -> Action {
+        guard let known = imageDigest else {
+            imageDigest = digest
+            return .imageDigest(digest, completes: pagesInPlace)
+        }
+        guard known == digest else { throw .imageDigestChanged(known: known, got: digest) }
+        return .none
     }
 
     private mutating func addBitmapWords(firstWord: UInt64, words: [UInt64]) throws(SessionError) -> Action {
@@ -214,6 +255,8 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
     case nothingToResume(phase: DestinationSession.Phase)
     /// A fresh HELLO for a migration already in postcopy.
     case postcopyInProgress
+    /// An IMAGE_DIGEST other than the one the source sent before.
+    case imageDigestChanged(known: ImageDigest, got: ImageDigest)
 
     /// The code of the ERROR frame that reports this to the peer.
     public var code: ErrorCode {
@@ -224,7 +267,7 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
             return .unexpectedMessage
         case .regionSizeMismatch: return .incompatible
         case .wrongSecret: return .refused
-        case .staleCountMismatch, .bitmapIncomplete: return .protocolViolation
+        case .staleCountMismatch, .bitmapIncomplete, .imageDigestChanged: return .protocolViolation
         }
     }
 
@@ -252,6 +295,8 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
             return "a resuming HELLO during \(phase): there is no postcopy to resume (start the agent without --resume)"
         case .postcopyInProgress:
             return "this migration is already in postcopy: a restarted agent must rejoin it (postcopy-push --resume)"
+        case let .imageDigestChanged(known, got):
+            return "IMAGE_DIGEST \(got) differs from the source's digest sent before, \(known): the image cannot have two"
         }
     }
 }

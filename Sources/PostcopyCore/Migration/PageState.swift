@@ -7,9 +7,11 @@
 ///
 /// - a header of `PageStateHeader.bytes`, written once at switchover, before
 ///   the guest is resumed. It holds what the agent and the VMM agreed on:
-///   the migration, the geometry, where the guest maps RAM, the image
-///   digest, and the switchover figures. A CRC32C makes a torn or foreign
-///   header unusable.
+///   the migration, the geometry, where the guest maps RAM, the digest of
+///   the migration secret, and the switchover figures. A CRC32C makes a torn
+///   or foreign header unusable. (The image digest is not in it: the source
+///   sends it after the guest resumed, and again to a restarted daemon when
+///   it rejoins.)
 /// - from `PageStateLayout.bitmapOffset`, the stale bitmap: one bit per
 ///   4 KiB page, stored as 64-bit words in native byte order. It is shared
 ///   memory only processes on this host read.
@@ -25,11 +27,13 @@
 /// guessing could either CONTINUE an old page or overwrite a guest write.
 public struct PageStateHeader: Equatable, Sendable {
     public static let magic: [UInt8] = Array("PCDPAGES".utf8)
-    /// 2: the digest of the migration secret.
-    public static let version: UInt32 = 2
+    /// 3: no image digest (2 added the digest of the migration secret).
+    public static let version: UInt32 = 3
     /// Bytes the header's fields and checksum take; the rest of the header
     /// page is zero.
-    public static let bytes = 156
+    public static let bytes = 124
+    /// Where the checksum is: it covers every byte before it.
+    static let checksumOffset = bytes - 4
 
     public var migrationID: MigrationID
     public var geometry: PageGeometry
@@ -38,7 +42,6 @@ public struct PageStateHeader: Equatable, Sendable {
     /// The VMM's userfaultfd features and register mode (VMM_ATTACH).
     public var features: UffdFeatures
     public var registerMode: UInt64
-    public var imageDigest: ImageDigest
     public var stalePagesAtSwitchover: UInt64
     /// The source's clock when it paused the guest (SWITCHOVER).
     public var sourcePausedAtNanos: UInt64
@@ -49,14 +52,13 @@ public struct PageStateHeader: Equatable, Sendable {
     public var secretDigest: SecretDigest
 
     public init(migrationID: MigrationID, geometry: PageGeometry, guestBase: UInt64, features: UffdFeatures,
-                registerMode: UInt64, imageDigest: ImageDigest, stalePagesAtSwitchover: UInt64,
+                registerMode: UInt64, stalePagesAtSwitchover: UInt64,
                 sourcePausedAtNanos: UInt64, downtimeMicros: UInt64 = 0, secretDigest: SecretDigest) {
         self.migrationID = migrationID
         self.geometry = geometry
         self.guestBase = guestBase
         self.features = features
         self.registerMode = registerMode
-        self.imageDigest = imageDigest
         self.stalePagesAtSwitchover = stalePagesAtSwitchover
         self.sourcePausedAtNanos = sourcePausedAtNanos
         self.downtimeMicros = downtimeMicros
@@ -76,7 +78,6 @@ public struct PageStateHeader: Equatable, Sendable {
         out.appendLittleEndian(sourcePausedAtNanos)
         out.appendLittleEndian(downtimeMicros)
         out.append(contentsOf: migrationID.bytes)
-        out.append(contentsOf: imageDigest.bytes)
         out.append(contentsOf: secretDigest.bytes)
         out.appendLittleEndian(CRC32C.checksum(out))
         return out
@@ -91,8 +92,8 @@ public struct PageStateHeader: Equatable, Sendable {
         let fields = header[...]
         let version: UInt32 = fields.loadLittleEndian(at: 8)
         guard version == PageStateHeader.version else { throw .unsupportedVersion(version) }
-        let stored: UInt32 = fields.loadLittleEndian(at: 152)
-        let computed = CRC32C.checksum(Array(header[0..<152]))
+        let stored: UInt32 = fields.loadLittleEndian(at: PageStateHeader.checksumOffset)
+        let computed = CRC32C.checksum(Array(header[0..<PageStateHeader.checksumOffset]))
         guard stored == computed else { throw .checksumMismatch(stored: stored, computed: computed) }
         let pageBytes: UInt32 = fields.loadLittleEndian(at: 12)
         guard let pageSize = PageSize(bytes: UInt64(pageBytes)) else { throw .invalidGeometry("page size \(pageBytes)") }
@@ -107,10 +108,9 @@ public struct PageStateHeader: Equatable, Sendable {
         stalePagesAtSwitchover = fields.loadLittleEndian(at: 48)
         sourcePausedAtNanos = fields.loadLittleEndian(at: 56)
         downtimeMicros = fields.loadLittleEndian(at: 64)
-        // The checksum covers them: they are exactly 16, 32 and 32 bytes here.
+        // The checksum covers them: they are exactly 16 and 32 bytes here.
         migrationID = MigrationID(bytes: Array(header[72..<88]))!
-        imageDigest = ImageDigest(bytes: Array(header[88..<120]))!
-        secretDigest = SecretDigest(bytes: Array(header[120..<152]))!
+        secretDigest = SecretDigest(bytes: Array(header[88..<120]))!
     }
 }
 

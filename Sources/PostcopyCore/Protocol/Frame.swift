@@ -1,6 +1,6 @@
 /// The kinds of message, as the frame header's type byte names them.
 ///
-/// 1–13 travel on the TCP connections between the source's agent and
+/// 1–14 travel on the TCP connections between the source's agent and
 /// postcopyd; 32–37 on the unix socket between postcopyd and the VMM, which
 /// also carries ERROR and HEARTBEAT.
 public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible {
@@ -17,6 +17,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
     case error = 11
     case heartbeat = 12
     case resync = 13
+    case imageDigest = 14
     case vmmOffer = 32
     case vmmAttach = 33
     case vmmResume = 34
@@ -35,13 +36,15 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         case .zeroPages: return .exactly(12)
         case .roundEnd: return .exactly(20)
         case .dirtyBitmap: return .atLeast(20)
-        case .switchover: return .exactly(48)
+        case .switchover: return .exactly(16)
         case .resumed, .resync: return .exactly(8)
         case .pageRequest: return .exactly(16)
         case .complete: return .exactly(24)
         case .error: return .between(2, 2 + Message.maxErrorMessageBytes)
-        case .heartbeat, .vmmComplete: return .exactly(0)
-        case .vmmResume: return .exactly(32)
+        case .heartbeat, .vmmResume: return .exactly(0)
+        case .imageDigest: return .exactly(32)
+        // 32 from the daemon (the image digest), 0 in the VMM's answer.
+        case .vmmComplete: return .either(0, 32)
         case .vmmOffer: return .exactly(20)
         case .vmmAttach, .vmmReattach: return .exactly(24)
         case .vmmHandback: return .exactly(4)
@@ -76,6 +79,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         case .error: return "ERROR"
         case .heartbeat: return "HEARTBEAT"
         case .resync: return "RESYNC"
+        case .imageDigest: return "IMAGE_DIGEST"
         case .vmmOffer: return "VMM_OFFER"
         case .vmmAttach: return "VMM_ATTACH"
         case .vmmResume: return "VMM_RESUME"
@@ -90,7 +94,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
 ///
 ///     offset  size  field
 ///          0     4  magic 0x59504350 (the bytes "PCPY")
-///          4     1  version (2)
+///          4     1  version (3)
 ///          5     1  type
 ///          6     2  flags (0 in v1)
 ///          8     4  payloadLength
@@ -98,8 +102,10 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
 public struct FrameHeader: Equatable, Sendable {
     public static let size = 16
     public static let magic: UInt32 = 0x5950_4350
-    /// 2: HELLO carries the migration secret.
-    public static let version: UInt8 = 2
+    /// 3: the image digest travels in IMAGE_DIGEST and VMM_COMPLETE, after
+    /// the guest resumed, not in SWITCHOVER and VMM_RESUME (2: HELLO carries
+    /// the migration secret).
+    public static let version: UInt8 = 3
     /// Header bytes the checksum covers: all but the checksum itself.
     public static let checksummedSize = 12
 

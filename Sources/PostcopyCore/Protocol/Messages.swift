@@ -27,13 +27,17 @@ public enum Message: Equatable, Sendable {
     /// word `firstWord`; bit `i` of word `w` is page `64 × w + i`.
     case dirtyBitmap(totalBits: UInt64, firstWord: UInt64, words: [UInt64])
     /// Agent → daemon, after the last DIRTY_BITMAP frame: the source is paused.
-    case switchover(stalePages: UInt64, sourcePausedAtNanos: UInt64, imageDigest: ImageDigest)
+    case switchover(stalePages: UInt64, sourcePausedAtNanos: UInt64)
     /// Daemon → agent: the guest runs on the destination.
     case resumed(destinationResumedAtNanos: UInt64)
     /// Daemon → agent on the bulk connection of a resumed postcopy, after
     /// DIRTY_BITMAP frames holding the pages the destination still lacks:
     /// send those, and only those.
     case resync(stalePages: UInt64)
+    /// Agent → daemon on the bulk connection, once the guest has resumed
+    /// (and again after every rejoin): the digest of the source's image as
+    /// paused. The daemon completes only once it has it.
+    case imageDigest(ImageDigest)
     /// Daemon → agent, on the urgent connection: send these pages now.
     case pageRequest(requestID: UInt32, firstPage: UInt64, count: UInt32)
     /// Daemon → agent: every page is in place.
@@ -48,12 +52,14 @@ public enum Message: Equatable, Sendable {
     case vmmAttach(guestBase: UInt64, features: UffdFeatures, registerMode: UInt64)
     /// Daemon → VMM, with the page-state file's descriptor, which the VMM
     /// keeps for a restarted postcopyd: run the guest (or, answering
-    /// VMM_REATTACH, go on running it). `imageDigest` is the agent's digest
-    /// of the image as of switchover, which a verifying VMM can check.
-    case vmmResume(imageDigest: ImageDigest)
-    /// Daemon → VMM: every page is in place; the VMM unregisters the range
-    /// and answers with VMM_COMPLETE, after which the daemon stops serving.
-    case vmmComplete
+    /// VMM_REATTACH, go on running it).
+    case vmmResume
+    /// Daemon → VMM, with `imageDigest`: every page is in place, and this is
+    /// the source's digest of the image (IMAGE_DIGEST), which a verifying
+    /// VMM can check. The VMM unregisters the range and answers with an
+    /// empty VMM_COMPLETE (`imageDigest` nil), after which the daemon stops
+    /// serving. The payload's length (32 or 0) tells the two apart.
+    case vmmComplete(imageDigest: ImageDigest?)
     /// VMM → a restarted daemon, with a descriptor the VMM kept for it:
     /// the RAM file of VMM_OFFER, or the page-state file of VMM_RESUME.
     case vmmHandback(HandbackKind)
@@ -92,6 +98,7 @@ public enum Message: Equatable, Sendable {
         case .switchover: return .switchover
         case .resumed: return .resumed
         case .resync: return .resync
+        case .imageDigest: return .imageDigest
         case .pageRequest: return .pageRequest
         case .complete: return .complete
         case .error: return .error
@@ -150,8 +157,9 @@ public struct MigrationID: Hashable, Sendable, CustomStringConvertible {
     public var description: String { hexDigits(high, width: 16) + hexDigits(low, width: 16) }
 }
 
-/// A 32-byte digest of the guest image, carried by SWITCHOVER. Opaque to the
-/// codec; shown as 64 lower-case hex digits in wire order.
+/// A 32-byte digest of the guest image, carried by IMAGE_DIGEST and
+/// VMM_COMPLETE. Opaque to the codec; shown as 64 lower-case hex digits in
+/// wire order.
 public struct ImageDigest: Hashable, Sendable, CustomStringConvertible {
     /// The 32 bytes as four big-endian words, in wire order.
     public let words: [UInt64]
@@ -189,12 +197,14 @@ extension Message: CustomStringConvertible {
             return "ROUND_END round \(round) sent \(pagesSent) dirty \(dirtyPages)"
         case let .dirtyBitmap(totalBits, firstWord, words):
             return "DIRTY_BITMAP of \(totalBits) bits, words \(firstWord) + \(words.count)"
-        case let .switchover(stalePages, sourcePausedAtNanos, imageDigest):
-            return "SWITCHOVER stale \(stalePages) paused at \(sourcePausedAtNanos) ns digest \(imageDigest)"
+        case let .switchover(stalePages, sourcePausedAtNanos):
+            return "SWITCHOVER stale \(stalePages) paused at \(sourcePausedAtNanos) ns"
         case let .resumed(destinationResumedAtNanos):
             return "RESUMED at \(destinationResumedAtNanos) ns"
         case let .resync(stalePages):
             return "RESYNC stale \(stalePages)"
+        case let .imageDigest(digest):
+            return "IMAGE_DIGEST \(digest)"
         case let .pageRequest(requestID, firstPage, count):
             return "PAGE_REQUEST request \(requestID) pages \(firstPage) + \(count)"
         case let .complete(pagesReceived, faultsClean, faultsStale):
@@ -209,9 +219,9 @@ extension Message: CustomStringConvertible {
             return "VMM_REATTACH guest base \(hex64(guestBase)) features \(features) mode \(hex64(registerMode))"
         case let .vmmHandback(kind):
             return "VMM_HANDBACK \(kind)"
-        case let .vmmResume(imageDigest):
-            return "VMM_RESUME digest \(imageDigest)"
-        case .heartbeat, .vmmComplete:
+        case let .vmmComplete(imageDigest?):
+            return "VMM_COMPLETE digest \(imageDigest)"
+        case .heartbeat, .vmmResume, .vmmComplete(nil):
             return type.description
         }
     }
@@ -240,7 +250,8 @@ extension Message {
     /// Checks the pages and bitmap words a message names against the region:
     /// PAGES, ZERO_PAGES and PAGE_REQUEST must lie inside it (a range whose
     /// end overflows 64 bits does not); a DIRTY_BITMAP must be exactly as
-    /// long as the region and set no bit past its end. Other messages pass.
+    /// long as the region and set no bit past its end. Other messages pass
+    /// (IMAGE_DIGEST among them: a digest names no page).
     public func validate(against limits: RegionLimits) throws(ProtocolError) {
         switch self {
         case let .pages(_, firstPage, data):
@@ -304,14 +315,15 @@ extension Message {
             out.appendLittleEndian(firstWord)
             out.appendLittleEndian(UInt32(words.count))
             for word in words { out.appendLittleEndian(word) }
-        case let .switchover(stalePages, sourcePausedAtNanos, imageDigest):
+        case let .switchover(stalePages, sourcePausedAtNanos):
             out.appendLittleEndian(stalePages)
             out.appendLittleEndian(sourcePausedAtNanos)
-            out.append(contentsOf: imageDigest.bytes)
         case let .resumed(destinationResumedAtNanos):
             out.appendLittleEndian(destinationResumedAtNanos)
         case let .resync(stalePages):
             out.appendLittleEndian(stalePages)
+        case let .imageDigest(digest), let .vmmComplete(digest?):
+            out.append(contentsOf: digest.bytes)
         case let .pageRequest(requestID, firstPage, count):
             precondition(count >= 1, "PAGE_REQUEST with count 0")
             out.appendLittleEndian(requestID)
@@ -324,10 +336,8 @@ extension Message {
         case let .error(code, message):
             out.appendLittleEndian(code.rawValue)
             out.append(contentsOf: utf8Prefix(message, maxBytes: Message.maxErrorMessageBytes))
-        case .heartbeat, .vmmComplete:
+        case .heartbeat, .vmmResume, .vmmComplete(nil):
             return
-        case let .vmmResume(imageDigest):
-            out.append(contentsOf: imageDigest.bytes)
         case let .vmmOffer(regionSize, pageSize, fileOffset):
             out.appendLittleEndian(regionSize)
             out.appendLittleEndian(UInt32(pageSize.bytes))
@@ -402,13 +412,14 @@ extension Message {
             let words = (0..<Int(wordCount)).map { u64(bitmapFieldsSize + 8 * $0) }
             return .dirtyBitmap(totalBits: u64(0), firstWord: u64(8), words: words)
         case .switchover:
-            // The length rule guarantees the 32 bytes of the digest.
-            return .switchover(stalePages: u64(0), sourcePausedAtNanos: u64(8),
-                               imageDigest: ImageDigest(bytes: bytes(16, 32))!)
+            return .switchover(stalePages: u64(0), sourcePausedAtNanos: u64(8))
         case .resumed:
             return .resumed(destinationResumedAtNanos: u64(0))
         case .resync:
             return .resync(stalePages: u64(0))
+        case .imageDigest:
+            // The length rule guarantees the 32 bytes of the digest.
+            return .imageDigest(ImageDigest(bytes: bytes(0, 32))!)
         case .pageRequest:
             return .pageRequest(requestID: u32(0), firstPage: u64(4), count: try count(12))
         case .complete:
@@ -424,10 +435,10 @@ extension Message {
         case .vmmAttach:
             return .vmmAttach(guestBase: u64(0), features: UffdFeatures(rawValue: u64(8)), registerMode: u64(16))
         case .vmmResume:
-            // The length rule guarantees the 32 bytes of the digest.
-            return .vmmResume(imageDigest: ImageDigest(bytes: bytes(0, 32))!)
+            return .vmmResume
         case .vmmComplete:
-            return .vmmComplete
+            // The length rule leaves 0 bytes (the VMM's answer) or the 32 of the digest.
+            return .vmmComplete(imageDigest: payload.isEmpty ? nil : ImageDigest(bytes: bytes(0, 32))!)
         case .vmmReattach:
             return .vmmReattach(guestBase: u64(0), features: UffdFeatures(rawValue: u64(8)), registerMode: u64(16))
         case .vmmHandback:

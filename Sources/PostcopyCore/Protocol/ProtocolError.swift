@@ -94,6 +94,8 @@ public enum PayloadLength: Equatable, Sendable, CustomStringConvertible {
     case exactly(Int)
     case atLeast(Int)
     case between(Int, Int)
+    /// One of two lengths (VMM_COMPLETE: 32 bytes from the daemon, 0 from the VMM).
+    case either(Int, Int)
     /// A PAGES payload: 16 bytes of fields, then `count` pages of 4096 bytes.
     case pages(count: UInt32)
     /// A DIRTY_BITMAP payload: 20 bytes of fields, then `count` words of 8 bytes.
@@ -105,6 +107,7 @@ public enum PayloadLength: Equatable, Sendable, CustomStringConvertible {
         case let .exactly(bytes): return length == bytes
         case let .atLeast(bytes): return length >= bytes
         case let .between(low, high): return low <= length && length <= high
+        case let .either(first, second): return length == first || length == second
         case let .pages(count): return UInt64(length) == 16 + UInt64(count) * 4096
         case let .bitmapWords(count): return UInt64(length) == 20 + UInt64(count) * 8
         }
@@ -115,6 +118,7 @@ public enum PayloadLength: Equatable, Sendable, CustomStringConvertible {
         case let .exactly(bytes): return "\(bytes)"
         case let .atLeast(bytes): return "at least \(bytes)"
         case let .between(low, high): return "\(low)...\(high)"
+        case let .either(first, second): return "\(first) or \(second)"
         case let .pages(count): return "16 + \(count) × 4096 = \(16 + UInt64(count) * 4096)"
         case let .bitmapWords(count): return "20 + \(count) × 8 = \(20 + UInt64(count) * 8)"
         }

@@ -35,6 +35,12 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// receiving thread ever started (joined at the end).
     private let agent = Locked(AgentConnections())
     private let engine = Locked<PostcopyEngine?>(nil)
+    /// Orders a pause after the generation change that causes it: held
+    /// across the session's move to `paused` and the engine's pause, and
+    /// across a rejoin's resumption of the engine. Without it a rejoin that
+    /// completed between the two would be undone by the late pause, and no
+    /// PAGE_REQUEST would go out for the rest of that generation.
+    private let transitions = Lock()
     private let faultLoop = Locked<FaultLoop?>(nil)
     private let completion = Latch()
     private let finished = Atomic<Bool>(false)
@@ -419,11 +425,15 @@ public final class DestinationDaemon: @unchecked Sendable {
         do {
             try connection.setReceiveTimeout(config.handshakeTimeoutNanos)
             guard let hello = try stream.receive() else { return }
-            let (role, welcome, epoch, superseded, ready) = try session.withLock { session in
-                let (before, phase) = (session.epoch, session.phase)
-                let (role, welcome) = try session.hello(hello)
-                let ready = phase != session.phase && (session.phase == .precopy || session.phase == .postcopy)
-                return (role, welcome, session.epoch, session.epoch != before, ready)
+            let (role, welcome, epoch, superseded, ready) = try transitions.withLock {
+                let admitted = try session.withLock { session in
+                    let (before, phase) = (session.epoch, session.phase)
+                    let (role, welcome) = try session.hello(hello)
+                    let ready = phase != session.phase && (session.phase == .precopy || session.phase == .postcopy)
+                    return (role, welcome, session.epoch, session.epoch != before, ready)
+                }
+                if admitted.3 { pauseEngine() }
+                return admitted
             }
             admitted()
             if superseded {
@@ -536,12 +546,20 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// The agent's connections of generation `epoch` are given up during
     /// postcopy (the session has already moved on): shut them down, hold
     /// page requests, and say so.
-    private func paused(epoch: UInt64, because reason: String, role: StreamRole) {
-        let streams = agent.withLock { $0.epoch == epoch ? Array($0.streams.values) : [] }
-        for stream in streams { stream.shutdown() }
+    /// The engine's half of a pause, under `transitions` together with the
+    /// session's move that caused it: no PAGE_REQUEST goes out, and the
+    /// pause's clock starts.
+    private func pauseEngine() {
         engine.withLock { $0 }?.pause()
         pausedAt.store(monotonicNanoseconds(), ordering: .relaxed)
         context.set("PHASE", DestinationSession.Phase.paused.rawValue)
+    }
+
+    /// The rest of a pause, after `pauseEngine`: the lost generation's
+    /// connections are shut down, and the journal says so.
+    private func paused(epoch: UInt64, because reason: String, role: StreamRole) {
+        let streams = agent.withLock { $0.epoch == epoch ? Array($0.streams.values) : [] }
+        for stream in streams { stream.shutdown() }
         let stale = engine.withLock { $0 }?.stalePages ?? 0
         logger.event(.postcopyPaused, .warning, "postcopy paused: lost the agent's \(role) connection: \(reason); \(stale) pages still stale, waiting for the agent to rejoin", [
             "peer": "agent", "connection": "\(role)", "reason": "\(reason)", "pages_stale": "\(stale)",
@@ -569,12 +587,15 @@ public final class DestinationDaemon: @unchecked Sendable {
         let stale = postcopy.staleSnapshot()
         for frame in stale.dirtyBitmapMessages() { try bulk.send(frame) }
         try bulk.send(.resync(stalePages: stale.popCount))
-        let now = monotonicNanoseconds()
-        let asked = postcopy.rejoin(urgent: urgent, at: now)
-        let since = pausedAt.exchange(0, ordering: .relaxed)
-        let pausedFor = since > 0 ? now &- since : 0
-        pausedNanos.add(pausedFor, ordering: .relaxed)
-        context.set("PHASE", DestinationSession.Phase.postcopy.rawValue)
+        let (asked, pausedFor) = transitions.withLock {
+            let now = monotonicNanoseconds()
+            let asked = postcopy.rejoin(urgent: urgent, at: now)
+            let since = pausedAt.exchange(0, ordering: .relaxed)
+            let pausedFor = since > 0 ? now &- since : 0
+            pausedNanos.add(pausedFor, ordering: .relaxed)
+            context.set("PHASE", DestinationSession.Phase.postcopy.rawValue)
+            return (asked, pausedFor)
+        }
         logger.event(.postcopyResumed, .notice, "postcopy resumed: the agent rejoined from \(address) after \(fixed(Double(pausedFor) / 1e6, 0)) ms; \(stale.popCount) pages still stale, \(asked) asked for again", [
             "agent_address": "\(address)", "paused_ms": "\(fixed(Double(pausedFor) / 1e6, 1))",
             "pages_stale": "\(stale.popCount)", "pages_rerequested": "\(asked)",
@@ -620,7 +641,11 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// and the end of the migration before switchover.
     private func lost(_ role: StreamRole, epoch: UInt64, _ error: MigrationError) {
         guard failures.error == nil, !finished.load(ordering: .sequentiallyConsistent) else { return }
-        let (pause, phase, current) = session.withLock { ($0.connectionLost(epoch: epoch), $0.phase, $0.epoch) }
+        let (pause, phase, current) = transitions.withLock {
+            let outcome = session.withLock { ($0.connectionLost(epoch: epoch), $0.phase, $0.epoch) }
+            if outcome.0 { pauseEngine() }
+            return outcome
+        }
         if pause {
             paused(epoch: epoch, because: error.reason, role: role)
             return
@@ -651,8 +676,8 @@ public final class DestinationDaemon: @unchecked Sendable {
         case let .roundEnded(round, sent, dirty):
             summary.withLock { $0.precopyRounds = round }
             logger.info("precopy round \(round) done: \(sent) pages sent, \(dirty) found changed")
-        case let .switchover(stale, sourcePausedAt, digest):
-            try switchover(stale: stale, sourcePausedAt: sourcePausedAt, digest: digest, bulk: bulk)
+        case let .switchover(stale, sourcePausedAt):
+            try switchover(stale: stale, sourcePausedAt: sourcePausedAt, bulk: bulk)
             // From here this thread carries the background stream: it gives
             // way to the fault and urgent threads a blocked guest waits on.
             if role == .bulk { yieldToUrgentWork("the bulk receiver") }
@@ -660,6 +685,11 @@ public final class DestinationDaemon: @unchecked Sendable {
             try currentEngine().fill(run, data: data, urgent: role == .urgent)
         case let .zeroPostcopy(run):
             try currentEngine().fill(run, data: nil, urgent: role == .urgent)
+        case let .imageDigest(digest, completes):
+            summary.withLock { $0.imageDigest = digest.description }
+            logger.info("the source's image digest: \(digest)\(completes ? "; every page is in place" : "")",
+                        metadata: ["digest": "\(digest)"])
+            if completes { completion.open() }
         case let .peerFailed(code, text):
             throw MigrationError(.peerLost, "the agent failed (\(code)): \(text)")
         case .none:
@@ -708,16 +738,12 @@ public final class DestinationDaemon: @unchecked Sendable {
 
     // MARK: switchover
 
-    private func switchover(stale: PageBitmap, sourcePausedAt pausedAt: UInt64, digest: ImageDigest,
-                            bulk: MessageStream) throws {
+    private func switchover(stale: PageBitmap, sourcePausedAt pausedAt: UInt64, bulk: MessageStream) throws {
         guard let urgent = agent.withLock({ $0.streams[.urgent] }) else {
             throw MigrationError(.internalFailure, "switchover without the agent's urgent connection")
         }
-        summary.withLock {
-            $0.stalePagesAtSwitchover = stale.popCount
-            $0.imageDigest = digest.description
-        }
-        logger.info("switchover: \(stale.popCount) stale pages", metadata: ["digest": "\(digest)"])
+        summary.withLock { $0.stalePagesAtSwitchover = stale.popCount }
+        logger.info("switchover: \(stale.popCount) stale pages")
         guard vmm.attached.wait(timeoutNanos: config.vmmAttachTimeoutNanos), let attachment = vmm.current else {
             try failures.check()
             throw MigrationError(.peerLost, "no VMM attached to \(config.vmmSocketPath) within \(config.vmmAttachTimeoutNanos / 1_000_000_000) s of switchover")
@@ -737,7 +763,7 @@ public final class DestinationDaemon: @unchecked Sendable {
         let pageState = try inStep("write the page-state record") {
             try PageStateFile(header: PageStateHeader(
                 migrationID: id, geometry: memory.geometry, guestBase: attachment.guestBase,
-                features: attachment.uffd.features, registerMode: attachment.registerMode, imageDigest: digest,
+                features: attachment.uffd.features, registerMode: attachment.registerMode,
                 stalePagesAtSwitchover: stale.popCount, sourcePausedAtNanos: pausedAt, downtimeMicros: downtimeSoFar,
                 secretDigest: secretDigest),
                 stale: stale)
@@ -748,7 +774,7 @@ public final class DestinationDaemon: @unchecked Sendable {
         let loop = try FaultLoop(installer: installer, resolver: postcopy)
         try loop.start()
         faultLoop.withLock { $0 = loop }
-        try vmm.resume(imageDigest: digest, pageState: pageState)
+        try vmm.resume(pageState: pageState)
         let resumedAt = realtimeNanoseconds()
         postcopy.postcopyStartedAt.store(monotonicNanoseconds(), ordering: .relaxed)
         postcopy.cpuMicrosAtResume.store(UInt64(ProcessUsage.cpuSeconds() * 1e6), ordering: .relaxed)
@@ -774,8 +800,7 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// starts paused.
     private func makeEngine(installer: PageInstaller, stale: PageBitmap, urgent: MessageStream?,
                             pageState: PageStateFile) -> PostcopyEngine {
-        let completion = self.completion
-        let logger = self.logger
+        let (completion, logger, session) = (self.completion, self.logger, self.session)
         return PostcopyEngine(
             memory: memory, installer: installer, stale: stale, urgent: urgent, pageState: pageState,
             failures: failures, stalls: StallLimiter(thresholdNanos: config.stallWarningNanos),
@@ -787,7 +812,15 @@ public final class DestinationDaemon: @unchecked Sendable {
                     "page": "\(stall.page)", "stall_ms": "\(ms)", "stalls_suppressed": "\(stall.suppressed)",
                 ])
             },
-            onComplete: { completion.open() })
+            onComplete: {
+                // Complete once the source's digest is known too; until
+                // IMAGE_DIGEST comes, the daemon waits as it waits for pages.
+                if session.withLock({ $0.pagesComplete() }) {
+                    completion.open()
+                } else {
+                    logger.info("every page is in place; waiting for the source's image digest (IMAGE_DIGEST) to complete")
+                }
+            })
     }
 
     /// Hands the RAM file, the page-state record and the userfaultfd to
@@ -812,7 +845,6 @@ public final class DestinationDaemon: @unchecked Sendable {
         summary.withLock {
             $0.migrationID = header.migrationID.description
             $0.stalePagesAtSwitchover = header.stalePagesAtSwitchover
-            $0.imageDigest = header.imageDigest.description
             $0.downtimeMs = Double(header.downtimeMicros) / 1e3
             $0.tookOver = true
         }
@@ -832,7 +864,7 @@ public final class DestinationDaemon: @unchecked Sendable {
         // A VMM that handed the migration back is told to go on (or to start
         // the guest, if the dead daemon never told it to).
         if taken.vmm != nil {
-            try vmm.resume(imageDigest: header.imageDigest, pageState: taken.pageState)
+            try vmm.resume(pageState: taken.pageState)
             // Taken from the VMM: keep them for a daemon restarted after this
             // one too (taken from the store, they are there already).
             storeDescriptors(pageState: taken.pageState, uffd: taken.uffd)
@@ -848,14 +880,22 @@ public final class DestinationDaemon: @unchecked Sendable {
 
     // MARK: completion
 
-    /// Waits for the last stale page; then tells the agent and the VMM, and
-    /// stops serving faults and waits for the VMM to let go of the range.
+    /// Waits for the last stale page and the source's digest; then tells
+    /// the agent and the VMM, and stops serving faults and waits for the VMM
+    /// to let go of the range.
     private func finish() throws {
         completion.wait()
         try failures.check()
         // Reached only through switchover, which set both.
         let postcopy = try currentEngine()
-        session.withLock { $0.complete() }
+        // The latch opens without a failure only once the session has both.
+        let digest = try session.withLock { session throws -> ImageDigest in
+            guard let digest = session.imageDigest, session.pagesInPlace else {
+                throw MigrationError(.internalFailure, "completing without every page or the source's digest")
+            }
+            session.complete()
+            return digest
+        }
         let state = postcopy.counters
         let now = monotonicNanoseconds()
         let started = postcopy.postcopyStartedAt.load(ordering: .relaxed)
@@ -904,7 +944,7 @@ public final class DestinationDaemon: @unchecked Sendable {
             try failures.check()
             throw MigrationError(.peerLost, "every page is in place, but the VMM did not reattach within \(config.vmmAttachTimeoutNanos / 1_000_000_000) s to release the range")
         }
-        try vmm.complete()
+        try vmm.complete(imageDigest: digest)
         guard vmm.completed.wait(timeoutNanos: config.vmmCompleteTimeoutNanos) else {
             try failures.check()
             throw MigrationError(.peerLost, "the VMM did not acknowledge VMM_COMPLETE within \(config.vmmCompleteTimeoutNanos / 1_000_000_000) s")

@@ -84,16 +84,17 @@ final class VMMLink: Sendable {
 
     /// Tells the VMM to run the guest, and hands it the page-state record
     /// to keep for a restarted daemon.
-    func resume(imageDigest: ImageDigest, pageState: PageStateFile) throws {
+    func resume(pageState: PageStateFile) throws {
         guard let vmm = current else { throw MigrationError(.internalFailure, "resume before the VMM attached") }
-        try vmm.channel.send(.vmmResume(imageDigest: imageDigest), passing: pageState.fd)
+        try vmm.channel.send(.vmmResume, passing: pageState.fd)
     }
 
-    /// Tells the VMM every page is in place; it answers once it unregistered.
-    func complete() throws {
+    /// Tells the VMM every page is in place, with the source's digest of
+    /// the image; it answers once it unregistered.
+    func complete(imageDigest: ImageDigest) throws {
         guard let vmm = current else { return }
         completeSent.store(true, ordering: .sequentiallyConsistent)
-        try vmm.channel.send(.vmmComplete)
+        try vmm.channel.send(.vmmComplete(imageDigest: imageDigest))
     }
 
     /// Wakes the thread and closes the VMM's connection, with ERROR when
@@ -215,7 +216,7 @@ final class VMMLink: Sendable {
         }
         let vmm = VMMAttachment(channel: channel, uffd: Userfaultfd.adopting(fd: handed.uffd, features: handed.features),
                                 guestBase: handed.guestBase, credentials: credentials, registerMode: handed.registerMode)
-        try channel.send(.vmmResume(imageDigest: header.imageDigest), passing: pageState.fd)
+        try channel.send(.vmmResume, passing: pageState.fd)
         logger.event(.vmmAttached, .info, "VMM reattached: \(credentials)", [
             "vmm_pid": "\(credentials.pid)", "vmm_uid": "\(credentials.uid)",
             "guest_base": "0x\(String(handed.guestBase, radix: 16))", "features": "\(handed.features)",
@@ -304,7 +305,8 @@ final class VMMLink: Sendable {
             }
             if let descriptor { close(descriptor) }
             switch message {
-            case .vmmComplete where completeSent.load(ordering: .sequentiallyConsistent):
+            // The VMM's answer is empty: the digest travels to the VMM only.
+            case .vmmComplete(imageDigest: nil) where completeSent.load(ordering: .sequentiallyConsistent):
                 completed.open()
                 return
             case .heartbeat:

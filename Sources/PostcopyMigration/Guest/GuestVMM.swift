@@ -54,19 +54,20 @@ public final class GuestVMM: Sendable {
         })
         let guest = try attach(channel)
         attached()
-        let digest = try awaitResume(channel, guest)
+        try awaitResume(channel, guest)
         logger.info("resumed: running the guest workload", metadata: ["threads": "\(config.threads)"])
 
         let workload = try GuestWorkload(mapping: guest.mapping, geometry: guest.geometry, threads: config.threads,
                                          seed: config.seed, scribble: config.scribble, touchShare: config.touchShare,
                                          thinkNanos: config.thinkNanos, recordTimes: config.touchLogPath != nil)
         var failure: (any Error)?
+        var digest: ImageDigest?
         do {
-            channel = try awaitComplete(channel, guest)
+            (channel, digest) = try awaitComplete(channel, guest)
             try inStep("unregister the guest range") {
                 try guest.uffd.release(start: guest.mapping.address, length: guest.mapping.length)
             }
-            try channel.send(.vmmComplete)
+            try channel.send(.vmmComplete(imageDigest: nil))
         } catch {
             // Releasing the range wakes any thread blocked on a fault, so
             // the workload ends (reading whatever is there) and nothing hangs.
@@ -76,6 +77,8 @@ public final class GuestVMM: Sendable {
         var summary = workload.finish()
         summary.reattachments = guest.reattachments
         if let failure { throw failure }
+        // Set whenever awaitComplete returned, and it threw otherwise.
+        guard let digest else { throw MigrationError(.internalFailure, "postcopy ended without the source's digest") }
         if let path = config.touchLogPath {
             try inStep("write the touch log \(path)") { try writeTextFile(path, workload.touchLog()) }
         }
@@ -149,29 +152,29 @@ public final class GuestVMM: Sendable {
     }
 
     /// VMM_RESUME, with the page-state record to keep.
-    private func awaitResume(_ channel: VMMChannel, _ guest: Guest) throws -> ImageDigest {
+    private func awaitResume(_ channel: VMMChannel, _ guest: Guest) throws {
         let (message, descriptor) = try next(on: channel, "before VMM_RESUME")
-        guard case let .vmmResume(digest) = message, let descriptor else {
+        guard case .vmmResume = message, let descriptor else {
             if let descriptor { close(descriptor) }
             throw MigrationError(.unexpectedMessage, "expected VMM_RESUME from postcopyd, got \(message.type)")
         }
         guest.keep(pageState: descriptor)
-        return digest
     }
 
-    /// Waits for VMM_COMPLETE; returns the channel it came on. A postcopyd
-    /// that goes away without ERROR (it died) is waited for, within
-    /// `reattachTimeoutNanos`: the guest's faults stay blocked meanwhile.
-    private func awaitComplete(_ first: VMMChannel, _ guest: Guest) throws -> VMMChannel {
+    /// Waits for VMM_COMPLETE; returns the channel it came on and the
+    /// source's digest of the image it carried. A postcopyd that goes away
+    /// without ERROR (it died) is waited for, within `reattachTimeoutNanos`:
+    /// the guest's faults stay blocked meanwhile.
+    private func awaitComplete(_ first: VMMChannel, _ guest: Guest) throws -> (VMMChannel, ImageDigest) {
         var channel = first
         while true {
             do {
                 let (message, descriptor) = try next(on: channel, "during postcopy")
                 if let descriptor { close(descriptor) }
-                guard case .vmmComplete = message else {
-                    throw MigrationError(.unexpectedMessage, "expected VMM_COMPLETE from postcopyd, got \(message.type)")
+                guard case let .vmmComplete(digest?) = message else {
+                    throw MigrationError(.unexpectedMessage, "expected VMM_COMPLETE with the image digest from postcopyd, got \(message)")
                 }
-                return channel
+                return (channel, digest)
             } catch let gone as DaemonGone where config.reattachTimeoutNanos > 0 {
                 logger.warning("postcopyd went away during postcopy (\(gone.reason)): the guest's faults wait while this VMM reattaches to a restarted postcopyd, for up to \(fixed(Double(config.reattachTimeoutNanos) / 1e9, 0)) s")
                 channel = try reattach(guest)
