@@ -38,7 +38,8 @@ wait_for() {  # file, what
 }
 
 echo "== source: $SIZE of guest RAM in $source_ram, ${DIRTY} of pages kept dirty"
-"$BIN/postcopy-guest" source --ram "$source_ram" --size "$SIZE" --dirty "$DIRTY" --ready-file "$work/source.ready" &
+"$BIN/postcopy-guest" source --ram "$source_ram" --size "$SIZE" --dirty "$DIRTY" --ready-file "$work/source.ready" \
+    --dirty-log-socket "$work/dirty-log.sock" &
 source_pid=$!
 pids+=("$source_pid")
 wait_for "$work/source.ready" "the source workload"
@@ -69,7 +70,7 @@ pids+=("$guest_pid")
 
 echo "== migrate"
 timeout "$TIMEOUT" "$BIN/postcopy-push" --ram "$source_ram" --to "$(cat "$work/daemon.ready")" \
-    --pause-pid "$source_pid" --json >"$work/push.json" \
+    --pause-pid "$source_pid" --dirty-log-socket "$work/dirty-log.sock" --json >"$work/push.json" \
     "${agent_tls[@]}" \
     --migration-secret-file "$work/migration.secret"
 status=0

@@ -134,7 +134,7 @@ started() {  # instance, role, pid
 # One function per program: each command line is written once, here.
 start_source() {  # instance
     "$BIN/postcopy-guest" source --ram "$(source_ram "$1")" --size "$SIZE" --dirty "$DIRTY" \
-        --ready-file "$(dir "$1")/source.ready" \
+        --ready-file "$(dir "$1")/source.ready" --dirty-log-socket "$(dir "$1")/dirty-log.sock" \
         >"$(dir "$1")/source.out" 2>"$(dir "$1")/source.log" &
     source_pid[$1]=$!
     started "$1" "postcopy-guest source" $!
@@ -162,7 +162,8 @@ start_push() {  # instance
     local d
     d=$(dir "$1")
     "$BIN/postcopy-push" --ram "$(source_ram "$1")" --to "$(<"$d/daemon.ready")" \
-        --pause-pid "${source_pid[$1]}" --quiet --json --migration-secret-file "$d/migration.secret" \
+        --pause-pid "${source_pid[$1]}" --dirty-log-socket "$d/dirty-log.sock" \
+        --quiet --json --migration-secret-file "$d/migration.secret" \
         "${push_flags[@]}" \
         >"$d/push.json" 2>"$d/push.log" &
     push_pid[$1]=$!

@@ -188,6 +188,23 @@ public struct BenchResults: Codable, Sendable {
     public var endToEnd: [EndToEndFigures] = []
     public var scaling: ScalingFigures?
     public var hugePages: HugePageFigures?
+    public var pause: [PauseFigures] = []
 
     public init() {}
+}
+
+/// 7. The pause by dirty log: one migration of a source rewriting 10 % of
+/// its pages, at one RAM size, with one dirty log.
+public struct PauseFigures: Codable, Sendable {
+    public let regionBytes: UInt64
+    public let dirtyLog: String
+    public let stalePages: UInt64
+    public let finalScanMs: Double
+    /// Source paused → RESUMED received (the agent's clock).
+    public let downtimeMs: Double
+    /// Median over the rounds after the first: the agent's CPU seconds and
+    /// the pages the log reported (all pages with hashing).
+    public let roundCPUSeconds: Double
+    public let roundPagesLookedAt: UInt64
+    public let rounds: Int
 }

@@ -34,6 +34,9 @@ public struct MigrationScenario: Sendable {
     /// default); `agentScheduling`, when set, for postcopy-push alone.
     public var backgroundScheduling: String?
     public var agentScheduling: String?
+    /// postcopy-push --dirty-log: "uffd-wp" (the source workload registers
+    /// its RAM and offers the log) or "hash".
+    public var dirtyLog = "uffd-wp"
 
     public init(name: String, size: UInt64, source: Source) {
         self.name = name
@@ -97,10 +100,11 @@ extension MigrationScenario {
         case let .workload(dirty): dirtyShare = dirty
         case .image: dirtyShare = 0
         }
+        let dirtyLogSocket = "\(directory)/dirty-log.sock"
         let workload = try Child("source", environment.program("postcopy-guest"), [
             "source", "--ram", sourceRAM, "--size", "\(size)", "--dirty", "\(dirtyShare)", "--zero", "\(zeroShare)",
             "--seed", "\(seed)", "--ready-file", "\(directory)/source.ready",
-        ], stdout: "\(directory)/source.out", stderr: "\(directory)/source.log")
+        ] + (dirtyLog == "hash" ? [] : ["--dirty-log-socket", dirtyLogSocket]), stdout: "\(directory)/source.out", stderr: "\(directory)/source.log")
         children.append(workload)
         try waitForFile("\(directory)/source.ready", seconds: 300, "the source RAM to be filled", while: workload)
 
@@ -108,7 +112,8 @@ extension MigrationScenario {
         // with the raw-TCP baselines and across runs; docs/benchmarks.md
         // gives TLS's cost separately.
         var pushArguments = ["--ram", sourceRAM, "--pause-pid", "\(workload.pid)", "--max-rounds", "\(maxRounds)",
-                             "--quiet", "--json", "--insecure-plaintext"]
+                             "--quiet", "--json", "--insecure-plaintext", "--dirty-log", dirtyLog]
+        if dirtyLog != "hash" { pushArguments += ["--dirty-log-socket", dirtyLogSocket] }
         if case let .image(stalePages) = source {
             let bitmap = "\(directory)/dirty.bitmap"
             try writeDirtyBitmap(bitmap, pages: size / 4096, stale: stalePages)

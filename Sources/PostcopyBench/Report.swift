@@ -54,6 +54,20 @@ public enum Report {
                  fixed($0.guestStallMaxUs / 1000, 1), "\(ByteSize.format($0.bytesSent)) / \(ByteSize.format($0.idealBytes)) (\(x($0.bytesToIdeal)))"]
             })
         }
+        if !results.pause.isEmpty {
+            out.append("**7. The pause by dirty log** (source rewriting 10% of its pages until paused; the agent's final scan and downtime, and its CPU per precopy round after the first; uffd-wp and hash back to back at each size)\n")
+            table(["RAM", "dirty log", "rounds", "stale pages", "final scan ms", "downtime ms", "pages looked at per round",
+                   "agent CPU ms per round"], results.pause.map {
+                [ByteSize.format($0.regionBytes), $0.dirtyLog, "\($0.rounds)", "\($0.stalePages)", fixed($0.finalScanMs, 1),
+                 fixed($0.downtimeMs, 1), "\($0.roundPagesLookedAt)", fixed($0.roundCPUSeconds * 1000, 0)]
+            })
+            let smallest = results.pause.filter { $0.regionBytes == results.pause.first?.regionBytes }
+            let largest = results.pause.filter { $0.regionBytes == results.pause.last?.regionBytes }
+            if let small = smallest.first(where: { $0.dirtyLog == "uffd-wp" }), let large = largest.first(where: { $0.dirtyLog == "uffd-wp" }),
+               let hash = largest.first(where: { $0.dirtyLog == "hash" }) {
+                out.append("uffd-wp downtime at \(ByteSize.format(large.regionBytes)) / at \(ByteSize.format(small.regionBytes)): \(x(large.downtimeMs / max(small.downtimeMs, 0.001))) (target ≤ 1.5×); hash / uffd-wp downtime at \(ByteSize.format(large.regionBytes)): \(x(hash.downtimeMs / max(large.downtimeMs, 0.001))).\n")
+            }
+        }
         if let scaling = results.scaling {
             out.append("**5. Scaling** (still image, stale pages declared at switchover; the guest reads 5 000 pages in every run)\n")
             let rows = (scaling.bySize + scaling.byStalePages).map { point in

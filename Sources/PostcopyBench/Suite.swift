@@ -16,18 +16,19 @@ public struct BenchScale: Sendable {
     public var hugeRegion: UInt64
     public var pingPongIterations: Int
     public var staleBusyRuns: Int
+    public var pauseSizes: [UInt64]
 
     public static let full = BenchScale(
         staleRegion: 512 << 20, backfillRegion: 1 << 30, backfillRuns: 3, endToEndRegion: 4 << 30,
         scalingSizes: [1 << 30, 2 << 30, 4 << 30, 8 << 30], scalingStalePages: 25_600,
         sweepRegion: 1 << 30, sweepShares: [0.01, 0.05, 0.10, 0.25, 0.50, 1.0], hugeRegion: 512 << 20,
-        pingPongIterations: 20_000, staleBusyRuns: 3)
+        pingPongIterations: 20_000, staleBusyRuns: 3, pauseSizes: [1 << 30, 4 << 30, 8 << 30])
 
     public static let quick = BenchScale(
         staleRegion: 128 << 20, backfillRegion: 256 << 20, backfillRuns: 1, endToEndRegion: 512 << 20,
         scalingSizes: [256 << 20, 512 << 20], scalingStalePages: 6_400,
         sweepRegion: 256 << 20, sweepShares: [0.05, 0.5], hugeRegion: 128 << 20, pingPongIterations: 5_000,
-        staleBusyRuns: 1)
+        staleBusyRuns: 1, pauseSizes: [256 << 20, 512 << 20])
 }
 
 /// Benchmarks 2–6 of `make bench`; each measures its baseline in the same run.
@@ -160,6 +161,40 @@ public struct Suite: Sendable {
             bytesToIdeal: Double(result.agent.bytesSent) / Double(max(result.agent.idealBytes, 1)))
         environment.say("end-to-end \(ByteSize.format(scale.endToEndRegion)), \(Int(dirty * 100))% dirty: total \(fixed(figures.totalSeconds, 2)) s, downtime \(fixed(figures.downtimeMs, 1)) ms, postcopy \(fixed(figures.postcopySeconds, 2)) s, \(figures.stalePages) stale")
         return (figures, result)
+    }
+
+    // MARK: 7. the pause by dirty log
+
+    /// The source workload rewriting 10 % of its pages (the hot set) until
+    /// paused, at each size, with the uffd-wp log and then with hashing,
+    /// back to back: the final scan, the downtime, and the agent's CPU per
+    /// precopy round. The guest touches few pages: this is about the pause.
+    public func pause() throws -> [PauseFigures] {
+        var figures: [PauseFigures] = []
+        for size in scale.pauseSizes {
+            for log in ["uffd-wp", "hash"] {
+                var scenario = MigrationScenario(name: "pause-\(size >> 20)M-\(log)", size: size,
+                                                 source: .workload(dirty: 0.10))
+                scenario.dirtyLog = log
+                scenario.maxRounds = 4
+                scenario.guestThreads = 2
+                scenario.touch = min(1, 5_000 / Double(size / 4096))
+                let result = try scenario.run(in: environment)
+                guard result.agent.dirtyLog == log else {
+                    throw BenchmarkError("\(scenario.name): the agent used \(result.agent.dirtyLog) (\(result.agent.dirtyLogFallback ?? ""))")
+                }
+                let later = result.agent.rounds.dropFirst()
+                let point = PauseFigures(
+                    regionBytes: size, dirtyLog: log, stalePages: result.agent.stalePages,
+                    finalScanMs: result.agent.finalScanMs, downtimeMs: result.agent.downtimeMs,
+                    roundCPUSeconds: LatencySummary(later.map { $0.cpuSeconds ?? 0 })?.median ?? 0,
+                    roundPagesLookedAt: UInt64(LatencySummary(later.map { Double($0.pagesWritten ?? size / 4096) })?.median ?? 0),
+                    rounds: result.agent.rounds.count)
+                environment.say("pause \(ByteSize.format(size)) \(log): final scan \(fixed(point.finalScanMs, 1)) ms, downtime \(fixed(point.downtimeMs, 1)) ms, CPU per later round \(fixed(point.roundCPUSeconds * 1000, 0)) ms")
+                figures.append(point)
+            }
+        }
+        return figures
     }
 
     // MARK: 5. scaling

@@ -60,6 +60,7 @@ public func parseSize(_ text: String) throws -> UInt64 {
 }
 
 extension MemoryKind: ExpressibleByArgument {}
+extension DirtyLogChoice: ExpressibleByArgument {}
 
 /// `--background-scheduling`, the same on both ends of a migration.
 public struct BackgroundSchedulingOption: ParsableArguments {

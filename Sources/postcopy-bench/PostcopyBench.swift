@@ -37,11 +37,11 @@ struct Run: ParsableCommand {
     @Option(help: ArgumentHelp("--background-scheduling for postcopyd and postcopy-push in the stale-fault runs (default: theirs, idle).", valueName: "class"))
     var backgroundScheduling: String?
 
-    @Option(help: ArgumentHelp("Only these benchmarks (comma-separated: clean,stale,backfill,e2e,scaling,huge).", valueName: "list"))
+    @Option(help: ArgumentHelp("Only these benchmarks (comma-separated: clean,stale,backfill,e2e,scaling,huge,pause).", valueName: "list"))
     var only: String?
 
     func run() throws {
-        let all = ["clean", "stale", "backfill", "e2e", "scaling", "huge"]
+        let all = ["clean", "stale", "backfill", "e2e", "scaling", "huge", "pause"]
         let chosen = only.map { $0.split(separator: ",").map(String.init) } ?? all
         if let unknown = chosen.first(where: { !all.contains($0) }) {
             throw ValidationError("unknown benchmark '\(unknown)' (known: \(all.joined(separator: ", ")))")
@@ -90,6 +90,10 @@ struct Run: ParsableCommand {
         if chosen.contains("huge") {
             say("6. huge pages")
             results.hugePages = try suite.hugePages()
+        }
+        if chosen.contains("pause") {
+            say("7. the pause by dirty log")
+            results.pause = try suite.pause()
         }
         results.durationSeconds = Date().timeIntervalSince(started)
         let table = Report.markdown(results)

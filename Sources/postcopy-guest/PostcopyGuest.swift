@@ -85,6 +85,16 @@ struct VMM: ParsableCommand {
     }
 }
 
+/// "WP_ASYNC,WP_UNPOPULATED" → the features, by their kernel names.
+func parseUffdFeatureNames(_ text: String) throws -> UffdFeatures {
+    try text.split(separator: ",").reduce(into: UffdFeatures()) { features, name in
+        guard let known = UffdFeatures.named.first(where: { $0.name == name.uppercased() }) else {
+            throw ValidationError("unknown userfaultfd feature '\(name)'; known: \(UffdFeatures.named.map(\.name).joined(separator: ", "))")
+        }
+        features.insert(known.feature)
+    }
+}
+
 struct Source: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Create and fill a source RAM file, then keep writing a hot set of its pages until stopped.")
@@ -110,6 +120,13 @@ struct Source: ParsableCommand {
     @Option(help: ArgumentHelp("Write this file once the RAM is filled.", valueName: "path"))
     var readyFile: String?
 
+    @Option(help: ArgumentHelp("Register the RAM mapping for uffd-wp dirty tracking and tell an agent about it on this unix socket (postcopy-push --dirty-log-socket).", valueName: "path"))
+    var dirtyLogSocket: String?
+
+    @Option(help: ArgumentHelp("Testing: act as if the kernel lacked these userfaultfd features (names as 'postcopyd check' prints them, comma-separated), to exercise the agent's fallback to hashing.", valueName: "names"),
+            transform: parseUffdFeatureNames)
+    var pretendAbsent: UffdFeatures = []
+
     func validate() throws {
         guard (0...1).contains(dirty), (0...1).contains(zero) else { throw ValidationError("--dirty and --zero are shares from 0 to 1") }
     }
@@ -120,7 +137,14 @@ struct Source: ParsableCommand {
         logger.info("source RAM filled", metadata: [
             "path": "\(ram)", "size": "\(ByteSize.format(size))", "hot_pages": "\(workload.hotPages.count)",
         ])
+        var tracking: (WriteTracking?, SourceTrackingServer)?
+        if let dirtyLogSocket {
+            let (registration, offer) = workload.trackWrites(pretendingAbsent: pretendAbsent)
+            if registration == nil { logger.warning("\(offer)") }
+            tracking = (registration, try SourceTrackingServer(path: dirtyLogSocket, offer: offer, logger: logger))
+        }
         if let readyFile { try writeReadyFile(readyFile, "\(getpid())\n") }
+        defer { withExtendedLifetime(tracking) {} }
         let never = Atomic<Bool>(false)
         workload.dirty(pauseMicroseconds: passPause, stop: never)
     }

@@ -71,6 +71,15 @@ struct PostcopyPush: ParsableCommand {
     @Option(help: ArgumentHelp("A dirty log kept by the caller, read at switchover and merged with the scan (one bit per 4 KiB page, little-endian 64-bit words).", valueName: "path"))
     var dirtyBitmap: String?
 
+    @Option(help: ArgumentHelp("How precopy finds the pages that changed: 'uffd-wp' reads the source VMM's write log (Linux ≥ 6.7; the VMM registers its RAM mapping and offers the log on --dirty-log-socket), 'hash' hashes every page each round, 'auto' takes uffd-wp when offered and otherwise hashes, saying why.", valueName: "auto|uffd-wp|hash"))
+    var dirtyLog = DirtyLogChoice.auto
+
+    @Option(help: ArgumentHelp("The source VMM's dirty-log socket (postcopy-guest source --dirty-log-socket, or POSTCOPY_SOURCE_SOCKET of libpostcopy-vmm.so in the source QEMU).", valueName: "path"))
+    var dirtyLogSocket: String?
+
+    @Flag(help: "Testing and debugging: after each scan of the uffd-wp log, also hash every page, and fail the migration, naming them, if the log missed a page that changed.")
+    var verifyDirtyLog = false
+
     @Flag(help: "Rejoin a postcopy phase already under way (after the agent that started it died): no precopy, no pause; send what postcopyd still lacks. Needs the same --migration-id and --ram.")
     var resume = false
 
@@ -103,6 +112,12 @@ struct PostcopyPush: ParsableCommand {
             throw ValidationError("--no-pause contradicts --pause-pid/--pause-cmd")
         }
         if maxRounds < 1 { throw ValidationError("--max-rounds must be at least 1") }
+        if dirtyLog == .uffdWP && dirtyLogSocket == nil {
+            throw ValidationError("--dirty-log uffd-wp reads the source VMM's write log: give its --dirty-log-socket")
+        }
+        if noPause && resumedCmd != nil {
+            throw ValidationError("--no-pause contradicts --resumed-cmd: a source nothing pauses has no guest to hand over")
+        }
         if let postcopyBandwidth, !(postcopyBandwidth > 0) || postcopyBandwidth > 1e6 {
             throw ValidationError("--postcopy-bandwidth is MiB/s above 0 (and at most 1000000)")
         }
@@ -118,6 +133,9 @@ struct PostcopyPush: ParsableCommand {
         config.policy = PrecopyPolicy(maxRounds: maxRounds, maxDurationNanos: maxPrecopySeconds * 1_000_000_000,
                                       switchoverPages: switchoverPages)
         config.dirtyBitmapPath = dirtyBitmap
+        config.dirtyLog = dirtyLog
+        config.dirtyLogSocket = dirtyLogSocket
+        config.verifyDirtyLog = verifyDirtyLog
         config.postcopyBytesPerSecond = postcopyBandwidth.map { UInt64($0 * 1_048_576) }
         config.backgroundScheduling = scheduling.backgroundScheduling
         config.resume = resume

@@ -11,6 +11,13 @@ enum Host {
         isRoot && HugepagePool(meminfo: readTextFile("/proc/meminfo") ?? "").available >= count
     }
 
+    /// The first 2 MiB hugetlbfs mount, if any.
+    static var hugetlbfsMount: String? {
+        let pool = HugepagePool(meminfo: readTextFile("/proc/meminfo") ?? "")
+        return HugetlbfsMount.first2MiB(among: HugetlbfsMount.parse(mounts: readTextFile("/proc/mounts") ?? ""),
+                                        defaultPageSize: pool.pageSize)?.path
+    }
+
     static func needsHugepages(_ count: UInt64) -> String {
         "needs root and \(count) free 2 MiB hugepages ('make test' reserves them)"
     }

@@ -87,6 +87,18 @@ struct Migration {
     var handOver: (@Sendable (DestinationDaemon) throws -> Void)?
     /// Report the agent's failure in the outcome instead of throwing it.
     var agentMayFail = false
+    /// The agent's dirty log. Unless it is `.hash`, this process registers
+    /// its mapping of the source for uffd-wp, as a source VMM does, and
+    /// offers it on a dirty-log socket (`offer` replaces what it says).
+    var dirtyLog = DirtyLogChoice.uffdWP
+    /// Features the source's registration acts as if the kernel lacked.
+    var pretendAbsent: UffdFeatures = []
+    /// What the source VMM tells the agent, when not the truth.
+    var offer: SourceTrackingOffer?
+    /// Check the uffd-wp log against a hash of every page at every scan.
+    var verifyDirtyLog = true
+    /// Give the agent no dirty-log socket at all.
+    var skipDirtyLogSocket = false
 
     struct Outcome {
         let daemon: DestinationSummary
@@ -131,6 +143,16 @@ struct Migration {
                                                                  (description: "test", run: { try hook(daemon) })
                                                              }))
         agentConfig.policy = PrecopyPolicy(maxRounds: rounds)
+        agentConfig.dirtyLog = dirtyLog
+        agentConfig.verifyDirtyLog = verifyDirtyLog
+        var tracking: (WriteTracking?, SourceTrackingServer)?
+        if dirtyLog != .hash {
+            let (registration, truth) = source.trackWrites(pretendingAbsent: pretendAbsent)
+            let socket = directory.path + "/dirty-log.sock"
+            tracking = (registration, try SourceTrackingServer(path: socket, offer: offer ?? truth, logger: testLogger("source")))
+            if !skipDirtyLogSocket { agentConfig.dirtyLogSocket = socket }
+        }
+        defer { withExtendedLifetime(tracking) {} }
         agentConfig.postcopyBytesPerSecond = postcopyBytesPerSecond
         if let deadPeerTimeoutNanos { agentConfig.deadPeerTimeoutNanos = deadPeerTimeoutNanos * TestTiming.scale }
         agentConfig.reconnectInitialDelayNanos = 20_000_000

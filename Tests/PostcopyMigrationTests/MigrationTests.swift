@@ -26,13 +26,16 @@ struct MigrationTests {
         { for page in pages { page % 5 == 0 ? source.zero(page) : source.write(page, generation: 1) } }
     }
 
-    /// Pages whose bytes the dirtying changes (a zero page zeroed again does not change).
-    static func changed(_ pages: [UInt64]) -> UInt64 {
-        UInt64(pages.filter { !($0 % 8 == 3 && $0 % 5 == 0) }.count)
+    /// Pages the final scan finds stale after `dirtying`: with uffd-wp
+    /// every page written, with hashing only those whose bytes changed (a
+    /// zero page zeroed again does not).
+    static func stale(_ pages: [UInt64], log: DirtyLogChoice = .uffdWP) -> UInt64 {
+        log == .hash ? UInt64(pages.filter { !($0 % 8 == 3 && $0 % 5 == 0) }.count) : UInt64(pages.count)
     }
 
     static func check(_ outcome: Migration.Outcome, stale: UInt64) {
         #expect(outcome.identical, "destination RAM differs from the source")
+        if outcome.agent.dirtyLog == "uffd-wp" { #expect(outcome.agent.missedByDirtyLog == 0) }
         #expect(outcome.guest.verified, "guest digest \(outcome.guest.actualDigest) vs \(outcome.guest.expectedDigest)")
         #expect(outcome.agent.stalePages == stale)
         #expect(outcome.daemon.stalePagesAtSwitchover == stale)
@@ -48,7 +51,7 @@ struct MigrationTests {
     func shmem(dirty fraction: Double) throws {
         let (source, dirty) = try Self.source(dirty: fraction)
         let outcome = try Migration().run(source, pause: Self.dirtying(source, dirty))
-        Self.check(outcome, stale: Self.changed(dirty))
+        Self.check(outcome, stale: Self.stale(dirty))
         if fraction == 0 {
             // Nothing stale: postcopy is complete at once, nothing is requested.
             #expect(outcome.daemon.pageRequests == 0)
@@ -65,15 +68,25 @@ struct MigrationTests {
         }
     }
 
+    /// The same with the agent hashing every page (`--dirty-log hash`).
+    @Test func shmemWithTheHashLog() throws {
+        let (source, dirty) = try Self.source(dirty: 0.1)
+        var migration = Migration()
+        migration.dirtyLog = .hash
+        let outcome = try migration.run(source, pause: Self.dirtying(source, dirty))
+        Self.check(outcome, stale: Self.stale(dirty, log: .hash))
+        #expect(outcome.agent.dirtyLog == "hash" && outcome.agent.dirtyLogFallback == nil)
+    }
+
     @Test(.enabled(if: Host.hasHugepages(128), Comment(rawValue: Host.needsHugepages(128))),
           arguments: [0.0, 0.1, 1.0])
     func hugetlbfs(dirty fraction: Double) throws {
         let (source, dirty) = try Self.source(dirty: fraction)
         let outcome = try Migration(memory: .hugetlbfs).run(source, pause: Self.dirtying(source, dirty))
-        Self.check(outcome, stale: Self.changed(dirty))
+        Self.check(outcome, stale: Self.stale(dirty))
         if fraction > 0 && fraction < 1 {
             // Only the stale 4 KiB pieces of a huge page are fetched, never all 512.
-            #expect(outcome.daemon.pagesRequested <= Self.changed(dirty))
+            #expect(outcome.daemon.pagesRequested <= Self.stale(dirty))
         }
     }
 
@@ -91,7 +104,7 @@ struct MigrationTests {
         // Round 2 resent nothing: converged, switch over with what changed at the pause.
         #expect(outcome.agent.rounds.map(\.pagesSent).last == 0)
         #expect(outcome.agent.precopyEndReason == PrecopyPolicy.Reason.converged.rawValue)
-        Self.check(outcome, stale: Self.changed(dirty))
+        Self.check(outcome, stale: Self.stale(dirty))
     }
 
     /// The hand-over (`--resumed-cmd`, what starts a QEMU on the
@@ -115,7 +128,7 @@ struct MigrationTests {
             usleep(50_000)
         }
         let outcome = try migration.run(source, pause: Self.dirtying(source, dirty))
-        Self.check(outcome, stale: Self.changed(dirty))
+        Self.check(outcome, stale: Self.stale(dirty))
         #expect(["postcopy", "complete"].contains(phaseAtHandOver.withLock { $0 }), "the hand-over ran before RESUMED")
         let handOver = try #require(outcome.agent.handOverMs)
         let guestDowntime = try #require(outcome.agent.guestDowntimeMs)
@@ -133,7 +146,7 @@ struct MigrationTests {
         let outcome = try migration.run(source, pause: Self.dirtying(source, dirty))
         #expect(outcome.identical, "destination RAM differs from the source")
         #expect(outcome.guest.verified)
-        #expect(outcome.daemon.stalePagesAtSwitchover == Self.changed(dirty))
+        #expect(outcome.daemon.stalePagesAtSwitchover == Self.stale(dirty))
         let failure = try #require(outcome.agentFailure)
         #expect("\(failure)".contains("every page reached the destination, but the hand-over command failed"), "\(failure)")
         #expect("\(failure)".contains("device state refused"), "\(failure)")
@@ -195,7 +208,7 @@ struct MigrationTests {
         #expect(outcome.guest.pagesRead == size / 4096 / 4)
 
         let trace = try #require(outcome.trace.flatMap(PostcopyTrace.init(csv:)), "no readable trace")
-        #expect(trace.stalePages == changed(dirty))
+        #expect(trace.stalePages == stale(dirty))
         let fills = trace.events.filter { $0.kind != .staleFault }
         #expect(fills.reduce(0) { $0 + $1.pages } == trace.stalePages, "every stale page is in the trace once")
         let urgent = fills.filter { $0.kind == .urgentFill }.reduce(0) { $0 + $1.pages }

@@ -171,7 +171,7 @@ struct SecurityTests {
         let outcome = try migration.run(source, pause: MigrationTests.dirtying(source, dirty))
         #expect(outcome.identical, "destination RAM differs from the source")
         #expect(outcome.guest.verified)
-        #expect(outcome.daemon.stalePagesAtSwitchover == MigrationTests.changed(dirty))
+        #expect(outcome.daemon.stalePagesAtSwitchover == MigrationTests.stale(dirty))
         #expect(outcome.daemon.duplicatePages == 0)
         let answers = hijacks.withLock { $0 }
         #expect(answers.count == 2)
@@ -221,7 +221,7 @@ struct SecurityTests {
             }
         }
         let outcome = try migration.run(source, pause: MigrationTests.dirtying(source, dirty))
-        MigrationTests.check(outcome, stale: MigrationTests.changed(dirty))
+        MigrationTests.check(outcome, stale: MigrationTests.stale(dirty))
         let reply = answer.withLock { $0 }
         #expect(reply.contains("ERROR unexpected-message: a VMM is already attached to this migration"), "\(reply)")
     }

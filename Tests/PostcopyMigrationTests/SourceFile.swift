@@ -1,5 +1,6 @@
 import Glibc
 import PostcopyCore
+import PostcopyOS
 
 /// A source RAM file in /dev/shm that a test fills and then writes, as a
 /// guest would, while the agent migrates it. Removed when released.
@@ -9,9 +10,10 @@ final class SourceFile: @unchecked Sendable {
     let base: UnsafeMutableRawPointer
     let seed: UInt64
 
-    /// Filled with the pattern of `seed`, except pages for which `isZero` holds.
-    init(size: UInt64, seed: UInt64, isZero: (UInt64) -> Bool) throws {
-        path = "/dev/shm/postcopy-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+    /// Filled with the pattern of `seed`, except pages for which `isZero`
+    /// holds; in `directory` (a tmpfs, or a hugetlbfs mount).
+    init(size: UInt64, seed: UInt64, in directory: String = "/dev/shm", isZero: (UInt64) -> Bool) throws {
+        path = "\(directory)/postcopy-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         self.size = size
         self.seed = seed
         let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
@@ -32,6 +34,12 @@ final class SourceFile: @unchecked Sendable {
     }
 
     var pageCount: UInt64 { size / 4096 }
+
+    /// Registers this process's mapping for uffd-wp, as a source VMM does;
+    /// the registration (nil when refused) and what to tell the agent.
+    func trackWrites(pretendingAbsent: UffdFeatures = []) -> (WriteTracking?, SourceTrackingOffer) {
+        WriteTracking.offering(address: UInt64(UInt(bitPattern: base)), length: size, pretendingAbsent: pretendingAbsent)
+    }
 
     /// Rewrites `page` with the pattern of `generation`.
     func write(_ page: UInt64, generation: UInt64) {

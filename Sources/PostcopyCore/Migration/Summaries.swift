@@ -110,13 +110,22 @@ public struct PrecopyRound: Codable, Equatable, Sendable {
     public let zeroPagesSent: UInt64
     public let bytesSent: UInt64
     public let seconds: Double
+    /// Pages the uffd-wp log reported written before this round (nil in
+    /// round 1 and with the hash log, which look at every page).
+    public let pagesWritten: UInt64?
+    /// The agent's CPU time in the round, all threads: it follows the dirty
+    /// pages with uffd-wp, all of RAM with the hash log.
+    public let cpuSeconds: Double?
 
-    public init(round: UInt32, pagesSent: UInt64, zeroPagesSent: UInt64, bytesSent: UInt64, seconds: Double) {
+    public init(round: UInt32, pagesSent: UInt64, zeroPagesSent: UInt64, bytesSent: UInt64, seconds: Double,
+                pagesWritten: UInt64? = nil, cpuSeconds: Double? = nil) {
         self.round = round
         self.pagesSent = pagesSent
         self.zeroPagesSent = zeroPagesSent
         self.bytesSent = bytesSent
         self.seconds = seconds
+        self.pagesWritten = pagesWritten
+        self.cpuSeconds = cpuSeconds
     }
 }
 
@@ -128,8 +137,16 @@ public struct AgentSummary: Codable, Equatable, Sendable {
     public var precopyEndReason = ""
     public var precopySeconds: Double = 0
     public var stalePages: UInt64 = 0
-    /// The final scan of the paused source (hashing every page): most of
-    /// the downtime when no dirty log is given.
+    /// How precopy found changed pages: "uffd-wp" (the source VMM's write
+    /// log, read with PAGEMAP_SCAN) or "hash" (every page hashed each round).
+    public var dirtyLog = ""
+    /// Why the agent hashes although uffd-wp was the default, when it does.
+    public var dirtyLogFallback: String?
+    /// With `--verify-dirty-log` and uffd-wp: pages that changed although
+    /// the log did not report them (0, or the log is broken).
+    public var missedByDirtyLog: UInt64?
+    /// The final scan of the paused source: one PAGEMAP_SCAN with uffd-wp,
+    /// a hash of every page with hash (then most of the downtime).
     public var finalScanMs: Double = 0
     /// Source paused → RESUMED received, on this host's clock (an upper
     /// bound on the guest's downtime).
@@ -167,6 +184,8 @@ public struct AgentSummary: Codable, Equatable, Sendable {
             "migration \(migrationID): \(ByteSize.format(regionBytes))",
             "precopy: \(rounds.count) rounds, \(precopyPages) pages in \(fixed(precopySeconds, 2)) s"
                 + " (ended by \(precopyEndReason))",
+            "dirty log: \(dirtyLog)" + (dirtyLogFallback.map { " (\($0))" } ?? "")
+                + (missedByDirtyLog.map { "; --verify-dirty-log: \($0) pages missed" } ?? ""),
             "switchover: \(stalePages) stale pages, downtime \(fixed(downtimeMs, 1)) ms"
                 + " (by wall clocks \(fixed(downtimeByClocksMs, 1)) ms; final scan \(fixed(finalScanMs, 1)) ms)"
                 + (guestDowntimeMs.map { "; with the hand-over (\(fixed(handOverMs ?? 0, 1)) ms) the guest was paused \(fixed($0, 1)) ms" } ?? ""),

@@ -46,6 +46,15 @@ public final class SourceWorkload: @unchecked Sendable {
 
     deinit { munmap(base, Int(size)) }
 
+    /// Registers this process's mapping of the RAM for asynchronous
+    /// write-protect, so that the agent can read which pages were written
+    /// (`postcopy-push --dirty-log uffd-wp`). Returns the registration
+    /// (keep it: closing it ends the tracking) and what to tell the agent;
+    /// when the kernel cannot, no registration and the reason.
+    public func trackWrites(pretendingAbsent: UffdFeatures = []) -> (WriteTracking?, SourceTrackingOffer) {
+        WriteTracking.offering(address: UInt64(UInt(bitPattern: base)), length: size, pretendingAbsent: pretendingAbsent)
+    }
+
     private static func mix(_ value: UInt64) -> UInt64 {
         var generator = SplitMix64(seed: value)
         return generator.next()

@@ -40,13 +40,19 @@ final class PageScanner: @unchecked Sendable {
 
     /// One precopy round: every page whose bytes differ from what was last
     /// sent goes out, as PAGES (copied, hashed, sent) or, when it is now all
-    /// zeros, as ZERO_PAGES. `progress` is called after each frame.
-    func sendChangedPages(to stream: MessageStream, progress: (UInt64, RoundResult) -> Void) throws -> RoundResult {
+    /// zeros, as ZERO_PAGES. `candidates` limits the pages looked at (the
+    /// pages a dirty log reports written); nil looks at every page.
+    /// `progress` is called after each frame with the share of the
+    /// candidates looked at.
+    func sendChangedPages(among candidates: PageBitmap? = nil, to stream: MessageStream,
+                          progress: (Double, RoundResult) -> Void) throws -> RoundResult {
         var result = RoundResult()
         var dataFirst: UInt64 = 0
         var dataCount = 0
         var zeroFirst: UInt64 = 0
         var zeroCount: UInt64 = 0
+        let total = max(candidates?.popCount ?? pageCount, 1)
+        var looked: UInt64 = 0
 
         func flushData() throws {
             guard dataCount > 0 else { return }
@@ -55,7 +61,7 @@ final class PageScanner: @unchecked Sendable {
             result.pagesSent += UInt64(dataCount)
             result.bytesSent += UInt64(dataCount * 4096 + 32)
             dataCount = 0
-            progress(dataFirst, result)
+            progress(Double(looked) / Double(total), result)
         }
         func flushZeros() throws {
             guard zeroCount > 0 else { return }
@@ -65,7 +71,10 @@ final class PageScanner: @unchecked Sendable {
             zeroCount = 0
         }
 
-        for page in 0..<pageCount {
+        var next = candidates == nil ? (pageCount > 0 ? 0 : nil) : candidates!.nextSet(from: 0)
+        while let page = next {
+            next = candidates == nil ? (page + 1 < pageCount ? page + 1 : nil) : candidates!.nextSet(from: page + 1)
+            looked += 1
             let (hash, isZero) = image.withPages(first: page, count: 1) { PageHash.of($0) }
             guard hash != sent[Int(page)] else { continue }
             if isZero {
@@ -92,50 +101,73 @@ final class PageScanner: @unchecked Sendable {
         return result
     }
 
-    /// The final scan, with the source paused: the pages that differ from
-    /// what the destination holds (and those `alsoDirty` names, a dirty log
-    /// the caller kept), which of them are zero now, and the image's digest.
-    /// Hashing every page is most of the switchover's downtime, so it runs on
-    /// `threads` threads (the CPUs online, at most 8), each over a contiguous
-    /// share of the pages; the comparison after it is one quick pass.
-    func finalScan(alsoDirty: PageBitmap?, threads: Int = PageScanner.scanThreads) -> (stale: PageBitmap, zero: PageBitmap, digest: ImageDigest) {
+    /// The final scan of the hash log, with the source paused: the pages
+    /// that differ from what the destination holds (and those `alsoDirty`
+    /// names, a dirty log the caller kept), and the image's digest. Hashing
+    /// every page is most of the switchover's downtime, so it runs on
+    /// `threads` threads (the CPUs online, at most 8), each over a
+    /// contiguous share of the pages; the comparison after it is one quick
+    /// pass.
+    func finalScan(alsoDirty: PageBitmap?, threads: Int = PageScanner.scanThreads) -> (stale: PageBitmap, digest: ImageDigest) {
+        let hashes = hashAll(threads: threads)
+        var stale = changedPages(hashes)
+        if let alsoDirty { stale.formUnion(alsoDirty) }
+        return (stale, ImageDigest(pageHashes: hashes))
+    }
+
+    /// Pages whose bytes now differ from what was last sent, by a hash of
+    /// every page (the hash log's scan, and `--verify-dirty-log`'s check).
+    func changedPages(threads: Int = PageScanner.scanThreads) -> PageBitmap {
+        changedPages(hashAll(threads: threads))
+    }
+
+    private func changedPages(_ hashes: [UInt64]) -> PageBitmap {
+        var changed = PageBitmap(count: pageCount)
+        for page in 0..<hashes.count where hashes[page] != sent[page] { changed.insert(UInt64(page)) }
+        return changed
+    }
+
+    /// The image's digest once `stale` pages (those the final scan of the
+    /// write log reported) are hashed: every other page is as last sent, so
+    /// its recorded hash is current. Run after the destination resumed, on
+    /// the paused source: this is what keeps hashing out of the pause.
+    func digest(hashingStale stale: PageBitmap) -> ImageDigest {
+        var hashes = sent
+        var next = stale.nextSet(from: 0)
+        while let page = next {
+            hashes[Int(page)] = image.withPages(first: page, count: 1) { PageHash.of($0).hash }
+            next = stale.nextSet(from: page + 1)
+        }
+        return ImageDigest(pageHashes: hashes)
+    }
+
+    /// The hash of every page, on `threads` threads over contiguous shares.
+    private func hashAll(threads: Int) -> [UInt64] {
         let count = Int(pageCount)
         var hashes = [UInt64](repeating: 0, count: count)
-        var zeros = [UInt8](repeating: 0, count: count)
         let workers = max(1, min(threads, count / 1024))
         let share = (count + workers - 1) / workers
         hashes.withUnsafeMutableBufferPointer { hashes in
-            zeros.withUnsafeMutableBufferPointer { zeros in
-                let slots = ScanSlots(hashes: hashes.baseAddress!, zeros: zeros.baseAddress!)
-                let image = self.image
-                DispatchQueue.concurrentPerform(iterations: workers) { worker in
-                    let start = worker * share
-                    let end = min(start + share, count)
-                    guard start < end else { return }
-                    for page in start..<end {
-                        let (hash, isZero) = image.withPages(first: UInt64(page), count: 1) { PageHash.of($0) }
-                        slots.hashes[page] = hash
-                        slots.zeros[page] = isZero ? 1 : 0
-                    }
+            let slots = ScanSlots(hashes: hashes.baseAddress!)
+            let image = self.image
+            DispatchQueue.concurrentPerform(iterations: workers) { worker in
+                let start = worker * share
+                let end = min(start + share, count)
+                guard start < end else { return }
+                for page in start..<end {
+                    slots.hashes[page] = image.withPages(first: UInt64(page), count: 1) { PageHash.of($0).hash }
                 }
             }
         }
-        var stale = PageBitmap(count: pageCount)
-        var zero = PageBitmap(count: pageCount)
-        for page in 0..<count where hashes[page] != sent[page] || alsoDirty?.contains(UInt64(page)) == true {
-            stale.insert(UInt64(page))
-            if zeros[page] != 0 { zero.insert(UInt64(page)) }
-        }
-        return (stale, zero, ImageDigest(pageHashes: hashes))
+        return hashes
     }
 
-    /// Where the final scan's workers put each page's hash and zero flag.
+    /// Where the hashing workers put each page's hash.
     // SAFETY (@unchecked): worker w writes only [w × share, (w+1) × share)
-    // of either buffer, and both outlive concurrentPerform, which returns
-    // once every worker has.
+    // of the buffer, which outlives concurrentPerform, which returns once
+    // every worker has.
     private struct ScanSlots: @unchecked Sendable {
         let hashes: UnsafeMutablePointer<UInt64>
-        let zeros: UnsafeMutablePointer<UInt8>
     }
 
     /// Threads for the final scan: the CPUs online, at most 8.

@@ -40,8 +40,15 @@ public struct AgentConfig: Sendable {
     public var policy = PrecopyPolicy()
     public var control: SourceControl
     /// Read at switchover: a dirty log the caller kept (one bit per 4 KiB
-    /// page, little-endian 64-bit words), merged with the hash scan.
+    /// page, little-endian 64-bit words), merged with the final scan.
     public var dirtyBitmapPath: String?
+    /// How precopy finds changed pages: the source VMM's uffd-wp write log
+    /// (`dirtyLogSocket` names where the VMM offers it) or hashing.
+    public var dirtyLog = DirtyLogChoice.auto
+    public var dirtyLogSocket: String?
+    /// Also hash every page after each scan of the write log, and fail the
+    /// migration, naming them, if the log missed a changed page.
+    public var verifyDirtyLog = false
     /// Pages per PAGES frame.
     public var batchPages = 256
     /// The background stream's limit during postcopy, bytes per second
@@ -100,6 +107,12 @@ public final class SourceAgent: @unchecked Sendable {
     private var handOverFailure: (any Error)?
     /// When switchover paused the source.
     private var pausedAt: UInt64 = 0
+    /// The image digest, for the destination: known after the final scan
+    /// (hash) or once the stale pages are hashed after RESUMED (uffd-wp).
+    private let digest = DigestCourier()
+    /// What `--verify-dirty-log` has found; carried from precopy to the
+    /// final scan.
+    private var audit = DirtyLogAudit(pageCount: 0)
 
     public init(config: AgentConfig, logger: Logger, progress: ProgressReporter) throws {
         self.config = config
@@ -130,22 +143,30 @@ public final class SourceAgent: @unchecked Sendable {
             // and the destination says what it still lacks.
             summary.resumedOnly = true
             let (bulk, urgent, stale) = try rejoin()
-            let zero = zeroPages(among: stale)
-            try postcopy(stale: stale, zero: zero, bulk: bulk, urgent: urgent)
+            let digester = try startDigest { [image] in Self.fullImageDigest(image) }
+            defer { digester.join() }
+            try postcopy(stale: stale, bulk: bulk, urgent: urgent)
             summary.idealBytes = stale.popCount * 4096
         } else {
+            // The dirty log first: asked for by name and not to be had, it
+            // fails the migration before postcopyd hears of it.
+            var log = try openDirtyLog()
             let bulk = try connect(.bulk)
             let urgent = try connect(.urgent)
             let scanner = PageScanner(image: image, batchPages: config.batchPages)
             do {
-                try precopy(scanner, bulk)
+                try precopy(scanner, bulk, log: &log)
             } catch {
                 throw Self.reasonGiven(on: bulk) ?? error
             }
-            let (stale, zero, connections) = try switchover(scanner, bulk, urgent)
+            let (stale, connections) = try switchover(scanner, bulk, urgent, log: log)
+            // With uffd-wp the stale pages were not hashed in the pause:
+            // the digest is finished now, while postcopy serves the guest.
+            let digester = try startDigest { scanner.digest(hashingStale: stale) }
+            defer { digester.join() }
             let handOver = try startHandOver()
             do {
-                try postcopy(stale: stale, zero: zero, bulk: connections.bulk, urgent: connections.urgent)
+                try postcopy(stale: stale, bulk: connections.bulk, urgent: connections.urgent)
             } catch {
                 _ = handOver?.finish(into: &summary)
                 throw error
@@ -155,6 +176,7 @@ public final class SourceAgent: @unchecked Sendable {
         }
         summary.totalSeconds = Double(monotonicNanoseconds() - started) / 1e9
         summary.bytesSent += urgentBytes.load(ordering: .relaxed)
+        summary.imageDigest = digest.value?.description ?? ""
         if let handOverFailure {
             throw MigrationError(.internalFailure, "every page reached the destination, but the hand-over command failed: \(handOverFailure). The guest may not be running on the destination; the source stays paused")
         }
@@ -284,8 +306,72 @@ public final class SourceAgent: @unchecked Sendable {
 
     // MARK: precopy
 
-    private func precopy(_ scanner: PageScanner, _ bulk: MessageStream) throws {
+    /// The dirty log precopy will use: uffd-wp when the source VMM offers
+    /// it (armed: every page protected), or nil for hashing, with the reason
+    /// in the summary and one log line.
+    private func openDirtyLog() throws -> UffdWriteLog? {
+        let why: String
+        switch (config.dirtyLog, config.dirtyLogSocket) {
+        case (.hash, _):
+            why = "--dirty-log hash"
+        case (_, nil):
+            why = "no --dirty-log-socket: the source VMM offers no write log"
+            if config.dirtyLog == .uffdWP { throw MigrationError(.incompatible, "--dirty-log uffd-wp: \(why)") }
+        case let (_, socket?):
+            do {
+                let log = try UffdWriteLog.connect(socketPath: socket, image: image)
+                summary.dirtyLog = "uffd-wp"
+                logger.info("dirty log: \(log.description)")
+                return log
+            } catch {
+                if config.dirtyLog == .uffdWP {
+                    throw MigrationError(.incompatible, "--dirty-log uffd-wp: \(error.reason)")
+                }
+                why = error.reason
+            }
+        }
+        summary.dirtyLog = "hash"
+        if config.dirtyLog != .hash {
+            summary.dirtyLogFallback = why
+            logger.notice("dirty log: hashing every page each round, because \(why)")
+        } else {
+            logger.info("dirty log: hash (--dirty-log hash)")
+        }
+        return nil
+    }
+
+    /// The pages written since the last scan of `log`, re-protected; and,
+    /// with `--verify-dirty-log`, the audit of the log against a hash of
+    /// every page. A scan that fails drops the log (nil): hashing takes
+    /// over, which is always right, because the scanner's per-page hashes
+    /// are those of what was sent.
+    private func scanWritten(_ log: inout UffdWriteLog?, _ scanner: PageScanner, paused: Bool) -> PageBitmap? {
+        guard let current = log else { return nil }
+        do {
+            let written = try current.written()
+            if config.verifyDirtyLog {
+                audit.record(written: written, changed: scanner.changedPages(), paused: paused)
+                summary.missedByDirtyLog = audit.missed
+            }
+            return written
+        } catch {
+            logger.warning("the uffd-wp scan failed: \(error); hashing every page from here on")
+            summary.dirtyLog = "hash"
+            summary.dirtyLogFallback = "the uffd-wp scan failed: \(error)"
+            log = nil
+            return nil
+        }
+    }
+
+    /// Fails the migration when `--verify-dirty-log` found pages the log missed.
+    private func checkAudit() throws {
+        guard audit.missed > 0 else { return }
+        throw MigrationError(.internalFailure, "--verify-dirty-log: the uffd-wp log missed \(audit.missed) changed pages (first: \(audit.firstMissed.map(String.init).joined(separator: ", "))); use --dirty-log hash for this source")
+    }
+
+    private func precopy(_ scanner: PageScanner, _ bulk: MessageStream, log: inout UffdWriteLog?) throws {
         let started = monotonicNanoseconds()
+        audit = DirtyLogAudit(pageCount: scanner.pageCount)
         var round: UInt32 = 0
         var reason = PrecopyPolicy.Reason.roundLimit
         while true {
@@ -295,8 +381,12 @@ public final class SourceAgent: @unchecked Sendable {
             }
             round += 1
             let roundStarted = monotonicNanoseconds()
-            let result = try scanner.sendChangedPages(to: bulk) { page, sofar in
-                let fraction = Double(page) / Double(scanner.pageCount)
+            let cpuStarted = ProcessUsage.cpuSeconds()
+            // Round 1 sends every page that is not zero, and the log was
+            // armed before it; each later round sends what the log reports.
+            let candidates = round == 1 ? nil : scanWritten(&log, scanner, paused: false)
+            try checkAudit()
+            let result = try scanner.sendChangedPages(among: candidates, to: bulk) { fraction, sofar in
                 progress.update("precopy round \(round) \(ProgressReporter.bar(fraction)) \(ByteSize.format(sofar.bytesSent)) sent, \(ProgressReporter.rate(bytes: sofar.bytesSent, since: roundStarted))")
             }
             let changed = result.pagesSent + result.zeroPagesSent
@@ -304,7 +394,8 @@ public final class SourceAgent: @unchecked Sendable {
             let seconds = Double(monotonicNanoseconds() - roundStarted) / 1e9
             summary.rounds.append(PrecopyRound(round: round, pagesSent: result.pagesSent,
                                                zeroPagesSent: result.zeroPagesSent, bytesSent: result.bytesSent,
-                                               seconds: seconds))
+                                               seconds: seconds, pagesWritten: candidates?.popCount,
+                                               cpuSeconds: ProcessUsage.cpuSeconds() - cpuStarted))
             summary.bytesSent += result.bytesSent
             progress.finish()
             logger.info("precopy round \(round): \(result.pagesSent) pages sent, \(result.zeroPagesSent) zeroed, \(fixed(seconds, 2)) s")
@@ -319,8 +410,9 @@ public final class SourceAgent: @unchecked Sendable {
 
     // MARK: switchover
 
-    private func switchover(_ scanner: PageScanner, _ bulk: MessageStream, _ urgent: MessageStream) throws
-        -> (stale: PageBitmap, zero: PageBitmap, connections: (bulk: MessageStream, urgent: MessageStream)) {
+    private func switchover(_ scanner: PageScanner, _ bulk: MessageStream, _ urgent: MessageStream,
+                            log: UffdWriteLog?) throws
+        -> (stale: PageBitmap, connections: (bulk: MessageStream, urgent: MessageStream)) {
         let pausedAt = monotonicNanoseconds()
         self.pausedAt = pausedAt
         let pausedAtWall = realtimeNanoseconds()
@@ -346,18 +438,15 @@ public final class SourceAgent: @unchecked Sendable {
         }
         try inStep("pause the source (\(config.control.description))") { try config.control.pause() }
         let alsoDirty = try config.dirtyBitmapPath.map { try readDirtyBitmap($0, pages: scanner.pageCount) }
-        let scanStarted = monotonicNanoseconds()
-        let (stale, zero, digest) = scanner.finalScan(alsoDirty: alsoDirty)
-        summary.finalScanMs = Double(monotonicNanoseconds() - scanStarted) / 1e6
+        let stale = try finalScan(scanner, log: log, alsoDirty: alsoDirty)
         summary.stalePages = stale.popCount
-        summary.imageDigest = digest.description
         for frame in stale.dirtyBitmapMessages() {
             try bulk.send(frame)
             if case let .dirtyBitmap(_, _, words) = frame { summary.bytesSent += UInt64(36 + 8 * words.count) }
         }
         owner = .unknown
         do {
-            try bulk.send(.switchover(stalePages: stale.popCount, sourcePausedAtNanos: pausedAtWall, imageDigest: digest))
+            try bulk.send(.switchover(stalePages: stale.popCount, sourcePausedAtNanos: pausedAtWall))
             switch try next(on: bulk, "at switchover") {
             case let .resumed(resumedAtWall):
                 owner = .destination
@@ -379,13 +468,31 @@ public final class SourceAgent: @unchecked Sendable {
             let (newBulk, newUrgent, stillStale) = try rejoin()
             owner = .destination
             summary.downtimeMs = Double(monotonicNanoseconds() - pausedAt) / 1e6
-            logger.info("switchover: \(stale.popCount) stale pages, downtime \(fixed(summary.downtimeMs, 1)) ms (by this host's clock, including the rejoin)",
-                        metadata: ["digest": "\(digest)"])
-            return (stillStale, zero, (newBulk, newUrgent))
+            logger.info("switchover: \(stale.popCount) stale pages, downtime \(fixed(summary.downtimeMs, 1)) ms (by this host's clock, including the rejoin)")
+            return (stillStale, (newBulk, newUrgent))
         }
-        logger.info("switchover: \(stale.popCount) stale pages, downtime \(fixed(summary.downtimeMs, 1)) ms",
-                    metadata: ["digest": "\(digest)"])
-        return (stale, zero, (bulk, urgent))
+        logger.info("switchover: \(stale.popCount) stale pages, downtime \(fixed(summary.downtimeMs, 1)) ms (final scan \(fixed(summary.finalScanMs, 1)) ms, \(summary.dirtyLog))")
+        return (stale, (bulk, urgent))
+    }
+
+    /// The final scan, with the source paused: the pages the destination
+    /// must fetch. With uffd-wp one scan of the log; with hashing, a hash
+    /// of every page, which also gives the digest. With
+    /// `--verify-dirty-log`, a change the log missed fails the switchover
+    /// here, before SWITCHOVER, so the source resumes.
+    private func finalScan(_ scanner: PageScanner, log: UffdWriteLog?, alsoDirty: PageBitmap?) throws -> PageBitmap {
+        var log = log
+        let scanStarted = monotonicNanoseconds()
+        if var written = scanWritten(&log, scanner, paused: true) {
+            summary.finalScanMs = Double(monotonicNanoseconds() - scanStarted) / 1e6
+            try checkAudit()
+            if let alsoDirty { written.formUnion(alsoDirty) }
+            return written
+        }
+        let (stale, digest) = scanner.finalScan(alsoDirty: alsoDirty)
+        summary.finalScanMs = Double(monotonicNanoseconds() - scanStarted) / 1e6
+        self.digest.known(digest)
+        return stale
     }
 
     /// Who runs the guest while switchover is under way (see `switchover`).
@@ -407,14 +514,15 @@ public final class SourceAgent: @unchecked Sendable {
 
     /// Serves postcopy until postcopyd says COMPLETE, rejoining it each time
     /// the connections are lost; `stale` is what the destination lacks.
-    private func postcopy(stale: PageBitmap, zero: PageBitmap, bulk: MessageStream, urgent: MessageStream) throws {
+    private func postcopy(stale: PageBitmap, bulk: MessageStream, urgent: MessageStream) throws {
         let started = monotonicNanoseconds()
+        digest.use(bulk)
         var connections = (bulk: bulk, urgent: urgent)
         var pending = stale
         let background = BackgroundStream(pacer: config.postcopyBytesPerSecond.map { Pacer(bytesPerSecond: $0, now: started) })
         while true {
             do {
-                try serve(pending, zero: zero, connections, started: started, background: background)
+                try serve(pending, connections, started: started, background: background)
                 break
             } catch {
                 guard let lost = Self.connectionLoss(error) else { throw error }
@@ -424,6 +532,7 @@ public final class SourceAgent: @unchecked Sendable {
                 connections.urgent.shutdown()
                 let (newBulk, newUrgent, stillStale) = try rejoin()
                 connections = (newBulk, newUrgent)
+                digest.use(newBulk)
                 pending = stillStale
             }
         }
@@ -450,7 +559,7 @@ public final class SourceAgent: @unchecked Sendable {
     /// made per generation, from this thread (normal priority): a thread
     /// inherits its creator's scheduling, and one moved to SCHED_IDLE may
     /// not come back.
-    private func serve(_ pending: PageBitmap, zero: PageBitmap,
+    private func serve(_ pending: PageBitmap,
                        _ connections: (bulk: MessageStream, urgent: MessageStream), started: UInt64,
                        background: BackgroundStream) throws {
         let (bulk, urgent) = connections
@@ -458,7 +567,7 @@ public final class SourceAgent: @unchecked Sendable {
         let failure = Locked<(any Error)?>(nil)
         let urgentThread = try OSThread.start(name: "push-urgent") { [self] in
             do {
-                try serveRequests(urgent, queue: queue, zero: zero)
+                try serveRequests(urgent, queue: queue)
             } catch {
                 failure.withLock { $0 = $0 ?? error }
                 bulk.shutdown()
@@ -476,7 +585,7 @@ public final class SourceAgent: @unchecked Sendable {
             }
             do {
                 while let run = queue.withLock({ $0.takeNext(maxPages: UInt64(config.batchPages)) }) {
-                    let bytes = try send(run, requestID: Message.backgroundRequestID, zero: zero, on: bulk)
+                    let bytes = try send(run, requestID: Message.backgroundRequestID, on: bulk)
                     background.bytes += bytes
                     background.pages += run.count
                     if let wait = background.pacer?.sent(bytes, now: monotonicNanoseconds()), wait > 0 {
@@ -513,7 +622,7 @@ public final class SourceAgent: @unchecked Sendable {
     }
 
     /// Answers PAGE_REQUESTs with the pages no sender has taken yet.
-    private func serveRequests(_ urgent: MessageStream, queue: Locked<PostcopySendQueue>, zero: PageBitmap) throws {
+    private func serveRequests(_ urgent: MessageStream, queue: Locked<PostcopySendQueue>) throws {
         let limits = RegionLimits(smallPageCount: image.smallPageCount)
         while true {
             let message = try next(on: urgent, "on the urgent connection during postcopy")
@@ -528,7 +637,7 @@ public final class SourceAgent: @unchecked Sendable {
                 requests.add(1, ordering: .relaxed)
                 let runs = queue.withLock { $0.takeRequested(PageRun(first: firstPage, count: UInt64(count))) }
                 for run in runs {
-                    urgentBytes.add(try send(run, requestID: requestID, zero: zero, on: urgent), ordering: .relaxed)
+                    urgentBytes.add(try send(run, requestID: requestID, on: urgent), ordering: .relaxed)
                     urgentPages.add(run.count, ordering: .relaxed)
                 }
             default:
@@ -602,27 +711,39 @@ public final class SourceAgent: @unchecked Sendable {
         }
     }
 
-    /// Which of `pages` are all zeros on the source now (a restarted agent
-    /// did not see the final scan).
-    private func zeroPages(among pages: PageBitmap) -> PageBitmap {
-        var zero = PageBitmap(count: pages.count)
-        var next = pages.nextSet(from: 0)
-        while let page = next {
-            if image.withPages(first: page, count: 1, { PageHash.of($0).isZero }) { zero.insert(page) }
-            next = pages.nextSet(from: page + 1)
+    /// The digest of the whole image, hashing every page of the paused
+    /// source: what a restarted agent (`--resume`) sends, having no
+    /// per-page hashes of its own.
+    static func fullImageDigest(_ image: SourceImage) -> ImageDigest {
+        ImageDigest(pageHashes: (0..<image.smallPageCount).map { page in
+            image.withPages(first: page, count: 1) { PageHash.of($0).hash }
+        })
+    }
+
+    /// Finishes the digest on a thread of its own (`push-digest`), unless
+    /// the final scan already gave it, and hands it to the courier, which
+    /// sends it to postcopyd: postcopyd completes only once it has it.
+    private func startDigest(_ compute: @escaping @Sendable () -> ImageDigest) throws -> OSThread {
+        let courier = digest
+        let logger = logger
+        return try OSThread.start(name: "push-digest") {
+            guard courier.value == nil else { return }
+            let started = monotonicNanoseconds()
+            let value = compute()
+            courier.known(value)
+            logger.info("image digest \(value), hashed in \(fixed(Double(monotonicNanoseconds() - started) / 1e6, 1)) ms after the switchover")
         }
-        return zero
     }
 
     /// Sends `run` straight from the paused source: PAGES for data, ZERO_PAGES
     /// for pages that are zero now. Returns the bytes sent.
-    private func send(_ run: PageRun, requestID: UInt32, zero: PageBitmap, on stream: MessageStream) throws -> UInt64 {
+    private func send(_ run: PageRun, requestID: UInt32, on stream: MessageStream) throws -> UInt64 {
         var bytes: UInt64 = 0
         var page = run.first
         while page < run.end {
-            let isZero = zero.contains(page)
+            let isZero = image.isZero(page)
             var end = page + 1
-            while end < run.end && zero.contains(end) == isZero { end += 1 }
+            while end < run.end && image.isZero(end) == isZero { end += 1 }
             if isZero {
                 try stream.send(.zeroPages(firstPage: page, count: UInt32(end - page)))
                 bytes += 28
@@ -644,4 +765,40 @@ struct ConnectionLost: Error, CustomStringConvertible {
     let reason: String
     init(_ reason: String) { self.reason = reason }
     var description: String { reason }
+}
+
+/// Takes the image digest to postcopyd once it is known, on the bulk
+/// connection of the moment: the digest may be finished before or after
+/// postcopy starts, and the connections may be replaced by a rejoin in
+/// between, after which it is sent again (postcopyd accepts the same digest
+/// twice).
+final class DigestCourier: Sendable {
+    private let state = Locked<(digest: ImageDigest?, bulk: MessageStream?)>((nil, nil))
+
+    var value: ImageDigest? { state.withLock { $0.digest } }
+
+    /// The digest is known: sent at once if a connection is in use.
+    func known(_ digest: ImageDigest) {
+        let bulk = state.withLock { state -> MessageStream? in
+            state.digest = digest
+            return state.bulk
+        }
+        if let bulk { send(digest, on: bulk) }
+    }
+
+    /// `bulk` is the connection postcopy now runs on: the digest goes there
+    /// at once if it is known.
+    func use(_ bulk: MessageStream) {
+        let digest = state.withLock { state -> ImageDigest? in
+            state.bulk = bulk
+            return state.digest
+        }
+        if let digest { send(digest, on: bulk) }
+    }
+
+    /// A send that fails may have left part of a frame behind: the
+    /// connection is shut down, so that postcopy finds it lost and rejoins.
+    private func send(_ digest: ImageDigest, on bulk: MessageStream) {
+        do { try bulk.send(.imageDigest(digest)) } catch { bulk.shutdown() }
+    }
 }
