@@ -80,18 +80,20 @@ public final class PagemapScan: @unchecked Sendable {
     }
 
     /// Every page of the mapping written since the last scan (or since
-    /// registration, for the first: every page that is mapped), each
-    /// write-protected again as the walk reports it, so that a write after
-    /// the walk passed its page shows in the next scan. `body` gets each
+    /// registration, for the first: every page that is mapped). With
+    /// `protect`, each is write-protected again as the walk reports it, so
+    /// that a write after the walk passed its page shows in the next scan;
+    /// a last scan, with the writer stopped for good, can leave the page
+    /// tables alone, which costs the kernel far less. `body` gets each
     /// written run of 4 KiB pages of the file. A range the kernel reports
     /// outside the mapping throws: the log is not to be trusted then.
     /// Kernel: `PAGEMAP_SCAN` with `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC`,
     /// category `PAGE_IS_WRITTEN`
-    public func scanWritten(_ body: (PageRun) -> Void) throws(SystemCallError) {
+    public func scanWritten(protect: Bool = true, _ body: (PageRun) -> Void) throws(SystemCallError) {
         var start = mapping.address
         while start < mapping.end {
             var walkEnd: UInt64 = 0
-            let found = cpc_pagemap_scan_written(fd, start, mapping.end, 1, regions, UInt64(capacity), &walkEnd)
+            let found = cpc_pagemap_scan_written(fd, start, mapping.end, protect ? 1 : 0, regions, UInt64(capacity), &walkEnd)
             guard found >= 0 else {
                 throw SystemCallError("PAGEMAP_SCAN of pid \(pid) over \(mapping)", Errno(Int32(-found)))
             }
@@ -111,9 +113,9 @@ public final class PagemapScan: @unchecked Sendable {
     }
 
     /// The written pages as a bitmap of `pageCount` 4 KiB pages.
-    public func scanWritten(pageCount: UInt64) throws(SystemCallError) -> PageBitmap {
+    public func scanWritten(pageCount: UInt64, protect: Bool = true) throws(SystemCallError) -> PageBitmap {
         var written = PageBitmap(count: pageCount)
-        try scanWritten { run in written.insert(first: run.first, count: run.count) }
+        try scanWritten(protect: protect) { run in written.insert(first: run.first, count: run.count) }
         return written
     }
 }

@@ -65,6 +65,12 @@ struct WriteTrackingTests {
         // reported anyway, as page 3 is in it.
         #expect(seen.setIndices == expected.sorted())
         #expect(try scan.scanWritten(pageCount: pages).isEmpty)
+        // A scan that does not protect reports the same pages again.
+        ram.write(page: 9)
+        #expect(try scan.scanWritten(pageCount: pages, protect: false).setIndices.contains(9))
+        #expect(try scan.scanWritten(pageCount: pages, protect: false).setIndices.contains(9))
+        #expect(try scan.scanWritten(pageCount: pages).setIndices.contains(9))
+        #expect(try scan.scanWritten(pageCount: pages).isEmpty)
     }
 
     /// Many runs in one scan, more than the kernel's buffer of regions: the

@@ -348,7 +348,9 @@ public final class SourceAgent: @unchecked Sendable {
     private func scanWritten(_ log: inout UffdWriteLog?, _ scanner: PageScanner, paused: Bool) -> PageBitmap? {
         guard let current = log else { return nil }
         do {
-            let written = try current.written()
+            // The last scan, in the pause, re-arms nothing: no round follows
+            // it, and if the migration fails the agent is done with the log.
+            let written = try current.written(protect: !paused)
             if config.verifyDirtyLog {
                 audit.record(written: written, changed: scanner.changedPages(), paused: paused)
                 summary.missedByDirtyLog = audit.missed

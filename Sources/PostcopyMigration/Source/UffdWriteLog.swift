@@ -83,9 +83,10 @@ final class UffdWriteLog: @unchecked Sendable {
         return log
     }
 
-    /// The pages written since the last scan, protected again.
-    func written() throws(SystemCallError) -> PageBitmap {
-        try scan.scanWritten(pageCount: pageCount)
+    /// The pages written since the last scan, protected again unless this
+    /// is the last scan (`protect` false: the source is paused for good).
+    func written(protect: Bool = true) throws(SystemCallError) -> PageBitmap {
+        try scan.scanWritten(pageCount: pageCount, protect: protect)
     }
 
     var description: String { "uffd-wp (pid \(scan.pid), \(scan.mapping))" }
