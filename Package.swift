@@ -69,7 +69,7 @@ let package = Package(
         .target(
             name: "PostcopyCLI",
             dependencies: [
-                "PostcopyCore", "PostcopyOS",
+                "PostcopyCore", "PostcopyOS", "PostcopyMigration",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Migrates a running QEMU guest with postcopyd serving its memory on the
 # destination: unmodified QEMU, guest RAM in a shared file on both sides,
-# libpostcopy-vmm.so preloaded into the destination QEMU. Both ends run on
-# this machine over loopback; docs/operations.md ("Migrating a QEMU guest")
-# walks through the same steps by hand.
+# libpostcopy-vmm.so preloaded into both QEMUs (on the source it registers
+# guest RAM for uffd-wp dirty tracking, on the destination it hands the
+# guest's faults to postcopyd). postcopy-push drives the source QEMU over
+# QMP (--qmp): no process starts at switchover. Both ends run on this
+# machine over loopback; docs/operations.md ("Migrating a QEMU guest") walks
+# through the same steps by hand.
 #
 #   qemu/migrate.sh                  one migration, then the guest's verdict
 #
@@ -19,6 +22,10 @@
 #                    resends fewer than 256 pages first
 #   RESULT=path      write the figures as JSON here
 #   KEEP=1           keep the work directory (logs) after the run
+#   DIRTY_LOG=uffd-wp  the agent's dirty log: uffd-wp (the preloaded adapter
+#                    registers the source QEMU's RAM) or hash
+#   VERIFY_DIRTY_LOG=1 also hash every page after each scan of the log and
+#                    fail on a page it missed (postcopy-push --verify-dirty-log)
 #   KILL_DAEMON=1    kill -9 postcopyd right after VMM_RESUME, and start
 #                    another with --takeover: the adapter hands it the guest,
 #                    the agent rejoins it, and the guest still verifies
@@ -34,6 +41,8 @@ PRELOAD=${PRELOAD:-.build/preload/libpostcopy-vmm.so}
 HUGETLBFS_DIR=${HUGETLBFS_DIR:-/dev/hugepages}
 TLS=${TLS:-1}
 KILL_DAEMON=${KILL_DAEMON:-0}
+DIRTY_LOG=${DIRTY_LOG:-uffd-wp}
+VERIFY_DIRTY_LOG=${VERIFY_DIRTY_LOG:-0}
 case $MEMORY in
     shmem | hugetlbfs) ;;
     *) echo "migrate: MEMORY is shmem or hugetlbfs, not $MEMORY" >&2; exit 2 ;;
@@ -49,9 +58,12 @@ removals+=("$source_ram" "$destination_ram")
 
 say "accelerator: $accel"
 
-say "source QEMU: $SIZE guest in $source_ram"
+say "source QEMU: $SIZE guest in $source_ram (dirty log: $DIRTY_LOG)"
 console source
-"$QEMU" -accel "$accel" -m "${mem_mib}M" -object "memory-backend-file,id=ram,size=$SIZE,mem-path=$source_ram,share=on" \
+source_env=()
+[[ $DIRTY_LOG == uffd-wp ]] && source_env=(LD_PRELOAD="$(realpath "$PRELOAD")" POSTCOPY_SOURCE_RAM="$source_ram"
+                                           POSTCOPY_SOURCE_SOCKET="$work/dirty-log.sock")
+env "${source_env[@]}" "$QEMU" -accel "$accel" -m "${mem_mib}M" -object "memory-backend-file,id=ram,size=$SIZE,mem-path=$source_ram,share=on" \
     "${guest_args[@]}" "${console_args[@]}" \
     -qmp "unix:$work/source.qmp,server=on,wait=off" >"$work/source-qemu.log" 2>&1 &
 pids+=($!)
@@ -89,15 +101,19 @@ LD_PRELOAD=$(realpath "$PRELOAD") POSTCOPY_VMM_SOCKET="$work/vmm.sock" \
 pids+=($!)
 wait_line "$work/destination-qemu.log" "handed to postcopyd|postcopy-vmm: .*(cannot|refus|lacks)" 60 \
     "the destination QEMU to attach" | grep -q "handed to postcopyd" || fail "the adapter did not attach"
-for side in source destination; do
-    wait_qmp "$work/$side.qmp"
-    qmp "$work/$side.qmp" migrate-set-capabilities '{"capabilities":[{"capability":"x-ignore-shared","state":true}]}' >/dev/null
-done
+# The destination takes the device state alone (x-ignore-shared) and,
+# started without -S, runs the guest by itself once it has loaded it.
+# postcopy-push sets the source's capabilities itself (--qmp).
+wait_qmp "$work/source.qmp"
+wait_qmp "$work/destination.qmp"
+qmp "$work/destination.qmp" migrate-set-capabilities '{"capabilities":[{"capability":"x-ignore-shared","state":true}]}' >/dev/null
 qmp "$work/destination.qmp" migrate-incoming "{\"uri\":\"unix:$work/device-state.sock\"}" >/dev/null
 
-push_extra=()
+push_extra=(--dirty-log "$DIRTY_LOG")
+[[ $DIRTY_LOG == uffd-wp ]] && push_extra+=(--dirty-log-socket "$work/dirty-log.sock")
+((VERIFY_DIRTY_LOG)) && push_extra+=(--verify-dirty-log)
 # Slow back-fill leaves the guest's own faults to the restarted postcopyd.
-((KILL_DAEMON)) && push_extra=(--postcopy-bandwidth 1)
+((KILL_DAEMON)) && push_extra+=(--postcopy-bandwidth 1)
 say "precopy for ${PRECOPY_SECONDS} s while the guest runs, then switchover"
 echo r >"$work/source.in"
 wait_line "$work/source.log" "POSTCOPY-GUEST RESET" 30 "the guest to reset its stall figures" >/dev/null
@@ -105,9 +121,7 @@ set +e
 "$BIN/postcopy-push" --ram "$source_ram" --to "$(cat "$work/daemon.ready")" "${agent_tls[@]}" \
     --migration-secret-file "$work/migration.secret" --quiet --json \
     --max-precopy-seconds "$PRECOPY_SECONDS" --max-rounds 1000 \
-    --pause-cmd "$qmp_command $work/source.qmp stop >/dev/null" \
-    --resume-cmd "$qmp_command $work/source.qmp cont >/dev/null" \
-    --resumed-cmd "$qmp_command $work/source.qmp hand-over $work/destination.qmp unix:$work/device-state.sock >$work/hand-over.json" \
+    --qmp "$work/source.qmp" --qmp-migrate-uri "unix:$work/device-state.sock" \
     "${push_extra[@]}" >"$work/push.json" 2>"$work/push.log" &
 push_pid=$!
 pids+=("$push_pid")
@@ -135,15 +149,17 @@ set -e
 
 say "postcopy complete: the guest verifies its memory on the destination"
 source_status=$(qmp "$work/source.qmp" query-status | jq -r .status)
+destination_status=$(qmp "$work/destination.qmp" query-status | jq -r .status)
 verify_guest destination
 
 figures=$(jq -n --arg accel "$accel" --arg memory "$MEMORY" --arg size "$SIZE" --arg sourceStatus "$source_status" \
-    --argjson guest "$(guest_figures)" \
-    --slurpfile push "$work/push.json" --slurpfile daemon "$work/daemon.json" --slurpfile handOver "$work/hand-over.json" \
-    '{accel: $accel, memory: $memory, size: $size, sourceStatus: $sourceStatus} + $guest + {
+    --arg destinationStatus "$destination_status" --argjson guest "$(guest_figures)" \
+    --slurpfile push "$work/push.json" --slurpfile daemon "$work/daemon.json" \
+    '{accel: $accel, memory: $memory, size: $size, sourceStatus: $sourceStatus, destinationStatus: $destinationStatus} + $guest + {
+      dirtyLog: $push[0].dirtyLog, missedByDirtyLog: $push[0].missedByDirtyLog,
       precopySeconds: $push[0].precopySeconds, stalePages: $push[0].stalePages, finalScanMs: $push[0].finalScanMs,
       downtimeToResumedMs: $push[0].downtimeMs, guestDowntimeMs: $push[0].guestDowntimeMs,
-      handOver: $handOver[0], postcopySeconds: $push[0].postcopySeconds,
+      guestPauseMs: $push[0].guestPauseMs, handOverMs: $push[0].handOverMs, postcopySeconds: $push[0].postcopySeconds,
       staleFaults: $push[0].destinationFaultsStale, cleanFaults: $push[0].destinationFaultsClean,
       pageRequests: $push[0].pageRequests, daemon: $daemon[0]}')
 [[ -n $RESULT ]] && echo "$figures" >"$RESULT"
@@ -151,6 +167,11 @@ echo "$figures" | jq -c 'del(.daemon)'
 
 [[ $verdict == *"VERIFY PASS"* ]] || fail "the guest found its memory wrong: $verdict"
 [[ $source_status == postmigrate || $source_status == paused ]] || fail "the source QEMU is '$source_status', not paused"
+[[ $destination_status == running ]] || fail "the destination QEMU is '$destination_status', not running"
+[[ $(echo "$figures" | jq -r .dirtyLog) == "$DIRTY_LOG" ]] || fail "postcopy-push used the $(echo "$figures" | jq -r .dirtyLog) dirty log, not $DIRTY_LOG"
+if ((VERIFY_DIRTY_LOG)) && [[ $DIRTY_LOG == uffd-wp ]]; then
+    (($(echo "$figures" | jq .missedByDirtyLog) == 0)) || fail "the uffd-wp log missed pages the guest wrote"
+fi
 (($(echo "$figures" | jq .staleFaults) > 0)) || fail "postcopyd served no stale fault"
 if ((KILL_DAEMON)); then
     grep -q "postcopy-vmm: reattached to a restarted postcopyd" "$work/destination-qemu.log" ||

@@ -3,7 +3,10 @@
 # workload) migrated with postcopyd serving its faults, through
 # libpostcopy-vmm.so: once onto shmem, once onto hugetlbfs when enough 2 MiB
 # pages are free, and once onto shmem with postcopyd killed (SIGKILL) right
-# after VMM_RESUME and a new one taking over from what the adapter hands back. Root only: QEMU's process opens the userfaultfd, and the
+# after VMM_RESUME and a new one taking over from what the adapter hands back.
+# postcopy-push reads the source QEMU's uffd-wp write log (the adapter
+# preloaded there registers its RAM) and checks it against a hash of every
+# page (--verify-dirty-log), and switches over through QMP. Root only: QEMU's process opens the userfaultfd, and the
 # flow reads and writes /dev/shm and hugetlbfs files. Installs QEMU, jq and
 # cpio when missing.
 #
@@ -40,7 +43,7 @@ trap 'rm -rf "$results"' EXIT
 run() {  # memory [kill]
     local kill=${2:-0}
     say "migrating a $SIZE QEMU guest onto $1$( ((kill)) && echo ', postcopyd killed and taken over')"
-    MEMORY=$1 KILL_DAEMON=$kill SIZE=$SIZE BIN=$BIN GUEST=$GUEST HUGETLBFS_DIR=$HUGETLBFS_DIR \
+    MEMORY=$1 KILL_DAEMON=$kill VERIFY_DIRTY_LOG=1 SIZE=$SIZE BIN=$BIN GUEST=$GUEST HUGETLBFS_DIR=$HUGETLBFS_DIR \
         PRECOPY_SECONDS=${PRECOPY_SECONDS:-5} RESULT="$results/$1$( ((kill)) && echo -takeover).json" bash qemu/migrate.sh
 }
 run shmem
@@ -57,5 +60,5 @@ else
 fi
 say "PASS"
 for result in "$results"/*.json; do
-    jq -c '{accel, memory, verified, staleFaults, guestDowntimeMs, postcopySeconds, longestStallUs, sourceStatus}' "$result"
+    jq -c '{accel, memory, verified, dirtyLog, missedByDirtyLog, finalScanMs, staleFaults, guestPauseMs, guestDowntimeMs, postcopySeconds, longestStallUs, sourceStatus}' "$result"
 done

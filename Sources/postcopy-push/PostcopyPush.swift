@@ -46,6 +46,12 @@ struct PostcopyPush: ParsableCommand {
     @Flag(help: "Switch over without pausing anything: only for a source image nothing writes any more.")
     var noPause = false
 
+    @Option(help: ArgumentHelp("The source QEMU's QMP socket: pause, resume and hand over through it, over one connection opened before precopy, with no process started at switchover. Needs --qmp-migrate-uri.", valueName: "path"))
+    var qmp: String?
+
+    @Option(help: ArgumentHelp("With --qmp: where the source QEMU sends its device state, the URI of the destination QEMU's migrate-incoming (e.g. unix:/run/vm42/incoming.sock or tcp:HOST:PORT).", valueName: "uri"))
+    var qmpMigrateUri: String?
+
     @Option(help: "Precopy rounds at most, the first full pass included.")
     var maxRounds = 5
 
@@ -105,8 +111,17 @@ struct PostcopyPush: ParsableCommand {
         if !(reconnectTimeout >= 0 && reconnectTimeout <= 86_400) {
             throw ValidationError("--reconnect-timeout is seconds between 0 and 86400")
         }
-        if pausePID == nil && pauseCmd == nil && !noPause && !resume {
-            throw ValidationError("say how to pause the source at switchover: --pause-pid, --pause-cmd, or --no-pause")
+        if pausePID == nil && pauseCmd == nil && qmp == nil && !noPause && !resume {
+            throw ValidationError("say how to pause the source at switchover: --qmp, --pause-pid, --pause-cmd, or --no-pause")
+        }
+        if qmp != nil {
+            if qmpMigrateUri == nil { throw ValidationError("--qmp needs --qmp-migrate-uri: where the device state goes") }
+            if pausePID != nil || pauseCmd != nil || resumeCmd != nil || resumedCmd != nil || noPause {
+                throw ValidationError("--qmp pauses, resumes and hands over by itself: drop --pause-pid, --pause-cmd, --resume-cmd, --resumed-cmd and --no-pause")
+            }
+            if resume { throw ValidationError("--resume neither pauses nor hands over: drop --qmp") }
+        } else if qmpMigrateUri != nil {
+            throw ValidationError("--qmp-migrate-uri goes with --qmp")
         }
         if noPause && (pausePID != nil || pauseCmd != nil) {
             throw ValidationError("--no-pause contradicts --pause-pid/--pause-cmd")
@@ -128,8 +143,14 @@ struct PostcopyPush: ParsableCommand {
         var generator = SystemRandomNumberGenerator()
         let transport = try transportOptions.transport(.client, peerName: tlsServerName ?? to.host,
                                                        peerNameOption: "--tls-server-name", logger: logger)
+        let qmpControl = try qmp.map { path in
+            try inStep("open QMP to the source QEMU") {
+                try QMPSourceControl(socketPath: path, migrateURI: qmpMigrateUri!, logger: logger)
+            }
+        }
         var config = AgentConfig(ramPath: ram, daemon: to, transport: transport,
-                                 migrationID: migrationID ?? MigrationID(using: &generator), control: sourceControl())
+                                 migrationID: migrationID ?? MigrationID(using: &generator),
+                                 control: qmpControl?.control ?? sourceControl())
         config.policy = PrecopyPolicy(maxRounds: maxRounds, maxDurationNanos: maxPrecopySeconds * 1_000_000_000,
                                       switchoverPages: switchoverPages)
         config.dirtyBitmapPath = dirtyBitmap
@@ -150,7 +171,8 @@ struct PostcopyPush: ParsableCommand {
         config.reconnectTimeoutNanos = UInt64(reconnectTimeout * 1e9)
         do {
             let agent = try SourceAgent(config: config, logger: logger, progress: ProgressReporter(enabled: !quiet))
-            let summary = try agent.run()
+            var summary = try agent.run()
+            summary.guestPauseMs = qmpControl?.guestPauseMs
             summary.lines.forEach { logger.info("\($0)") }
             if json { try printJSON(summary) }
         } catch {

@@ -153,7 +153,22 @@ import PostcopyOS
     @Test func pushMustBeToldHowToPauseTheSource() throws {
         let result = try run("postcopy-push", ["--ram", "/dev/shm/none", "--to", "127.0.0.1:7070"])
         #expect(result.status == 64)
-        #expect(result.stderr.hasPrefix("Error: say how to pause the source at switchover: --pause-pid, --pause-cmd, or --no-pause\n"))
+        #expect(result.stderr.hasPrefix("Error: say how to pause the source at switchover: --qmp, --pause-pid, --pause-cmd, or --no-pause\n"))
+    }
+
+    /// Combinations that cannot mean what they say are refused up front.
+    @Test(arguments: [
+        (["--no-pause", "--resumed-cmd", "true"], "--no-pause contradicts --resumed-cmd"),
+        (["--qmp", "/run/q.qmp"], "--qmp needs --qmp-migrate-uri"),
+        (["--qmp", "/run/q.qmp", "--qmp-migrate-uri", "unix:/x", "--pause-pid", "1"], "--qmp pauses, resumes and hands over by itself"),
+        (["--no-pause", "--qmp-migrate-uri", "unix:/x"], "--qmp-migrate-uri goes with --qmp"),
+        (["--no-pause", "--dirty-log", "uffd-wp"], "--dirty-log uffd-wp reads the source VMM's write log: give its --dirty-log-socket"),
+        (["--no-pause", "--dirty-log", "bitmap"], "--dirty-log"),
+    ])
+    func pushRefusesContradictions(_ flags: [String], _ message: String) throws {
+        let result = try run("postcopy-push", ["--ram", "/dev/shm/none", "--to", "127.0.0.1:7070", "--insecure-plaintext"] + flags)
+        #expect(result.status == 64)
+        #expect(result.stderr.contains(message), "\(result.stderr)")
     }
 
     @Test func pushNamesAMissingSourceFile() throws {

@@ -158,6 +158,9 @@ public struct AgentSummary: Codable, Equatable, Sendable {
     /// Source paused → hand-over command done: the guest's downtime when
     /// that command is what starts it on the destination.
     public var guestDowntimeMs: Double?
+    /// With `--qmp`: the source QEMU's `migrate` (its vCPUs stop) → its
+    /// `completed` (the destination QEMU has the device state and runs).
+    public var guestPauseMs: Double?
     public var pageRequests: UInt64 = 0
     public var postcopyPagesUrgent: UInt64 = 0
     public var postcopyPagesBackground: UInt64 = 0
@@ -188,7 +191,8 @@ public struct AgentSummary: Codable, Equatable, Sendable {
                 + (missedByDirtyLog.map { "; --verify-dirty-log: \($0) pages missed" } ?? ""),
             "switchover: \(stalePages) stale pages, downtime \(fixed(downtimeMs, 1)) ms"
                 + " (by wall clocks \(fixed(downtimeByClocksMs, 1)) ms; final scan \(fixed(finalScanMs, 1)) ms)"
-                + (guestDowntimeMs.map { "; with the hand-over (\(fixed(handOverMs ?? 0, 1)) ms) the guest was paused \(fixed($0, 1)) ms" } ?? ""),
+                + (guestDowntimeMs.map { "; with the hand-over (\(fixed(handOverMs ?? 0, 1)) ms) the guest was paused \(fixed($0, 1)) ms" } ?? "")
+                + (guestPauseMs.map { " (QMP: vCPUs stopped → device state delivered \(fixed($0, 1)) ms)" } ?? ""),
             "postcopy: \(fixed(postcopySeconds, 2)) s; \(pageRequests) requests, \(postcopyPagesUrgent) pages urgent"
                 + ", \(postcopyPagesBackground) background (\(fixed(backgroundMiBPerSecond, 1)) MiB/s)",
             "destination faults: \(destinationFaultsClean) clean, \(destinationFaultsStale) stale"

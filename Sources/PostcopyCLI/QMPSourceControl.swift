@@ -1,0 +1,90 @@
+import Logging
+import PostcopyCore
+import PostcopyMigration
+import PostcopyOS
+
+/// Switchover of a source QEMU over one QMP connection, opened before
+/// precopy, with no process started at switchover (`postcopy-push --qmp`).
+///
+/// QEMU's `pause-before-switchover` capability does the pausing: `migrate`
+/// (of the device state alone, as `x-ignore-shared` leaves the shared guest
+/// RAM out) makes the source stop its own vCPUs and wait in state
+/// `pre-switchover`. The agent's final scan and the switchover run in that
+/// window. Once postcopyd has resumed the guest's memory, `migrate-continue`
+/// sends the device state; the destination QEMU, started without `-S` and
+/// with `migrate-incoming` set up ahead of time, then runs the guest by
+/// itself, since the source was running when `migrate` began. A failure
+/// before that cancels the migration, which restarts the source's vCPUs.
+public final class QMPSourceControl: Sendable {
+    public let qmp: QMPClient
+    public let migrateURI: String
+    private let logger: Logger
+    /// `migrate` sent → source `completed` (the destination has the device
+    /// state and runs the guest): the guest's pause, once the hand-over ran.
+    private let pause = Locked<(started: UInt64, ms: Double?)>((0, nil))
+
+    /// Connects to the source QEMU's QMP socket and sets the migration
+    /// capabilities this needs; refuses a QEMU that is migrating already.
+    public init(socketPath: String, migrateURI: String, logger: Logger) throws {
+        qmp = try QMPClient(path: socketPath)
+        self.migrateURI = migrateURI
+        self.logger = logger
+        let status = try qmp.migrationStatus()
+        guard ["none", "completed", "failed", "cancelled"].contains(status) else {
+            throw QMPError(path: socketPath, "the source QEMU is migrating already (query-migrate: '\(status)')")
+        }
+        try inStep("set x-ignore-shared and pause-before-switchover on the source QEMU") {
+            try qmp.execute("migrate-set-capabilities", ["capabilities": [
+                ["capability": "x-ignore-shared", "state": true],
+                ["capability": "pause-before-switchover", "state": true],
+            ]])
+        }
+    }
+
+    /// The guest's pause as QMP saw it, once the hand-over has run.
+    public var guestPauseMs: Double? { pause.withLock { $0.ms } }
+
+    /// The agent's control of the source through this connection.
+    public var control: SourceControl {
+        SourceControl("QMP \(qmp.path) (migrate with pause-before-switchover)", pause: { [self] in
+            try stopVCPUs()
+        }, resume: { [self] in
+            try resumeSource()
+        }, handOver: (description: "QMP migrate-continue (the device state to \(migrateURI))", run: { [self] in
+            try continueMigration()
+        }))
+    }
+
+    /// `migrate`, then wait for `pre-switchover`: the vCPUs are stopped.
+    private func stopVCPUs() throws {
+        pause.withLock { $0 = (monotonicNanoseconds(), nil) }
+        try qmp.execute("migrate", ["uri": migrateURI])
+        _ = try qmp.wait(for: ["pre-switchover"], failing: ["failed", "cancelled", "completed"], timeoutNanos: 30_000_000_000,
+                         "waiting for the source QEMU to stop its vCPUs before switchover") { try qmp.migrationStatus() }
+    }
+
+    /// Before the destination resumed: cancel the device-state migration
+    /// (QEMU restarts the vCPUs it stopped), and `cont` a source still paused.
+    private func resumeSource() throws {
+        let status = try qmp.migrationStatus()
+        if !["none", "completed", "failed", "cancelled"].contains(status) {
+            try qmp.execute("migrate_cancel")
+            _ = try qmp.wait(for: ["cancelled", "failed"], timeoutNanos: 30_000_000_000,
+                             "waiting for the source QEMU to cancel its migration") { try qmp.migrationStatus() }
+        }
+        let run = try qmp.wait(for: ["running", "paused", "postmigrate"], timeoutNanos: 30_000_000_000,
+                               "waiting for the source QEMU to settle after the cancel") { try qmp.runStatus() }
+        if run != "running" { try qmp.execute("cont") }
+        logger.notice("the source QEMU runs again (QMP: migration cancelled, vCPUs restarted)")
+    }
+
+    /// After RESUMED: let the device state go, and wait until the source
+    /// has sent it all (`completed`), when the destination runs the guest.
+    private func continueMigration() throws {
+        try qmp.execute("migrate-continue", ["state": "pre-switchover"])
+        _ = try qmp.wait(for: ["completed"], failing: ["failed", "cancelled"], timeoutNanos: 300_000_000_000,
+                         "waiting for the device state to reach the destination QEMU") { try qmp.migrationStatus() }
+        let now = monotonicNanoseconds()
+        pause.withLock { $0.ms = Double(now - $0.started) / 1e6 }
+    }
+}
