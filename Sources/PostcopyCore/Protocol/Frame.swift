@@ -230,9 +230,37 @@ extension Array where Element == UInt8 {
     mutating func appendLittleEndian<T: FixedWidthInteger>(_ value: T) {
         Swift.withUnsafeBytes(of: value.littleEndian) { append(contentsOf: $0) }
     }
+
+    /// Appends every word of `words`, each least significant byte first, in
+    /// one copy: a bitmap of 8 GiB of RAM is 32 768 words, which one append
+    /// each made a millisecond-scale part of the switchover.
+    mutating func appendLittleEndian(words: [UInt64]) {
+        #if _endian(little)
+        words.withUnsafeBytes { append(contentsOf: $0) }
+        #else
+        for word in words { appendLittleEndian(word) }
+        #endif
+    }
 }
 
 extension ArraySlice where Element == UInt8 {
+    /// `count` little-endian 64-bit words from `offset` bytes into the
+    /// slice, in one copy (see `appendLittleEndian(words:)`).
+    func loadLittleEndianWords(at offset: Int, count: Int) -> [UInt64] {
+        precondition(offset >= 0 && count >= 0 && offset + 8 * count <= self.count, "read past the payload")
+        return [UInt64](unsafeUninitializedCapacity: count) { words, initialized in
+            // SAFETY: the precondition keeps the 8 × count bytes inside the slice, and words has room for count.
+            withUnsafeBytes { bytes in
+                UnsafeMutableRawBufferPointer(words).copyMemory(
+                    from: UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + 8 * count)]))
+            }
+            #if !_endian(little)
+            for index in 0..<count { words[index] = UInt64(littleEndian: words[index]) }
+            #endif
+            initialized = count
+        }
+    }
+
     /// The little-endian integer `offset` bytes into the slice.
     func loadLittleEndian<T: FixedWidthInteger>(at offset: Int, as type: T.Type = T.self) -> T {
         precondition(offset >= 0 && offset + MemoryLayout<T>.size <= count, "read past the payload")

@@ -314,7 +314,7 @@ extension Message {
             out.appendLittleEndian(totalBits)
             out.appendLittleEndian(firstWord)
             out.appendLittleEndian(UInt32(words.count))
-            for word in words { out.appendLittleEndian(word) }
+            out.appendLittleEndian(words: words)
         case let .switchover(stalePages, sourcePausedAtNanos):
             out.appendLittleEndian(stalePages)
             out.appendLittleEndian(sourcePausedAtNanos)
@@ -409,7 +409,7 @@ extension Message {
             guard PayloadLength.bitmapWords(count: wordCount).admits(payload.count) else {
                 throw .payloadLength(type: type, actual: payload.count, expected: .bitmapWords(count: wordCount))
             }
-            let words = (0..<Int(wordCount)).map { u64(bitmapFieldsSize + 8 * $0) }
+            let words = payload.loadLittleEndianWords(at: bitmapFieldsSize, count: Int(wordCount))
             return .dirtyBitmap(totalBits: u64(0), firstWord: u64(8), words: words)
         case .switchover:
             return .switchover(stalePages: u64(0), sourcePausedAtNanos: u64(8))
