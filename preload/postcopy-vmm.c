@@ -1,7 +1,7 @@
 /*
  * libpostcopy-vmm.so: puts an unmodified VMM (QEMU) on postcopyd.
  *
- * Preloaded into the destination VMM (LD_PRELOAD) with
+ * Destination mode. Preloaded into the destination VMM (LD_PRELOAD) with
  * POSTCOPY_VMM_SOCKET naming postcopyd's VMM socket. At load it connects
  * and takes VMM_OFFER: the guest RAM file's descriptor and geometry. When
  * the VMM later maps that file (the same device and inode, whatever path
@@ -14,12 +14,26 @@
  * when the first dies. This is the handshake of docs/protocol.md, the same
  * one `postcopy-guest vmm` speaks.
  *
+ * Source mode. Preloaded into the source VMM with POSTCOPY_SOURCE_RAM (the
+ * guest RAM file) and POSTCOPY_SOURCE_SOCKET (a unix socket to listen on).
+ * When the VMM maps that file shared, whole and from offset 0, the adapter
+ * registers the mapping with a userfaultfd for asynchronous write-protect
+ * (WP_ASYNC, Linux >= 6.7), so that postcopy-push can read the VMM's writes
+ * with PAGEMAP_SCAN instead of hashing RAM, and a thread answers each
+ * connection to the socket with the offer of docs/protocol.md ("The source
+ * VMM's offer"): the mapping, or why there is none. WriteTracking and
+ * SourceTrackingServer are the Swift implementation of the same.
+ * The two modes exclude each other.
+ *
  * Rules for code that runs inside someone else's process:
- *  - a mapping of any other file, and any process without
- *    POSTCOPY_VMM_SOCKET, is left exactly as it was;
+ *  - a mapping of any other file, and any process without POSTCOPY_VMM_SOCKET
+ *    or POSTCOPY_SOURCE_*, is left exactly as it was;
  *  - the interposed mmap does a few system calls and no allocation;
- *  - a matched mapping that cannot be registered fails (ENOTSUP): a guest
- *    running on RAM that is not tracked would read stale pages silently;
+ *  - on the destination, a matched mapping that cannot be registered fails
+ *    (ENOTSUP): a guest running on RAM that is not tracked would read stale
+ *    pages silently;
+ *  - on the source, tracking never fails the VMM's mmap: the mapping stays,
+ *    and the offer says why there is no write log (the agent then hashes);
  *  - everything said goes to stderr, prefixed "postcopy-vmm: ".
  */
 #define _GNU_SOURCE
@@ -27,8 +41,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <linux/userfaultfd.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -45,6 +61,24 @@
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
+
+/* uapi constants newer than Debian 12's kernel headers (6.1), as in
+ * Sources/CPostcopy/include/cpostcopy.h. */
+#ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+#define UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1 << 12)
+#endif
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+#ifndef USERFAULTFD_IOC
+#define USERFAULTFD_IOC 0xAA
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(USERFAULTFD_IOC, 0x00)
+#endif
 
 /* ---- the frame codec (docs/protocol.md, "Frames") ---- */
 
@@ -296,6 +330,17 @@ static ino_t ram_ino;
 static uint64_t region_size, page_size, file_offset;
 static uint64_t guest_base, features, register_mode;
 
+/* Source mode (the end of this file): set once the dirty-log socket
+ * listens, in the process that created it; the interposed mmap then looks
+ * for shared mappings of POSTCOPY_SOURCE_RAM. */
+static atomic_int source_mode;
+static atomic_int source_known; /* source_dev and source_ino are set */
+static dev_t source_dev;
+static ino_t source_ino;
+static int source_file_appeared(void);
+static void source_load(int destination);
+static void track_source_mapping(void *mapped, size_t length, off_t offset, const struct stat *st);
+
 /* VMM_ATTACH's payload, which VMM_REATTACH repeats. */
 static void attach_payload(uint8_t payload[24])
 {
@@ -326,7 +371,9 @@ __attribute__((constructor)) static void postcopy_vmm_load(void)
     real_mmap = (void *(*)(void *, size_t, int, int, int, off_t))dlsym(RTLD_NEXT, "mmap");
     real_madvise = (int (*)(void *, size_t, int))dlsym(RTLD_NEXT, "madvise");
     const char *path = getenv("POSTCOPY_VMM_SOCKET");
-    if (!path || !*path)
+    int destination = path && *path;
+    source_load(destination);
+    if (!destination)
         return;
     if (!real_mmap || !real_madvise) {
         say("cannot find the C library's mmap and madvise; not attaching to postcopyd");
@@ -418,13 +465,25 @@ void *mmap(void *address, size_t length, int prot, int flags, int fd, off_t offs
     if (!real_mmap) /* a call before the constructor ran */
         return (void *)syscall(SYS_mmap, address, length, prot, flags, fd, offset);
     void *mapped = real_mmap(address, length, prot, flags, fd, offset);
-    if (mapped == MAP_FAILED || fd < 0 || !(flags & MAP_SHARED)
-        || !(atomic_load(&offered) || atomic_load(&registered)))
+    if (mapped == MAP_FAILED || fd < 0 || !(flags & MAP_SHARED))
+        return mapped;
+    int destination = atomic_load(&offered) || atomic_load(&registered);
+    int source = atomic_load(&source_mode);
+    if (!destination && !source)
         return mapped;
     struct stat st;
-    if (fstat(fd, &st) < 0 || st.st_dev != ram_dev || st.st_ino != ram_ino)
+    int saved_errno = errno;
+    if (fstat(fd, &st) < 0) {
+        errno = saved_errno;
         return mapped;
-    return attach_mapping(mapped, length, offset);
+    }
+    errno = saved_errno;
+    if (destination && st.st_dev == ram_dev && st.st_ino == ram_ino)
+        return attach_mapping(mapped, length, offset);
+    if (source && (atomic_load(&source_known) || source_file_appeared()) && st.st_dev == source_dev
+        && st.st_ino == source_ino)
+        track_source_mapping(mapped, length, offset, &st); /* never fails the mapping */
+    return mapped;
 }
 
 void *mmap64(void *address, size_t length, int prot, int flags, int fd, off_t offset)
@@ -673,4 +732,425 @@ static void *release_thread(void *unused)
         close(page_state_fd);
     page_state_fd = -1;
     return NULL;
+}
+
+/* ---- source mode: the source VMM's write log (docs/architecture.md,
+ * "Dirty tracking on the source") ---- */
+
+enum {
+    OFFER_HEADER_BYTES = 26,
+    OFFER_MAX_REASON = 1024,
+    OFFER_VERSION = 1,
+    OFFER_ARMED = 0,
+    OFFER_UNAVAILABLE = 1,
+};
+
+/* What asynchronous write-protect of shared memory needs from UFFDIO_API,
+ * as WriteTracking.requiredFeatures: WP_ASYNC (no fault reaches anyone),
+ * WP_UNPOPULATED (a page never touched is protected too), WP_HUGETLBFS_SHMEM
+ * (write-protect on shmem and hugetlbfs, not only anonymous memory). */
+static const struct {
+    uint64_t bit;
+    const char *name;
+} wp_features[] = {
+    { UFFD_FEATURE_WP_ASYNC, "WP_ASYNC" },
+    { UFFD_FEATURE_WP_UNPOPULATED, "WP_UNPOPULATED" },
+    { UFFD_FEATURE_WP_HUGETLBFS_SHMEM, "WP_HUGETLBFS_SHMEM" },
+};
+#define WP_FEATURES ((uint64_t)(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM))
+
+static char source_ram_path[PATH_MAX];
+static char source_socket_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+static int source_listener = -1;
+static pid_t source_pid;           /* the process that listens (and is scanned) */
+static dev_t source_socket_dev;    /* the socket file this process bound, */
+static ino_t source_socket_ino;    /* removed at exit if it is still that one */
+
+/* The offer, and what the interposed mmap has seen: under offer_lock. */
+static pthread_mutex_t offer_lock = PTHREAD_MUTEX_INITIALIZER;
+static int offer_armed;
+static uint64_t offer_address, offer_length;
+static char offer_reason[OFFER_MAX_REASON + 1];
+static unsigned source_mappings; /* shared mappings of the RAM file so far */
+static int source_uffd = -1;     /* open for the life of the process: closing it ends the tracking */
+
+static void put16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+
+/* Makes the offer "unavailable" with the reason, and says it (once: each
+ * call is one change of the offer). Called with offer_lock held, or
+ * before the accept thread exists. */
+static void offer_unavailable(const char *format, ...) __attribute__((format(printf, 1, 2)));
+static void offer_unavailable(const char *format, ...)
+{
+    va_list args;
+    va_start(args, format);
+    vsnprintf(offer_reason, sizeof offer_reason, format, args);
+    va_end(args);
+    offer_armed = 0;
+    offer_address = offer_length = 0;
+    say("no write log for the agent: %s", offer_reason);
+}
+
+/* The offer as docs/protocol.md encodes it; returns its length. */
+static size_t encode_offer(uint8_t out[OFFER_HEADER_BYTES + OFFER_MAX_REASON])
+{
+    pthread_mutex_lock(&offer_lock);
+    size_t reason = offer_armed ? 0 : strnlen(offer_reason, OFFER_MAX_REASON);
+    memcpy(out, "PCWP", 4);
+    put16(out + 4, OFFER_VERSION);
+    put16(out + 6, offer_armed ? OFFER_ARMED : OFFER_UNAVAILABLE);
+    put64(out + 8, offer_armed ? offer_address : 0);
+    put64(out + 16, offer_armed ? offer_length : 0);
+    put16(out + 24, (uint16_t)reason);
+    memcpy(out + OFFER_HEADER_BYTES, offer_reason, reason);
+    pthread_mutex_unlock(&offer_lock);
+    return OFFER_HEADER_BYTES + reason;
+}
+
+/* Registers [mapped, mapped+length) for asynchronous write-protect, as
+ * WriteTracking does: features probed on one userfaultfd, enabled on a
+ * fresh one, then UFFDIO_REGISTER in WP mode. Nothing is protected yet: the
+ * agent's first PAGEMAP_SCAN protects every page. 0, or -1 with the offer
+ * made unavailable. Called with offer_lock held. */
+static int register_write_tracking(void *mapped, size_t length)
+{
+    int probe = open_userfaultfd();
+    if (probe < 0) {
+        offer_unavailable("cannot open a userfaultfd in the source VMM (%s): it needs read-write access to"
+                          " /dev/userfaultfd or CAP_SYS_PTRACE", strerror(-probe));
+        return -1;
+    }
+    struct uffdio_api api = { .api = UFFD_API, .features = 0 };
+    if (ioctl(probe, UFFDIO_API, &api) < 0) {
+        int saved = errno;
+        close(probe);
+        offer_unavailable("UFFDIO_API (probing the userfaultfd features) failed: %s", strerror(saved));
+        return -1;
+    }
+    close(probe);
+    if ((api.features & WP_FEATURES) != WP_FEATURES) {
+        char missing[96] = "";
+        for (size_t i = 0; i < sizeof wp_features / sizeof wp_features[0]; i++)
+            if (!(api.features & wp_features[i].bit))
+                snprintf(missing + strlen(missing), sizeof missing - strlen(missing), "%s%s",
+                         *missing ? " " : "", wp_features[i].name);
+        offer_unavailable("the kernel's userfaultfd lacks %s (it offers features 0x%llx); asynchronous"
+                          " write-protect of shared memory needs Linux >= 6.7",
+                          missing, (unsigned long long)api.features);
+        return -1;
+    }
+    int fd = open_userfaultfd();
+    if (fd < 0) {
+        offer_unavailable("cannot open a second userfaultfd in the source VMM: %s", strerror(-fd));
+        return -1;
+    }
+    api = (struct uffdio_api){ .api = UFFD_API, .features = WP_FEATURES };
+    if (ioctl(fd, UFFDIO_API, &api) < 0) {
+        int saved = errno;
+        close(fd);
+        offer_unavailable("UFFDIO_API enabling WP_ASYNC WP_UNPOPULATED WP_HUGETLBFS_SHMEM failed: %s",
+                          strerror(saved));
+        return -1;
+    }
+    struct uffdio_register reg = {
+        .range = { .start = (uintptr_t)mapped, .len = length },
+        .mode = UFFDIO_REGISTER_MODE_WP,
+    };
+    if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0) {
+        int saved = errno;
+        close(fd);
+        offer_unavailable("UFFDIO_REGISTER (mode WP) of the guest RAM mapping at %p (%zu bytes) failed: %s",
+                          mapped, length, strerror(saved));
+        return -1;
+    }
+    source_uffd = fd;
+    return 0;
+}
+
+/* The interposed mmap found a shared mapping of POSTCOPY_SOURCE_RAM: the
+ * first is registered, if it maps the whole file from offset 0; any later
+ * one makes the offer unavailable, since writes through it would not be in
+ * the log. The VMM keeps its mapping whatever happens here. */
+static void track_source_mapping(void *mapped, size_t length, off_t offset, const struct stat *st)
+{
+    int saved_errno = errno;
+    pthread_mutex_lock(&offer_lock);
+    unsigned seen = ++source_mappings;
+    if (seen == 1) {
+        if (offset != 0 || (uint64_t)length != (uint64_t)st->st_size) {
+            offer_unavailable("the source VMM maps %zu bytes of %s from file offset %lld at %p, but the write log"
+                              " needs one mapping of the whole file (%lld bytes) from offset 0",
+                              length, source_ram_path, (long long)offset, mapped, (long long)st->st_size);
+        } else if (length == 0 || length % 4096 || (uintptr_t)mapped % 4096) {
+            offer_unavailable("the source VMM's mapping of %s at %p is %zu bytes, not a whole number of 4 KiB pages",
+                              source_ram_path, mapped, length);
+        } else if (register_write_tracking(mapped, length) == 0) {
+            offer_armed = 1;
+            offer_address = (uintptr_t)mapped;
+            offer_length = length;
+            say("guest RAM %s at %p (%zu MiB) registered for asynchronous write-protect; the write log is"
+                " offered on %s", source_ram_path, mapped, length >> 20, source_socket_path);
+        }
+    } else if (seen == 2) {
+        if (offer_armed)
+            offer_unavailable("the source VMM maps %s a second time (%zu bytes at %p, file offset %lld); writes"
+                              " through that mapping would not be in the write log, which tracks only the"
+                              " mapping at 0x%" PRIx64, source_ram_path, length, mapped, (long long)offset,
+                              offer_address);
+        else
+            say("the source VMM maps %s a second time (%zu bytes at %p); there is no write log already",
+                source_ram_path, length, mapped);
+    }
+    pthread_mutex_unlock(&offer_lock);
+    errno = saved_errno;
+}
+
+/* Answers each connection with the offer and closes it: root and this
+ * process's own user only, as SourceTrackingServer does. */
+static void *source_offer_thread(void *unused)
+{
+    (void)unused;
+    pthread_setname_np(pthread_self(), "postcopy-wp");
+    int said_busy = 0;
+    for (;;) {
+        int c = accept4(source_listener, NULL, NULL, SOCK_CLOEXEC);
+        if (c < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                if (!said_busy++)
+                    say("cannot accept on the dirty-log socket %s (%s); retrying", source_socket_path,
+                        strerror(errno));
+                usleep(100000);
+                continue;
+            }
+            say("accept on the dirty-log socket %s failed: %s; it answers no more", source_socket_path,
+                strerror(errno));
+            return NULL;
+        }
+        said_busy = 0;
+        struct ucred peer;
+        socklen_t size = sizeof peer;
+        if (getsockopt(c, SOL_SOCKET, SO_PEERCRED, &peer, &size) < 0) {
+            say("cannot read the peer credentials of a dirty-log request: %s; refused", strerror(errno));
+            close(c);
+            continue;
+        }
+        if (peer.uid != 0 && peer.uid != geteuid()) {
+            say("refused a dirty-log request from pid %d uid %u: only root and uid %u may ask", (int)peer.pid,
+                (unsigned)peer.uid, (unsigned)geteuid());
+            close(c);
+            continue;
+        }
+        uint8_t message[OFFER_HEADER_BYTES + OFFER_MAX_REASON];
+        size_t count = encode_offer(message), sent = 0;
+        struct timeval patience = { .tv_sec = 5 };
+        setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &patience, sizeof patience);
+        while (sent < count) {
+            ssize_t n = send(c, message + sent, count - sent, MSG_NOSIGNAL);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0)
+                break;
+            sent += (size_t)n;
+        }
+        if (sent < count)
+            say("could not answer the agent (pid %d uid %u) on the dirty-log socket: %s", (int)peer.pid,
+                (unsigned)peer.uid, strerror(errno));
+        else
+            say("told the agent (pid %d uid %u) about write tracking: %s", (int)peer.pid, (unsigned)peer.uid,
+                message[6] == OFFER_ARMED ? "armed" : "unavailable");
+        close(c);
+    }
+}
+
+/* Listens on `path` with mode 0600 from the start (bound under a umask).
+ * A socket file nothing listens on is replaced; a socket something listens
+ * on, or any other file, is left alone and source mode stays off. */
+static int listen_source_socket(const char *path)
+{
+    struct sockaddr_un address = { .sun_family = AF_UNIX };
+    memcpy(address.sun_path, path, strlen(path) + 1);
+    struct stat st;
+    if (lstat(path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode)) {
+            say("POSTCOPY_SOURCE_SOCKET %s exists and is not a socket; leaving it alone, no source mode", path);
+            return -1;
+        }
+        int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (probe < 0) {
+            say("cannot create a unix socket: %s; no source mode", strerror(errno));
+            return -1;
+        }
+        int rc = connect(probe, (struct sockaddr *)&address, sizeof address), saved = errno;
+        close(probe);
+        if (rc == 0) {
+            say("another process listens on POSTCOPY_SOURCE_SOCKET %s (a second source VMM?); no source mode",
+                path);
+            return -1;
+        }
+        if (saved != ECONNREFUSED) {
+            say("cannot tell whether anything listens on POSTCOPY_SOURCE_SOCKET %s (%s); leaving it alone,"
+                " no source mode", path, strerror(saved));
+            return -1;
+        }
+        if (unlink(path) < 0 && errno != ENOENT) {
+            say("cannot remove the stale socket %s: %s; no source mode", path, strerror(errno));
+            return -1;
+        }
+    } else if (errno != ENOENT) {
+        say("cannot look at POSTCOPY_SOURCE_SOCKET %s: %s; no source mode", path, strerror(errno));
+        return -1;
+    }
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s < 0) {
+        say("cannot create a unix socket: %s; no source mode", strerror(errno));
+        return -1;
+    }
+    mode_t previous = umask(0177);
+    int rc = bind(s, (struct sockaddr *)&address, sizeof address), saved = errno;
+    umask(previous);
+    if (rc < 0) {
+        say("cannot bind POSTCOPY_SOURCE_SOCKET %s: %s; no source mode", path, strerror(saved));
+        close(s);
+        return -1;
+    }
+    if (lstat(path, &st) < 0 || listen(s, 16) < 0) {
+        say("cannot listen on POSTCOPY_SOURCE_SOCKET %s: %s; no source mode", path, strerror(errno));
+        close(s);
+        unlink(path);
+        return -1;
+    }
+    source_socket_dev = st.st_dev;
+    source_socket_ino = st.st_ino;
+    return s;
+}
+
+/* A child of the VMM is not the process the agent scans, and the accept
+ * thread does not exist in it: nothing of source mode carries over. */
+static void source_forked(void)
+{
+    atomic_store(&source_mode, 0);
+    if (source_listener >= 0)
+        close(source_listener);
+    source_listener = -1;
+}
+
+/* Called by the constructor. */
+static void source_load(int destination)
+{
+    const char *ram = getenv("POSTCOPY_SOURCE_RAM"), *path = getenv("POSTCOPY_SOURCE_SOCKET");
+    int has_ram = ram && *ram, has_socket = path && *path;
+    if (!has_ram && !has_socket)
+        return;
+    if (!has_ram || !has_socket) {
+        say("%s is set but %s is not: source mode needs both; the source VMM's writes are not tracked",
+            has_ram ? "POSTCOPY_SOURCE_RAM" : "POSTCOPY_SOURCE_SOCKET",
+            has_ram ? "POSTCOPY_SOURCE_SOCKET" : "POSTCOPY_SOURCE_RAM");
+        return;
+    }
+    if (destination) {
+        say("POSTCOPY_SOURCE_RAM/POSTCOPY_SOURCE_SOCKET and POSTCOPY_VMM_SOCKET are both set, but a VMM is"
+            " either a migration's source or its destination: refusing source mode (no dirty-log socket,"
+            " no write tracking); destination mode goes on");
+        return;
+    }
+    if (!real_mmap) {
+        say("cannot find the C library's mmap; no source mode");
+        return;
+    }
+    if (strlen(path) >= sizeof source_socket_path) {
+        say("POSTCOPY_SOURCE_SOCKET is longer than a unix socket path may be (%zu bytes): %s; no source mode",
+            sizeof source_socket_path - 1, path);
+        return;
+    }
+    if (strlen(ram) >= sizeof source_ram_path) {
+        say("POSTCOPY_SOURCE_RAM is longer than PATH_MAX; no source mode");
+        return;
+    }
+    /* QEMU creates a mem-path that does not exist: its device and inode
+     * are then taken at the first shared file mapping after it appeared. */
+    struct stat st;
+    int exists = stat(ram, &st) == 0;
+    if (!exists && errno != ENOENT) {
+        say("cannot stat POSTCOPY_SOURCE_RAM %s: %s; no source mode", ram, strerror(errno));
+        return;
+    }
+    strcpy(source_ram_path, ram);
+    strcpy(source_socket_path, path);
+    if (exists) {
+        source_dev = st.st_dev;
+        source_ino = st.st_ino;
+        atomic_store(&source_known, 1);
+    }
+    snprintf(offer_reason, sizeof offer_reason, "the source QEMU has not mapped %s yet", source_ram_path);
+
+    source_listener = listen_source_socket(path);
+    if (source_listener < 0)
+        return;
+    source_pid = getpid();
+    /* The thread takes no signal meant for the process: a VMM that blocks
+     * some to read them from a signalfd must not lose one to it. */
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    pthread_t thread;
+    pthread_attr_t attributes;
+    pthread_attr_init(&attributes);
+    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+    int failed = pthread_create(&thread, &attributes, source_offer_thread, NULL);
+    pthread_attr_destroy(&attributes);
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    if (failed) {
+        say("cannot start the adapter's dirty-log thread (%s); no source mode", strerror(failed));
+        close(source_listener);
+        source_listener = -1;
+        unlink(path);
+        return;
+    }
+    pthread_atfork(NULL, NULL, source_forked);
+    atomic_store(&source_mode, 1);
+    if (exists)
+        say("source mode: writes to %s (device %u:%u inode %lu) will be tracked once the VMM maps it; the"
+            " offer is on %s", source_ram_path, major(st.st_dev), minor(st.st_dev), (unsigned long)st.st_ino,
+            source_socket_path);
+    else
+        say("source mode: writes to %s (not there yet: the VMM is to create it) will be tracked once the VMM"
+            " maps it; the offer is on %s", source_ram_path, source_socket_path);
+}
+
+/* The interposed mmap, for a shared file mapping while POSTCOPY_SOURCE_RAM
+ * did not exist yet: whether it exists now, and if so its device and
+ * inode are kept. One stat per shared file mapping until then. */
+static int source_file_appeared(void)
+{
+    struct stat st;
+    int saved_errno = errno;
+    int exists = stat(source_ram_path, &st) == 0;
+    errno = saved_errno;
+    if (!exists)
+        return 0;
+    pthread_mutex_lock(&offer_lock);
+    if (!atomic_load(&source_known)) {
+        source_dev = st.st_dev;
+        source_ino = st.st_ino;
+        atomic_store(&source_known, 1);
+    }
+    pthread_mutex_unlock(&offer_lock);
+    return 1;
+}
+
+/* At exit, the socket file goes, if it is still the one this process bound
+ * (not in a child, which never listened). */
+__attribute__((destructor)) static void postcopy_vmm_unload(void)
+{
+    if (source_listener < 0 || getpid() != source_pid)
+        return;
+    struct stat st;
+    if (lstat(source_socket_path, &st) == 0 && st.st_dev == source_socket_dev && st.st_ino == source_socket_ino)
+        unlink(source_socket_path);
 }

@@ -5,6 +5,12 @@
 # the program saw and what the adapter said. Root only (postcopyd's
 # userfaultfd checks, and a case run as another uid).
 #
+# Source mode (POSTCOPY_SOURCE_RAM, POSTCOPY_SOURCE_SOCKET) runs
+# preload/test/write-pages (a source VMM that keeps writing its RAM) and
+# reads the offer with preload/test/read-offer; two whole migrations use
+# its write log (--dirty-log uffd-wp --verify-dirty-log) and fall back to
+# hashing when it has none.
+#
 #   BIN=.build/debug PRELOAD=.build/preload/libpostcopy-vmm.so bash preload/test/adapter-test.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,14 +27,19 @@ fi
 work=$(mktemp -d /tmp/postcopy-preload.XXXXXX)
 ram=/dev/shm/postcopy-preload-ram.$$
 other=/dev/shm/postcopy-preload-other.$$
+src=/dev/shm/postcopy-preload-source.$$
 daemon=
+background=()
 cleanup() {
     [[ -n $daemon ]] && kill -KILL "$daemon" 2>/dev/null || true
+    for pid in "${background[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$work" "$ram" "$other"
+    rm -rf "$work" "$ram" "$other" "$src" "$src.new"
 }
 trap cleanup EXIT
-$CC -O2 -Wall -Wextra -Werror -o "$work/map-file" preload/test/map-file.c
+for helper in map-file write-pages read-offer; do
+    $CC -O2 -Wall -Wextra -Werror -o "$work/$helper" "preload/test/$helper.c"
+done
 chmod 0755 "$work"  # the case run as another uid executes map-file
 size=$((64 << 20))
 truncate -s "$size" "$other"
@@ -142,6 +153,196 @@ else
     tail -n 5 "$work/push.err" "$work/daemon.log" "$work/vmm.err" >&2
     failures=$((failures + 1))
 fi
+
+# ---- source mode ----
+fail() {  # what, files to show…
+    say "FAIL: $1"
+    shift
+    for file in "$@"; do [[ -f $file ]] && tail -n 8 "$file" >&2; done
+    failures=$((failures + 1))
+}
+# The source RAM: half random, half zeros, as a guest's is.
+truncate -s 0 "$src"
+head -c "$((size / 2))" /dev/urandom >"$src"
+truncate -s "$size" "$src"
+wp_sock=$work/dirty-log.sock
+source_env=(env LD_PRELOAD="$PRELOAD" POSTCOPY_SOURCE_RAM="$src" POSTCOPY_SOURCE_SOCKET="$wp_sock")
+
+# Starts write-pages with the adapter in source mode and waits until it
+# printed WAIT_FOR (ready|waiting); sets $writer, its stdout in $work/writer.out.
+start_writer() {  # WAIT_FOR write-pages arguments…
+    local wait_for=$1
+    shift
+    "${source_env[@]}" "$work/write-pages" "$src" "$@" >"$work/writer.out" 2>"$work/writer.err" &
+    writer=$!
+    background+=("$writer")
+    for _ in $(seq 1 100); do grep -qx "$wait_for" "$work/writer.out" && return 0; sleep 0.05; done
+    fail "write-pages never said '$wait_for'" "$work/writer.out" "$work/writer.err"
+    return 1
+}
+stop_writer() {
+    kill -KILL "$writer" 2>/dev/null || true
+    wait "$writer" 2>/dev/null || true
+}
+# expect_offer NAME WANTED(exact line, or a regex with ~ in front)
+expect_offer() {
+    local got
+    got=$("$work/read-offer" "$wp_sock" 2>&1) || true
+    if [[ ${2:0:1} == "~" ]] && grep -Eq "${2:1}" <<<"$got" || [[ $got == "$2" ]]; then
+        say "ok: $1"
+    else
+        fail "$1"
+        echo "  offer: '$got' (wanted '$2')" >&2
+        tail -n 5 "$work/writer.err" >&2 2>/dev/null || true
+    fi
+}
+
+case_ "source mode needs both variables: said, the mapping left alone" "mapped wrote" \
+    "postcopy-vmm: POSTCOPY_SOURCE_RAM is set but POSTCOPY_SOURCE_SOCKET is not" -- \
+    env LD_PRELOAD="$PRELOAD" POSTCOPY_SOURCE_RAM="$src" "$work/map-file" "$src" "$size"
+case_ "source and destination mode at once: source mode refused, destination as before" "mapped wrote" \
+    "refusing source mode .*destination mode goes on" -- \
+    "${source_env[@]}" POSTCOPY_VMM_SOCKET="$work/nothing.sock" "$work/map-file" "$src" "$size"
+if ! grep -q "cannot connect to postcopyd's VMM socket" "$work/stderr" || [[ -e $wp_sock ]]; then
+    fail "with both modes configured, destination mode did not go on alone" "$work/stderr"
+fi
+touch "$work/not-a-socket"
+case_ "a file at POSTCOPY_SOURCE_SOCKET that is not a socket is left alone" "mapped wrote" \
+    "not-a-socket exists and is not a socket; leaving it alone" -- \
+    env LD_PRELOAD="$PRELOAD" POSTCOPY_SOURCE_RAM="$src" POSTCOPY_SOURCE_SOCKET="$work/not-a-socket" \
+    "$work/map-file" "$src" "$size"
+[[ -f $work/not-a-socket ]] || fail "the file at POSTCOPY_SOURCE_SOCKET was deleted"
+case_ "another file is left alone in source mode, and the socket goes at exit" "mapped wrote" \
+    "source mode: writes to .* will be tracked once the VMM maps it" -- \
+    "${source_env[@]}" "$work/map-file" "$other" "$size"
+if grep -q "registered\|no write log" "$work/stderr" || [[ -e $wp_sock ]]; then
+    fail "the other file was tracked, or the socket outlived the process" "$work/stderr"
+fi
+
+# A stale socket (its listener died) is replaced; the offer before and
+# after the VMM maps its RAM.
+python3 -S -c 'import socket, sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])' "$wp_sock"
+if start_writer waiting whole later; then
+    mode=$(stat -c %a "$wp_sock")
+    [[ $mode == 600 ]] && say "ok: a stale socket is replaced; the dirty-log socket is mode 0600" ||
+        fail "the dirty-log socket is mode $mode, not 0600"
+    expect_offer "before the VMM maps its RAM: unavailable, and why" \
+        "unavailable: the source QEMU has not mapped $src yet"
+    kill -USR1 "$writer"
+    for _ in $(seq 1 100); do grep -qx ready "$work/writer.out" && break; sleep 0.05; done
+    read -r _ address length < <(grep '^mapped' "$work/writer.out")
+    expect_offer "armed: the mapping's address and length (the whole file, $size bytes)" \
+        "armed $address $size"
+    [[ $length == "$size" ]] || fail "write-pages mapped $length bytes, not $size"
+    case_ "a second source VMM on the same socket is refused, the first keeps it" "mapped wrote" \
+        "another process listens on POSTCOPY_SOURCE_SOCKET" -- \
+        "${source_env[@]}" "$work/map-file" "$other" "$size"
+    expect_offer "the first still answers" "armed $address $size"
+    # Another uid: a socket made reachable on purpose, so that the
+    # adapter's own check (SO_PEERCRED) is what refuses it.
+    if command -v setpriv >/dev/null; then
+        as_nobody=(setpriv --reuid=65534 --regid=65534 --clear-groups)
+    elif command -v runuser >/dev/null; then
+        as_nobody=(runuser -u nobody --)
+    else
+        as_nobody=()
+    fi
+    if ((${#as_nobody[@]})); then
+        chmod 0666 "$wp_sock"
+        got=$("${as_nobody[@]}" "$work/read-offer" "$wp_sock" 2>&1) || true
+        chmod 0600 "$wp_sock"
+        if [[ $got == "no offer: closed without a word" ]] &&
+            grep -q "refused a dirty-log request from pid [0-9]* uid 65534: only root and uid 0 may ask" \
+                "$work/writer.err"; then
+            say "ok: a request from another uid is refused and logged"
+        else
+            fail "a request from uid 65534 was not refused (got '$got')" "$work/writer.err"
+        fi
+    else
+        say "SKIPPED: another uid's request (neither setpriv nor runuser)"
+    fi
+    stop_writer
+fi
+
+# QEMU creates a mem-path that is not there yet: the adapter finds it at
+# the mapping.
+rm -f "$src.new"
+src_was=$src
+src=$src.new
+source_env=(env LD_PRELOAD="$PRELOAD" POSTCOPY_SOURCE_RAM="$src" POSTCOPY_SOURCE_SOCKET="$wp_sock")
+if start_writer ready whole create; then
+    read -r _ address _ < <(grep '^mapped' "$work/writer.out")
+    expect_offer "a RAM file the VMM creates after the adapter loaded: armed" "armed $address $((16 << 20))"
+    stop_writer
+fi
+rm -f "$src"
+src=$src_was
+source_env=(env LD_PRELOAD="$PRELOAD" POSTCOPY_SOURCE_RAM="$src" POSTCOPY_SOURCE_SOCKET="$wp_sock")
+
+if start_writer ready offset; then
+    expect_offer "a mapping not from offset 0: unavailable, and why" \
+        "~^unavailable: the source VMM maps $((size - 4096)) bytes of $src from file offset 4096 at 0x[0-9a-f]+, but the write log needs one mapping of the whole file \($size bytes\) from offset 0$"
+    stop_writer
+fi
+
+# A whole migration from a preloaded source VMM that keeps writing, onto a
+# real postcopyd and the reference guest (which verifies the image against
+# the source's digest). Sets $summary (postcopy-push --json).
+migrate_source() {  # NAME postcopy-push options…
+    local name=$1 status=0
+    shift
+    rm -f "$work/dest.ready"
+    "$BIN/postcopyd" serve --instance preload-source-test --listen 127.0.0.1:0 --insecure-plaintext \
+        --size "$size" --vmm-socket "$work/dest-vmm.sock" --control-socket "$work/dest-control.sock" \
+        --ready-file "$work/dest.ready" --json >"$work/dest.json" 2>"$work/dest.log" &
+    local dest=$!
+    background+=("$dest")
+    for _ in $(seq 1 100); do [[ -s $work/dest.ready ]] && break; sleep 0.1; done
+    "$BIN/postcopy-guest" vmm --socket "$work/dest-vmm.sock" --json >"$work/guest.json" 2>"$work/guest.log" &
+    local guest=$!
+    background+=("$guest")
+    timeout 120 "$BIN/postcopy-push" --ram "$src" --to "$(cat "$work/dest.ready")" --insecure-plaintext \
+        --pause-pid "$writer" --dirty-log-socket "$wp_sock" --quiet --json "$@" \
+        >"$work/push.json" 2>"$work/push.err" || status=$?
+    timeout 60 tail --pid="$dest" -f /dev/null || true
+    wait "$dest" || status=$((status ? status : 100))
+    timeout 60 tail --pid="$guest" -f /dev/null || true
+    wait "$guest" || status=$((status ? status : 101))
+    summary=$(cat "$work/push.json")
+    grep -q '"verified":true' "$work/guest.json" || { ((status)) || status=102; }
+    if ((status)); then
+        fail "$name: exit status $status" "$work/push.err" "$work/dest.log" "$work/guest.log" "$work/writer.err"
+        return 1
+    fi
+}
+
+if start_writer ready whole write; then
+    if migrate_source "a whole migration on the adapter's write log" \
+        --dirty-log uffd-wp --verify-dirty-log; then
+        if grep -q '"dirtyLog":"uffd-wp"' <<<"$summary" && grep -q '"missedByDirtyLog":0[,}]' <<<"$summary"; then
+            [[ -n ${VERBOSE:-} ]] && echo "$summary"
+            say "ok: a whole migration on the adapter's write log: uffd-wp, nothing missed, the guest verified"
+        else
+            fail "the migration did not use the write log, or it missed pages: $summary" "$work/writer.err"
+        fi
+    fi
+    stop_writer
+fi
+
+if start_writer ready twice write; then
+    expect_offer "a second mapping of the RAM file: unavailable, and why" \
+        "~^unavailable: the source VMM maps $src a second time .*would not be in the write log"
+    if migrate_source "--dirty-log auto without a write log" --dirty-log auto; then
+        if grep -q '"dirtyLog":"hash"' <<<"$summary" &&
+            grep -q '"dirtyLogFallback":"[^"]*a second time' <<<"$summary"; then
+            say "ok: --dirty-log auto falls back to hashing, saying why; the guest verified"
+        else
+            fail "--dirty-log auto did not fall back to hash with the reason: $summary"
+        fi
+    fi
+    stop_writer
+fi
+
 if ((failures)); then
     say "FAIL: $failures case(s)"
     exit 1
