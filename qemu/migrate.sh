@@ -26,6 +26,9 @@
 #                    registers the source QEMU's RAM) or hash
 #   VERIFY_DIRTY_LOG=1 also hash every page after each scan of the log and
 #                    fail on a page it missed (postcopy-push --verify-dirty-log)
+#   FAIL_SWITCHOVER=1  no destination QEMU: postcopyd gives up waiting for
+#                    its VMM at switchover, after the source QEMU stopped its
+#                    vCPUs; the source must run on and its guest verify there
 #   KILL_DAEMON=1    kill -9 postcopyd right after VMM_RESUME, and start
 #                    another with --takeover: the adapter hands it the guest,
 #                    the agent rejoins it, and the guest still verifies
@@ -41,6 +44,7 @@ PRELOAD=${PRELOAD:-.build/preload/libpostcopy-vmm.so}
 HUGETLBFS_DIR=${HUGETLBFS_DIR:-/dev/hugepages}
 TLS=${TLS:-1}
 KILL_DAEMON=${KILL_DAEMON:-0}
+FAIL_SWITCHOVER=${FAIL_SWITCHOVER:-0}
 DIRTY_LOG=${DIRTY_LOG:-uffd-wp}
 VERIFY_DIRTY_LOG=${VERIFY_DIRTY_LOG:-0}
 case $MEMORY in
@@ -85,12 +89,42 @@ port=0
 daemon_args=(--instance qemu --listen "127.0.0.1:$port" --vmm-socket "$work/vmm.sock" --control-socket "$work/control.sock"
              "${daemon_tls[@]}" --json)
 say "destination: postcopyd owns $destination_ram ($MEMORY)"
+fail_args=()
+((FAIL_SWITCHOVER)) && fail_args=(--vmm-timeout 2)
 "$BIN/postcopyd" serve "${daemon_args[@]}" --memory "$MEMORY" --size "$SIZE" --ram-file "$destination_ram" \
-    --ready-file "$work/daemon.ready" >"$work/daemon.json" 2>"$work/daemon.log" &
+    "${fail_args[@]}" --ready-file "$work/daemon.ready" >"$work/daemon.json" 2>"$work/daemon.log" &
 daemon_pid=$!
 pids+=("$daemon_pid")
 for _ in $(seq 1 300); do [[ -s $work/daemon.ready ]] && break; sleep 0.1; done
 [[ -s $work/daemon.ready ]] || fail "postcopyd did not start"
+
+if ((FAIL_SWITCHOVER)); then
+    # The switchover fails after the source QEMU stopped its vCPUs and
+    # before postcopyd resumed anything: postcopy-push must cancel the
+    # source's migration, so that the guest runs on where it was.
+    say "no destination QEMU: postcopyd will give up at switchover; the source must run on"
+    wait_qmp "$work/source.qmp"
+    set +e
+    "$BIN/postcopy-push" --ram "$source_ram" --to "$(cat "$work/daemon.ready")" "${agent_tls[@]}" \
+        --migration-secret-file "$work/migration.secret" --quiet --json --max-rounds 2 \
+        --qmp "$work/source.qmp" --qmp-migrate-uri "unix:$work/device-state.sock" \
+        --dirty-log "$DIRTY_LOG" $([[ $DIRTY_LOG == uffd-wp ]] && echo --dirty-log-socket "$work/dirty-log.sock") \
+        >"$work/push.json" 2>"$work/push.log"
+    push_status=$?
+    wait "$daemon_pid"
+    set -e
+    ((push_status != 0)) || fail "postcopy-push succeeded although no VMM ever attached"
+    grep -q "switchover failed before the destination resumed: resuming the source" "$work/push.log" ||
+        fail "postcopy-push did not resume the source: $(tail -3 "$work/push.log")"
+    # It has to be running again, not merely still there: QEMU restarts the
+    # vCPUs when the cancelled migration is cleaned up.
+    source_status=$(qmp "$work/source.qmp" query-status | jq -r .status)
+    [[ $source_status == running ]] || fail "the source QEMU is '$source_status' after the failed switchover, not running"
+    verify_guest source
+    [[ $verdict == *"VERIFY PASS"* ]] || fail "the source guest found its memory wrong after the failed switchover: $verdict"
+    say "PASS: the switchover failed before RESUMED; the source QEMU runs on and its guest verified there"
+    exit 0
+fi
 
 say "destination QEMU: maps $destination_ram with libpostcopy-vmm.so preloaded, waits for the device state"
 console destination

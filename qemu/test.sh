@@ -3,7 +3,9 @@
 # workload) migrated with postcopyd serving its faults, through
 # libpostcopy-vmm.so: once onto shmem, once onto hugetlbfs when enough 2 MiB
 # pages are free, and once onto shmem with postcopyd killed (SIGKILL) right
-# after VMM_RESUME and a new one taking over from what the adapter hands back.
+# after VMM_RESUME and a new one taking over from what the adapter hands back,
+# and once with the switchover failing after the source QEMU stopped its
+# vCPUs (no destination QEMU): the source must run on, its guest verified.
 # postcopy-push reads the source QEMU's uffd-wp write log (the adapter
 # preloaded there registers its RAM) and checks it against a hash of every
 # page (--verify-dirty-log), and switches over through QMP. Root only: QEMU's process opens the userfaultfd, and the
@@ -40,14 +42,15 @@ bash qemu/build-guest.sh "$GUEST"
 
 results=$(mktemp -d)
 trap 'rm -rf "$results"' EXIT
-run() {  # memory [kill]
-    local kill=${2:-0}
-    say "migrating a $SIZE QEMU guest onto $1$( ((kill)) && echo ', postcopyd killed and taken over')"
-    MEMORY=$1 KILL_DAEMON=$kill VERIFY_DIRTY_LOG=1 SIZE=$SIZE BIN=$BIN GUEST=$GUEST HUGETLBFS_DIR=$HUGETLBFS_DIR \
+run() {  # memory [kill] [fail the switchover]
+    local kill=${2:-0} fail=${3:-0}
+    say "migrating a $SIZE QEMU guest onto $1$( ((kill)) && echo ', postcopyd killed and taken over')$( ((fail)) && echo ', the switchover failing')"
+    MEMORY=$1 KILL_DAEMON=$kill FAIL_SWITCHOVER=$fail VERIFY_DIRTY_LOG=1 SIZE=$SIZE BIN=$BIN GUEST=$GUEST HUGETLBFS_DIR=$HUGETLBFS_DIR \
         PRECOPY_SECONDS=${PRECOPY_SECONDS:-5} RESULT="$results/$1$( ((kill)) && echo -takeover).json" bash qemu/migrate.sh
 }
 run shmem
 run shmem 1
+run shmem 0 1
 
 size_pages=$(($(numfmt --from=iec "$SIZE") / 2097152))
 free_pages=$(awk '/HugePages_Free/ { print $2 }' /proc/meminfo)
@@ -60,5 +63,6 @@ else
 fi
 say "PASS"
 for result in "$results"/*.json; do
+    [[ -s $result ]] || continue
     jq -c '{accel, memory, verified, dirtyLog, missedByDirtyLog, finalScanMs, staleFaults, guestPauseMs, guestDowntimeMs, postcopySeconds, longestStallUs, sourceStatus}' "$result"
 done

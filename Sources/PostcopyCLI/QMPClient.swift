@@ -9,17 +9,28 @@ import PostcopyOS
 public final class QMPClient: Sendable {
     public let path: String
     private let state: Locked<Connection>
+    private let receiveTimeoutNanos: UInt64
 
     private final class Connection {
         let socket: UnixConnection
         var buffer: [UInt8] = []
+        /// The statuses of MIGRATION events not yet waited for, in order.
+        var migrationEvents: [String] = []
         init(_ socket: UnixConnection) { self.socket = socket }
+
+        /// Keeps what `waitForMigration` needs of an asynchronous event.
+        func note(event message: [String: Any]) {
+            guard message["event"] as? String == "MIGRATION",
+                  let status = (message["data"] as? [String: Any])?["status"] as? String else { return }
+            migrationEvents.append(status)
+        }
     }
 
     /// Connects, reads the greeting and leaves capabilities negotiation
     /// (`qmp_capabilities`), so that commands can follow.
     public init(path: String, timeoutNanos: UInt64 = 10_000_000_000) throws {
         self.path = path
+        receiveTimeoutNanos = timeoutNanos
         let socket = try inStep("connect to QMP at \(path)") { try UnixConnection.connect(path: path) }
         try socket.setReceiveTimeout(timeoutNanos)
         let connection = Connection(socket)
@@ -40,7 +51,10 @@ public final class QMPClient: Sendable {
             try connection.socket.send(Array(line))
             while true {
                 let message = try Self.message(connection, path: path)
-                if message["event"] != nil { continue }
+                if message["event"] != nil {
+                    connection.note(event: message)
+                    continue
+                }
                 if let error = message["error"] as? [String: Any] {
                     throw QMPError(path: path, "\(command): \(error["class"] ?? "error"): \(error["desc"] ?? "")")
                 }
@@ -64,6 +78,41 @@ public final class QMPClient: Sendable {
         }
         return status
     }
+
+    /// Waits for a MIGRATION event (QEMU sends them once the `events`
+    /// migration capability is on) whose status is one of `wanted`, and
+    /// returns it; one of `failed`, or `timeoutNanos` without either, throws.
+    /// Events that arrived during earlier commands count, oldest first, so
+    /// a status reached while the command that caused it ran is not lost.
+    public func waitForMigration(_ wanted: Set<String>, failing failed: Set<String>, timeoutNanos: UInt64,
+                                 _ what: String) throws -> String {
+        let deadline = monotonicNanoseconds() + timeoutNanos
+        return try state.withLock { connection in
+            while true {
+                while !connection.migrationEvents.isEmpty {
+                    let status = connection.migrationEvents.removeFirst()
+                    if wanted.contains(status) { return status }
+                    if failed.contains(status) { throw QMPError(path: path, "\(what): QEMU says '\(status)'") }
+                }
+                let now = monotonicNanoseconds()
+                guard now < deadline else {
+                    throw QMPError(path: path, "\(what): no MIGRATION event with status \(wanted.sorted().joined(separator: " or ")) within \(timeoutNanos / 1_000_000_000) s")
+                }
+                try connection.socket.setReceiveTimeout(deadline - now)
+                defer { try? connection.socket.setReceiveTimeout(receiveTimeoutNanos) }
+                let message: [String: Any]
+                do {
+                    message = try Self.message(connection, path: path)
+                } catch let error as SystemCallError where error.errno == .again {
+                    continue
+                }
+                connection.note(event: message)
+            }
+        }
+    }
+
+    /// Forgets MIGRATION events seen so far (before starting a migration).
+    public func discardMigrationEvents() { state.withLock { $0.migrationEvents.removeAll() } }
 
     /// Polls `query` (every 0.5 ms at first, backing off to 10 ms) until it
     /// returns one of `wanted`; one of `failed`, or `timeoutNanos`, throws.

@@ -33,10 +33,13 @@ public final class QMPSourceControl: Sendable {
         guard ["none", "completed", "failed", "cancelled"].contains(status) else {
             throw QMPError(path: socketPath, "the source QEMU is migrating already (query-migrate: '\(status)')")
         }
-        try inStep("set x-ignore-shared and pause-before-switchover on the source QEMU") {
+        // MIGRATION events tell each state the moment QEMU enters it:
+        // polling query-migrate would add its interval to the pause.
+        try inStep("set x-ignore-shared, pause-before-switchover and events on the source QEMU") {
             try qmp.execute("migrate-set-capabilities", ["capabilities": [
                 ["capability": "x-ignore-shared", "state": true],
                 ["capability": "pause-before-switchover", "state": true],
+                ["capability": "events", "state": true],
             ]])
         }
     }
@@ -57,10 +60,11 @@ public final class QMPSourceControl: Sendable {
 
     /// `migrate`, then wait for `pre-switchover`: the vCPUs are stopped.
     private func stopVCPUs() throws {
+        qmp.discardMigrationEvents()
         pause.withLock { $0 = (monotonicNanoseconds(), nil) }
         try qmp.execute("migrate", ["uri": migrateURI])
-        _ = try qmp.wait(for: ["pre-switchover"], failing: ["failed", "cancelled", "completed"], timeoutNanos: 30_000_000_000,
-                         "waiting for the source QEMU to stop its vCPUs before switchover") { try qmp.migrationStatus() }
+        _ = try qmp.waitForMigration(["pre-switchover"], failing: ["failed", "cancelled", "completed"],
+                                     timeoutNanos: 30_000_000_000, "waiting for the source QEMU to stop its vCPUs before switchover")
     }
 
     /// Before the destination resumed: cancel the device-state migration
@@ -82,8 +86,8 @@ public final class QMPSourceControl: Sendable {
     /// has sent it all (`completed`), when the destination runs the guest.
     private func continueMigration() throws {
         try qmp.execute("migrate-continue", ["state": "pre-switchover"])
-        _ = try qmp.wait(for: ["completed"], failing: ["failed", "cancelled"], timeoutNanos: 300_000_000_000,
-                         "waiting for the device state to reach the destination QEMU") { try qmp.migrationStatus() }
+        _ = try qmp.waitForMigration(["completed"], failing: ["failed", "cancelled"], timeoutNanos: 300_000_000_000,
+                                     "waiting for the device state to reach the destination QEMU")
         let now = monotonicNanoseconds()
         pause.withLock { $0.ms = Double(now - $0.started) / 1e6 }
     }
