@@ -23,8 +23,11 @@
 #                  nothing (for make test; skips when not root)
 #   make test-qemu a real QEMU guest (Debian's kernel, a self-verifying
 #                  workload) migrated onto postcopyd through the preload
-#                  adapter, on shmem, on hugetlbfs, and with postcopyd
-#                  killed and taken over (root; installs QEMU)
+#                  adapter (in both QEMUs: the source's uffd-wp log, checked
+#                  page by page), switched over by postcopy-push --qmp, on
+#                  shmem, on hugetlbfs, with postcopyd killed and taken
+#                  over, and with a switchover that fails before RESUMED
+#                  (root; installs QEMU)
 #   make test-preload  the adapter against a real postcopyd, without QEMU
 #   make preload   libpostcopy-vmm.so, the adapter that puts an unmodified
 #                  VMM on postcopyd (LD_PRELOAD), in .build/preload/
