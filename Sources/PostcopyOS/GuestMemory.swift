@@ -71,9 +71,10 @@ public final class MemoryFile: Sendable {
         let fd: Int32
         switch backing {
         case .memfd:
-            fd = try check("memfd_create") { cpc_memfd_create(name, UInt32(CPC_MFD_CLOEXEC)) }
+            fd = try check("memfd_create") { cpc_memfd_create(name, UInt32(CPC_MFD_CLOEXEC) | UInt32(CPC_MFD_ALLOW_SEALING)) }
         case .hugetlbMemfd:
-            let flags = UInt32(CPC_MFD_CLOEXEC) | UInt32(CPC_MFD_HUGETLB) | UInt32(CPC_MFD_HUGE_2MB)
+            let flags = UInt32(CPC_MFD_CLOEXEC) | UInt32(CPC_MFD_ALLOW_SEALING) | UInt32(CPC_MFD_HUGETLB)
+                | UInt32(CPC_MFD_HUGE_2MB)
             fd = try check("memfd_create MFD_HUGETLB") { cpc_memfd_create(name, flags) }
         case let .hugetlbfs(directory):
             fd = try MemoryFile.createUnlinked(in: directory, name: name)
@@ -87,6 +88,15 @@ public final class MemoryFile: Sendable {
         do {
             try MemoryFile.verifyFilesystem(fd: fd, backing: backing)
             try checkLibc("ftruncate to \(size) bytes") { ftruncate(fd, off_t(size)) }
+            // The VMM maps this file: sealed, it cannot shrink it under
+            // postcopyd's alias, whose next write would then raise SIGBUS.
+            // Only a memfd takes seals; a file on hugetlbfs or tmpfs cannot.
+            switch backing {
+            case .memfd, .hugetlbMemfd:
+                try check("seal guest RAM against shrinking (F_SEAL_SHRINK)") { cpc_add_seals(fd, UInt32(CPC_F_SEAL_SHRINK)) }
+            default:
+                break
+            }
         } catch {
             if case let .namedFile(path, _) = backing { unlink(path) }
             close(fd)

@@ -22,11 +22,16 @@ public final class PageStateFile: @unchecked Sendable {
         precondition(stale.count == header.geometry.smallPageCount, "stale bitmap of \(stale.count) bits for \(header.geometry)")
         let length = PageStateLayout.fileBytes(for: header.geometry)
         let fd = try check("memfd_create for the page-state record") {
-            cpc_memfd_create("postcopyd-page-state", UInt32(CPC_MFD_CLOEXEC))
+            cpc_memfd_create("postcopyd-page-state", UInt32(CPC_MFD_CLOEXEC) | UInt32(CPC_MFD_ALLOW_SEALING))
         }
         let base: UnsafeMutableRawPointer
         do {
             try checkLibc("ftruncate the page-state record to \(length) bytes") { ftruncate(fd, off_t(length)) }
+            // The VMM keeps the record: sealed, it can neither shrink it
+            // (SIGBUS here) nor grow it into something else.
+            try check("seal the page-state record's size (F_SEAL_SHRINK | F_SEAL_GROW)") {
+                cpc_add_seals(fd, UInt32(CPC_F_SEAL_SHRINK) | UInt32(CPC_F_SEAL_GROW))
+            }
             base = try PageStateFile.map(fd, length)
         } catch {
             close(fd)

@@ -156,6 +156,28 @@ import PostcopyOS
         #expect(result.stderr.hasPrefix("Error: say how to pause the source at switchover: --qmp, --pause-pid, --pause-cmd, or --no-pause\n"))
     }
 
+    /// The migration secret is read through one descriptor whose type,
+    /// owner and mode are checked first.
+    @Test func aSecretFileOthersMayReadIsRefused() throws {
+        let directory = "/tmp/postcopy-secret-test-\(getpid())"
+        mkdir(directory, 0o700)
+        defer { unlink(directory + "/open"); rmdir(directory + "/dir"); rmdir(directory) }
+        let hex = String(repeating: "ab", count: 32) + "\n"
+        let fd = open(directory + "/open", O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        #expect(fd >= 0)
+        _ = hex.withCString { write(fd, $0, strlen($0)) }
+        fchmod(fd, 0o644)
+        close(fd)
+        mkdir(directory + "/dir", 0o700)
+        let push = ["--ram", "/dev/shm/none", "--to", "127.0.0.1:9", "--no-pause", "--insecure-plaintext", "--migration-secret-file"]
+        let open = try run("postcopy-push", push + [directory + "/open"])
+        #expect(open.status == 64)
+        #expect(open.stderr.contains("may be read by others (mode 644): chmod 600 it"), "\(open.stderr)")
+        let dir = try run("postcopy-push", push + [directory + "/dir"])
+        #expect(dir.status == 64)
+        #expect(dir.stderr.contains("is not a regular file"), "\(dir.stderr)")
+    }
+
     /// Combinations that cannot mean what they say are refused up front.
     @Test(arguments: [
         (["--no-pause", "--resumed-cmd", "true"], "--no-pause contradicts --resumed-cmd"),

@@ -68,8 +68,15 @@ enum {
 /* memfd_create(2) flags; glibc hides them behind _GNU_SOURCE. */
 enum {
     CPC_MFD_CLOEXEC = MFD_CLOEXEC,
+    CPC_MFD_ALLOW_SEALING = MFD_ALLOW_SEALING,
     CPC_MFD_HUGETLB = MFD_HUGETLB,
     CPC_MFD_HUGE_2MB = MFD_HUGE_2MB,
+};
+
+/* File seals (fcntl F_ADD_SEALS), behind _GNU_SOURCE in glibc too. */
+enum {
+    CPC_F_SEAL_SHRINK = 0x0002,
+    CPC_F_SEAL_GROW = 0x0004,
 };
 
 /* Byte offsets inside struct uffd_msg, so Swift can decode a batch in place. */
@@ -98,6 +105,13 @@ int cpc_uffd_open_syscall(int flags);
 
 /* memfd_create(2). Returns fd or -errno. */
 int cpc_memfd_create(const char *name, unsigned int flags);
+
+/* fcntl(fd, F_ADD_SEALS, seals) on a memfd made with MFD_ALLOW_SEALING.
+ * Returns 0 or -errno. */
+int cpc_add_seals(int fd, unsigned int seals);
+
+/* fcntl(fd, F_GET_SEALS): the seals in force, or -errno. */
+int cpc_get_seals(int fd);
 
 /* fallocate(2), which glibc declares only under _GNU_SOURCE. Returns 0 or -errno. */
 int cpc_fallocate(int fd, int mode, int64_t offset, int64_t length);
