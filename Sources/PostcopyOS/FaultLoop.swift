@@ -52,11 +52,18 @@ public final class FaultLoop: Sendable {
     private let batchSize: Int
     private let thread: StoppableThread
     private let failure = Locked<String?>(nil)
+    private let onFailure: (@Sendable (String) -> Void)?
 
-    public init(installer: PageInstaller, resolver: any FaultResolver, batchSize: Int = 64) throws {
+    /// `onFailure` runs on the fault thread, once, when the loop ends on its
+    /// own (a userfaultfd that errs or hangs up): from then on no fault is
+    /// served, so the owner must learn of it at once, not at completion. It
+    /// must not call `stop()` (that joins the very thread it runs on).
+    public init(installer: PageInstaller, resolver: any FaultResolver, batchSize: Int = 64,
+                onFailure: (@Sendable (String) -> Void)? = nil) throws {
         self.installer = installer
         self.resolver = resolver
         self.batchSize = batchSize
+        self.onFailure = onFailure
         thread = try inStep("create the fault loop's stop signal") { try StoppableThread() }
     }
 
@@ -145,5 +152,6 @@ public final class FaultLoop: Sendable {
 
     private func fail(_ reason: String) {
         failure.withLock { $0 = reason }
+        onFailure?(reason)
     }
 }

@@ -73,6 +73,23 @@ public final class Userfaultfd: Sendable {
 
     deinit { close(fd) }
 
+    /// Sets O_NONBLOCK on the descriptor when it is not set (a VMM may hand
+    /// over a userfaultfd it opened blocking); returns whether it had to.
+    /// The fault loop reads only after poll, but a blocking read there could
+    /// still hang the fault thread on a spurious wake-up. O_NONBLOCK belongs
+    /// to the open file, so the VMM's copy becomes non-blocking too.
+    /// Kernel: `fcntl(2)` F_GETFL / F_SETFL
+    @discardableResult
+    public func makeNonBlocking() throws(SystemCallError) -> Bool {
+        let flags = try checkLibc("fcntl(F_GETFL) on the userfaultfd") { fcntl(fd, F_GETFL) }
+        guard flags & O_NONBLOCK == 0 else { return false }
+        _ = try checkLibc("fcntl(F_SETFL, O_NONBLOCK) on the userfaultfd") { fcntl(fd, F_SETFL, flags | O_NONBLOCK) }
+        return true
+    }
+
+    /// Whether O_NONBLOCK is set on the descriptor.
+    public var isNonBlocking: Bool { fcntl(fd, F_GETFL) & O_NONBLOCK != 0 }
+
     /// Opens a raw descriptor: /dev/userfaultfd first, then the system call
     /// when the device is absent or not accessible.
     /// Kernel: `USERFAULTFD_IOC_NEW`, `userfaultfd(2)`

@@ -18,7 +18,10 @@ struct Serve: ParsableCommand {
             crash during postcopy, it takes the migration over from them (without systemd, --takeover takes it \
             over from the VMM, which hands them back when it reattaches). Exits 0 once \
             every page is in place and the VMM has let go of the userfaultfd; 1 with the reason when the \
-            migration fails or is stopped (SIGTERM, SIGINT).
+            migration fails or is stopped (SIGTERM, SIGINT). From the guest's resume here until the last page is \
+            in place, a failure or a stop does not release the guest: the VMM gets no ERROR and keeps guest RAM \
+            registered (faults on stale pages wait), and guest RAM, the page-state record and the userfaultfd \
+            stay in systemd's fd store, so that a restarted postcopyd takes the migration over.
             """)
 
     @Option(help: ArgumentHelp("The instance's name (systemd's %i): names its sockets and tags its journal records.", valueName: "name"))
@@ -171,10 +174,16 @@ struct Serve: ParsableCommand {
         }
         try control.start { line in Self.reply(to: line, daemon) }
         try signals.start { signal in
-            let phase = daemon.status().phase
+            let status = daemon.status()
+            let phase = status.phase
             notifier.stopping(status: "stopping on \(signal) during \(phase)")
-            let loss = phase == "postcopy" || phase == "paused" ? "; the guest here loses the pages still stale" : ""
-            logger.warning("\(signal): stopping the migration during \(phase)\(loss)")
+            if daemon.guestDependsOnDaemon {
+                // Issue 18: the guest is not released; it waits for a
+                // restarted postcopyd (the VMM gets no ERROR).
+                logger.critical("\(signal) during \(phase): postcopyd stops WITHOUT releasing the guest: it waits on incomplete memory (\(status.stalePagesLeft) pages still stale) and its threads block on stale pages. Restart postcopyd to take the migration over, or stop the VM.")
+            } else {
+                logger.warning("\(signal): stopping the migration during \(phase)")
+            }
             daemon.cancel("stopped by \(signal) during \(phase)")
         }
         defer {

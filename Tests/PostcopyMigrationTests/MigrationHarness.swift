@@ -39,6 +39,16 @@ final class Background<T: Sendable>: Sendable {
     }
 }
 
+extension Background {
+    /// Why `what` failed, waiting for it; records an issue if it did not.
+    func failure(_ what: String) -> String {
+        switch wait(what) {
+        case .success: Issue.record("\(what) succeeded"); return ""
+        case let .failure(error): return "\(error)"
+        }
+    }
+}
+
 /// How much longer the timing-sensitive tests allow: POSTCOPY_TEST_TIME_SCALE
 /// (default 1), which `make test-sanitizers` sets, as code under a sanitizer
 /// runs several times slower. It stretches dead-peer timeouts and the waits

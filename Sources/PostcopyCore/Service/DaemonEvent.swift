@@ -19,6 +19,10 @@ public enum DaemonEvent: String, CaseIterable, Sendable {
     /// An agent connection was refused: TLS, its certificate, or its HELLO
     /// (a wrong migration or secret). The migration goes on.
     case agentRefused
+    /// postcopyd stopped during postcopy (a failure, SIGTERM, SIGINT)
+    /// without releasing the guest: its RAM stays registered and its faults
+    /// on stale pages wait for a restarted postcopyd to take over.
+    case guestLeftWaiting
 
     /// The journal's MESSAGE_ID: 32 lowercase hex digits.
     public var messageID: String {
@@ -35,6 +39,7 @@ public enum DaemonEvent: String, CaseIterable, Sendable {
         case .postcopyResumed: "477af0a540f34d719568f47c0d525d72"
         case .migrationTakenOver: "ea930c537fa5448ba7cbf921af607dd0"
         case .agentRefused: "ffbdc5116c514418a09f3aa19416dd4a"
+        case .guestLeftWaiting: "c1f0a7d2e85b4b6a9e3d42f7a61b0c58"
         }
     }
 }

@@ -35,6 +35,10 @@ public struct DestinationConfig: Sendable {
     /// How long a new agent connection may take for its TLS handshake, and
     /// then for its HELLO.
     public var handshakeTimeoutNanos: UInt64 = 10_000_000_000
+    /// How long a VMM connection may take from connecting to VMM_ATTACH (or
+    /// to VMM_REATTACH) before it is refused and closed; the daemon then
+    /// goes on waiting for the VMM.
+    public var vmmHandshakeTimeoutNanos: UInt64 = 10_000_000_000
     /// Agent connections allowed in their handshake at once; past that the
     /// oldest is given up for the newest, so that no peer can make the
     /// daemon hold unbounded threads or memory.

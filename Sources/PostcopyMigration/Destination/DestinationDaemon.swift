@@ -42,6 +42,15 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// PAGE_REQUEST would go out for the rest of that generation.
     private let transitions = Lock()
     private let faultLoop = Locked<FaultLoop?>(nil)
+    /// From just before VMM_RESUME goes out (or from the start, for a
+    /// daemon that took a migration over) until the VMM acknowledges
+    /// VMM_COMPLETE: the guest runs here and waits on this daemon for its
+    /// stale pages. A failure then must not release it (issue 18).
+    private let guestDepends = Atomic<Bool>(false)
+    /// The failure came while the guest depended on this daemon: the VMM
+    /// was not sent ERROR, and guest RAM, the record and the fd store are
+    /// left for a restarted postcopyd.
+    private let failedHoldingGuest = Atomic<Bool>(false)
     private let completion = Latch()
     private let finished = Atomic<Bool>(false)
     private let summary = Locked(DestinationSummary())
@@ -121,7 +130,8 @@ public final class DestinationDaemon: @unchecked Sendable {
             }
             let taken = try inStep("take the migration over from \(takeover)") {
                 try Recovered.take(from: takeover, listener: unix, allowedUID: config.vmmUID,
-                                   timeoutNanos: config.vmmAttachTimeoutNanos, logger: logger)
+                                   timeoutNanos: config.vmmAttachTimeoutNanos,
+                                   handshakeTimeoutNanos: config.vmmHandshakeTimeoutNanos, logger: logger)
             }
             let header = taken.header
             if let wanted = config.migrationID, wanted != header.migrationID {
@@ -137,7 +147,10 @@ public final class DestinationDaemon: @unchecked Sendable {
             session = Locked(DestinationSession(takingOver: header.migrationID, geometry: header.geometry,
                                                   secretDigest: header.secretDigest))
             vmm = VMMLink(listener: unix, memory: memory, allowedUID: config.vmmUID, failures: failures, logger: logger,
-                          takeover: VMMTakeover(pageState: taken.pageState, attached: taken.vmm))
+                          takeover: VMMTakeover(pageState: taken.pageState, attached: taken.vmm),
+                          handshakeTimeoutNanos: config.vmmHandshakeTimeoutNanos)
+            // The dead daemon's guest resumed: it depends on this one now.
+            guestDepends.store(true, ordering: .sequentiallyConsistent)
         } else {
             let backing = config.ramFile.map { Backing.namedFile(path: $0, kind: config.memory) }
                 ?? Backing.choose(config.memory, hugetlbfsDirectory: config.hugetlbfsDirectory)
@@ -149,7 +162,8 @@ public final class DestinationDaemon: @unchecked Sendable {
             recovered = nil
             session = Locked(DestinationSession(geometry: memory.geometry, migrationID: config.migrationID,
                                                   secret: config.migrationSecret))
-            vmm = VMMLink(listener: unix, memory: memory, allowedUID: config.vmmUID, failures: failures, logger: logger)
+            vmm = VMMLink(listener: unix, memory: memory, allowedUID: config.vmmUID, failures: failures, logger: logger,
+                          handshakeTimeoutNanos: config.vmmHandshakeTimeoutNanos)
         }
         tcp = try inStep("listen for the agent on \(config.listen)") { try TCPListener(endpoint: config.listen) }
         failures.whenFailed { [weak self] error in self?.shutDown(reporting: error) }
@@ -170,8 +184,13 @@ public final class DestinationDaemon: @unchecked Sendable {
         try vmm.start()
         let heartbeat = try StoppableThread()
         defer {
-            // Ended, well or not, this migration leaves nothing to take over.
-            if let descriptorStore { StoredDescriptor.all.forEach { descriptorStore.remove(name: $0) } }
+            // Ended, well or before the guest resumed here, this migration
+            // leaves nothing to take over. Failed while the guest depends on
+            // it, it leaves guest RAM, the record and the userfaultfd in the
+            // store for a restarted postcopyd.
+            if let descriptorStore, !failedHoldingGuest.load(ordering: .sequentiallyConsistent) {
+                StoredDescriptor.all.forEach { descriptorStore.remove(name: $0) }
+            }
             finished.store(true, ordering: .sequentiallyConsistent)
             heartbeat.stop()
             faultLoop.withLock { $0 }?.stop()
@@ -204,6 +223,7 @@ public final class DestinationDaemon: @unchecked Sendable {
                 "error_code": "\(error.code)", "reason": "\(error.reason)",
             ])
             context.set("PHASE", "failed")
+            if failedHoldingGuest.load(ordering: .sequentiallyConsistent) { reportGuestLeftWaiting(error) }
             throw error
         }
         let result = summary.withLock {
@@ -317,11 +337,44 @@ public final class DestinationDaemon: @unchecked Sendable {
 
     /// Reports `error` to every peer and shuts every connection down, which
     /// wakes every thread of the migration.
+    ///
+    /// While the guest depends on this daemon (from VMM_RESUME until the VMM
+    /// acknowledges VMM_COMPLETE), no peer is sent ERROR: the VMM's and the
+    /// agent's connections are closed as a crash would close them, so that
+    /// the VMM keeps guest RAM registered (faults on stale pages wait) and
+    /// reattaches, and the agent rejoins, a restarted postcopyd. No page is
+    /// written from here on either way.
     private func shutDown(reporting error: MigrationError) {
-        for stream in agent.withLock({ Array($0.streams.values) }) { stream.fail(error.code, error.reason) }
-        vmm.shutdown(reporting: error)
+        engine.withLock { $0 }?.halt()
+        let holding = guestDepends.load(ordering: .sequentiallyConsistent)
+        failedHoldingGuest.store(holding, ordering: .sequentiallyConsistent)
+        for stream in agent.withLock({ Array($0.streams.values) }) {
+            if holding { stream.shutdown() } else { stream.fail(error.code, error.reason) }
+        }
+        vmm.shutdown(reporting: holding ? nil : error)
         _ = Glibc.shutdown(tcp.fd, Int32(SHUT_RDWR))
         completion.open()
+    }
+
+    /// The userfaultfd the fault loop serves (tests break it to kill the loop).
+    var attachedUffdForTesting: Int32? { vmm.current?.uffd.fd }
+
+    /// Whether the guest runs here and waits on this daemon for stale pages
+    /// (VMM_RESUME sent, VMM_COMPLETE not yet acknowledged): a stop now
+    /// leaves it waiting for a restarted postcopyd.
+    public var guestDependsOnDaemon: Bool { guestDepends.load(ordering: .sequentiallyConsistent) }
+
+    /// The loud line and the journal record (POSTCOPYD_GUEST_LEFT_WAITING)
+    /// of a failure during postcopy: the guest was not released.
+    private func reportGuestLeftWaiting(_ error: MigrationError) {
+        let stale = engine.withLock { $0 }?.stalePages
+        let pages = stale.map { "\($0) pages still stale" } ?? "its stale pages unknown"
+        let id = session.withLock { $0.migrationID?.description } ?? ""
+        let kept = descriptorStore == nil ? "" : "; guest RAM, the page-state record and the userfaultfd stay in systemd's fd store"
+        logger.event(.guestLeftWaiting, .critical, "postcopyd stopped during postcopy without releasing the guest (\(error.reason)): the guest waits on incomplete memory (\(pages)) and its threads block on stale pages; the VMM was not sent ERROR\(kept). Restart postcopyd to take the migration over, or stop the VM.", [
+            "error_code": "\(error.code)", "reason": "\(error.reason)", "pages_stale": "\(stale.map { "\($0)" } ?? "")",
+            "migration_id": "\(id)",
+        ])
     }
 
     /// HEARTBEAT on each agent connection, so that the agent can tell a
@@ -746,7 +799,8 @@ public final class DestinationDaemon: @unchecked Sendable {
         logger.info("switchover: \(stale.popCount) stale pages")
         guard vmm.attached.wait(timeoutNanos: config.vmmAttachTimeoutNanos), let attachment = vmm.current else {
             try failures.check()
-            throw MigrationError(.peerLost, "no VMM attached to \(config.vmmSocketPath) within \(config.vmmAttachTimeoutNanos / 1_000_000_000) s of switchover")
+            let refused = vmm.lastRefusal.map { " (last VMM connection refused: \($0))" } ?? ""
+            throw MigrationError(.peerLost, "no VMM attached to \(config.vmmSocketPath) within \(config.vmmAttachTimeoutNanos / 1_000_000_000) s of switchover\(refused)")
         }
         let installer = PageInstaller(uffd: attachment.uffd, file: memory.file, guestBase: attachment.guestBase)
         // The record a restarted daemon would take over from: written whole
@@ -771,9 +825,12 @@ public final class DestinationDaemon: @unchecked Sendable {
         storeDescriptors(pageState: pageState, uffd: attachment.uffd)
         let postcopy = makeEngine(installer: installer, stale: stale, urgent: urgent, pageState: pageState)
         engine.withLock { $0 = postcopy }
-        let loop = try FaultLoop(installer: installer, resolver: postcopy)
+        let loop = try makeFaultLoop(installer: installer, resolver: postcopy)
         try loop.start()
         faultLoop.withLock { $0 = loop }
+        // From the moment VMM_RESUME may reach the VMM, the guest depends on
+        // this daemon: a failure no longer releases it.
+        guestDepends.store(true, ordering: .sequentiallyConsistent)
         try vmm.resume(pageState: pageState)
         let resumedAt = realtimeNanoseconds()
         postcopy.postcopyStartedAt.store(monotonicNanoseconds(), ordering: .relaxed)
@@ -823,6 +880,15 @@ public final class DestinationDaemon: @unchecked Sendable {
             })
     }
 
+    /// The fault loop, which fails the migration the moment it dies (its
+    /// userfaultfd erred or hung up): no fault would be served after that.
+    private func makeFaultLoop(installer: PageInstaller, resolver: PostcopyEngine) throws -> FaultLoop {
+        let failures = self.failures
+        return try FaultLoop(installer: installer, resolver: resolver) { reason in
+            failures.fail(.internalFailure, "the fault loop stopped: \(reason); no guest fault is served any more")
+        }
+    }
+
     /// Hands the RAM file, the page-state record and the userfaultfd to
     /// systemd's fd store, when there is one.
     private func storeDescriptors(pageState: PageStateFile, uffd: Userfaultfd) {
@@ -855,7 +921,7 @@ public final class DestinationDaemon: @unchecked Sendable {
         pausedAt.store(now, ordering: .relaxed)
         postcopy.postcopyStartedAt.store(now, ordering: .relaxed)
         postcopy.cpuMicrosAtResume.store(UInt64(ProcessUsage.cpuSeconds() * 1e6), ordering: .relaxed)
-        let loop = try FaultLoop(installer: installer, resolver: postcopy)
+        let loop = try makeFaultLoop(installer: installer, resolver: postcopy)
         try loop.start()
         faultLoop.withLock { $0 = loop }
         try inStep("wake the guest threads the dead daemon left waiting") {
@@ -937,7 +1003,7 @@ public final class DestinationDaemon: @unchecked Sendable {
         // between waits until the unregister wakes it, then faults normally.
         let loop = faultLoop.withLock { $0 }
         loop?.stop()
-        if let reason = loop?.failureReason { throw MigrationError(.internalFailure, "fault loop: \(reason)") }
+        if let reason = loop?.failureReason { throw MigrationError(.internalFailure, "the fault loop stopped: \(reason)") }
         // A daemon that took over from systemd's fd store may finish before
         // the VMM has reattached: it must, to release the range.
         guard vmm.attached.wait(timeoutNanos: config.vmmAttachTimeoutNanos) else {
@@ -949,6 +1015,10 @@ public final class DestinationDaemon: @unchecked Sendable {
             try failures.check()
             throw MigrationError(.peerLost, "the VMM did not acknowledge VMM_COMPLETE within \(config.vmmCompleteTimeoutNanos / 1_000_000_000) s")
         }
+        // The VMM unregistered the range: the guest no longer depends on
+        // this daemon, and nothing is written through the alias any more.
+        guestDepends.store(false, ordering: .sequentiallyConsistent)
+        postcopy.halt()
         try failures.check()
         // The VMM unregistered the range. Wake it once more in case a fault
         // raced the unregister (see Userfaultfd.release), so that no guest

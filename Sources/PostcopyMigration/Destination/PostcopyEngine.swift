@@ -20,6 +20,9 @@ final class PostcopyEngine: FaultResolver, Sendable {
     private let nextRequestID = Atomic<UInt32>(0)
     private let latencies = Locked<[UInt64]>([])
     private let completeSignalled = Atomic<Bool>(false)
+    /// Set once the VMM has let go of guest RAM (or is being let go of):
+    /// from then on nothing is claimed or written through the alias.
+    private let halted = Atomic<Bool>(false)
     let urgentPages = Atomic<UInt64>(0)
     let backgroundPages = Atomic<UInt64>(0)
     /// When the guest resumed (monotonic): the start of the postcopy phase.
@@ -105,6 +108,19 @@ final class PostcopyEngine: FaultResolver, Sendable {
         }
     }
 
+    /// Whether pages may still be claimed and written: not once the
+    /// migration failed or the engine was halted.
+    var acceptsPages: Bool {
+        !halted.load(ordering: .sequentiallyConsistent) && failures.error == nil
+    }
+
+    /// The VMM let go of guest RAM, or the migration is over: no page is
+    /// claimed or written from now on, and no request goes out.
+    func halt() {
+        halted.store(true, ordering: .sequentiallyConsistent)
+        urgent.withLock { $0 = nil }
+    }
+
     /// The agent's connections are gone: stop sending requests.
     func pause() {
         urgent.withLock { $0 = nil }
@@ -136,8 +152,20 @@ final class PostcopyEngine: FaultResolver, Sendable {
     /// Pages `run` arrived with `data` (nil: they are zero on the source).
     /// Writes those still stale, exactly once, and installs the guest pages
     /// that were waiting for them.
+    ///
+    /// Once the migration has failed (the latch is set) or the engine is
+    /// halted (the VMM let go), nothing is claimed or written: a frame
+    /// already buffered and decoded when that happened is dropped, and its
+    /// pages stay stale in the tracker and in the page-state record, for a
+    /// restarted daemon to fetch. The check is made under the tracker's
+    /// lock, with the claim; a claim made just before the failure writes
+    /// only stale pages no guest maps (they are never installed now), and is
+    /// neither committed nor recorded fresh.
     func fill(_ run: PageRun, data: ArraySlice<UInt8>?, urgent isUrgent: Bool) {
-        let claims = tracker.withLock { $0.claim(run) }
+        let claims = tracker.withLock { state -> [PageRun] in
+            guard acceptsPages else { return [] }
+            return state.claim(run)
+        }
         guard !claims.isEmpty else { return }
         var written: UInt64 = 0
         for claim in claims {
@@ -161,7 +189,10 @@ final class PostcopyEngine: FaultResolver, Sendable {
         // summary must then see every other thread's pages counted. The time
         // is read under the lock too: a fault registered while this thread
         // waited for it must not look as if it ended before it began.
-        let (completions, doneNow, now) = tracker.withLock { state in
+        let committed = tracker.withLock { state -> ([PostcopyTracker.Completion], Bool, UInt64)? in
+            // Failed while this thread wrote: commit nothing and install
+            // nothing; the record keeps these pages stale.
+            guard acceptsPages else { return nil }
             let now = monotonicNanoseconds()
             // The pages are written: record them fresh before anything can
             // install them (the page-state invariant). The tracker's lock
@@ -176,6 +207,7 @@ final class PostcopyEngine: FaultResolver, Sendable {
             if tracing { record(claims, completions, urgent: isUrgent, at: now) }
             return (completions, completions.isEmpty && state.isComplete, now)
         }
+        guard let (completions, doneNow, now) = committed else { return }
         for completion in completions {
             do {
                 try installer.install(completion.page)

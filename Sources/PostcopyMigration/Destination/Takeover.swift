@@ -40,28 +40,44 @@ struct Recovered: Sendable {
 
     /// Takes the migration back from `source`. For `.vmm`, accepts VMM
     /// connections on `listener` (from `allowedUID` only) for up to
-    /// `timeoutNanos`; a reattachment that does not check out fails the
-    /// takeover, since there is no other VMM to wait for.
+    /// `timeoutNanos`. A connection whose reattachment fails — another uid,
+    /// a wrong message, files that do not check out, nothing within
+    /// `handshakeTimeoutNanos` — is refused on its own (ERROR with the
+    /// reason, then closed), and the daemon goes on waiting for the VMM.
     static func take(from source: TakeoverSource, listener: UnixListener, allowedUID: UInt32,
-                     timeoutNanos: UInt64, logger: Logger) throws -> Recovered {
+                     timeoutNanos: UInt64, handshakeTimeoutNanos: UInt64 = 10_000_000_000,
+                     logger: Logger) throws -> Recovered {
         switch source {
         case let .stored(descriptors):
             return try fromStore(descriptors)
         case .vmm:
             let deadline = monotonicNanoseconds() + timeoutNanos
-            while monotonicNanoseconds() < deadline {
-                let left = deadline - monotonicNanoseconds()
+            var last: String?
+            while true {
+                // One clock reading: the deadline may pass between two.
+                let now = monotonicNanoseconds()
+                guard now < deadline else { break }
+                let left = deadline - now
                 guard let connection = try listener.accept(timeoutNanos: min(left, 250_000_000)) else { continue }
-                guard let (channel, credentials) = try VMMLink.admit(connection, allowedUID: allowedUID,
-                                                                     logger: logger) else { continue }
+                var channel: VMMChannel?
                 do {
-                    return try fromVMM(try VMMLink.receiveReattachment(channel, credentials))
+                    try connection.setReceiveTimeout(handshakeTimeoutNanos)
+                    guard let (admitted, credentials) = try VMMLink.admit(connection, allowedUID: allowedUID,
+                                                                         logger: logger) else { continue }
+                    channel = admitted
+                    let taken = try fromVMM(try VMMLink.receiveReattachment(admitted, credentials), logger: logger)
+                    try connection.setReceiveTimeout(nil)
+                    return taken
                 } catch {
-                    try? channel.send(.error(code: .incompatible, message: "cannot take the migration over: \(error)"))
-                    throw error
+                    let (code, reason) = VMMLink.refusalReason(error, timeoutNanos: handshakeTimeoutNanos)
+                    last = reason
+                    logger.warning("refused VMM connection: cannot take the migration over from it: \(reason); still waiting for the VMM to reattach")
+                    let answer = channel ?? VMMChannel(connection)
+                    try? answer.send(.error(code: code, message: "cannot take the migration over: \(reason)"))
+                    answer.shutdown()
                 }
             }
-            throw MigrationError(.peerLost, "no VMM reattached to \(listener.path) within \(timeoutNanos / 1_000_000_000) s, so there is no migration to take over")
+            throw MigrationError(.peerLost, "no VMM reattached to \(listener.path) within \(timeoutNanos / 1_000_000_000) s, so there is no migration to take over\(last.map { " (last refused: \($0))" } ?? "")")
         }
     }
 
@@ -95,8 +111,15 @@ struct Recovered: Sendable {
         return Recovered(memory: try GuestMemory(file: file), pageState: pageState, uffd: uffd, vmm: nil)
     }
 
-    private static func fromVMM(_ handed: Reattachment) throws -> Recovered {
+    private static func fromVMM(_ handed: Reattachment, logger: Logger) throws -> Recovered {
         let uffd = Userfaultfd.adopting(fd: handed.uffd, features: handed.features)
+        do {
+            try VMMLink.makeNonBlocking(uffd, from: handed.credentials, logger: logger)
+        } catch {
+            close(handed.ram)
+            close(handed.pageState)
+            throw error
+        }
         let pageState: PageStateFile
         do {
             pageState = try PageStateFile(adopting: handed.pageState)

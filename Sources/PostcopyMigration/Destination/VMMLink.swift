@@ -57,10 +57,17 @@ final class VMMLink: Sendable {
     let completed = Latch()
     private let completeSent = Atomic<Bool>(false)
     private let thread = Locked<OSThread?>(nil)
+    /// How long a VMM connection may take over its handshake (VMM_ATTACH,
+    /// or VMM_HANDBACK ×2 and VMM_REATTACH) before it is refused.
+    private let handshakeTimeoutNanos: UInt64
+    /// Why the last VMM connection was refused, if one was: a switchover
+    /// that finds no VMM says so.
+    private let refusal = Locked<String?>(nil)
 
     init(listener: UnixListener, memory: GuestMemory, allowedUID: UInt32, failures: FailureLatch, logger: Logger,
-         takeover: VMMTakeover? = nil) {
+         takeover: VMMTakeover? = nil, handshakeTimeoutNanos: UInt64 = 10_000_000_000) {
         self.listener = listener
+        self.handshakeTimeoutNanos = handshakeTimeoutNanos
         self.memory = memory
         self.takeover = takeover
         if let vmm = takeover?.attached {
@@ -151,7 +158,12 @@ final class VMMLink: Sendable {
         }
     }
 
-    /// Accepts connections until one from the allowed uid attaches; refuses others.
+    /// Accepts connections until one from the allowed uid attaches; refuses
+    /// others. Any error in one connection's handshake — another uid, a
+    /// wrong message, a closed socket, nothing within
+    /// `handshakeTimeoutNanos` — refuses that connection alone (ERROR with
+    /// the reason, then closed): the daemon goes on waiting for the right
+    /// VMM, and the migration, or the takeover, is unharmed.
     private func acceptVMM() throws -> VMMAttachment? {
         while failures.error == nil {
             let connection: UnixConnection
@@ -161,19 +173,53 @@ final class VMMLink: Sendable {
                 if failures.error != nil { return nil }
                 throw error
             }
-            guard let (channel, credentials) = try VMMLink.admit(connection, allowedUID: allowedUID, logger: logger) else {
-                continue
-            }
+            var channel: VMMChannel?
+            var peer = "unknown"
             do {
-                if let takeover { return try reattach(channel, credentials, takeover.pageState) }
-                return try attach(channel, credentials)
-            } catch let refusal as VMMRefusal {
-                logger.warning("refused VMM connection: \(refusal.reason)", metadata: ["peer": "\(credentials)"])
-                try? channel.send(.error(code: refusal.code, message: refusal.reason))
+                try connection.setReceiveTimeout(handshakeTimeoutNanos)
+                guard let (admitted, credentials) = try VMMLink.admit(connection, allowedUID: allowedUID, logger: logger) else {
+                    refusal.withLock { $0 = "a VMM connection from another uid than \(allowedUID)" }
+                    continue
+                }
+                channel = admitted
+                peer = "\(credentials)"
+                let vmm = if let takeover {
+                    try reattach(admitted, credentials, takeover.pageState)
+                } else {
+                    try attach(admitted, credentials)
+                }
+                // Attached: from here the socket is watched without a deadline.
+                try connection.setReceiveTimeout(nil)
+                return vmm
+            } catch {
+                if failures.error != nil { return nil }
+                let (code, reason) = VMMLink.refusalReason(error, timeoutNanos: handshakeTimeoutNanos)
+                refusal.withLock { $0 = reason }
+                logger.warning("refused VMM connection: \(reason); still waiting for the VMM", metadata: ["peer": "\(peer)"])
+                let answer = channel ?? VMMChannel(connection)
+                try? answer.send(.error(code: code, message: reason))
+                answer.shutdown()
                 continue
             }
         }
         return nil
+    }
+
+    /// Why the last VMM connection was refused, if one was.
+    var lastRefusal: String? { refusal.withLock { $0 } }
+
+    /// The code and the reason a VMM connection's handshake is refused with.
+    static func refusalReason(_ error: any Error, timeoutNanos: UInt64) -> (ErrorCode, String) {
+        switch error {
+        case let refusal as VMMRefusal:
+            return (refusal.code, refusal.reason)
+        case let error as SystemCallError where error.errno == .again:
+            return (.peerLost, "the VMM sent no VMM_ATTACH (or VMM_REATTACH) within \(fixed(Double(timeoutNanos) / 1e9, 1)) s of connecting")
+        case let error as MigrationError:
+            return (error.code, error.reason)
+        default:
+            return (.protocolViolation, "the VMM's handshake failed: \(error)")
+        }
     }
 
     /// The connection as a channel, with its peer's credentials, when the
@@ -214,7 +260,9 @@ final class VMMLink: Sendable {
             close(handed.uffd)
             throw VMMRefusal(code: .incompatible, reason: "the VMM reattached with guest base 0x\(String(handed.guestBase, radix: 16)); the migration's is 0x\(String(header.guestBase, radix: 16))")
         }
-        let vmm = VMMAttachment(channel: channel, uffd: Userfaultfd.adopting(fd: handed.uffd, features: handed.features),
+        let uffd = Userfaultfd.adopting(fd: handed.uffd, features: handed.features)
+        try VMMLink.makeNonBlocking(uffd, from: credentials, logger: logger)
+        let vmm = VMMAttachment(channel: channel, uffd: uffd,
                                 guestBase: handed.guestBase, credentials: credentials, registerMode: handed.registerMode)
         try channel.send(.vmmResume, passing: pageState.fd)
         logger.event(.vmmAttached, .info, "VMM reattached: \(credentials)", [
@@ -270,6 +318,7 @@ final class VMMLink: Sendable {
             throw MigrationError(.unexpectedMessage, "expected VMM_ATTACH from the VMM, got \(message)")
         }
         let uffd = Userfaultfd.adopting(fd: descriptor, features: features)
+        try VMMLink.makeNonBlocking(uffd, from: credentials, logger: logger)
         let mode = RegisterMode(rawValue: registerMode)
         let kind = memory.file.backing.memoryKind
         guard mode.contains([.minor, .missing]) else {
@@ -287,6 +336,18 @@ final class VMMLink: Sendable {
         ])
         return VMMAttachment(channel: channel, uffd: uffd, guestBase: guestBase, credentials: credentials,
                              registerMode: registerMode)
+    }
+
+    /// Sets O_NONBLOCK on a userfaultfd the VMM handed over without it, and
+    /// says so: the fault loop must never block in read(2).
+    static func makeNonBlocking(_ uffd: Userfaultfd, from credentials: PeerCredentials, logger: Logger) throws {
+        do {
+            if try uffd.makeNonBlocking() {
+                logger.notice("the VMM (\(credentials)) handed over a blocking userfaultfd: set O_NONBLOCK on it (fcntl), so that the fault thread never blocks reading it")
+            }
+        } catch {
+            throw VMMRefusal(code: .incompatible, reason: "the VMM's userfaultfd is blocking, and O_NONBLOCK could not be set on it: \(error)")
+        }
     }
 
     /// Reads the VMM socket until the VMM acknowledges completion or goes away.
