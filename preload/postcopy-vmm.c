@@ -9,9 +9,11 @@
  * VMM's process in minor and missing mode and sends VMM_ATTACH with it,
  * before the VMM gets the address back, so no touch precedes the
  * registration. From then on postcopyd resolves the guest's faults; a thread
- * of the adapter answers VMM_COMPLETE (unregister, wake, reply), releases
- * the range on ERROR, and hands everything back to a restarted postcopyd
- * when the first dies. This is the handshake of docs/protocol.md, the same
+ * of the adapter answers VMM_COMPLETE (unregister, wake, reply). From
+ * VMM_RESUME until VMM_COMPLETE it never releases the range (issue 18): on
+ * ERROR, or when postcopyd dies, the guest's faults wait and the thread
+ * hands everything back to a restarted postcopyd, retrying until one comes.
+ * Before VMM_RESUME (the guest never ran here) ERROR releases the range. This is the handshake of docs/protocol.md, the same
  * one `postcopy-guest vmm` speaks.
  *
  * Source mode. Preloaded into the source VMM with POSTCOPY_SOURCE_RAM (the
@@ -296,14 +298,18 @@ broken:
     return rc == 0 ? -EPIPE : rc;
 }
 
-static void report_error_frame(const struct frame *frame, const char *when)
+static const char *error_name(unsigned code)
 {
     static const char *const names[] = { "", "protocol", "incompatible", "outOfRange", "checksum",
         "unexpectedMessage", "internal", "cancelled", "peerLost", "refused" };
+    return code > 0 && code < sizeof names / sizeof names[0] ? names[code] : "unknown code";
+}
+
+static void report_error_frame(const struct frame *frame, const char *when)
+{
     unsigned code = frame->length >= 2 ? (unsigned)(frame->payload[0] | frame->payload[1] << 8) : 0;
     int text = frame->length >= 2 ? (int)frame->length - 2 : 0;
-    const char *name = code > 0 && code < sizeof names / sizeof names[0] ? names[code] : "unknown code";
-    say("postcopyd sent ERROR %u (%s)%s%s: %.*s", code, name, *when ? " " : "", when, text,
+    say("postcopyd sent ERROR %u (%s)%s%s: %.*s", code, error_name(code), *when ? " " : "", when, text,
         (const char *)frame->payload + 2);
 }
 
@@ -349,7 +355,12 @@ static void attach_payload(uint8_t payload[24])
     put64(payload + 16, register_mode);
 }
 
-static int connect_socket(void)
+/* The peer of postcopyd's VMM socket must be root or this process's own
+ * user: anyone else could pose as postcopyd and be handed guest RAM's
+ * userfaultfd. Returns the connected socket; -EACCES for a peer of another
+ * user, with `peer` filled in (pid and uid -1 when the kernel would not
+ * say); or -errno. */
+static int connect_socket(struct ucred *peer)
 {
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (s < 0)
@@ -361,7 +372,30 @@ static int connect_socket(void)
         close(s);
         return -saved;
     }
+    socklen_t size = sizeof *peer;
+    if (getsockopt(s, SOL_SOCKET, SO_PEERCRED, peer, &size) < 0) {
+        peer->pid = -1;
+        peer->uid = (uid_t)-1;
+        close(s);
+        return -EACCES;
+    }
+    if (peer->uid != 0 && peer->uid != geteuid()) {
+        close(s);
+        return -EACCES;
+    }
     return s;
+}
+
+/* Says why a socket connect_socket returned -EACCES for was refused. */
+static void refuse_peer(const struct ucred *peer, const char *consequence)
+{
+    if (peer->uid == (uid_t)-1)
+        say("refusing postcopyd's VMM socket %s: cannot read its peer's credentials (SO_PEERCRED); %s",
+            socket_path, consequence);
+    else
+        say("refusing postcopyd's VMM socket %s: it is served by pid %d uid %u, but only root or this VMM's"
+            " uid %u may serve it; %s", socket_path, (int)peer->pid, (unsigned)peer->uid, (unsigned)geteuid(),
+            consequence);
 }
 
 /* ---- at load: take the offer ---- */
@@ -389,7 +423,12 @@ __attribute__((constructor)) static void postcopy_vmm_load(void)
     if (seconds && *seconds)
         reattach_seconds = strtod(seconds, NULL);
 
-    int s = connect_socket();
+    struct ucred peer;
+    int s = connect_socket(&peer);
+    if (s == -EACCES) {
+        refuse_peer(&peer, "treating it as no postcopyd: guest RAM will not be served by postcopyd");
+        return;
+    }
     if (s < 0) {
         say("cannot connect to postcopyd's VMM socket %s: %s; guest RAM will not be served by postcopyd",
             socket_path, strerror(-s));
@@ -592,7 +631,8 @@ static void *attach_mapping(void *mapped, size_t length, off_t offset)
     int failed = pthread_create(&thread, &attributes, release_thread, NULL);
     pthread_attr_destroy(&attributes);
     if (failed)
-        say("cannot start the adapter's thread (%s): the range will not be released at the end",
+        say("cannot start the adapter's thread (%s): the range will not be released at the end, and the"
+            " guest will wait on its stale pages until it is stopped",
             strerror(failed));
     say("guest RAM at %p registered (minor|missing) and handed to postcopyd", mapped);
     return mapped;
@@ -625,15 +665,34 @@ static double seconds_now(void)
     return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
 }
 
+/* What the operator must do while no postcopyd serves a guest whose RAM is
+ * incomplete: said when postcopyd is lost during postcopy, and again every
+ * POSTCOPY_VMM_REATTACH_SECONDS until one takes the guest over. */
+static void say_incomplete(const char *cause)
+{
+    say("%s; guest RAM is incomplete: the guest waits (its faults stay unresolved); restart postcopyd to take"
+        " it over (postcopyd serve --takeover, or systemctl restart postcopyd@NAME), or stop this VM", cause);
+}
+
 /* Hands the RAM file, the page-state record and the userfaultfd to a
- * restarted postcopyd. Returns the new socket once one answers VMM_RESUME,
- * or -1 when the time is up. */
+ * restarted postcopyd, and returns the new socket once one answers
+ * VMM_RESUME. It never gives up: guest RAM is incomplete, so the range
+ * stays registered and the guest's faults wait, as QEMU's own
+ * postcopy-paused does, for as long as it takes (or until the VM is
+ * stopped). Every POSTCOPY_VMM_REATTACH_SECONDS without a postcopyd it says
+ * so again; a refused peer or a refusing postcopyd is said once per such
+ * period. */
 static int reattach(void)
 {
-    double deadline = seconds_now() + reattach_seconds;
+    double period = reattach_seconds;
+    double next_warning = seconds_now() + period;
     useconds_t delay = 50000;
-    while (seconds_now() < deadline) {
-        int s = connect_socket();
+    int said = 0;
+    for (;;) {
+        struct ucred peer;
+        int s = connect_socket(&peer);
+        if (s == -EACCES && !said++)
+            refuse_peer(&peer, "treating it as no postcopyd; still waiting for a restarted one");
         if (s >= 0) {
             uint8_t kind[4], payload[24];
             attach_payload(payload);
@@ -654,17 +713,23 @@ static int reattach(void)
                 if (frame.fd >= 0)
                     close(frame.fd); /* a new migration's VMM_OFFER: not ours */
                 if (frame.type == TYPE_ERROR) {
-                    report_error_frame(&frame, "to the reattachment");
+                    if (!said++)
+                        report_error_frame(&frame, "to the reattachment");
                     break;
                 }
             }
             close(s);
         }
+        if (seconds_now() >= next_warning) {
+            char cause[128];
+            snprintf(cause, sizeof cause, "still no postcopyd took the guest over, %.0f s on", period);
+            say_incomplete(cause);
+            next_warning = seconds_now() + period;
+            said = 0;
+        }
         usleep(delay);
-        if (delay < 2000000)
-            delay *= 2;
+        delay = delay * 2 > 2000000 ? 2000000 : delay * 2;
     }
-    return -1;
 }
 
 static void *release_thread(void *unused)
@@ -690,37 +755,53 @@ static void *release_thread(void *unused)
                 say("cannot answer VMM_COMPLETE: %s", strerror(errno));
             break;
         }
-        if (rc == 1 && frame.type == TYPE_ERROR) {
-            report_error_frame(&frame, "");
-            release_range(resumed ? "the migration failed during postcopy: guest RAM is INCOMPLETE;"
-                                    " stop this guest, the source holds the only good copy"
-                                  : "the migration failed before the guest ran here");
-            break;
-        }
-        if (rc == 1) {
+        if (rc == 1 && frame.type != TYPE_ERROR) {
             if (frame.fd >= 0)
                 close(frame.fd);
             say("unexpected frame type %u from postcopyd; ignored", frame.type);
             continue;
         }
-        /* The socket closed or broke without ERROR: postcopyd died. */
-        if (resumed && page_state_fd >= 0 && reattach_seconds > 0) {
-            say("postcopyd went away during postcopy (%s); the guest's stale faults wait while this"
-                " VMM reattaches to a restarted postcopyd, for up to %.0f s",
-                rc == 0 ? "end of file" : strerror(-rc), reattach_seconds);
-            close(sock);
-            sock = reattach();
-            if (sock >= 0)
-                continue;
-            release_range("no postcopyd took the guest back in time: guest RAM is INCOMPLETE;"
-                          " stop this guest");
-        } else {
-            release_range(resumed ? "postcopyd went away during postcopy: guest RAM is INCOMPLETE"
-                                  : "postcopyd went away before the guest ran here");
+        if (!resumed) {
+            /* The guest never ran here: nothing it could read is lost. */
+            if (rc == 1) {
+                report_error_frame(&frame, "");
+                release_range("the migration failed before the guest ran here");
+            } else {
+                release_range("postcopyd went away before the guest ran here");
+            }
+            break;
         }
-        break;
+        /* ERROR, or the socket closed or broke, during postcopy: pages may
+         * still be stale, so the range stays registered, whatever happens
+         * (issue 18). A postcopyd that failed is treated as one that died:
+         * a restarted one takes the guest over from what this VMM keeps. */
+        char cause[1200];
+        if (rc == 1) {
+            unsigned code = (unsigned)(frame.payload[0] | frame.payload[1] << 8);
+            if (frame.fd >= 0)
+                close(frame.fd);
+            snprintf(cause, sizeof cause, "postcopyd sent ERROR %u (%s) during postcopy: %.*s", code,
+                     error_name(code), (int)frame.length - 2, (const char *)frame.payload + 2);
+        } else {
+            snprintf(cause, sizeof cause, "postcopyd went away during postcopy (%s)",
+                     rc == 0 ? "end of file" : strerror(-rc));
+        }
+        say_incomplete(cause);
+        close(sock);
+        sock = -1;
+        if (reattach_seconds <= 0) {
+            /* No reattaching: the guest stays paused until it is stopped.
+             * The userfaultfd, the RAM file and the record stay open:
+             * closing the userfaultfd would let the guest's faults through. */
+            say("POSTCOPY_VMM_REATTACH_SECONDS is 0: not reattaching; the guest stays paused until it is stopped");
+            return NULL;
+        }
+        say("reattaching to a restarted postcopyd, for as long as it takes (said again every %.0f s)",
+            reattach_seconds);
+        sock = reattach();
     }
-    /* Nothing is left to hand back: the range is released. */
+    /* Postcopy is complete, or the guest never ran here: the range is
+     * released, and nothing is left to hand back. */
     if (sock >= 0)
         close(sock);
     sock = -1;

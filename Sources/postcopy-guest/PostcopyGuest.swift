@@ -21,9 +21,12 @@ struct VMM: ParsableCommand {
             Maps the RAM file postcopyd offers, registers the mapping with its own userfaultfd \
             (MINOR|MISSING) and hands that over. After VMM_RESUME, threads read every 4 KiB page once \
             in a random order, timing each first touch, then write a marker into it. Exits 0 only if \
-            the image matches the source's digest and every marker survived. If postcopyd dies during \
+            the image matches the source's digest and every marker survived. From VMM_RESUME until \
+            VMM_COMPLETE guest RAM is never released: if postcopyd dies or sends ERROR during \
             postcopy, the guest's faults wait while it reattaches to a restarted postcopyd \
-            (--reattach-timeout), handing back the RAM file, the page-state record and the userfaultfd.
+            (--reattach-timeout), handing back the RAM file, the page-state record and the userfaultfd. \
+            If none comes in time, it exits 1 without releasing: the guest threads end with the \
+            process, so none ever reads incomplete memory.
             """)
 
     @Option(help: ArgumentHelp("postcopyd's VMM socket.", valueName: "path"))
@@ -47,7 +50,7 @@ struct VMM: ParsableCommand {
     @Option(help: ArgumentHelp("Microseconds each thread works (sleeps) after a touch before the next.", valueName: "µs"))
     var thinkUs: UInt64 = 0
 
-    @Option(help: ArgumentHelp("If postcopyd dies during postcopy, wait this long for a restarted one to take the guest over (0: give the guest up at once).", valueName: "seconds"))
+    @Option(help: ArgumentHelp("If postcopyd dies or fails (ERROR) during postcopy, wait this long for a restarted one to take the guest over; then exit 1 without releasing guest RAM, the guest's threads still blocked on the pages still stale (0: exit so at once).", valueName: "seconds"))
     var reattachTimeout: Double = 60
 
     func validate() throws {

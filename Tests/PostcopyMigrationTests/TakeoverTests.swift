@@ -35,16 +35,8 @@ struct TakeoverTests {
         let control = directory.path + "/control.sock"
         let common = ["serve", "--vmm-socket", vmmSocket, "--control-socket", control, "--dead-peer-timeout", TestTiming.seconds(1),
                       "--reconnect-timeout", "60", "--json"] + TestCertificates.daemonFlags
-        let first = try Program.spawn("postcopyd", common + ["--listen", "127.0.0.1:0", "--size", "\(Self.size)",
-                                                             "--ready-file", directory.path + "/ready"],
-                                      stderr: directory.path + "/postcopyd1.err")
+        let (first, endpoint) = try RestartedDaemon.startFirst(common + ["--listen", "127.0.0.1:0", "--size", "\(Self.size)"], directory: directory.path)
         defer { if first.isRunning { kill(first.processIdentifier, SIGKILL) } }
-        var endpoint = ""
-        for _ in 0..<3000 where endpoint.isEmpty {
-            endpoint = (readTextFile(directory.path + "/ready") ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
-            if endpoint.isEmpty { usleep(10_000) }
-        }
-        try #require(!endpoint.isEmpty, "postcopyd never became ready:\n\(readTextFile(directory.path + "/postcopyd1.err") ?? "")")
 
         var guestConfig = GuestConfig(socketPath: vmmSocket)
         guestConfig.scribble = true
@@ -75,24 +67,8 @@ struct TakeoverTests {
         let killedAt = monotonicNanoseconds()
 
         // No --size: the record says how big guest RAM is.
-        let second = Process()
-        second.executableURL = URL(fileURLWithPath: Program.path("postcopyd"))
-        second.arguments = common + ["--listen", endpoint, "--takeover"]
-        let stdout = Pipe()
-        second.standardOutput = stdout
-        _ = FileManager.default.createFile(atPath: directory.path + "/postcopyd2.err", contents: nil)
-        second.standardError = FileHandle(forWritingAtPath: directory.path + "/postcopyd2.err")
-        try second.run()
-        defer { if second.isRunning { kill(second.processIdentifier, SIGKILL) } }
-        let summaryJSON = stdout.fileHandleForReading.readDataToEndOfFile()
-        let guestResult = guestRun.wait("the guest")
-        second.waitUntilExit()
-        agent.waitUntilExit()
-        let log = readTextFile(directory.path + "/postcopyd2.err") ?? ""
-        try #require(second.terminationStatus == 0, "the restarted postcopyd failed:\n\(log)")
-        #expect(agent.terminationStatus == 0, "the agent failed:\n\(readTextFile(directory.path + "/push.err") ?? "")")
-        let summary = try JSONDecoder().decode(DestinationSummary.self, from: summaryJSON)
-        let guestSummary = try guestResult.get()
+        let (summary, guestSummary, log) = try RestartedDaemon.takeOver(arguments: common + ["--listen", endpoint], directory: directory.path,
+                                                                   guestRun: guestRun, agent: agent)
         print("resilience daemon kill -9: \(before.stalePagesLeft) of \(before.stalePagesAtSwitchover) pages stale when killed "
             + "(\(before.faultsStale) stale faults served by the first daemon, \(summary.faultsStale) by the second); "
             + "paused \(fixed(summary.pausedSeconds, 2)) s; rejoin → first stale fault served (ms): "

@@ -7,18 +7,24 @@
  *
  * Several sizes, comma-separated, map the file once for each, in turn.
  * With "hold" it then stays until killed, as a VMM runs on while
- * postcopyd serves its guest RAM.
+ * postcopyd serves its guest RAM. With "read-on-usr1" it holds too, and
+ * at each SIGUSR1 reads the first byte of the (last) mapping, as a vCPU
+ * would, and says "read N": a read that faults on a page postcopyd has not
+ * served blocks, and says nothing until it is.
  *
- *   map-file PATH SIZE[,SIZE...] [touch|no-touch] [hold]
+ *   map-file PATH SIZE[,SIZE...] [touch|no-touch] [hold|read-on-usr1]
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
+
+static volatile char *last;
 
 /* One mapping of `size` bytes; 0 when it worked. */
 static int map_once(int fd, size_t size, int touch)
@@ -32,6 +38,7 @@ static int map_once(int fd, size_t size, int touch)
     }
     printf("mapped\n");
     fflush(stdout);
+    last = mapped;
     if (touch) {
         volatile char *first = mapped;
         *first = 42;
@@ -47,6 +54,12 @@ int main(int argc, char **argv)
         return 2;
     }
     int touch = argc < 4 || strcmp(argv[3], "no-touch") != 0;
+    int read_on_signal = argc > 4 && strcmp(argv[4], "read-on-usr1") == 0;
+    sigset_t usr1;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    if (read_on_signal) /* before any thread exists, the adapter's too */
+        sigprocmask(SIG_BLOCK, &usr1, NULL);
     int fd = open(argv[1], O_RDWR);
     if (fd < 0) {
         printf("open failed: %s\n", strerrorname_np(errno));
@@ -58,5 +71,11 @@ int main(int argc, char **argv)
     if (argc > 4 && strcmp(argv[4], "hold") == 0)
         for (;;)
             pause();
+    while (read_on_signal && last) {
+        int signal;
+        sigwait(&usr1, &signal);
+        printf("read %d\n", *last);
+        fflush(stdout);
+    }
     return failed;
 }

@@ -21,10 +21,13 @@ public struct GuestConfig: Sendable {
     public var thinkNanos: UInt64 = 0
     /// Write every first touch (`thread,t_us,page,stall_us`) to this file.
     public var touchLogPath: String?
-    /// When postcopyd goes away during postcopy without saying why (it
-    /// died), keep the guest's faults waiting and reattach to a restarted
+    /// When postcopyd is lost during postcopy (it died, or it sent ERROR),
+    /// keep the guest's faults waiting and reattach to a restarted
     /// postcopyd for this long, handing back the RAM file, the page-state
-    /// record and the userfaultfd; 0 gives the guest up at once.
+    /// record and the userfaultfd. Past it (or at once with 0) `run` throws
+    /// without releasing the range: the guest threads stay blocked on the
+    /// pages still stale, and a VMM process exiting then takes them with it,
+    /// so none ever reads incomplete memory.
     public var reattachTimeoutNanos: UInt64 = 0
 
     public init(socketPath: String) { self.socketPath = socketPath }
@@ -38,6 +41,11 @@ public struct GuestConfig: Sendable {
 /// touch, and check the image against the source's digest. It keeps the
 /// RAM file and the page-state record postcopyd gives it, and hands them
 /// back with the userfaultfd to a postcopyd restarted after the first died.
+///
+/// From VMM_RESUME until VMM_COMPLETE it never releases the guest range
+/// (issue 18): whatever happens, a guest thread that touches a stale page
+/// waits. ERROR from postcopyd in that window is a lost postcopyd, like its
+/// socket closing.
 public final class GuestVMM: Sendable {
     public let config: GuestConfig
     private let logger: Logger
@@ -60,25 +68,35 @@ public final class GuestVMM: Sendable {
         let workload = try GuestWorkload(mapping: guest.mapping, geometry: guest.geometry, threads: config.threads,
                                          seed: config.seed, scribble: config.scribble, touchShare: config.touchShare,
                                          thinkNanos: config.thinkNanos, recordTimes: config.touchLogPath != nil)
-        var failure: (any Error)?
-        var digest: ImageDigest?
+        let digest: ImageDigest
         do {
             (channel, digest) = try awaitComplete(channel, guest)
+        } catch {
+            // Guest RAM is incomplete and no postcopyd serves it: the range
+            // stays registered, so the threads blocked on stale pages stay
+            // blocked and none reads a page that is not there. Nothing that
+            // would let a fault through may go either: closing the
+            // userfaultfd wakes its waiters unregistered, and unmapping
+            // guest RAM under them crashes them. Both are kept for the life
+            // of the process, which the caller ends (postcopy-guest exits 1).
+            _ = Unmanaged.passRetained(guest)
+            _ = Unmanaged.passRetained(workload)
+            throw error
+        }
+        // Postcopy is complete: every page is in place, so the range may go.
+        var failure: (any Error)?
+        do {
             try inStep("unregister the guest range") {
                 try guest.uffd.release(start: guest.mapping.address, length: guest.mapping.length)
             }
             try channel.send(.vmmComplete(imageDigest: nil))
         } catch {
-            // Releasing the range wakes any thread blocked on a fault, so
-            // the workload ends (reading whatever is there) and nothing hangs.
             failure = error
             try? guest.uffd.release(start: guest.mapping.address, length: guest.mapping.length)
         }
         var summary = workload.finish()
         summary.reattachments = guest.reattachments
         if let failure { throw failure }
-        // Set whenever awaitComplete returned, and it threw otherwise.
-        guard let digest else { throw MigrationError(.internalFailure, "postcopy ended without the source's digest") }
         if let path = config.touchLogPath {
             try inStep("write the touch log \(path)") { try writeTextFile(path, workload.touchLog()) }
         }
@@ -161,13 +179,20 @@ public final class GuestVMM: Sendable {
         guest.keep(pageState: descriptor)
     }
 
+    /// What the operator must do while no postcopyd serves a guest whose
+    /// RAM is incomplete.
+    static let incomplete = "guest RAM is incomplete: the guest waits (its faults stay unresolved); restart postcopyd to take it over (postcopyd serve --takeover, or systemctl restart postcopyd@NAME), or stop this VM"
+
     /// Waits for VMM_COMPLETE; returns the channel it came on and the
     /// source's digest of the image it carried. A postcopyd that goes away
-    /// without ERROR (it died) is waited for, within `reattachTimeoutNanos`:
-    /// the guest's faults stay blocked meanwhile.
+    /// or fails (ERROR, or anything else but VMM_COMPLETE) is a lost
+    /// postcopyd: the guest's faults stay blocked while this VMM reattaches
+    /// to a restarted one, within `reattachTimeoutNanos`. It throws when
+    /// that runs out, and never releases the range.
     private func awaitComplete(_ first: VMMChannel, _ guest: Guest) throws -> (VMMChannel, ImageDigest) {
         var channel = first
         while true {
+            let lost: String
             do {
                 let (message, descriptor) = try next(on: channel, "during postcopy")
                 if let descriptor { close(descriptor) }
@@ -175,17 +200,30 @@ public final class GuestVMM: Sendable {
                     throw MigrationError(.unexpectedMessage, "expected VMM_COMPLETE with the image digest from postcopyd, got \(message)")
                 }
                 return (channel, digest)
-            } catch let gone as DaemonGone where config.reattachTimeoutNanos > 0 {
-                logger.warning("postcopyd went away during postcopy (\(gone.reason)): the guest's faults wait while this VMM reattaches to a restarted postcopyd, for up to \(fixed(Double(config.reattachTimeoutNanos) / 1e9, 0)) s")
-                channel = try reattach(guest)
+            } catch let gone as DaemonGone {
+                lost = "postcopyd went away during postcopy (\(gone.reason))"
+            } catch {
+                lost = "\(error)"
             }
+            channel.shutdown()
+            let seconds = fixed(Double(config.reattachTimeoutNanos) / 1e9, 0)
+            logger.error("\(lost); \(Self.incomplete)")
+            guard config.reattachTimeoutNanos > 0 else {
+                throw MigrationError(.peerLost, "\(lost); not reattaching (--reattach-timeout 0): \(Self.givingUp)")
+            }
+            logger.warning("reattaching to a restarted postcopyd, for up to \(seconds) s")
+            channel = try reattach(guest, lost: lost)
         }
     }
+
+    /// How this VMM gives a guest up without letting it read a page that is
+    /// not there.
+    static let givingUp = "giving the guest up without releasing guest RAM: its threads stay blocked on the pages still stale and end with this process, so none ever reads incomplete memory"
 
     /// Hands the RAM file, the page-state record and the userfaultfd back
     /// to a restarted postcopyd, retrying with backoff until one takes them
     /// (it answers VMM_RESUME with the record) or the time is up.
-    private func reattach(_ guest: Guest) throws -> VMMChannel {
+    private func reattach(_ guest: Guest, lost: String) throws -> VMMChannel {
         let deadline = monotonicNanoseconds() + config.reattachTimeoutNanos
         var delay: UInt64 = 50_000_000
         var last = "nothing listened on \(config.socketPath)"
@@ -214,7 +252,7 @@ public final class GuestVMM: Sendable {
             sleepNanoseconds(delay)
             delay = min(delay * 2, 1_000_000_000)
         }
-        throw MigrationError(.peerLost, "no restarted postcopyd took the guest over within \(fixed(Double(config.reattachTimeoutNanos) / 1e9, 0)) s (last: \(last))")
+        throw MigrationError(.peerLost, "\(lost); no restarted postcopyd took the guest over within \(fixed(Double(config.reattachTimeoutNanos) / 1e9, 0)) s (last: \(last)): \(Self.givingUp)")
     }
 
     /// postcopyd's end of the VMM socket closed or broke without an ERROR:
