@@ -16,30 +16,61 @@ public final class PageStateFile: @unchecked Sendable {
     private let base: UnsafeMutableRawPointer
     private let length: Int
 
-    /// Writes a new record at switchover: the stale bitmap first, then the
-    /// header, whose checksum makes the record valid.
-    public init(header: PageStateHeader, stale: PageBitmap) throws {
-        precondition(stale.count == header.geometry.smallPageCount, "stale bitmap of \(stale.count) bits for \(header.geometry)")
-        let length = PageStateLayout.fileBytes(for: header.geometry)
-        let fd = try check("memfd_create for the page-state record") {
-            cpc_memfd_create("postcopyd-page-state", UInt32(CPC_MFD_CLOEXEC) | UInt32(CPC_MFD_ALLOW_SEALING))
-        }
+    /// A record's file made ahead of the switchover: the memfd, sized,
+    /// sealed, mapped and every page touched, so that writing the record in
+    /// the pause faults in no fresh memory.
+    public final class Prepared: @unchecked Sendable {
+        // SAFETY (@unchecked): used once, by the thread that writes the record.
+        let fd: Int32
         let base: UnsafeMutableRawPointer
-        do {
-            try checkLibc("ftruncate the page-state record to \(length) bytes") { ftruncate(fd, off_t(length)) }
-            // The VMM keeps the record: sealed, it can neither shrink it
-            // (SIGBUS here) nor grow it into something else.
-            try check("seal the page-state record's size (F_SEAL_SHRINK | F_SEAL_GROW)") {
-                cpc_add_seals(fd, UInt32(CPC_F_SEAL_SHRINK) | UInt32(CPC_F_SEAL_GROW))
+        let length: Int
+        let geometry: PageGeometry
+        /// Whether a record took the file over (it then closes it).
+        var taken = false
+
+        public init(geometry: PageGeometry) throws {
+            let length = PageStateLayout.fileBytes(for: geometry)
+            let fd = try check("memfd_create for the page-state record") {
+                cpc_memfd_create("postcopyd-page-state", UInt32(CPC_MFD_CLOEXEC) | UInt32(CPC_MFD_ALLOW_SEALING))
             }
-            base = try PageStateFile.map(fd, length)
-        } catch {
-            close(fd)
-            throw error
+            do {
+                try checkLibc("ftruncate the page-state record to \(length) bytes") { ftruncate(fd, off_t(length)) }
+                // The VMM keeps the record: sealed, it can neither shrink it
+                // (SIGBUS here) nor grow it into something else.
+                try check("seal the page-state record's size (F_SEAL_SHRINK | F_SEAL_GROW)") {
+                    cpc_add_seals(fd, UInt32(CPC_F_SEAL_SHRINK) | UInt32(CPC_F_SEAL_GROW))
+                }
+                base = try PageStateFile.map(fd, length)
+            } catch {
+                close(fd)
+                throw error
+            }
+            // SAFETY: base..base+length is the mapping just made.
+            memset(base, 0, Int(length))
+            self.fd = fd
+            self.length = Int(length)
+            self.geometry = geometry
         }
-        self.fd = fd
-        self.base = base
-        self.length = Int(length)
+
+        deinit {
+            guard !taken else { return }
+            munmap(base, length)
+            close(fd)
+        }
+    }
+
+    /// Writes a new record at switchover: the stale bitmap first, then the
+    /// header, whose checksum makes the record valid. Into `prepared` when
+    /// given (its geometry must be the header's), else a file made now.
+    public init(prepared: Prepared? = nil, header: PageStateHeader, stale: PageBitmap) throws {
+        precondition(stale.count == header.geometry.smallPageCount, "stale bitmap of \(stale.count) bits for \(header.geometry)")
+        let file = try prepared ?? Prepared(geometry: header.geometry)
+        precondition(file.geometry == header.geometry, "a record prepared for \(file.geometry), written for \(header.geometry)")
+        precondition(!file.taken, "a prepared record written twice")
+        file.taken = true
+        fd = file.fd
+        base = file.base
+        length = file.length
         self.header = header
         bitmap = PageStateBitmap(words: (base + PageStateLayout.bitmapOffset).assumingMemoryBound(to: UInt64.self),
                                  count: stale.count)

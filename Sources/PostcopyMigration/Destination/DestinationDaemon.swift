@@ -51,6 +51,10 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// was not sent ERROR, and guest RAM, the record and the fd store are
     /// left for a restarted postcopyd.
     private let failedHoldingGuest = Atomic<Bool>(false)
+    /// The postcopy tracker's empty bitmaps and the page-state record's
+    /// file, made when the daemon starts: made at switchover, zeroing their
+    /// fresh memory was 3.3 ms of the guest's downtime at 8 GiB of RAM.
+    private let prepared = Locked<(scratch: PostcopyTracker.Scratch?, record: PageStateFile.Prepared?)>((nil, nil))
     private let completion = Latch()
     private let finished = Atomic<Bool>(false)
     private let summary = Locked(DestinationSummary())
@@ -166,6 +170,11 @@ public final class DestinationDaemon: @unchecked Sendable {
                           handshakeTimeoutNanos: config.vmmHandshakeTimeoutNanos)
         }
         tcp = try inStep("listen for the agent on \(config.listen)") { try TCPListener(endpoint: config.listen) }
+        if recovered == nil {
+            let geometry = memory.geometry
+            let record = try inStep("prepare the page-state record") { try PageStateFile.Prepared(geometry: geometry) }
+            prepared.withLock { $0 = (PostcopyTracker.Scratch(geometry: geometry), record) }
+        }
         failures.whenFailed { [weak self] error in self?.shutDown(reporting: error) }
         summary.withLock {
             $0.memory = memory.file.backing.description
@@ -814,8 +823,12 @@ public final class DestinationDaemon: @unchecked Sendable {
         }
         let recordedAt = realtimeNanoseconds()
         let downtimeSoFar = recordedAt >= pausedAt ? (recordedAt - pausedAt) / 1000 : 0
+        let record = prepared.withLock { prepared in
+            defer { prepared.record = nil }
+            return prepared.record
+        }
         let pageState = try inStep("write the page-state record") {
-            try PageStateFile(header: PageStateHeader(
+            try PageStateFile(prepared: record, header: PageStateHeader(
                 migrationID: id, geometry: memory.geometry, guestBase: attachment.guestBase,
                 features: attachment.uffd.features, registerMode: attachment.registerMode,
                 stalePagesAtSwitchover: stale.popCount, sourcePausedAtNanos: pausedAt, downtimeMicros: downtimeSoFar,
@@ -858,10 +871,14 @@ public final class DestinationDaemon: @unchecked Sendable {
     private func makeEngine(installer: PageInstaller, stale: PageBitmap, urgent: MessageStream?,
                             pageState: PageStateFile) -> PostcopyEngine {
         let (completion, logger, session) = (self.completion, self.logger, self.session)
+        let scratch = prepared.withLock { prepared in
+            defer { prepared.scratch = nil }
+            return prepared.scratch
+        }
         return PostcopyEngine(
             memory: memory, installer: installer, stale: stale, urgent: urgent, pageState: pageState,
             failures: failures, stalls: StallLimiter(thresholdNanos: config.stallWarningNanos),
-            tracing: config.tracePath != nil,
+            tracing: config.tracePath != nil, scratch: scratch,
             onStall: { stall in
                 let ms = fixed(Double(stall.stallNanos) / 1e6, 1)
                 let more = stall.suppressed > 0 ? " (\(stall.suppressed) more stalls since the last report)" : ""

@@ -46,11 +46,12 @@ final class PostcopyEngine: FaultResolver, Sendable {
     /// starts paused (a daemon taking over waits for the agent to rejoin).
     init(memory: GuestMemory, installer: PageInstaller, stale: PageBitmap, urgent: MessageStream?,
          pageState: PageStateFile?, failures: FailureLatch, stalls: StallLimiter, tracing: Bool = false,
+         scratch: PostcopyTracker.Scratch? = nil,
          onStall: @escaping @Sendable (StallLimiter.Report) -> Void = { _ in },
          onComplete: @escaping @Sendable () -> Void) {
         self.memory = memory
         self.installer = installer
-        tracker = Locked(PostcopyTracker(geometry: memory.geometry, stale: stale))
+        tracker = Locked(PostcopyTracker(stale: stale, scratch: scratch ?? PostcopyTracker.Scratch(geometry: memory.geometry)))
         self.urgent = Locked(urgent)
         self.pageState = pageState
         self.failures = failures
