@@ -13,8 +13,9 @@
  * VMM_RESUME until VMM_COMPLETE it never releases the range (issue 18): on
  * ERROR, or when postcopyd dies, the guest's faults wait and the thread
  * hands everything back to a restarted postcopyd, retrying until one comes.
- * Before VMM_RESUME (the guest never ran here) ERROR releases the range. This is the handshake of docs/protocol.md, the same
- * one `postcopy-guest vmm` speaks.
+ * Before VMM_RESUME (the guest never ran here) ERROR releases the range.
+ * This is the handshake of docs/protocol.md, the same one `postcopy-guest
+ * vmm` speaks.
  *
  * Source mode. Preloaded into the source VMM with POSTCOPY_SOURCE_RAM (the
  * guest RAM file) and POSTCOPY_SOURCE_SOCKET (a unix socket to listen on).
