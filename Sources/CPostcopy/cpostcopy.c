@@ -53,16 +53,11 @@ int cpc_memfd_create(const char *name, unsigned int flags) {
 
 #ifndef F_ADD_SEALS
 #define F_ADD_SEALS (1024 + 9)
-#define F_GET_SEALS (1024 + 10)
 #endif
 _Static_assert(CPC_F_SEAL_SHRINK == 0x0002 && CPC_F_SEAL_GROW == 0x0004, "the kernel's F_SEAL_SHRINK and F_SEAL_GROW");
 
 int cpc_add_seals(int fd, unsigned int seals) {
     return neg_errno(fcntl(fd, F_ADD_SEALS, seals));
-}
-
-int cpc_get_seals(int fd) {
-    return neg_errno(fcntl(fd, F_GET_SEALS));
 }
 
 int cpc_fallocate(int fd, int mode, int64_t offset, int64_t length) {

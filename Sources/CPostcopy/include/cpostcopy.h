@@ -110,9 +110,6 @@ int cpc_memfd_create(const char *name, unsigned int flags);
  * Returns 0 or -errno. */
 int cpc_add_seals(int fd, unsigned int seals);
 
-/* fcntl(fd, F_GET_SEALS): the seals in force, or -errno. */
-int cpc_get_seals(int fd);
-
 /* fallocate(2), which glibc declares only under _GNU_SOURCE. Returns 0 or -errno. */
 int cpc_fallocate(int fd, int mode, int64_t offset, int64_t length);
 

@@ -51,7 +51,8 @@ final class PageScanner: @unchecked Sendable {
         var dataCount = 0
         var zeroFirst: UInt64 = 0
         var zeroCount: UInt64 = 0
-        let total = max(candidates?.popCount ?? pageCount, 1)
+        let candidates = candidates ?? .full(count: pageCount)
+        let total = max(candidates.popCount, 1)
         var looked: UInt64 = 0
 
         func flushData() throws {
@@ -71,9 +72,9 @@ final class PageScanner: @unchecked Sendable {
             zeroCount = 0
         }
 
-        var next = candidates == nil ? (pageCount > 0 ? 0 : nil) : candidates!.nextSet(from: 0)
+        var next = candidates.nextSet(from: 0)
         while let page = next {
-            next = candidates == nil ? (page + 1 < pageCount ? page + 1 : nil) : candidates!.nextSet(from: page + 1)
+            next = candidates.nextSet(from: page + 1)
             looked += 1
             let (hash, isZero) = image.withPages(first: page, count: 1) { PageHash.of($0) }
             guard hash != sent[Int(page)] else { continue }
@@ -139,6 +140,12 @@ final class PageScanner: @unchecked Sendable {
             next = stale.nextSet(from: page + 1)
         }
         return ImageDigest(pageHashes: hashes)
+    }
+
+    /// The image's digest from a hash of every page: what a restarted agent
+    /// (`--resume`), which has no record of what was sent, gives postcopyd.
+    func imageDigest(threads: Int = PageScanner.scanThreads) -> ImageDigest {
+        ImageDigest(pageHashes: hashAll(threads: threads))
     }
 
     /// The hash of every page, on `threads` threads over contiguous shares.

@@ -143,7 +143,10 @@ public final class SourceAgent: @unchecked Sendable {
             // and the destination says what it still lacks.
             summary.resumedOnly = true
             let (bulk, urgent, stale) = try rejoin()
-            let digester = try startDigest { [image] in Self.fullImageDigest(image) }
+            // A restarted agent has no per-page hashes: it hashes the whole
+            // paused image, on the final scan's threads.
+            let scanner = PageScanner(image: image, batchPages: 1)
+            let digester = try startDigest { scanner.imageDigest() }
             defer { digester.join() }
             try postcopy(stale: stale, bulk: bulk, urgent: urgent)
             summary.idealBytes = stale.popCount * 4096
@@ -711,15 +714,6 @@ public final class SourceAgent: @unchecked Sendable {
                 throw MigrationError(.unexpectedMessage, "expected DIRTY_BITMAP or RESYNC from postcopyd while rejoining, got \(message.type)")
             }
         }
-    }
-
-    /// The digest of the whole image, hashing every page of the paused
-    /// source: what a restarted agent (`--resume`) sends, having no
-    /// per-page hashes of its own.
-    static func fullImageDigest(_ image: SourceImage) -> ImageDigest {
-        ImageDigest(pageHashes: (0..<image.smallPageCount).map { page in
-            image.withPages(first: page, count: 1) { PageHash.of($0).hash }
-        })
     }
 
     /// Finishes the digest on a thread of its own (`push-digest`), unless
