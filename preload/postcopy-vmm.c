@@ -9,13 +9,17 @@
  * VMM's process in minor and missing mode and sends VMM_ATTACH with it,
  * before the VMM gets the address back, so no touch precedes the
  * registration. From then on postcopyd resolves the guest's faults; a thread
- * of the adapter answers VMM_COMPLETE (unregister, wake, reply). From
- * VMM_RESUME until VMM_COMPLETE it never releases the range (issue 18): on
- * ERROR, or when postcopyd dies, the guest's faults wait and the thread
- * hands everything back to a restarted postcopyd, retrying until one comes.
- * Before VMM_RESUME (the guest never ran here) ERROR releases the range.
- * This is the handshake of docs/protocol.md, the same one `postcopy-guest
- * vmm` speaks.
+ * of the adapter acknowledges each VMM_RESUME with VMM_RESUMED once it kept
+ * the page-state record, and answers VMM_COMPLETE (unregister, wake,
+ * reply). From VMM_RESUME until VMM_COMPLETE it never releases the range
+ * (issue 18): on ERROR, when postcopyd dies, or when VMM_RESUMED cannot be
+ * sent, the guest's faults wait and the thread hands everything back to a
+ * restarted postcopyd, retrying until one comes. ERROR discarded (the
+ * device-state hand-over failed, the source runs the guest again) is the
+ * exception: the range stays registered, nothing reattaches, and the
+ * adapter says to stop this QEMU. Before VMM_RESUME (the guest never ran
+ * here) ERROR releases the range. This is the handshake of
+ * docs/protocol.md, the same one `postcopy-guest vmm` speaks.
  *
  * Source mode. Preloaded into the source VMM with POSTCOPY_SOURCE_RAM (the
  * guest RAM file) and POSTCOPY_SOURCE_SOCKET (a unix socket to listen on).
@@ -87,7 +91,7 @@
 
 enum {
     FRAME_MAGIC = 0x59504350u, /* "PCPY" read as a little-endian word */
-    FRAME_VERSION = 3,
+    FRAME_VERSION = 4,
     HEADER_BYTES = 16,
     MAX_PAYLOAD = 1026, /* the largest frame the VMM socket carries: ERROR */
     DIGEST_BYTES = 32,
@@ -99,6 +103,8 @@ enum {
     TYPE_VMM_COMPLETE = 35,
     TYPE_VMM_HANDBACK = 36,
     TYPE_VMM_REATTACH = 37,
+    TYPE_VMM_RESUMED = 38,
+    ERROR_DISCARDED = 10,
     HANDBACK_RAM = 1,
     HANDBACK_PAGE_STATE = 2,
 };
@@ -302,15 +308,36 @@ broken:
 static const char *error_name(unsigned code)
 {
     static const char *const names[] = { "", "protocol", "incompatible", "outOfRange", "checksum",
-        "unexpectedMessage", "internal", "cancelled", "peerLost", "refused" };
+        "unexpectedMessage", "internal", "cancelled", "peerLost", "refused", "discarded" };
     return code > 0 && code < sizeof names / sizeof names[0] ? names[code] : "unknown code";
+}
+
+/* An ERROR frame's code and text (receive_frame saw to the 2 bytes of code). */
+static unsigned error_code(const struct frame *frame)
+{
+    return frame->length >= 2 ? (unsigned)(frame->payload[0] | frame->payload[1] << 8) : 0;
+}
+
+static int error_text_length(const struct frame *frame)
+{
+    return frame->length >= 2 ? (int)frame->length - 2 : 0;
 }
 
 static void report_error_frame(const struct frame *frame, const char *when)
 {
-    unsigned code = frame->length >= 2 ? (unsigned)(frame->payload[0] | frame->payload[1] << 8) : 0;
-    int text = frame->length >= 2 ? (int)frame->length - 2 : 0;
-    say("postcopyd sent ERROR %u (%s)%s%s: %.*s", code, error_name(code), *when ? " " : "", when, text,
+    unsigned code = error_code(frame);
+    say("postcopyd sent ERROR %u (%s)%s%s: %.*s", code, error_name(code), *when ? " " : "", when,
+        error_text_length(frame), (const char *)frame->payload + 2);
+}
+
+/* ERROR discarded: the hand-over of the device state failed before the
+ * point of no return, and the source QEMU runs the guest again. This copy
+ * must never run, whatever its RAM holds: two guests would then write the
+ * same disks. Only the operator can stop this QEMU, so the line says so. */
+static void say_discarded(const struct frame *frame)
+{
+    say("postcopyd discarded the migration before this guest ran here (%.*s): the source runs it again;"
+        " stop this QEMU, its guest must not run here", error_text_length(frame),
         (const char *)frame->payload + 2);
 }
 
@@ -677,12 +704,14 @@ static void say_incomplete(const char *cause)
 
 /* Hands the RAM file, the page-state record and the userfaultfd to a
  * restarted postcopyd, and returns the new socket once one answers
- * VMM_RESUME. It never gives up: guest RAM is incomplete, so the range
- * stays registered and the guest's faults wait, as QEMU's own
- * postcopy-paused does, for as long as it takes (or until the VM is
- * stopped). Every POSTCOPY_VMM_REATTACH_SECONDS without a postcopyd it says
- * so again; a refused peer or a refusing postcopyd is said once per such
- * period. */
+ * VMM_RESUME and took its VMM_RESUMED. It never gives up: guest RAM is
+ * incomplete, so the range stays registered and the guest's faults wait,
+ * as QEMU's own postcopy-paused does, for as long as it takes (or until
+ * the VM is stopped). Every POSTCOPY_VMM_REATTACH_SECONDS without a
+ * postcopyd it says so again; a refused peer, a refusing postcopyd or a
+ * lost acknowledgement is said once per such period. The one answer that
+ * ends it is ERROR discarded: no postcopyd will ever take this migration
+ * over, so it returns -1 with the range still registered. */
 static int reattach(void)
 {
     double period = reattach_seconds;
@@ -708,11 +737,24 @@ static int reattach(void)
             while (rc == 0 && receive_frame(s, &frame) == 1) {
                 if (frame.type == TYPE_VMM_RESUME && frame.fd >= 0) {
                     keep_page_state(frame.fd);
-                    say("reattached to a restarted postcopyd");
-                    return s;
+                    rc = send_frame(s, TYPE_VMM_RESUMED, NULL, 0, -1);
+                    if (rc == 0) {
+                        say("reattached to a restarted postcopyd");
+                        return s;
+                    }
+                    /* Unacknowledged, it is not ours: as if it died here. */
+                    if (!said++)
+                        say("cannot acknowledge VMM_RESUME (VMM_RESUMED) to the restarted postcopyd: %s;"
+                            " trying again", strerror(-rc));
+                    break;
                 }
                 if (frame.fd >= 0)
                     close(frame.fd); /* a new migration's VMM_OFFER: not ours */
+                if (frame.type == TYPE_ERROR && error_code(&frame) == ERROR_DISCARDED) {
+                    say_discarded(&frame);
+                    close(s);
+                    return -1;
+                }
                 if (frame.type == TYPE_ERROR) {
                     if (!said++)
                         report_error_frame(&frame, "to the reattachment");
@@ -740,53 +782,77 @@ static void *release_thread(void *unused)
     int resumed = 0;
     for (;;) {
         struct frame frame;
+        char cause[1200];
         int rc = receive_frame(sock, &frame);
         if (rc == 1 && frame.type == TYPE_HEARTBEAT)
             continue;
         if (rc == 1 && frame.type == TYPE_VMM_RESUME && frame.fd >= 0) {
             keep_page_state(frame.fd);
             resumed = 1;
-            say("postcopyd serves guest RAM now (VMM_RESUME)");
-            continue;
-        }
-        if (rc == 1 && frame.type == TYPE_VMM_COMPLETE) {
+            /* postcopyd tells the source that the guest resumed only once
+             * this acknowledgement arrives: it says that the record is kept
+             * and the range stays registered until VMM_COMPLETE. */
+            int sent = send_frame(sock, TYPE_VMM_RESUMED, NULL, 0, -1);
+            if (sent == 0) {
+                say("postcopyd serves guest RAM now (VMM_RESUME); acknowledged (VMM_RESUMED)");
+                continue;
+            }
+            /* postcopyd may have served pages already: a lost postcopyd. */
+            snprintf(cause, sizeof cause, "cannot acknowledge VMM_RESUME (VMM_RESUMED) to postcopyd: %s",
+                     strerror(-sent));
+        } else if (rc == 1 && frame.type == TYPE_VMM_COMPLETE) {
             /* Its payload is the source's image digest; the answer is empty. */
             release_range("postcopy is complete; guest RAM is an ordinary shared mapping again");
             if (send_frame(sock, TYPE_VMM_COMPLETE, NULL, 0, -1) < 0)
                 say("cannot answer VMM_COMPLETE: %s", strerror(errno));
             break;
-        }
-        if (rc == 1 && frame.type != TYPE_ERROR) {
+        } else if (rc == 1 && frame.type != TYPE_ERROR) {
             if (frame.fd >= 0)
                 close(frame.fd);
             say("unexpected frame type %u from postcopyd; ignored", frame.type);
             continue;
-        }
-        if (!resumed) {
+        } else if (!resumed) {
             /* The guest never ran here: nothing it could read is lost. */
             if (rc == 1) {
-                report_error_frame(&frame, "");
+                if (frame.fd >= 0)
+                    close(frame.fd);
+                if (error_code(&frame) == ERROR_DISCARDED)
+                    say_discarded(&frame);
+                else
+                    report_error_frame(&frame, "");
                 release_range("the migration failed before the guest ran here");
             } else {
                 release_range("postcopyd went away before the guest ran here");
             }
             break;
-        }
-        /* ERROR, or the socket closed or broke, during postcopy: pages may
-         * still be stale, so the range stays registered, whatever happens
-         * (issue 18). A postcopyd that failed is treated as one that died:
-         * a restarted one takes the guest over from what this VMM keeps. */
-        char cause[1200];
-        if (rc == 1) {
-            unsigned code = (unsigned)(frame.payload[0] | frame.payload[1] << 8);
+        } else if (rc == 1 && error_code(&frame) == ERROR_DISCARDED) {
+            /* Discarded after VMM_RESUME: the source runs the guest again,
+             * and pages here may be stale. The range stays registered, so a
+             * vCPU that touches one waits instead of running on it, and no
+             * reattaching: no postcopyd will take this migration over. The
+             * userfaultfd, the RAM file and the record stay open: closing
+             * the userfaultfd would let the guest's faults through. */
+            if (frame.fd >= 0)
+                close(frame.fd);
+            say_discarded(&frame);
+            close(sock);
+            sock = -1;
+            return NULL;
+        } else if (rc == 1) {
+            unsigned code = error_code(&frame);
             if (frame.fd >= 0)
                 close(frame.fd);
             snprintf(cause, sizeof cause, "postcopyd sent ERROR %u (%s) during postcopy: %.*s", code,
-                     error_name(code), (int)frame.length - 2, (const char *)frame.payload + 2);
+                     error_name(code), error_text_length(&frame), (const char *)frame.payload + 2);
         } else {
             snprintf(cause, sizeof cause, "postcopyd went away during postcopy (%s)",
                      rc == 0 ? "end of file" : strerror(-rc));
         }
+        /* ERROR, the socket closed or broke, or VMM_RESUMED could not be
+         * sent, during postcopy: pages may still be stale, so the range
+         * stays registered, whatever happens (issue 18). A postcopyd that
+         * failed is treated as one that died: a restarted one takes the
+         * guest over from what this VMM keeps. */
         say_incomplete(cause);
         close(sock);
         sock = -1;
@@ -800,6 +866,8 @@ static void *release_thread(void *unused)
         say("reattaching to a restarted postcopyd, for as long as it takes (said again every %.0f s)",
             reattach_seconds);
         sock = reattach();
+        if (sock < 0)
+            return NULL; /* discarded: registered and paused, as above */
     }
     /* Postcopy is complete, or the guest never ran here: the range is
      * released, and nothing is left to hand back. */

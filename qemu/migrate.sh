@@ -29,12 +29,19 @@
 #   FAIL_SWITCHOVER=1  no destination QEMU: postcopyd gives up waiting for
 #                    its VMM at switchover, after the source QEMU stopped its
 #                    vCPUs; the source must run on and its guest verify there
+#   FAIL_HANDOVER=1  the source QEMU has a device the destination lacks, so
+#                    the destination cannot load the device state after
+#                    RESUMED: the source QEMU must run on (before the point of
+#                    no return), postcopyd must discard its copy, and the
+#                    guest must verify on the source
 #   KILL_DAEMON=1    kill -9 postcopyd right after VMM_RESUME, and start
 #                    another with --takeover: the adapter hands it the guest,
 #                    the agent rejoins it, and the guest still verifies
 #
 # Exit status 0 only when the guest verified every page on the destination,
-# postcopyd served stale faults, and the source QEMU stayed paused.
+# postcopyd served stale faults, and the source QEMU stayed paused (with
+# FAIL_SWITCHOVER or FAIL_HANDOVER: when the guest verified on the source,
+# which runs on).
 set -euo pipefail
 
 name=migrate
@@ -45,6 +52,7 @@ HUGETLBFS_DIR=${HUGETLBFS_DIR:-/dev/hugepages}
 TLS=${TLS:-1}
 KILL_DAEMON=${KILL_DAEMON:-0}
 FAIL_SWITCHOVER=${FAIL_SWITCHOVER:-0}
+FAIL_HANDOVER=${FAIL_HANDOVER:-0}
 DIRTY_LOG=${DIRTY_LOG:-uffd-wp}
 VERIFY_DIRTY_LOG=${VERIFY_DIRTY_LOG:-0}
 case $MEMORY in
@@ -65,10 +73,14 @@ say "accelerator: $accel"
 say "source QEMU: $SIZE guest in $source_ram (dirty log: $DIRTY_LOG)"
 console source
 source_env=()
+# A device only the source has: its section in the device state is unknown
+# to the destination, whose load then fails after postcopyd resumed.
+source_extra=()
+((FAIL_HANDOVER)) && source_extra=(-device virtio-rng-pci,id=only-on-the-source)
 [[ $DIRTY_LOG == uffd-wp ]] && source_env=(LD_PRELOAD="$(realpath "$PRELOAD")" POSTCOPY_SOURCE_RAM="$source_ram"
                                            POSTCOPY_SOURCE_SOCKET="$work/dirty-log.sock")
 env "${source_env[@]}" "$QEMU" -accel "$accel" -m "${mem_mib}M" -object "memory-backend-file,id=ram,size=$SIZE,mem-path=$source_ram,share=on" \
-    "${guest_args[@]}" "${console_args[@]}" \
+    "${guest_args[@]}" "${source_extra[@]}" "${console_args[@]}" \
     -qmp "unix:$work/source.qmp,server=on,wait=off" >"$work/source-qemu.log" 2>&1 &
 pids+=($!)
 wait_line "$work/source.log" "POSTCOPY-GUEST READY" 180 "the guest to fill its memory" >/dev/null
@@ -98,6 +110,17 @@ pids+=("$daemon_pid")
 for _ in $(seq 1 300); do [[ -s $work/daemon.ready ]] && break; sleep 0.1; done
 [[ -s $work/daemon.ready ]] || fail "postcopyd did not start"
 
+# After a failure before the point of no return: the source QEMU must be
+# running again, not merely still there (QEMU restarts the vCPUs when the
+# failed or cancelled migration is cleaned up), and its guest verify there.
+source_runs_on() {  # what failed
+    local status
+    status=$(qmp "$work/source.qmp" query-status | jq -r .status)
+    [[ $status == running ]] || fail "the source QEMU is '$status' after the failed $1, not running"
+    verify_guest source
+    [[ $verdict == *"VERIFY PASS"* ]] || fail "the source guest found its memory wrong after the failed $1: $verdict"
+}
+
 if ((FAIL_SWITCHOVER)); then
     # The switchover fails after the source QEMU stopped its vCPUs and
     # before postcopyd resumed anything: postcopy-push must cancel the
@@ -116,12 +139,7 @@ if ((FAIL_SWITCHOVER)); then
     ((push_status != 0)) || fail "postcopy-push succeeded although no VMM ever attached"
     grep -q "switchover failed before the destination resumed: resuming the source" "$work/push.log" ||
         fail "postcopy-push did not resume the source: $(tail -3 "$work/push.log")"
-    # It has to be running again, not merely still there: QEMU restarts the
-    # vCPUs when the cancelled migration is cleaned up.
-    source_status=$(qmp "$work/source.qmp" query-status | jq -r .status)
-    [[ $source_status == running ]] || fail "the source QEMU is '$source_status' after the failed switchover, not running"
-    verify_guest source
-    [[ $verdict == *"VERIFY PASS"* ]] || fail "the source guest found its memory wrong after the failed switchover: $verdict"
+    source_runs_on "switchover"
     say "PASS: the switchover failed before RESUMED; the source QEMU runs on and its guest verified there"
     exit 0
 fi
@@ -178,6 +196,21 @@ push_status=$?
 wait "$daemon_pid"
 daemon_status=$?
 set -e
+if ((FAIL_HANDOVER)); then
+    # The destination QEMU could not load the device state, so the guest
+    # never ran there: the source QEMU runs it again, postcopy-push says so
+    # and fails, and postcopyd discards its copy (DISCARD).
+    ((push_status != 0)) || fail "postcopy-push succeeded although the destination could not load the device state"
+    grep -q "the hand-over failed before the guest ran on the destination" "$work/push.log" ||
+        fail "postcopy-push did not report the failed hand-over: $(tail -3 "$work/push.log")"
+    grep -q "postcopyd discarded its copy" "$work/push.log" ||
+        fail "postcopy-push did not have postcopyd discard its copy: $(tail -3 "$work/push.log")"
+    ((daemon_status != 0)) || fail "postcopyd completed a migration whose guest went back to the source"
+    grep -q "migration discarded" "$work/daemon.log" || fail "postcopyd did not discard its copy: $(tail -3 "$work/daemon.log")"
+    source_runs_on "hand-over"
+    say "PASS: the hand-over failed before the point of no return; the source QEMU runs on, its guest verified there, postcopyd discarded its copy"
+    exit 0
+fi
 ((push_status == 0)) || fail "postcopy-push failed (status $push_status)"
 ((daemon_status == 0)) || fail "postcopyd failed (status $daemon_status)"
 

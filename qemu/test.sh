@@ -42,15 +42,16 @@ bash qemu/build-guest.sh "$GUEST"
 
 results=$(mktemp -d)
 trap 'rm -rf "$results"' EXIT
-run() {  # memory [kill] [fail the switchover]
-    local kill=${2:-0} fail=${3:-0}
-    say "migrating a $SIZE QEMU guest onto $1$( ((kill)) && echo ', postcopyd killed and taken over')$( ((fail)) && echo ', the switchover failing')"
-    MEMORY=$1 KILL_DAEMON=$kill FAIL_SWITCHOVER=$fail VERIFY_DIRTY_LOG=1 SIZE=$SIZE BIN=$BIN GUEST=$GUEST HUGETLBFS_DIR=$HUGETLBFS_DIR \
+run() {  # memory [kill] [fail the switchover] [fail the hand-over]
+    local kill=${2:-0} fail=${3:-0} failHandOver=${4:-0}
+    say "migrating a $SIZE QEMU guest onto $1$( ((kill)) && echo ', postcopyd killed and taken over')$( ((fail)) && echo ', the switchover failing')$( ((failHandOver)) && echo ', the hand-over failing')"
+    MEMORY=$1 KILL_DAEMON=$kill FAIL_SWITCHOVER=$fail FAIL_HANDOVER=$failHandOver VERIFY_DIRTY_LOG=1 SIZE=$SIZE BIN=$BIN GUEST=$GUEST HUGETLBFS_DIR=$HUGETLBFS_DIR \
         PRECOPY_SECONDS=${PRECOPY_SECONDS:-5} RESULT="$results/$1$( ((kill)) && echo -takeover).json" bash qemu/migrate.sh
 }
 run shmem
 run shmem 1
 run shmem 0 1
+run shmem 0 0 1
 
 size_pages=$(($(numfmt --from=iec "$SIZE") / 2097152))
 free_pages=$(awk '/HugePages_Free/ { print $2 }' /proc/meminfo)

@@ -15,6 +15,13 @@ import PostcopyOS
 /// with `migrate-incoming` set up ahead of time, then runs the guest by
 /// itself, since the source was running when `migrate` began. A failure
 /// before that cancels the migration, which restarts the source's vCPUs.
+///
+/// The hand-over is the point of no return. With `return-path` on, the
+/// source reports `completed` only once the destination has loaded the
+/// device state and said so; a migration that fails or is cancelled before
+/// that leaves the source running again (QEMU restarts the vCPUs it
+/// stopped), and the destination, which never ran the guest, discards its
+/// copy (`SourceRunsAgain`, then DISCARD).
 public final class QMPSourceControl: Sendable {
     public let qmp: QMPClient
     public let migrateURI: String
@@ -25,20 +32,26 @@ public final class QMPSourceControl: Sendable {
 
     /// Connects to the source QEMU's QMP socket and sets the migration
     /// capabilities this needs; refuses a QEMU that is migrating already.
-    public init(socketPath: String, migrateURI: String, logger: Logger) throws {
+    /// `rejoining`: a restarted agent (`--resume`), which finishes the
+    /// hand-over the agent before it began, and changes nothing else.
+    public init(socketPath: String, migrateURI: String, logger: Logger, rejoining: Bool = false) throws {
         qmp = try QMPClient(path: socketPath)
         self.migrateURI = migrateURI
         self.logger = logger
+        if rejoining { return }
         let status = try qmp.migrationStatus()
         guard ["none", "completed", "failed", "cancelled"].contains(status) else {
             throw QMPError(path: socketPath, "the source QEMU is migrating already (query-migrate: '\(status)')")
         }
         // MIGRATION events tell each state the moment QEMU enters it:
         // polling query-migrate would add its interval to the pause.
-        try inStep("set x-ignore-shared, pause-before-switchover and events on the source QEMU") {
+        // return-path: `completed` then means the destination has loaded
+        // the device state, not merely that the source has sent it.
+        _ = try inStep("set x-ignore-shared, pause-before-switchover, return-path and events on the source QEMU") {
             try qmp.execute("migrate-set-capabilities", ["capabilities": [
                 ["capability": "x-ignore-shared", "state": true],
                 ["capability": "pause-before-switchover", "state": true],
+                ["capability": "return-path", "state": true],
                 ["capability": "events", "state": true],
             ]])
         }
@@ -54,8 +67,8 @@ public final class QMPSourceControl: Sendable {
         }, resume: { [self] in
             try resumeSource()
         }, handOver: (description: "QMP migrate-continue (the device state to \(migrateURI))", run: { [self] in
-            try continueMigration()
-        }))
+            try handOver()
+        }), handOverStartsGuest: true)
     }
 
     /// `migrate`, then wait for `pre-switchover`: the vCPUs are stopped.
@@ -82,13 +95,44 @@ public final class QMPSourceControl: Sendable {
         logger.notice("the source QEMU runs again (QMP: migration cancelled, vCPUs restarted)")
     }
 
-    /// After RESUMED: let the device state go, and wait until the source
-    /// has sent it all (`completed`), when the destination runs the guest.
-    private func continueMigration() throws {
-        try qmp.execute("migrate-continue", ["state": "pre-switchover"])
-        _ = try qmp.waitForMigration(["completed"], failing: ["failed", "cancelled"], timeoutNanos: 300_000_000_000,
-                                     "waiting for the device state to reach the destination QEMU")
+    /// After RESUMED: let the device state go, and wait until the
+    /// destination has loaded it and runs the guest (`completed`). Finishes
+    /// from wherever the migration is, for a restarted agent too. A
+    /// migration that failed or was cancelled on the way throws
+    /// `SourceRunsAgain` once the source runs; anything else (QMP lost, no
+    /// answer in time) leaves it in doubt and throws as it is.
+    private func handOver() throws {
+        let status = try qmp.migrationStatus()
+        switch status {
+        case "completed":
+            return
+        case "failed", "cancelled", "none":
+            throw try sourceRunsAgain("the source QEMU's migration is '\(status)'")
+        case "pre-switchover":
+            try qmp.execute("migrate-continue", ["state": "pre-switchover"])
+        default:
+            break  // under way: wait for its end
+        }
+        do {
+            _ = try qmp.waitForMigration(["completed"], failing: ["failed", "cancelled"], timeoutNanos: 300_000_000_000,
+                                         "waiting for the destination QEMU to load the device state")
+        } catch let error as QMPError {
+            let now = try qmp.migrationStatus()
+            if now == "failed" || now == "cancelled" { throw try sourceRunsAgain("\(error)") }
+            throw error
+        }
         let now = monotonicNanoseconds()
-        pause.withLock { $0.ms = Double(now - $0.started) / 1e6 }
+        pause.withLock { $0.ms = $0.started > 0 ? Double(now - $0.started) / 1e6 : nil }
+    }
+
+    /// A source whose migration failed or was cancelled: QEMU restarts the
+    /// vCPUs it stopped, shortly after. Waits for that (and `cont`s a
+    /// source that settled paused), then says why the source runs again.
+    private func sourceRunsAgain(_ why: String) throws -> SourceRunsAgain {
+        let run = (try? qmp.wait(for: ["running"], timeoutNanos: 5_000_000_000,
+                                 "waiting for the source QEMU to restart its vCPUs") { try qmp.runStatus() })
+        if run == nil, try qmp.runStatus() == "paused" { try qmp.execute("cont") }
+        logger.notice("the source QEMU runs the guest again (\(why))")
+        return SourceRunsAgain(why)
     }
 }

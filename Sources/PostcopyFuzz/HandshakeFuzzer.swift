@@ -148,10 +148,11 @@ private struct SessionHarness {
     }
 
     mutating func completeIfServing() {
-        guard session.phase == .postcopy || session.phase == .paused else { return }
+        guard session.phase.servesPostcopy else { return }
         let before = snapshot
         let completes = session.pagesComplete()
-        require(completes == (session.imageDigest != nil), "pagesComplete() says \(completes) with digest \(String(describing: session.imageDigest))")
+        require(completes == (session.imageDigest != nil && !session.handOverPending),
+                "pagesComplete() says \(completes) with digest \(String(describing: session.imageDigest)), a hand-over pending \(session.handOverPending)")
         if completes { session.complete() }
         checkInvariants(since: before)
     }
@@ -187,8 +188,10 @@ private struct SessionHarness {
             let action = try session.receive(message, on: role)
             check(action, for: message, before: before)
             if case .peerFailed = action { lose(slot) }
-            // The daemon's finish(): the digest was the last thing missing.
+            // The daemon's finish(): the digest, or the hand-over, was the
+            // last thing missing.
             if case .imageDigest(_, completes: true) = action { session.complete() }
+            if case .handedOver(completes: true) = action { session.complete() }
         } catch {
             use(error.description)
             lose(slot)
@@ -203,7 +206,7 @@ private struct SessionHarness {
         guard connection.role != nil else { return }
         let before = snapshot
         let paused = session.connectionLost(epoch: connection.epoch)
-        require(paused == (before.phase == .postcopy && connection.epoch == before.epoch),
+        require(paused == ((before.phase == .postcopy || before.phase == .handover) && connection.epoch == before.epoch),
                 "connectionLost(epoch: \(connection.epoch)) returned \(paused) in \(before.phase), epoch \(before.epoch)")
         checkInvariants(since: before)
     }
@@ -216,19 +219,28 @@ private struct SessionHarness {
             require(run.first < pages && run.count <= pages - run.first, "\(run) outside \(pages) pages")
         case let .zeroPrecopy(run), let .zeroPostcopy(run):
             require(run.first < pages && run.count <= pages - run.first, "\(run) outside \(pages) pages")
-        case let .switchover(stale, _):
-            guard case let .switchover(announced, _) = message else {
+        case let .switchover(stale, _, handOver):
+            guard case let .switchover(announced, _, announcedHandOver) = message, handOver == announcedHandOver else {
                 fatalError("fuzz property broken: switchover from \(message)")
             }
             require(stale.count == pages && stale.popCount == announced,
                     "switchover bitmap of \(stale.count) bits, \(stale.popCount) set, announced \(announced)")
-            require(before.phase == .switchingOver && session.phase == .postcopy,
+            require(before.phase == .switchingOver && session.phase == (handOver ? .handover : .postcopy),
                     "switchover from \(before.phase) to \(session.phase)")
         case let .imageDigest(digest, completes):
             require(message == .imageDigest(digest) && before.imageDigest == nil && session.imageDigest == digest,
                     "\(action) from \(message), the digest known before: \(String(describing: before.imageDigest))")
-            require(completes == session.pagesInPlace, "\(action) with every page in: \(session.pagesInPlace)")
-            require(before.phase == .postcopy || before.phase == .paused, "\(action) during \(before.phase)")
+            require(completes == (session.pagesInPlace && !session.handOverPending),
+                    "\(action) with every page in: \(session.pagesInPlace), a hand-over pending \(session.handOverPending)")
+            require(before.phase.servesPostcopy, "\(action) during \(before.phase)")
+        case let .handedOver(completes):
+            require(message == .handedOver && !session.handOverPending && session.switchoverHadHandOver,
+                    "\(action) from \(message)")
+            require(completes == (session.pagesInPlace && session.imageDigest != nil),
+                    "\(action) with every page in: \(session.pagesInPlace), the digest \(session.imageDigest != nil)")
+        case .discard:
+            require(before.phase.servesPostcopy && session.phase == .discarded && !session.pointOfNoReturnPassed,
+                    "\(action) from \(before.phase) to \(session.phase)")
         default:
             break
         }
@@ -236,7 +248,7 @@ private struct SessionHarness {
         case .writePrecopy, .zeroPrecopy:
             require(before.phase == .precopy, "\(action) during \(before.phase)")
         case .writePostcopy, .zeroPostcopy:
-            require(before.phase == .postcopy || before.phase == .paused, "\(action) during \(before.phase)")
+            require(before.phase.servesPostcopy, "\(action) during \(before.phase)")
         default:
             break
         }
@@ -274,7 +286,8 @@ private struct SessionHarness {
             require(session.imageDigest == digest, "the image digest \(digest) became \(String(describing: session.imageDigest))")
         }
         if session.phase == .complete {
-            require(session.pagesInPlace && session.imageDigest != nil, "complete without every page or the digest")
+            require(session.pagesInPlace && session.imageDigest != nil && !session.handOverPending,
+                    "complete without every page, the digest, or the hand-over")
         }
     }
 
@@ -282,6 +295,8 @@ private struct SessionHarness {
     static func allowed(from: DestinationSession.Phase, to: DestinationSession.Phase) -> Bool {
         switch (from, to) {
         case (.handshake, .precopy), (.precopy, .switchingOver), (.switchingOver, .postcopy),
+             (.switchingOver, .handover), (.handover, .postcopy), (.handover, .paused), (.paused, .handover),
+             (.handover, .discarded), (.paused, .discarded),
              (.postcopy, .paused), (.paused, .postcopy), (.postcopy, .complete), (.paused, .complete):
             return true
         default:

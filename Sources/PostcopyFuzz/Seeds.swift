@@ -78,7 +78,7 @@ extension FrameFuzzer {
         case .zeroPages: return .zeroPages(firstPage: 100, count: 28)
         case .roundEnd: return .roundEnd(round: 2, pagesSent: 4096, dirtyPages: 77)
         case .dirtyBitmap: return .dirtyBitmap(totalBits: 1 << 20, firstWord: 3, words: [0x8001, 0, .max])
-        case .switchover: return .switchover(stalePages: 1234, sourcePausedAtNanos: 1_700_000_000_000_000_000)
+        case .switchover: return .switchover(stalePages: 1234, sourcePausedAtNanos: 1_700_000_000_000_000_000, handOver: true)
         case .resumed: return .resumed(destinationResumedAtNanos: 1_700_000_000_050_000_000)
         case .pageRequest: return .pageRequest(requestID: 9, firstPage: 512, count: 512)
         case .complete: return .complete(pagesReceived: 262_144, faultsClean: 1000, faultsStale: 12)
@@ -86,10 +86,13 @@ extension FrameFuzzer {
         case .heartbeat: return .heartbeat
         case .resync: return .resync(stalePages: 321)
         case .imageDigest: return .imageDigest(SeedValues.digest)
+        case .handedOver: return .handedOver
+        case .discard: return .discard(reason: "QMP: the source QEMU's migration failed")
         case .vmmOffer: return .vmmOffer(regionSize: 1 << 30, pageSize: .small, fileOffset: 0)
         case .vmmAttach:
             return .vmmAttach(guestBase: 0x7F00_0000_0000, features: UffdFeatures(rawValue: 0x2D8), registerMode: 5)
         case .vmmResume: return .vmmResume
+        case .vmmResumed: return .vmmResumed
         case .vmmComplete: return .vmmComplete(imageDigest: SeedValues.digest)
         case .vmmHandback: return .vmmHandback(.pageState)
         case .vmmReattach:
@@ -104,14 +107,14 @@ extension FrameFuzzer {
             .zeroPages(firstPage: 1, count: 3), .roundEnd(round: 1, pagesSent: 4, dirtyPages: 4), .heartbeat,
             .dirtyBitmap(totalBits: 1 << 20, firstWord: 0, words: [0b1011]),
             .dirtyBitmap(totalBits: 1 << 20, firstWord: 1, words: [1 << 63]),
-            .switchover(stalePages: 4, sourcePausedAtNanos: 1_700_000_000_000_000_000),
-            .imageDigest(SeedValues.digest),
+            .switchover(stalePages: 4, sourcePausedAtNanos: 1_700_000_000_000_000_000, handOver: true),
+            .imageDigest(SeedValues.digest), .handedOver,
         ]
     }
 
     /// What a VMM and postcopyd say to each other, both ways.
     static var vmmStream: [Message] {
-        [sample(of: .vmmOffer), sample(of: .vmmAttach), sample(of: .vmmResume), .heartbeat,
+        [sample(of: .vmmOffer), sample(of: .vmmAttach), sample(of: .vmmResume), .vmmResumed, .heartbeat,
          sample(of: .vmmHandback), .vmmHandback(.ram), sample(of: .vmmReattach), sample(of: .vmmComplete),
          .vmmComplete(imageDigest: nil)]
     }

@@ -53,16 +53,21 @@ public final class FaultLoop: Sendable {
     private let thread: StoppableThread
     private let failure = Locked<String?>(nil)
     private let onFailure: (@Sendable (String) -> Void)?
+    private let onStray: (@Sendable (UInt64) -> Void)?
 
     /// `onFailure` runs on the fault thread, once, when the loop ends on its
     /// own (a userfaultfd that errs or hangs up): from then on no fault is
     /// served, so the owner must learn of it at once, not at completion. It
     /// must not call `stop()` (that joins the very thread it runs on).
+    /// `onStray` runs on the fault thread with the address of each fault
+    /// outside the region, before its thread is woken; it must be quick.
     public init(installer: PageInstaller, resolver: any FaultResolver, batchSize: Int = 64,
-                onFailure: (@Sendable (String) -> Void)? = nil) throws {
+                onFailure: (@Sendable (String) -> Void)? = nil,
+                onStray: (@Sendable (UInt64) -> Void)? = nil) throws {
         self.installer = installer
         self.resolver = resolver
         self.batchSize = batchSize
+        self.onStray = onStray
         self.onFailure = onFailure
         thread = try inStep("create the fault loop's stop signal") { try StoppableThread() }
     }
@@ -125,7 +130,13 @@ public final class FaultLoop: Sendable {
             return
         }
         guard let page = installer.geometry.page(atAddress: message.address, mappingBase: installer.guestBase) else {
+            // Not guest RAM (the VMM registered more than it on this
+            // userfaultfd), so not ours to resolve; but its thread must not
+            // sleep for good. Woken, it goes on if the range's owner mapped
+            // the page, and faults again otherwise.
             FaultLoopCounters.bump(counters.strayFaults)
+            onStray?(message.address)
+            try? installer.uffd.wake(start: message.address & ~4095, length: 4096)
             return
         }
         let isMinor = message.flags & UInt64(CPC_UFFD_PAGEFAULT_FLAG_MINOR) != 0

@@ -129,6 +129,23 @@ public final class PageStateFile: @unchecked Sendable {
 
     public var identity: FileIdentity { FileIdentity(descriptor: fd) }
 
+    private var milestonesWord: UnsafeMutablePointer<UInt64> {
+        (base + PageStateLayout.milestonesOffset).assumingMemoryBound(to: UInt64.self)
+    }
+
+    /// How far the migration got past switchover, as recorded; bits this
+    /// version does not define are dropped.
+    public var milestones: PageStateMilestones {
+        PageStateMilestones(rawValue: milestonesWord.pointee).intersection(.known)
+    }
+
+    /// Adds `reached` to the record with one aligned 8-byte store. One
+    /// thread of the daemon records at a time (switchover, then the
+    /// session's lock).
+    public func record(_ reached: PageStateMilestones) {
+        milestonesWord.pointee |= reached.rawValue
+    }
+
     private static func map(_ fd: Int32, _ length: UInt64) throws -> UnsafeMutableRawPointer {
         let address = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
         guard let address, address != MAP_FAILED else {

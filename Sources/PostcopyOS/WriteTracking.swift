@@ -33,7 +33,7 @@ public final class WriteTracking: Sendable {
                                  hint: "asynchronous write-protect of shared memory needs Linux ≥ 6.7",
                                  pretendingAbsent: pretendingAbsent)
         }
-        try inStep("register guest RAM for write-protect") {
+        _ = try inStep("register guest RAM for write-protect") {
             try uffd.register(start: address, length: length, mode: .writeProtect)
         }
         self.uffd = uffd

@@ -46,7 +46,7 @@ struct PostcopyPush: ParsableCommand {
     @Flag(help: "Switch over without pausing anything: only for a source image nothing writes any more.")
     var noPause = false
 
-    @Option(help: ArgumentHelp("The source QEMU's QMP socket: pause, resume and hand over through it, over one connection opened before precopy, with no process started at switchover. Needs --qmp-migrate-uri.", valueName: "path"))
+    @Option(help: ArgumentHelp("The source QEMU's QMP socket: pause, resume and hand over through it, over one connection opened before precopy, with no process started at switchover; the source stays resumable until the destination QEMU has loaded the device state. Needs --qmp-migrate-uri. With --resume: finishes the hand-over the agent before began.", valueName: "path"))
     var qmp: String?
 
     @Option(help: ArgumentHelp("With --qmp: where the source QEMU sends its device state, the URI of the destination QEMU's migrate-incoming (e.g. unix:/run/vm42/incoming.sock or tcp:HOST:PORT).", valueName: "uri"))
@@ -115,11 +115,12 @@ struct PostcopyPush: ParsableCommand {
             throw ValidationError("say how to pause the source at switchover: --qmp, --pause-pid, --pause-cmd, or --no-pause")
         }
         if qmp != nil {
-            if qmpMigrateUri == nil { throw ValidationError("--qmp needs --qmp-migrate-uri: where the device state goes") }
+            if qmpMigrateUri == nil && !resume {
+                throw ValidationError("--qmp needs --qmp-migrate-uri: where the device state goes")
+            }
             if pausePID != nil || pauseCmd != nil || resumeCmd != nil || resumedCmd != nil || noPause {
                 throw ValidationError("--qmp pauses, resumes and hands over by itself: drop --pause-pid, --pause-cmd, --resume-cmd, --resumed-cmd and --no-pause")
             }
-            if resume { throw ValidationError("--resume neither pauses nor hands over: drop --qmp") }
         } else if qmpMigrateUri != nil {
             throw ValidationError("--qmp-migrate-uri goes with --qmp")
         }
@@ -145,7 +146,7 @@ struct PostcopyPush: ParsableCommand {
                                                        peerNameOption: "--tls-server-name", logger: logger)
         let qmpControl = try qmp.map { path in
             try inStep("open QMP to the source QEMU") {
-                try QMPSourceControl(socketPath: path, migrateURI: qmpMigrateUri!, logger: logger)
+                try QMPSourceControl(socketPath: path, migrateURI: qmpMigrateUri ?? "", logger: logger, rejoining: resume)
             }
         }
         var config = AgentConfig(ramPath: ram, daemon: to, transport: transport,

@@ -30,13 +30,14 @@ private enum Sessions {
         return session
     }
 
-    /// Switched over with `words` as the dirty bitmap: postcopy.
-    static func postcopy(_ geometry: PageGeometry, words: [UInt64]) throws -> DestinationSession {
+    /// Switched over with `words` as the dirty bitmap: postcopy (or, with
+    /// `handOver`, the hand-over before it).
+    static func postcopy(_ geometry: PageGeometry, words: [UInt64], handOver: Bool = false) throws -> DestinationSession {
         var session = try precopy(geometry)
         _ = try session.receive(.dirtyBitmap(totalBits: geometry.smallPageCount, firstWord: 0, words: words),
                                 on: .bulk)
         let stale = words.reduce(0) { $0 + UInt64($1.nonzeroBitCount) }
-        _ = try session.receive(.switchover(stalePages: stale, sourcePausedAtNanos: 1),
+        _ = try session.receive(.switchover(stalePages: stale, sourcePausedAtNanos: 1, handOver: handOver),
                                 on: .bulk)
         return session
     }
@@ -246,8 +247,8 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
 
         let stale = try #require(PageBitmap(words: words, count: 130))
         let action = try session.receive(.switchover(stalePages: 2 + 12 + 1, sourcePausedAtNanos: 123_456_789), on: .bulk)
-        #expect(action == .switchover(stale: stale, sourcePausedAtNanos: 123_456_789))
-        guard case let .switchover(received, _) = action else { return }
+        #expect(action == .switchover(stale: stale, sourcePausedAtNanos: 123_456_789, handOver: false))
+        guard case let .switchover(received, _, _) = action else { return }
         #expect(received.setIndices == [0, 63, 68, 69, 70, 71, 112, 113, 114, 115, 120, 121, 122, 123, 129])
         #expect(session.phase == .postcopy)
     }
@@ -258,7 +259,7 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
         _ = try session.receive(.dirtyBitmap(totalBits: 64, firstWord: 0, words: [0]), on: .bulk)
         let action = try session.receive(.switchover(stalePages: 0, sourcePausedAtNanos: 0),
                                          on: .bulk)
-        #expect(action == .switchover(stale: PageBitmap(count: 64), sourcePausedAtNanos: 0))
+        #expect(action == .switchover(stale: PageBitmap(count: 64), sourcePausedAtNanos: 0, handOver: false))
     }
 
     @Test func bitmapFramesMustArriveInOrder() throws {
@@ -325,7 +326,7 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
         let action = try session.receive(.switchover(stalePages: 4, sourcePausedAtNanos: 5),
                                          on: .bulk)
         #expect(action == .switchover(stale: PageBitmap(words: [0b1011, 1 << 63], count: 128)!,
-                                      sourcePausedAtNanos: 5))
+                                      sourcePausedAtNanos: 5, handOver: false))
     }
 
     @Test func switchoverWithoutABitmapIsUnexpected() throws {
@@ -659,6 +660,123 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
         }
     }
 
+    // MARK: The point of no return
+
+    /// Without a hand-over the guest runs here from switchover on; with
+    /// one, the session waits in `handover` until HANDED_OVER.
+    @Test func aHandOverKeepsTheSourceResumableUntilHandedOver() throws {
+        let geometry = try Sessions.geometry()
+        let plain = try Sessions.postcopy(geometry, words: [0xFF])
+        #expect(plain.phase == .postcopy && plain.pointOfNoReturnPassed && !plain.handOverPending)
+
+        var session = try Sessions.postcopy(geometry, words: [0xFF], handOver: true)
+        #expect(session.phase == .handover && !session.pointOfNoReturnPassed && session.handOverPending)
+        // Pages are served during the hand-over as during postcopy.
+        #expect(try session.receive(.pages(requestID: 0, firstPage: 1, data: Sessions.data(pages: 1, seed: 1)), on: .bulk)
+            == .writePostcopy(PageRun(first: 1, count: 1), Sessions.data(pages: 1, seed: 1), requestID: 0))
+        #expect(try session.receive(.handedOver, on: .bulk) == .handedOver(completes: false))
+        #expect(session.phase == .postcopy && session.pointOfNoReturnPassed)
+        // Said again after a rejoin: nothing changes.
+        #expect(try session.receive(.handedOver, on: .bulk) == .none)
+        #expect(refusal { try session.receive(.handedOver, on: .urgent) } == .unexpected(.handedOver, phase: .postcopy, role: .urgent))
+    }
+
+    /// Completion needs the hand-over too, in whatever order the three
+    /// things arrive; whichever is last says so.
+    @Test func completionWaitsForTheHandOver() throws {
+        let geometry = try Sessions.geometry()
+        for order in [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]] {
+            var session = try Sessions.postcopy(geometry, words: [0xFF], handOver: true)
+            var completed: [Bool] = []
+            for step in order {
+                switch step {
+                case 0: completed.append(session.pagesComplete())
+                case 1:
+                    guard case let .imageDigest(_, completes) = try session.receive(.imageDigest(Sessions.digest), on: .bulk)
+                    else { Issue.record("no digest action"); return }
+                    completed.append(completes)
+                default:
+                    guard case let .handedOver(completes) = try session.receive(.handedOver, on: .bulk)
+                    else { Issue.record("no hand-over action"); return }
+                    completed.append(completes)
+                }
+            }
+            #expect(completed == [false, false, true], "order \(order)")
+            session.complete()
+            #expect(session.phase == .complete)
+        }
+    }
+
+    /// DISCARD before the point of no return ends the migration discarded;
+    /// after it, it is refused (the guest may run here).
+    @Test func discardIsOnlyForAHandOverStillPending() throws {
+        let geometry = try Sessions.geometry()
+        var pending = try Sessions.postcopy(geometry, words: [0xFF], handOver: true)
+        #expect(try pending.receive(.discard(reason: "migration failed"), on: .bulk) == .discard(reason: "migration failed"))
+        #expect(pending.phase == .discarded && !pending.pointOfNoReturnPassed)
+        let completes = pending.pagesComplete()
+        #expect(!completes)
+        #expect(refusal { try pending.hello(Self.resuming(.bulk, geometry)) } == .discarded)
+        #expect(refusal { try pending.receive(.pages(requestID: 0, firstPage: 1, data: Sessions.data(pages: 1, seed: 1)), on: .bulk) }
+            == .unexpected(.pages, phase: .discarded, role: .bulk))
+
+        var plain = try Sessions.postcopy(geometry, words: [0xFF])
+        #expect(refusal { try plain.receive(.discard(reason: "late"), on: .bulk) } == .discardPastPointOfNoReturn)
+        var handedOver = try Sessions.postcopy(geometry, words: [0xFF], handOver: true)
+        _ = try handedOver.receive(.handedOver, on: .bulk)
+        #expect(refusal { try handedOver.receive(.discard(reason: "late"), on: .bulk) } == .discardPastPointOfNoReturn)
+        #expect(handedOver.phase == .postcopy)
+        // Before switchover there is nothing to discard: the agent fails the migration instead.
+        var precopy = try Sessions.precopy(geometry)
+        #expect(refusal { try precopy.receive(.discard(reason: "early"), on: .bulk) } == .unexpected(.discard, phase: .precopy, role: .bulk))
+    }
+
+    /// A hand-over survives a lost connection: paused, the agent rejoins
+    /// into `handover`, and may still discard.
+    @Test func aLostConnectionDuringTheHandOverRejoinsIntoIt() throws {
+        let geometry = try Sessions.geometry()
+        var session = try Sessions.postcopy(geometry, words: [0xFF], handOver: true)
+        let paused = session.connectionLost(epoch: 0)
+        #expect(paused && session.phase == .paused && session.handOverPending)
+        _ = try session.hello(Self.resuming(.bulk, geometry))
+        _ = try session.hello(Self.resuming(.urgent, geometry))
+        #expect(session.phase == .handover && session.epoch == 1)
+        // HANDED_OVER arriving on a connection being given up counts too.
+        let pausedAgain = session.connectionLost(epoch: 1)
+        #expect(pausedAgain)
+        #expect(try session.receive(.handedOver, on: .bulk) == .handedOver(completes: false))
+        #expect(session.phase == .paused)
+        _ = try session.hello(Self.resuming(.bulk, geometry))
+        _ = try session.hello(Self.resuming(.urgent, geometry))
+        #expect(session.phase == .postcopy)
+    }
+
+    /// A daemon taking over learns from the record's milestones whether the
+    /// hand-over was still pending.
+    @Test func aTakeoverKeepsTheRecordedHandOverState() throws {
+        let geometry = try Sessions.geometry()
+        let secret = MigrationSecret.test.digest
+        var pending = DestinationSession(takingOver: Sessions.migrationID, geometry: geometry, secretDigest: secret,
+                                         milestones: [.handOverPending, .vmmResumed])
+        #expect(pending.handOverPending)
+        _ = try pending.hello(Self.resuming(.bulk, geometry))
+        _ = try pending.hello(Self.resuming(.urgent, geometry))
+        #expect(pending.phase == .handover)
+        let done = DestinationSession(takingOver: Sessions.migrationID, geometry: geometry, secretDigest: secret,
+                                      milestones: [.handOverPending, .vmmResumed, .handedOver])
+        #expect(!done.handOverPending && done.switchoverHadHandOver)
+        let plain = DestinationSession(takingOver: Sessions.migrationID, geometry: geometry, secretDigest: secret)
+        #expect(!plain.handOverPending && !plain.switchoverHadHandOver)
+    }
+
+    @Test func milestonesSayWhenThePointOfNoReturnPassed() {
+        #expect(!PageStateMilestones().pointOfNoReturnPassed)
+        #expect(PageStateMilestones.vmmResumed.pointOfNoReturnPassed)
+        #expect(!PageStateMilestones([.handOverPending, .vmmResumed]).pointOfNoReturnPassed)
+        #expect(PageStateMilestones([.handOverPending, .vmmResumed, .handedOver]).pointOfNoReturnPassed)
+        #expect(PageStateMilestones([.handOverPending, .vmmResumed]).description == "hand-over pending, VMM resumed")
+    }
+
     // MARK: Errors
 
     @Test func everySessionErrorHasTheCodeOfItsKind() {
@@ -674,6 +792,8 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
             (.bitmapIncomplete(words: 1, expected: 2), .protocolViolation),
             (.staleCountMismatch(announced: 1, bitmap: 2), .protocolViolation),
             (.imageDigestChanged(known: Sessions.digest, got: Self.otherDigest), .protocolViolation),
+            (.discardPastPointOfNoReturn, .protocolViolation),
+            (.discarded, .discarded),
         ]
         for (error, code) in cases {
             #expect(error.code == code, "\(error)")

@@ -25,14 +25,17 @@ import Testing
         }
     }
 
-    /// Version 3: no image digest (the source sends it after the guest
-    /// resumed); the secret's digest follows the migration id, then the
-    /// checksum of everything before it.
+    /// Version 4 (3's fields; the milestones word after the header is new):
+    /// no image digest (the source sends it after the guest resumed); the
+    /// secret's digest follows the migration id, then the checksum of
+    /// everything before it.
     @Test func theHeaderLayout() throws {
         let header = try Self.header()
         let bytes = header.encoded
         #expect(Array(bytes[0..<8]) == Array("PCDPAGES".utf8))
-        #expect(Array(bytes[8..<12]) == [3, 0, 0, 0])
+        #expect(Array(bytes[8..<12]) == [4, 0, 0, 0])
+        #expect(PageStateLayout.milestonesOffset >= PageStateHeader.bytes && PageStateLayout.milestonesOffset % 8 == 0)
+        #expect(PageStateLayout.milestonesOffset + 8 <= PageStateLayout.bitmapOffset)
         #expect(Array(bytes[72..<88]) == Self.id.bytes)
         #expect(Array(bytes[88..<120]) == MigrationSecret.test.digest.bytes)
         let checksum = CRC32C.checksum(Array(bytes[0..<120]))
@@ -51,8 +54,9 @@ import Testing
         #expect(throws: PageStateError.notAPageStateRecord) { try PageStateHeader(decoding: foreign[...]) }
         #expect(throws: PageStateError.truncated(bytes: 100)) { try PageStateHeader(decoding: bytes.prefix(100)) }
         // Another version is refused even with a valid checksum: a newer
-        // one, and version 2, whose header held the image digest.
-        for version: UInt8 in [2, 4] {
+        // one, version 3, which kept no milestones, and version 2, whose
+        // header held the image digest.
+        for version: UInt8 in [2, 3, 5] {
             var other = Array(bytes.prefix(120))
             other[8] = version
             other += withUnsafeBytes(of: CRC32C.checksum(other).littleEndian) { Array($0) }

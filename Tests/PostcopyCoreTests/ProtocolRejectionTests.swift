@@ -18,10 +18,12 @@ import Testing
         expectRejected(Wire.frame(type: 12, payload: [], version: 1), .unsupportedVersion(1))
         // Version 2 carried the image digest in SWITCHOVER and VMM_RESUME.
         expectRejected(Wire.frame(type: 12, payload: [], version: 2), .unsupportedVersion(2))
-        expectRejected(Wire.frame(type: 12, payload: [], version: 4), .unsupportedVersion(4))
+        // Version 3 had no point of no return (SWITCHOVER of 16 bytes).
+        expectRejected(Wire.frame(type: 12, payload: [], version: 3), .unsupportedVersion(3))
+        expectRejected(Wire.frame(type: 12, payload: [], version: 5), .unsupportedVersion(5))
         expectRejected(Wire.frame(type: 12, payload: [], version: 0), .unsupportedVersion(0))
         #expect(ProtocolError.unsupportedVersion(2).description
-            == "unsupported protocol version 2 (this build speaks 3)")
+            == "unsupported protocol version 2 (this build speaks 4)")
     }
 
     @Test func nonzeroFlags() {
@@ -29,7 +31,7 @@ import Testing
         expectRejected(Wire.frame(type: 12, payload: [], flags: 0x8000), .nonzeroFlags(0x8000))
     }
 
-    @Test(arguments: [0, 15, 31, 38, 99, 255] as [UInt8])
+    @Test(arguments: [0, 17, 31, 39, 99, 255] as [UInt8])
     func unknownType(_ type: UInt8) {
         expectRejected(Wire.frame(type: type, payload: []), .unknownType(type))
         #expect(ProtocolError.unknownType(99).description == "unknown message type 99")
@@ -104,11 +106,27 @@ import Testing
             == "VMM_COMPLETE payload is 31 bytes, expected 0 or 32")
     }
 
+    /// Version 4: a SWITCHOVER of version 3's 16 bytes, one with a flag
+    /// this version does not define, a HANDED_OVER or VMM_RESUMED with a
+    /// payload, and a DISCARD that is not UTF-8 are refused.
+    @Test func pointOfNoReturnFramesAreChecked() throws {
+        expectRejected(Wire.frame(type: 7, payload: [UInt8](repeating: 0, count: 16)),
+                       .payloadLength(type: .switchover, actual: 16, expected: .exactly(20)))
+        expectRejected(Wire.frame(type: 7, payload: [UInt8](repeating: 0, count: 16) + Wire.le(UInt32(2))),
+                       .invalidField(type: .switchover, field: "flags", value: 2))
+        expectRejected(Wire.frame(type: 15, payload: [0]), .payloadLength(type: .handedOver, actual: 1, expected: .exactly(0)))
+        expectRejected(Wire.frame(type: 38, payload: [0]), .payloadLength(type: .vmmResumed, actual: 1, expected: .exactly(0)))
+        expectRejected(Wire.frame(type: 16, payload: [0xC3]), .invalidUTF8)
+        expectRejected(Wire.frame(type: 16, payload: [UInt8](repeating: 0x41, count: Message.maxErrorMessageBytes + 1)),
+                       .payloadLength(type: .discard, actual: Message.maxErrorMessageBytes + 1,
+                                      expected: .between(0, Message.maxErrorMessageBytes)))
+    }
+
     /// The digest moved out of SWITCHOVER and VMM_RESUME: a version 2
     /// sender's lengths are refused, and IMAGE_DIGEST is exactly 32 bytes.
     @Test func theDigestsOldAndNewPlaces() throws {
         expectRejected(Wire.frame(type: 7, payload: [UInt8](repeating: 0, count: 48)),
-                       .payloadLength(type: .switchover, actual: 48, expected: .exactly(16)))
+                       .payloadLength(type: .switchover, actual: 48, expected: .exactly(20)))
         expectRejected(Wire.frame(type: 34, payload: Wire.digest.bytes),
                        .payloadLength(type: .vmmResume, actual: 32, expected: .exactly(0)))
         for wrong in [0, 31, 33, 64] {

@@ -56,9 +56,13 @@ enum Wire {
         .roundEnd(round: 3, pagesSent: 262_144, dirtyPages: 1234),
         .dirtyBitmap(totalBits: 262_144, firstWord: 17, words: [0, 1, UInt64.max, 0x8000_0000_0000_0001]),
         .switchover(stalePages: 99, sourcePausedAtNanos: 1_700_000_000_123_456_789),
+        .switchover(stalePages: 0, sourcePausedAtNanos: 1, handOver: true),
         .resumed(destinationResumedAtNanos: 1_700_000_000_223_456_789),
         .resync(stalePages: 0x0123_4567_89AB),
         .imageDigest(digest),
+        .handedOver,
+        .discard(reason: "QMP: the source QEMU's migration is 'failed' — zurück"),
+        .discard(reason: ""),
         .pageRequest(requestID: 42, firstPage: 4096, count: 512),
         .complete(pagesReceived: 262_144, faultsClean: 1000, faultsStale: 37),
         .error(code: .outOfRange, message: "page range 100..<120 outside the region's 110 pages"),
@@ -68,6 +72,7 @@ enum Wire {
         .vmmOffer(regionSize: 1 << 30, pageSize: .small, fileOffset: 1 << 21),
         .vmmAttach(guestBase: 0x7F00_0000_0000, features: [.minorShmem, .missingShmem], registerMode: 0b101),
         .vmmResume,
+        .vmmResumed,
         .vmmComplete(imageDigest: digest),
         .vmmComplete(imageDigest: nil),
         .vmmHandback(.ram),
@@ -159,7 +164,7 @@ enum Wire {
     @Test func headerLayout() {
         let bytes = Message.resumed(destinationResumedAtNanos: 0x0102_0304_0506_0708).encoded()
         #expect(Array(bytes[0..<4]) == Array("PCPY".utf8), "0x59504350 little-endian")
-        #expect(bytes[4] == 3)
+        #expect(bytes[4] == 4)
         #expect(bytes[5] == 8)
         #expect(Array(bytes[6..<8]) == [0, 0])
         #expect(Array(bytes[8..<12]) == [8, 0, 0, 0])
@@ -193,7 +198,7 @@ enum Wire {
         #expect(digest[5] == 14)
         #expect(Array(digest[16...]) == Wire.digest.bytes)
         let switchover = Message.switchover(stalePages: 0x0102, sourcePausedAtNanos: 0x0304).encoded()
-        #expect(Array(switchover[16...]) == Wire.le(UInt64(0x0102)) + Wire.le(UInt64(0x0304)))
+        #expect(Array(switchover[16...]) == Wire.le(UInt64(0x0102)) + Wire.le(UInt64(0x0304)) + Wire.le(UInt32(0)))
         #expect(Message.vmmResume.encoded().count == 16)
         #expect(Array(Message.vmmComplete(imageDigest: Wire.digest).encoded()[16...]) == Wire.digest.bytes)
         #expect(Message.vmmComplete(imageDigest: nil).encoded().count == 16)
@@ -362,17 +367,35 @@ enum Wire {
 
     @Test func errorCodes() {
         let known: [ErrorCode] = [.protocolViolation, .incompatible, .outOfRange, .checksum,
-                                  .unexpectedMessage, .internalFailure, .cancelled, .peerLost, .refused]
-        #expect(known.map(\.rawValue) == Array(1...9))
+                                  .unexpectedMessage, .internalFailure, .cancelled, .peerLost, .refused, .discarded]
+        #expect(known.map(\.rawValue) == Array(1...10))
         for code in known { #expect(ErrorCode(rawValue: code.rawValue) == code) }
         #expect(ErrorCode(rawValue: 0) == .unknown(0))
-        #expect(ErrorCode(rawValue: 10).description == "code 10")
+        #expect(ErrorCode(rawValue: 11).description == "code 11")
         #expect(ErrorCode.unknown(4) == .checksum)
         #expect(Set([ErrorCode.unknown(4), .checksum]).count == 1)
     }
 
+    /// Version 4, the point of no return: SWITCHOVER's flags word says
+    /// whether a hand-over starts the guest; HANDED_OVER and VMM_RESUMED
+    /// are empty; DISCARD carries its reason as UTF-8.
+    @Test func pointOfNoReturnLayouts() throws {
+        #expect(FrameHeader.version == 4)
+        let flagged = Message.switchover(stalePages: 1, sourcePausedAtNanos: 2, handOver: true).encoded()
+        #expect(Array(flagged[16...]) == Wire.le(UInt64(1)) + Wire.le(UInt64(2)) + Wire.le(UInt32(1)))
+        let handedOver = Array(Message.handedOver.encoded()[...])
+        #expect(handedOver.count == 16 && handedOver[5] == 15)
+        let resumed = Array(Message.vmmResumed.encoded()[...])
+        #expect(resumed.count == 16 && resumed[5] == 38)
+        let discard = Array(Message.discard(reason: "failed").encoded()[...])
+        #expect(discard[5] == 16 && Array(discard[16...]) == Array("failed".utf8))
+        #expect(Message.discard(reason: String(repeating: "x", count: 5000)).encoded().count
+            == 16 + Message.maxErrorMessageBytes)
+        #expect(ErrorCode(rawValue: 10) == .discarded && ErrorCode.discarded.description == "discarded")
+    }
+
     @Test func messageTypesAndDescriptors() {
-        #expect(MessageType.allCases.map(\.rawValue) == Array(1...14) + Array(32...37))
+        #expect(MessageType.allCases.map(\.rawValue) == Array(1...16) + Array(32...38))
         #expect(MessageType.allCases.filter(\.carriesFileDescriptor)
             == [.vmmOffer, .vmmAttach, .vmmResume, .vmmHandback, .vmmReattach])
         #expect(MessageType.vmmHandback.description == "VMM_HANDBACK")

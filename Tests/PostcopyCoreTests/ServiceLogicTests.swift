@@ -163,6 +163,12 @@ import Testing
         status.stalePagesLeft = 8123
         status.receiveMiBPerSecond = 41
         #expect(status.statusLine == "postcopy: 8123 stale pages left, 41.0 MiB/s")
+        status.phase = "handover"
+        #expect(status.statusLine.hasPrefix("hand-over: the guest's memory is resumed here, the guest starts once the source's hand-over is done"))
+        #expect(status.lines.contains { $0.hasPrefix("stale pages:   8123 of") })
+        status.phase = "discarded"
+        #expect(status.statusLine == "discarded: the guest never ran here; the source keeps it, and this VMM must be stopped")
+        status.phase = "postcopy"
         status.staleFaultLatency = LatencyFigures(nanoseconds: [180_000])
         #expect(status.statusLine == "postcopy: 8123 stale pages left, 41.0 MiB/s, stale-fault p99 180 µs")
         #expect(status.postcopyProgress == 0.1877)

@@ -34,14 +34,15 @@ struct FailSafeDaemonTests {
         let store = FakeStore()
         let log = LogCapture()
 
-        init(vmmHandshakeTimeoutNanos: UInt64 = 10_000_000_000) throws {
+        /// `store`: an fd store of the test's instead of `self.store`.
+        init(vmmHandshakeTimeoutNanos: UInt64 = 10_000_000_000, store other: (any DescriptorStore)? = nil) throws {
             directory = try TemporaryDirectory()
             var config = DestinationConfig(listen: SocketEndpoint(host: "127.0.0.1", port: 0),
                                            transport: TestCertificates.daemon,
                                            vmmSocketPath: directory.path + "/vmm.sock", memory: .shmem,
                                            regionSize: FailSafeDaemonTests.size, vmmUID: geteuid())
             config.vmmHandshakeTimeoutNanos = vmmHandshakeTimeoutNanos
-            let daemon = try DestinationDaemon(config: config, logger: log.logger, descriptorStore: store)
+            let daemon = try DestinationDaemon(config: config, logger: log.logger, descriptorStore: other ?? store)
             self.daemon = daemon
             run = try Background("test-daemon") { try daemon.run() }
         }
@@ -108,6 +109,7 @@ struct FailSafeDaemonTests {
         try bulk.send(.dirtyBitmap(totalBits: stale.count, firstWord: 0, words: stale.words))
         try bulk.send(.switchover(stalePages: stale.popCount, sourcePausedAtNanos: realtimeNanoseconds()))
         guard case .vmmResume? = try vmm.next() else { throw TestFailure("no VMM_RESUME") }
+        try vmm.channel.send(.vmmResumed)
         guard case .resumed? = try FailureTests.next(bulk) else { throw TestFailure("no RESUMED") }
         return (bulk, urgent)
     }

@@ -38,6 +38,46 @@ struct FaultLoopFailureTests {
         #expect(loop.failureReason == reasons.first)
     }
 
+    /// A fault outside the region is not the loop's to resolve, but its
+    /// thread is woken. Here the other range's owner (the test, in
+    /// `onStray`) maps the page without waking anyone: only the loop's wake
+    /// lets the thread go on.
+    @Test func aFaultOutsideTheRegionIsWoken() throws {
+        let memory = try GuestMemory(backing: .memfd, size: 1 << 20)
+        let guest = try memory.mapGuestView()
+        let uffd = try Userfaultfd.open(enabling: MemoryKind.shmem.requiredFeatures)
+        try uffd.register(start: guest.address, length: guest.length, mode: [.minor, .missing])
+        // Another shared mapping on the same userfaultfd: not guest RAM.
+        let other = try GuestMemory(backing: .memfd, size: 1 << 20)
+        other.alias.base.storeBytes(of: 0x5A, as: UInt8.self)
+        let otherView = try other.mapGuestView()
+        try uffd.register(start: otherView.address, length: otherView.length, mode: [.minor, .missing])
+        defer { try? uffd.unregister(start: otherView.address, length: otherView.length) }
+        let installer = PageInstaller(uffd: uffd, file: memory.file, guestBase: guest.address)
+        let strays = Locked<[UInt64]>([])
+        let loop = try FaultLoop(installer: installer, resolver: NeverCalled(), onStray: { address in
+            strays.withLock { $0.append(address) }
+            _ = try? uffd.continue(start: address & ~4095, length: 4096, wake: false)
+        })
+        try loop.start()
+        defer { loop.stop() }
+        let read = Locked<UInt8?>(nil)
+        let woken = Latch()
+        let address = otherView.address
+        let reader = try OSThread.start(name: "test-stray") {
+            let byte = UnsafePointer<UInt8>(bitPattern: UInt(address))!.pointee
+            read.withLock { $0 = byte }
+            woken.open()
+        }
+        let wasWoken = woken.wait(timeoutNanos: 5_000_000_000)
+        if !wasWoken { try? uffd.unregister(start: otherView.address, length: otherView.length) }
+        reader.join()
+        #expect(wasWoken, "the thread that faulted outside guest RAM slept until the range was unregistered")
+        #expect(read.withLock { $0 } == 0x5A)
+        #expect(strays.withLock { $0 } == [address])
+        #expect(loop.counters.strayFaults.load(ordering: .relaxed) == 1)
+    }
+
     /// O_NONBLOCK is set on a userfaultfd that lacks it, once.
     @Test func aBlockingUserfaultfdIsMadeNonBlocking() throws {
         let uffd = try Userfaultfd.open(enabling: MemoryKind.shmem.requiredFeatures)

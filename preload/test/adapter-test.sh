@@ -188,25 +188,50 @@ check() {  # NAME CONDITION-STATUS FILES-TO-SHOW…
 small=$((4 << 20))
 printf '\007' >"$fake_ram"
 truncate -s "$small" "$fake_ram"
-rm -f "$work/fake.log" "$work/go-"*
-python3 preload/test/fake-daemon.py "$work/fake.sock" "$fake_ram" "$small" "$work" error-in-postcopy \
-    2>"$work/fake.err" &
-fake=$!
-background+=("$fake")
-wait_line "$work/fake.log" '^listening$' || true
-env LD_PRELOAD="$PRELOAD" POSTCOPY_VMM_SOCKET="$work/fake.sock" POSTCOPY_VMM_REATTACH_SECONDS=1 \
-    "$work/map-file" "$fake_ram" "$small" no-touch read-on-usr1 >"$work/fv.out" 2>"$work/fv.err" &
-fv=$!
-background+=("$fv")
+start_fake() {  # MODE: fake-daemon.py on $work/fake.sock, as $fake
+    rm -f "$work/fake.log" "$work/go-"* "$work/fake.sock"
+    python3 preload/test/fake-daemon.py "$work/fake.sock" "$fake_ram" "$small" "$work" "$1" \
+        2>"$work/fake.err" &
+    fake=$!
+    background+=("$fake")
+    wait_line "$work/fake.log" '^listening$' || true
+}
+start_fake_vmm() {  # map-file on the fake's RAM, reading at SIGUSR1, as $fv
+    env LD_PRELOAD="$PRELOAD" POSTCOPY_VMM_SOCKET="$work/fake.sock" POSTCOPY_VMM_REATTACH_SECONDS=1 \
+        "$work/map-file" "$fake_ram" "$small" no-touch read-on-usr1 >"$work/fv.out" 2>"$work/fv.err" &
+    fv=$!
+    background+=("$fv")
+}
+# The flags of the registered range in /proc/$fv/smaps (" ui" minor, " um" missing).
+range_flags() {
+    local address
+    address=$(grep -Eo 'guest RAM at 0x[0-9a-f]+ registered' "$work/fv.err" | grep -Eo '0x[0-9a-f]+' || true)
+    [[ -n $address ]] || return 0
+    awk -v a="${address#0x}" '$1 ~ "^0*" a "-" { found = 1 } found && /^VmFlags:/ { print; exit }' \
+        "/proc/$fv/smaps" 2>/dev/null || true
+}
+# postcopyd waits for VMM_RESUMED after each VMM_RESUME: so does the fake.
+check_acks() {  # NAME COUNT
+    local acks
+    acks=$(grep -cx 'resumed-acked' "$work/fake.log" || true)
+    if ((acks == $2)) && ! grep -q '^no-resumed-ack' "$work/fake.log"; then
+        say "ok: $1"
+    else
+        say "FAIL: $1: $acks of $2 VMM_RESUME acknowledged with VMM_RESUMED"
+        grep '^no-resumed-ack' "$work/fake.log" | sed 's/^/  fake postcopyd: /' >&2 || true
+        tail -n 8 "$work/fv.err" >&2
+        failures=$((failures + 1))
+    fi
+}
+start_fake error-in-postcopy
+start_fake_vmm
 wait_line "$work/fv.err" 'VMM_RESUME' || true
 touch "$work/go-error"
 wait_line "$work/fake.log" '^error-sent$' || true
 wait_line "$work/fv.err" 'guest RAM is incomplete' 50 || true
 kill -USR1 "$fv" 2>/dev/null || true  # a vCPU reads a page postcopyd never served
 sleep 2.5                             # no postcopyd at all: fake-daemon waits for go-reattach
-address=$(grep -Eo 'guest RAM at 0x[0-9a-f]+ registered' "$work/fv.err" | grep -Eo '0x[0-9a-f]+' || true)
-flags=$(awk -v a="${address#0x}" '$1 ~ "^0*" a "-" { found = 1 } found && /^VmFlags:/ { print; exit }' \
-    "/proc/$fv/smaps" 2>/dev/null || true)
+flags=$(range_flags)
 ok=1
 ! grep -q '^read' "$work/fv.out" && ! grep -q 'released' "$work/fv.err" &&
     grep -q "postcopyd sent ERROR 7 (cancelled) during postcopy: stopped by SIGTERM during postcopy; guest RAM is incomplete: the guest waits (its faults stay unresolved); restart postcopyd to take it over (postcopyd serve --takeover, or systemctl restart postcopyd@NAME), or stop this VM" "$work/fv.err" &&
@@ -226,6 +251,58 @@ ok=1
     grep -q "guest RAM released: postcopy is complete" "$work/fv.err" && ok=0
 check "after the ERROR: reattached to a restarted postcopyd, and the read returned only at VMM_COMPLETE" $ok \
     "$work/fv.out" "$work/fv.err" "$work/fake.log" "$work/fake.err"
+check_acks "both VMM_RESUMEs (the first, and the restarted postcopyd's) acknowledged with VMM_RESUMED" 2
+kill -KILL "$fv" "$fake" 2>/dev/null || true
+wait "$fv" "$fake" 2>/dev/null || true
+
+# ERROR discarded after VMM_RESUME: the device-state hand-over failed and
+# the source runs the guest again. The range stays registered (a vCPU's
+# read of a page never served waits: this guest must never run here on
+# incomplete RAM), the adapter says to stop this QEMU, and it does not
+# reattach, even with POSTCOPY_VMM_REATTACH_SECONDS=1: no postcopyd will
+# take this migration over. Someone listens on the socket all along.
+discarded_line="postcopy-vmm: postcopyd discarded the migration before this guest ran here (the hand-over failed: the destination QEMU did not load the device state): the source runs it again; stop this QEMU, its guest must not run here"
+start_fake discarded-in-postcopy
+start_fake_vmm
+wait_line "$work/fv.err" 'VMM_RESUME' || true
+touch "$work/go-discard"
+wait_line "$work/fake.log" '^discard-sent$' || true
+wait_line "$work/fv.err" 'discarded the migration' 50 || true
+kill -USR1 "$fv" 2>/dev/null || true  # a vCPU reads a page postcopyd never served
+sleep 3                               # 3 reattach periods, and then some backoff steps
+flags=$(range_flags)
+check_acks "discarded: VMM_RESUME acknowledged with VMM_RESUMED" 1
+ok=1
+[[ $(grep -cF "$discarded_line" "$work/fv.err") == 1 ]] && ok=0
+check "discarded after VMM_RESUME: one line says the source runs the guest and to stop this QEMU" $ok \
+    "$work/fv.err"
+ok=1
+! grep -q '^read' "$work/fv.out" && ! grep -q 'released' "$work/fv.err" &&
+    [[ $flags == *" ui"* && $flags == *" um"* ]] && ok=0
+check "discarded after VMM_RESUME: nothing released, the range still registered ($flags), the stale read waits" \
+    $ok "$work/fv.out" "$work/fv.err"
+ok=1
+grep -q '^discard-sent$' "$work/fake.log" && ! grep -q '^connected$' "$work/fake.log" &&
+    ! grep -Eq 'reattach|guest RAM is incomplete' "$work/fv.err" && ok=0
+check "discarded after VMM_RESUME: no reattachment within 3 s (POSTCOPY_VMM_REATTACH_SECONDS=1)" $ok \
+    "$work/fake.log" "$work/fv.err"
+kill -KILL "$fv" "$fake" 2>/dev/null || true
+wait "$fv" "$fake" 2>/dev/null || true
+
+# ERROR discarded before VMM_RESUME: the guest never ran here, so the
+# range is released as for any ERROR then, with the same explanation.
+start_fake discarded-before-resume
+start_fake_vmm
+wait_line "$work/fake.log" '^discard-sent$' || true
+wait_line "$work/fv.err" 'guest RAM released' 50 || true
+kill -USR1 "$fv" 2>/dev/null || true
+wait_line "$work/fv.out" '^read 7$' 50 || true
+ok=1
+grep -qF "$discarded_line" "$work/fv.err" &&
+    grep -q "guest RAM released: the migration failed before the guest ran here" "$work/fv.err" &&
+    grep -qx 'read 7' "$work/fv.out" && ! grep -q '^connected$' "$work/fake.log" && ok=0
+check "discarded before VMM_RESUME: said, and the range released as for any ERROR then" $ok \
+    "$work/fv.out" "$work/fv.err" "$work/fake.log"
 kill -KILL "$fv" "$fake" 2>/dev/null || true
 wait "$fv" "$fake" 2>/dev/null || true
 

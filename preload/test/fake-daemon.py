@@ -2,16 +2,31 @@
 """postcopyd's end of the VMM socket, driven by hand, for adapter-test.sh.
 
 Speaks the frame format of docs/protocol.md ("Frames") with the real
-codec's rules: magic, version 3, type, no flags, length, CRC-32C. Steps
+codec's rules: magic, version 4, type, no flags, length, CRC-32C. Steps
 wait for files to appear in WORKDIR, so the test says when each happens;
 what happened is appended, one word a line, to WORKDIR/fake.log.
+
+After each VMM_RESUME it sends, it waits (up to 5 s) for the VMM's
+VMM_RESUMED, as postcopyd does before it tells the source the guest
+resumed: "resumed-acked" when it came, empty and without a descriptor;
+otherwise a line "no-resumed-ack: why", and it goes on as if it had.
 
   fake-daemon.py SOCKET RAM SIZE WORKDIR error-in-postcopy
       offers RAM (SIZE bytes, 4 KiB pages), takes VMM_ATTACH, sends
       VMM_RESUME (a memfd as the page-state record), then at go-error sends
       ERROR (cancelled) and closes, as a postcopyd stopped during postcopy
-      does, and goes away; at go-reattach it listens again and takes a reattachment (VMM_HANDBACK x2, VMM_REATTACH) and at
-      go-complete sends VMM_RESUME and VMM_COMPLETE and reads the answer.
+      does, and goes away; at go-reattach it listens again and takes a
+      reattachment (VMM_HANDBACK x2, VMM_REATTACH) and at go-complete sends
+      VMM_RESUME and VMM_COMPLETE and reads the answer.
+  fake-daemon.py SOCKET RAM SIZE WORKDIR discarded-in-postcopy
+      offers, takes VMM_ATTACH, sends VMM_RESUME, then at go-discard sends
+      ERROR (discarded) and closes, as postcopyd does when the hand-over
+      failed and the source runs the guest again; it goes on listening,
+      logging "connected" for each connection (a reattachment it must not
+      get).
+  fake-daemon.py SOCKET RAM SIZE WORKDIR discarded-before-resume
+      the same, but ERROR (discarded) right after VMM_ATTACH, before any
+      VMM_RESUME.
   fake-daemon.py SOCKET RAM SIZE WORKDIR offer
       offers RAM to each connection, logging "connected".
 """
@@ -21,8 +36,9 @@ import struct
 import sys
 import time
 
-MAGIC, VERSION = 0x59504350, 3
-ERROR, OFFER, ATTACH, RESUME, COMPLETE, HANDBACK, REATTACH = 11, 32, 33, 34, 35, 36, 37
+MAGIC, VERSION = 0x59504350, 4
+ERROR, OFFER, ATTACH, RESUME, COMPLETE, HANDBACK, REATTACH, RESUMED = 11, 32, 33, 34, 35, 36, 37, 38
+CANCELLED, DISCARDED = 7, 10
 
 
 def crc32c(data, crc=0xFFFFFFFF):
@@ -74,6 +90,60 @@ def wait_for(workdir, name):
         time.sleep(0.02)
 
 
+def resume(conn, record, workdir):
+    """VMM_RESUME with the record, then the VMM's VMM_RESUMED."""
+    send(conn, RESUME, b"", record)
+    conn.settimeout(5)
+    try:
+        kind, payload, fds = receive(conn)
+    except socket.timeout:
+        log(workdir, "no-resumed-ack: nothing within 5 s of VMM_RESUME")
+        return
+    except (EOFError, OSError, ValueError) as error:
+        log(workdir, "no-resumed-ack: %s after VMM_RESUME" % error)
+        return
+    finally:
+        conn.settimeout(None)
+    for fd in fds:
+        os.close(fd)
+    if kind != RESUMED or payload or fds:
+        log(workdir, "no-resumed-ack: frame type %d (%d bytes, %d descriptors) instead of VMM_RESUMED"
+            % (kind, len(payload), len(fds)))
+    else:
+        log(workdir, "resumed-acked")
+
+
+def attach(listener, offer, ram_fd, workdir):
+    conn, _ = listener.accept()
+    send(conn, OFFER, offer, ram_fd)
+    kind, payload, fds = receive(conn)
+    assert kind == ATTACH and len(fds) == 1, (kind, fds)
+    log(workdir, "attached")
+    return conn
+
+
+def fail(conn, code, text):
+    """ERROR with `code` and `text`, then the socket closes."""
+    send(conn, ERROR, struct.pack("<H", code) + text)
+    conn.shutdown(socket.SHUT_RDWR)
+    conn.close()
+
+
+def discarded(listener, offer, ram_fd, workdir, resumed):
+    conn = attach(listener, offer, ram_fd, workdir)
+    if resumed:
+        resume(conn, os.memfd_create("page-state"), workdir)
+        log(workdir, "resumed")
+        wait_for(workdir, "go-discard")
+    fail(conn, DISCARDED, b"the hand-over failed: the destination QEMU did not load the device state")
+    log(workdir, "discard-sent")
+    # Someone is there to take a reattachment; the VMM must not try.
+    while True:
+        conn, _ = listener.accept()
+        log(workdir, "connected")
+        conn.close()
+
+
 def main():
     path, ram, size, workdir, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -91,21 +161,16 @@ def main():
             except OSError:
                 pass
             conn.close()
+    if mode in ("discarded-in-postcopy", "discarded-before-resume"):
+        discarded(listener, offer, ram_fd, workdir, mode == "discarded-in-postcopy")
     assert mode == "error-in-postcopy", mode
-    conn, _ = listener.accept()
-    send(conn, OFFER, offer, ram_fd)
-    kind, payload, fds = receive(conn)
-    assert kind == ATTACH and len(fds) == 1, (kind, fds)
-    log(workdir, "attached")
+    conn = attach(listener, offer, ram_fd, workdir)
     record = os.memfd_create("page-state")
-    send(conn, RESUME, b"", record)
+    resume(conn, record, workdir)
     log(workdir, "resumed")
     wait_for(workdir, "go-error")
-    text = b"stopped by SIGTERM during postcopy"
-    send(conn, ERROR, struct.pack("<H", 7) + text)
+    fail(conn, CANCELLED, b"stopped by SIGTERM during postcopy")
     log(workdir, "error-sent")
-    conn.shutdown(socket.SHUT_RDWR)
-    conn.close()
     # No postcopyd at all until go-reattach, then a restarted one.
     listener.close()
     os.unlink(path)
@@ -123,7 +188,7 @@ def main():
     else:
         log(workdir, "bad-handback %r" % kinds)
     wait_for(workdir, "go-complete")
-    send(conn, RESUME, b"", record)
+    resume(conn, record, workdir)
     send(conn, COMPLETE, bytes(32))
     kind, payload, fds = receive(conn)
     log(workdir, "complete-answered" if kind == COMPLETE else "answered %d" % kind)

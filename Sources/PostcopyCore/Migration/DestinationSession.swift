@@ -6,12 +6,23 @@
 /// the region and returns what to do with it; the daemon performs the
 /// action. It never touches memory or sockets.
 ///
-/// **Completion** needs two things, which arrive in either order: every
-/// page in place (`pagesComplete()`, from the tracker) and the source's
-/// image digest (IMAGE_DIGEST, which the agent sends on the bulk connection
-/// once the guest has resumed, and again after every rejoin). Whichever
-/// comes second says that the migration completes now; the daemon then
-/// calls `complete()`, and passes the digest on in VMM_COMPLETE.
+/// **The point of no return.** Until the guest may run on the destination,
+/// a failure resumes the source and the destination discards its copy;
+/// after it, the guest runs here and a failure pauses it in place (its
+/// faults wait for a restarted postcopyd). A SWITCHOVER without `handOver`
+/// passes the point when the VMM acknowledges VMM_RESUME (the daemon then
+/// sends RESUMED). With `handOver` the guest starts only once the agent's
+/// hand-over has moved the VMM's device state: the session waits in
+/// `handover` for HANDED_OVER (the point passed) or DISCARD (the source
+/// runs the guest again: `discarded`).
+///
+/// **Completion** needs three things, which arrive in any order: every
+/// page in place (`pagesComplete()`, from the tracker), the source's image
+/// digest (IMAGE_DIGEST, which the agent sends on the bulk connection once
+/// the guest has resumed, and again after every rejoin), and the point of
+/// no return passed. Whichever comes last says that the migration
+/// completes now; the daemon then calls `complete()`, and passes the digest
+/// on in VMM_COMPLETE.
 public struct DestinationSession: Sendable {
     public enum Phase: String, Sendable, CustomStringConvertible {
         /// Waiting for the agent's two connections.
@@ -19,11 +30,23 @@ public struct DestinationSession: Sendable {
         case precopy
         /// DIRTY_BITMAP frames are arriving; the source is paused.
         case switchingOver = "switchover"
+        /// The guest's memory is resumed here, but the guest starts only
+        /// once the agent's hand-over is done: the source is paused and may
+        /// still resume. Postcopy serves pages as in `postcopy`.
+        case handover
+        /// The guest runs here: past the point of no return.
         case postcopy
-        /// Postcopy whose agent connections were lost: clean faults are
-        /// still served, stale ones wait for the agent to rejoin.
+        /// Postcopy (or a hand-over) whose agent connections were lost:
+        /// clean faults are still served, stale ones wait for the agent to
+        /// rejoin.
         case paused
         case complete
+        /// The hand-over failed and the source runs the guest again
+        /// (DISCARD): this copy must never run.
+        case discarded
+
+        /// Postcopy serves the guest's faults: `handover`, `postcopy`, `paused`.
+        public var servesPostcopy: Bool { self == .handover || self == .postcopy || self == .paused }
         public var description: String { rawValue }
     }
 
@@ -38,11 +61,20 @@ public struct DestinationSession: Sendable {
         /// Postcopy pages that are zero on the source: claim, zero, commit.
         case zeroPostcopy(PageRun)
         case roundEnded(round: UInt32, pagesSent: UInt64, dirtyPages: UInt64)
-        /// The source is paused and every stale page is known: resume the guest.
-        case switchover(stale: PageBitmap, sourcePausedAtNanos: UInt64)
+        /// The source is paused and every stale page is known: resume the
+        /// guest's memory; `handOver`: the guest starts only after the
+        /// agent's hand-over (HANDED_OVER).
+        case switchover(stale: PageBitmap, sourcePausedAtNanos: UInt64, handOver: Bool)
         /// The source's image digest, the first time it arrives. `completes`:
-        /// every page is in place already, so the migration completes now.
+        /// the migration completes now (every page in place, the point of no
+        /// return passed).
         case imageDigest(ImageDigest, completes: Bool)
+        /// HANDED_OVER, the first time: the point of no return has passed.
+        /// `completes` as for `imageDigest`.
+        case handedOver(completes: Bool)
+        /// DISCARD: the source runs the guest again; this copy must never
+        /// run, and the migration ends discarded.
+        case discard(reason: String)
         /// The peer sent ERROR: it is closing the connection.
         case peerFailed(code: ErrorCode, message: String)
         /// Nothing to do (HEARTBEAT).
@@ -67,6 +99,16 @@ public struct DestinationSession: Sendable {
     public private(set) var imageDigest: ImageDigest?
     /// Every page is in place (`pagesComplete()` was called).
     public private(set) var pagesInPlace = false
+    /// SWITCHOVER said a hand-over starts the guest.
+    public private(set) var switchoverHadHandOver = false
+    /// SWITCHOVER said a hand-over starts the guest, and HANDED_OVER has not
+    /// come yet: the source may still resume.
+    public private(set) var handOverPending = false
+    /// Whether the guest may run on the destination: switchover is done and
+    /// no hand-over is pending (or the migration was discarded: never).
+    public var pointOfNoReturnPassed: Bool {
+        (phase.servesPostcopy || phase == .complete) && !handOverPending
+    }
 
     /// The digest of the secret every HELLO must carry: the configured one,
     /// else the first admitted HELLO's.
@@ -83,11 +125,16 @@ public struct DestinationSession: Sendable {
     /// A restarted daemon taking over `migrationID`, whose daemon died
     /// during postcopy: paused, until the agent rejoins with a resuming
     /// HELLO on both connections, carrying the secret whose digest the
-    /// page-state record kept.
-    public init(takingOver migrationID: MigrationID, geometry: PageGeometry, secretDigest: SecretDigest) {
+    /// page-state record kept. `milestones`, from the record, say whether a
+    /// hand-over was still to be done (the agent says HANDED_OVER again
+    /// when it rejoins, if it was).
+    public init(takingOver migrationID: MigrationID, geometry: PageGeometry, secretDigest: SecretDigest,
+                milestones: PageStateMilestones = [.vmmResumed]) {
         self.geometry = geometry
         self.migrationID = migrationID
         self.secretDigest = secretDigest
+        switchoverHadHandOver = milestones.contains(.handOverPending)
+        handOverPending = switchoverHadHandOver && !milestones.contains(.handedOver)
         phase = .paused
         epoch = 1
     }
@@ -110,10 +157,11 @@ public struct DestinationSession: Sendable {
         if let migrationID, migrationID != id { throw .wrongMigration(expected: migrationID, got: id) }
         let digest = secret.digest
         if let secretDigest, !secretDigest.matches(digest) { throw .wrongSecret(id) }
+        if phase == .discarded { throw .discarded }
         if resume {
-            guard phase == .paused || phase == .postcopy else { throw .nothingToResume(phase: phase) }
+            guard phase.servesPostcopy else { throw .nothingToResume(phase: phase) }
         } else {
-            if phase == .paused || phase == .postcopy { throw .postcopyInProgress }
+            if phase.servesPostcopy { throw .postcopyInProgress }
             guard phase == .handshake || (phase == .precopy && !connected.contains(role)) else {
                 throw .unexpected(.hello, phase: phase, role: role)
             }
@@ -121,14 +169,16 @@ public struct DestinationSession: Sendable {
         guard regionSize == geometry.regionSize else {
             throw .regionSizeMismatch(source: regionSize, destination: geometry.regionSize)
         }
-        if phase == .postcopy { _ = connectionLost(epoch: epoch) }
+        if phase == .postcopy || phase == .handover { _ = connectionLost(epoch: epoch) }
         // While paused, a role may come again (an agent that died half-way
         // through rejoining): the newer connection replaces the older.
         let replacing = resume && phase == .paused && connected.contains(role)
         guard replacing || connected.insert(role).inserted else { throw .duplicateConnection(role) }
         migrationID = id
         secretDigest = digest
-        if connected.count == StreamRole.allCases.count { phase = phase == .paused ? .postcopy : .precopy }
+        if connected.count == StreamRole.allCases.count {
+            phase = phase != .paused ? .precopy : handOverPending ? .handover : .postcopy
+        }
         return (role, .welcome(regionSize: geometry.regionSize, destinationPageSize: geometry.pageSize))
     }
 
@@ -137,7 +187,7 @@ public struct DestinationSession: Sendable {
     /// in any other phase, or for an older generation, nothing changes
     /// (false) — before switchover a lost connection fails the migration.
     public mutating func connectionLost(epoch lost: UInt64) -> Bool {
-        guard lost == epoch, phase == .postcopy else { return false }
+        guard lost == epoch, phase == .postcopy || phase == .handover else { return false }
         phase = .paused
         connected = []
         epoch += 1
@@ -166,7 +216,7 @@ public struct DestinationSession: Sendable {
         case let (.dirtyBitmap(_, firstWord, words), .bulk, .precopy),
              let (.dirtyBitmap(_, firstWord, words), .bulk, .switchingOver):
             return try addBitmapWords(firstWord: firstWord, words: words)
-        case let (.switchover(stalePages, pausedAt), .bulk, .switchingOver):
+        case let (.switchover(stalePages, pausedAt, handOver), .bulk, .switchingOver):
             // Entering switchingOver made the assembler; validation kept
             // bits past the region out of it.
             guard let assembled = bitmap, let stale = assembled.bitmap else {
@@ -176,24 +226,30 @@ public struct DestinationSession: Sendable {
                 throw .staleCountMismatch(announced: stalePages, bitmap: stale.popCount)
             }
             bitmap = nil
-            phase = .postcopy
-            return .switchover(stale: stale, sourcePausedAtNanos: pausedAt)
+            switchoverHadHandOver = handOver
+            handOverPending = handOver
+            phase = handOver ? .handover : .postcopy
+            return .switchover(stale: stale, sourcePausedAtNanos: pausedAt, handOver: handOver)
         // Sent once the guest resumed, and again after every rejoin (also
         // by a restarted agent): any generation's, and even once complete,
         // as long as it is the same.
-        case let (.imageDigest(digest), .bulk, .postcopy), let (.imageDigest(digest), .bulk, .paused),
-             let (.imageDigest(digest), .bulk, .complete):
+        case let (.imageDigest(digest), .bulk, phase) where phase.servesPostcopy || phase == .complete:
             return try receiveDigest(digest)
+        // Sent again after every rejoin: any generation's, as long as the
+        // switchover asked for a hand-over.
+        case (.handedOver, .bulk, let phase) where phase.servesPostcopy || phase == .complete:
+            return try handedOver()
+        case (.discard(let reason), .bulk, let phase) where phase.servesPostcopy:
+            return try discard(reason)
         // Pages still arriving on a connection that is being given up are
         // as good as any: the tracker writes only what is still stale.
-        case let (.pages(0, first, data), .bulk, .postcopy), let (.pages(0, first, data), .bulk, .paused):
+        case let (.pages(0, first, data), .bulk, phase) where phase.servesPostcopy:
             return .writePostcopy(PageRun(first: first, count: UInt64(data.count / Message.pageBytes)), data,
                                   requestID: 0)
-        case let (.pages(requestID, first, data), .urgent, .postcopy) where requestID != 0,
-             let (.pages(requestID, first, data), .urgent, .paused) where requestID != 0:
+        case let (.pages(requestID, first, data), .urgent, phase) where requestID != 0 && phase.servesPostcopy:
             return .writePostcopy(PageRun(first: first, count: UInt64(data.count / Message.pageBytes)), data,
                                   requestID: requestID)
-        case let (.zeroPages(first, count), _, .postcopy), let (.zeroPages(first, count), _, .paused):
+        case let (.zeroPages(first, count), _, phase) where phase.servesPostcopy:
             return .zeroPostcopy(PageRun(first: first, count: UInt64(count)))
         default:
             throw .unexpected(message.type, phase: phase, role: role)
@@ -201,29 +257,55 @@ public struct DestinationSession: Sendable {
     }
 
     /// Every page is in place (the tracker says so). Returns whether the
-    /// migration completes now: true once the source's digest is known;
-    /// false until IMAGE_DIGEST brings it, whose action then says so.
+    /// migration completes now: true once the source's digest is known and
+    /// the point of no return passed; false until IMAGE_DIGEST or
+    /// HANDED_OVER brings what is missing, whose action then says so. A
+    /// discarded migration never completes.
     public mutating func pagesComplete() -> Bool {
-        precondition(phase == .postcopy || phase == .paused, "pages complete in phase \(phase)")
+        precondition(phase.servesPostcopy || phase == .discarded, "pages complete in phase \(phase)")
         pagesInPlace = true
-        return imageDigest != nil
+        return completesNow
     }
 
-    /// The migration is complete: every page is in place and the source's
-    /// digest is known.
+    /// Everything completion needs is here.
+    private var completesNow: Bool {
+        phase.servesPostcopy && pagesInPlace && imageDigest != nil && !handOverPending
+    }
+
+    /// The migration is complete: every page is in place, the source's
+    /// digest is known, and the guest runs here.
     public mutating func complete() {
-        precondition(phase == .postcopy || phase == .paused, "complete in phase \(phase)")
-        precondition(pagesInPlace && imageDigest != nil, "complete without every page (\(pagesInPlace)) or the digest")
+        precondition(completesNow, "complete in phase \(phase) with every page \(pagesInPlace), the digest \(imageDigest != nil), a hand-over pending \(handOverPending)")
         phase = .complete
     }
 
     private mutating func receiveDigest(_ digest: ImageDigest) throws(SessionError) -> Action {
         guard let known = imageDigest else {
             imageDigest = digest
-            return .imageDigest(digest, completes: pagesInPlace)
+            return .imageDigest(digest, completes: completesNow)
         }
         guard known == digest else { throw .imageDigestChanged(known: known, got: digest) }
         return .none
+    }
+
+    private mutating func handedOver() throws(SessionError) -> Action {
+        guard handOverPending else {
+            // Again after a rejoin, or after a takeover that found it
+            // recorded: nothing changes.
+            guard switchoverHadHandOver else { throw .unexpected(.handedOver, phase: phase, role: .bulk) }
+            return .none
+        }
+        handOverPending = false
+        if phase == .handover { phase = .postcopy }
+        return .handedOver(completes: completesNow)
+    }
+
+    private mutating func discard(_ reason: String) throws(SessionError) -> Action {
+        guard handOverPending else { throw .discardPastPointOfNoReturn }
+        handOverPending = false
+        phase = .discarded
+        connected = []
+        return .discard(reason: reason)
     }
 
     private mutating func addBitmapWords(firstWord: UInt64, words: [UInt64]) throws(SessionError) -> Action {
@@ -257,6 +339,10 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
     case postcopyInProgress
     /// An IMAGE_DIGEST other than the one the source sent before.
     case imageDigestChanged(known: ImageDigest, got: ImageDigest)
+    /// DISCARD once the guest may run here: no hand-over was pending.
+    case discardPastPointOfNoReturn
+    /// A HELLO for a migration discarded before the guest ran here.
+    case discarded
 
     /// The code of the ERROR frame that reports this to the peer.
     public var code: ErrorCode {
@@ -267,7 +353,9 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
             return .unexpectedMessage
         case .regionSizeMismatch: return .incompatible
         case .wrongSecret: return .refused
-        case .staleCountMismatch, .bitmapIncomplete, .imageDigestChanged: return .protocolViolation
+        case .staleCountMismatch, .bitmapIncomplete, .imageDigestChanged, .discardPastPointOfNoReturn:
+            return .protocolViolation
+        case .discarded: return .discarded
         }
     }
 
@@ -297,6 +385,10 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
             return "this migration is already in postcopy: a restarted agent must rejoin it (postcopy-push --resume)"
         case let .imageDigestChanged(known, got):
             return "IMAGE_DIGEST \(got) differs from the source's digest sent before, \(known): the image cannot have two"
+        case .discardPastPointOfNoReturn:
+            return "DISCARD, but no hand-over is pending: the guest may run on the destination already, so it cannot be discarded (the source must stay paused)"
+        case .discarded:
+            return "this migration was discarded before the guest ran on the destination: the source runs it"
         }
     }
 }

@@ -15,6 +15,10 @@
 /// - from `PageStateLayout.bitmapOffset`, the stale bitmap: one bit per
 ///   4 KiB page, stored as 64-bit words in native byte order. It is shared
 ///   memory only processes on this host read.
+/// - at `PageStateLayout.milestonesOffset`, outside the checksum, one
+///   64-bit word of `PageStateMilestones`: how far the migration got past
+///   switchover (the VMM acknowledged VMM_RESUME; the hand-over is done).
+///   Bits are only ever added, each with one aligned 8-byte store.
 ///
 /// **The invariant.** A page the guest may already have written is never
 /// overwritten. The daemon writes a stale page's bytes through the alias,
@@ -27,8 +31,9 @@
 /// guessing could either CONTINUE an old page or overwrite a guest write.
 public struct PageStateHeader: Equatable, Sendable {
     public static let magic: [UInt8] = Array("PCDPAGES".utf8)
-    /// 3: no image digest (2 added the digest of the migration secret).
-    public static let version: UInt32 = 3
+    /// 4: the milestones word (3: no image digest; 2 added the digest of
+    /// the migration secret).
+    public static let version: UInt32 = 4
     /// Bytes the header's fields and checksum take; the rest of the header
     /// page is zero.
     public static let bytes = 124
@@ -137,8 +142,43 @@ public enum PageStateError: Error, Equatable, CustomStringConvertible {
     }
 }
 
+/// How far a migration got past switchover, as its page-state record keeps
+/// it for a restarted daemon: which side may run the guest.
+public struct PageStateMilestones: OptionSet, Sendable, Hashable, CustomStringConvertible {
+    public let rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+
+    /// The switchover said a hand-over starts the guest (SWITCHOVER's
+    /// `handOver`): until `handedOver`, the source may still resume.
+    public static let handOverPending = PageStateMilestones(rawValue: 1 << 0)
+    /// The VMM acknowledged VMM_RESUME (VMM_RESUMED): it holds the range and
+    /// the record, and runs the guest or will.
+    public static let vmmResumed = PageStateMilestones(rawValue: 1 << 1)
+    /// The agent said HANDED_OVER: the point of no return has passed.
+    public static let handedOver = PageStateMilestones(rawValue: 1 << 2)
+
+    /// Bits this version defines.
+    public static let known: PageStateMilestones = [.handOverPending, .vmmResumed, .handedOver]
+
+    /// Whether the guest may already run on the destination: the VMM holds
+    /// it, with no hand-over left that could still fail.
+    public var pointOfNoReturnPassed: Bool {
+        contains(.vmmResumed) && (!contains(.handOverPending) || contains(.handedOver))
+    }
+
+    public var description: String {
+        var names: [String] = []
+        if contains(.handOverPending) { names.append("hand-over pending") }
+        if contains(.vmmResumed) { names.append("VMM resumed") }
+        if contains(.handedOver) { names.append("handed over") }
+        return names.isEmpty ? "none" : names.joined(separator: ", ")
+    }
+}
+
 /// Where things are in the page-state file.
 public enum PageStateLayout {
+    /// The milestones word: in the header page, after the header.
+    public static let milestonesOffset = 128
     /// The bitmap starts on the second 4 KiB page: the header has a page of its own.
     public static let bitmapOffset = 4096
 

@@ -1,7 +1,7 @@
 /// The kinds of message, as the frame header's type byte names them.
 ///
-/// 1–14 travel on the TCP connections between the source's agent and
-/// postcopyd; 32–37 on the unix socket between postcopyd and the VMM, which
+/// 1–16 travel on the TCP connections between the source's agent and
+/// postcopyd; 32–38 on the unix socket between postcopyd and the VMM, which
 /// also carries ERROR and HEARTBEAT.
 public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     case hello = 1
@@ -18,12 +18,15 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
     case heartbeat = 12
     case resync = 13
     case imageDigest = 14
+    case handedOver = 15
+    case discard = 16
     case vmmOffer = 32
     case vmmAttach = 33
     case vmmResume = 34
     case vmmComplete = 35
     case vmmHandback = 36
     case vmmReattach = 37
+    case vmmResumed = 38
 
     /// The length rule a header's payloadLength must meet for this type,
     /// checked before any of the payload is buffered. PAGES and DIRTY_BITMAP
@@ -36,12 +39,13 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         case .zeroPages: return .exactly(12)
         case .roundEnd: return .exactly(20)
         case .dirtyBitmap: return .atLeast(20)
-        case .switchover: return .exactly(16)
+        case .switchover: return .exactly(20)
         case .resumed, .resync: return .exactly(8)
         case .pageRequest: return .exactly(16)
         case .complete: return .exactly(24)
         case .error: return .between(2, 2 + Message.maxErrorMessageBytes)
-        case .heartbeat, .vmmResume: return .exactly(0)
+        case .heartbeat, .vmmResume, .vmmResumed, .handedOver: return .exactly(0)
+        case .discard: return .between(0, Message.maxErrorMessageBytes)
         case .imageDigest: return .exactly(32)
         // 32 from the daemon (the image digest), 0 in the VMM's answer.
         case .vmmComplete: return .either(0, 32)
@@ -80,12 +84,15 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         case .heartbeat: return "HEARTBEAT"
         case .resync: return "RESYNC"
         case .imageDigest: return "IMAGE_DIGEST"
+        case .handedOver: return "HANDED_OVER"
+        case .discard: return "DISCARD"
         case .vmmOffer: return "VMM_OFFER"
         case .vmmAttach: return "VMM_ATTACH"
         case .vmmResume: return "VMM_RESUME"
         case .vmmComplete: return "VMM_COMPLETE"
         case .vmmHandback: return "VMM_HANDBACK"
         case .vmmReattach: return "VMM_REATTACH"
+        case .vmmResumed: return "VMM_RESUMED"
         }
     }
 }
@@ -94,7 +101,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
 ///
 ///     offset  size  field
 ///          0     4  magic 0x59504350 (the bytes "PCPY")
-///          4     1  version (3)
+///          4     1  version (4)
 ///          5     1  type
 ///          6     2  flags (0 in v1)
 ///          8     4  payloadLength
@@ -102,10 +109,12 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
 public struct FrameHeader: Equatable, Sendable {
     public static let size = 16
     public static let magic: UInt32 = 0x5950_4350
-    /// 3: the image digest travels in IMAGE_DIGEST and VMM_COMPLETE, after
-    /// the guest resumed, not in SWITCHOVER and VMM_RESUME (2: HELLO carries
-    /// the migration secret).
-    public static let version: UInt8 = 3
+    /// 4: the point of no return — SWITCHOVER says whether a hand-over
+    /// starts the guest, HANDED_OVER and DISCARD settle it, and the VMM
+    /// acknowledges VMM_RESUME with VMM_RESUMED (3: the image digest
+    /// travels in IMAGE_DIGEST and VMM_COMPLETE, after the guest resumed;
+    /// 2: HELLO carries the migration secret).
+    public static let version: UInt8 = 4
     /// Header bytes the checksum covers: all but the checksum itself.
     public static let checksummedSize = 12
 

@@ -26,9 +26,15 @@ public enum Message: Equatable, Sendable {
     /// Agent → daemon at switchover: `words` of the stale-page bitmap, from
     /// word `firstWord`; bit `i` of word `w` is page `64 × w + i`.
     case dirtyBitmap(totalBits: UInt64, firstWord: UInt64, words: [UInt64])
-    /// Agent → daemon, after the last DIRTY_BITMAP frame: the source is paused.
-    case switchover(stalePages: UInt64, sourcePausedAtNanos: UInt64)
-    /// Daemon → agent: the guest runs on the destination.
+    /// Agent → daemon, after the last DIRTY_BITMAP frame: the source is
+    /// paused. `handOver`: the destination's guest starts only once the
+    /// agent's hand-over has moved the VMM's device state (QEMU), so the
+    /// source stays resumable until HANDED_OVER; without it the guest runs
+    /// on the destination from RESUMED on.
+    case switchover(stalePages: UInt64, sourcePausedAtNanos: UInt64, handOver: Bool = false)
+    /// Daemon → agent: the guest's memory is resumed on the destination (the
+    /// VMM acknowledged VMM_RESUME); the guest runs there, or, after a
+    /// SWITCHOVER with `handOver`, will once the hand-over is done.
     case resumed(destinationResumedAtNanos: UInt64)
     /// Daemon → agent on the bulk connection of a resumed postcopy, after
     /// DIRTY_BITMAP frames holding the pages the destination still lacks:
@@ -38,6 +44,15 @@ public enum Message: Equatable, Sendable {
     /// (and again after every rejoin): the digest of the source's image as
     /// paused. The daemon completes only once it has it.
     case imageDigest(ImageDigest)
+    /// Agent → daemon on the bulk connection, after a SWITCHOVER with
+    /// `handOver`: the hand-over is done, the destination's VMM has its
+    /// device state and runs the guest. The point of no return: from here
+    /// the source never resumes (sent again after every rejoin).
+    case handedOver
+    /// Agent → daemon on the bulk connection, before HANDED_OVER: the
+    /// hand-over failed and the source runs the guest again, for `reason`;
+    /// the destination discards its copy.
+    case discard(reason: String)
     /// Daemon → agent, on the urgent connection: send these pages now.
     case pageRequest(requestID: UInt32, firstPage: UInt64, count: UInt32)
     /// Daemon → agent: every page is in place.
@@ -54,6 +69,10 @@ public enum Message: Equatable, Sendable {
     /// keeps for a restarted postcopyd: run the guest (or, answering
     /// VMM_REATTACH, go on running it).
     case vmmResume
+    /// VMM → daemon, the answer to VMM_RESUME (no descriptor): the VMM keeps
+    /// the page-state file and the range registered, and runs the guest (or
+    /// starts it once its device state is loaded).
+    case vmmResumed
     /// Daemon → VMM, with `imageDigest`: every page is in place, and this is
     /// the source's digest of the image (IMAGE_DIGEST), which a verifying
     /// VMM can check. The VMM unregisters the range and answers with an
@@ -73,6 +92,8 @@ public enum Message: Equatable, Sendable {
     public static let maxErrorMessageBytes = 1024
     /// HELLO's flags byte: the agent rejoins a postcopy phase in progress.
     public static let helloResumeFlag: UInt8 = 1
+    /// SWITCHOVER's flags word: a hand-over starts the destination's guest.
+    public static let switchoverHandOverFlag: UInt32 = 1
     /// The requestID of PAGES sent in the background rather than on request.
     public static let backgroundRequestID: UInt32 = 0
 
@@ -99,6 +120,8 @@ public enum Message: Equatable, Sendable {
         case .resumed: return .resumed
         case .resync: return .resync
         case .imageDigest: return .imageDigest
+        case .handedOver: return .handedOver
+        case .discard: return .discard
         case .pageRequest: return .pageRequest
         case .complete: return .complete
         case .error: return .error
@@ -106,6 +129,7 @@ public enum Message: Equatable, Sendable {
         case .vmmOffer: return .vmmOffer
         case .vmmAttach: return .vmmAttach
         case .vmmResume: return .vmmResume
+        case .vmmResumed: return .vmmResumed
         case .vmmComplete: return .vmmComplete
         case .vmmHandback: return .vmmHandback
         case .vmmReattach: return .vmmReattach
@@ -197,8 +221,8 @@ extension Message: CustomStringConvertible {
             return "ROUND_END round \(round) sent \(pagesSent) dirty \(dirtyPages)"
         case let .dirtyBitmap(totalBits, firstWord, words):
             return "DIRTY_BITMAP of \(totalBits) bits, words \(firstWord) + \(words.count)"
-        case let .switchover(stalePages, sourcePausedAtNanos):
-            return "SWITCHOVER stale \(stalePages) paused at \(sourcePausedAtNanos) ns"
+        case let .switchover(stalePages, sourcePausedAtNanos, handOver):
+            return "SWITCHOVER stale \(stalePages) paused at \(sourcePausedAtNanos) ns\(handOver ? " hand-over" : "")"
         case let .resumed(destinationResumedAtNanos):
             return "RESUMED at \(destinationResumedAtNanos) ns"
         case let .resync(stalePages):
@@ -221,7 +245,9 @@ extension Message: CustomStringConvertible {
             return "VMM_HANDBACK \(kind)"
         case let .vmmComplete(imageDigest?):
             return "VMM_COMPLETE digest \(imageDigest)"
-        case .heartbeat, .vmmResume, .vmmComplete(nil):
+        case let .discard(reason):
+            return "DISCARD: \(reason)"
+        case .heartbeat, .vmmResume, .vmmResumed, .handedOver, .vmmComplete(nil):
             return type.description
         }
     }
@@ -315,9 +341,10 @@ extension Message {
             out.appendLittleEndian(firstWord)
             out.appendLittleEndian(UInt32(words.count))
             out.appendLittleEndian(words: words)
-        case let .switchover(stalePages, sourcePausedAtNanos):
+        case let .switchover(stalePages, sourcePausedAtNanos, handOver):
             out.appendLittleEndian(stalePages)
             out.appendLittleEndian(sourcePausedAtNanos)
+            out.appendLittleEndian(handOver ? Message.switchoverHandOverFlag : 0)
         case let .resumed(destinationResumedAtNanos):
             out.appendLittleEndian(destinationResumedAtNanos)
         case let .resync(stalePages):
@@ -336,7 +363,9 @@ extension Message {
         case let .error(code, message):
             out.appendLittleEndian(code.rawValue)
             out.append(contentsOf: utf8Prefix(message, maxBytes: Message.maxErrorMessageBytes))
-        case .heartbeat, .vmmResume, .vmmComplete(nil):
+        case let .discard(reason):
+            out.append(contentsOf: utf8Prefix(reason, maxBytes: Message.maxErrorMessageBytes))
+        case .heartbeat, .vmmResume, .vmmResumed, .handedOver, .vmmComplete(nil):
             return
         case let .vmmOffer(regionSize, pageSize, fileOffset):
             out.appendLittleEndian(regionSize)
@@ -412,7 +441,12 @@ extension Message {
             let words = payload.loadLittleEndianWords(at: bitmapFieldsSize, count: Int(wordCount))
             return .dirtyBitmap(totalBits: u64(0), firstWord: u64(8), words: words)
         case .switchover:
-            return .switchover(stalePages: u64(0), sourcePausedAtNanos: u64(8))
+            let flags = u32(16)
+            guard flags & ~Message.switchoverHandOverFlag == 0 else {
+                throw .invalidField(type: type, field: "flags", value: UInt64(flags))
+            }
+            return .switchover(stalePages: u64(0), sourcePausedAtNanos: u64(8),
+                               handOver: flags & Message.switchoverHandOverFlag != 0)
         case .resumed:
             return .resumed(destinationResumedAtNanos: u64(0))
         case .resync:
@@ -420,6 +454,11 @@ extension Message {
         case .imageDigest:
             // The length rule guarantees the 32 bytes of the digest.
             return .imageDigest(ImageDigest(bytes: bytes(0, 32))!)
+        case .handedOver:
+            return .handedOver
+        case .discard:
+            guard let text = String(validating: payload, as: UTF8.self) else { throw .invalidUTF8 }
+            return .discard(reason: text)
         case .pageRequest:
             return .pageRequest(requestID: u32(0), firstPage: u64(4), count: try count(12))
         case .complete:
@@ -436,6 +475,8 @@ extension Message {
             return .vmmAttach(guestBase: u64(0), features: UffdFeatures(rawValue: u64(8)), registerMode: u64(16))
         case .vmmResume:
             return .vmmResume
+        case .vmmResumed:
+            return .vmmResumed
         case .vmmComplete:
             // The length rule leaves 0 bytes (the VMM's answer) or the 32 of the digest.
             return .vmmComplete(imageDigest: payload.isEmpty ? nil : ImageDigest(bytes: bytes(0, 32))!)

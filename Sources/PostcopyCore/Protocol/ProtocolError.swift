@@ -148,6 +148,9 @@ public enum ErrorCode: Hashable, Sendable, CustomStringConvertible {
     case peerLost
     /// The peer is not the migration's: a HELLO with the wrong secret.
     case refused
+    /// The migration was discarded before the guest ran on the destination:
+    /// the source runs it again, and the destination's copy must never run.
+    case discarded
     case unknown(UInt16)
 
     public init(rawValue: UInt16) {
@@ -161,6 +164,7 @@ public enum ErrorCode: Hashable, Sendable, CustomStringConvertible {
         case 7: self = .cancelled
         case 8: self = .peerLost
         case 9: self = .refused
+        case 10: self = .discarded
         default: self = .unknown(rawValue)
         }
     }
@@ -177,6 +181,7 @@ public enum ErrorCode: Hashable, Sendable, CustomStringConvertible {
         case .cancelled: return 7
         case .peerLost: return 8
         case .refused: return 9
+        case .discarded: return 10
         case let .unknown(code): return code
         }
     }
@@ -196,6 +201,7 @@ public enum ErrorCode: Hashable, Sendable, CustomStringConvertible {
         case .cancelled: return "cancelled"
         case .peerLost: return "peer-lost"
         case .refused: return "refused"
+        case .discarded: return "discarded"
         case let .unknown(code): return "code \(code)"
         }
     }

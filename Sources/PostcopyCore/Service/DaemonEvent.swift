@@ -23,6 +23,13 @@ public enum DaemonEvent: String, CaseIterable, Sendable {
     /// without releasing the guest: its RAM stays registered and its faults
     /// on stale pages wait for a restarted postcopyd to take over.
     case guestLeftWaiting
+    /// The hand-over is done (HANDED_OVER): the guest runs here, and the
+    /// source can no longer take it back — the point of no return.
+    case pointOfNoReturn
+    /// The hand-over failed before the guest ran here, and the source runs
+    /// it again (DISCARD), or a restarted postcopyd found that the guest
+    /// never resumed here: this copy is discarded and must never run.
+    case migrationDiscarded
 
     /// The journal's MESSAGE_ID: 32 lowercase hex digits.
     public var messageID: String {
@@ -40,6 +47,8 @@ public enum DaemonEvent: String, CaseIterable, Sendable {
         case .migrationTakenOver: "ea930c537fa5448ba7cbf921af607dd0"
         case .agentRefused: "ffbdc5116c514418a09f3aa19416dd4a"
         case .guestLeftWaiting: "c1f0a7d2e85b4b6a9e3d42f7a61b0c58"
+        case .pointOfNoReturn: "c5bc4a42b8764414bbfb37746748f5d2"
+        case .migrationDiscarded: "baca874db8974070895287caa3a27e48"
         }
     }
 }

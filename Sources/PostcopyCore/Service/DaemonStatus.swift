@@ -40,7 +40,7 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     /// Fraction of the migration's current phase done, when it has one:
     /// stale pages fetched during postcopy.
     public var postcopyProgress: Double? {
-        guard phase == "postcopy" || phase == "paused" || phase == "complete", stalePagesAtSwitchover > 0 else {
+        guard Self.servesPostcopy(phase) || phase == "complete", stalePagesAtSwitchover > 0 else {
             return nil
         }
         return Double(stalePagesAtSwitchover - min(stalePagesLeft, stalePagesAtSwitchover)) / Double(stalePagesAtSwitchover)
@@ -57,6 +57,8 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
             return "precopy round \(precopyRounds + 1): \(precopyPages) pages received, \(rate); VMM \(vmm.isEmpty ? "not attached" : "attached")"
         case "switchover":
             return "switchover: receiving the dirty bitmap\(vmm.isEmpty ? ", waiting for the VMM" : "")"
+        case "handover":
+            return "hand-over: the guest's memory is resumed here, the guest starts once the source's hand-over is done (the source may still resume it); \(stalePagesLeft) stale pages left, \(rate)"
         case "postcopy":
             let p99 = staleFaultLatency.map { ", stale-fault p99 \(fixed($0.p99Us, 0)) µs" } ?? ""
             return "postcopy: \(stalePagesLeft) stale pages left, \(rate)\(p99)"
@@ -65,11 +67,18 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
             return "paused: agent connection lost, waiting\(waited) for it to rejoin; \(stalePagesLeft) stale pages left"
         case "complete":
             return "complete: \(stalePagesAtSwitchover) stale pages fetched, \(faultsStale) stale faults"
+        case "discarded":
+            return "discarded: the guest never ran here; the source keeps it, and this VMM must be stopped"
         case "failed":
             return "failed: \(failure ?? "unknown reason")"
         default:
             return phase
         }
+    }
+
+    /// Phases in which postcopy serves the guest's faults.
+    static func servesPostcopy(_ phase: String) -> Bool {
+        phase == "handover" || phase == "postcopy" || phase == "paused"
     }
 
     /// `postcopyctl status` in text: one "name: value" line each.
@@ -84,7 +93,7 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
             "VMM:           \(vmm.isEmpty ? "not attached (\(vmmSocket))" : vmm)",
             "precopy:       \(precopyRounds) rounds done, \(precopyPages) pages",
         ]
-        if phase == "postcopy" || phase == "paused" || phase == "complete" {
+        if Self.servesPostcopy(phase) || phase == "complete" {
             let percent = postcopyProgress.map { " (\(fixed($0 * 100, 1))% fetched)" } ?? ""
             lines.append("stale pages:   \(stalePagesLeft) of \(stalePagesAtSwitchover) left\(percent)")
             lines.append("faults:        \(faultsClean) clean, \(faultsStale) stale; \(pagesRequested) pages requested, \(duplicatePages) duplicates")

@@ -149,7 +149,8 @@ public final class DestinationDaemon: @unchecked Sendable {
             memory = taken.memory
             recovered = taken
             session = Locked(DestinationSession(takingOver: header.migrationID, geometry: header.geometry,
-                                                  secretDigest: header.secretDigest))
+                                                  secretDigest: header.secretDigest,
+                                                  milestones: taken.pageState.milestones))
             vmm = VMMLink(listener: unix, memory: memory, allowedUID: config.vmmUID, failures: failures, logger: logger,
                           takeover: VMMTakeover(pageState: taken.pageState, attached: taken.vmm),
                           handshakeTimeoutNanos: config.vmmHandshakeTimeoutNanos)
@@ -176,6 +177,7 @@ public final class DestinationDaemon: @unchecked Sendable {
             prepared.withLock { $0 = (PostcopyTracker.Scratch(geometry: geometry), record) }
         }
         failures.whenFailed { [weak self] error in self?.shutDown(reporting: error) }
+        vmm.whenGone { [weak self] reason in self?.vmmGoneBeforeHandOver(reason) ?? false }
         summary.withLock {
             $0.memory = memory.file.backing.description
             $0.regionBytes = memory.geometry.regionSize
@@ -228,6 +230,14 @@ public final class DestinationDaemon: @unchecked Sendable {
             failures.fail(error as? MigrationError ?? MigrationError(.internalFailure, "\(error)"))
         }
         if let error = failures.error {
+            if error.code == .discarded {
+                let id = session.withLock { $0.migrationID?.description } ?? ""
+                logger.event(.migrationDiscarded, .error, "migration discarded: \(error.reason)", [
+                    "error_code": "\(error.code)", "reason": "\(error.reason)", "migration_id": "\(id)",
+                ])
+                context.set("PHASE", DestinationSession.Phase.discarded.rawValue)
+                throw error
+            }
             logger.event(.migrationFailed, .error, "migration failed: \(error.reason)", [
                 "error_code": "\(error.code)", "reason": "\(error.reason)",
             ])
@@ -279,7 +289,7 @@ public final class DestinationDaemon: @unchecked Sendable {
             logger.warning("cancelled by an operator during \(phase)")
             cancel("cancelled by an operator (postcopyctl cancel) during \(phase)")
             return "cancelled migration \(id) during \(phase); the source keeps running the guest"
-        case .switchingOver, .postcopy, .paused, .complete:
+        case .switchingOver, .handover, .postcopy, .paused, .complete, .discarded:
             throw CancelRefusal(phase: phase)
         }
     }
@@ -290,9 +300,14 @@ public final class DestinationDaemon: @unchecked Sendable {
         public var failure: String?
         public var description: String {
             if let failure { return "the migration has already ended: \(failure)" }
-            return phase == .complete
-                ? "the migration is complete; there is nothing to cancel"
-                : "the migration is in \(phase): the guest runs here now and the source holds pages it lacks, so it cannot be cancelled (stop the service to give it up)"
+            switch phase {
+            case .complete: return "the migration is complete; there is nothing to cancel"
+            case .discarded: return "the migration was discarded already"
+            case .switchingOver, .handover:
+                return "the migration is in \(phase): only the agent knows whether the guest may run here yet (its hand-over), so only the agent can give it up (its DISCARD)"
+            default:
+                return "the migration is in \(phase): the guest runs here now and the source holds pages it lacks, so it cannot be cancelled (stop the service to give it up)"
+            }
         }
     }
 
@@ -304,8 +319,13 @@ public final class DestinationDaemon: @unchecked Sendable {
         status.uptimeSeconds = Double(monotonicNanoseconds() - startedAt) / 1e9
         let (phase, id, pauses) = session.withLock { ($0.phase, $0.migrationID, $0.pauses) }
         status.migrationID = id?.description ?? ""
-        status.failure = failures.error?.reason
-        status.phase = status.failure == nil ? phase.rawValue : "failed"
+        let failure = failures.error
+        status.failure = failure?.reason
+        status.phase = switch failure?.code {
+        case nil: phase.rawValue
+        case .discarded?: DestinationSession.Phase.discarded.rawValue
+        default: "failed"
+        }
         status.pauses = pauses
         let pausedSince = pausedAt.load(ordering: .relaxed)
         if phase == .paused, pausedSince > 0 {
@@ -321,7 +341,7 @@ public final class DestinationDaemon: @unchecked Sendable {
         status.precopyRounds = summary.precopyRounds
         status.precopyPages = summary.precopyPages
         status.stalePagesAtSwitchover = summary.stalePagesAtSwitchover
-        if phase == .postcopy || phase == .paused || phase == .complete { status.downtimeMs = summary.downtimeMs }
+        if phase.servesPostcopy || phase == .complete { status.downtimeMs = summary.downtimeMs }
         if let postcopy = engine.withLock({ $0 }) {
             let state = postcopy.counters
             status.stalePagesLeft = state.stalePages
@@ -589,7 +609,7 @@ public final class DestinationDaemon: @unchecked Sendable {
         guard let bulk = streams[.bulk], let urgent = streams[.urgent] else { return }
         for (role, stream) in [(StreamRole.urgent, urgent), (.bulk, bulk)] {
             receivers.add(1, ordering: .relaxed)
-            let rejoining = session.withLock { $0.phase == .postcopy }
+            let rejoining = session.withLock { $0.phase == .postcopy || $0.phase == .handover }
             let thread = try OSThread.start(name: "postcopy-\(role)") { [self] in
                 defer { receivers.subtract(1, ordering: .relaxed) }
                 // A rejoined bulk connection carries the background stream
@@ -655,7 +675,7 @@ public final class DestinationDaemon: @unchecked Sendable {
             let since = pausedAt.exchange(0, ordering: .relaxed)
             let pausedFor = since > 0 ? now &- since : 0
             pausedNanos.add(pausedFor, ordering: .relaxed)
-            context.set("PHASE", DestinationSession.Phase.postcopy.rawValue)
+            context.set("PHASE", session.withLock { $0.phase }.rawValue)
             return (asked, pausedFor)
         }
         logger.event(.postcopyResumed, .notice, "postcopy resumed: the agent rejoined from \(address) after \(fixed(Double(pausedFor) / 1e6, 0)) ms; \(stale.popCount) pages still stale, \(asked) asked for again", [
@@ -713,7 +733,7 @@ public final class DestinationDaemon: @unchecked Sendable {
             return
         }
         // Already paused, complete, or news of connections given up.
-        guard phase != .paused, phase != .complete, epoch == current else { return }
+        guard phase != .paused, phase != .complete, phase != .discarded, epoch == current else { return }
         let reason = "\(error.reason) during \(phase)"
         guard failures.fail(MigrationError(error.code, reason)) else { return }
         logger.event(.connectionLost, .error, "lost the agent's \(role) connection: \(reason)", [
@@ -738,8 +758,8 @@ public final class DestinationDaemon: @unchecked Sendable {
         case let .roundEnded(round, sent, dirty):
             summary.withLock { $0.precopyRounds = round }
             logger.info("precopy round \(round) done: \(sent) pages sent, \(dirty) found changed")
-        case let .switchover(stale, sourcePausedAt):
-            try switchover(stale: stale, sourcePausedAt: sourcePausedAt, bulk: bulk)
+        case let .switchover(stale, sourcePausedAt, handOver):
+            try switchover(stale: stale, sourcePausedAt: sourcePausedAt, handOver: handOver, bulk: bulk)
             // From here this thread carries the background stream: it gives
             // way to the fault and urgent threads a blocked guest waits on.
             if role == .bulk { yieldToUrgentWork("the bulk receiver") }
@@ -752,6 +772,16 @@ public final class DestinationDaemon: @unchecked Sendable {
             logger.info("the source's image digest: \(digest)\(completes ? "; every page is in place" : "")",
                         metadata: ["digest": "\(digest)"])
             if completes { completion.open() }
+        case let .handedOver(completes):
+            let postcopy = try currentEngine()
+            postcopy.pageState?.record(.handedOver)
+            let id = session.withLock { $0.migrationID?.description } ?? ""
+            logger.event(.pointOfNoReturn, .notice, "hand-over done: the guest runs here, past the point of no return (\(postcopy.stalePages) pages still stale); the source no longer resumes it", [
+                "pages_stale": "\(postcopy.stalePages)", "migration_id": "\(id)",
+            ])
+            if completes { completion.open() }
+        case let .discard(reason):
+            discard(reason)
         case let .peerFailed(code, text):
             throw MigrationError(.peerLost, "the agent failed (\(code)): \(text)")
         case .none:
@@ -791,6 +821,29 @@ public final class DestinationDaemon: @unchecked Sendable {
         }
     }
 
+    /// DISCARD: the hand-over failed and the source runs the guest again.
+    /// This copy must never run: the guest no longer depends on this daemon
+    /// (nothing is kept for a takeover), no page is written any more, and
+    /// the VMM is told (ERROR discarded) — it keeps the range registered,
+    /// so a guest it started anyway blocks on its first stale page.
+    private func discard(_ reason: String) {
+        guestDepends.store(false, ordering: .sequentiallyConsistent)
+        failures.fail(.discarded, "the source's hand-over failed and the source runs the guest again (\(reason)): this copy is discarded and must never run; stop the destination VMM")
+    }
+
+    /// A VMM that goes away while the hand-over that starts its guest is
+    /// still pending never ran the guest, and no other VMM can take its
+    /// place: the copy here is discarded (the source's hand-over fails too,
+    /// and its QEMU runs the guest again). The agent is told (ERROR
+    /// discarded). Returns false outside a pending hand-over.
+    private func vmmGoneBeforeHandOver(_ reason: String) -> Bool {
+        let pending = session.withLock { $0.handOverPending && $0.phase.servesPostcopy }
+        guard pending else { return false }
+        guestDepends.store(false, ordering: .sequentiallyConsistent)
+        failures.fail(.discarded, "\(reason), before the hand-over started the guest: the guest never ran here, so this copy is discarded (the source keeps the guest)")
+        return true
+    }
+
     private func currentEngine() throws -> PostcopyEngine {
         guard let current = engine.withLock({ $0 }) else {
             throw MigrationError(.internalFailure, "postcopy pages before switchover")
@@ -800,7 +853,8 @@ public final class DestinationDaemon: @unchecked Sendable {
 
     // MARK: switchover
 
-    private func switchover(stale: PageBitmap, sourcePausedAt pausedAt: UInt64, bulk: MessageStream) throws {
+    private func switchover(stale: PageBitmap, sourcePausedAt pausedAt: UInt64, handOver: Bool,
+                            bulk: MessageStream) throws {
         guard let urgent = agent.withLock({ $0.streams[.urgent] }) else {
             throw MigrationError(.internalFailure, "switchover without the agent's urgent connection")
         }
@@ -835,6 +889,7 @@ public final class DestinationDaemon: @unchecked Sendable {
                 secretDigest: secretDigest),
                 stale: stale)
         }
+        if handOver { pageState.record(.handOverPending) }
         storeDescriptors(pageState: pageState, uffd: attachment.uffd)
         let postcopy = makeEngine(installer: installer, stale: stale, urgent: urgent, pageState: pageState)
         engine.withLock { $0 = postcopy }
@@ -845,25 +900,43 @@ public final class DestinationDaemon: @unchecked Sendable {
         // this daemon: a failure no longer releases it.
         guestDepends.store(true, ordering: .sequentiallyConsistent)
         try vmm.resume(pageState: pageState)
+        try awaitResumeAcknowledged()
         let resumedAt = realtimeNanoseconds()
         postcopy.postcopyStartedAt.store(monotonicNanoseconds(), ordering: .relaxed)
         postcopy.cpuMicrosAtResume.store(UInt64(ProcessUsage.cpuSeconds() * 1e6), ordering: .relaxed)
         let downtimeMs = resumedAt >= pausedAt ? Double(resumedAt - pausedAt) / 1e6 : 0
         summary.withLock { $0.downtimeMs = downtimeMs }
-        // The guest runs here now. An agent that misses RESUMED (its
-        // connection lost) finds the migration in postcopy when it rejoins.
+        // The guest runs here now, or will once the hand-over is done. An
+        // agent that misses RESUMED (its connection lost) finds the
+        // migration in postcopy (or hand-over) when it rejoins.
         do {
             try bulk.send(.resumed(destinationResumedAtNanos: resumedAt))
         } catch {
             bulk.shutdown()
         }
-        if session.withLock({ $0.phase }) == .postcopy {
-            context.set("PHASE", DestinationSession.Phase.postcopy.rawValue)
-        }
-        logger.event(.switchover, .notice, "switchover: guest resumed here after \(fixed(downtimeMs, 1)) ms, \(stale.popCount) pages stale", [
+        let phase = session.withLock { $0.phase }
+        if phase == .postcopy || phase == .handover { context.set("PHASE", phase.rawValue) }
+        let starts = handOver ? "guest memory resumed here; the guest starts once the source's hand-over is done (the source may still resume it until then)" : "guest resumed here"
+        logger.event(.switchover, .notice, "switchover: \(starts) after \(fixed(downtimeMs, 1)) ms, \(stale.popCount) pages stale", [
             "pages_stale": "\(stale.popCount)", "downtime_ms": "\(fixed(downtimeMs, 1))",
+            "hand_over": handOver ? "1" : "0",
         ])
         postcopy.signalCompleteIfDone()
+    }
+
+    /// Waits for the VMM's VMM_RESUMED, which the record now says too. The
+    /// VMM may run the guest from VMM_RESUME on, so this never gives up: a
+    /// VMM that goes away fails the migration (which wakes this), one that
+    /// stays silent is reported every `vmmHandshakeTimeoutNanos` while the
+    /// source stays paused.
+    private func awaitResumeAcknowledged() throws {
+        var waited: UInt64 = 0
+        while !vmm.resumed.wait(timeoutNanos: config.vmmHandshakeTimeoutNanos) {
+            try failures.check()
+            waited += config.vmmHandshakeTimeoutNanos
+            logger.warning("the VMM has not acknowledged VMM_RESUME (VMM_RESUMED) in \(waited / 1_000_000_000) s; still waiting, and the source stays paused")
+        }
+        try failures.check()
     }
 
     /// The engine of postcopy, fed `stale`; with no `urgent` stream it
@@ -900,10 +973,16 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// The fault loop, which fails the migration the moment it dies (its
     /// userfaultfd erred or hung up): no fault would be served after that.
     private func makeFaultLoop(installer: PageInstaller, resolver: PostcopyEngine) throws -> FaultLoop {
-        let failures = self.failures
-        return try FaultLoop(installer: installer, resolver: resolver) { reason in
+        let (failures, logger) = (self.failures, self.logger)
+        let region = "0x\(String(installer.guestBase, radix: 16))+\(ByteSize.format(memory.geometry.regionSize))"
+        let strays = Locked(ReportLimiter())
+        return try FaultLoop(installer: installer, resolver: resolver, onFailure: { reason in
             failures.fail(.internalFailure, "the fault loop stopped: \(reason); no guest fault is served any more")
-        }
+        }, onStray: { address in
+            guard let unreported = strays.withLock({ $0.record(at: monotonicNanoseconds()) }) else { return }
+            let more = unreported > 0 ? " (\(unreported) more since the last report)" : ""
+            logger.warning("a guest thread faulted at 0x\(String(address, radix: 16)), outside guest RAM (\(region)), on the VMM's userfaultfd: woken, not resolved\(more); the VMM registered more than guest RAM with it")
+        })
     }
 
     /// Hands the RAM file, the page-state record and the userfaultfd to
@@ -924,6 +1003,7 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// read faults from (and never answered) are woken, so they fault again.
     private func resumeTakenOver(_ taken: Recovered) throws {
         let header = taken.header
+        try confirmVMMHoldsGuest(taken)
         let stale = try inStep("read the page-state record") { try taken.pageState.stalePages() }
         summary.withLock {
             $0.migrationID = header.migrationID.description
@@ -959,6 +1039,22 @@ public final class DestinationDaemon: @unchecked Sendable {
             "reconnect_timeout_s": "\(config.reconnectTimeoutNanos / 1_000_000_000)",
         ])
         postcopy.signalCompleteIfDone()
+    }
+
+    /// A takeover goes on only if the VMM holds the range: it handed the
+    /// migration back, or the record says it acknowledged VMM_RESUME, or it
+    /// reattaches within `vmmAttachTimeoutNanos`. Otherwise the dead daemon
+    /// died before VMM_RESUME reached the VMM: the guest never ran here,
+    /// and the migration is discarded rather than served to nobody.
+    private func confirmVMMHoldsGuest(_ taken: Recovered) throws {
+        let milestones = taken.pageState.milestones
+        guard taken.vmm == nil, !milestones.contains(.vmmResumed) else { return }
+        let seconds = config.vmmAttachTimeoutNanos / 1_000_000_000
+        logger.notice("the page-state record does not show that the VMM acknowledged VMM_RESUME: waiting up to \(seconds) s for the VMM to reattach, which would show that it holds the guest")
+        if vmm.attached.wait(timeoutNanos: config.vmmAttachTimeoutNanos), vmm.current != nil { return }
+        try failures.check()
+        guestDepends.store(false, ordering: .sequentiallyConsistent)
+        throw MigrationError(.discarded, "the page-state record shows that the VMM never acknowledged VMM_RESUME, and no VMM reattached within \(seconds) s: the guest never ran here, so there is nothing to take over. The source still holds the guest (paused) and may resume it")
     }
 
     // MARK: completion

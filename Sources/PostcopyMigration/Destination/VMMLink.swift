@@ -53,8 +53,16 @@ final class VMMLink: Sendable {
     private let attachment = Locked<VMMAttachment?>(nil)
     /// Opens once the VMM attached.
     let attached = Latch()
+    /// Opens once the VMM acknowledged VMM_RESUME (VMM_RESUMED), which the
+    /// page-state record then says too.
+    let resumed = Latch()
+    /// The record VMM_RESUME passed, where the acknowledgement is recorded.
+    private let resumedRecord = Locked<PageStateFile?>(nil)
     /// Opens once the VMM acknowledged VMM_COMPLETE.
     let completed = Latch()
+    /// Asked first when the VMM closes its socket: true when it settled
+    /// what that means (the daemon's, for a hand-over still pending).
+    private let goneHandler = Locked<(@Sendable (String) -> Bool)?>(nil)
     private let completeSent = Atomic<Bool>(false)
     private let thread = Locked<OSThread?>(nil)
     /// How long a VMM connection may take over its handshake (VMM_ATTACH,
@@ -79,6 +87,12 @@ final class VMMLink: Sendable {
         self.logger = logger
     }
 
+    /// `handler` decides first what a VMM that closed its socket means
+    /// (with the reason); returning false leaves it a lost VMM.
+    func whenGone(_ handler: @escaping @Sendable (String) -> Bool) {
+        goneHandler.withLock { $0 = handler }
+    }
+
     func start() throws {
         let started = try OSThread.start(name: "postcopy-vmm") { [self] in run() }
         thread.withLock { $0 = started }
@@ -90,9 +104,10 @@ final class VMMLink: Sendable {
     var current: VMMAttachment? { attachment.withLock { $0 } }
 
     /// Tells the VMM to run the guest, and hands it the page-state record
-    /// to keep for a restarted daemon.
+    /// to keep for a restarted daemon; `resumed` opens when it acknowledges.
     func resume(pageState: PageStateFile) throws {
         guard let vmm = current else { throw MigrationError(.internalFailure, "resume before the VMM attached") }
+        resumedRecord.withLock { $0 = pageState }
         try vmm.channel.send(.vmmResume, passing: pageState.fd)
     }
 
@@ -105,8 +120,10 @@ final class VMMLink: Sendable {
     }
 
     /// Wakes the thread and closes the VMM's connection, with ERROR when
-    /// `error` is given.
+    /// `error` is given. A switchover waiting for VMM_RESUMED wakes too
+    /// (and finds the failure).
     func shutdown(reporting error: MigrationError?) {
+        resumed.open()
         if let vmm = current {
             if let error { try? vmm.channel.send(.error(code: error.code, message: error.reason)) }
             vmm.channel.shutdown()
@@ -264,6 +281,7 @@ final class VMMLink: Sendable {
         try VMMLink.makeNonBlocking(uffd, from: credentials, logger: logger)
         let vmm = VMMAttachment(channel: channel, uffd: uffd,
                                 guestBase: handed.guestBase, credentials: credentials, registerMode: handed.registerMode)
+        resumedRecord.withLock { $0 = pageState }
         try channel.send(.vmmResume, passing: pageState.fd)
         logger.event(.vmmAttached, .info, "VMM reattached: \(credentials)", [
             "vmm_pid": "\(credentials.pid)", "vmm_uid": "\(credentials.uid)",
@@ -356,6 +374,7 @@ final class VMMLink: Sendable {
             guard let (message, descriptor) = try vmm.channel.receive() else {
                 if failures.error == nil {
                     let reason = "the VMM closed its socket before the migration completed"
+                    if goneHandler.withLock({ $0 })?(reason) == true { return }
                     if failures.fail(.peerLost, reason) {
                         logger.event(.connectionLost, .error, "lost the VMM: \(reason)", [
                             "peer": "vmm", "connection": "vmm socket", "reason": "\(reason)",
@@ -371,6 +390,12 @@ final class VMMLink: Sendable {
                 completed.open()
                 return
             case .heartbeat:
+                continue
+            // The VMM holds the range and the record: a restarted daemon may
+            // take this migration over without waiting for it to reattach.
+            case .vmmResumed:
+                resumedRecord.withLock { $0 }?.record(.vmmResumed)
+                resumed.open()
                 continue
             case let .error(code, text):
                 failures.fail(.peerLost, "the VMM reported \(code): \(text)")

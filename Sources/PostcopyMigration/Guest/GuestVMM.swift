@@ -169,7 +169,9 @@ public final class GuestVMM: Sendable {
         return Guest(mapping: mapping, geometry: geometry, uffd: uffd, mode: mode, ram: descriptor)
     }
 
-    /// VMM_RESUME, with the page-state record to keep.
+    /// VMM_RESUME, with the page-state record to keep; acknowledged with
+    /// VMM_RESUMED before the guest runs, so that a restarted postcopyd
+    /// knows this VMM holds it.
     private func awaitResume(_ channel: VMMChannel, _ guest: Guest) throws {
         let (message, descriptor) = try next(on: channel, "before VMM_RESUME")
         guard case .vmmResume = message, let descriptor else {
@@ -177,6 +179,7 @@ public final class GuestVMM: Sendable {
             throw MigrationError(.unexpectedMessage, "expected VMM_RESUME from postcopyd, got \(message.type)")
         }
         guest.keep(pageState: descriptor)
+        try channel.send(.vmmResumed)
     }
 
     /// What the operator must do while no postcopyd serves a guest whose
@@ -202,6 +205,11 @@ public final class GuestVMM: Sendable {
                 return (channel, digest)
             } catch let gone as DaemonGone {
                 lost = "postcopyd went away during postcopy (\(gone.reason))"
+            } catch let error as MigrationError where error.code == .discarded {
+                // No postcopyd will take this migration over: the source
+                // runs the guest. Its RAM stays registered all the same.
+                channel.shutdown()
+                throw MigrationError(.discarded, "postcopyd discarded the migration (\(error.reason)); not reattaching: \(Self.givingUp)")
             } catch {
                 lost = "\(error)"
             }
@@ -238,6 +246,7 @@ public final class GuestVMM: Sendable {
                     let (message, descriptor) = try next(on: channel, "while reattaching")
                     if case .vmmResume = message, let descriptor {
                         guest.keep(pageState: descriptor)
+                        try channel.send(.vmmResumed)
                         guest.reattachments += 1
                         logger.info("reattached to a restarted postcopyd")
                         return channel

@@ -15,15 +15,32 @@ public struct SourceControl: Sendable {
     /// does not, such as moving a VMM's device state and starting it
     /// (`postcopy-push --resumed-cmd`). Its time counts as downtime.
     public let handOver: (description: String, run: @Sendable () throws -> Void)?
+    /// The destination's guest starts only once `handOver` is done (QEMU
+    /// loads its device state, then runs): until then the source may still
+    /// resume, and `handOver` throws `SourceRunsAgain` when it fails in a
+    /// way that leaves the source running. Without it the guest runs on the
+    /// destination from RESUMED on, and the source never resumes after.
+    public let handOverStartsGuest: Bool
 
     public init(_ description: String, pause: @escaping @Sendable () throws -> Void,
                 resume: @escaping @Sendable () throws -> Void,
-                handOver: (description: String, run: @Sendable () throws -> Void)? = nil) {
+                handOver: (description: String, run: @Sendable () throws -> Void)? = nil,
+                handOverStartsGuest: Bool = false) {
         self.description = description
         self.pause = pause
         self.resume = resume
         self.handOver = handOver
+        self.handOverStartsGuest = handOver != nil && handOverStartsGuest
     }
+}
+
+/// A hand-over that failed before the destination's guest started, and left
+/// the source running the guest again: the destination must discard its
+/// copy (DISCARD).
+public struct SourceRunsAgain: Error, CustomStringConvertible {
+    public let reason: String
+    public init(_ reason: String) { self.reason = reason }
+    public var description: String { reason }
 }
 
 public struct AgentConfig: Sendable {
@@ -103,13 +120,14 @@ public final class SourceAgent: @unchecked Sendable {
     /// The latest connection of each role, for the heartbeat thread and the end.
     private let links = Locked<[StreamRole: MessageStream]>([:])
     /// Why the hand-over command failed, reported once postcopy has put
-    /// every page in place.
+    /// every page in place (or the destination discarded its copy).
     private var handOverFailure: (any Error)?
     /// When switchover paused the source.
     private var pausedAt: UInt64 = 0
     /// The image digest, for the destination: known after the final scan
-    /// (hash) or once the stale pages are hashed after RESUMED (uffd-wp).
-    private let digest = DigestCourier()
+    /// (hash) or once the stale pages are hashed after RESUMED (uffd-wp);
+    /// and how the hand-over ended.
+    private let notices = ResumedNotices()
     /// What `--verify-dirty-log` has found; carried from precopy to the
     /// final scan.
     private var audit = DirtyLogAudit(pageCount: 0)
@@ -148,7 +166,16 @@ public final class SourceAgent: @unchecked Sendable {
             let scanner = PageScanner(image: image, batchPages: 1)
             let digester = try startDigest { scanner.imageDigest() }
             defer { digester.join() }
-            try postcopy(stale: stale, bulk: bulk, urgent: urgent)
+            // The hand-over the agent before it began, when it is what
+            // starts the guest (QMP): finished from wherever the source QEMU
+            // is, and its outcome told. A command is not run twice.
+            let handOver = config.control.handOverStartsGuest ? try startHandOver() : nil
+            do {
+                try postcopy(stale: stale, bulk: bulk, urgent: urgent)
+            } catch {
+                throw settled(handOver, error)
+            }
+            handOverFailure = handOver?.finish(into: &summary)
             summary.idealBytes = stale.popCount * 4096
         } else {
             // The dirty log first: asked for by name and not to be had, it
@@ -171,19 +198,30 @@ public final class SourceAgent: @unchecked Sendable {
             do {
                 try postcopy(stale: stale, bulk: connections.bulk, urgent: connections.urgent)
             } catch {
-                _ = handOver?.finish(into: &summary)
-                throw error
+                throw settled(handOver, error)
             }
             handOverFailure = handOver?.finish(into: &summary)
             summary.idealBytes = (scanner.nonZeroPages() + stale.popCount) * 4096
         }
         summary.totalSeconds = Double(monotonicNanoseconds() - started) / 1e9
         summary.bytesSent += urgentBytes.load(ordering: .relaxed)
-        summary.imageDigest = digest.value?.description ?? ""
+        summary.imageDigest = notices.digest?.description ?? ""
         if let handOverFailure {
             throw MigrationError(.internalFailure, "every page reached the destination, but the hand-over command failed: \(handOverFailure). The guest may not be running on the destination; the source stays paused")
         }
         return summary
+    }
+
+    /// What postcopy's `error` means once the hand-over is settled: a
+    /// hand-over that left the source running (the destination discarded
+    /// its copy, which ended postcopy) is the migration's outcome.
+    private func settled(_ handOver: HandOver?, _ error: any Error) -> any Error {
+        guard let failure = handOver?.finish(into: &summary) else { return error }
+        guard let runsAgain = failure as? SourceRunsAgain else { return error }
+        let told = (error as? MigrationError)?.code == .discarded
+            ? "postcopyd discarded its copy"
+            : "postcopyd could not be told to discard its copy (\(error)): stop postcopyd and the VMM on the destination, whose guest must never run"
+        return MigrationError(.discarded, "the hand-over failed before the guest ran on the destination (\(runsAgain.reason)): the source runs the guest again, and \(told)")
     }
 
     /// Starts the hand-over once the destination owns the guest, on a
@@ -192,20 +230,36 @@ public final class SourceAgent: @unchecked Sendable {
     /// served by the postcopy this thread goes on to run. A failure does not
     /// stop postcopy: the destination's memory still has to be completed,
     /// and the source must stay paused either way.
+    ///
+    /// When the hand-over is what starts the destination's guest, its end
+    /// settles the point of no return: HANDED_OVER once it is done; DISCARD
+    /// when it failed and left the source running (`SourceRunsAgain`),
+    /// which ends the migration. Any other failure leaves it in doubt: the
+    /// source stays paused.
     private func startHandOver() throws -> HandOver? {
         guard let command = config.control.handOver else { return nil }
+        let startsGuest = config.control.handOverStartsGuest
         let pausedAt = self.pausedAt
+        let notices = self.notices
         let outcome = Locked<Result<(handOverMs: Double, guestDowntimeMs: Double), any Error>?>(nil)
         let thread = try OSThread.start(name: "push-hand-over") { [logger] in
             let started = monotonicNanoseconds()
             do {
-                try inStep("hand the guest over (\(command.description))") { try command.run() }
+                try command.run()
                 let now = monotonicNanoseconds()
                 let figures = (handOverMs: Double(now - started) / 1e6, guestDowntimeMs: Double(now - pausedAt) / 1e6)
                 logger.info("hand-over: \(fixed(figures.handOverMs, 1)) ms; the guest was paused for \(fixed(figures.guestDowntimeMs, 1)) ms")
+                if startsGuest {
+                    logger.notice("the guest runs on the destination: past the point of no return, the source never resumes it")
+                    notices.handedOver()
+                }
                 outcome.withLock { $0 = .success(figures) }
+            } catch let runsAgain as SourceRunsAgain where startsGuest {
+                logger.error("the hand-over failed before the guest ran on the destination: \(runsAgain.reason). The source runs the guest again; telling postcopyd to discard its copy")
+                notices.discard(runsAgain.reason)
+                outcome.withLock { $0 = .failure(runsAgain) }
             } catch {
-                logger.error("the hand-over failed: \(error). Postcopy goes on so that the destination gets every page; the source stays paused")
+                logger.error("the hand-over (\(command.description)) failed: \(error). Postcopy goes on so that the destination gets every page; the source stays paused")
                 outcome.withLock { $0 = .failure(error) }
             }
         }
@@ -451,7 +505,8 @@ public final class SourceAgent: @unchecked Sendable {
         }
         owner = .unknown
         do {
-            try bulk.send(.switchover(stalePages: stale.popCount, sourcePausedAtNanos: pausedAtWall))
+            try bulk.send(.switchover(stalePages: stale.popCount, sourcePausedAtNanos: pausedAtWall,
+                                      handOver: config.control.handOverStartsGuest))
             switch try next(on: bulk, "at switchover") {
             case let .resumed(resumedAtWall):
                 owner = .destination
@@ -496,7 +551,7 @@ public final class SourceAgent: @unchecked Sendable {
         }
         let (stale, digest) = scanner.finalScan(alsoDirty: alsoDirty)
         summary.finalScanMs = Double(monotonicNanoseconds() - scanStarted) / 1e6
-        self.digest.known(digest)
+        notices.known(digest)
         return stale
     }
 
@@ -521,7 +576,7 @@ public final class SourceAgent: @unchecked Sendable {
     /// the connections are lost; `stale` is what the destination lacks.
     private func postcopy(stale: PageBitmap, bulk: MessageStream, urgent: MessageStream) throws {
         let started = monotonicNanoseconds()
-        digest.use(bulk)
+        notices.use(bulk)
         var connections = (bulk: bulk, urgent: urgent)
         var pending = stale
         let background = BackgroundStream(pacer: config.postcopyBytesPerSecond.map { Pacer(bytesPerSecond: $0, now: started) })
@@ -537,7 +592,7 @@ public final class SourceAgent: @unchecked Sendable {
                 connections.urgent.shutdown()
                 let (newBulk, newUrgent, stillStale) = try rejoin()
                 connections = (newBulk, newUrgent)
-                digest.use(newBulk)
+                notices.use(newBulk)
                 pending = stillStale
             }
         }
@@ -720,10 +775,10 @@ public final class SourceAgent: @unchecked Sendable {
     /// the final scan already gave it, and hands it to the courier, which
     /// sends it to postcopyd: postcopyd completes only once it has it.
     private func startDigest(_ compute: @escaping @Sendable () -> ImageDigest) throws -> OSThread {
-        let courier = digest
+        let courier = notices
         let logger = logger
         return try OSThread.start(name: "push-digest") {
-            guard courier.value == nil else { return }
+            guard courier.digest == nil else { return }
             let started = monotonicNanoseconds()
             let value = compute()
             courier.known(value)
@@ -763,15 +818,22 @@ struct ConnectionLost: Error, CustomStringConvertible {
     var description: String { reason }
 }
 
-/// Takes the image digest to postcopyd once it is known, on the bulk
-/// connection of the moment: the digest may be finished before or after
-/// postcopy starts, and the connections may be replaced by a rejoin in
-/// between, after which it is sent again (postcopyd accepts the same digest
-/// twice).
-final class DigestCourier: Sendable {
-    private let state = Locked<(digest: ImageDigest?, bulk: MessageStream?)>((nil, nil))
+/// What the agent tells postcopyd on the bulk connection once the guest's
+/// memory has resumed: the image digest, and how the hand-over ended
+/// (HANDED_OVER or DISCARD). Each may be known before or after postcopy
+/// starts, and the connections may be replaced by a rejoin in between;
+/// what is known goes out on the bulk connection of the moment, and again
+/// on every new one (postcopyd accepts each twice).
+final class ResumedNotices: Sendable {
+    private struct State {
+        var digest: ImageDigest?
+        var handOver: Message?
+        var bulk: MessageStream?
+        var messages: [Message] { [digest.map { .imageDigest($0) }, handOver].compactMap { $0 } }
+    }
+    private let state = Locked(State())
 
-    var value: ImageDigest? { state.withLock { $0.digest } }
+    var digest: ImageDigest? { state.withLock { $0.digest } }
 
     /// The digest is known: sent at once if a connection is in use.
     func known(_ digest: ImageDigest) {
@@ -779,22 +841,40 @@ final class DigestCourier: Sendable {
             state.digest = digest
             return state.bulk
         }
-        if let bulk { send(digest, on: bulk) }
+        if let bulk { send([.imageDigest(digest)], on: bulk) }
     }
 
-    /// `bulk` is the connection postcopy now runs on: the digest goes there
-    /// at once if it is known.
-    func use(_ bulk: MessageStream) {
-        let digest = state.withLock { state -> ImageDigest? in
-            state.bulk = bulk
-            return state.digest
+    /// The hand-over is done: the guest runs on the destination.
+    func handedOver() { settle(.handedOver) }
+
+    /// The hand-over failed and the source runs the guest again.
+    func discard(_ reason: String) { settle(.discard(reason: reason)) }
+
+    private func settle(_ message: Message) {
+        let bulk = state.withLock { state -> MessageStream? in
+            state.handOver = message
+            return state.bulk
         }
-        if let digest { send(digest, on: bulk) }
+        if let bulk { send([message], on: bulk) }
+    }
+
+    /// `bulk` is the connection postcopy now runs on: what is known goes
+    /// there at once.
+    func use(_ bulk: MessageStream) {
+        let messages = state.withLock { state -> [Message] in
+            state.bulk = bulk
+            return state.messages
+        }
+        send(messages, on: bulk)
     }
 
     /// A send that fails may have left part of a frame behind: the
     /// connection is shut down, so that postcopy finds it lost and rejoins.
-    private func send(_ digest: ImageDigest, on bulk: MessageStream) {
-        do { try bulk.send(.imageDigest(digest)) } catch { bulk.shutdown() }
+    private func send(_ messages: [Message], on bulk: MessageStream) {
+        do {
+            for message in messages { try bulk.send(message) }
+        } catch {
+            bulk.shutdown()
+        }
     }
 }
