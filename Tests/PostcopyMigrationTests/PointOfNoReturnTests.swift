@@ -109,6 +109,50 @@ struct PointOfNoReturnTests {
         #expect(daemon.daemon.status().statusLine.hasPrefix("discarded: the guest never ran here"))
     }
 
+    /// An agent that loses its connections during the hand-over rejoins
+    /// into it: the resync comes, the phase is `handover` again, and
+    /// HANDED_OVER on the new connection completes the migration.
+    @Test func anAgentRejoinsDuringTheHandOver() throws {
+        let daemon = try Daemon()
+        let vmm = try HandVMM(daemon)
+        let (bulk, urgent) = try Self.switchOver(daemon, vmm, stale: Self.stale([12]), handOver: true)
+        try vmm.channel.send(.vmmResumed)
+        guard case .resumed? = try FailureTests.next(bulk) else { throw TestFailure("no RESUMED") }
+        bulk.shutdown()
+        urgent.shutdown()
+        #expect(FailSafeDaemonTests.waitUntil { daemon.daemon.status().phase == "paused" })
+        func open(_ role: StreamRole) throws -> MessageStream {
+            let stream = try FailureTests.dial(daemon.daemon)
+            try stream.send(.hello(migrationID: MigrationID(high: 7, low: 7), role: role, sourcePageSize: .small,
+                                   regionSize: FailSafeDaemonTests.size, secret: .test, resume: true))
+            guard case .welcome? = try FailureTests.next(stream) else { throw TestFailure("no WELCOME on \(role)") }
+            return stream
+        }
+        let newBulk = try open(.bulk)
+        let newUrgent = try open(.urgent)
+        // A daemon that never resyncs fails the test instead of hanging it.
+        try newBulk.connection.setReceiveTimeout(10_000_000_000)
+        var resync: [Message] = []
+        while let message = try FailureTests.next(newBulk) {
+            resync.append(message)
+            if case .resync = message { break }
+        }
+        #expect(resync.last == .resync(stalePages: 1), "\(resync)")
+        #expect(daemon.daemon.status().phase == "handover")
+        try newBulk.send(.zeroPages(firstPage: 12, count: 1))
+        try newBulk.send(.imageDigest(Self.digest))
+        try newBulk.send(.handedOver)
+        guard case .vmmComplete? = try vmm.next() else { throw TestFailure("no VMM_COMPLETE") }
+        try vmm.channel.send(.vmmComplete(imageDigest: nil))
+        guard case .complete? = try FailureTests.next(newBulk) else { throw TestFailure("no COMPLETE") }
+        newBulk.shutdown()
+        newUrgent.shutdown()
+        guard case .success = daemon.run.wait("postcopyd") else {
+            Issue.record("the migration did not complete: \(daemon.failure())")
+            return
+        }
+    }
+
     /// A VMM that goes away while its hand-over is pending never ran the
     /// guest (QEMU exits when it cannot load the device state): the copy
     /// here is discarded at once, and the agent told, rather than kept

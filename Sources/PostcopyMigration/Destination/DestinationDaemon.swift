@@ -511,7 +511,10 @@ public final class DestinationDaemon: @unchecked Sendable {
                 let admitted = try session.withLock { session in
                     let (before, phase) = (session.epoch, session.phase)
                     let (role, welcome) = try session.hello(hello)
-                    let ready = phase != session.phase && (session.phase == .precopy || session.phase == .postcopy)
+                    // Both connections are in: precopy starts, or postcopy
+                    // (or the hand-over) goes on after a rejoin.
+                    let ready = phase != session.phase
+                        && [.precopy, .handover, .postcopy].contains(session.phase)
                     return (role, welcome, session.epoch, session.epoch != before, ready)
                 }
                 if admitted.3 { pauseEngine() }
