@@ -1,0 +1,119 @@
+import Logging
+import PostcopyCore
+import PostcopyOS
+import Synchronization
+
+// How a migration ends here: complete (`finish`), or failed while the guest
+// depended on this daemon.
+extension DestinationDaemon {
+    /// The loud line and the journal record (POSTCOPYD_GUEST_LEFT_WAITING)
+    /// of a failure during postcopy: the guest was not released.
+    func reportGuestLeftWaiting(_ error: MigrationError) {
+        let stale = engine.withLock { $0 }?.stalePages
+        let pages = stale.map { "\($0) pages still stale" } ?? "its stale pages unknown"
+        let id = session.withLock { $0.migrationID?.description } ?? ""
+        let kept = descriptorStore == nil ? "" : "; guest RAM, the page-state record and the userfaultfd stay in systemd's fd store"
+        logger.event(.guestLeftWaiting, .critical, "postcopyd stopped during postcopy without releasing the guest (\(error.reason)): the guest waits on incomplete memory (\(pages)) and its threads block on stale pages; the VMM was not sent ERROR\(kept). Restart postcopyd to take the migration over, or stop the VM.", [
+            "error_code": "\(error.code)", "reason": "\(error.reason)", "pages_stale": "\(stale.map { "\($0)" } ?? "")",
+            "migration_id": "\(id)",
+        ])
+    }
+
+    // MARK: completion
+
+    /// Waits for the last stale page and the source's digest; then tells
+    /// the agent and the VMM, and stops serving faults and waits for the VMM
+    /// to let go of the range.
+    func finish() throws {
+        completion.wait()
+        try failures.check()
+        // Reached only through switchover, which set both.
+        let postcopy = try currentEngine()
+        // The latch opens without a failure only once the session has both.
+        let digest = try session.withLock { session throws -> ImageDigest in
+            guard let digest = session.imageDigest, session.pagesInPlace else {
+                throw MigrationError(.internalFailure, "completing without every page or the source's digest")
+            }
+            session.complete()
+            return digest
+        }
+        let state = postcopy.counters
+        let now = monotonicNanoseconds()
+        let started = postcopy.postcopyStartedAt.load(ordering: .relaxed)
+        let seconds = max(Double(now - started) / 1e9, 1e-9)
+        let postcopyCPU = ProcessUsage.cpuSeconds() - Double(postcopy.cpuMicrosAtResume.load(ordering: .relaxed)) / 1e6
+        let background = postcopy.backgroundPages.load(ordering: .relaxed)
+        let (received, bulk) = agent.withLock { ($0.bytesReceived, $0.streams[.bulk]) }
+        let latency = LatencyFigures(nanoseconds: postcopy.staleFaultLatencies)
+        let pauses = session.withLock { $0.pauses }
+        summary.withLock {
+            $0.postcopySeconds = seconds
+            $0.postcopyCPUSeconds = max(postcopyCPU, 0)
+            $0.faultsClean = state.cleanFaults
+            $0.faultsStale = state.staleFaults
+            $0.pagesRequested = state.requestedPages
+            $0.pageRequests = UInt64(postcopy.lastRequestID)
+            $0.duplicatePages = state.duplicatePages
+            $0.postcopyPagesUrgent = postcopy.urgentPages.load(ordering: .relaxed)
+            $0.postcopyPagesBackground = background
+            $0.staleFaultLatency = latency
+            $0.backgroundMiBPerSecond = Double(background * 4096) / seconds / 1_048_576
+            $0.bytesReceived = received
+            $0.pauses = pauses
+            $0.pausedSeconds = Double(pausedNanos.load(ordering: .relaxed)) / 1e9
+            $0.rejoinToFirstFaultMs = postcopy.rejoinToFirstFaultNanos.map { Double($0) / 1e6 }
+        }
+        // Every page is here: the agent missing this (its connection lost)
+        // changes nothing for the guest. The agent closes its connections
+        // once it has COMPLETE; a dead one is found by its silence.
+        do {
+            guard let bulk else { throw MigrationError(.peerLost, "no agent connection") }
+            try bulk.send(.complete(pagesReceived: state.filledPages, faultsClean: state.cleanFaults,
+                                    faultsStale: state.staleFaults))
+        } catch {
+            logger.warning("every page is in place, but the agent could not be told: \(error); its source stays paused until an operator stops it")
+        }
+        // Stop serving faults before the VMM unregisters the range: a CONTINUE
+        // racing the unregister would fail. A guest thread that faults in
+        // between waits until the unregister wakes it, then faults normally.
+        let loop = faultLoop.withLock { $0 }
+        loop?.stop()
+        if let reason = loop?.failureReason { throw MigrationError(.internalFailure, "the fault loop stopped: \(reason)") }
+        // A daemon that took over from systemd's fd store may finish before
+        // the VMM has reattached: it must, to release the range.
+        guard vmm.attached.wait(timeoutNanos: config.vmmAttachTimeoutNanos) else {
+            try failures.check()
+            throw MigrationError(.peerLost, "every page is in place, but the VMM did not reattach within \(config.vmmAttachTimeoutNanos / 1_000_000_000) s to release the range")
+        }
+        try vmm.complete(imageDigest: digest)
+        guard vmm.completed.wait(timeoutNanos: config.vmmCompleteTimeoutNanos) else {
+            try failures.check()
+            throw MigrationError(.peerLost, "the VMM did not acknowledge VMM_COMPLETE within \(config.vmmCompleteTimeoutNanos / 1_000_000_000) s")
+        }
+        // The VMM unregistered the range: the guest no longer depends on
+        // this daemon, and nothing is written through the alias any more.
+        guestDepends.store(false, ordering: .sequentiallyConsistent)
+        postcopy.halt()
+        try failures.check()
+        // The VMM unregistered the range. Wake it once more in case a fault
+        // raced the unregister (see Userfaultfd.release), so that no guest
+        // thread depends on this daemon after it exits.
+        if let attachment = vmm.current {
+            try? attachment.uffd.wake(start: attachment.guestBase, length: memory.geometry.regionSize)
+        }
+        logger.debug("VMM released guest RAM", metadata: ["pages": "\(state.filledPages)"])
+        if let path = config.tracePath, let trace = postcopy.traceSnapshot {
+            do {
+                try writeTextFile(path, trace.csv)
+            } catch {
+                logger.warning("could not write the postcopy trace to \(path): \(error)")
+            }
+        }
+        // Let the agent close first, so that COMPLETE is read before the
+        // sockets go; one that never does is dead and not waited for.
+        let deadline = monotonicNanoseconds() + config.deadPeerTimeoutNanos
+        while receivers.load(ordering: .relaxed) > 0, monotonicNanoseconds() < deadline {
+            sleepNanoseconds(5_000_000)
+        }
+    }
+}

@@ -1,0 +1,236 @@
+import Glibc
+import Logging
+import PostcopyCore
+import PostcopyOS
+import Synchronization
+
+// The agent's admitted connections: a receiving thread on each, the
+// session's actions performed, and a pause and a rejoin when the
+// connections are lost during postcopy.
+extension DestinationDaemon {
+    // MARK: pause and rejoin
+
+    /// The agent's connections of generation `epoch` are given up during
+    /// postcopy (the session has already moved on): shut them down, hold
+    /// page requests, and say so.
+    /// The engine's half of a pause, under `transitions` together with the
+    /// session's move that caused it: no PAGE_REQUEST goes out, and the
+    /// pause's clock starts.
+    func pauseEngine() {
+        engine.withLock { $0 }?.pause()
+        pausedAt.store(monotonicNanoseconds(), ordering: .relaxed)
+        context.set("PHASE", DestinationSession.Phase.paused.rawValue)
+    }
+
+    /// The rest of a pause, after `pauseEngine`: the lost generation's
+    /// connections are shut down, and the journal says so.
+    func paused(epoch: UInt64, because reason: String, role: StreamRole) {
+        let streams = agent.withLock { $0.epoch == epoch ? Array($0.streams.values) : [] }
+        for stream in streams { stream.shutdown() }
+        let stale = engine.withLock { $0 }?.stalePages ?? 0
+        logger.event(.postcopyPaused, .warning, "postcopy paused: lost the agent's \(role) connection: \(reason); \(stale) pages still stale, waiting for the agent to rejoin", [
+            "peer": "agent", "connection": "\(role)", "reason": "\(reason)", "pages_stale": "\(stale)",
+            "reconnect_timeout_s": "\(config.reconnectTimeoutNanos / 1_000_000_000)",
+        ])
+    }
+
+    /// Both connections of a new generation said a resuming HELLO: tell the
+    /// agent which pages are still stale, then ask again for those guest
+    /// threads wait on — before the receiving threads start, so nothing
+    /// else goes first.
+    func rejoined(epoch: UInt64, from address: String) throws {
+        // Lost during switchover, the connections may come back before the
+        // VMM has attached and postcopy has its engine.
+        let deadline = monotonicNanoseconds() + config.vmmAttachTimeoutNanos
+        var engine = self.engine.withLock { $0 }
+        while engine == nil, failures.error == nil, monotonicNanoseconds() < deadline {
+            sleepNanoseconds(10_000_000)
+            engine = self.engine.withLock { $0 }
+        }
+        let streams = agent.withLock { $0.epoch == epoch ? $0.streams : [:] }
+        guard let postcopy = engine, let bulk = streams[.bulk], let urgent = streams[.urgent] else {
+            throw MigrationError(.internalFailure, "the agent rejoined, but postcopy never started")
+        }
+        let stale = postcopy.staleSnapshot()
+        for frame in stale.dirtyBitmapMessages() { try bulk.send(frame) }
+        try bulk.send(.resync(stalePages: stale.popCount))
+        let (asked, pausedFor) = transitions.withLock {
+            let now = monotonicNanoseconds()
+            let asked = postcopy.rejoin(urgent: urgent, at: now)
+            let since = pausedAt.exchange(0, ordering: .relaxed)
+            let pausedFor = since > 0 ? now &- since : 0
+            pausedNanos.add(pausedFor, ordering: .relaxed)
+            context.set("PHASE", session.withLock { $0.phase }.rawValue)
+            return (asked, pausedFor)
+        }
+        logger.event(.postcopyResumed, .notice, "postcopy resumed: the agent rejoined from \(address) after \(fixed(Double(pausedFor) / 1e6, 0)) ms; \(stale.popCount) pages still stale, \(asked) asked for again", [
+            "agent_address": "\(address)", "paused_ms": "\(fixed(Double(pausedFor) / 1e6, 1))",
+            "pages_stale": "\(stale.popCount)", "pages_rerequested": "\(asked)",
+        ])
+    }
+
+    // MARK: receiving
+
+    /// Starts a receiving thread on each connection of generation `epoch`.
+    func startReceiving(epoch: UInt64) throws {
+        let streams = agent.withLock { $0.epoch == epoch ? $0.streams : [:] }
+        guard let bulk = streams[.bulk], let urgent = streams[.urgent] else { return }
+        for (role, stream) in [(StreamRole.urgent, urgent), (.bulk, bulk)] {
+            receivers.add(1, ordering: .relaxed)
+            let rejoining = session.withLock { $0.phase == .postcopy || $0.phase == .handover }
+            let thread = try OSThread.start(name: "postcopy-\(role)") { [self] in
+                defer { receivers.subtract(1, ordering: .relaxed) }
+                // A rejoined bulk connection carries the background stream
+                // from its first frame (the first one does from switchover).
+                if rejoining && role == .bulk { yieldToUrgentWork("the bulk receiver") }
+                receive(on: stream, role, epoch: epoch) { action in
+                    try handle(action, on: role, bulk: bulk)
+                }
+            }
+            agent.withLock { $0.threads.append(thread) }
+        }
+    }
+
+    /// Receives on `stream` until the agent closes it, handing each admitted
+    /// message's action to `handle`. The end of the stream is normal only
+    /// once the migration is complete; before, it is a lost connection.
+    private func receive(on stream: MessageStream, _ role: StreamRole, epoch: UInt64,
+                         _ handle: (DestinationSession.Action) throws -> Void) {
+        do {
+            while let message = try stream.receive() {
+                let action = try admit(message, on: role, stream)
+                if case let .peerFailed(code, text) = action {
+                    throw MigrationError(.peerLost, "the agent reported \(code): \(text)")
+                }
+                // What fails here is this host's (the VMM, guest memory), not
+                // the connection's: it ends the migration in any phase.
+                do {
+                    try handle(action)
+                } catch {
+                    failures.fail(error as? MigrationError ?? MigrationError(.internalFailure, "\(error)"))
+                    return
+                }
+            }
+            lost(role, epoch: epoch, MigrationError(.peerLost, "the agent closed the \(role) connection"))
+        } catch let error as MigrationError {
+            lost(role, epoch: epoch, error)
+        } catch let error as StreamError {
+            lost(role, epoch: epoch, MigrationError(error.code, "the agent's \(role) connection: \(error)"))
+        } catch let error as SystemCallError where error.errno == .again {
+            lost(role, epoch: epoch, MigrationError(.peerLost, "nothing from the agent on the \(role) connection for \(fixed(Double(config.deadPeerTimeoutNanos) / 1e9, 1)) s, not even HEARTBEAT"))
+        } catch {
+            lost(role, epoch: epoch, MigrationError(.peerLost, "the agent's \(role) connection failed: \(error)"))
+        }
+    }
+
+    /// The agent's `role` connection of generation `epoch` ended: a pause
+    /// during postcopy, nothing once complete or for an older generation,
+    /// and the end of the migration before switchover.
+    func lost(_ role: StreamRole, epoch: UInt64, _ error: MigrationError) {
+        guard failures.error == nil, !finished.load(ordering: .sequentiallyConsistent) else { return }
+        let (pause, phase, current) = transitions.withLock {
+            let outcome = session.withLock { ($0.connectionLost(epoch: epoch), $0.phase, $0.epoch) }
+            if outcome.0 { pauseEngine() }
+            return outcome
+        }
+        if pause {
+            paused(epoch: epoch, because: error.reason, role: role)
+            return
+        }
+        // Already paused, complete, or news of connections given up.
+        guard phase != .paused, phase != .complete, phase != .discarded, epoch == current else { return }
+        let reason = "\(error.reason) during \(phase)"
+        guard failures.fail(MigrationError(error.code, reason)) else { return }
+        logger.event(.connectionLost, .error, "lost the agent's \(role) connection: \(reason)", [
+            "peer": "agent", "connection": "\(role)", "reason": "\(reason)",
+        ])
+    }
+
+    /// Performs an action the session admitted on the connection of `role`
+    /// (the session admits precopy and switchover actions on bulk only).
+    private func handle(_ action: DestinationSession.Action, on role: StreamRole, bulk: MessageStream) throws {
+        switch action {
+        case let .writePrecopy(run, data):
+            data.withUnsafeBytes { bytes in
+                // SAFETY: the session validated run against the region.
+                (memory.alias.base + Int(run.first * 4096)).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+            }
+            summary.withLock { $0.precopyPages += run.count }
+        case let .zeroPrecopy(run):
+            // SAFETY: the session validated run against the region.
+            memset(memory.alias.base + Int(run.first * 4096), 0, Int(run.count * 4096))
+            summary.withLock { $0.precopyZeroPages += run.count }
+        case let .roundEnded(round, sent, dirty):
+            summary.withLock { $0.precopyRounds = round }
+            logger.info("precopy round \(round) done: \(sent) pages sent, \(dirty) found changed")
+        case let .switchover(stale, sourcePausedAt, handOver):
+            try switchover(stale: stale, sourcePausedAt: sourcePausedAt, handOver: handOver, bulk: bulk)
+            // From here this thread carries the background stream: it gives
+            // way to the fault and urgent threads a blocked guest waits on.
+            if role == .bulk { yieldToUrgentWork("the bulk receiver") }
+        case let .writePostcopy(run, data, _):
+            try currentEngine().fill(run, data: data, urgent: role == .urgent)
+        case let .zeroPostcopy(run):
+            try currentEngine().fill(run, data: nil, urgent: role == .urgent)
+        case let .imageDigest(digest, completes):
+            summary.withLock { $0.imageDigest = digest.description }
+            logger.info("the source's image digest: \(digest)\(completes ? "; every page is in place" : "")",
+                        metadata: ["digest": "\(digest)"])
+            if completes { completion.open() }
+        case let .handedOver(completes):
+            let postcopy = try currentEngine()
+            postcopy.pageState?.record(.handedOver)
+            let id = session.withLock { $0.migrationID?.description } ?? ""
+            logger.event(.pointOfNoReturn, .notice, "hand-over done: the guest runs here, past the point of no return (\(postcopy.stalePages) pages still stale); the source no longer resumes it", [
+                "pages_stale": "\(postcopy.stalePages)", "migration_id": "\(id)",
+            ])
+            if completes { completion.open() }
+        case let .discard(reason):
+            discard(reason)
+        case let .peerFailed(code, text):
+            throw MigrationError(.peerLost, "the agent failed (\(code)): \(text)")
+        case .none:
+            break
+        }
+    }
+
+
+    /// Checks `message` against the session; a refusal is reported to the
+    /// peer and fails the migration.
+    private func admit(_ message: Message, on role: StreamRole, _ stream: MessageStream) throws -> DestinationSession.Action {
+        do {
+            let (action, newPhase) = try session.withLock { session in
+                let before = session.phase
+                let action = try session.receive(message, on: role)
+                return (action, session.phase != before ? session.phase : nil)
+            }
+            // Only a few messages move the phase: keep the log context off the per-frame path.
+            if let newPhase { context.set("PHASE", newPhase.rawValue) }
+            if case let .writePostcopy(_, _, requestID) = action, requestID > 0,
+               requestID > (engine.withLock { $0 }?.lastRequestID ?? 0) {
+                throw SessionError.unexpected(.pages, phase: .postcopy, role: role)
+            }
+            return action
+        } catch let error as SessionError {
+            throw MigrationError(error.code, "refused a frame on the agent's \(role) connection: \(error)")
+        }
+    }
+
+    /// Moves the calling thread to `config.backgroundScheduling`; a failure
+    /// costs latency, not correctness, so it is logged and ignored.
+    private func yieldToUrgentWork(_ thread: String) {
+        do {
+            try OSThread.setCurrentScheduling(config.backgroundScheduling)
+        } catch {
+            logger.warning("\(thread) keeps its scheduling: \(error)")
+        }
+    }
+
+
+    func currentEngine() throws -> PostcopyEngine {
+        guard let current = engine.withLock({ $0 }) else {
+            throw MigrationError(.internalFailure, "postcopy pages before switchover")
+        }
+        return current
+    }
+}
