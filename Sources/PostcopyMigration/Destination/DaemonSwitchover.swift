@@ -9,6 +9,10 @@ import Synchronization
 extension DestinationDaemon {
     // MARK: switchover
 
+    /// SWITCHOVER with the `stale` pages: once the VMM has attached, writes
+    /// the page-state record and starts postcopy, has the VMM resume the
+    /// guest (VMM_RESUME, then its VMM_RESUMED), and tells the agent
+    /// (RESUMED). The guest's downtime ends here.
     func switchover(stale: PageBitmap, sourcePausedAt pausedAt: UInt64, handOver: Bool,
                     bulk: MessageStream) throws {
         guard let urgent = agent.withLock({ $0.streams[.urgent] }) else {
@@ -21,7 +25,6 @@ extension DestinationDaemon {
             let refused = vmm.lastRefusal.map { " (last VMM connection refused: \($0))" } ?? ""
             throw MigrationError(.peerLost, "no VMM attached to \(config.vmmSocketPath) within \(config.vmmAttachTimeoutNanos / 1_000_000_000) s of switchover\(refused)")
         }
-        let installer = PageInstaller(uffd: attachment.uffd, file: memory.file, guestBase: attachment.guestBase)
         // The record a restarted daemon would take over from: written whole
         // before the guest runs, kept by the VMM (VMM_RESUME passes it) and
         // by systemd's fd store.
@@ -47,19 +50,15 @@ extension DestinationDaemon {
         }
         if handOver { pageState.record(.handOverPending) }
         storeDescriptors(pageState: pageState, uffd: attachment.uffd)
-        let postcopy = makeEngine(installer: installer, stale: stale, urgent: urgent, pageState: pageState)
-        engine.withLock { $0 = postcopy }
-        let loop = try makeFaultLoop(installer: installer, resolver: postcopy)
-        try loop.start()
-        faultLoop.withLock { $0 = loop }
+        let postcopy = try startPostcopy(uffd: attachment.uffd, guestBase: attachment.guestBase, stale: stale,
+                                         urgent: urgent, pageState: pageState)
         // From the moment VMM_RESUME may reach the VMM, the guest depends on
         // this daemon: a failure no longer releases it.
         guestDepends.store(true, ordering: .sequentiallyConsistent)
         try vmm.resume(pageState: pageState)
         try awaitResumeAcknowledged()
         let resumedAt = realtimeNanoseconds()
-        postcopy.postcopyStartedAt.store(monotonicNanoseconds(), ordering: .relaxed)
-        postcopy.cpuMicrosAtResume.store(UInt64(ProcessUsage.cpuSeconds() * 1e6), ordering: .relaxed)
+        markResumed(postcopy, at: monotonicNanoseconds())
         let downtimeMs = resumedAt >= pausedAt ? Double(resumedAt - pausedAt) / 1e6 : 0
         summary.withLock { $0.downtimeMs = downtimeMs }
         // The guest runs here now, or will once the hand-over is done. An
@@ -93,6 +92,40 @@ extension DestinationDaemon {
             logger.warning("the VMM has not acknowledged VMM_RESUME (VMM_RESUMED) in \(waited / 1_000_000_000) s; still waiting, and the source stays paused")
         }
         try failures.check()
+    }
+
+    // MARK: starting postcopy
+
+    /// Starts serving the guest's faults, for both ways postcopy starts (the
+    /// switchover, the takeover): the engine, fed `stale` and clearing
+    /// `pageState`'s bits, and the fault loop that asks it about each fault
+    /// on `uffd`, whose guest RAM starts at `guestBase`.
+    ///
+    /// With no `urgent` stream (a takeover: the guest has run all along, the
+    /// agent is away) postcopy starts paused, and its clock and the pause's
+    /// start now. Otherwise its clock starts once the VMM has acknowledged
+    /// VMM_RESUME (`markResumed`).
+    func startPostcopy(uffd: Userfaultfd, guestBase: UInt64, stale: PageBitmap, urgent: MessageStream?,
+                       pageState: PageStateFile) throws -> PostcopyEngine {
+        let installer = PageInstaller(uffd: uffd, file: memory.file, guestBase: guestBase)
+        let postcopy = makeEngine(installer: installer, stale: stale, urgent: urgent, pageState: pageState)
+        engine.withLock { $0 = postcopy }
+        if urgent == nil {
+            let now = monotonicNanoseconds()
+            pausedAt.store(now, ordering: .relaxed)
+            markResumed(postcopy, at: now)
+        }
+        let loop = try makeFaultLoop(installer: installer, resolver: postcopy)
+        try loop.start()
+        faultLoop.withLock { $0 = loop }
+        return postcopy
+    }
+
+    /// Postcopy's clock starts at `now`, the guest resumed here: the
+    /// summary's postcopy time and CPU time count from it.
+    private func markResumed(_ postcopy: PostcopyEngine, at now: UInt64) {
+        postcopy.postcopyStartedAt.store(now, ordering: .relaxed)
+        postcopy.cpuMicrosAtResume.store(UInt64(ProcessUsage.cpuSeconds() * 1e6), ordering: .relaxed)
     }
 
     /// The engine of postcopy, fed `stale`; with no `urgent` stream it
@@ -167,16 +200,8 @@ extension DestinationDaemon {
             $0.downtimeMs = Double(header.downtimeMicros) / 1e3
             $0.tookOver = true
         }
-        let installer = PageInstaller(uffd: taken.uffd, file: memory.file, guestBase: header.guestBase)
-        let postcopy = makeEngine(installer: installer, stale: stale, urgent: nil, pageState: taken.pageState)
-        engine.withLock { $0 = postcopy }
-        let now = monotonicNanoseconds()
-        pausedAt.store(now, ordering: .relaxed)
-        postcopy.postcopyStartedAt.store(now, ordering: .relaxed)
-        postcopy.cpuMicrosAtResume.store(UInt64(ProcessUsage.cpuSeconds() * 1e6), ordering: .relaxed)
-        let loop = try makeFaultLoop(installer: installer, resolver: postcopy)
-        try loop.start()
-        faultLoop.withLock { $0 = loop }
+        let postcopy = try startPostcopy(uffd: taken.uffd, guestBase: header.guestBase, stale: stale, urgent: nil,
+                                         pageState: taken.pageState)
         try inStep("wake the guest threads the dead daemon left waiting") {
             try taken.uffd.wake(start: header.guestBase, length: header.geometry.regionSize)
         }
