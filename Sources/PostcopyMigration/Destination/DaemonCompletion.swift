@@ -23,8 +23,8 @@ extension DestinationDaemon {
 
     /// Waits for the last stale page and the source's digest; then tells
     /// the agent and the VMM, and stops serving faults and waits for the VMM
-    /// to let go of the range.
-    func finish() throws {
+    /// to let go of the range. Returns the figures it wrote into the summary.
+    func finish() throws -> DaemonFigures {
         completion.wait()
         try failures.check()
         // Reached only through switchover, which set both.
@@ -37,39 +37,16 @@ extension DestinationDaemon {
             session.complete()
             return digest
         }
-        let state = postcopy.counters
-        let now = monotonicNanoseconds()
-        let started = postcopy.postcopyStartedAt.load(ordering: .relaxed)
-        let seconds = max(Double(now - started) / 1e9, 1e-9)
-        let postcopyCPU = ProcessUsage.cpuSeconds() - Double(postcopy.cpuMicrosAtResume.load(ordering: .relaxed)) / 1e6
-        let background = postcopy.backgroundPages.load(ordering: .relaxed)
-        let (received, bulk) = agent.withLock { ($0.bytesReceived, $0.streams[.bulk]) }
-        let latency = LatencyFigures(nanoseconds: postcopy.staleFaultLatencies)
-        let pauses = session.withLock { $0.pauses }
-        summary.withLock {
-            $0.postcopySeconds = seconds
-            $0.postcopyCPUSeconds = max(postcopyCPU, 0)
-            $0.faultsClean = state.cleanFaults
-            $0.faultsStale = state.staleFaults
-            $0.pagesRequested = state.requestedPages
-            $0.pageRequests = UInt64(postcopy.lastRequestID)
-            $0.duplicatePages = state.duplicatePages
-            $0.postcopyPagesUrgent = postcopy.urgentPages.load(ordering: .relaxed)
-            $0.postcopyPagesBackground = background
-            $0.staleFaultLatency = latency
-            $0.backgroundMiBPerSecond = Double(background * 4096) / seconds / 1_048_576
-            $0.bytesReceived = received
-            $0.pauses = pauses
-            $0.pausedSeconds = Double(pausedNanos.load(ordering: .relaxed)) / 1e9
-            $0.rejoinToFirstFaultMs = postcopy.rejoinToFirstFaultNanos.map { Double($0) / 1e6 }
-        }
+        let figures = figures()
+        summary.withLock { figures.complete(&$0) }
+        let bulk = agent.withLock { $0.streams[.bulk] }
         // Every page is here: the agent missing this (its connection lost)
         // changes nothing for the guest. The agent closes its connections
         // once it has COMPLETE; a dead one is found by its silence.
         do {
             guard let bulk else { throw MigrationError(.peerLost, "no agent connection") }
-            try bulk.send(.complete(pagesReceived: state.filledPages, faultsClean: state.cleanFaults,
-                                    faultsStale: state.staleFaults))
+            try bulk.send(.complete(pagesReceived: figures.filledPages, faultsClean: figures.faultsClean,
+                                    faultsStale: figures.faultsStale))
         } catch {
             logger.warning("every page is in place, but the agent could not be told: \(error); its source stays paused until an operator stops it")
         }
@@ -101,7 +78,7 @@ extension DestinationDaemon {
         if let attachment = vmm.current {
             try? attachment.uffd.wake(start: attachment.guestBase, length: memory.geometry.regionSize)
         }
-        logger.debug("VMM released guest RAM", metadata: ["pages": "\(state.filledPages)"])
+        logger.debug("VMM released guest RAM", metadata: ["pages": "\(figures.filledPages)"])
         if let path = config.tracePath, let trace = postcopy.traceSnapshot {
             do {
                 try writeTextFile(path, trace.csv)
@@ -115,5 +92,6 @@ extension DestinationDaemon {
         while receivers.load(ordering: .relaxed) > 0, monotonicNanoseconds() < deadline {
             sleepNanoseconds(5_000_000)
         }
+        return figures
     }
 }

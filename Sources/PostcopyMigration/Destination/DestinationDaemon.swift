@@ -217,6 +217,8 @@ public final class DestinationDaemon: @unchecked Sendable {
             for thread in threads { thread.join() }
             vmm.join()
         }
+        // What `finish` wrote into the summary, for the postcopyComplete event.
+        var completed = DaemonFigures()
         do {
             if let recovered { try resumeTakenOver(recovered) }
             let acceptor = try OSThread.start(name: "postcopy-accept") { [self] in acceptAgents() }
@@ -225,7 +227,7 @@ public final class DestinationDaemon: @unchecked Sendable {
                 let interval = max(config.deadPeerTimeoutNanos / 4, 10_000_000)
                 while !heartbeat.waitForStop(timeoutNanos: interval) { sendHeartbeats() }
             }
-            try finish()
+            completed = try finish()
         } catch {
             failures.fail(error as? MigrationError ?? MigrationError(.internalFailure, "\(error)"))
         }
@@ -252,22 +254,8 @@ public final class DestinationDaemon: @unchecked Sendable {
             return $0
         }
         context.set("PHASE", DestinationSession.Phase.complete.rawValue)
-        logger.event(.postcopyComplete, .info, "postcopy complete: \(result.stalePagesAtSwitchover) stale pages in \(fixed(result.postcopySeconds, 2)) s, downtime \(fixed(result.downtimeMs, 1)) ms", [
-            "pages_stale": "\(result.stalePagesAtSwitchover)",
-            "pages_urgent": "\(result.postcopyPagesUrgent)",
-            "pages_background": "\(result.postcopyPagesBackground)",
-            "pages_duplicate": "\(result.duplicatePages)",
-            "faults_clean": "\(result.faultsClean)",
-            "faults_stale": "\(result.faultsStale)",
-            "fault_p50_us": "\(fixed(result.staleFaultLatency?.p50Us ?? 0, 1))",
-            "fault_p99_us": "\(fixed(result.staleFaultLatency?.p99Us ?? 0, 1))",
-            "fault_max_us": "\(fixed(result.staleFaultLatency?.maxUs ?? 0, 1))",
-            "bytes_received": "\(result.bytesReceived)",
-            "downtime_ms": "\(fixed(result.downtimeMs, 1))",
-            "postcopy_seconds": "\(fixed(result.postcopySeconds, 3))",
-            "total_seconds": "\(fixed(result.totalSeconds, 3))",
-            "pauses": "\(result.pauses)",
-        ])
+        let (message, fields) = completed.completeEvent(totalSeconds: result.totalSeconds)
+        logger.event(.postcopyComplete, .info, "\(message)", fields)
         return result
     }
 
