@@ -89,8 +89,9 @@ extension DestinationDaemon {
         // Let the agent close first, so that COMPLETE is read before the
         // sockets go; one that never does is dead and not waited for.
         let deadline = monotonicNanoseconds() + config.deadPeerTimeoutNanos
-        while receivers.load(ordering: .relaxed) > 0, monotonicNanoseconds() < deadline {
-            sleepNanoseconds(5_000_000)
+        while let running = receivers.withLock({ $0.first { !$0.opened } }) {
+            let now = monotonicNanoseconds()
+            guard now < deadline, running.wait(timeoutNanos: deadline - now) else { break }
         }
         return figures
     }

@@ -41,12 +41,8 @@ extension DestinationDaemon {
     func rejoined(epoch: UInt64, from address: String) throws {
         // Lost during switchover, the connections may come back before the
         // VMM has attached and postcopy has its engine.
-        let deadline = monotonicNanoseconds() + config.vmmAttachTimeoutNanos
-        var engine = self.engine.withLock { $0 }
-        while engine == nil, failures.error == nil, monotonicNanoseconds() < deadline {
-            sleepNanoseconds(10_000_000)
-            engine = self.engine.withLock { $0 }
-        }
+        engineReady.wait(timeoutNanos: config.vmmAttachTimeoutNanos)
+        let engine = self.engine.withLock { $0 }
         let streams = agent.withLock { $0.epoch == epoch ? $0.streams : [:] }
         guard let postcopy = engine, let bulk = streams[.bulk], let urgent = streams[.urgent] else {
             throw MigrationError(.internalFailure, "the agent rejoined, but postcopy never started")
@@ -76,10 +72,11 @@ extension DestinationDaemon {
         let streams = agent.withLock { $0.epoch == epoch ? $0.streams : [:] }
         guard let bulk = streams[.bulk], let urgent = streams[.urgent] else { return }
         for (role, stream) in [(StreamRole.urgent, urgent), (.bulk, bulk)] {
-            receivers.add(1, ordering: .relaxed)
+            let ended = Latch()
+            receivers.withLock { $0.append(ended) }
             let rejoining = session.withLock { $0.phase == .postcopy || $0.phase == .handover }
             let thread = try OSThread.start(name: "postcopy-\(role)") { [self] in
-                defer { receivers.subtract(1, ordering: .relaxed) }
+                defer { ended.open() }
                 // A rejoined bulk connection carries the background stream
                 // from its first frame (the first one does from switchover).
                 if rejoining && role == .bulk { yieldToUrgentWork("the bulk receiver") }

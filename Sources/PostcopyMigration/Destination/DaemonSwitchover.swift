@@ -110,6 +110,7 @@ extension DestinationDaemon {
         let installer = PageInstaller(uffd: uffd, file: memory.file, guestBase: guestBase)
         let postcopy = makeEngine(installer: installer, stale: stale, urgent: urgent, pageState: pageState)
         engine.withLock { $0 = postcopy }
+        engineReady.open()
         if urgent == nil {
             let now = monotonicNanoseconds()
             pausedAt.store(now, ordering: .relaxed)

@@ -35,6 +35,9 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// receiving thread ever started (joined at the end).
     let agent = Locked(AgentConnections())
     let engine = Locked<PostcopyEngine?>(nil)
+    /// Opens once postcopy has its engine (`startPostcopy`), or once the
+    /// migration failed: what a rejoin during switchover waits for.
+    let engineReady = Latch()
     /// Orders a pause after the generation change that causes it: held
     /// across the session's move to `paused` and the engine's pause, and
     /// across a rejoin's resumption of the engine. Without it a rejoin that
@@ -67,8 +70,8 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// paused time of earlier pauses.
     let pausedAt = Atomic<UInt64>(0)
     let pausedNanos = Atomic<UInt64>(0)
-    /// Receiving threads still running.
-    let receivers = Atomic<Int>(0)
+    /// A latch per receiving thread ever started, open once it has ended.
+    let receivers = Locked<[Latch]>([])
     /// Agent connections in their TLS handshake or HELLO, each on a thread
     /// of its own (at most `config.maxPendingConnections`).
     let admissions = Locked<[Admission]>([])
@@ -323,6 +326,7 @@ public final class DestinationDaemon: @unchecked Sendable {
         }
         vmm.shutdown(reporting: holding ? nil : error)
         _ = Glibc.shutdown(tcp.fd, Int32(SHUT_RDWR))
+        engineReady.open()
         completion.open()
     }
 
