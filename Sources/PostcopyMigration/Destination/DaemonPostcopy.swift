@@ -10,9 +10,11 @@ import Synchronization
 extension DestinationDaemon {
     // MARK: pause and rejoin
 
-    /// The agent's connections of generation `epoch` are given up during
-    /// postcopy (the session has already moved on): shut them down, hold
-    /// page requests, and say so.
+    // A pause: the agent's connections of generation `epoch` are given up
+    // during postcopy (the session has already moved on): page requests are
+    // held (`pauseEngine`), the connections shut down, and the journal told
+    // (`paused`).
+
     /// The engine's half of a pause, under `transitions` together with the
     /// session's move that caused it: no PAGE_REQUEST goes out, and the
     /// pause's clock starts.
