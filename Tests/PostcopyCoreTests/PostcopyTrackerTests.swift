@@ -49,7 +49,7 @@ private enum Tracking {
     @Test func aFaultOnAStalePageFetchesItOnceThenWaits() throws {
         let geometry = try Tracking.small()
         var tracker = PostcopyTracker(geometry: geometry, stale: Tracking.stale(geometry, [3, 4, 5, 9]))
-        #expect(tracker.fault(on: PageIndex(4), at: 100) == .fetch([PageRun(first: 4, count: 1)]))
+        #expect(tracker.fault(on: PageIndex(4), at: 100) == .fetch(PageRun(first: 4, count: 1)))
         #expect(tracker.requestedPages == 1)
         // A second thread faulting on the same page must not ask again.
         #expect(tracker.fault(on: PageIndex(4), at: 200) == .wait)
@@ -60,7 +60,7 @@ private enum Tracking {
         #expect(tracker.isStale(4))
         #expect(tracker.stalePages == 4)
         // Another stale page is still fetched on its own.
-        #expect(tracker.fault(on: PageIndex(9), at: 300) == .fetch([PageRun(first: 9, count: 1)]))
+        #expect(tracker.fault(on: PageIndex(9), at: 300) == .fetch(PageRun(first: 9, count: 1)))
         #expect(tracker.requestedPages == 2)
     }
 
@@ -86,15 +86,18 @@ private enum Tracking {
         let stalePieces: [UInt64] = [511, 512 + 3, 512 + 4, 512 + 5, 512 + 100, 512 + 511, 1024]
         var tracker = PostcopyTracker(geometry: geometry, stale: Tracking.stale(geometry, stalePieces))
         let action = tracker.fault(on: PageIndex(1), at: 1)
-        #expect(action == .fetch([PageRun(first: 515, count: 3), PageRun(first: 612, count: 1),
-                                  PageRun(first: 1023, count: 1)]))
+        // One span, from the first stale piece to the last; exactly the
+        // stale pieces in it are requested (the source sends only those).
+        #expect(action == .fetch(PageRun(first: 515, count: 1023 + 1 - 515)))
+        #expect(tracker.outstandingRequests == [PageRun(first: 515, count: 3), PageRun(first: 612, count: 1),
+                                                PageRun(first: 1023, count: 1)])
         #expect(tracker.requestedPages == 5)
         #expect(tracker.fault(on: PageIndex(1), at: 2) == .wait)
         #expect(tracker.requestedPages == 5)
         #expect(tracker.staleFaults == 2)
         // The neighbours were not requested: faulting on them asks for them.
-        #expect(tracker.fault(on: PageIndex(0), at: 3) == .fetch([PageRun(first: 511, count: 1)]))
-        #expect(tracker.fault(on: PageIndex(2), at: 4) == .fetch([PageRun(first: 1024, count: 1)]))
+        #expect(tracker.fault(on: PageIndex(0), at: 3) == .fetch(PageRun(first: 511, count: 1)))
+        #expect(tracker.fault(on: PageIndex(2), at: 4) == .fetch(PageRun(first: 1024, count: 1)))
         #expect(tracker.requestedPages == 7)
     }
 
@@ -104,8 +107,8 @@ private enum Tracking {
                                       stale: Tracking.stale(geometry, [515, 516, 517, 612, 1023]))
         // The background path has claimed 515..<518 and is copying them.
         #expect(tracker.claim(PageRun(first: 512, count: 8)) == [PageRun(first: 515, count: 3)])
-        #expect(tracker.fault(on: PageIndex(1), at: 5)
-            == .fetch([PageRun(first: 612, count: 1), PageRun(first: 1023, count: 1)]))
+        #expect(tracker.fault(on: PageIndex(1), at: 5) == .fetch(PageRun(first: 612, count: 1023 + 1 - 612)))
+        #expect(tracker.outstandingRequests == [PageRun(first: 612, count: 1), PageRun(first: 1023, count: 1)])
         #expect(tracker.requestedPages == 2)
     }
 
@@ -172,7 +175,7 @@ private enum Tracking {
     @Test func aCommitCompletesAWaitingPageWithTheLatencyFromItsFirstFault() throws {
         let geometry = try Tracking.small()
         var tracker = PostcopyTracker(geometry: geometry, stale: Tracking.stale(geometry, [7, 8]))
-        #expect(tracker.fault(on: PageIndex(7), at: 1_000) == .fetch([PageRun(first: 7, count: 1)]))
+        #expect(tracker.fault(on: PageIndex(7), at: 1_000) == .fetch(PageRun(first: 7, count: 1)))
         #expect(tracker.fault(on: PageIndex(7), at: 2_000) == .wait)
 
         // Committing a different page completes nothing.
@@ -189,11 +192,12 @@ private enum Tracking {
         let geometry = try Tracking.huge()
         var tracker = PostcopyTracker(geometry: geometry,
                                       stale: Tracking.stale(geometry, [515, 516, 517, 612, 1023, 1024]))
-        guard case let .fetch(runs) = tracker.fault(on: PageIndex(1), at: 10) else {
+        guard case let .fetch(span) = tracker.fault(on: PageIndex(1), at: 10) else {
             Issue.record("a fault on a stale huge page must fetch")
             return
         }
-        #expect(runs.count == 3)
+        #expect(span == PageRun(first: 515, count: 1024 - 515))
+        #expect(tracker.outstandingRequests.count == 3)
 
         #expect(Tracking.deliver(PageRun(first: 515, count: 3), to: &tracker, at: 20).isEmpty)
         #expect(Tracking.deliver(PageRun(first: 1023, count: 1), to: &tracker, at: 30).isEmpty)
@@ -312,24 +316,29 @@ private enum Tracking {
                     ? blocked[Int(generator.next() % UInt64(blocked.count))]
                     : generator.next() % geometry.pageCount
                 faults += 1
+                let requestedBefore = tracker.requestedPages
                 switch tracker.fault(on: PageIndex(page), at: now) {
                 case .install:
                     #expect(!hasStalePiece(page), "page \(page) installed with a stale piece")
                     #expect(!waiting.contains(page))
-                case let .fetch(runs):
+                case let .fetch(span):
                     #expect(hasStalePiece(page))
                     waiting.insert(page)
                     outcomes.fetch += 1
-                    for run in runs {
-                        #expect(geometry.smallPages(of: PageIndex(page)).contains(run.first))
-                        #expect(geometry.smallPages(of: PageIndex(page)).contains(run.end - 1))
-                        for piece in run.pages {
-                            #expect(initial.contains(piece) && !committed.contains(piece))
-                            let firstRequest = outstandingRequests.insert(piece).inserted
-                            #expect(firstRequest, "piece \(piece) requested twice")
-                        }
+                    #expect(geometry.smallPages(of: PageIndex(page)).contains(span.first))
+                    #expect(geometry.smallPages(of: PageIndex(page)).contains(span.end - 1))
+                    // Requested now: the span's stale pieces that were
+                    // neither requested nor being written; the span starts
+                    // and ends with one.
+                    let writing = Set(inFlight.joined().flatMap(\.pages))
+                    let newly = span.pages.filter {
+                        initial.contains($0) && !committed.contains($0) && !outstandingRequests.contains($0)
+                            && !writing.contains($0)
                     }
-                    fetches += runs
+                    #expect(newly.first == span.first && newly.last == span.end - 1, "\(span) is not tight around \(newly)")
+                    #expect(tracker.requestedPages == requestedBefore + UInt64(newly.count))
+                    outstandingRequests.formUnion(newly)
+                    fetches.append(span)
                 case .wait:
                     #expect(hasStalePiece(page))
                     waiting.insert(page)

@@ -16,8 +16,12 @@ public struct PostcopyTracker: Sendable {
     public enum FaultAction: Equatable, Sendable {
         /// No piece of the page is stale: CONTINUE it now.
         case install
-        /// Ask the source for these runs; the page is installed by `commit`.
-        case fetch([PageRun])
+        /// Ask the source for this span: from the first to the last piece
+        /// newly marked requested. The source sends only the pieces in it
+        /// that are still stale and unsent, so the clean pieces of a huge
+        /// page between stale ones never travel. The page is installed by
+        /// `commit`.
+        case fetch(PageRun)
         /// Every stale piece is already requested or being written; the page
         /// is installed by `commit`.
         case wait
@@ -37,8 +41,10 @@ public struct PostcopyTracker: Sendable {
     private var requested: PageBitmap
     /// Guest pages (in the region's page size) with a thread blocked on them.
     private var waiting: PageBitmap
-    /// When the first fault on each waiting guest page was read.
-    private var firstFaultAt: [UInt64: UInt64] = [:]
+    /// When the first fault on each waiting guest page was read. Made with
+    /// room for `Scratch.waitingCapacity` pages, so that the fault path
+    /// does not allocate until more pages than that wait at once.
+    private var firstFaultAt: [UInt64: UInt64]
 
     /// 4 KiB pages still stale.
     public private(set) var stalePages: UInt64
@@ -66,12 +72,19 @@ public struct PostcopyTracker: Sendable {
         fileprivate let claimed: PageBitmap
         fileprivate let requested: PageBitmap
         fileprivate let waiting: PageBitmap
+        fileprivate let firstFaultAt: [UInt64: UInt64]
+
+        /// Guest pages that may wait at once before the table of their
+        /// first faults grows: far more than a guest's threads can block on
+        /// between two fetches.
+        public static let waitingCapacity = 4096
 
         public init(geometry: PageGeometry) {
             self.geometry = geometry
             claimed = PageBitmap(count: geometry.smallPageCount)
             requested = PageBitmap(count: geometry.smallPageCount)
             waiting = PageBitmap(count: geometry.pageCount)
+            firstFaultAt = Dictionary(minimumCapacity: Scratch.waitingCapacity)
         }
     }
 
@@ -90,6 +103,7 @@ public struct PostcopyTracker: Sendable {
         claimed = scratch.claimed
         requested = scratch.requested
         waiting = scratch.waiting
+        firstFaultAt = scratch.firstFaultAt
         stalePages = stale.popCount
     }
 
@@ -116,7 +130,8 @@ public struct PostcopyTracker: Sendable {
 
     /// A guest thread faulted on `page` (in the region's page size) at `now`.
     /// Pieces to fetch are marked requested, so concurrent faults on the same
-    /// page ask the source only once.
+    /// page ask the source only once. Allocates nothing (while fewer than
+    /// `Scratch.waitingCapacity` pages wait).
     public mutating func fault(on page: PageIndex, at now: UInt64) -> FaultAction {
         let pieces = geometry.smallPages(of: page)
         guard stale.containsAny(in: pieces) else {
@@ -125,18 +140,20 @@ public struct PostcopyTracker: Sendable {
         }
         staleFaults += 1
         if waiting.insert(page.rawValue) { firstFaultAt[page.rawValue] = now }
-        var runs = PageRunBuilder()
+        var first: UInt64?
+        var end: UInt64 = 0
         var next = stale.nextSet(from: pieces.lowerBound)
         while let piece = next, piece < pieces.upperBound {
             if !requested.contains(piece) && !claimed.contains(piece) {
                 requested.insert(piece)
                 requestedPages += 1
-                runs.add(piece)
+                if first == nil { first = piece }
+                end = piece + 1
             }
             next = stale.nextSet(from: piece + 1)
         }
-        let fetch = runs.finish()
-        return fetch.isEmpty ? .wait : .fetch(fetch)
+        guard let first else { return .wait }
+        return .fetch(PageRun(first: first, count: end - first))
     }
 
     /// Pages `run` arrived. Returns the runs of them that are stale and not

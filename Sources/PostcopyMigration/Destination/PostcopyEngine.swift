@@ -11,13 +11,13 @@ final class PostcopyEngine: FaultResolver, Sendable {
     let memory: GuestMemory
     let installer: PageInstaller
     private let tracker: Locked<PostcopyTracker>
-    /// Where PAGE_REQUESTs go; nil while postcopy is paused.
-    private let urgent: Locked<MessageStream?>
+    /// Sends PAGE_REQUESTs on the urgent connection, on a thread of its
+    /// own: the fault thread only queues them.
+    private let requests: RequestSender
     private let failures: FailureLatch
     private let onComplete: @Sendable () -> Void
     private let stalls: Locked<StallLimiter>
     private let onStall: @Sendable (StallLimiter.Report) -> Void
-    private let nextRequestID = Atomic<UInt32>(0)
     private let latencies = Locked<[UInt64]>([])
     private let completeSignalled = Atomic<Bool>(false)
     /// Set once the VMM has let go of guest RAM (or is being let go of):
@@ -51,8 +51,9 @@ final class PostcopyEngine: FaultResolver, Sendable {
          onComplete: @escaping @Sendable () -> Void) {
         self.memory = memory
         self.installer = installer
-        tracker = Locked(PostcopyTracker(stale: stale, scratch: scratch ?? PostcopyTracker.Scratch(geometry: memory.geometry)))
-        self.urgent = Locked(urgent)
+        let tracker = Locked(PostcopyTracker(stale: stale, scratch: scratch ?? PostcopyTracker.Scratch(geometry: memory.geometry)))
+        self.tracker = tracker
+        requests = RequestSender(outstanding: { tracker.withLock { $0.outstandingRequests } })
         self.pageState = pageState
         self.failures = failures
         self.onComplete = onComplete
@@ -63,7 +64,15 @@ final class PostcopyEngine: FaultResolver, Sendable {
         self.tracing = tracing
         trace = Locked(PostcopyTrace(stalePages: stale.popCount,
                                     reserving: tracing ? Int(stale.popCount / 64 + stale.popCount / 16) + 1024 : 0))
+        do {
+            try requests.start()
+        } catch {
+            failures.fail(.internalFailure, "start the thread that sends page requests: \(error)")
+        }
+        if let urgent { requests.use(urgent) }
     }
+
+    deinit { requests.stop() }
 
     // MARK: fault thread
 
@@ -74,39 +83,14 @@ final class PostcopyEngine: FaultResolver, Sendable {
             return .install
         case .wait:
             return .deferred
-        case let .fetch(runs):
-            // One request spans them all: the agent sends only the pages in
-            // it that are still stale and unsent, so the clean pieces of a
-            // huge page between stale runs never cross the network.
-            request(PageRun(first: runs[0].first, count: runs[runs.count - 1].end - runs[0].first))
+        case let .fetch(span):
+            requests.request(span)
             return .deferred
         }
     }
 
     func installFailed(_ fault: PageFault, _ error: InstallError) {
         failures.fail(.internalFailure, "resolve fault on \(fault.page): \(error)")
-    }
-
-    /// Asks the agent for `run`. With no connection (paused), or when the
-    /// send fails, the request waits in the tracker: `rejoin` asks again.
-    private func request(_ run: PageRun) {
-        guard let stream = urgent.withLock({ $0 }) else { return }
-        var remaining = run
-        while true {
-            // One request per frame-sized piece (a 2 MiB page is 512 pages at most).
-            let count = min(remaining.count, 1024)
-            let id = nextRequestID.add(1, ordering: .relaxed).newValue
-            do {
-                try stream.send(.pageRequest(requestID: id, firstPage: remaining.first, count: UInt32(count)))
-            } catch {
-                // The receiving thread of this connection reports the loss;
-                // shutting it down makes sure it notices now.
-                stream.shutdown()
-                return
-            }
-            guard count < remaining.count else { return }
-            remaining = PageRun(first: remaining.first + count, count: remaining.count - count)
-        }
     }
 
     /// Whether pages may still be claimed and written: not once the
@@ -119,26 +103,25 @@ final class PostcopyEngine: FaultResolver, Sendable {
     /// claimed or written from now on, and no request goes out.
     func halt() {
         halted.store(true, ordering: .sequentiallyConsistent)
-        urgent.withLock { $0 = nil }
+        requests.use(nil)
     }
 
     /// The agent's connections are gone: stop sending requests.
     func pause() {
-        urgent.withLock { $0 = nil }
+        requests.use(nil)
     }
 
     /// The agent rejoined on `stream`: asks again for every page a guest
-    /// thread waits on, before anything else is sent. Returns how many pages
-    /// that is. The stream is installed first, so a fault from now on asks
-    /// for itself and one from before is in the tracker's list (asking twice
-    /// is harmless: the agent sends only pages it has not sent since).
+    /// thread waits on, before anything else is sent (the request sender
+    /// sends the tracker's outstanding list first). Returns how many pages
+    /// that is. A fault from now on asks for itself, one from before is in
+    /// the list (asking twice is harmless: the agent sends only pages it has
+    /// not sent since).
     @discardableResult
     func rejoin(urgent stream: MessageStream, at now: UInt64) -> UInt64 {
-        urgent.withLock { $0 = stream }
         rejoinedAt.store(now, ordering: .relaxed)
-        let runs = tracker.withLock { $0.outstandingRequests }
-        for run in runs { request(run) }
-        return runs.reduce(0) { $0 + $1.count }
+        requests.use(stream)
+        return tracker.withLock { $0.outstandingRequests }.reduce(0) { $0 + $1.count }
     }
 
     /// For each rejoin whose first stale fault has been served: how long
@@ -146,7 +129,7 @@ final class PostcopyEngine: FaultResolver, Sendable {
     var rejoinToFirstFaultNanos: [UInt64] { rejoinToFirstFault.withLock { $0 } }
 
     /// The highest PAGE_REQUEST id sent so far.
-    var lastRequestID: UInt32 { nextRequestID.load(ordering: .relaxed) }
+    var lastRequestID: UInt32 { requests.lastRequestID }
 
     // MARK: receiving threads
 
