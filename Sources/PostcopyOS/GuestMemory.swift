@@ -270,6 +270,25 @@ public final class GuestMemory: Sendable {
         try Mapping(file: file, purpose: "guest view")
     }
 
+    /// Writes `run`'s pages through the alias from `bytes` (exactly
+    /// `run.count` × 4 KiB), or zeroes them when `bytes` is nil: the one
+    /// way page bytes enter guest RAM. A run outside the region, or bytes
+    /// of another length, is a broken invariant (the session and the
+    /// tracker hand out only runs they checked against the region) and
+    /// traps rather than writing anywhere.
+    public func write(_ bytes: UnsafeRawBufferPointer?, to run: PageRun) {
+        precondition(run.end <= geometry.smallPageCount, "\(run) outside guest RAM's \(geometry.smallPageCount) pages")
+        let length = Int(run.count) * 4096
+        precondition(bytes.map { $0.count == length } ?? true, "\(bytes?.count ?? 0) bytes for \(run)")
+        // SAFETY: run lies within the region, checked above, and so within the alias.
+        let target = alias.base + Int(run.first) * 4096
+        if let source = bytes?.baseAddress {
+            target.copyMemory(from: source, byteCount: length)
+        } else {
+            memset(target, 0, length)
+        }
+    }
+
     /// The alias bytes of `page`, lent to `body`; nil for a page outside.
     public func withAliasPage<T>(_ page: PageIndex, _ body: (UnsafeMutableRawBufferPointer) throws -> T) rethrows -> T? {
         guard let offset = geometry.offset(of: page) else { return nil }

@@ -150,14 +150,11 @@ extension DestinationDaemon {
     private func handle(_ action: DestinationSession.Action, on role: StreamRole, bulk: MessageStream) throws {
         switch action {
         case let .writePrecopy(run, data):
-            data.withUnsafeBytes { bytes in
-                // SAFETY: the session validated run against the region.
-                (memory.alias.base + Int(run.first * 4096)).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
-            }
+            // The session validated run against the region.
+            data.withUnsafeBytes { memory.write($0, to: run) }
             summary.withLock { $0.precopyPages += run.count }
         case let .zeroPrecopy(run):
-            // SAFETY: the session validated run against the region.
-            memset(memory.alias.base + Int(run.first * 4096), 0, Int(run.count * 4096))
+            memory.write(nil, to: run)
             summary.withLock { $0.precopyZeroPages += run.count }
         case let .roundEnded(round, sent, dirty):
             summary.withLock { $0.precopyRounds = round }

@@ -153,18 +153,12 @@ final class PostcopyEngine: FaultResolver, Sendable {
         guard !claims.isEmpty else { return }
         var written: UInt64 = 0
         for claim in claims {
-            let offset = Int(claim.first * 4096)
-            let length = Int(claim.count * 4096)
-            // SAFETY: claim lies inside the region (the session validated the
-            // run against it, and claims are sub-runs), so the alias holds it.
-            let target = memory.alias.base + offset
+            // Claims are sub-runs of run, which the session validated.
             if let data {
                 let start = data.startIndex + Int(claim.first - run.first) * 4096
-                data[start..<(start + length)].withUnsafeBytes { source in
-                    target.copyMemory(from: source.baseAddress!, byteCount: length)
-                }
+                data[start..<(start + Int(claim.count) * 4096)].withUnsafeBytes { memory.write($0, to: claim) }
             } else {
-                memset(target, 0, length)
+                memory.write(nil, to: claim)
             }
             written += claim.count
         }
