@@ -7,7 +7,7 @@
 #                  (make test-load), the preload adapter (make test-preload),
 #                  a real QEMU guest (make test-qemu), then the systemd-nspawn
 #                  test (root only: a real systemd runs postcopyd@test)
-#   make test-sanitizers  swift test under ASan and TSan (slow)
+#   make test-sanitizers  swift test under ASan and TSan (~25 min on 2 cores)
 #   make demo      probes the kernel, then migrates a 1 GiB guest over loopback:
 #                  source workload, postcopyd, reference guest, postcopy-push
 #                  (HUGETLB=1 for 2 MiB pages on the destination)
@@ -97,13 +97,18 @@ test: prepare
 
 # The whole test suite again under AddressSanitizer (with LeakSanitizer) and
 # under ThreadSanitizer, each in a build folder of its own, with the
-# timing-sensitive tests' timeouts stretched (POSTCOPY_TEST_TIME_SCALE). Slow
-# (see docs/benchmarks.md), so not part of make test.
+# timing-sensitive tests' timeouts stretched (POSTCOPY_TEST_TIME_SCALE). Under
+# TSan the 256 MiB whole migrations run at 32 MiB (POSTCOPY_TEST_SIZE_SCALE=8)
+# and the tests one at a time (--no-parallel): two migrations at once on a
+# small machine starve each other's TLS handshakes and heartbeats. About 25
+# minutes on 2 cores, builds included (see docs/benchmarks.md), so not part
+# of make test.
 .PHONY: test-sanitizers
 test-sanitizers: prepare
 	POSTCOPY_TEST_TIME_SCALE=4 LSAN_OPTIONS=suppressions=$(CURDIR)/scripts/lsan.supp \
 		$(SWIFT) test --sanitize=address --scratch-path .build-asan
-	POSTCOPY_TEST_TIME_SCALE=6 $(SWIFT) test --sanitize=thread --scratch-path .build-tsan
+	POSTCOPY_TEST_TIME_SCALE=6 POSTCOPY_TEST_SIZE_SCALE=8 \
+		$(SWIFT) test --sanitize=thread --scratch-path .build-tsan --no-parallel
 
 # The real postcopyd@.service under a real systemd (PID 1 of a systemd-nspawn
 # container booted from a cached Debian root), with a whole migration into it.

@@ -40,8 +40,7 @@ public enum SecretFile {
     /// The secret in `path`, or, when there is no such file, a fresh one
     /// written there (mode 0600); `created` says which.
     public static func readOrCreate(_ path: String) throws -> (secret: MigrationSecret, created: Bool) {
-        var generator = SystemRandomNumberGenerator()
-        let fresh = MigrationSecret(using: &generator)
+        let fresh = MigrationSecret.random()
         let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         if fd < 0 {
             guard errno == EEXIST else { throw ValidationError("create the migration secret file \(path): \(Errno.current)") }

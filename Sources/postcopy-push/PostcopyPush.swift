@@ -141,7 +141,6 @@ struct PostcopyPush: ParsableCommand {
 
     func run() throws {
         let logger = bootstrapLogging("postcopy-push")
-        var generator = SystemRandomNumberGenerator()
         let transport = try transportOptions.transport(.client, peerName: tlsServerName ?? to.host,
                                                        peerNameOption: "--tls-server-name", logger: logger)
         let qmpControl = try qmp.map { path in
@@ -150,7 +149,7 @@ struct PostcopyPush: ParsableCommand {
             }
         }
         var config = AgentConfig(ramPath: ram, daemon: to, transport: transport,
-                                 migrationID: migrationID ?? MigrationID(using: &generator),
+                                 migrationID: migrationID ?? MigrationID.random(),
                                  control: qmpControl?.control ?? sourceControl())
         config.policy = PrecopyPolicy(maxRounds: maxRounds, maxDurationNanos: maxPrecopySeconds * 1_000_000_000,
                                       switchoverPages: switchoverPages)

@@ -64,6 +64,25 @@ enum TestTiming {
     static func seconds(_ seconds: Double) -> String { "\(seconds * Double(scale))" }
 }
 
+/// How much smaller the big whole migrations run: POSTCOPY_TEST_SIZE_SCALE
+/// (default 1, a power of two up to 64), which `make test-sanitizers` sets
+/// for ThreadSanitizer, under which 256 MiB migrations take many minutes. It
+/// divides guest RAM, and the background pacing with it so that postcopy
+/// lasts as long; every check stays as it is.
+enum TestSize {
+    static let divisor: UInt64 = {
+        guard let text = getenv("POSTCOPY_TEST_SIZE_SCALE").map({ String(cString: $0) }),
+              let value = UInt64(text), value >= 1, value <= 64, value & (value - 1) == 0 else { return 1 }
+        return value
+    }()
+
+    /// `bytes` (a multiple of 128 MiB, or of 2 MiB × the divisor) divided.
+    static func scaled(_ bytes: UInt64) -> UInt64 {
+        precondition(bytes % (divisor * (2 << 20)) == 0, "\(bytes) bytes cannot be divided by \(divisor) into 2 MiB pages")
+        return bytes / divisor
+    }
+}
+
 func testLogger(_ label: String) -> Logger {
     var logger = Logger(label: label) { StreamLogHandler.standardError(label: $0) }
     logger.logLevel = .warning
@@ -84,7 +103,8 @@ struct Migration {
     /// Record the daemon's trace and the guest's touch log.
     var traced = false
     var postcopyBytesPerSecond: UInt64?
-    /// Both sides' dead-peer timeout (nil: the default).
+    /// Both sides' dead-peer timeout (nil: the default), stretched by
+    /// POSTCOPY_TEST_TIME_SCALE.
     var deadPeerTimeoutNanos: UInt64?
     /// Where the agent connects, given the daemon's endpoint: a test puts a
     /// fault-injecting proxy between them.
@@ -130,7 +150,7 @@ struct Migration {
                                        vmmSocketPath: directory.path + "/vmm.sock", memory: memory,
                                        regionSize: source.size, vmmUID: geteuid())
         if traced { config.tracePath = directory.path + "/trace.csv" }
-        if let deadPeerTimeoutNanos { config.deadPeerTimeoutNanos = deadPeerTimeoutNanos * TestTiming.scale }
+        config.deadPeerTimeoutNanos = (deadPeerTimeoutNanos ?? config.deadPeerTimeoutNanos) * TestTiming.scale
         let daemon = try DestinationDaemon(config: config, logger: daemonLogger ?? testLogger("postcopyd"))
         let daemonRun = try Background("test-daemon") { try daemon.run() }
         let watcher = try duringPostcopy.map { hook in
@@ -164,10 +184,10 @@ struct Migration {
         }
         defer { withExtendedLifetime(tracking) {} }
         agentConfig.postcopyBytesPerSecond = postcopyBytesPerSecond
-        if let deadPeerTimeoutNanos { agentConfig.deadPeerTimeoutNanos = deadPeerTimeoutNanos * TestTiming.scale }
+        agentConfig.deadPeerTimeoutNanos = (deadPeerTimeoutNanos ?? agentConfig.deadPeerTimeoutNanos) * TestTiming.scale
         agentConfig.reconnectInitialDelayNanos = 20_000_000
         agentConfig.reconnectMaxDelayNanos = 200_000_000
-        agentConfig.reconnectTimeoutNanos = 60_000_000_000
+        agentConfig.reconnectTimeoutNanos = 60_000_000_000 * TestTiming.scale
         let agent = try SourceAgent(config: agentConfig, logger: testLogger("agent"),
                                     progress: ProgressReporter(enabled: false))
         let agentResult = try Background("test-agent") { try agent.run() }.wait("the agent")
@@ -193,9 +213,10 @@ struct Migration {
 }
 
 extension DestinationDaemon {
-    /// Waits (up to `seconds`) until the daemon's phase is one of `phases`.
+    /// Waits (up to `seconds`, stretched by POSTCOPY_TEST_TIME_SCALE) until
+    /// the daemon's phase is one of `phases`.
     func waitForPhase(_ phases: Set<String>, seconds: UInt64 = 120) -> Bool {
-        let deadline = monotonicNanoseconds() + seconds * 1_000_000_000
+        let deadline = monotonicNanoseconds() + seconds * TestTiming.scale * 1_000_000_000
         while monotonicNanoseconds() < deadline {
             if phases.contains(status().phase) { return true }
             usleep(1_000)

@@ -10,7 +10,8 @@ import Testing
 /// guest reading every page from 4 threads while the back-fill runs.
 @Suite(.serialized, .enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
 struct MigrationTests {
-    static let size: UInt64 = 256 << 20
+    /// 256 MiB, less under POSTCOPY_TEST_SIZE_SCALE.
+    static let size: UInt64 = TestSize.scaled(256 << 20)
 
     /// Every 8th page zero; `dirty` of the pages rewritten at switchover, a
     /// fifth of those to all zeros. Returns how many pages changed.
@@ -201,7 +202,7 @@ struct MigrationTests {
         migration.touchShare = 0.25
         migration.guestThreads = 2
         // A slow background stream: most stale pages the guest reads are fetched.
-        migration.postcopyBytesPerSecond = 64 << 20
+        migration.postcopyBytesPerSecond = (64 << 20) / TestSize.divisor
         let outcome = try migration.run(source, pause: Self.dirtying(source, dirty))
         #expect(outcome.identical)
         #expect(outcome.guest.verified, "the digest covers the pages the guest did not read too")

@@ -139,10 +139,11 @@ struct ResilienceTests {
     /// agent lets the source run again; during postcopy it is refused.
     @Test func cancelBeforeSwitchoverOnly() throws {
         let directory = try TemporaryDirectory()
-        let config = DestinationConfig(listen: SocketEndpoint(host: "127.0.0.1", port: 0),
+        var config = DestinationConfig(listen: SocketEndpoint(host: "127.0.0.1", port: 0),
                                        transport: TestCertificates.daemon,
                                        vmmSocketPath: directory.path + "/vmm.sock", memory: .shmem,
                                        regionSize: 16 << 20, vmmUID: geteuid())
+        config.deadPeerTimeoutNanos *= TestTiming.scale
         let daemon = try DestinationDaemon(config: config, logger: testLogger("postcopyd"))
         let daemonRun = try Background("test-daemon") { try daemon.run() }
         let source = try SourceFile(size: 16 << 20, seed: 4) { _ in false }
@@ -155,6 +156,7 @@ struct ResilienceTests {
                                       }, resume: { resumed.add(1, ordering: .relaxed) }))
         // Precopy goes on until the operator has cancelled.
         agentConfig.policy = PrecopyPolicy(maxRounds: 1000, maxDurationNanos: 60_000_000_000, switchoverPages: 0)
+        agentConfig.deadPeerTimeoutNanos *= TestTiming.scale
         let agent = try SourceAgent(config: agentConfig, logger: testLogger("agent"),
                                     progress: ProgressReporter(enabled: false))
         let agentRun = try Background("test-agent") { try agent.run() }

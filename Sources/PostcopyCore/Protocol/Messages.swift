@@ -176,6 +176,11 @@ public struct MigrationID: Hashable, Sendable, CustomStringConvertible {
         self.init(high: generator.next(), low: generator.next())
     }
 
+    /// A fresh id from the system's generator (see `MigrationSecret.random()`).
+    public static func random() -> MigrationID {
+        MigrationID(high: .random(in: .min ... .max), low: .random(in: .min ... .max))
+    }
+
     public var bytes: [UInt8] { bigEndianBytes([high, low]) }
 
     public var description: String { hexDigits(high, width: 16) + hexDigits(low, width: 16) }

@@ -33,6 +33,14 @@ public struct MigrationSecret: Equatable, Sendable, CustomStringConvertible {
         self.bytes = bytes
     }
 
+    /// A fresh secret from the system's generator. Call this rather than
+    /// `init(using:)` with a local `SystemRandomNumberGenerator`: that struct
+    /// is empty, Swift passes an empty `inout` as an undefined address, and a
+    /// ThreadSanitizer build instruments the access and crashes on it.
+    public static func random() -> MigrationSecret {
+        MigrationSecret(bytes: bigEndianBytes((0..<byteCount / 8).map { _ in UInt64.random(in: .min ... .max) }))!
+    }
+
     /// The 64 hex digits a secret file holds.
     public var hex: String { bytes.map { hexDigits(UInt64($0), width: 2) }.joined() }
 

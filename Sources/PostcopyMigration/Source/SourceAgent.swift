@@ -96,8 +96,7 @@ public struct AgentConfig: Sendable {
         self.daemon = daemon
         self.transport = transport
         self.migrationID = migrationID
-        var generator = SystemRandomNumberGenerator()
-        secret = MigrationSecret(using: &generator)
+        secret = MigrationSecret.random()
         self.control = control
     }
 }
