@@ -4,6 +4,13 @@ import PostcopyCore
 import PostcopyOS
 import Synchronization
 
+/// What a VMM that gave up on an incomplete guest keeps until the process
+/// ends: guest RAM, its userfaultfd and the workload's threads blocked on
+/// it, each retained once more and its address kept here. Reachable from
+/// a global, they are kept on purpose, not leaked (and LeakSanitizer,
+/// which scans globals for addresses, sees them so).
+private let keptUntilExit = Mutex<[UInt]>([])
+
 public struct GuestConfig: Sendable {
     /// postcopyd's VMM socket.
     public var socketPath: String
@@ -79,8 +86,9 @@ public final class GuestVMM: Sendable {
             // userfaultfd wakes its waiters unregistered, and unmapping
             // guest RAM under them crashes them. Both are kept for the life
             // of the process, which the caller ends (postcopy-guest exits 1).
-            _ = Unmanaged.passRetained(guest)
-            _ = Unmanaged.passRetained(workload)
+            let kept = [UInt(bitPattern: Unmanaged.passRetained(guest).toOpaque()),
+                        UInt(bitPattern: Unmanaged.passRetained(workload).toOpaque())]
+            keptUntilExit.withLock { $0.append(contentsOf: kept) }
             throw error
         }
         // Postcopy is complete: every page is in place, so the range may go.
