@@ -172,7 +172,7 @@ enum BitmapFuzzer {
         // SAFETY: `bytes` holds at least 8 × wordCount bytes (the file is
         // fileBytes long), and `words` has room for wordCount.
         bytes.withUnsafeBytes { UnsafeMutableRawPointer(words).copyMemory(from: $0.baseAddress!, byteCount: wordCount * 8) }
-        let record = PageStateBitmap(words: words, count: count)
+        let record = PageStateBitmap(words: UnsafeMutableRawPointer(words), count: count)
         let stored = Array(UnsafeBufferPointer(start: words, count: wordCount))
         let loaded = record.load()
         let tail = count % 64

@@ -13,6 +13,18 @@ public protocol FaultResolver: AnyObject, Sendable {
     /// A page the loop was told to install could not be; its thread stays
     /// blocked until something installs the page or the range is unregistered.
     func installFailed(_ fault: PageFault, _ error: InstallError)
+    /// A signal the loop polls besides the userfaultfd, for other threads
+    /// to hand the fault thread work (pages that were deferred and may now
+    /// be installed); nil when there is none.
+    var wakeSignal: EventSignal? { get }
+    /// `wakeSignal` fired: called on the fault thread, under the same rules
+    /// as `decide`.
+    func woken()
+}
+
+extension FaultResolver {
+    public var wakeSignal: EventSignal? { nil }
+    public func woken() {}
 }
 
 /// What the fault loop has seen. Each counter has a single writer (the fault
@@ -25,6 +37,8 @@ public final class FaultLoopCounters: Sendable {
     public let otherEvents = Atomic<UInt64>(0)
     public let reads = Atomic<UInt64>(0)
     public let failedInstalls = Atomic<UInt64>(0)
+    /// Times the resolver's `wakeSignal` woke the loop.
+    public let wakeUps = Atomic<UInt64>(0)
     /// Turns of the loop, at least one per `FaultLoop.heartbeatNanos` even
     /// when no fault comes: a watchdog that sees it stand still knows the
     /// fault thread is stuck, and with it every guest thread that faults.
@@ -40,8 +54,9 @@ public final class FaultLoopCounters: Sendable {
 }
 
 /// The fault-resolution loop: a dedicated thread blocked on the userfaultfd
-/// (and on an eventfd that asks it to stop), reading faults in batches and
-/// resolving each through a `FaultResolver` and the `PageInstaller`.
+/// (and on an eventfd that asks it to stop, and the resolver's wake-up
+/// signal), reading faults in batches and resolving each through a
+/// `FaultResolver` and the `PageInstaller`.
 ///
 /// Clean (minor) faults are CONTINUEd; missing faults (holes) are
 /// materialized first so that they read as zeros.
@@ -92,12 +107,14 @@ public final class FaultLoop: Sendable {
     public static let heartbeatNanos: UInt64 = 500_000_000
 
     private func run(_ buffer: UffdEventBuffer) {
+        let wake = resolver.wakeSignal
         var fds = [pollfd(fd: installer.uffd.fd, events: Int16(POLLIN), revents: 0),
-                   pollfd(fd: thread.stopSignal.fd, events: Int16(POLLIN), revents: 0)]
+                   pollfd(fd: thread.stopSignal.fd, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: wake?.fd ?? -1, events: Int16(POLLIN), revents: 0)]
         let timeoutMs = Int32(Self.heartbeatNanos / 1_000_000)
         while true {
             FaultLoopCounters.bump(counters.heartbeats)
-            let ready = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, 2, timeoutMs) }
+            let ready = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), timeoutMs) }
             if ready == 0 { continue }
             if ready < 0 {
                 if errno == EINTR { continue }
@@ -105,6 +122,13 @@ public final class FaultLoop: Sendable {
                 return
             }
             if fds[1].revents != 0 { return }
+            // Deferred pages first: their threads have waited longest.
+            if let wake, fds[2].revents != 0 {
+                wake.drain()
+                FaultLoopCounters.bump(counters.wakeUps)
+                resolver.woken()
+            }
+            if fds[0].revents == 0 { continue }
             if fds[0].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 {
                 fail("userfaultfd reported poll events 0x\(String(fds[0].revents, radix: 16))")
                 return

@@ -108,6 +108,12 @@ public final class EventSignal: Sendable {
         var one: UInt64 = 1
         _ = write(fd, &one, 8)
     }
+
+    /// Makes the descriptor unreadable again, however many signals came.
+    public func drain() {
+        var count: UInt64 = 0
+        _ = read(fd, &count, 8)
+    }
 }
 
 /// The wall clock (`CLOCK_REALTIME`) in nanoseconds: for times compared

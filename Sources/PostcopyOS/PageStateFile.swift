@@ -72,7 +72,7 @@ public final class PageStateFile: @unchecked Sendable {
         base = file.base
         length = file.length
         self.header = header
-        bitmap = PageStateBitmap(words: (base + PageStateLayout.bitmapOffset).assumingMemoryBound(to: UInt64.self),
+        bitmap = PageStateBitmap(words: base + PageStateLayout.bitmapOffset,
                                  count: stale.count)
         bitmap.store(stale)
         header.encoded.withUnsafeBytes { base.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
@@ -105,7 +105,7 @@ public final class PageStateFile: @unchecked Sendable {
         self.base = base
         self.length = length
         self.header = header
-        bitmap = PageStateBitmap(words: (base + PageStateLayout.bitmapOffset).assumingMemoryBound(to: UInt64.self),
+        bitmap = PageStateBitmap(words: base + PageStateLayout.bitmapOffset,
                                  count: header.geometry.smallPageCount)
     }
 

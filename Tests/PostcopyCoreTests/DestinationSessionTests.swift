@@ -520,6 +520,52 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
         ]
     }
 
+    /// The receivers decide postcopy's page frames without the session
+    /// (`postcopyPages`): in every phase that serves pages, for every role
+    /// and every kind of page frame, valid or not, that decision is exactly
+    /// what `receive` decides, and `receive` changes nothing for them.
+    @Test func pageFramesDecidedWithoutTheSessionAgreeWithIt() throws {
+        let geometry = try Sessions.geometry()
+        let frames: [(String, Message)] = [
+            ("background pages", .pages(requestID: 0, firstPage: 3, data: Sessions.data(pages: 2, seed: 1))),
+            ("requested pages", .pages(requestID: 7, firstPage: 3, data: Sessions.data(pages: 1, seed: 2))),
+            ("zero pages", .zeroPages(firstPage: 10, count: 4)),
+            ("pages past the region", .pages(requestID: 0, firstPage: 63, data: Sessions.data(pages: 2, seed: 3))),
+            ("zero pages past the region", .zeroPages(firstPage: 60, count: 5)),
+        ]
+        var handOver = try Sessions.postcopy(geometry, words: [1], handOver: true)
+        #expect(handOver.phase == .handover)
+        var phases = try Self.sessionsByPhase(geometry).filter { $0.1.phase.servesPostcopy }
+        phases.append(("hand-over", handOver))
+        _ = handOver.connectionLost(epoch: handOver.epoch)
+        phases.append(("hand-over, paused", handOver))
+        #expect(Set(phases.map(\.1.phase)) == [.postcopy, .paused, .handover])
+        for (name, original) in phases {
+            for role in StreamRole.allCases {
+                for (frame, message) in frames {
+                    var session = original
+                    let expected = Result { () throws(SessionError) in try session.receive(message, on: role) }
+                    let alone = Result { () throws(SessionError) in
+                        try DestinationSession.postcopyPages(message, on: role, limits: session.limits)
+                    }
+                    switch (expected, alone) {
+                    case let (.success(action), .success(decided)):
+                        #expect(decided == action, "\(name), \(role), \(frame)")
+                    case let (.failure(error), .failure(decided)):
+                        #expect(decided.code == error.code, "\(name), \(role), \(frame): \(decided) against \(error)")
+                    default:
+                        Issue.record("\(name), \(role), \(frame): receive gave \(expected), alone \(alone)")
+                    }
+                    #expect(session.phase == original.phase && session.epoch == original.epoch, "\(name)")
+                }
+            }
+        }
+        // Any other frame is not for it.
+        #expect(try DestinationSession.postcopyPages(.heartbeat, on: .bulk, limits: RegionLimits(geometry)) == nil)
+        #expect(try DestinationSession.postcopyPages(.imageDigest(Sessions.digest), on: .bulk,
+                                                     limits: RegionLimits(geometry)) == nil)
+    }
+
     /// IMAGE_DIGEST has a place on the bulk connection once postcopy began
     /// (RESUMED follows SWITCHOVER on the same thread), in any generation,
     /// and nowhere else.

@@ -76,7 +76,7 @@ import Testing
         let words = UnsafeMutablePointer<UInt64>.allocate(capacity: Int((pages + 63) / 64))
         words.initialize(repeating: 0xDEAD_BEEF, count: Int((pages + 63) / 64))
         defer { words.deallocate() }
-        try body(PageStateBitmap(words: words, count: pages))
+        try body(PageStateBitmap(words: UnsafeMutableRawPointer(words), count: pages))
     }
 
     @Test func markingFreshClearsExactlyTheRun() throws {
@@ -104,7 +104,7 @@ import Testing
     @Test func aRecordWithBitsPastTheRegionIsNotLoaded() throws {
         withRecord(pages: 70) { record in
             record.store(PageBitmap(count: 70))
-            record.words[1] = 1 << 10
+            record.words.storeWord(1, 1 << 10)
             #expect(record.load() == nil)
         }
     }

@@ -177,7 +177,7 @@ struct FailSafeDaemonTests {
             uffd = try Userfaultfd.open(enabling: MemoryKind.shmem.requiredFeatures)
             try uffd.register(start: guest.address, length: guest.length, mode: [.minor, .missing])
             let installer = PageInstaller(uffd: uffd, file: memory.file, guestBase: guest.address)
-            engine = PostcopyEngine(memory: memory, installer: installer, stale: .full(count: 256), urgent: nil,
+            engine = try PostcopyEngine(memory: memory, installer: installer, stale: .full(count: 256), urgent: nil,
                                     pageState: nil, failures: failures, stalls: StallLimiter(thresholdNanos: 1 << 40),
                                     onComplete: {})
         }

@@ -241,19 +241,54 @@ public struct DestinationSession: Sendable {
             return try handedOver()
         case (.discard(let reason), .bulk, let phase) where phase.servesPostcopy:
             return try discard(reason)
-        // Pages still arriving on a connection that is being given up are
-        // as good as any: the tracker writes only what is still stale.
-        case let (.pages(0, first, data), .bulk, phase) where phase.servesPostcopy:
+        case (.pages, _, let phase) where phase.servesPostcopy,
+             (.zeroPages, _, let phase) where phase.servesPostcopy:
+            return try Self.postcopyPages(message, on: role, phase: phase)
+        default:
+            throw .unexpected(message.type, phase: phase, role: role)
+        }
+    }
+
+    /// What `receive` answers for PAGES and ZERO_PAGES while postcopy
+    /// serves pages (`handover`, `postcopy`, `paused`), for a `message`
+    /// already validated against the region. It depends on no state of the
+    /// session, so the daemon's receiving threads decide it, once postcopy
+    /// has begun, without the lock they would otherwise share (the
+    /// back-fill one runs at `SCHED_IDLE`).
+    ///
+    /// Background pages come on the bulk connection with request id 0,
+    /// answers to PAGE_REQUEST on the urgent one with the request's id;
+    /// zero pages on either. Pages still arriving on a connection that is
+    /// being given up are as good as any: the tracker writes only what is
+    /// still stale.
+    /// `phase` only names the phase in the error.
+    public static func postcopyPages(_ message: Message, on role: StreamRole,
+                                     phase: Phase = .postcopy) throws(SessionError) -> Action {
+        switch (message, role) {
+        case let (.pages(0, first, data), .bulk):
             return .writePostcopy(PageRun(first: first, count: UInt64(data.count / Message.pageBytes)), data,
                                   requestID: 0)
-        case let (.pages(requestID, first, data), .urgent, phase) where requestID != 0 && phase.servesPostcopy:
+        case let (.pages(requestID, first, data), .urgent) where requestID != 0:
             return .writePostcopy(PageRun(first: first, count: UInt64(data.count / Message.pageBytes)), data,
                                   requestID: requestID)
-        case let (.zeroPages(first, count), _, phase) where phase.servesPostcopy:
+        case let (.zeroPages(first, count), _):
             return .zeroPostcopy(PageRun(first: first, count: UInt64(count)))
         default:
             throw .unexpected(message.type, phase: phase, role: role)
         }
+    }
+
+    /// `postcopyPages` for a message not yet validated: validates it
+    /// against `limits` first. Nil for any other type of message.
+    public static func postcopyPages(_ message: Message, on role: StreamRole,
+                                     limits: RegionLimits) throws(SessionError) -> Action? {
+        guard message.type == .pages || message.type == .zeroPages else { return nil }
+        do throws(ProtocolError) {
+            try message.validate(against: limits)
+        } catch {
+            throw .malformed(error)
+        }
+        return try postcopyPages(message, on: role)
     }
 
     /// Every page is in place (the tracker says so). Returns whether the

@@ -191,46 +191,40 @@ public enum PageStateLayout {
 }
 
 /// The stale bitmap of a page-state record, in place: a view of its words
-/// in memory the caller keeps mapped. Not thread-safe: the daemon changes
-/// it only under the tracker's lock.
+/// in memory the caller keeps mapped. `markFresh` may be called from any
+/// number of threads at once (each word changes with one atomic
+/// operation); `store` and `load` only while no thread changes it.
 public struct PageStateBitmap: @unchecked Sendable {
-    // SAFETY (@unchecked): the words are shared memory; callers serialise
-    // every change (the tracker's lock), and readers are later processes.
-    public let words: UnsafeMutablePointer<UInt64>
-    public let count: UInt64
+    // SAFETY (@unchecked): the words are shared memory, touched only by
+    // atomic operations; `store` and `load` run before and after postcopy
+    // changes them. Readers are later processes.
+    /// The words, every access atomic.
+    public let words: AtomicPageBitmap
+    public var count: UInt64 { words.count }
 
-    /// A view of `count` bits at `words`, which must hold (count+63)/64 words.
-    public init(words: UnsafeMutablePointer<UInt64>, count: UInt64) {
-        self.words = words
-        self.count = count
+    /// A view of `count` bits at `words`, which must hold (count+63)/64
+    /// 8-byte aligned words and stay mapped while the view is used.
+    public init(words: UnsafeMutableRawPointer, count: UInt64) {
+        self.words = AtomicPageBitmap(viewing: words, count: count)
     }
-
-    private var wordCount: Int { Int((count + 63) / 64) }
 
     /// Writes `bitmap` over the record.
     public func store(_ bitmap: PageBitmap) {
         precondition(bitmap.count == count, "a bitmap of \(bitmap.count) bits for a record of \(count)")
-        bitmap.words.withUnsafeBufferPointer { words.update(from: $0.baseAddress!, count: wordCount) }
+        words.store(bitmap)
     }
 
     /// The record's bitmap, copied out; nil when bits past `count` are set
     /// (the record is not one this version wrote).
     public func load() -> PageBitmap? {
-        PageBitmap(words: Array(UnsafeBufferPointer(start: words, count: wordCount)), count: count)
+        PageBitmap(words: words.wordValues(), count: count)
     }
 
     /// Clears the bits of `run`: its pages are written and may be installed.
-    /// Each word changes with one store.
+    /// Each word changes with one atomic operation, so receivers clearing
+    /// neighbouring runs at once lose none of each other's bits.
     public func markFresh(_ run: PageRun) {
         precondition(run.end <= count, "\(run) outside a record of \(count) pages")
-        var page = run.first
-        while page < run.end {
-            let word = Int(page >> 6)
-            let low = page & 63
-            let span = min(64 - low, run.end - page)
-            let mask: UInt64 = span == 64 ? .max : ((1 << span) - 1) << low
-            words[word] &= ~mask
-            page += span
-        }
+        words.remove(run)
     }
 }

@@ -95,8 +95,14 @@ extension DestinationDaemon {
     /// once the migration is complete; before, it is a lost connection.
     private func receive(on stream: MessageStream, _ role: StreamRole, epoch: UInt64,
                          _ handle: (DestinationSession.Action) throws -> Void) {
+        let limits = RegionLimits(memory.geometry)
+        // Postcopy's engine, once there is one: from then on pages are
+        // admitted and written with no lock the other receiver takes.
+        var postcopy: PostcopyEngine?
         do {
             while let message = try stream.receive() {
+                if postcopy == nil { postcopy = engine.withLock { $0 } }
+                if let postcopy, try fillWithoutLocks(message, on: role, limits: limits, postcopy) { continue }
                 let action = try admit(message, on: role, stream)
                 if case let .peerFailed(code, text) = action {
                     throw MigrationError(.peerLost, "the agent reported \(code): \(text)")
@@ -190,6 +196,32 @@ extension DestinationDaemon {
         }
     }
 
+
+    /// PAGES and ZERO_PAGES once postcopy has its engine: admitted by the
+    /// session's rules for them, which need none of its state, and written
+    /// at once; true when `message` was one. A refusal is reported as
+    /// `admit` reports it.
+    private func fillWithoutLocks(_ message: Message, on role: StreamRole, limits: RegionLimits,
+                                  _ postcopy: PostcopyEngine) throws -> Bool {
+        let action: DestinationSession.Action?
+        do {
+            action = try DestinationSession.postcopyPages(message, on: role, limits: limits)
+            if case let .writePostcopy(_, _, requestID)? = action, requestID > postcopy.lastRequestID {
+                throw SessionError.unexpected(.pages, phase: .postcopy, role: role)
+            }
+        } catch let error as SessionError {
+            throw MigrationError(error.code, "refused a frame on the agent's \(role) connection: \(error)")
+        }
+        switch action {
+        case let .writePostcopy(run, data, _)?:
+            postcopy.fill(run, data: data, urgent: role == .urgent)
+        case let .zeroPostcopy(run)?:
+            postcopy.fill(run, data: nil, urgent: role == .urgent)
+        default:
+            return false
+        }
+        return true
+    }
 
     /// Checks `message` against the session; a refusal is reported to the
     /// peer and fails the migration.

@@ -108,7 +108,7 @@ extension DestinationDaemon {
     func startPostcopy(uffd: Userfaultfd, guestBase: UInt64, stale: PageBitmap, urgent: MessageStream?,
                        pageState: PageStateFile) throws -> PostcopyEngine {
         let installer = PageInstaller(uffd: uffd, file: memory.file, guestBase: guestBase)
-        let postcopy = makeEngine(installer: installer, stale: stale, urgent: urgent, pageState: pageState)
+        let postcopy = try makeEngine(installer: installer, stale: stale, urgent: urgent, pageState: pageState)
         engine.withLock { $0 = postcopy }
         engineReady.open()
         if urgent == nil {
@@ -132,13 +132,13 @@ extension DestinationDaemon {
     /// The engine of postcopy, fed `stale`; with no `urgent` stream it
     /// starts paused.
     private func makeEngine(installer: PageInstaller, stale: PageBitmap, urgent: MessageStream?,
-                            pageState: PageStateFile) -> PostcopyEngine {
+                            pageState: PageStateFile) throws -> PostcopyEngine {
         let (completion, logger, session) = (self.completion, self.logger, self.session)
         let scratch = prepared.withLock { prepared in
             defer { prepared.scratch = nil }
             return prepared.scratch
         }
-        return PostcopyEngine(
+        return try PostcopyEngine(
             memory: memory, installer: installer, stale: stale, urgent: urgent, pageState: pageState,
             failures: failures, stalls: StallLimiter(thresholdNanos: config.stallWarningNanos),
             tracing: config.tracePath != nil, scratch: scratch,

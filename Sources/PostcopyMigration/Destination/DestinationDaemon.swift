@@ -228,7 +228,11 @@ public final class DestinationDaemon: @unchecked Sendable {
             agent.withLock { $0.threads.append(acceptor) }
             try heartbeat.start(name: "postcopy-beat") { [self] in
                 let interval = max(config.deadPeerTimeoutNanos / 4, 10_000_000)
-                while !heartbeat.waitForStop(timeoutNanos: interval) { sendHeartbeats() }
+                while !heartbeat.waitForStop(timeoutNanos: interval) {
+                    sendHeartbeats()
+                    // The fault thread does not log: its stall reports are logged from here.
+                    engine.withLock { $0 }?.reportStalls()
+                }
             }
             completed = try finish()
         } catch {

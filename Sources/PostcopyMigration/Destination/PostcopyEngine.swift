@@ -3,20 +3,37 @@ import PostcopyCore
 import PostcopyOS
 import Synchronization
 
-/// The destination during postcopy: the page-state tracker behind one lock,
-/// the fault resolver the fault thread calls, and the path by which fetched
-/// pages reach guest memory (claim → write through the alias → commit →
-/// install whatever a guest thread waits for).
+/// The destination during postcopy: the page-state tracker, shared without
+/// a lock between the fault thread and the receiving threads; the fault
+/// resolver the fault thread calls; and the path by which fetched pages
+/// reach guest memory (claim → write through the alias → record fresh →
+/// commit → wake the fault thread, which installs whatever a guest thread
+/// waits for).
+///
+/// The fault thread takes no lock a receiving thread takes: a fault only
+/// reads and marks the tracker's atomic bitmaps and queues its request for
+/// the request sender's thread; a receiver hands it completed pages
+/// through `wakeSignal`, an eventfd its loop polls. The locks here
+/// (latencies, stall reports, the trace) are shared with readers of
+/// figures, never with a receiver, except the trace's when tracing.
 final class PostcopyEngine: FaultResolver, Sendable {
     let memory: GuestMemory
     let installer: PageInstaller
-    private let tracker: Locked<PostcopyTracker>
+    private let tracker: PostcopyTracker
+    /// Rung by a receiver whose commit may have completed a page a guest
+    /// thread waits on (or brought in the last stale page); the fault loop
+    /// polls it and calls `woken`.
+    let wakeSignal: EventSignal?
     /// Sends PAGE_REQUESTs on the urgent connection, on a thread of its
     /// own: the fault thread only queues them.
     private let requests: RequestSender
     private let failures: FailureLatch
     private let onComplete: @Sendable () -> Void
-    private let stalls: Locked<StallLimiter>
+    /// The fault thread's own: what `woken` installs, and the stall limiter.
+    private let faultThread: FaultThreadState
+    /// Stalls the fault thread found worth reporting, for `reportStalls`
+    /// to log off the fault thread.
+    private let stallReports = Locked<[StallLimiter.Report]>([])
     private let onStall: @Sendable (StallLimiter.Report) -> Void
     private let latencies = Locked<[UInt64]>([])
     private let completeSignalled = Atomic<Bool>(false)
@@ -31,7 +48,6 @@ final class PostcopyEngine: FaultResolver, Sendable {
     let cpuMicrosAtResume = Atomic<UInt64>(0)
     /// When the agent last rejoined (monotonic; 0 once the first stale
     /// fault after it is served), and then how long that took, per rejoin.
-    /// An atomic, so that the fault path takes no lock for it.
     private let rejoinedAt = Atomic<UInt64>(0)
     private let rejoinToFirstFault = Locked<[UInt64]>([])
     /// The record a restarted daemon takes over from: a page's bit there is
@@ -41,34 +57,43 @@ final class PostcopyEngine: FaultResolver, Sendable {
     private let trace: Locked<PostcopyTrace>
     private let tracing: Bool
 
+    /// What only the fault thread touches.
+    private final class FaultThreadState: @unchecked Sendable {
+        // SAFETY (@unchecked): used by the fault thread alone (`woken`).
+        var completions: [PostcopyTracker.Completion] = []
+        var stalls: StallLimiter
+        init(stalls: StallLimiter) {
+            self.stalls = stalls
+            completions.reserveCapacity(PostcopyTracker.Scratch.waitingCapacity)
+        }
+    }
+
     /// `onStall` hears of guest threads blocked longer than the limiter's
-    /// threshold (rate-limited by it). With no `urgent` stream, postcopy
-    /// starts paused (a daemon taking over waits for the agent to rejoin).
+    /// threshold (rate-limited by it), from `reportStalls`. With no `urgent`
+    /// stream, postcopy starts paused (a daemon taking over waits for the
+    /// agent to rejoin).
     init(memory: GuestMemory, installer: PageInstaller, stale: PageBitmap, urgent: MessageStream?,
          pageState: PageStateFile?, failures: FailureLatch, stalls: StallLimiter, tracing: Bool = false,
          scratch: PostcopyTracker.Scratch? = nil,
          onStall: @escaping @Sendable (StallLimiter.Report) -> Void = { _ in },
-         onComplete: @escaping @Sendable () -> Void) {
+         onComplete: @escaping @Sendable () -> Void) throws {
         self.memory = memory
         self.installer = installer
-        let tracker = Locked(PostcopyTracker(stale: stale, scratch: scratch ?? PostcopyTracker.Scratch(geometry: memory.geometry)))
+        let tracker = PostcopyTracker(stale: stale, scratch: scratch ?? PostcopyTracker.Scratch(geometry: memory.geometry))
         self.tracker = tracker
-        requests = RequestSender(outstanding: { tracker.withLock { $0.outstandingRequests } })
+        wakeSignal = try inStep("create the fault thread's wake-up signal") { try EventSignal() }
+        requests = RequestSender(outstanding: { tracker.outstandingRequests })
         self.pageState = pageState
         self.failures = failures
         self.onComplete = onComplete
-        self.stalls = Locked(stalls)
+        faultThread = FaultThreadState(stalls: stalls)
         self.onStall = onStall
         // Room for a fill per 64 pages and a fault per 16 stale pages up
         // front, so that recording rarely reallocates while faults wait.
         self.tracing = tracing
         trace = Locked(PostcopyTrace(stalePages: stale.popCount,
                                     reserving: tracing ? Int(stale.popCount / 64 + stale.popCount / 16) + 1024 : 0))
-        do {
-            try requests.start()
-        } catch {
-            failures.fail(.internalFailure, "start the thread that sends page requests: \(error)")
-        }
+        try inStep("start the thread that sends page requests") { try requests.start() }
         if let urgent { requests.use(urgent) }
     }
 
@@ -77,8 +102,7 @@ final class PostcopyEngine: FaultResolver, Sendable {
     // MARK: fault thread
 
     func decide(_ fault: PageFault) -> FaultDecision {
-        let action = tracker.withLock { $0.fault(on: fault.page, at: monotonicNanoseconds()) }
-        switch action {
+        switch tracker.fault(on: fault.page, at: monotonicNanoseconds()) {
         case .install:
             return .install
         case .wait:
@@ -91,6 +115,55 @@ final class PostcopyEngine: FaultResolver, Sendable {
 
     func installFailed(_ fault: PageFault, _ error: InstallError) {
         failures.fail(.internalFailure, "resolve fault on \(fault.page): \(error)")
+    }
+
+    /// A receiver's commit may have completed pages guest threads wait on:
+    /// installs each whose every piece is in, then says whether postcopy
+    /// is complete.
+    func woken() {
+        guard acceptsPages else { return }
+        let state = faultThread
+        state.completions.removeAll(keepingCapacity: true)
+        let now = monotonicNanoseconds()
+        tracker.takeCompleted(at: now, into: &state.completions)
+        guard !state.completions.isEmpty else {
+            if tracker.isComplete { signalComplete() }
+            return
+        }
+        for completion in state.completions {
+            do {
+                try installer.install(completion.page)
+            } catch {
+                failures.fail(.internalFailure, "install \(completion.page) after fetching it: \(error)")
+                return
+            }
+        }
+        tracker.installed(state.completions.count)
+        latencies.withLock { samples in
+            for completion in state.completions { samples.append(completion.latencyNanos) }
+        }
+        let at = rejoinedAt.load(ordering: .relaxed)
+        if at != 0, now >= at, rejoinedAt.compareExchange(expected: at, desired: 0, ordering: .relaxed).exchanged {
+            rejoinToFirstFault.withLock { $0.append(now &- at) }
+        }
+        for completion in state.completions {
+            if let report = state.stalls.record(page: completion.page.rawValue, stallNanos: completion.latencyNanos,
+                                                at: now) {
+                stallReports.withLock { $0.append(report) }
+            }
+        }
+        if tracing { record(state.completions, at: now) }
+        if tracker.isComplete { signalComplete() }
+    }
+
+    /// Logs the stalls the fault thread found since the last call (off the
+    /// fault thread: the daemon's heartbeat thread calls this).
+    func reportStalls() {
+        let reports = stallReports.withLock { reports in
+            defer { reports.removeAll() }
+            return reports
+        }
+        reports.forEach(onStall)
     }
 
     /// Whether pages may still be claimed and written: not once the
@@ -121,7 +194,7 @@ final class PostcopyEngine: FaultResolver, Sendable {
     func rejoin(urgent stream: MessageStream, at now: UInt64) -> UInt64 {
         rejoinedAt.store(now, ordering: .relaxed)
         requests.use(stream)
-        return tracker.withLock { $0.outstandingRequests }.reduce(0) { $0 + $1.count }
+        return tracker.outstandingRequests.reduce(0) { $0 + $1.count }
     }
 
     /// For each rejoin whose first stale fault has been served: how long
@@ -134,22 +207,20 @@ final class PostcopyEngine: FaultResolver, Sendable {
     // MARK: receiving threads
 
     /// Pages `run` arrived with `data` (nil: they are zero on the source).
-    /// Writes those still stale, exactly once, and installs the guest pages
-    /// that were waiting for them.
+    /// Writes those still stale, exactly once, records them fresh, commits
+    /// them, and wakes the fault thread when a guest thread may have been
+    /// waiting for them. Takes no lock (but the trace's, when tracing).
     ///
     /// Once the migration has failed (the latch is set) or the engine is
     /// halted (the VMM let go), nothing is claimed or written: a frame
     /// already buffered and decoded when that happened is dropped, and its
     /// pages stay stale in the tracker and in the page-state record, for a
-    /// restarted daemon to fetch. The check is made under the tracker's
-    /// lock, with the claim; a claim made just before the failure writes
-    /// only stale pages no guest maps (they are never installed now), and is
-    /// neither committed nor recorded fresh.
+    /// restarted daemon to fetch. A claim made just before the failure
+    /// writes only stale pages no guest maps (they are never installed
+    /// now), and is neither committed nor recorded fresh.
     func fill(_ run: PageRun, data: ArraySlice<UInt8>?, urgent isUrgent: Bool) {
-        let claims = tracker.withLock { state -> [PageRun] in
-            guard acceptsPages else { return [] }
-            return state.claim(run)
-        }
+        guard acceptsPages else { return }
+        let claims = tracker.claim(run)
         guard !claims.isEmpty else { return }
         var written: UInt64 = 0
         for claim in claims {
@@ -162,67 +233,37 @@ final class PostcopyEngine: FaultResolver, Sendable {
             }
             written += claim.count
         }
-        // Counted (and traced) under the tracker's lock, with the commit: the
-        // thread that commits the last pages signals completion, and the
-        // summary must then see every other thread's pages counted. The time
-        // is read under the lock too: a fault registered while this thread
-        // waited for it must not look as if it ended before it began.
-        let committed = tracker.withLock { state -> ([PostcopyTracker.Completion], Bool, UInt64)? in
-            // Failed while this thread wrote: commit nothing and install
-            // nothing; the record keeps these pages stale.
-            guard acceptsPages else { return nil }
-            let now = monotonicNanoseconds()
-            // The pages are written: record them fresh before anything can
-            // install them (the page-state invariant). The tracker's lock
-            // serialises every change to the record.
-            if let pageState { for claim in claims { pageState.bitmap.markFresh(claim) } }
-            let completions = state.commit(claims, at: now)
-            if isUrgent {
-                urgentPages.add(written, ordering: .relaxed)
-            } else {
-                backgroundPages.add(written, ordering: .relaxed)
-            }
-            if tracing { record(claims, completions, urgent: isUrgent, at: now) }
-            return (completions, completions.isEmpty && state.isComplete, now)
+        // Failed while this thread wrote: commit nothing; the record keeps
+        // these pages stale.
+        guard acceptsPages else { return }
+        // The pages are written: record them fresh before anything can
+        // install them (the page-state invariant).
+        if let pageState { for claim in claims { pageState.bitmap.markFresh(claim) } }
+        // Counted before the commit: the fault thread that finds postcopy
+        // complete must see every page counted.
+        if isUrgent {
+            urgentPages.add(written, ordering: .relaxed)
+        } else {
+            backgroundPages.add(written, ordering: .relaxed)
         }
-        guard let (completions, doneNow, now) = committed else { return }
-        for completion in completions {
-            do {
-                try installer.install(completion.page)
-            } catch {
-                failures.fail(.internalFailure, "install \(completion.page) after fetching it: \(error)")
-                return
-            }
-        }
-        guard !completions.isEmpty else {
-            if doneNow { signalComplete() }
-            return
-        }
-        latencies.withLock { $0.append(contentsOf: completions.map(\.latencyNanos)) }
-        let at = rejoinedAt.load(ordering: .relaxed)
-        if at != 0, now >= at, rejoinedAt.compareExchange(expected: at, desired: 0, ordering: .relaxed).exchanged {
-            rejoinToFirstFault.withLock { $0.append(now &- at) }
-        }
-        let stalled = stalls.withLock { limiter in
-            completions.compactMap { limiter.record(page: $0.page.rawValue, stallNanos: $0.latencyNanos, at: now) }
-        }
-        stalled.forEach(onStall)
-        let done = tracker.withLock { state in
-            state.installed(completions.count)
-            return state.isComplete
-        }
-        if done { signalComplete() }
+        if tracing { record(claims, urgent: isUrgent, at: monotonicNanoseconds()) }
+        if tracker.commit(claims) { wakeSignal?.signal() }
     }
 
-    private func record(_ claims: [PageRun], _ completions: [PostcopyTracker.Completion], urgent isUrgent: Bool,
-                        at now: UInt64) {
+    private func record(_ claims: [PageRun], urgent isUrgent: Bool, at now: UInt64) {
         let at = now &- postcopyStartedAt.load(ordering: .relaxed)
-        let pagesPerPage = memory.geometry.pageSize.smallPagesPerPage
         trace.withLock { trace in
             for claim in claims {
                 trace.record(.init(kind: isUrgent ? .urgentFill : .backgroundFill, atNanos: at,
                                    page: claim.first, pages: claim.count))
             }
+        }
+    }
+
+    private func record(_ completions: [PostcopyTracker.Completion], at now: UInt64) {
+        let at = now &- postcopyStartedAt.load(ordering: .relaxed)
+        let pagesPerPage = memory.geometry.pageSize.smallPagesPerPage
+        trace.withLock { trace in
             for completion in completions {
                 trace.record(.init(kind: .staleFault, atNanos: at, page: completion.page.rawValue * pagesPerPage,
                                    pages: 1, waitedNanos: completion.latencyNanos))
@@ -232,21 +273,18 @@ final class PostcopyEngine: FaultResolver, Sendable {
 
     /// Calls `onComplete` once, when the last stale page is in.
     func signalCompleteIfDone() {
-        if tracker.withLock({ $0.isComplete }) { signalComplete() }
+        if tracker.isComplete { signalComplete() }
     }
 
     private func signalComplete() {
         if !completeSignalled.exchange(true, ordering: .sequentiallyConsistent) { onComplete() }
     }
 
-    /// The tracker's counters, for status and the summary. Not a copy of the
-    /// tracker: a copy would share its per-page bitmaps, and the fault
-    /// path's next change would then copy them all (1 MiB at 8 GiB of RAM)
-    /// while holding the lock.
-    var counters: PostcopyTracker.Counters { tracker.withLock { $0.counters } }
+    /// The tracker's counters, for status and the summary.
+    var counters: PostcopyTracker.Counters { tracker.counters }
 
-    /// A copy made here, under the lock, so that the array the filling
-    /// threads append to is never shared (sharing would make their next
+    /// A copy made here, under the lock, so that the array the fault
+    /// thread appends to is never shared (sharing would make its next
     /// append copy it all, on the fault path).
     var staleFaultLatencies: [UInt64] {
         latencies.withLock { samples in
@@ -262,15 +300,8 @@ final class PostcopyEngine: FaultResolver, Sendable {
 
 extension PostcopyEngine {
     /// 4 KiB pages still stale.
-    var stalePages: UInt64 { tracker.withLock { $0.stalePages } }
+    var stalePages: UInt64 { tracker.stalePages }
 
-    /// The stale pages now, as a bitmap of its own: its words are copied
-    /// under the lock, so the tracker's next change copies nothing.
-    func staleSnapshot() -> PageBitmap {
-        tracker.withLock { state in
-            let bitmap = state.staleBitmap
-            let words = bitmap.words.withUnsafeBufferPointer { Array($0) }
-            return PageBitmap(words: words, count: bitmap.count)!
-        }
-    }
+    /// The stale pages now, as a bitmap of its own.
+    func staleSnapshot() -> PageBitmap { tracker.staleBitmap }
 }
