@@ -1,4 +1,6 @@
+import Foundation
 import PostcopyCore
+import Synchronization
 import Testing
 
 private enum Queueing {
@@ -24,7 +26,7 @@ private enum Queueing {
 
 @Suite struct PostcopySendQueueTests {
     @Test func takeNextHandsOutRunsOfAtMostMaxPages() {
-        var queue = PostcopySendQueue(stale: .full(count: 10))
+        let queue = PostcopySendQueue(stale: .full(count: 10))
         #expect(queue.remaining == 10)
         #expect(queue.takeNext(maxPages: 4) == PageRun(first: 0, count: 4))
         #expect(queue.remaining == 6)
@@ -38,7 +40,7 @@ private enum Queueing {
     }
 
     @Test func aRunEndsAtTheFirstPageNotStale() {
-        var queue = PostcopySendQueue(stale: Queueing.bitmap(count: 32, [3, 4, 5, 9, 10, 31]))
+        let queue = PostcopySendQueue(stale: Queueing.bitmap(count: 32, [3, 4, 5, 9, 10, 31]))
         #expect(queue.takeNext(maxPages: 100) == PageRun(first: 3, count: 3))
         #expect(queue.takeNext(maxPages: 100) == PageRun(first: 9, count: 2))
         #expect(queue.takeNext(maxPages: 100) == PageRun(first: 31, count: 1))
@@ -46,7 +48,7 @@ private enum Queueing {
     }
 
     @Test func nothingStaleMeansNothingToSend() {
-        var queue = PostcopySendQueue(stale: PageBitmap(count: 100))
+        let queue = PostcopySendQueue(stale: PageBitmap(count: 100))
         #expect(queue.remaining == 0)
         #expect(queue.takeNext(maxPages: 8) == nil)
         #expect(queue.takeRequested(PageRun(first: 0, count: 100)) == [])
@@ -55,7 +57,7 @@ private enum Queueing {
     @Test(arguments: [UInt64(1), 3, 8, 64])
     func takeNextHandsOutEveryStalePageExactlyOnce(maxPages: UInt64) {
         let stale = Queueing.random(count: 1_000, seed: 42, percent: 60)
-        var queue = PostcopySendQueue(stale: stale)
+        let queue = PostcopySendQueue(stale: stale)
         var taken = PageBitmap(count: stale.count)
         var remaining = stale.popCount
         var calls = 0
@@ -80,7 +82,7 @@ private enum Queueing {
     }
 
     @Test func takeRequestedTakesOnlyPagesNotYetTaken() {
-        var queue = PostcopySendQueue(stale: Queueing.bitmap(count: 64, [10, 11, 12, 13, 20, 30]))
+        let queue = PostcopySendQueue(stale: Queueing.bitmap(count: 64, [10, 11, 12, 13, 20, 30]))
         #expect(queue.takeNext(maxPages: 2) == PageRun(first: 10, count: 2))
         // 10 and 11 are on their way on the bulk connection already.
         #expect(queue.takeRequested(PageRun(first: 8, count: 13))
@@ -94,7 +96,7 @@ private enum Queueing {
     }
 
     @Test func aRequestMovesTheBackgroundCursorToJustPastIt() {
-        var queue = PostcopySendQueue(stale: .full(count: 100))
+        let queue = PostcopySendQueue(stale: .full(count: 100))
         #expect(queue.takeNext(maxPages: 4) == PageRun(first: 0, count: 4))
         #expect(queue.takeRequested(PageRun(first: 50, count: 2)) == [PageRun(first: 50, count: 2)])
         // The pages around the fault go next, not 4..<7.
@@ -110,13 +112,13 @@ private enum Queueing {
     }
 
     @Test func theCursorWrapsRoundToTheStart() {
-        var queue = PostcopySendQueue(stale: .full(count: 20))
+        let queue = PostcopySendQueue(stale: .full(count: 20))
         // A request reaching the last page sends the cursor back to 0.
         #expect(queue.takeRequested(PageRun(first: 16, count: 4)) == [PageRun(first: 16, count: 4)])
         #expect(queue.takeNext(maxPages: 100) == PageRun(first: 0, count: 16))
         #expect(queue.takeNext(maxPages: 100) == nil)
 
-        var tail = PostcopySendQueue(stale: Queueing.bitmap(count: 20, [0, 1, 18, 19]))
+        let tail = PostcopySendQueue(stale: Queueing.bitmap(count: 20, [0, 1, 18, 19]))
         #expect(tail.takeRequested(PageRun(first: 17, count: 1)) == [])
         #expect(tail.takeNext(maxPages: 10) == PageRun(first: 18, count: 2))
         // A run never wraps; the next one starts over at the beginning.
@@ -124,7 +126,7 @@ private enum Queueing {
         #expect(tail.takeNext(maxPages: 10) == nil)
 
         // A cursor past the last pending page finds the pages before it.
-        var behind = PostcopySendQueue(stale: Queueing.bitmap(count: 20, [2, 3]))
+        let behind = PostcopySendQueue(stale: Queueing.bitmap(count: 20, [2, 3]))
         #expect(behind.takeRequested(PageRun(first: 5, count: 1)) == [])
         #expect(behind.takeNext(maxPages: 10) == PageRun(first: 2, count: 2))
         #expect(behind.remaining == 0)
@@ -134,7 +136,7 @@ private enum Queueing {
     func requestsAndBackgroundTogetherSendEveryStalePageOnce(seed: UInt64) {
         let count: UInt64 = 700
         let stale = Queueing.random(count: count, seed: seed, percent: 45)
-        var queue = PostcopySendQueue(stale: stale)
+        let queue = PostcopySendQueue(stale: stale)
         var generator = SplitMix64(seed: seed ^ 0x5555)
         var pending = stale
         var sent = [Int](repeating: 0, count: Int(count))
@@ -181,6 +183,43 @@ private enum Queueing {
         for page in 0..<count {
             #expect(sent[Int(page)] == (stale.contains(page) ? 1 : 0), "page \(page) sent \(sent[Int(page)]) times")
         }
+        #expect(queue.remaining == 0)
+    }
+
+    /// Two threads at once, as in the agent: requests for random runs
+    /// against a background sweep, with no lock between them. Every stale
+    /// page goes exactly once.
+    @Test(arguments: [UInt64(5), 0xD1CE])
+    func twoSendersAtOnceSendEveryStalePageOnce(seed: UInt64) throws {
+        let count: UInt64 = 20_000
+        let stale = Queueing.random(count: count, seed: seed, percent: 70)
+        let queue = PostcopySendQueue(stale: stale)
+        let sent = Locked([UInt8](repeating: 0, count: Int(count)))
+        final class Flag: Sendable { let done = Atomic<Bool>(false) }
+        let requestsDone = Flag()
+        let record: @Sendable ([PageRun]) -> Void = { runs in
+            sent.withLock { sent in for run in runs { for page in run.pages { sent[Int(page)] += 1 } } }
+        }
+        let urgent = Thread {
+            var generator = SplitMix64(seed: seed)
+            for _ in 0..<3_000 {
+                let first = generator.next() % count
+                record(queue.takeRequested(PageRun(first: first, count: min(generator.next() % 24 + 1, count - first))))
+            }
+            requestsDone.done.store(true, ordering: .sequentiallyConsistent)
+        }
+        urgent.start()
+        var runs = 0
+        while let run = queue.takeNext(maxPages: 16) {
+            record([run])
+            runs += 1
+        }
+        while !requestsDone.done.load(ordering: .sequentiallyConsistent) { usleep(1000) }
+        let counts = sent.withLock { $0 }
+        for page in 0..<count where counts[Int(page)] != (stale.contains(page) ? 1 : 0) {
+            Issue.record("page \(page) sent \(counts[Int(page)]) times")
+        }
+        #expect(runs > 0)
         #expect(queue.remaining == 0)
     }
 }

@@ -622,7 +622,7 @@ public final class SourceAgent: @unchecked Sendable {
                        _ connections: (bulk: MessageStream, urgent: MessageStream), started: UInt64,
                        background: BackgroundStream) throws {
         let (bulk, urgent) = connections
-        let queue = Locked(PostcopySendQueue(stale: pending))
+        let queue = PostcopySendQueue(stale: pending)
         let failure = Locked<(any Error)?>(nil)
         let urgentThread = try OSThread.start(name: "push-urgent") { [self] in
             do {
@@ -643,14 +643,14 @@ public final class SourceAgent: @unchecked Sendable {
                 logger.warning("the background stream keeps its scheduling: \(error)")
             }
             do {
-                while let run = queue.withLock({ $0.takeNext(maxPages: UInt64(config.batchPages)) }) {
+                while let run = queue.takeNext(maxPages: UInt64(config.batchPages)) {
                     let bytes = try send(run, requestID: Message.backgroundRequestID, on: bulk)
                     background.bytes += bytes
                     background.pages += run.count
                     if let wait = background.pacer?.sent(bytes, now: monotonicNanoseconds()), wait > 0 {
                         sleepNanoseconds(wait)
                     }
-                    let left = queue.withLock { $0.remaining }
+                    let left = queue.remaining
                     progress.update("postcopy \(ProgressReporter.bar(1 - Double(left) / Double(max(pending.popCount, 1)))) \(left) stale pages left, \(ProgressReporter.rate(bytes: background.bytes, since: started)), \(requests.load(ordering: .relaxed)) requests")
                 }
                 progress.finish()
@@ -681,7 +681,7 @@ public final class SourceAgent: @unchecked Sendable {
     }
 
     /// Answers PAGE_REQUESTs with the pages no sender has taken yet.
-    private func serveRequests(_ urgent: MessageStream, queue: Locked<PostcopySendQueue>) throws {
+    private func serveRequests(_ urgent: MessageStream, queue: PostcopySendQueue) throws {
         let limits = RegionLimits(smallPageCount: image.smallPageCount)
         while true {
             let message = try next(on: urgent, "on the urgent connection during postcopy")
@@ -694,7 +694,7 @@ public final class SourceAgent: @unchecked Sendable {
                     throw MigrationError(error.code, "refused a PAGE_REQUEST from postcopyd: \(error)")
                 }
                 requests.add(1, ordering: .relaxed)
-                let runs = queue.withLock { $0.takeRequested(PageRun(first: firstPage, count: UInt64(count))) }
+                let runs = queue.takeRequested(PageRun(first: firstPage, count: UInt64(count)))
                 for run in runs {
                     urgentBytes.add(try send(run, requestID: requestID, on: urgent), ordering: .relaxed)
                     urgentPages.add(run.count, ordering: .relaxed)
