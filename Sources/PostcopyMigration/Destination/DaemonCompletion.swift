@@ -29,6 +29,8 @@ extension DestinationDaemon {
         try failures.check()
         // Reached only through switchover, which set both.
         let postcopy = try currentEngine()
+        // Stalls since postcopy-beat last logged them, before the summary.
+        postcopy.reportStalls()
         // The latch opens without a failure only once the session has both.
         let digest = try session.withLock { session throws -> ImageDigest in
             guard let digest = session.imageDigest, session.pagesInPlace else {
