@@ -229,8 +229,7 @@ final class Toucher: @unchecked Sendable {
         var sink: UInt64 = 0
         let start = monotonicNanoseconds()
         for (position, page) in pages.enumerated() {
-            // SAFETY: page < pageCount, so the page lies inside the guest mapping.
-            let bytes = UnsafeRawPointer(guest.base + Int(page) * pageBytes)
+            let bytes = UnsafeRawPointer(guest.pointer(toSmallPage: UInt64(page) * UInt64(pageBytes / 4096)))
             let before = exercise.recordLatencies ? monotonicNanoseconds() : 0
             let first = bytes.load(as: UInt64.self)
             if exercise.recordLatencies { samples[position] = monotonicNanoseconds() - before }

@@ -201,7 +201,9 @@ public final class MemoryFile: Sendable {
 public final class Mapping: @unchecked Sendable {
     // SAFETY: base..base+length stays mapped for the object's lifetime; the
     // mapping is shared memory, so concurrent access is the callers' protocol.
-    public let base: UnsafeMutableRawPointer
+    // `base` is private: every pointer into the mapping is made here, checked
+    // against its length.
+    private let base: UnsafeMutableRawPointer
     public let length: UInt64
 
     /// Maps all of `file` read-write and shared. On shmem the range is marked
@@ -243,6 +245,18 @@ public final class Mapping: @unchecked Sendable {
     deinit { munmap(base, Int(length)) }
 
     public var address: UInt64 { UInt64(UInt(bitPattern: base)) }
+
+    /// The start of 4 KiB page `page` of the mapping; a page outside it is a
+    /// broken invariant and traps. Valid while this object lives.
+    public func pointer(toSmallPage page: UInt64) -> UnsafeMutableRawPointer {
+        precondition(page < length / 4096, "4 KiB page \(page) outside a mapping of \(length / 4096)")
+        return base + Int(page) * 4096
+    }
+
+    /// The whole mapping's bytes, lent to `body`.
+    public func withUnsafeBytes<T>(_ body: (UnsafeMutableRawBufferPointer) throws -> T) rethrows -> T {
+        try body(UnsafeMutableRawBufferPointer(start: base, count: Int(length)))
+    }
 }
 
 /// Guest RAM as the daemon owns it: the file, and an alias mapping that is
@@ -281,7 +295,7 @@ public final class GuestMemory: Sendable {
         let length = Int(run.count) * 4096
         precondition(bytes.map { $0.count == length } ?? true, "\(bytes?.count ?? 0) bytes for \(run)")
         // SAFETY: run lies within the region, checked above, and so within the alias.
-        let target = alias.base + Int(run.first) * 4096
+        let target = alias.pointer(toSmallPage: run.first)
         if let source = bytes?.baseAddress {
             target.copyMemory(from: source, byteCount: length)
         } else {
@@ -293,7 +307,7 @@ public final class GuestMemory: Sendable {
     public func withAliasPage<T>(_ page: PageIndex, _ body: (UnsafeMutableRawBufferPointer) throws -> T) rethrows -> T? {
         guard let offset = geometry.offset(of: page) else { return nil }
         // SAFETY: offset + page size lies within the alias, checked by geometry.
-        let start = alias.base + Int(offset.rawValue)
+        let start = alias.pointer(toSmallPage: offset.rawValue / 4096)
         return try body(UnsafeMutableRawBufferPointer(start: start, count: Int(geometry.pageSize.bytes)))
     }
 }

@@ -183,7 +183,7 @@ struct FailSafeDaemonTests {
         }
 
         func alias(_ page: UInt64) -> [UInt8] {
-            Array(UnsafeRawBufferPointer(start: memory.alias.base + Int(page * 4096), count: 4096))
+            Array(UnsafeRawBufferPointer(start: memory.alias.pointer(toSmallPage: page), count: 4096))
         }
 
         /// A decoded PAGES frame's payload, as the receiving thread holds it.

@@ -80,7 +80,7 @@ struct FailureTests {
     }
 
     static func bytes(of daemon: DestinationDaemon, page: UInt64) -> [UInt8] {
-        Array(UnsafeRawBufferPointer(start: daemon.memory.alias.base + Int(page * 4096), count: 4096))
+        Array(UnsafeRawBufferPointer(start: daemon.memory.alias.pointer(toSmallPage: page), count: 4096))
     }
 
     @Test func aCorruptFrameIsRefusedAndNeverWritten() throws {

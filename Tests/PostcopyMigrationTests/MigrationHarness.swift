@@ -201,7 +201,7 @@ struct Migration {
         case let .failure(error) where agentMayFail: agentFailure = error
         case let .failure(error): throw error
         }
-        let identical = memcmp(source.base, daemon.memory.alias.base, Int(source.size)) == 0
+        let identical = daemon.memory.alias.withUnsafeBytes { memcmp(source.base, $0.baseAddress!, Int(source.size)) } == 0
         var outcome = Outcome(daemon: daemonSummary, agent: agentSummary, agentFailure: agentFailure,
                               guest: guestSummary, identical: identical)
         if traced {

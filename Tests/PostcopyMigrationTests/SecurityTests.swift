@@ -50,7 +50,7 @@ struct SecurityTests {
 
     /// Whether every byte of the daemon's guest RAM is still zero.
     static func untouched(_ daemon: DestinationDaemon) -> Bool {
-        UnsafeRawBufferPointer(start: daemon.memory.alias.base, count: Int(size)).allSatisfy { $0 == 0 }
+        daemon.memory.alias.withUnsafeBytes { $0.allSatisfy { $0 == 0 } }
     }
 
     /// A real agent with `transport`, against a daemon with `daemonTransport`:

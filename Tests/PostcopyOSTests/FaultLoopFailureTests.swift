@@ -49,7 +49,7 @@ struct FaultLoopFailureTests {
         try uffd.register(start: guest.address, length: guest.length, mode: [.minor, .missing])
         // Another shared mapping on the same userfaultfd: not guest RAM.
         let other = try GuestMemory(backing: .memfd, size: 1 << 20)
-        other.alias.base.storeBytes(of: 0x5A, as: UInt8.self)
+        other.alias.pointer(toSmallPage: 0).storeBytes(of: 0x5A, as: UInt8.self)
         let otherView = try other.mapGuestView()
         try uffd.register(start: otherView.address, length: otherView.length, mode: [.minor, .missing])
         defer { try? uffd.unregister(start: otherView.address, length: otherView.length) }

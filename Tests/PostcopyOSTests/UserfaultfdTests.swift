@@ -23,7 +23,7 @@ struct UserfaultfdTests {
         }
 
         func word(_ page: UInt64) -> UInt64 {
-            (guest.base + Int(page * 4096)).load(as: UInt64.self)
+            guest.pointer(toSmallPage: page).load(as: UInt64.self)
         }
     }
 
@@ -131,7 +131,7 @@ struct UserfaultfdTests {
         let loop = try FaultLoop(installer: region.installer, resolver: resolver)
         try loop.start()
         let wrong = Atomic<Int>(0)
-        let base = UInt(bitPattern: region.guest.base)
+        let base = UInt(region.guest.address)
         let threads = try (0..<4).map { thread in
             try OSThread.start(name: "toucher-\(thread)") {
                 let pointer = UnsafeRawPointer(bitPattern: base)!

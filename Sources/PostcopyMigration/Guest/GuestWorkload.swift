@@ -68,8 +68,7 @@ final class GuestWorkload: @unchecked Sendable {
         if recordTimes { starts.reserveCapacity(pages.count) }
         var sink: UInt64 = 0
         for page in pages {
-            // SAFETY: page < pageCount, so the 4 KiB at this offset lie in the mapping.
-            let address = mapping.base + Int(page * 4096)
+            let address = mapping.pointer(toSmallPage: page)
             let before = monotonicNanoseconds()
             // The load is used (in `sink`), so it stays between the two
             // clock reads, which are calls the compiler cannot see through.
@@ -99,13 +98,13 @@ final class GuestWorkload: @unchecked Sendable {
         summary.firstTouch = LatencyFigures(nanoseconds: stalls.flatMap { $0 })
         summary.blockedMsMaxThread = stalls.map { $0.reduce(0.0) { $0 + Double($1) } / 1e6 }.max() ?? 0
         for page in 0..<pageCount where !touched[Int(page)] {
-            hashes[Int(page)] = PageHash.of(UnsafeRawBufferPointer(start: mapping.base + Int(page * 4096), count: 4096)).hash
+            hashes[Int(page)] = PageHash.of(UnsafeRawBufferPointer(start: mapping.pointer(toSmallPage: page), count: 4096)).hash
         }
         summary.actualDigest = ImageDigest(pageHashes: UnsafeBufferPointer(hashes)).description
         if scribble {
             for page in 0..<pageCount where touched[Int(page)] {
                 summary.scribbledPages += 1
-                let word = (mapping.base + Int(page * 4096 + 4096 - 8)).load(as: UInt64.self)
+                let word = mapping.pointer(toSmallPage: page).load(fromByteOffset: 4096 - 8, as: UInt64.self)
                 if word != Self.marker(page) { summary.scribblesLost += 1 }
             }
         }
