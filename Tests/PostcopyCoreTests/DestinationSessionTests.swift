@@ -869,3 +869,68 @@ private func refusal<T>(_ body: () throws -> T) -> SessionError? {
 }
 
 private typealias Action = DestinationSession.Action
+
+/// The lost/rejoined race of issue 19, table-driven: a loss reported after
+/// the rejoin that followed it must not close the rejoined generation.
+@Suite struct GenerationGateTests {
+    enum Event: CustomStringConvertible {
+        case open(String, UInt64)
+        case lost(UInt64)
+        case shut
+        var description: String {
+            switch self {
+            case let .open(target, generation): return "open \(target)@\(generation)"
+            case let .lost(generation): return "lost \(generation)"
+            case .shut: return "shut"
+            }
+        }
+    }
+
+    static let cases: [(String, [Event], String?)] = [
+        ("postcopy starts on generation 0", [.open("u0", 0)], "u0"),
+        ("a loss closes it", [.open("u0", 0), .lost(0)], nil),
+        ("a rejoin after the loss opens generation 1", [.open("u0", 0), .lost(0), .open("u1", 1)], "u1"),
+        ("the race: the loss of 0 reported after the rejoin of 1 changes nothing",
+         [.open("u0", 0), .open("u1", 1), .lost(0)], "u1"),
+        ("a rejoin that finds the old connections alive (superseded), then their loss",
+         [.open("u0", 0), .open("u1", 1), .lost(0), .lost(0)], "u1"),
+        ("the new generation's own loss still closes it", [.open("u0", 0), .open("u1", 1), .lost(0), .lost(1)], nil),
+        ("a late open of an older generation is refused", [.open("u0", 0), .open("u2", 2), .open("u1", 1)], "u2"),
+        ("a takeover waits closed for generation 1", [], nil),
+        ("and opens with it", [.open("u1", 1)], "u1"),
+        ("shut for good: a rejoin does not reopen it", [.open("u0", 0), .shut, .open("u1", 1)], nil),
+    ]
+
+    @Test(arguments: 0..<cases.count)
+    func theNewestGenerationWinsWhateverTheOrderOfTheNews(index: Int) {
+        let (name, events, expected) = Self.cases[index]
+        var gate = GenerationGate<String>(generation: name.hasPrefix("a takeover") || name == "and opens with it" ? 1 : 0)
+        for event in events {
+            switch event {
+            case let .open(target, generation): gate.open(target, generation: generation)
+            case let .lost(generation): gate.close(lost: generation)
+            case .shut: gate.shut()
+            }
+        }
+        #expect(gate.target == expected, "\(name): \(events)")
+    }
+
+    /// Every interleaving of "generation g lost" with "generation g+1
+    /// opened" ends open on g+1.
+    @Test func everyOrderOfALossAndTheRejoinAfterItEndsOpen() {
+        for lossFirst in [true, false] {
+            var gate = GenerationGate<Int>()
+            gate.open(0, generation: 0)
+            if lossFirst {
+                let closed = gate.close(lost: 0)
+                let opened = gate.open(1, generation: 1)
+                #expect(closed && opened)
+            } else {
+                let opened = gate.open(1, generation: 1)
+                let closed = gate.close(lost: 0)
+                #expect(opened && !closed)
+            }
+            #expect(gate.target == 1 && gate.generation == 1)
+        }
+    }
+}

@@ -44,7 +44,7 @@ import Testing
         defer { pair.sender.stop() }
         pair.sender.request(PageRun(first: 1, count: 1))  // paused: dropped
         pair.outstanding.withLock { $0 = [PageRun(first: 1, count: 1), PageRun(first: 7, count: 2)] }
-        pair.sender.use(pair.wire)
+        pair.sender.use(pair.wire, generation: 0)
         #expect(try pair.read(2) == [.pageRequest(requestID: 1, firstPage: 1, count: 1),
                                      .pageRequest(requestID: 2, firstPage: 7, count: 2)])
         pair.outstanding.withLock { $0.append(PageRun(first: 20, count: 1)) }
@@ -58,7 +58,7 @@ import Testing
         let pair = try Pair()
         defer { pair.sender.stop() }
         pair.outstanding.withLock { $0 = [PageRun(first: 0, count: 1)] }
-        pair.sender.use(pair.wire)
+        pair.sender.use(pair.wire, generation: 0)
         #expect(try pair.read(1) == [.pageRequest(requestID: 1, firstPage: 0, count: 1)])
         let max = RequestSender.maxPagesPerRequest
         let span = PageRun(first: 10, count: 2 * max + 1)
@@ -80,7 +80,7 @@ import Testing
         // The thread is not running yet: the faults fill the queue.
         let count = UInt64(RequestSender.capacity) + 10
         pair.outstanding.withLock { $0 = [PageRun(first: 0, count: count)] }
-        pair.sender.use(pair.wire)
+        pair.sender.use(pair.wire, generation: 0)
         for page in 0..<count { pair.sender.request(PageRun(first: page, count: 1)) }
         try pair.sender.start()
         // The outstanding list (one span, split at the request limit) goes
@@ -95,10 +95,28 @@ import Testing
         #expect(covered == count)
     }
 
+    /// The race of issue 19, on the real sender: the loss of generation 0
+    /// reported after generation 1 rejoined leaves requests flowing on
+    /// generation 1's connection; the loss of generation 1 itself stops them.
+    @Test func aLossReportedAfterTheRejoinDoesNotUndoIt() throws {
+        let pair = try Pair()
+        defer { pair.sender.stop() }
+        pair.sender.use(pair.wire, generation: 1)
+        pair.sender.pause(lost: 0)
+        pair.outstanding.withLock { $0 = [PageRun(first: 5, count: 1)] }
+        pair.sender.request(PageRun(first: 5, count: 1))
+        let sent = try pair.read(1)
+        #expect(sent.first.map { if case .pageRequest(_, 5, 1) = $0 { true } else { false } } == true, "\(sent)")
+        pair.sender.pause(lost: 1)
+        pair.sender.request(PageRun(first: 9, count: 1))
+        try pair.peer.connection.setReceiveTimeout(200_000_000)
+        #expect(throws: (any Error).self) { _ = try pair.peer.receive() }
+    }
+
     /// Stopping ends the thread; nothing is sent after.
     @Test func stopEndsTheThread() throws {
         let pair = try Pair()
-        pair.sender.use(pair.wire)
+        pair.sender.use(pair.wire, generation: 0)
         pair.sender.stop()
         pair.sender.request(PageRun(first: 3, count: 1))
         try pair.peer.connection.setReceiveTimeout(200_000_000)

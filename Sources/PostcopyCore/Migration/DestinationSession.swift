@@ -91,6 +91,13 @@ public struct DestinationSession: Sendable {
     public private(set) var epoch: UInt64 = 0
     /// Times postcopy was paused by a lost connection.
     public private(set) var pauses: UInt64 = 0
+    /// When the current pause began (the caller's monotonic clock, as
+    /// passed in); nil while not paused. The daemon fails a pause that
+    /// outlasts its reconnect timeout.
+    public private(set) var pausedSince: UInt64?
+    /// Time paused in the pauses that ended, and in the last of them.
+    public private(set) var pausedNanos: UInt64 = 0
+    public private(set) var lastPauseNanos: UInt64 = 0
     private var connected: Set<StreamRole> = []
     /// The dirty bitmap, from the first DIRTY_BITMAP frame to SWITCHOVER.
     private var bitmap: BitmapAssembler?
@@ -127,9 +134,9 @@ public struct DestinationSession: Sendable {
     /// HELLO on both connections, carrying the secret whose digest the
     /// page-state record kept. `milestones`, from the record, say whether a
     /// hand-over was still to be done (the agent says HANDED_OVER again
-    /// when it rejoins, if it was).
+    /// when it rejoins, if it was). The pause starts at `now`.
     public init(takingOver migrationID: MigrationID, geometry: PageGeometry, secretDigest: SecretDigest,
-                milestones: PageStateMilestones = [.vmmResumed]) {
+                milestones: PageStateMilestones = [.vmmResumed], pausedAt now: UInt64 = 0) {
         self.geometry = geometry
         self.migrationID = migrationID
         self.secretDigest = secretDigest
@@ -137,6 +144,7 @@ public struct DestinationSession: Sendable {
         handOverPending = switchoverHadHandOver && !milestones.contains(.handedOver)
         phase = .paused
         epoch = 1
+        pausedSince = now
     }
 
     public var limits: RegionLimits { RegionLimits(geometry) }
@@ -147,8 +155,9 @@ public struct DestinationSession: Sendable {
     /// while the old connections still look alive here (the agent found them
     /// dead first), in which case they are given up — the phase turns to
     /// paused and `epoch` moves on. Once both roles have rejoined, postcopy
-    /// goes on and the daemon sends the resync.
-    public mutating func hello(_ message: Message) throws(SessionError) -> (role: StreamRole, welcome: Message) {
+    /// goes on (the pause ends at `now`) and the daemon sends the resync.
+    public mutating func hello(_ message: Message,
+                               at now: UInt64 = 0) throws(SessionError) -> (role: StreamRole, welcome: Message) {
         guard case let .hello(id, role, _, regionSize, secret, resume) = message else {
             throw .unexpected(message.type, phase: phase, role: nil)
         }
@@ -169,7 +178,7 @@ public struct DestinationSession: Sendable {
         guard regionSize == geometry.regionSize else {
             throw .regionSizeMismatch(source: regionSize, destination: geometry.regionSize)
         }
-        if phase == .postcopy || phase == .handover { _ = connectionLost(epoch: epoch) }
+        if phase == .postcopy || phase == .handover { _ = connectionLost(epoch: epoch, at: now) }
         // While paused, a role may come again (an agent that died half-way
         // through rejoining): the newer connection replaces the older.
         let replacing = resume && phase == .paused && connected.contains(role)
@@ -177,21 +186,29 @@ public struct DestinationSession: Sendable {
         migrationID = id
         secretDigest = digest
         if connected.count == StreamRole.allCases.count {
+            if phase == .paused, let since = pausedSince {
+                lastPauseNanos = now >= since ? now - since : 0
+                pausedNanos += lastPauseNanos
+                pausedSince = nil
+            }
             phase = phase != .paused ? .precopy : handOverPending ? .handover : .postcopy
         }
         return (role, .welcome(regionSize: geometry.regionSize, destinationPageSize: geometry.pageSize))
     }
 
-    /// The agent's connections of generation `epoch` failed. During postcopy
-    /// this pauses the migration (true, the first time for that generation);
-    /// in any other phase, or for an older generation, nothing changes
-    /// (false) — before switchover a lost connection fails the migration.
-    public mutating func connectionLost(epoch lost: UInt64) -> Bool {
+    /// The agent's connections of generation `epoch` failed, at `now`.
+    /// During postcopy this pauses the migration (true, the first time for
+    /// that generation); in any other phase, or for an older generation,
+    /// nothing changes (false) — before switchover a lost connection fails
+    /// the migration. So news of a generation already given up, however
+    /// late, never pauses its successor.
+    public mutating func connectionLost(epoch lost: UInt64, at now: UInt64 = 0) -> Bool {
         guard lost == epoch, phase == .postcopy || phase == .handover else { return false }
         phase = .paused
         connected = []
         epoch += 1
         pauses += 1
+        pausedSince = now
         return true
     }
 

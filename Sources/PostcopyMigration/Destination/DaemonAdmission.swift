@@ -26,8 +26,8 @@ extension DestinationDaemon {
     /// outlasts `reconnectTimeoutNanos`.
     func acceptAgents() {
         while !finished.load(ordering: .sequentiallyConsistent), failures.error == nil {
-            let since = pausedAt.load(ordering: .relaxed)
-            if since > 0, monotonicNanoseconds() &- since > config.reconnectTimeoutNanos {
+            if let since = session.withLock({ $0.pausedSince }),
+               monotonicNanoseconds() &- since > config.reconnectTimeoutNanos {
                 failures.fail(.peerLost, "the agent did not rejoin within \(config.reconnectTimeoutNanos / 1_000_000_000) s of losing its connections during postcopy")
                 return
             }
@@ -108,18 +108,15 @@ extension DestinationDaemon {
         do {
             try connection.setReceiveTimeout(config.handshakeTimeoutNanos)
             guard let hello = try stream.receive() else { return }
-            let (role, welcome, epoch, superseded, ready) = try transitions.withLock {
-                let admitted = try session.withLock { session in
-                    let (before, phase) = (session.epoch, session.phase)
-                    let (role, welcome) = try session.hello(hello)
-                    // Both connections are in: precopy starts, or postcopy
-                    // (or the hand-over) goes on after a rejoin.
-                    let ready = phase != session.phase
-                        && [.precopy, .handover, .postcopy].contains(session.phase)
-                    return (role, welcome, session.epoch, session.epoch != before, ready)
-                }
-                if admitted.3 { pauseEngine() }
-                return admitted
+            let (role, welcome, epoch, superseded, ready) = try session.withLock { session in
+                let (before, phase) = (session.epoch, session.phase)
+                let (role, welcome) = try session.hello(hello, at: monotonicNanoseconds())
+                // Both connections are in: precopy starts, or postcopy
+                // (or the hand-over) goes on after a rejoin.
+                let ready = phase != session.phase
+                    && [.precopy, .handover, .postcopy].contains(session.phase)
+                if session.epoch != before { context.set("PHASE", DestinationSession.Phase.paused.rawValue) }
+                return (role, welcome, session.epoch, session.epoch != before, ready)
             }
             admitted()
             if superseded {

@@ -138,10 +138,12 @@ extension DestinationDaemon {
         var figures = DaemonFigures()
         let now = monotonicNanoseconds()
         figures.at = now
-        let (phase, id, pauses) = session.withLock { ($0.phase, $0.migrationID, $0.pauses) }
+        let (phase, id, pauses, since, paused) = session.withLock {
+            ($0.phase, $0.migrationID, $0.pauses, $0.pausedSince, $0.pausedNanos)
+        }
         (figures.phase, figures.migrationID, figures.pauses) = (phase, id?.description ?? "", pauses)
-        figures.pausedSince = pausedAt.load(ordering: .relaxed)
-        figures.pausedNanos = pausedNanos.load(ordering: .relaxed)
+        figures.pausedSince = since ?? 0
+        figures.pausedNanos = paused
         figures.summary = summary.withLock { $0 }
         figures.bytesReceived = agent.withLock { $0.bytesReceived }
         guard let postcopy = engine.withLock({ $0 }) else { return figures }

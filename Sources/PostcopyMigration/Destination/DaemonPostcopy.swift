@@ -11,22 +11,18 @@ extension DestinationDaemon {
     // MARK: pause and rejoin
 
     // A pause: the agent's connections of generation `epoch` are given up
-    // during postcopy (the session has already moved on): page requests are
-    // held (`pauseEngine`), the connections shut down, and the journal told
-    // (`paused`).
+    // during postcopy. The session moves first (to paused, its clock
+    // started, the log context's phase set under its lock); then `paused`
+    // holds page requests, shuts the connections down and tells the
+    // journal. No lock spans the two: the engine's request gate takes news
+    // by generation, so a pause reported after the rejoin that followed it
+    // changes nothing (`GenerationGate`).
 
-    /// The engine's half of a pause, under `transitions` together with the
-    /// session's move that caused it: no PAGE_REQUEST goes out, and the
-    /// pause's clock starts.
-    func pauseEngine() {
-        engine.withLock { $0 }?.pause()
-        pausedAt.store(monotonicNanoseconds(), ordering: .relaxed)
-        context.set("PHASE", DestinationSession.Phase.paused.rawValue)
-    }
-
-    /// The rest of a pause, after `pauseEngine`: the lost generation's
-    /// connections are shut down, and the journal says so.
+    /// The session paused on losing generation `epoch`'s connections: page
+    /// requests are held until a newer generation rejoins, the connections
+    /// are shut down, and the journal says so.
     func paused(epoch: UInt64, because reason: String, role: StreamRole) {
+        engine.withLock { $0 }?.pause(lost: epoch)
         let streams = agent.withLock { $0.epoch == epoch ? Array($0.streams.values) : [] }
         for stream in streams { stream.shutdown() }
         let stale = engine.withLock { $0 }?.stalePages ?? 0
@@ -52,14 +48,10 @@ extension DestinationDaemon {
         let stale = postcopy.staleSnapshot()
         for frame in stale.dirtyBitmapMessages() { try bulk.send(frame) }
         try bulk.send(.resync(stalePages: stale.popCount))
-        let (asked, pausedFor) = transitions.withLock {
-            let now = monotonicNanoseconds()
-            let asked = postcopy.rejoin(urgent: urgent, at: now)
-            let since = pausedAt.exchange(0, ordering: .relaxed)
-            let pausedFor = since > 0 ? now &- since : 0
-            pausedNanos.add(pausedFor, ordering: .relaxed)
-            context.set("PHASE", session.withLock { $0.phase }.rawValue)
-            return (asked, pausedFor)
+        let asked = postcopy.rejoin(urgent: urgent, generation: epoch, at: monotonicNanoseconds())
+        let pausedFor = session.withLock { session in
+            context.set("PHASE", session.phase.rawValue)
+            return session.lastPauseNanos
         }
         logger.event(.postcopyResumed, .notice, "postcopy resumed: the agent rejoined from \(address) after \(fixed(Double(pausedFor) / 1e6, 0)) ms; \(stale.popCount) pages still stale, \(asked) asked for again", [
             "agent_address": "\(address)", "paused_ms": "\(fixed(Double(pausedFor) / 1e6, 1))",
@@ -133,10 +125,10 @@ extension DestinationDaemon {
     /// and the end of the migration before switchover.
     func lost(_ role: StreamRole, epoch: UInt64, _ error: MigrationError) {
         guard failures.error == nil, !finished.load(ordering: .sequentiallyConsistent) else { return }
-        let (pause, phase, current) = transitions.withLock {
-            let outcome = session.withLock { ($0.connectionLost(epoch: epoch), $0.phase, $0.epoch) }
-            if outcome.0 { pauseEngine() }
-            return outcome
+        let (pause, phase, current) = session.withLock { session in
+            let pause = session.connectionLost(epoch: epoch, at: monotonicNanoseconds())
+            if pause { context.set("PHASE", session.phase.rawValue) }
+            return (pause, session.phase, session.epoch)
         }
         if pause {
             paused(epoch: epoch, because: error.reason, role: role)

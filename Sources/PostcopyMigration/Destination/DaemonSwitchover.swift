@@ -102,8 +102,10 @@ extension DestinationDaemon {
     /// on `uffd`, whose guest RAM starts at `guestBase`.
     ///
     /// With no `urgent` stream (a takeover: the guest has run all along, the
-    /// agent is away) postcopy starts paused, and its clock and the pause's
-    /// start now. Otherwise its clock starts once the VMM has acknowledged
+    /// agent is away) postcopy starts paused (the session's pause began when
+    /// it was made) and its clock starts now. Otherwise `urgent` is the
+    /// urgent connection of generation 0 (no pause can come before
+    /// switchover), and the clock starts once the VMM has acknowledged
     /// VMM_RESUME (`markResumed`).
     func startPostcopy(uffd: Userfaultfd, guestBase: UInt64, stale: PageBitmap, urgent: MessageStream?,
                        pageState: PageStateFile) throws -> PostcopyEngine {
@@ -111,11 +113,7 @@ extension DestinationDaemon {
         let postcopy = try makeEngine(installer: installer, stale: stale, urgent: urgent, pageState: pageState)
         engine.withLock { $0 = postcopy }
         engineReady.open()
-        if urgent == nil {
-            let now = monotonicNanoseconds()
-            pausedAt.store(now, ordering: .relaxed)
-            markResumed(postcopy, at: now)
-        }
+        if urgent == nil { markResumed(postcopy, at: monotonicNanoseconds()) }
         let loop = try makeFaultLoop(installer: installer, resolver: postcopy)
         try loop.start()
         faultLoop.withLock { $0 = loop }

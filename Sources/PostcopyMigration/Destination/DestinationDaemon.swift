@@ -38,12 +38,6 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// Opens once postcopy has its engine (`startPostcopy`), or once the
     /// migration failed: what a rejoin during switchover waits for.
     let engineReady = Latch()
-    /// Orders a pause after the generation change that causes it: held
-    /// across the session's move to `paused` and the engine's pause, and
-    /// across a rejoin's resumption of the engine. Without it a rejoin that
-    /// completed between the two would be undone by the late pause, and no
-    /// PAGE_REQUEST would go out for the rest of that generation.
-    let transitions = Lock()
     let faultLoop = Locked<FaultLoop?>(nil)
     /// From just before VMM_RESUME goes out (or from the start, for a
     /// daemon that took a migration over) until the VMM acknowledges
@@ -66,10 +60,6 @@ public final class DestinationDaemon: @unchecked Sendable {
     let startedAt = monotonicNanoseconds()
     let agentAddresses = Locked<[String]>([])
     let receiveRate = Locked(RateMeter())
-    /// When the current pause began (monotonic; 0: not paused), and the
-    /// paused time of earlier pauses.
-    let pausedAt = Atomic<UInt64>(0)
-    let pausedNanos = Atomic<UInt64>(0)
     /// A latch per receiving thread ever started, open once it has ended.
     let receivers = Locked<[Latch]>([])
     /// Agent connections in their TLS handshake or HELLO, each on a thread
@@ -153,7 +143,8 @@ public final class DestinationDaemon: @unchecked Sendable {
             recovered = taken
             session = Locked(DestinationSession(takingOver: header.migrationID, geometry: header.geometry,
                                                   secretDigest: header.secretDigest,
-                                                  milestones: taken.pageState.milestones))
+                                                  milestones: taken.pageState.milestones,
+                                                  pausedAt: monotonicNanoseconds()))
             vmm = VMMLink(listener: unix, memory: memory, allowedUID: config.vmmUID, failures: failures, logger: logger,
                           takeover: VMMTakeover(pageState: taken.pageState, attached: taken.vmm),
                           handshakeTimeoutNanos: config.vmmHandshakeTimeoutNanos)

@@ -69,9 +69,9 @@ final class PostcopyEngine: FaultResolver, Sendable {
     }
 
     /// `onStall` hears of guest threads blocked longer than the limiter's
-    /// threshold (rate-limited by it), from `reportStalls`. With no `urgent`
-    /// stream, postcopy starts paused (a daemon taking over waits for the
-    /// agent to rejoin).
+    /// threshold (rate-limited by it), from `reportStalls`. `urgent` is the
+    /// urgent connection of generation 0; with none, postcopy starts paused
+    /// (a daemon taking over waits for the agent to rejoin).
     init(memory: GuestMemory, installer: PageInstaller, stale: PageBitmap, urgent: MessageStream?,
          pageState: PageStateFile?, failures: FailureLatch, stalls: StallLimiter, tracing: Bool = false,
          scratch: PostcopyTracker.Scratch? = nil,
@@ -94,7 +94,7 @@ final class PostcopyEngine: FaultResolver, Sendable {
         trace = Locked(PostcopyTrace(stalePages: stale.popCount,
                                     reserving: tracing ? Int(stale.popCount / 64 + stale.popCount / 16) + 1024 : 0))
         try inStep("start the thread that sends page requests") { try requests.start() }
-        if let urgent { requests.use(urgent) }
+        if let urgent { requests.use(urgent, generation: 0) }
     }
 
     deinit { requests.stop() }
@@ -176,24 +176,26 @@ final class PostcopyEngine: FaultResolver, Sendable {
     /// claimed or written from now on, and no request goes out.
     func halt() {
         halted.store(true, ordering: .sequentiallyConsistent)
-        requests.use(nil)
+        requests.shut()
     }
 
-    /// The agent's connections are gone: stop sending requests.
-    func pause() {
-        requests.use(nil)
+    /// The agent's connections of generation `lost` are gone: stop sending
+    /// requests, unless a newer generation has rejoined already.
+    func pause(lost: UInt64) {
+        requests.pause(lost: lost)
     }
 
-    /// The agent rejoined on `stream`: asks again for every page a guest
+    /// The agent rejoined on `stream`, its urgent connection of
+    /// `generation`: asks again for every page a guest
     /// thread waits on, before anything else is sent (the request sender
     /// sends the tracker's outstanding list first). Returns how many pages
     /// that is. A fault from now on asks for itself, one from before is in
     /// the list (asking twice is harmless: the agent sends only pages it has
     /// not sent since).
     @discardableResult
-    func rejoin(urgent stream: MessageStream, at now: UInt64) -> UInt64 {
+    func rejoin(urgent stream: MessageStream, generation: UInt64, at now: UInt64) -> UInt64 {
         rejoinedAt.store(now, ordering: .relaxed)
-        requests.use(stream)
+        requests.use(stream, generation: generation)
         return tracker.outstandingRequests.reduce(0) { $0 + $1.count }
     }
 

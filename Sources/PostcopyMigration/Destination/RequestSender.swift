@@ -27,8 +27,10 @@ final class RequestSender: @unchecked Sendable {
     private var count = 0
     private var overflowed = false
     private var stopping = false
-    /// Where requests go; nil while postcopy is paused or halted.
-    private var stream: MessageStream?
+    /// Where requests go: the urgent connection of the newest generation;
+    /// closed while it is lost, shut once postcopy is halted.
+    private var gate = GenerationGate<MessageStream>()
+    private var stream: MessageStream? { gate.target }
     private var frames: [UInt8] = []
     private var thread: OSThread?
     private let outstanding: @Sendable () -> [PageRun]
@@ -87,15 +89,35 @@ final class RequestSender: @unchecked Sendable {
         pthread_mutex_unlock(mutex)
     }
 
-    /// Requests go to `stream` from now on (nil: nowhere, and what is
-    /// queued is dropped). With a stream, every outstanding request is asked
-    /// for again first: a rejoin's guest threads wait on them.
-    func use(_ newStream: MessageStream?) {
+    /// Requests go to `stream`, the urgent connection of `generation`,
+    /// from now on, every outstanding request first (a rejoin's guest
+    /// threads wait on them). Ignored for a generation older than the one
+    /// in use.
+    func use(_ newStream: MessageStream, generation: UInt64) {
         pthread_mutex_lock(mutex)
-        stream = newStream
+        if gate.open(newStream, generation: generation) {
+            count = 0
+            overflowed = true
+            pthread_cond_signal(condition)
+        }
+        pthread_mutex_unlock(mutex)
+    }
+
+    /// The connections of generation `lost` are gone: requests go nowhere
+    /// (what is queued is dropped; the tracker keeps it) until a newer
+    /// generation's `use`. Ignored when a newer generation is in use
+    /// already: a loss reported late never undoes the rejoin after it.
+    func pause(lost: UInt64) {
+        pthread_mutex_lock(mutex)
+        if gate.close(lost: lost) { count = 0 }
+        pthread_mutex_unlock(mutex)
+    }
+
+    /// No request goes out again (postcopy is halted).
+    func shut() {
+        pthread_mutex_lock(mutex)
+        gate.shut()
         count = 0
-        overflowed = newStream != nil
-        pthread_cond_signal(condition)
         pthread_mutex_unlock(mutex)
     }
 
@@ -103,7 +125,7 @@ final class RequestSender: @unchecked Sendable {
     func stop() {
         pthread_mutex_lock(mutex)
         stopping = true
-        stream = nil
+        gate.shut()
         let running = thread
         thread = nil
         pthread_cond_signal(condition)
