@@ -361,13 +361,13 @@ public struct DestinationSession: Sendable {
     }
 
     private mutating func addBitmapWords(firstWord: UInt64, words: [UInt64]) throws(SessionError) -> Action {
-        if phase == .precopy {
-            phase = .switchingOver
-            bitmap = BitmapAssembler(count: geometry.smallPageCount)
-        }
-        // Set on entering switchingOver, just above.
-        guard bitmap!.add(firstWord: firstWord, words: words) else {
-            throw .bitmapOutOfOrder(expectedWord: bitmap!.wordsReceived, got: firstWord)
+        if phase == .precopy { phase = .switchingOver }
+        // Made by the first frame, on entering switchingOver; taken out
+        // while it grows, so that its words are never copied.
+        var assembler = bitmap.take() ?? BitmapAssembler(count: geometry.smallPageCount)
+        defer { bitmap = assembler }
+        guard assembler.add(firstWord: firstWord, words: words) else {
+            throw .bitmapOutOfOrder(expectedWord: assembler.wordsReceived, got: firstWord)
         }
         return .none
     }
