@@ -8,6 +8,15 @@ public struct LatencyFigures: Codable, Equatable, Sendable {
     /// The sum of all samples: for stalls, the total time threads were blocked.
     public let totalMs: Double
 
+    public init(count: Int, p50Us: Double, p99Us: Double, p999Us: Double, maxUs: Double, totalMs: Double) {
+        self.count = count
+        self.p50Us = p50Us
+        self.p99Us = p99Us
+        self.p999Us = p999Us
+        self.maxUs = maxUs
+        self.totalMs = totalMs
+    }
+
     /// From samples in nanoseconds; nil when there are none.
     public init?(nanoseconds samples: [UInt64]) {
         guard let summary = LatencySummary(samples.map { Double($0) }) else { return nil }

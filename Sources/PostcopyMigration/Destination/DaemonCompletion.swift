@@ -39,7 +39,7 @@ extension DestinationDaemon {
             session.complete()
             return digest
         }
-        let figures = figures()
+        let figures = figures(exactLatencies: true)
         summary.withLock { figures.complete(&$0) }
         let bulk = agent.withLock { $0.streams[.bulk] }
         // Every page is here: the agent missing this (its connection lost)

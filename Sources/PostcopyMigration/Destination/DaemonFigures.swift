@@ -133,8 +133,10 @@ extension DestinationDaemon {
         return status
     }
 
-    /// The migration's figures now, from wherever each is kept.
-    func figures() -> DaemonFigures {
+    /// The migration's figures now, from wherever each is kept. The
+    /// stale-fault latencies are exact for the summary (`exactLatencies`),
+    /// and read from the engine's histogram (within 3 %) for the status.
+    func figures(exactLatencies: Bool = false) -> DaemonFigures {
         var figures = DaemonFigures()
         let now = monotonicNanoseconds()
         figures.at = now
@@ -158,7 +160,8 @@ extension DestinationDaemon {
         figures.pageRequests = UInt64(postcopy.lastRequestID)
         figures.urgentPages = postcopy.urgentPages.load(ordering: .relaxed)
         figures.backgroundPages = postcopy.backgroundPages.load(ordering: .relaxed)
-        figures.staleFaultLatency = LatencyFigures(nanoseconds: postcopy.staleFaultLatencies)
+        figures.staleFaultLatency = exactLatencies ? LatencyFigures(nanoseconds: postcopy.staleFaultLatencies)
+            : LatencyFigures(histogram: postcopy.staleFaultHistogram)
         // Read after `now`, the start may be later while the switchover runs.
         let started = postcopy.postcopyStartedAt.load(ordering: .relaxed)
         figures.postcopySeconds = max(Double(now > started ? now - started : 0) / 1e9, 1e-9)

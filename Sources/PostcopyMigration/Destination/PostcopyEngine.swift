@@ -35,7 +35,10 @@ final class PostcopyEngine: FaultResolver, Sendable {
     /// to log off the fault thread.
     private let stallReports = Locked<[StallLimiter.Report]>([])
     private let onStall: @Sendable (StallLimiter.Report) -> Void
-    private let latencies = Locked<[UInt64]>([])
+    /// Each stale fault's wait, exactly (for the summary) and bucketed (for
+    /// the once-a-second status, which must not sort them all under the
+    /// lock the fault thread records into).
+    private let latencies = Locked<(samples: [UInt64], histogram: LatencyHistogram)>(([], LatencyHistogram()))
     private let completeSignalled = Atomic<Bool>(false)
     /// Set once the VMM has let go of guest RAM (or is being let go of):
     /// from then on nothing is claimed or written through the alias.
@@ -139,8 +142,11 @@ final class PostcopyEngine: FaultResolver, Sendable {
             }
         }
         tracker.installed(state.completions.count)
-        latencies.withLock { samples in
-            for completion in state.completions { samples.append(completion.latencyNanos) }
+        latencies.withLock { latencies in
+            for completion in state.completions {
+                latencies.samples.append(completion.latencyNanos)
+                latencies.histogram.record(completion.latencyNanos)
+            }
         }
         let at = rejoinedAt.load(ordering: .relaxed)
         if at != 0, now >= at, rejoinedAt.compareExchange(expected: at, desired: 0, ordering: .relaxed).exchanged {
@@ -289,12 +295,15 @@ final class PostcopyEngine: FaultResolver, Sendable {
     /// thread appends to is never shared (sharing would make its next
     /// append copy it all, on the fault path).
     var staleFaultLatencies: [UInt64] {
-        latencies.withLock { samples in
-            Array(unsafeUninitializedCapacity: samples.count) { buffer, count in
-                count = buffer.initialize(fromContentsOf: samples)
+        latencies.withLock { latencies in
+            Array(unsafeUninitializedCapacity: latencies.samples.count) { buffer, count in
+                count = buffer.initialize(fromContentsOf: latencies.samples)
             }
         }
     }
+
+    /// The same, bucketed: a copy of a few KiB, whatever the count.
+    var staleFaultHistogram: LatencyHistogram { latencies.withLock { $0.histogram } }
 
     /// The events so far, if tracing.
     var traceSnapshot: PostcopyTrace? { tracing ? trace.withLock { $0 } : nil }

@@ -771,13 +771,22 @@ public final class SourceAgent: @unchecked Sendable {
     }
 
     /// Finishes the digest on a thread of its own (`push-digest`), unless
-    /// the final scan already gave it, and hands it to the courier, which
+    /// the final scan already gave it, at `--background-scheduling` (no guest
+    /// waits on it), and hands it to the courier, which
     /// sends it to postcopyd: postcopyd completes only once it has it.
     private func startDigest(_ compute: @escaping @Sendable () -> ImageDigest) throws -> OSThread {
         let courier = notices
-        let logger = logger
+        let (logger, scheduling) = (logger, config.backgroundScheduling)
         return try OSThread.start(name: "push-digest") {
             guard courier.digest == nil else { return }
+            // Hashing is the agent's heaviest work after switchover, and no
+            // guest thread waits on it: at normal priority it took the CPU
+            // from the urgent path for milliseconds at a time (perf sched).
+            do {
+                try OSThread.setCurrentScheduling(scheduling)
+            } catch {
+                logger.warning("the digest thread keeps its scheduling: \(error)")
+            }
             let started = monotonicNanoseconds()
             let value = compute()
             courier.known(value)
