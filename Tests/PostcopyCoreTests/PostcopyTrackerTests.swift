@@ -410,8 +410,11 @@ private enum Tracking {
         // Page 1 waits, but keeps a stale piece: no wake-up, nothing to take.
         #expect(!tracker.commit(tracker.claim(PageRun(first: 515, count: 1))))
         #expect(tracker.takeCompleted(at: 20).isEmpty)
-        // Its last piece: wake, and page 1 is handed out exactly once.
-        #expect(tracker.commit(tracker.claim(PageRun(first: 612, count: 1))))
+        // Its last piece: wake, the committing thread hears of page 1 (to
+        // install it at once), and the fault thread takes it exactly once.
+        var heard: [PageIndex] = []
+        #expect(tracker.commit(tracker.claim(PageRun(first: 612, count: 1))) { heard.append($0) })
+        #expect(heard == [PageIndex(1)])
         #expect(tracker.takeCompleted(at: 30).map(\.page) == [PageIndex(1)])
         #expect(tracker.takeCompleted(at: 40).isEmpty)
         tracker.installed(1)

@@ -285,7 +285,12 @@ public final class PostcopyTracker: @unchecked Sendable {
     /// fault thread must be woken: a guest page a thread waits on may have
     /// lost its last stale piece, or no page is stale any more. Any
     /// receiver, after writing every piece of `runs`.
-    public func commit(_ runs: [PageRun]) -> Bool {
+    ///
+    /// `completed` hears of each waiting guest page seen with no stale
+    /// piece left, so that the receiver may install it at once rather than
+    /// after the fault thread's wake-up; the page stays waiting until the
+    /// fault thread takes it (and installs it again, harmlessly).
+    public func commit(_ runs: [PageRun], completed: (PageIndex) -> Void = { _ in }) -> Bool {
         var wake = false
         let piecesPerPage = geometry.pageSize.smallPagesPerPage
         for run in runs {
@@ -298,6 +303,7 @@ public final class PostcopyTracker: @unchecked Sendable {
                 if waiting.contains(guestPage),
                    !stale.containsAny(in: geometry.smallPages(of: PageIndex(guestPage))) {
                     wake = true
+                    completed(PageIndex(guestPage))
                 }
                 guestPage += 1
             }

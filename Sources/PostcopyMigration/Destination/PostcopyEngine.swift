@@ -255,7 +255,15 @@ final class PostcopyEngine: FaultResolver, Sendable {
             backgroundPages.add(written, ordering: .relaxed)
         }
         if tracing { record(claims, urgent: isUrgent, at: monotonicNanoseconds()) }
-        if tracker.commit(claims) { wakeSignal?.signal() }
+        // A guest thread waiting on a page this completed is woken from here
+        // at once (a CONTINUE of a page with no stale piece is always
+        // right); the fault thread, woken too, does the bookkeeping and its
+        // own CONTINUE finds the page mapped. A failure here is left to that
+        // one: it may be the range being let go at completion.
+        let wake = tracker.commit(claims) { page in
+            do { try installer.install(page) } catch {}
+        }
+        if wake { wakeSignal?.signal() }
     }
 
     private func record(_ claims: [PageRun], urgent isUrgent: Bool, at now: UInt64) {
