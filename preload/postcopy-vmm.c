@@ -176,7 +176,8 @@ static int send_frame(int sock, uint8_t type, const uint8_t *payload, uint32_t l
     bytes[5] = type;
     bytes[6] = bytes[7] = 0;
     put32(bytes + 8, length);
-    memcpy(bytes + HEADER_BYTES, payload, length);
+    if (length > 0)
+        memcpy(bytes + HEADER_BYTES, payload, length);
     uint32_t crc = crc32c(0xFFFFFFFFu, bytes, 12);
     crc = crc32c(crc, payload, length) ^ 0xFFFFFFFFu;
     put32(bytes + 12, crc);
@@ -724,6 +725,11 @@ static int reattach(void)
         if (s == -EACCES && !said++)
             refuse_peer(&peer, "treating it as no postcopyd; still waiting for a restarted one");
         if (s >= 0) {
+            /* A restarted postcopyd answers the reattachment at once; one
+               that accepts and then says nothing must not keep this loop
+               (and its warnings) waiting: give it up and try again. */
+            struct timeval patience = { .tv_sec = 10 }, forever = { 0 };
+            setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &patience, sizeof patience);
             uint8_t kind[4], payload[24];
             attach_payload(payload);
             put32(kind, HANDBACK_RAM);
@@ -734,11 +740,13 @@ static int reattach(void)
             if (rc == 0)
                 rc = send_frame(s, TYPE_VMM_REATTACH, payload, sizeof payload, uffd);
             struct frame frame;
-            while (rc == 0 && receive_frame(s, &frame) == 1) {
+            int received = 0;
+            while (rc == 0 && (received = receive_frame(s, &frame)) == 1) {
                 if (frame.type == TYPE_VMM_RESUME && frame.fd >= 0) {
                     keep_page_state(frame.fd);
                     rc = send_frame(s, TYPE_VMM_RESUMED, NULL, 0, -1);
                     if (rc == 0) {
+                        setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &forever, sizeof forever);
                         say("reattached to a restarted postcopyd");
                         return s;
                     }
@@ -761,6 +769,8 @@ static int reattach(void)
                     break;
                 }
             }
+            if (rc == 0 && received == -EAGAIN && !said++)
+                say("postcopyd accepted the reattachment but did not answer within 10 s; trying again");
             close(s);
         }
         if (seconds_now() >= next_warning) {
