@@ -7,13 +7,14 @@ import Synchronization
 /// a lock between the fault thread and the receiving threads; the fault
 /// resolver the fault thread calls; and the path by which fetched pages
 /// reach guest memory (claim → write through the alias → record fresh →
-/// commit → wake the fault thread, which installs whatever a guest thread
-/// waits for).
+/// commit → install what a guest thread waits for, and wake the fault
+/// thread to do the bookkeeping).
 ///
 /// The fault thread takes no lock a receiving thread takes: a fault only
 /// reads and marks the tracker's atomic bitmaps and queues its request for
-/// the request sender's thread; a receiver hands it completed pages
-/// through `wakeSignal`, an eventfd its loop polls. The locks here
+/// the request sender's thread; a receiver CONTINUEs the waiting pages it
+/// completed and hands them to it through `wakeSignal`, an eventfd its
+/// loop polls. The locks here
 /// (latencies, stall reports, the trace) are shared with readers of
 /// figures, never with a receiver, except the trace's when tracing.
 final class PostcopyEngine: FaultResolver, Sendable {
@@ -121,8 +122,9 @@ final class PostcopyEngine: FaultResolver, Sendable {
     }
 
     /// A receiver's commit may have completed pages guest threads wait on:
-    /// installs each whose every piece is in, then says whether postcopy
-    /// is complete.
+    /// takes each whose every piece is in, installs it (the receiver has,
+    /// as a rule: this finds it mapped and wakes any thread still waiting),
+    /// records the wait, then says whether postcopy is complete.
     func woken() {
         guard acceptsPages else { return }
         let state = faultThread
