@@ -415,7 +415,12 @@ private enum Tracking {
         var heard: [PageIndex] = []
         #expect(tracker.commit(tracker.claim(PageRun(first: 612, count: 1))) { heard.append($0) })
         #expect(heard == [PageIndex(1)])
-        #expect(tracker.takeCompleted(at: 30).map(\.page) == [PageIndex(1)])
+        // The receiver installed it at 22: the wait ends there, not when
+        // the fault thread takes it.
+        tracker.installed(PageIndex(1), at: 22)
+        let taken = tracker.takeCompleted(at: 30)
+        #expect(taken.map(\.page) == [PageIndex(1)])
+        #expect(taken.map(\.latencyNanos) == [12])
         #expect(tracker.takeCompleted(at: 40).isEmpty)
         tracker.installed(1)
         #expect(tracker.isComplete)
@@ -566,5 +571,20 @@ private enum Tracking {
         // The held-back page last: its commit completes postcopy.
         #expect(tracker.commit(tracker.claim(PageRun(first: heldBack.lowerBound, count: UInt64(heldBack.count)))))
         #expect(tracker.isComplete)
+    }
+}
+
+@Suite struct CompletionTimesTests {
+    @Test func aSlotGivesItsPagesTimeUntilAnotherPageTakesIt() {
+        let times = CompletionTimes(slots: 4)
+        #expect(times.time(of: 5) == nil)
+        times.record(5, at: 100)
+        #expect(times.time(of: 5) == 100)
+        #expect(times.time(of: 1) == nil, "page 1 shares page 5's slot but was never recorded")
+        times.record(9, at: 200)  // the same slot: page 5's time is lost
+        #expect(times.time(of: 5) == nil)
+        #expect(times.time(of: 9) == 200)
+        times.record(6, at: 300)
+        #expect(times.time(of: 9) == 200 && times.time(of: 6) == 300)
     }
 }

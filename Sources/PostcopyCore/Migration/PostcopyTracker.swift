@@ -54,7 +54,9 @@ public final class PostcopyTracker: @unchecked Sendable {
     /// was blocked on it: install it now.
     public struct Completion: Equatable, Sendable {
         public let page: PageIndex
-        /// From the first fault on the page to the fault thread taking it.
+        /// From the first fault on the page to the install by the receiver
+        /// that completed it (`installed(_:at:)`), or else to the fault
+        /// thread taking it.
         public let latencyNanos: UInt64
     }
 
@@ -74,6 +76,8 @@ public final class PostcopyTracker: @unchecked Sendable {
     /// pages, so that the fault path does not allocate until more pages
     /// than that wait at once.
     private var waitList: [(page: UInt64, since: UInt64)]
+    /// When a receiver installed a waiting page it completed (`installed(_:at:)`).
+    private let installedAt = CompletionTimes()
 
     private let stalePieces: Atomic<UInt64>
     private let duplicatePieces = Atomic<UInt64>(0)
@@ -233,7 +237,8 @@ public final class PostcopyTracker: @unchecked Sendable {
             // Counted pending before the page stops waiting: `isComplete`
             // must never see neither.
             pendingInstallCount.add(1, ordering: .sequentiallyConsistent)
-            completions.append(Completion(page: PageIndex(page), latencyNanos: now &- since))
+            let end = installedAt.time(of: page).map { Swift.max($0, since) } ?? now
+            completions.append(Completion(page: PageIndex(page), latencyNanos: end &- since))
             stopWaiting(on: page)
         }
     }
@@ -309,6 +314,13 @@ public final class PostcopyTracker: @unchecked Sendable {
             }
         }
         return wake
+    }
+
+    /// A receiver installed `page`, which `commit` reported completed, at
+    /// `time`: the wait `takeCompleted` reports for it ends there. Any
+    /// receiver.
+    public func installed(_ page: PageIndex, at time: UInt64) {
+        installedAt.record(page.rawValue, at: time)
     }
 
     // MARK: anyone

@@ -263,7 +263,10 @@ final class PostcopyEngine: FaultResolver, Sendable {
         // own CONTINUE finds the page mapped. A failure here is left to that
         // one: it may be the range being let go at completion.
         let wake = tracker.commit(claims) { page in
-            do { try installer.install(page) } catch {}
+            do {
+                try installer.install(page)
+                tracker.installed(page, at: monotonicNanoseconds())
+            } catch {}
         }
         if wake { wakeSignal?.signal() }
     }
