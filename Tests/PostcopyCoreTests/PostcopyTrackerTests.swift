@@ -417,7 +417,7 @@ private enum Tracking {
         #expect(heard == [PageIndex(1)])
         // The receiver installed it at 22: the wait ends there, not when
         // the fault thread takes it.
-        tracker.installed(PageIndex(1), at: 22)
+        tracker.receiverInstalled(PageIndex(1), at: 22)
         let taken = tracker.takeCompleted(at: 30)
         #expect(taken.map(\.page) == [PageIndex(1)])
         #expect(taken.map(\.latencyNanos) == [12])

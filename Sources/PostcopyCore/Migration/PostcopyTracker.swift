@@ -10,7 +10,8 @@ import Synchronization
 /// scheduler kept it off the CPU would stall every fault behind it). Each
 /// method says which threads may call it:
 ///
-/// - **Receivers** (any number, at once): `claim` and `commit`.
+/// - **Receivers** (any number, at once): `claim`, `commit` and
+///   `receiverInstalled`.
 /// - **The fault thread** (one): `fault`, `takeCompleted` and `installed`.
 ///   It alone owns the pages that wait and when they first faulted.
 /// - **Anyone**: the counters, `isComplete`, `staleBitmap` and
@@ -55,7 +56,7 @@ public final class PostcopyTracker: @unchecked Sendable {
     public struct Completion: Equatable, Sendable {
         public let page: PageIndex
         /// From the first fault on the page to the install by the receiver
-        /// that completed it (`installed(_:at:)`), or else to the fault
+        /// that completed it (`receiverInstalled`), or else to the fault
         /// thread taking it.
         public let latencyNanos: UInt64
     }
@@ -76,7 +77,7 @@ public final class PostcopyTracker: @unchecked Sendable {
     /// pages, so that the fault path does not allocate until more pages
     /// than that wait at once.
     private var waitList: [(page: UInt64, since: UInt64)]
-    /// When a receiver installed a waiting page it completed (`installed(_:at:)`).
+    /// When a receiver installed a waiting page it completed (`receiverInstalled`).
     private let installedAt = CompletionTimes()
 
     private let stalePieces: Atomic<UInt64>
@@ -319,7 +320,7 @@ public final class PostcopyTracker: @unchecked Sendable {
     /// A receiver installed `page`, which `commit` reported completed, at
     /// `time`: the wait `takeCompleted` reports for it ends there. Any
     /// receiver.
-    public func installed(_ page: PageIndex, at time: UInt64) {
+    public func receiverInstalled(_ page: PageIndex, at time: UInt64) {
         installedAt.record(page.rawValue, at: time)
     }
 

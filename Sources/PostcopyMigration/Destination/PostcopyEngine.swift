@@ -265,7 +265,7 @@ final class PostcopyEngine: FaultResolver, Sendable {
         let wake = tracker.commit(claims) { page in
             do {
                 try installer.install(page)
-                tracker.installed(page, at: monotonicNanoseconds())
+                tracker.receiverInstalled(page, at: monotonicNanoseconds())
             } catch {}
         }
         if wake { wakeSignal?.signal() }
