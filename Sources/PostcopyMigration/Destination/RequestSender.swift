@@ -43,7 +43,7 @@ final class RequestSender: @unchecked Sendable {
     static let maxPagesPerRequest: UInt64 = 1024
 
     /// `outstanding` lists every page asked for that has not arrived (the
-    /// tracker's, under its lock). Nothing is sent before `start`.
+    /// tracker's, read from its atomic bitmaps). Nothing is sent before `start`.
     init(outstanding: @escaping @Sendable () -> [PageRun]) {
         self.outstanding = outstanding
         nextRequestID = Atomic(0)
