@@ -130,13 +130,7 @@ public final class AtomicPageBitmap: @unchecked Sendable {
     @inline(__always)
     private func forEachWord(of run: PageRun, _ body: (Int, UInt64) -> Void) {
         precondition(run.end <= count, "\(run) outside a bitmap of \(count)")
-        var page = run.first
-        while page < run.end {
-            let low = page & 63
-            let span = min(64 - low, run.end - page)
-            body(Int(page >> 6), span == 64 ? .max : ((1 << span) - 1) << low)
-            page += span
-        }
+        PageBitmap.forEachWord(in: run.pages, body)
     }
 
     /// Whether any page in `range` is set.
@@ -156,11 +150,6 @@ public final class AtomicPageBitmap: @unchecked Sendable {
             guard index < wordCount else { return nil }
             bits = word(index)
         }
-    }
-
-    /// Pages set, word by word: exact when nothing changes meanwhile.
-    public var popCount: UInt64 {
-        (0..<wordCount).reduce(0) { $0 + UInt64(word($1).nonzeroBitCount) }
     }
 
     /// The bitmap now, as a plain value, read word by word.

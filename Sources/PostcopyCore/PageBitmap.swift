@@ -82,13 +82,18 @@ public struct PageBitmap: Equatable, Sendable {
     public mutating func insert(first: UInt64, count pages: UInt64) {
         precondition(first <= count && pages <= count - first,
                      "pages \(first)..<\(first)+\(pages) outside a bitmap of \(count)")
-        var index = first
-        let end = first + pages
-        while index < end {
+        Self.forEachWord(in: first..<(first + pages)) { word, mask in words[word] |= mask }
+    }
+
+    /// Calls `body` with the index and the mask of each 64-bit word that
+    /// the bits of `range` fall in, in order.
+    @inline(__always)
+    static func forEachWord(in range: Range<UInt64>, _ body: (_ word: Int, _ mask: UInt64) -> Void) {
+        var index = range.lowerBound
+        while index < range.upperBound {
             let bit = index & 63
-            let span = min(64 - bit, end - index)
-            let mask = span == 64 ? UInt64.max : ((1 << span) - 1) << bit
-            words[Int(index >> 6)] |= mask
+            let span = min(64 - bit, range.upperBound - index)
+            body(Int(index >> 6), span == 64 ? .max : ((1 << span) - 1) << bit)
             index += span
         }
     }

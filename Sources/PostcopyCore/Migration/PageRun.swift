@@ -31,6 +31,15 @@ struct PageRunBuilder {
         length = 1
     }
 
+    /// Adds each page set in `bits`, the 64 pages from `firstPage` on.
+    mutating func add(bits: UInt64, from firstPage: UInt64) {
+        var rest = bits
+        while rest != 0 {
+            add(firstPage + UInt64(rest.trailingZeroBitCount))
+            rest &= rest - 1
+        }
+    }
+
     mutating func finish() -> [PageRun] {
         flush()
         return runs

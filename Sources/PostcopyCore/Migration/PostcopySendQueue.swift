@@ -34,13 +34,7 @@ public final class PostcopySendQueue: Sendable {
     public func takeRequested(_ run: PageRun) -> [PageRun] {
         precondition(run.end <= pending.count, "\(run) outside the region")
         var taken = PageRunBuilder()
-        let count = pending.take(run) { firstBit, bits in
-            var rest = bits
-            while rest != 0 {
-                taken.add(firstBit + UInt64(rest.trailingZeroBitCount))
-                rest &= rest - 1
-            }
-        }
+        let count = pending.take(run) { firstBit, bits in taken.add(bits: bits, from: firstBit) }
         remainingPages.subtract(count, ordering: .sequentiallyConsistent)
         cursor.store(run.end < pending.count ? run.end : 0, ordering: .relaxed)
         return taken.finish()

@@ -277,11 +277,7 @@ public final class PostcopyTracker: @unchecked Sendable {
         precondition(run.end <= geometry.smallPageCount, "\(run) outside the region")
         var claims = PageRunBuilder()
         let dropped = claimed.insert(run, whereSetIn: stale) { firstBit, bits in
-            var rest = bits
-            while rest != 0 {
-                claims.add(firstBit + UInt64(rest.trailingZeroBitCount))
-                rest &= rest - 1
-            }
+            claims.add(bits: bits, from: firstBit)
         }
         if dropped > 0 { duplicatePieces.add(dropped, ordering: .relaxed) }
         return claims.finish()

@@ -20,12 +20,9 @@ public struct LatencyFigures: Codable, Equatable, Sendable {
     /// From samples in nanoseconds; nil when there are none.
     public init?(nanoseconds samples: [UInt64]) {
         guard let summary = LatencySummary(samples.map { Double($0) }) else { return nil }
-        count = summary.count
-        p50Us = summary.median / 1000
-        p99Us = summary.p99 / 1000
-        p999Us = summary.p999 / 1000
-        maxUs = summary.max / 1000
-        totalMs = samples.reduce(0.0) { $0 + Double($1) } / 1e6
+        self.init(count: summary.count, p50Us: summary.median / 1000, p99Us: summary.p99 / 1000,
+                  p999Us: summary.p999 / 1000, maxUs: summary.max / 1000,
+                  totalMs: samples.reduce(0.0) { $0 + Double($1) } / 1e6)
     }
 
     /// "p50 12.3 µs, p99 45.6 µs, max 78.9 µs (1234 samples)"
