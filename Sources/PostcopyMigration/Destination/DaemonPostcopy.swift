@@ -198,11 +198,9 @@ extension DestinationDaemon {
         let action: DestinationSession.Action?
         do {
             action = try DestinationSession.postcopyPages(message, on: role, limits: limits)
-            if case let .writePostcopy(_, _, requestID)? = action, requestID > postcopy.lastRequestID {
-                throw SessionError.unexpected(.pages, phase: .postcopy, role: role)
-            }
+            try refuseUnasked(action, on: role, lastSent: postcopy.lastRequestID)
         } catch let error as SessionError {
-            throw MigrationError(error.code, "refused a frame on the agent's \(role) connection: \(error)")
+            throw refused(error, on: role)
         }
         switch action {
         case let .writePostcopy(run, data, _)?:
@@ -226,14 +224,25 @@ extension DestinationDaemon {
             }
             // Only a few messages move the phase: keep the log context off the per-frame path.
             if let newPhase { context.set("PHASE", newPhase.rawValue) }
-            if case let .writePostcopy(_, _, requestID) = action, requestID > 0,
-               requestID > (engine.withLock { $0 }?.lastRequestID ?? 0) {
-                throw SessionError.unexpected(.pages, phase: .postcopy, role: role)
-            }
+            try refuseUnasked(action, on: role, lastSent: engine.withLock { $0 }?.lastRequestID ?? 0)
             return action
         } catch let error as SessionError {
-            throw MigrationError(error.code, "refused a frame on the agent's \(role) connection: \(error)")
+            throw refused(error, on: role)
         }
+    }
+
+    /// Requested pages must answer a PAGE_REQUEST this daemon sent (the
+    /// session knows ids only as nonzero; the request sender knows which).
+    private func refuseUnasked(_ action: DestinationSession.Action?, on role: StreamRole,
+                               lastSent: UInt32) throws(SessionError) {
+        if case let .writePostcopy(_, _, requestID)? = action, requestID > lastSent {
+            throw .unexpected(.pages, phase: .postcopy, role: role)
+        }
+    }
+
+    /// A frame the session refused, as the migration's error.
+    private func refused(_ error: SessionError, on role: StreamRole) -> MigrationError {
+        MigrationError(error.code, "refused a frame on the agent's \(role) connection: \(error)")
     }
 
     /// Moves the calling thread to `config.backgroundScheduling`; a failure
