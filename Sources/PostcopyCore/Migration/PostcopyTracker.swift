@@ -240,7 +240,7 @@ public final class PostcopyTracker: @unchecked Sendable {
             pendingInstallCount.add(1, ordering: .sequentiallyConsistent)
             let end = installedAt.time(of: page).map { Swift.max($0, since) } ?? now
             completions.append(Completion(page: PageIndex(page), latencyNanos: end &- since))
-            stopWaiting(on: page)
+            stopWaiting(at: index)
         }
     }
 
@@ -259,11 +259,16 @@ public final class PostcopyTracker: @unchecked Sendable {
     }
 
     private func stopWaiting(on page: UInt64) {
-        guard waiting.remove(page) else { return }
-        if let index = waitList.firstIndex(where: { $0.page == page }) {
-            waitList.swapAt(index, waitList.count - 1)
-            waitList.removeLast()
-        }
+        guard let index = waitList.firstIndex(where: { $0.page == page }) else { return }
+        stopWaiting(at: index)
+    }
+
+    /// The page at `index` of the wait list waits no more (the last entry
+    /// takes its place).
+    private func stopWaiting(at index: Int) {
+        waiting.remove(waitList[index].page)
+        waitList.swapAt(index, waitList.count - 1)
+        waitList.removeLast()
         waitingPages.subtract(1, ordering: .sequentiallyConsistent)
     }
 
