@@ -195,6 +195,27 @@ public final class MemoryFile: Sendable {
             cpc_fallocate(fd, 0, Int64(offset.rawValue), Int64(length))
         }
     }
+
+    /// Writes `bytes` into the file from `offset` with pwrite(2): into the
+    /// page cache, without mapping anything. On shmem a page that does not
+    /// exist yet is made for the write and not zeroed first (the write
+    /// fills it whole), where a first store through a mapping would fault
+    /// the page in zeroed and then copy over it. Kernel: `pwrite(2)`.
+    public func write(_ bytes: UnsafeRawBufferPointer, at offset: RegionOffset) throws(SystemCallError) {
+        guard let base = bytes.baseAddress else { return }
+        var done = 0
+        while done < bytes.count {
+            let written = pwrite(fd, base + done, bytes.count - done, off_t(offset.rawValue) + off_t(done))
+            if written > 0 {
+                done += written
+            } else if written < 0 && errno == EINTR {
+                continue
+            } else {
+                let error = written < 0 ? Errno.current : Errno(EIO)
+                throw SystemCallError("write \(bytes.count - done) bytes into guest RAM at \(offset)", error)
+            }
+        }
+    }
 }
 
 /// A shared mapping of a `MemoryFile`, unmapped when the object goes away.
@@ -284,23 +305,47 @@ public final class GuestMemory: Sendable {
         try Mapping(file: file, purpose: "guest view")
     }
 
-    /// Writes `run`'s pages through the alias from `bytes` (exactly
-    /// `run.count` × 4 KiB), or zeroes them when `bytes` is nil: the one
-    /// way page bytes enter guest RAM. A run outside the region, or bytes
-    /// of another length, is a broken invariant (the session and the
-    /// tracker hand out only runs they checked against the region) and
-    /// traps rather than writing anywhere.
-    public func write(_ bytes: UnsafeRawBufferPointer?, to run: PageRun) {
-        precondition(run.end <= geometry.smallPageCount, "\(run) outside guest RAM's \(geometry.smallPageCount) pages")
-        let length = Int(run.count) * 4096
-        precondition(bytes.map { $0.count == length } ?? true, "\(bytes?.count ?? 0) bytes for \(run)")
+    /// Writes `run`'s pages from `bytes` (exactly `run.count` × 4 KiB), or
+    /// zeroes them when `bytes` is nil: with `writeThroughAlias`, the one
+    /// way page bytes enter guest RAM. On shmem, data goes into the file
+    /// with pwrite(2): a page that does not exist yet is made for the write
+    /// and not zeroed first, where a first store through the alias faults
+    /// it in zeroed and then copies over it (most of the daemon's precopy
+    /// CPU time, docs/benchmarks.md). pwrite takes the file's inode lock,
+    /// so this is for one writer at a time: precopy's. Hugetlbfs has no
+    /// write(2), and zeroing needs none: those go through the alias. Throws
+    /// when the kernel refuses the write (no memory left for shmem pages):
+    /// nothing says the pages hold the bytes then.
+    public func write(_ bytes: UnsafeRawBufferPointer?, to run: PageRun) throws(SystemCallError) {
+        check(bytes, run)
+        guard let bytes, file.backing.memoryKind == .shmem else {
+            writeThroughAlias(bytes, to: run)
+            return
+        }
+        try file.write(bytes, at: RegionOffset(run.first * 4096))
+    }
+
+    /// `write`, with stores through the alias, taking no lock: for
+    /// postcopy, where the urgent receiver must never wait on the
+    /// back-fill's inode lock (and the pages mostly exist already, written
+    /// in precopy).
+    public func writeThroughAlias(_ bytes: UnsafeRawBufferPointer?, to run: PageRun) {
+        check(bytes, run)
         // SAFETY: run lies within the region, checked above, and so within the alias.
         let target = alias.pointer(toSmallPage: run.first)
         if let source = bytes?.baseAddress {
-            target.copyMemory(from: source, byteCount: length)
+            target.copyMemory(from: source, byteCount: Int(run.count) * 4096)
         } else {
-            memset(target, 0, length)
+            memset(target, 0, Int(run.count) * 4096)
         }
+    }
+
+    /// A run outside the region, or bytes of another length, is a broken
+    /// invariant (the session and the tracker hand out only runs they
+    /// checked against the region): it traps rather than writing anywhere.
+    private func check(_ bytes: UnsafeRawBufferPointer?, _ run: PageRun) {
+        precondition(run.end <= geometry.smallPageCount, "\(run) outside guest RAM's \(geometry.smallPageCount) pages")
+        precondition(bytes.map { $0.count == Int(run.count) * 4096 } ?? true, "\(bytes?.count ?? 0) bytes for \(run)")
     }
 
     /// The alias bytes of `page`, lent to `body`; nil for a page outside.

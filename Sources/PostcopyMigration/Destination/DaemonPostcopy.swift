@@ -149,10 +149,10 @@ extension DestinationDaemon {
         switch action {
         case let .writePrecopy(run, data):
             // The session validated run against the region.
-            data.withUnsafeBytes { memory.write($0, to: run) }
+            try data.withUnsafeBytes { try memory.write($0, to: run) }
             summary.withLock { $0.precopyPages += run.count }
         case let .zeroPrecopy(run):
-            memory.write(nil, to: run)
+            try memory.write(nil, to: run)
             summary.withLock { $0.precopyZeroPages += run.count }
         case let .roundEnded(round, sent, dirty):
             summary.withLock { $0.precopyRounds = round }

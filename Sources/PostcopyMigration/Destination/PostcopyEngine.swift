@@ -235,11 +235,15 @@ final class PostcopyEngine: FaultResolver, Sendable {
         var written: UInt64 = 0
         for claim in claims {
             // Claims are sub-runs of run, which the session validated.
+            // Through the alias: pwrite would take the file's inode lock,
+            // which the urgent and the back-fill receivers would share.
             if let data {
                 let start = data.startIndex + Int(claim.first - run.first) * 4096
-                data[start..<(start + Int(claim.count) * 4096)].withUnsafeBytes { memory.write($0, to: claim) }
+                data[start..<(start + Int(claim.count) * 4096)].withUnsafeBytes {
+                    memory.writeThroughAlias($0, to: claim)
+                }
             } else {
-                memory.write(nil, to: claim)
+                memory.writeThroughAlias(nil, to: claim)
             }
             written += claim.count
         }
