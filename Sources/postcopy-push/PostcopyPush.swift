@@ -61,6 +61,9 @@ struct PostcopyPush: ParsableCommand {
     @Option(help: "Switch over once a round resends at most this many pages.")
     var switchoverPages: UInt64 = 256
 
+    @Option(help: ArgumentHelp("Limit precopy to this many MiB/s over all its rounds, as QEMU's max-bandwidth does (default: no limit). The switchover and postcopy are not held back by it.", valueName: "MiB/s"))
+    var maxBandwidth: Double?
+
     @Option(help: ArgumentHelp("Limit the background stream during postcopy to this many MiB/s (default: no limit). Pages the destination asks for are never held back.", valueName: "MiB/s"))
     var postcopyBandwidth: Double?
 
@@ -134,8 +137,10 @@ struct PostcopyPush: ParsableCommand {
         if noPause && resumedCmd != nil {
             throw ValidationError("--no-pause contradicts --resumed-cmd: a source nothing pauses has no guest to hand over")
         }
-        if let postcopyBandwidth, !(postcopyBandwidth > 0) || postcopyBandwidth > 1e6 {
-            throw ValidationError("--postcopy-bandwidth is MiB/s above 0 (and at most 1000000)")
+        for (option, value) in [("--max-bandwidth", maxBandwidth), ("--postcopy-bandwidth", postcopyBandwidth)] {
+            if let value, !(value > 0) || value > 1e6 {
+                throw ValidationError("\(option) is MiB/s above 0 (and at most 1000000)")
+            }
         }
     }
 
@@ -157,6 +162,7 @@ struct PostcopyPush: ParsableCommand {
         config.dirtyLog = dirtyLog
         config.dirtyLogSocket = dirtyLogSocket
         config.verifyDirtyLog = verifyDirtyLog
+        config.precopyBytesPerSecond = maxBandwidth.map { UInt64($0 * 1_048_576) }
         config.postcopyBytesPerSecond = postcopyBandwidth.map { UInt64($0 * 1_048_576) }
         config.backgroundScheduling = scheduling.backgroundScheduling
         config.resume = resume

@@ -103,6 +103,8 @@ struct Migration {
     /// Record the daemon's trace and the guest's touch log.
     var traced = false
     var postcopyBytesPerSecond: UInt64?
+    /// The agent's precopy limit (`--max-bandwidth`).
+    var precopyBytesPerSecond: UInt64?
     /// Both sides' dead-peer timeout (nil: the default), stretched by
     /// POSTCOPY_TEST_TIME_SCALE.
     var deadPeerTimeoutNanos: UInt64?
@@ -184,6 +186,7 @@ struct Migration {
         }
         defer { withExtendedLifetime(tracking) {} }
         agentConfig.postcopyBytesPerSecond = postcopyBytesPerSecond
+        agentConfig.precopyBytesPerSecond = precopyBytesPerSecond
         agentConfig.deadPeerTimeoutNanos = (deadPeerTimeoutNanos ?? agentConfig.deadPeerTimeoutNanos) * TestTiming.scale
         agentConfig.reconnectInitialDelayNanos = 20_000_000
         agentConfig.reconnectMaxDelayNanos = 200_000_000

@@ -48,6 +48,27 @@ struct MigrationTests {
         #expect(outcome.guest.pagesRead == size / 4096)
     }
 
+    /// `--max-bandwidth` holds every precopy round to its rate (the
+    /// pacer allows one 1 MiB burst), rounds after the first included, and
+    /// the migration is as whole as without it.
+    @Test func precopyKeepsToMaxBandwidth() throws {
+        let (source, dirty) = try Self.source(dirty: 0.1)
+        var migration = Migration()
+        migration.rounds = 2
+        // About half a second for the first round at full size.
+        let limit = (224 << 20) / TestSize.divisor * 2
+        migration.precopyBytesPerSecond = limit
+        let outcome = try migration.run(source, pause: Self.dirtying(source, dirty))
+        Self.check(outcome, stale: Self.stale(dirty))
+        #expect(outcome.agent.rounds.count == 2)
+        for round in outcome.agent.rounds {
+            let allowed = Double(limit) * round.seconds + Double(1 << 20)
+            #expect(Double(round.bytesSent) <= allowed * 1.02,
+                    "round \(round.round): \(round.bytesSent) bytes in \(round.seconds) s at \(round.mibPerSecond) MiB/s, over the limit")
+        }
+        #expect(outcome.agent.rounds[0].seconds >= 0.3, "round 1 took \(outcome.agent.rounds[0].seconds) s: not paced")
+    }
+
     @Test(arguments: [0.0, 0.1, 1.0])
     func shmem(dirty fraction: Double) throws {
         let (source, dirty) = try Self.source(dirty: fraction)

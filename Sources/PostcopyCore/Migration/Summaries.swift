@@ -122,6 +122,8 @@ public struct PrecopyRound: Codable, Equatable, Sendable {
     /// The agent's CPU time in the round, all threads: it follows the dirty
     /// pages with uffd-wp, all of RAM with the hash log.
     public let cpuSeconds: Double?
+    /// The round's rate on the wire: bytesSent over seconds, in MiB/s.
+    public let mibPerSecond: Double
 
     public init(round: UInt32, pagesSent: UInt64, zeroPagesSent: UInt64, bytesSent: UInt64, seconds: Double,
                 pagesWritten: UInt64? = nil, cpuSeconds: Double? = nil) {
@@ -132,6 +134,7 @@ public struct PrecopyRound: Codable, Equatable, Sendable {
         self.seconds = seconds
         self.pagesWritten = pagesWritten
         self.cpuSeconds = cpuSeconds
+        mibPerSecond = seconds > 0 ? Double(bytesSent) / seconds / 1_048_576 : 0
     }
 }
 

@@ -42,9 +42,10 @@ final class PageScanner: @unchecked Sendable {
     /// sent goes out, as PAGES (copied, hashed, sent) or, when it is now all
     /// zeros, as ZERO_PAGES. `candidates` limits the pages looked at (the
     /// pages a dirty log reports written); nil looks at every page.
-    /// `progress` is called after each frame with the share of the
-    /// candidates looked at.
-    func sendChangedPages(among candidates: PageBitmap? = nil, to stream: MessageStream,
+    /// `pacer`, when given, holds the round to its rate (it carries over
+    /// from round to round). `progress` is called after each frame with the
+    /// share of the candidates looked at.
+    func sendChangedPages(among candidates: PageBitmap? = nil, to stream: MessageStream, pacer: inout Pacer?,
                           progress: (Double, RoundResult) -> Void) throws -> RoundResult {
         var result = RoundResult()
         var dataFirst: UInt64 = 0
@@ -61,6 +62,7 @@ final class PageScanner: @unchecked Sendable {
             try stream.sendPages(requestID: Message.backgroundRequestID, firstPage: dataFirst, pageData: bytes)
             result.pagesSent += UInt64(dataCount)
             result.bytesSent += UInt64(dataCount * 4096 + 32)
+            paced(UInt64(dataCount * 4096 + 32))
             dataCount = 0
             progress(Double(looked) / Double(total), result)
         }
@@ -69,31 +71,40 @@ final class PageScanner: @unchecked Sendable {
             try stream.send(.zeroPages(firstPage: zeroFirst, count: UInt32(zeroCount)))
             result.zeroPagesSent += zeroCount
             result.bytesSent += 28
+            paced(28)
             zeroCount = 0
+        }
+        func paced(_ bytes: UInt64) {
+            if let wait = pacer?.sent(bytes, now: monotonicNanoseconds()), wait > 0 { sleepNanoseconds(wait) }
         }
 
         var next = candidates.nextSet(from: 0)
         while let page = next {
             next = candidates.nextSet(from: page + 1)
             looked += 1
-            let (hash, isZero) = image.withPages(first: page, count: 1) { PageHash.of($0) }
+            // Pages are taken in ascending order: a data run this page does
+            // not extend can never grow again, so it goes out now.
+            if dataCount > 0 && dataFirst + UInt64(dataCount) != page { try flushData() }
+            // Copied into the frame's next slot first and hashed there,
+            // once: the hash that says whether the page changed is the hash
+            // of the very bytes that go out (the guest may write the page
+            // meanwhile). An unchanged page leaves the slot to the next.
+            // SAFETY: dataCount < batchPages, so the slot lies inside staging.
+            let slot = UnsafeMutableRawBufferPointer(rebasing: staging[(dataCount * 4096)..<((dataCount + 1) * 4096)])
+            image.withPages(first: page, count: 1) { slot.copyMemory(from: $0) }
+            let (hash, isZero) = PageHash.of(UnsafeRawBufferPointer(slot))
             guard hash != sent[Int(page)] else { continue }
+            sent[Int(page)] = hash
             if isZero {
                 try flushData()
                 if zeroCount > 0 && zeroFirst + zeroCount != page { try flushZeros() }
                 if zeroCount == 0 { zeroFirst = page }
                 zeroCount += 1
-                sent[Int(page)] = PageHash.zeroPage
                 if zeroCount == UInt64(UInt32.max) { try flushZeros() }
                 continue
             }
             try flushZeros()
-            if dataCount > 0 && dataFirst + UInt64(dataCount) != page { try flushData() }
             if dataCount == 0 { dataFirst = page }
-            // SAFETY: dataCount < batchPages, so the slot lies inside staging.
-            let slot = UnsafeMutableRawBufferPointer(rebasing: staging[(dataCount * 4096)..<((dataCount + 1) * 4096)])
-            image.withPages(first: page, count: 1) { slot.copyMemory(from: $0) }
-            sent[Int(page)] = PageHash.of(UnsafeRawBufferPointer(slot)).hash
             dataCount += 1
             if dataCount == batchPages { try flushData() }
         }

@@ -68,6 +68,10 @@ public struct AgentConfig: Sendable {
     public var verifyDirtyLog = false
     /// Pages per PAGES frame.
     public var batchPages = 256
+    /// Precopy's limit, bytes per second, over all its rounds (nil: as fast
+    /// as the link goes): QEMU's `max-bandwidth`. The pause and postcopy
+    /// are not held back by it.
+    public var precopyBytesPerSecond: UInt64?
     /// The background stream's limit during postcopy, bytes per second
     /// (nil: as fast as the link goes). Pages a fault waits for are never
     /// held back by it.
@@ -432,6 +436,7 @@ public final class SourceAgent: @unchecked Sendable {
         audit = DirtyLogAudit(pageCount: scanner.pageCount)
         var round: UInt32 = 0
         var reason = PrecopyPolicy.Reason.roundLimit
+        var pacer = config.precopyBytesPerSecond.map { Pacer(bytesPerSecond: $0, now: started) }
         while true {
             if let limit = config.policy.limitReached(roundsDone: Int(round), elapsedNanos: monotonicNanoseconds() - started) {
                 reason = limit
@@ -444,7 +449,7 @@ public final class SourceAgent: @unchecked Sendable {
             // armed before it; each later round sends what the log reports.
             let candidates = round == 1 ? nil : scanWritten(&log, scanner, paused: false)
             try checkAudit()
-            let result = try scanner.sendChangedPages(among: candidates, to: bulk) { fraction, sofar in
+            let result = try scanner.sendChangedPages(among: candidates, to: bulk, pacer: &pacer) { fraction, sofar in
                 progress.update("precopy round \(round) \(ProgressReporter.bar(fraction)) \(ByteSize.format(sofar.bytesSent)) sent, \(ProgressReporter.rate(bytes: sofar.bytesSent, since: roundStarted))")
             }
             let changed = result.pagesSent + result.zeroPagesSent
