@@ -2,7 +2,7 @@ import PostcopyCore
 import Testing
 
 /// Sessions in each phase, and the messages that drive them.
-private enum Sessions {
+enum Sessions {
     static let migrationID = MigrationID(high: 0x0123_4567_89AB_CDEF, low: 0xFEDC_BA98_7654_3210)
     static let otherID = MigrationID(high: 0x1111_1111_1111_1111, low: 0x2222_2222_2222_2222)
     static let digest = ImageDigest(bytes: (0..<32).map { UInt8($0 * 5 + 1) })!
@@ -53,7 +53,7 @@ private enum Sessions {
 
 /// The error `body` throws, or nil when it returns. (The session's methods
 /// throw only `SessionError`; anything else is recorded as an issue.)
-private func refusal<T>(_ body: () throws -> T) -> SessionError? {
+func refusal<T>(_ body: () throws -> T) -> SessionError? {
     do {
         _ = try body()
         return nil

@@ -84,38 +84,19 @@ public struct DestinationSession: Sendable {
     public let geometry: PageGeometry
     /// The migration this daemon serves; nil to accept the first HELLO's.
     public private(set) var migrationID: MigrationID?
-    public private(set) var phase: Phase = .handshake
+    /// Where the session is, with what means something there; `phase` and
+    /// the properties about the pause, the digest and the hand-over read it
+    /// (DestinationSession+State.swift).
+    private(set) var state: State = .handshake(connected: [])
     /// The generation of the agent's connections: bumped each time they are
     /// lost during postcopy, so that news from an older generation (a
     /// receiver still winding down) is recognised as stale.
     public private(set) var epoch: UInt64 = 0
     /// Times postcopy was paused by a lost connection.
     public private(set) var pauses: UInt64 = 0
-    /// When the current pause began (the caller's monotonic clock, as
-    /// passed in); nil while not paused. The daemon fails a pause that
-    /// outlasts its reconnect timeout.
-    public private(set) var pausedSince: UInt64?
     /// Time paused in the pauses that ended, and in the last of them.
     public private(set) var pausedNanos: UInt64 = 0
     public private(set) var lastPauseNanos: UInt64 = 0
-    private var connected: Set<StreamRole> = []
-    /// The dirty bitmap, from the first DIRTY_BITMAP frame to SWITCHOVER.
-    private var bitmap: BitmapAssembler?
-    /// The source's image digest, once IMAGE_DIGEST brought it; it never
-    /// changes after.
-    public private(set) var imageDigest: ImageDigest?
-    /// Every page is in place (`pagesComplete()` was called).
-    public private(set) var pagesInPlace = false
-    /// SWITCHOVER said a hand-over starts the guest.
-    public private(set) var switchoverHadHandOver = false
-    /// SWITCHOVER said a hand-over starts the guest, and HANDED_OVER has not
-    /// come yet: the source may still resume.
-    public private(set) var handOverPending = false
-    /// Whether the guest may run on the destination: switchover is done and
-    /// no hand-over is pending (or the migration was discarded: never).
-    public var pointOfNoReturnPassed: Bool {
-        (phase.servesPostcopy || phase == .complete) && !handOverPending
-    }
 
     /// The digest of the secret every HELLO must carry: the configured one,
     /// else the first admitted HELLO's.
@@ -140,11 +121,10 @@ public struct DestinationSession: Sendable {
         self.geometry = geometry
         self.migrationID = migrationID
         self.secretDigest = secretDigest
-        switchoverHadHandOver = milestones.contains(.handOverPending)
-        handOverPending = switchoverHadHandOver && !milestones.contains(.handedOver)
-        phase = .paused
+        let handOver: State.HandOver = !milestones.contains(.handOverPending) ? .notAsked
+            : milestones.contains(.handedOver) ? .handedOver : .pending
+        state = .postcopy(State.Postcopy(handOver: handOver), .paused(since: now, rejoined: []))
         epoch = 1
-        pausedSince = now
     }
 
     public var limits: RegionLimits { RegionLimits(geometry) }
@@ -166,34 +146,52 @@ public struct DestinationSession: Sendable {
         if let migrationID, migrationID != id { throw .wrongMigration(expected: migrationID, got: id) }
         let digest = secret.digest
         if let secretDigest, !secretDigest.matches(digest) { throw .wrongSecret(id) }
-        if phase == .discarded { throw .discarded }
-        if resume {
-            guard phase.servesPostcopy else { throw .nothingToResume(phase: phase) }
-        } else {
-            if phase.servesPostcopy { throw .postcopyInProgress }
-            guard phase == .handshake || (phase == .precopy && !connected.contains(role)) else {
-                throw .unexpected(.hello, phase: phase, role: role)
-            }
+        switch (state, resume) {
+        case (.discarded, _):
+            throw .discarded
+        case (var .handshake(connected), false):
+            try checkRegionSize(regionSize)
+            guard connected.insert(role).inserted else { throw .duplicateConnection(role) }
+            state = connected.count == StreamRole.allCases.count ? .precopy : .handshake(connected: connected)
+        case let (.postcopy(postcopy, .connected), true):
+            try checkRegionSize(regionSize)
+            pause(postcopy, at: now)
+            rejoin(role, postcopy, pausedSince: now, rejoined: [], at: now)
+        case let (.postcopy(postcopy, .paused(since, rejoined)), true):
+            try checkRegionSize(regionSize)
+            rejoin(role, postcopy, pausedSince: since, rejoined: rejoined, at: now)
+        case (.postcopy, false):
+            throw .postcopyInProgress
+        case (_, true):
+            throw .nothingToResume(phase: phase)
+        case (_, false):
+            throw .unexpected(.hello, phase: phase, role: role)
         }
+        migrationID = id
+        secretDigest = digest
+        return (role, .welcome(regionSize: geometry.regionSize, destinationPageSize: geometry.pageSize))
+    }
+
+    private func checkRegionSize(_ regionSize: UInt64) throws(SessionError) {
         guard regionSize == geometry.regionSize else {
             throw .regionSizeMismatch(source: regionSize, destination: geometry.regionSize)
         }
-        if phase == .postcopy || phase == .handover { _ = connectionLost(epoch: epoch, at: now) }
-        // While paused, a role may come again (an agent that died half-way
-        // through rejoining): the newer connection replaces the older.
-        let replacing = resume && phase == .paused && connected.contains(role)
-        guard replacing || connected.insert(role).inserted else { throw .duplicateConnection(role) }
-        migrationID = id
-        secretDigest = digest
-        if connected.count == StreamRole.allCases.count {
-            if phase == .paused, let since = pausedSince {
-                lastPauseNanos = now >= since ? now - since : 0
-                pausedNanos += lastPauseNanos
-                pausedSince = nil
-            }
-            phase = phase != .paused ? .precopy : handOverPending ? .handover : .postcopy
+    }
+
+    /// A resuming HELLO from `role` during the pause that began at `since`.
+    /// A role may come again (an agent that died half-way through
+    /// rejoining): the newer connection replaces the older. Once both roles
+    /// have rejoined, the pause ends at `now`.
+    private mutating func rejoin(_ role: StreamRole, _ postcopy: State.Postcopy, pausedSince since: UInt64,
+                                 rejoined: Set<StreamRole>, at now: UInt64) {
+        let rejoined = rejoined.union([role])
+        guard rejoined.count == StreamRole.allCases.count else {
+            state = .postcopy(postcopy, .paused(since: since, rejoined: rejoined))
+            return
         }
-        return (role, .welcome(regionSize: geometry.regionSize, destinationPageSize: geometry.pageSize))
+        lastPauseNanos = now >= since ? now - since : 0
+        pausedNanos += lastPauseNanos
+        state = .postcopy(postcopy, .connected)
     }
 
     /// The agent's connections of generation `epoch` failed, at `now`.
@@ -203,13 +201,16 @@ public struct DestinationSession: Sendable {
     /// the migration. So news of a generation already given up, however
     /// late, never pauses its successor.
     public mutating func connectionLost(epoch lost: UInt64, at now: UInt64 = 0) -> Bool {
-        guard lost == epoch, phase == .postcopy || phase == .handover else { return false }
-        phase = .paused
-        connected = []
+        guard lost == epoch, case let .postcopy(postcopy, .connected) = state else { return false }
+        pause(postcopy, at: now)
+        return true
+    }
+
+    /// The agent's connections are given up at `now`: their generation ends.
+    private mutating func pause(_ postcopy: State.Postcopy, at now: UInt64) {
+        state = .postcopy(postcopy, .paused(since: now, rejoined: []))
         epoch += 1
         pauses += 1
-        pausedSince = now
-        return true
     }
 
     /// A message after HELLO on the connection of `role`.
@@ -219,7 +220,7 @@ public struct DestinationSession: Sendable {
         } catch {
             throw .malformed(error)
         }
-        switch (message, role, phase) {
+        switch (message, role, state) {
         case (.heartbeat, _, _):
             return .none
         case let (.error(code, text), _, _):
@@ -233,33 +234,34 @@ public struct DestinationSession: Sendable {
         case let (.dirtyBitmap(_, firstWord, words), .bulk, .precopy),
              let (.dirtyBitmap(_, firstWord, words), .bulk, .switchingOver):
             return try addBitmapWords(firstWord: firstWord, words: words)
-        case let (.switchover(stalePages, pausedAt, handOver), .bulk, .switchingOver):
-            // Entering switchingOver made the assembler; validation kept
-            // bits past the region out of it.
-            guard let assembled = bitmap, let stale = assembled.bitmap else {
-                throw .bitmapIncomplete(words: bitmap?.wordsReceived ?? 0, expected: bitmap?.wordCount ?? 0)
+        case let (.switchover(stalePages, pausedAt, handOver), .bulk, .switchingOver(assembler)):
+            // Validation kept bits past the region out of the assembler.
+            guard let stale = assembler.bitmap else {
+                throw .bitmapIncomplete(words: assembler.wordsReceived, expected: assembler.wordCount)
             }
             guard stale.popCount == stalePages else {
                 throw .staleCountMismatch(announced: stalePages, bitmap: stale.popCount)
             }
-            bitmap = nil
-            switchoverHadHandOver = handOver
-            handOverPending = handOver
-            phase = handOver ? .handover : .postcopy
+            state = .postcopy(State.Postcopy(handOver: handOver ? .pending : .notAsked), .connected)
             return .switchover(stale: stale, sourcePausedAtNanos: pausedAt, handOver: handOver)
         // Sent once the guest resumed, and again after every rejoin (also
         // by a restarted agent): any generation's, and even once complete,
         // as long as it is the same.
-        case let (.imageDigest(digest), .bulk, phase) where phase.servesPostcopy || phase == .complete:
-            return try receiveDigest(digest)
+        case let (.imageDigest(digest), .bulk, .postcopy(postcopy, connections)):
+            return try receiveDigest(digest, postcopy, connections)
+        case let (.imageDigest(digest), .bulk, .complete(known, _)):
+            return try Self.sameDigest(digest, known: known)
         // Sent again after every rejoin: any generation's, as long as the
         // switchover asked for a hand-over.
-        case (.handedOver, .bulk, let phase) where phase.servesPostcopy || phase == .complete:
-            return try handedOver()
-        case (.discard(let reason), .bulk, let phase) where phase.servesPostcopy:
-            return try discard(reason)
-        case (.pages, _, let phase) where phase.servesPostcopy,
-             (.zeroPages, _, let phase) where phase.servesPostcopy:
+        case let (.handedOver, .bulk, .postcopy(postcopy, connections)):
+            return try handedOver(postcopy, connections)
+        case (.handedOver, .bulk, .complete(_, handedOver: true)):
+            return .none
+        case let (.discard(reason), .bulk, .postcopy(postcopy, _)):
+            guard postcopy.handOver == .pending else { throw .discardPastPointOfNoReturn }
+            state = .discarded(imageDigest: postcopy.imageDigest, pagesInPlace: postcopy.pagesInPlace)
+            return .discard(reason: reason)
+        case (.pages, _, .postcopy), (.zeroPages, _, .postcopy):
             return try Self.postcopyPages(message, on: role, phase: phase)
         default:
             throw .unexpected(message.type, phase: phase, role: role)
@@ -314,58 +316,75 @@ public struct DestinationSession: Sendable {
     /// HANDED_OVER brings what is missing, whose action then says so. A
     /// discarded migration never completes.
     public mutating func pagesComplete() -> Bool {
-        precondition(phase.servesPostcopy || phase == .discarded, "pages complete in phase \(phase)")
-        pagesInPlace = true
-        return completesNow
-    }
-
-    /// Everything completion needs is here.
-    private var completesNow: Bool {
-        phase.servesPostcopy && pagesInPlace && imageDigest != nil && !handOverPending
+        switch state {
+        case .postcopy(var postcopy, let connections):
+            postcopy.pagesInPlace = true
+            state = .postcopy(postcopy, connections)
+            return postcopy.completes
+        case let .discarded(imageDigest, _):
+            state = .discarded(imageDigest: imageDigest, pagesInPlace: true)
+            return false
+        case .handshake, .precopy, .switchingOver, .complete:
+            preconditionFailure("pages complete in phase \(phase)")
+        }
     }
 
     /// The migration is complete: every page is in place, the source's
     /// digest is known, and the guest runs here.
     public mutating func complete() {
-        precondition(completesNow, "complete in phase \(phase) with every page \(pagesInPlace), the digest \(imageDigest != nil), a hand-over pending \(handOverPending)")
-        phase = .complete
+        guard case let .postcopy(postcopy, _) = state, postcopy.completes, let digest = postcopy.imageDigest else {
+            preconditionFailure("complete in phase \(phase) with every page \(pagesInPlace), the digest \(imageDigest != nil), a hand-over pending \(handOverPending)")
+        }
+        state = .complete(imageDigest: digest, handedOver: postcopy.handOver == .handedOver)
     }
 
-    private mutating func receiveDigest(_ digest: ImageDigest) throws(SessionError) -> Action {
-        guard let known = imageDigest else {
-            imageDigest = digest
-            return .imageDigest(digest, completes: completesNow)
+    private mutating func receiveDigest(_ digest: ImageDigest, _ postcopy: State.Postcopy,
+                                        _ connections: State.Connections) throws(SessionError) -> Action {
+        guard let known = postcopy.imageDigest else {
+            var postcopy = postcopy
+            postcopy.imageDigest = digest
+            state = .postcopy(postcopy, connections)
+            return .imageDigest(digest, completes: postcopy.completes)
         }
+        return try Self.sameDigest(digest, known: known)
+    }
+
+    /// IMAGE_DIGEST once the digest is known: harmless if the same.
+    private static func sameDigest(_ digest: ImageDigest, known: ImageDigest) throws(SessionError) -> Action {
         guard known == digest else { throw .imageDigestChanged(known: known, got: digest) }
         return .none
     }
 
-    private mutating func handedOver() throws(SessionError) -> Action {
-        guard handOverPending else {
-            // Again after a rejoin, or after a takeover that found it
-            // recorded: nothing changes.
-            guard switchoverHadHandOver else { throw .unexpected(.handedOver, phase: phase, role: .bulk) }
+    private mutating func handedOver(_ postcopy: State.Postcopy,
+                                     _ connections: State.Connections) throws(SessionError) -> Action {
+        switch postcopy.handOver {
+        case .pending:
+            var postcopy = postcopy
+            postcopy.handOver = .handedOver
+            // From handover to postcopy, or still paused.
+            state = .postcopy(postcopy, connections)
+            return .handedOver(completes: postcopy.completes)
+        // Again after a rejoin, or after a takeover that found it recorded:
+        // nothing changes.
+        case .handedOver:
             return .none
+        case .notAsked:
+            throw .unexpected(.handedOver, phase: phase, role: .bulk)
         }
-        handOverPending = false
-        if phase == .handover { phase = .postcopy }
-        return .handedOver(completes: completesNow)
-    }
-
-    private mutating func discard(_ reason: String) throws(SessionError) -> Action {
-        guard handOverPending else { throw .discardPastPointOfNoReturn }
-        handOverPending = false
-        phase = .discarded
-        connected = []
-        return .discard(reason: reason)
     }
 
     private mutating func addBitmapWords(firstWord: UInt64, words: [UInt64]) throws(SessionError) -> Action {
-        if phase == .precopy { phase = .switchingOver }
         // Made by the first frame, on entering switchingOver; taken out
-        // while it grows, so that its words are never copied.
-        var assembler = bitmap.take() ?? BitmapAssembler(count: geometry.smallPageCount)
-        defer { bitmap = assembler }
+        // while it grows, so that its words are never copied: precopy stands
+        // in until the defer puts it back, the frame refused or not.
+        var assembler: BitmapAssembler
+        if case let .switchingOver(growing) = state {
+            assembler = growing
+            state = .precopy
+        } else {
+            assembler = BitmapAssembler(count: geometry.smallPageCount)
+        }
+        defer { state = .switchingOver(assembler) }
         guard assembler.add(firstWord: firstWord, words: words) else {
             throw .bitmapOutOfOrder(expectedWord: assembler.wordsReceived, got: firstWord)
         }
