@@ -53,7 +53,7 @@ RELEASE   := .build/release
 PROGRAMS  := postcopyd postcopy-push postcopy-guest postcopyctl postcopy-bench
 UNITS     := $(wildcard systemd/*.service)
 DOCS      := README.md $(wildcard docs/*.md)
-BASELINES := $(addprefix benchmarks/baseline/,uffd-minor-loop tcp-pingpong tcp-stream)
+BASELINES := $(addprefix benchmarks/baseline/,uffd-minor-loop tcp-pingpong tcp-stream precopy-stream)
 BENCH_FLAGS ?=
 LOAD_N     ?= 8
 LOAD_SIZE  ?= 256M
@@ -126,6 +126,10 @@ demo: build
 
 benchmarks/baseline/%: benchmarks/baseline/%.c benchmarks/baseline/baseline.h
 	$(CC) -O2 -Wall -Wextra -pthread -o $@ $<
+
+# The one baseline that speaks TLS (OpenSSL, as the daemon).
+benchmarks/baseline/precopy-stream: benchmarks/baseline/precopy-stream.c benchmarks/baseline/baseline.h
+	$(CC) -O2 -Wall -Wextra -pthread -o $@ $< -lssl -lcrypto
 
 # The benchmarks and their baselines; docs/benchmarks.md says what each
 # measures. Root only (userfaultfd, hugetlbfs).
