@@ -70,6 +70,18 @@ public final class MessageStream: @unchecked Sendable {
         }
     }
 
+    /// Sends `frames`, one or more whole frames, in one go: none is
+    /// interleaved with another thread's.
+    public func sendFrames(_ frames: UnsafeRawBufferPointer) throws {
+        try sendLock.withLock {
+            do {
+                try connection.send(frames)
+            } catch {
+                throw StreamError.sendFailed(peer: peer, error)
+            }
+        }
+    }
+
     /// Sends a PAGES frame whose page bytes go straight from `pageData`.
     public func sendPages(requestID: UInt32, firstPage: UInt64, pageData: UnsafeRawBufferPointer) throws {
         var head: [UInt8] = []

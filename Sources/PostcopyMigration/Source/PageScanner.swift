@@ -16,18 +16,17 @@ final class PageScanner: @unchecked Sendable {
     // thread during precopy); read-only once postcopy starts.
     let image: SourceImage
     private var sent: [UInt64]
-    /// Pages per PAGES frame (the staging buffer holds one frame's worth).
+    /// Pages per PAGES frame at most.
     let batchPages: Int
-    private let staging: UnsafeMutableRawBufferPointer
+    /// The frames of one send: one full frame's worth, or many short ones.
+    private var batch: FrameBatch
 
     init(image: SourceImage, batchPages: Int = 256) {
         self.image = image
         self.batchPages = batchPages
         sent = Array(repeating: PageHash.zeroPage, count: Int(image.smallPageCount))
-        staging = .allocate(byteCount: batchPages * 4096, alignment: 4096)
+        batch = FrameBatch(maxPagesPerFrame: batchPages)
     }
-
-    deinit { staging.deallocate() }
 
     var pageCount: UInt64 { image.smallPageCount }
 
@@ -48,68 +47,53 @@ final class PageScanner: @unchecked Sendable {
     func sendChangedPages(among candidates: PageBitmap? = nil, to stream: MessageStream, pacer: inout Pacer?,
                           progress: (Double, RoundResult) -> Void) throws -> RoundResult {
         var result = RoundResult()
-        var dataFirst: UInt64 = 0
-        var dataCount = 0
-        var zeroFirst: UInt64 = 0
-        var zeroCount: UInt64 = 0
         let candidates = candidates ?? .full(count: pageCount)
         let total = max(candidates.popCount, 1)
         var looked: UInt64 = 0
 
-        func flushData() throws {
-            guard dataCount > 0 else { return }
-            let bytes = UnsafeRawBufferPointer(rebasing: staging[..<(dataCount * 4096)])
-            try stream.sendPages(requestID: Message.backgroundRequestID, firstPage: dataFirst, pageData: bytes)
-            result.pagesSent += UInt64(dataCount)
-            result.bytesSent += UInt64(dataCount * 4096 + 32)
-            paced(UInt64(dataCount * 4096 + 32))
-            dataCount = 0
-            progress(Double(looked) / Double(total), result)
-        }
-        func flushZeros() throws {
-            guard zeroCount > 0 else { return }
-            try stream.send(.zeroPages(firstPage: zeroFirst, count: UInt32(zeroCount)))
-            result.zeroPagesSent += zeroCount
-            result.bytesSent += 28
-            paced(28)
-            zeroCount = 0
-        }
-        func paced(_ bytes: UInt64) {
+        /// Sends the batch's frames, whole, in one go.
+        func send() throws {
+            guard !batch.isEmpty else { return }
+            let bytes = try batch.frames { frames in
+                try stream.sendFrames(frames)
+                return UInt64(frames.count)
+            }
+            result.pagesSent += batch.pages
+            result.zeroPagesSent += batch.zeroPages
+            result.bytesSent += bytes
+            batch.reset()
             if let wait = pacer?.sent(bytes, now: monotonicNanoseconds()), wait > 0 { sleepNanoseconds(wait) }
+            progress(Double(looked) / Double(total), result)
         }
 
         var next = candidates.nextSet(from: 0)
         while let page = next {
             next = candidates.nextSet(from: page + 1)
             looked += 1
-            // Pages are taken in ascending order: a data run this page does
-            // not extend can never grow again, so it goes out now.
-            if dataCount > 0 && dataFirst + UInt64(dataCount) != page { try flushData() }
-            // Copied into the frame's next slot first and hashed there,
+            // Copied into its place in the batch first and hashed there,
             // once: the hash that says whether the page changed is the hash
             // of the very bytes that go out (the guest may write the page
-            // meanwhile). An unchanged page leaves the slot to the next.
-            // SAFETY: dataCount < batchPages, so the slot lies inside staging.
-            let slot = UnsafeMutableRawBufferPointer(rebasing: staging[(dataCount * 4096)..<((dataCount + 1) * 4096)])
+            // meanwhile). An unchanged page leaves its place to the next.
+            var slot = batch.slot(for: page)
+            if slot == nil {
+                try send()
+                slot = batch.slot(for: page)
+            }
+            guard let slot else { preconditionFailure("an empty batch has room for a page") }
             image.withPages(first: page, count: 1) { slot.copyMemory(from: $0) }
             let (hash, isZero) = PageHash.of(UnsafeRawBufferPointer(slot))
             guard hash != sent[Int(page)] else { continue }
             sent[Int(page)] = hash
             if isZero {
-                try flushData()
-                if zeroCount > 0 && zeroFirst + zeroCount != page { try flushZeros() }
-                if zeroCount == 0 { zeroFirst = page }
-                zeroCount += 1
-                if zeroCount == UInt64(UInt32.max) { try flushZeros() }
-                continue
+                if !batch.addZero(page) {
+                    try send()
+                    guard batch.addZero(page) else { preconditionFailure("an empty batch has room for a zero page") }
+                }
+            } else {
+                batch.addData(page)
             }
-            try flushZeros()
-            if dataCount == 0 { dataFirst = page }
-            dataCount += 1
-            if dataCount == batchPages { try flushData() }
         }
-        try flushData()
-        try flushZeros()
+        try send()
         return result
     }
 
