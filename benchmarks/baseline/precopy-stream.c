@@ -15,9 +15,11 @@
  * hugepages but faults none in) and the receiver memcpy()s into the mapping.
  *
  * The parent listens on 127.0.0.1 and forks the sender. The sender
- * connects and write()s (tcp) or SSL_write()s (tls) BYTES in 1 MiB calls
- * from a 1 MiB buffer, re-stamped before each MiB with that MiB's index so
- * every MiB of the stream differs (256 stores per MiB). The parent is the
+ * fills a source memfd of BYTES first (untimed, before it connects: the
+ * agent too sends from a shmem file of guest RAM, and the same footprint
+ * keeps the receiver's memfd as cold as the daemon's), each MiB stamped
+ * with its index so that every MiB of the stream differs, then connects
+ * and write()s (tcp) or SSL_write()s (tls) it in 1 MiB calls. The parent is the
  * receiver and, for tls, the server: it reads into a 1 MiB buffer and
  * writes each chunk into the memfd at the next offset straight away.
  *   tcp: one recv() of up to 1 MiB per chunk, whatever it returns.
@@ -166,9 +168,24 @@ static SSL_CTX *server_context(void) {
 
 static void send_stream(int listener, const struct sockaddr_in *addr, int tls, uint64_t bytes) {
     close(listener);
-    char *src = malloc(CHUNK);
-    if (!src) die("malloc source buffer");
-    fill_base(src);
+    /* The whole source, filled before connecting (untimed): as the agent
+     * sends guest RAM from a shmem file, the same bytes take the same
+     * memory, so the receiver's fresh memfd is no warmer than the
+     * daemon's (on a VM, memory freed a moment ago is cheaper to touch
+     * than memory the host has taken back). */
+    int source = memfd_create("precopy-stream-source", MFD_CLOEXEC);
+    if (source < 0) die("memfd_create for the source");
+    if (ftruncate(source, (off_t)bytes) < 0) die("ftruncate the source");
+    char *all = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, source, 0);
+    if (all == MAP_FAILED) die("mmap the source");
+    char *base = malloc(CHUNK);
+    if (!base) die("malloc");
+    fill_base(base);
+    for (uint64_t off = 0; off < bytes; off += CHUNK) {
+        memcpy(all + off, base, CHUNK);
+        stamp(all + off, off / CHUNK);
+    }
+    free(base);
 
     SSL_CTX *ctx = NULL;
     SSL *ssl = NULL;
@@ -191,7 +208,7 @@ static void send_stream(int listener, const struct sockaddr_in *addr, int tls, u
 
     for (uint64_t off = 0; off < bytes; off += CHUNK) {
         size_t len = bytes - off < CHUNK ? (size_t)(bytes - off) : CHUNK, put = 0;
-        stamp(src, off / CHUNK);
+        const char *src = all + off;
         while (put < len) {
             if (tls) {
                 errno = 0;
@@ -224,7 +241,8 @@ static void send_stream(int listener, const struct sockaddr_in *addr, int tls, u
         SSL_CTX_free(ctx);
     }
     if (close(sock) < 0) die("close");
-    free(src);
+    munmap(all, bytes);
+    close(source);
 }
 
 /* ---- the receiver (parent) ---- */
