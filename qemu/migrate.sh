@@ -20,6 +20,8 @@
 #   GUEST=…          where qemu/build-guest.sh put vmlinuz and initrd.gz
 #   PRECOPY_SECONDS  precopy runs this long (default 30), unless a round
 #                    resends fewer than 256 pages first
+#   BACKGROUND_SCHEDULING=idle|normal|nice:N  --background-scheduling for
+#                    postcopyd and postcopy-push (default: theirs, idle)
 #   RESULT=path      write the figures as JSON here
 #   KEEP=1           keep the work directory (logs) after the run
 #   DIRTY_LOG=uffd-wp  the agent's dirty log: uffd-wp (the preloaded adapter
@@ -100,6 +102,7 @@ port=0
 ((KILL_DAEMON)) && port=$(free_port)
 daemon_args=(--instance qemu --listen "127.0.0.1:$port" --vmm-socket "$work/vmm.sock" --control-socket "$work/control.sock"
              "${daemon_tls[@]}" --json)
+if [[ -n ${BACKGROUND_SCHEDULING:-} ]]; then daemon_args+=(--background-scheduling "$BACKGROUND_SCHEDULING"); fi
 say "destination: postcopyd owns $destination_ram ($MEMORY)"
 fail_args=()
 ((FAIL_SWITCHOVER)) && fail_args=(--vmm-timeout 2)
@@ -162,6 +165,7 @@ qmp "$work/destination.qmp" migrate-set-capabilities '{"capabilities":[{"capabil
 qmp "$work/destination.qmp" migrate-incoming "{\"uri\":\"unix:$work/device-state.sock\"}" >/dev/null
 
 push_extra=(--dirty-log "$DIRTY_LOG")
+if [[ -n ${BACKGROUND_SCHEDULING:-} ]]; then push_extra+=(--background-scheduling "$BACKGROUND_SCHEDULING"); fi
 [[ $DIRTY_LOG == uffd-wp ]] && push_extra+=(--dirty-log-socket "$work/dirty-log.sock")
 ((VERIFY_DIRTY_LOG)) && push_extra+=(--verify-dirty-log)
 # Slow back-fill leaves the guest's own faults to the restarted postcopyd.
