@@ -38,4 +38,56 @@ struct Baselines {
         }
         return (tcp, memcpy)
     }
+
+    /// benchmarks/baseline/precopy-stream: `bytes` over loopback TCP or TLS
+    /// 1.3 into a fresh shmem memfd, pwrite(2) chunk by chunk as the daemon's
+    /// precopy receiver writes; one run (the memfd must be fresh each time).
+    func precopyStream(bytes: UInt64, transport: PrecopyTransport) throws -> PrecopyStreamRun {
+        let name = "precopy-stream-\(bytes >> 20)M-\(transport.streamMode)"
+        let output = try runToEnd(name, environment.baseline("precopy-stream"),
+                                  ["\(bytes)", transport.streamMode, "shmem"], in: environment.workDirectory, seconds: 900)
+        let run = try PrecopyStreamRun(output: output)
+        guard run.bytes == bytes, run.mode == transport.streamMode else {
+            throw BenchmarkError("precopy-stream ran \(run.bytes) bytes over \(run.mode), not \(bytes) over \(transport.streamMode)")
+        }
+        return run
+    }
+}
+
+/// What one precopy-stream run printed.
+struct PrecopyStreamRun: Equatable, Sendable {
+    let bytes: UInt64
+    /// "tcp" or "tls".
+    let mode: String
+    let seconds: Double
+    /// bytes / seconds, MiB = 2^20.
+    let mibPerSecond: Double
+    /// The receiver's own CPU time (user + system) per GiB received.
+    let receiverCPUSecondsPerGiB: Double
+
+    init(bytes: UInt64, mode: String, seconds: Double, mibPerSecond: Double, receiverCPUSecondsPerGiB: Double) {
+        self.bytes = bytes
+        self.mode = mode
+        self.seconds = seconds
+        self.mibPerSecond = mibPerSecond
+        self.receiverCPUSecondsPerGiB = receiverCPUSecondsPerGiB
+    }
+
+    /// From its `key=value` lines; throws naming the first key missing or unreadable.
+    init(output: String) throws {
+        let values = keyValues(output)
+        func value<T: LosslessStringConvertible>(_ key: String, as _: T.Type) throws -> T {
+            guard let text = values[key] else {
+                throw BenchmarkError("precopy-stream printed no \(key)=: \(output.isEmpty ? "(nothing)" : output)")
+            }
+            guard let value = T(text) else { throw BenchmarkError("precopy-stream printed \(key)=\(text), not a number") }
+            return value
+        }
+        guard let mode = values["mode"] else {
+            throw BenchmarkError("precopy-stream printed no mode=: \(output.isEmpty ? "(nothing)" : output)")
+        }
+        self.init(bytes: try value("bytes", as: UInt64.self), mode: mode, seconds: try value("seconds", as: Double.self),
+                  mibPerSecond: try value("mib_per_s", as: Double.self),
+                  receiverCPUSecondsPerGiB: try value("receiver_cpu_s_per_gib", as: Double.self))
+    }
 }

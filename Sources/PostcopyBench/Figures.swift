@@ -189,6 +189,7 @@ public struct BenchResults: Codable, Sendable {
     public var scaling: ScalingFigures?
     public var hugePages: HugePageFigures?
     public var pause: [PauseFigures] = []
+    public var precopy: PrecopyFigures?
 
     public init() {}
 }

@@ -37,6 +37,10 @@ public struct MigrationScenario: Sendable {
     /// postcopy-push --dirty-log: "uffd-wp" (the source workload registers
     /// its RAM and offers the log) or "hash".
     public var dirtyLog = "uffd-wp"
+    /// Mutual TLS 1.3 between postcopy-push and postcopyd, with the test
+    /// certificates of this bench run (`TestCertificates`); false: both run
+    /// with --insecure-plaintext, as every benchmark but precopy's does.
+    public var tls = false
 
     public init(name: String, size: UInt64, source: Source) {
         self.name = name
@@ -108,11 +112,18 @@ extension MigrationScenario {
         children.append(workload)
         try waitForFile("\(directory)/source.ready", seconds: 300, "the source RAM to be filled", while: workload)
 
-        // Plaintext, explicitly: these figures are postcopyd's own, comparable
-        // with the raw-TCP baselines and across runs; docs/benchmarks.md
-        // gives TLS's cost separately.
+        // Plaintext, explicitly, unless `tls`: these figures are postcopyd's
+        // own, comparable with the raw-TCP baselines and across runs; the
+        // precopy benchmark measures TLS against a TLS baseline.
+        let transport: (daemon: [String], agent: [String])
+        if tls {
+            let certificates = try TestCertificates.existing(in: environment)
+            transport = (certificates.daemonArguments, certificates.agentArguments)
+        } else {
+            transport = (["--insecure-plaintext"], ["--insecure-plaintext"])
+        }
         var pushArguments = ["--ram", sourceRAM, "--pause-pid", "\(workload.pid)", "--max-rounds", "\(maxRounds)",
-                             "--quiet", "--json", "--insecure-plaintext", "--dirty-log", dirtyLog]
+                             "--quiet", "--json", "--dirty-log", dirtyLog] + transport.agent
         if dirtyLog != "hash" { pushArguments += ["--dirty-log-socket", dirtyLogSocket] }
         if case let .image(stalePages) = source {
             let bitmap = "\(directory)/dirty.bitmap"
@@ -127,7 +138,7 @@ extension MigrationScenario {
         var daemonArguments = ["serve", "--instance", "bench", "--listen", "127.0.0.1:0",
                                "--vmm-socket", "\(directory)/vmm.sock", "--control-socket", "\(directory)/control.sock",
                                "--memory", memory.rawValue, "--size", "\(size)",
-                               "--ready-file", "\(directory)/daemon.ready", "--json", "--insecure-plaintext"]
+                               "--ready-file", "\(directory)/daemon.ready", "--json"] + transport.daemon
         if trace { daemonArguments += ["--trace", "\(directory)/trace.csv"] }
         if let backgroundScheduling { daemonArguments += ["--background-scheduling", backgroundScheduling] }
         let logToStderr = ["POSTCOPY_LOG": "stderr"]

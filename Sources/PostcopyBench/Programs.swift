@@ -9,21 +9,25 @@ public struct BenchEnvironment: Sendable {
     public var binDirectory: String
     /// The C baselines (benchmarks/baseline).
     public var baselineDirectory: String
+    /// The repository's scripts (make-test-certs.sh for the TLS runs).
+    public var scriptsDirectory: String
     /// Scratch space for one run's files; removed by nobody (kept for a look).
     public var workDirectory: String
     /// Progress lines for the operator.
     public var say: @Sendable (String) -> Void
 
-    public init(binDirectory: String, baselineDirectory: String, workDirectory: String,
-                say: @escaping @Sendable (String) -> Void) {
+    public init(binDirectory: String, baselineDirectory: String, scriptsDirectory: String = "scripts",
+                workDirectory: String, say: @escaping @Sendable (String) -> Void) {
         self.binDirectory = binDirectory
         self.baselineDirectory = baselineDirectory
+        self.scriptsDirectory = scriptsDirectory
         self.workDirectory = workDirectory
         self.say = say
     }
 
     func program(_ name: String) -> String { binDirectory + "/" + name }
     func baseline(_ name: String) -> String { baselineDirectory + "/" + name }
+    func script(_ name: String) -> String { scriptsDirectory + "/" + name }
 }
 
 public struct BenchmarkError: Error, CustomStringConvertible {

@@ -81,6 +81,24 @@ public enum Report {
                    "CPU s / GiB", "memory besides RAM", "MiB / GiB"], rows)
             out.append("The daemon's CPU time in the postcopy phase at \(ByteSize.format(scaling.bySize.last?.regionBytes ?? 0)) / at \(ByteSize.format(scaling.bySize.first?.regionBytes ?? 0)), same stale pages: \(x(scaling.postcopyLargestToSmallest)). Against stale pages: \(fixed(scaling.fitUsPerStalePage, 2)) µs per page + \(fixed(scaling.fitInterceptMs, 1)) ms, R² = \(fixed(scaling.fitR2, 3)). Memory besides guest RAM: \(fixed(scaling.overheadMiBPerGiB, 2)) MiB per GiB of RAM + \(fixed(scaling.overheadFixedMiB, 1)) MiB fixed (program and runtime); target ≤ 1 MiB per GiB.\n")
         }
+        if let precopy = results.precopy, let first = precopy.points.first {
+            out.append("**8. Precopy round-1 throughput** (still image, postcopy empty; MiB/s, \(first.runs == 1 ? "one run" : "median of \(first.runs) runs"), each migration followed by its baseline: precopy-stream, the region's bytes over the same transport into a fresh memfd; target: ≥ 80 % of the same-run TLS baseline; daemon CPU per GiB within 1.2× from smallest to largest)\n")
+            func rate(_ median: Double, _ runs: [Double]) -> String {
+                runs.count > 1 ? "\(fixed(median, 0)) (\(runs.map { fixed($0, 0) }.joined(separator: ", ")))" : fixed(median, 0)
+            }
+            table(["RAM", "transport", "round 1 sent", "postcopyd MiB/s", "precopy-stream MiB/s", "postcopyd / baseline",
+                   "daemon CPU s / GiB", "baseline receiver CPU s / GiB", "agent round-1 CPU s / GiB"], precopy.points.map {
+                [ByteSize.format($0.regionBytes), $0.transport.label, ByteSize.format($0.round1Bytes),
+                 rate($0.postcopydMiBps, $0.postcopydRuns), rate($0.baselineMiBps, $0.baselineRuns),
+                 fixed($0.ratio * 100, 0) + "%", fixed($0.daemonCPUSecondsPerGiB, 2),
+                 fixed($0.baselineReceiverCPUSecondsPerGiB, 2), fixed($0.agentRound1CPUSecondsPerGiB, 2)]
+            })
+            if !precopy.cpuPerGiBLargestToSmallest.isEmpty {
+                out.append("The daemon's CPU per GiB at the largest size / at the smallest: " + precopy.cpuPerGiBLargestToSmallest.map {
+                    "\($0.transport.label) \(x($0.ratio)) (\(ByteSize.format($0.largestBytes)) / \(ByteSize.format($0.smallestBytes)))"
+                }.joined(separator: ", ") + " (target ≤ 1.2×). postcopyd's rate counts the bytes round 1 sent (zero pages are not sent); the baseline's, every byte of the region.\n")
+            }
+        }
         if let huge = results.hugePages {
             out.append("**6. Huge pages, sparse dirtiness** (2 MiB hugetlbfs, \(huge.stalePages) of \(huge.regionBytes / 4096) 4 KiB pages stale, idle link)\n")
             table(["stale faults fetch", "vs whole 2 MiB", "guest p50 / p99 µs", "daemon p50 µs", "ping-pong 4 KiB p50", "ping-pong 2 MiB p50",

@@ -17,21 +17,25 @@ public struct BenchScale: Sendable {
     public var pingPongIterations: Int
     public var staleBusyRuns: Int
     public var pauseSizes: [UInt64]
+    /// Benchmark 8: RAM sizes, and alternating runs (migration, baseline) at each size and transport.
+    public var precopySizes: [UInt64]
+    public var precopyRuns: Int
 
     public static let full = BenchScale(
         staleRegion: 512 << 20, backfillRegion: 1 << 30, backfillRuns: 3, endToEndRegion: 4 << 30,
         scalingSizes: [1 << 30, 2 << 30, 4 << 30, 8 << 30], scalingStalePages: 25_600,
         sweepRegion: 1 << 30, sweepShares: [0.01, 0.05, 0.10, 0.25, 0.50, 1.0], hugeRegion: 512 << 20,
-        pingPongIterations: 20_000, staleBusyRuns: 3, pauseSizes: [1 << 30, 4 << 30, 8 << 30])
+        pingPongIterations: 20_000, staleBusyRuns: 3, pauseSizes: [1 << 30, 4 << 30, 8 << 30],
+        precopySizes: [1 << 30, 8 << 30], precopyRuns: 3)
 
     public static let quick = BenchScale(
         staleRegion: 128 << 20, backfillRegion: 256 << 20, backfillRuns: 1, endToEndRegion: 512 << 20,
         scalingSizes: [256 << 20, 512 << 20], scalingStalePages: 6_400,
         sweepRegion: 256 << 20, sweepShares: [0.05, 0.5], hugeRegion: 128 << 20, pingPongIterations: 5_000,
-        staleBusyRuns: 1, pauseSizes: [256 << 20, 512 << 20])
+        staleBusyRuns: 1, pauseSizes: [256 << 20, 512 << 20], precopySizes: [256 << 20, 512 << 20], precopyRuns: 1)
 }
 
-/// Benchmarks 2–6 of `make bench`; each measures its baseline in the same run.
+/// Benchmarks 2–8 of `make bench`; each measures its baseline in the same run.
 public struct Suite: Sendable {
     public let environment: BenchEnvironment
     public let scale: BenchScale
@@ -235,6 +239,42 @@ public struct Suite: Sendable {
                               fitInterceptMs: fit.intercept * 1e3, fitR2: fit.r2,
                               postcopyLargestToSmallest: bySize.last!.postcopyCPUSeconds / max(bySize.first!.postcopyCPUSeconds, 1e-9),
                               overheadMiBPerGiB: memory.slope, overheadFixedMiB: memory.intercept)
+    }
+
+    // MARK: 8. precopy throughput
+
+    /// A still image (no page stale: postcopy is empty), one guest thread
+    /// reading nothing, at each size, in plaintext and over TLS: the agent's
+    /// round 1 (every non-zero page once) and the daemon's CPU time, against
+    /// precopy-stream with the region's bytes over the same transport into a
+    /// fresh memfd. The baseline runs right after each migration, once the
+    /// migration's processes have exited and their RAM is free; runs
+    /// alternate. TLS uses one set of test certificates per bench run.
+    public func precopy() throws -> PrecopyFigures {
+        try TestCertificates.make(in: environment)
+        var points: [PrecopyPoint] = []
+        for size in scale.precopySizes {
+            for transport in PrecopyTransport.allCases {
+                var migrations: [PrecopyMigrationRun] = []
+                var streams: [PrecopyStreamRun] = []
+                for run in 0..<scale.precopyRuns {
+                    var scenario = MigrationScenario(name: "precopy-\(size >> 20)M-\(transport.rawValue)-\(run)", size: size,
+                                                     source: .image(stalePages: 0))
+                    scenario.guestThreads = 1
+                    scenario.touch = 0
+                    scenario.maxRounds = 2
+                    scenario.tls = transport == .tls
+                    let migration = try PrecopyMigrationRun(try scenario.run(in: environment), name: scenario.name)
+                    let stream = try baselines.precopyStream(bytes: size, transport: transport)
+                    migrations.append(migration)
+                    streams.append(stream)
+                    let gib = Double(size) / 1_073_741_824
+                    environment.say("precopy \(ByteSize.format(size)) \(transport.label), run \(run + 1): postcopyd round 1 \(fixed(migration.round1MiBps, 0)) MiB/s (\(ByteSize.format(migration.round1Bytes)) in \(fixed(migration.round1Seconds, 2)) s), daemon CPU \(fixed(migration.daemonCPUSeconds / gib, 2)) s/GiB; precopy-stream \(fixed(stream.mibPerSecond, 0)) MiB/s, receiver CPU \(fixed(stream.receiverCPUSecondsPerGiB, 2)) s/GiB")
+                }
+                points.append(PrecopyPoint(regionBytes: size, transport: transport, migrations: migrations, baselines: streams))
+            }
+        }
+        return PrecopyFigures(points: points)
     }
 
     // MARK: 6. huge pages

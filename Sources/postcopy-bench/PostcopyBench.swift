@@ -18,8 +18,9 @@ struct Run: ParsableCommand {
         abstract: "Run every benchmark (what 'make bench' does): a table, one JSON file, two plots.",
         discussion: """
             1 clean-fault cost vs a C loop, 2 stale-fault latency vs loopback ping-pong, 3 back-fill \
-            throughput vs raw TCP and memcpy, 4 end-to-end, 5 scaling, 6 huge pages. Needs root, \
-            a release build of the programs and the C baselines (make bench builds both).
+            throughput vs raw TCP and memcpy, 4 end-to-end, 5 scaling, 6 huge pages, 7 the pause by \
+            dirty log, 8 precopy round-1 throughput in plaintext and over TLS vs precopy-stream. Needs \
+            root, a release build of the programs and the C baselines (make bench builds both).
             """)
 
     @Option(help: ArgumentHelp("Where results go.", valueName: "dir"))
@@ -31,17 +32,20 @@ struct Run: ParsableCommand {
     @Option(help: ArgumentHelp("The C baselines.", valueName: "dir"))
     var baselines = "benchmarks/baseline"
 
+    @Option(help: ArgumentHelp("The repository's scripts (make-test-certs.sh, for the TLS runs).", valueName: "dir"))
+    var scripts = "scripts"
+
     @Flag(help: "Small sizes: every path in a couple of minutes (figures not comparable with a full run).")
     var quick = false
 
     @Option(help: ArgumentHelp("--background-scheduling for postcopyd and postcopy-push in the stale-fault runs (default: theirs, idle).", valueName: "class"))
     var backgroundScheduling: String?
 
-    @Option(help: ArgumentHelp("Only these benchmarks (comma-separated: clean,stale,backfill,e2e,scaling,huge,pause).", valueName: "list"))
+    @Option(help: ArgumentHelp("Only these benchmarks (comma-separated: clean,stale,backfill,e2e,scaling,precopy,huge,pause).", valueName: "list"))
     var only: String?
 
     func run() throws {
-        let all = ["clean", "stale", "backfill", "e2e", "scaling", "huge", "pause"]
+        let all = ["clean", "stale", "backfill", "e2e", "scaling", "precopy", "huge", "pause"]
         let chosen = only.map { $0.split(separator: ",").map(String.init) } ?? all
         if let unknown = chosen.first(where: { !all.contains($0) }) {
             throw ValidationError("unknown benchmark '\(unknown)' (known: \(all.joined(separator: ", ")))")
@@ -49,7 +53,7 @@ struct Run: ParsableCommand {
         let started = Date()
         let say: @Sendable (String) -> Void = { line in writeStandardError("bench: \(line)\n") }
         try FileManager.default.createDirectory(atPath: out + "/work", withIntermediateDirectories: true)
-        let environment = BenchEnvironment(binDirectory: bin, baselineDirectory: baselines,
+        let environment = BenchEnvironment(binDirectory: bin, baselineDirectory: baselines, scriptsDirectory: scripts,
                                            workDirectory: out + "/work", say: say)
         var suite = Suite(environment: environment, scale: quick ? .quick : .full)
         suite.backgroundScheduling = backgroundScheduling
@@ -86,6 +90,10 @@ struct Run: ParsableCommand {
         if chosen.contains("scaling") {
             say("5. scaling")
             results.scaling = try suite.scaling()
+        }
+        if chosen.contains("precopy") {
+            say("8. precopy throughput (plaintext and TLS)")
+            results.precopy = try suite.precopy()
         }
         if chosen.contains("huge") {
             say("6. huge pages")
