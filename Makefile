@@ -13,7 +13,7 @@
 #                  (HUGETLB=1 for 2 MiB pages on the destination)
 #   make check     the capability probe alone
 #   make bench     every benchmark against a baseline measured in the same run
-#                  (~5 min, root); table, bench.json and plots in bench-results/
+#                  (root; over 10 min); table, bench.json and plots in bench-results/
 #                  (BENCH_FLAGS=--quick for a short smoke run)
 #   make load      8 migrations of 256 MiB (10 % dirty) at once over loopback,
 #                  each with its own source, postcopyd, reference guest and
