@@ -56,6 +56,8 @@ int cpc_memfd_create(const char *name, unsigned int flags) {
 #endif
 _Static_assert(CPC_F_SEAL_SHRINK == 0x0002 && CPC_F_SEAL_GROW == 0x0004, "the kernel's F_SEAL_SHRINK and F_SEAL_GROW");
 
+_Static_assert(CPC_SEEK_DATA == SEEK_DATA && CPC_SEEK_HOLE == SEEK_HOLE, "the kernel's SEEK_DATA and SEEK_HOLE");
+
 int cpc_add_seals(int fd, unsigned int seals) {
     return neg_errno(fcntl(fd, F_ADD_SEALS, seals));
 }

@@ -88,6 +88,60 @@ public final class SourceImage: @unchecked Sendable {
         withPages(first: page, count: 1) { PageHash.isZero($0) }
     }
 
+    /// A cursor that tells which pages lie in holes of the file, for pages
+    /// asked in ascending order (each reader keeps its own).
+    public func holes() -> Holes { Holes(fd: fd, size: size) }
+
+    /// Which 4 KiB pages lie in a hole of the file: never written, or
+    /// punched. Such a page reads as zeros, and must be known as such
+    /// without being read through the mapping: a read fault on a shmem hole
+    /// allocates a page, so reading every page would grow the source's
+    /// memory by all the RAM its guest never used. Walks the file's
+    /// extents with lseek(2) SEEK_DATA and SEEK_HOLE, two calls per
+    /// extent; a filesystem without them reports one extent of data.
+    ///
+    /// A hole may be written right after it was seen, as any page may be
+    /// after it was read: the dirty log (or the next hash scan) sends it
+    /// again.
+    public struct Holes {
+        private let fd: Int32
+        private let size: UInt64
+        /// The extent last found, in bytes: [start, end), a hole or data.
+        private var start: UInt64 = 0
+        private var end: UInt64 = 0
+        private var inHole = false
+
+        init(fd: Int32, size: UInt64) {
+            self.fd = fd
+            self.size = size
+        }
+
+        /// Whether 4 KiB page `page` lies in a hole.
+        public mutating func contains(_ page: UInt64) -> Bool {
+            let offset = page * PageSize.small.bytes
+            if offset < start || offset >= end { find(offset) }
+            return inHole
+        }
+
+        private mutating func find(_ offset: UInt64) {
+            start = offset
+            let data = lseek(fd, off_t(offset), Int32(CPC_SEEK_DATA))
+            if data < 0 {
+                // ENXIO: no data from here to the end. Anything else: the
+                // filesystem cannot tell, so read everything.
+                inHole = errno == ENXIO
+                end = size
+            } else if UInt64(data) > offset {
+                inHole = true
+                end = UInt64(data)
+            } else {
+                inHole = false
+                let hole = lseek(fd, off_t(offset), Int32(CPC_SEEK_HOLE))
+                end = hole > data ? UInt64(hole) : size
+            }
+        }
+    }
+
     /// The bytes of 4 KiB pages [first, first+count), lent to `body`.
     /// The range must lie within the image.
     public func withPages<T>(first: UInt64, count: Int, _ body: (UnsafeRawBufferPointer) throws -> T) rethrows -> T {

@@ -140,6 +140,9 @@ struct Migration {
         let guest: GuestSummary
         /// Whether the destination's RAM equals the source's, byte for byte.
         let identical: Bool
+        /// 4 KiB pages of the source's file that exist, once the migration
+        /// is over and before the comparison reads every one of them.
+        let sourcePagesAllocated: UInt64
         /// The daemon's trace file and the guest's touch log, when traced.
         var trace: String?
         var touchLog: String?
@@ -204,9 +207,10 @@ struct Migration {
         case let .failure(error) where agentMayFail: agentFailure = error
         case let .failure(error): throw error
         }
+        let sourcePagesAllocated = source.allocatedPages
         let identical = daemon.memory.alias.withUnsafeBytes { memcmp(source.base, $0.baseAddress!, Int(source.size)) } == 0
         var outcome = Outcome(daemon: daemonSummary, agent: agentSummary, agentFailure: agentFailure,
-                              guest: guestSummary, identical: identical)
+                              guest: guestSummary, identical: identical, sourcePagesAllocated: sourcePagesAllocated)
         if traced {
             outcome.trace = readTextFile(directory.path + "/trace.csv")
             outcome.touchLog = readTextFile(directory.path + "/touches.csv")

@@ -69,6 +69,26 @@ struct MigrationTests {
         #expect(outcome.agent.rounds[0].seconds >= 0.3, "round 1 took \(outcome.agent.rounds[0].seconds) s: not paced")
     }
 
+    /// The source's zero pages are holes in its file (every 8th page here).
+    /// The agent tells them by the file's extents and never reads them:
+    /// reading a shmem hole through a mapping allocates a page, so a
+    /// migration would otherwise grow the source by all the RAM its guest
+    /// never used. With either dirty log (hashing scans every page at
+    /// switchover).
+    @Test(arguments: [DirtyLogChoice.uffdWP, .hash])
+    func theSourceKeepsItsHoles(log: DirtyLogChoice) throws {
+        let (source, _) = try Self.source(dirty: 0)
+        let before = source.allocatedPages
+        #expect(before == source.pageCount - source.pageCount / 8, "the source's zero pages are not holes")
+        var migration = Migration()
+        migration.dirtyLog = log
+        migration.rounds = 2
+        let outcome = try migration.run(source)
+        Self.check(outcome, stale: 0)
+        #expect(outcome.sourcePagesAllocated == before,
+                "the migration read \(outcome.sourcePagesAllocated - before) holes of the source")
+    }
+
     @Test(arguments: [0.0, 0.1, 1.0])
     func shmem(dirty fraction: Double) throws {
         let (source, dirty) = try Self.source(dirty: fraction)

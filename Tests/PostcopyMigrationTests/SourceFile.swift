@@ -35,6 +35,13 @@ final class SourceFile: @unchecked Sendable {
 
     var pageCount: UInt64 { size / 4096 }
 
+    /// 4 KiB pages of the file that exist (its allocated blocks): the
+    /// pages never written are holes.
+    var allocatedPages: UInt64 {
+        var status = stat()
+        return stat(path, &status) == 0 ? UInt64(status.st_blocks) / 8 : 0
+    }
+
     /// Registers this process's mapping for uffd-wp, as a source VMM does;
     /// the registration (nil when refused) and what to tell the agent.
     func trackWrites(pretendingAbsent: UffdFeatures = []) -> (WriteTracking?, SourceTrackingOffer) {

@@ -1,3 +1,4 @@
+import CPostcopy
 import Glibc
 import PostcopyCore
 @testable import PostcopyOS
@@ -69,6 +70,36 @@ private func errorText(_ body: () throws -> Void) -> String {
         #expect(pwrite(fd, &word, 8, 4096) == 8)
         close(fd)
         image.withPages(first: 1, count: 1) { #expect($0.load(as: UInt64.self) == word) }
+    }
+
+    /// Holes are told from data by the file's extents, page by page in
+    /// ascending order, without a page being read: the file's allocated
+    /// blocks do not grow.
+    @Test func holesAreFoundWithoutBeingRead() throws {
+        let file = ScratchFile(in: "/dev/shm")
+        try file.create(size: 64 * 4096)
+        let fd = open(file.path, O_WRONLY | O_CLOEXEC)
+        try #require(fd >= 0)
+        let data: Set<UInt64> = [3, 4, 5, 40, 63]
+        var page = [UInt8](repeating: 0xa5, count: 4096)
+        for index in data { #expect(pwrite(fd, &page, 4096, off_t(index * 4096)) == 4096) }
+        // Written, and punched again: a hole once more.
+        #expect(pwrite(fd, &page, 4096, off_t(20 * 4096)) == 4096)
+        // FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, which glibc hides.
+        #expect(cpc_fallocate(fd, 0x02 | 0x01, 20 * 4096, 4096) == 0)
+        close(fd)
+        func allocatedBlocks() -> Int {
+            var status = stat()
+            return stat(file.path, &status) == 0 ? Int(status.st_blocks) : -1
+        }
+        let before = allocatedBlocks()
+        let image = try SourceImage(path: file.path)
+        var holes = image.holes()
+        let found = (0..<UInt64(64)).filter { !holes.contains($0) }
+        #expect(Set(found) == data)
+        #expect(allocatedBlocks() == before, "asking about holes made pages exist")
+        // A cursor asked about an earlier page finds it again.
+        #expect(!holes.contains(4) && holes.contains(0) && !holes.contains(63))
     }
 
     @Test func missingFile() {

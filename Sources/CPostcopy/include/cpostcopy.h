@@ -79,6 +79,13 @@ enum {
     CPC_F_SEAL_GROW = 0x0004,
 };
 
+/* lseek(2) whences that find a file's data and holes, behind _GNU_SOURCE
+ * in glibc too. */
+enum {
+    CPC_SEEK_DATA = 3,
+    CPC_SEEK_HOLE = 4,
+};
+
 /* Byte offsets inside struct uffd_msg, so Swift can decode a batch in place. */
 enum {
     CPC_UFFD_MSG_OFF_EVENT = offsetof(struct uffd_msg, event),

@@ -66,10 +66,22 @@ final class PageScanner: @unchecked Sendable {
             progress(Double(looked) / Double(total), result)
         }
 
+        var holes = image.holes()
         var next = candidates.nextSet(from: 0)
         while let page = next {
             next = candidates.nextSet(from: page + 1)
             looked += 1
+            // A page in a hole is zero, and is not read (reading would make
+            // it exist): it goes out only if it held data before.
+            if holes.contains(page) {
+                guard sent[Int(page)] != PageHash.zeroPage else { continue }
+                sent[Int(page)] = PageHash.zeroPage
+                if !batch.addZero(page) {
+                    try send()
+                    guard batch.addZero(page) else { preconditionFailure("an empty batch has room for a zero page") }
+                }
+                continue
+            }
             // Copied into its place in the batch first and hashed there,
             // once: the hash that says whether the page changed is the hash
             // of the very bytes that go out (the guest may write the page
@@ -129,9 +141,11 @@ final class PageScanner: @unchecked Sendable {
     /// the paused source: this is what keeps hashing out of the pause.
     func digest(hashingStale stale: PageBitmap) -> ImageDigest {
         var hashes = sent
+        var holes = image.holes()
         var next = stale.nextSet(from: 0)
         while let page = next {
-            hashes[Int(page)] = image.withPages(first: page, count: 1) { PageHash.of($0).hash }
+            hashes[Int(page)] = holes.contains(page) ? PageHash.zeroPage
+                : image.withPages(first: page, count: 1) { PageHash.of($0).hash }
             next = stale.nextSet(from: page + 1)
         }
         return ImageDigest(pageHashes: hashes)
@@ -156,8 +170,10 @@ final class PageScanner: @unchecked Sendable {
                 let start = worker * share
                 let end = min(start + share, count)
                 guard start < end else { return }
+                var holes = image.holes()
                 for page in start..<end {
-                    slots.hashes[page] = image.withPages(first: UInt64(page), count: 1) { PageHash.of($0).hash }
+                    slots.hashes[page] = holes.contains(UInt64(page)) ? PageHash.zeroPage
+                        : image.withPages(first: UInt64(page), count: 1) { PageHash.of($0).hash }
                 }
             }
         }
