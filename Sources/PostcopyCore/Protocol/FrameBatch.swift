@@ -43,7 +43,7 @@ public struct FrameBatch: ~Copyable {
     /// Where `page`'s bytes go if it is added as data next (they may be
     /// written there before deciding, and are left unused if it is not);
     /// nil when the batch has no room for it: send, reset, ask again.
-    public mutating func slot(for page: UInt64) -> UnsafeMutableRawBufferPointer? {
+    public func slot(for page: UInt64) -> UnsafeMutableRawBufferPointer? {
         let offset = slotOffset(for: page)
         guard offset + Message.pageBytes <= buffer.count else { return nil }
         return UnsafeMutableRawBufferPointer(rebasing: buffer[offset..<(offset + Message.pageBytes)])

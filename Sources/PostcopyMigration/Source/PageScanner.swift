@@ -42,7 +42,7 @@ final class PageScanner: @unchecked Sendable {
     /// zeros, as ZERO_PAGES. `candidates` limits the pages looked at (the
     /// pages a dirty log reports written); nil looks at every page.
     /// `pacer`, when given, holds the round to its rate (it carries over
-    /// from round to round). `progress` is called after each frame with the
+    /// from round to round). `progress` is called after each send with the
     /// share of the candidates looked at.
     func sendChangedPages(among candidates: PageBitmap? = nil, to stream: MessageStream, pacer: inout Pacer?,
                           progress: (Double, RoundResult) -> Void) throws -> RoundResult {
@@ -65,6 +65,11 @@ final class PageScanner: @unchecked Sendable {
             if let wait = pacer?.sent(bytes, now: monotonicNanoseconds()), wait > 0 { sleepNanoseconds(wait) }
             progress(Double(looked) / Double(total), result)
         }
+        func addZero(_ page: UInt64) throws {
+            guard !batch.addZero(page) else { return }
+            try send()
+            guard batch.addZero(page) else { preconditionFailure("an empty batch has room for a zero page") }
+        }
 
         var holes = image.holes()
         var next = candidates.nextSet(from: 0)
@@ -76,10 +81,7 @@ final class PageScanner: @unchecked Sendable {
             if holes.contains(page) {
                 guard sent[Int(page)] != PageHash.zeroPage else { continue }
                 sent[Int(page)] = PageHash.zeroPage
-                if !batch.addZero(page) {
-                    try send()
-                    guard batch.addZero(page) else { preconditionFailure("an empty batch has room for a zero page") }
-                }
+                try addZero(page)
                 continue
             }
             // Copied into its place in the batch first and hashed there,
@@ -97,10 +99,7 @@ final class PageScanner: @unchecked Sendable {
             guard hash != sent[Int(page)] else { continue }
             sent[Int(page)] = hash
             if isZero {
-                if !batch.addZero(page) {
-                    try send()
-                    guard batch.addZero(page) else { preconditionFailure("an empty batch has room for a zero page") }
-                }
+                try addZero(page)
             } else {
                 batch.addData(page)
             }
