@@ -591,6 +591,12 @@ public final class SourceAgent: @unchecked Sendable {
             } catch {
                 guard let lost = Self.connectionLoss(error) else { throw error }
                 progress.finish()
+                // postcopyd may have discarded its copy on its own (its VMM
+                // left before the hand-over started the guest), said so and
+                // closed: a send then fails before the ERROR is read, and a
+                // daemon that has exited cannot be asked again. Any other
+                // ERROR (a refused frame pauses postcopy) is for a rejoin.
+                if let reason = Self.reasonGiven(on: connections.bulk), reason.code == .discarded { throw reason }
                 logger.warning("lost postcopyd during postcopy: \(lost.reason); rejoining")
                 connections.bulk.shutdown()
                 connections.urgent.shutdown()
@@ -712,6 +718,9 @@ public final class SourceAgent: @unchecked Sendable {
 
     // MARK: rejoining
 
+    /// How long a rejoin tries to deliver DISCARD after a failed hand-over.
+    static let discardRejoinNanos: UInt64 = 10_000_000_000
+
     /// Connects again, both connections with a resuming HELLO, retrying
     /// with backoff until `reconnectTimeoutNanos`; returns them and the
     /// pages postcopyd still lacks (its resync). An ERROR from postcopyd
@@ -738,6 +747,12 @@ public final class SourceAgent: @unchecked Sendable {
             } catch {
                 guard let lost = Self.connectionLoss(error) else { throw error }
                 let now = monotonicNanoseconds()
+                // Once the hand-over failed, the source runs the guest again
+                // and a rejoin only delivers DISCARD: worth a short while,
+                // not the reconnect timeout.
+                if notices.discarding && now + delay >= started + Self.discardRejoinNanos {
+                    throw MigrationError(.peerLost, "could not rejoin postcopyd at \(config.daemon) within \(Self.discardRejoinNanos / 1_000_000_000) s to tell it (\(attempt) attempts; last: \(lost.reason))")
+                }
                 guard now + delay < deadline else {
                     throw MigrationError(.peerLost, "could not rejoin postcopyd at \(config.daemon) within \(config.reconnectTimeoutNanos / 1_000_000_000) s (\(attempt) attempts; last: \(lost.reason)). The source stays paused: the guest runs on the destination and may still need its pages")
                 }
@@ -847,6 +862,15 @@ final class ResumedNotices: Sendable {
     private let state = Locked(State())
 
     var digest: ImageDigest? { state.withLock { $0.digest } }
+
+    /// The hand-over failed: the source runs the guest again, and DISCARD
+    /// is what postcopyd must hear.
+    var discarding: Bool {
+        state.withLock { state in
+            if case .discard? = state.handOver { return true }
+            return false
+        }
+    }
 
     /// The digest is known: sent at once if a connection is in use.
     func known(_ digest: ImageDigest) {
