@@ -64,15 +64,9 @@ struct PrecopyStreamRun: Equatable, Sendable {
     let mibPerSecond: Double
     /// The receiver's own CPU time (user + system) per GiB received.
     let receiverCPUSecondsPerGiB: Double
+}
 
-    init(bytes: UInt64, mode: String, seconds: Double, mibPerSecond: Double, receiverCPUSecondsPerGiB: Double) {
-        self.bytes = bytes
-        self.mode = mode
-        self.seconds = seconds
-        self.mibPerSecond = mibPerSecond
-        self.receiverCPUSecondsPerGiB = receiverCPUSecondsPerGiB
-    }
-
+extension PrecopyStreamRun {
     /// From its `key=value` lines; throws naming the first key missing or unreadable.
     init(output: String) throws {
         let values = keyValues(output)

@@ -26,16 +26,9 @@ struct PrecopyMigrationRun: Equatable, Sendable {
     /// The daemon's CPU time up to completion: with no page stale, precopy
     /// (and the handshake) is nearly all of it.
     let daemonCPUSeconds: Double
+}
 
-    init(round1Bytes: UInt64, round1Seconds: Double, round1MiBps: Double, agentRound1CPUSeconds: Double,
-         daemonCPUSeconds: Double) {
-        self.round1Bytes = round1Bytes
-        self.round1Seconds = round1Seconds
-        self.round1MiBps = round1MiBps
-        self.agentRound1CPUSeconds = agentRound1CPUSeconds
-        self.daemonCPUSeconds = daemonCPUSeconds
-    }
-
+extension PrecopyMigrationRun {
     /// Round 1 and the daemon's CPU of `result`; throws when there was no
     /// round, the agent timed none, or postcopy was not empty.
     init(_ result: MigrationResult, name: String) throws {

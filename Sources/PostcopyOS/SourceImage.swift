@@ -142,6 +142,12 @@ public final class SourceImage: @unchecked Sendable {
         }
     }
 
+    /// The hash of 4 KiB page `page` as it is now; a page in a hole (as
+    /// `holes`, a reader's cursor, finds it) is the zero page's, unread.
+    public func hash(ofPage page: UInt64, holes: inout Holes) -> UInt64 {
+        holes.contains(page) ? PageHash.zeroPage : withPages(first: page, count: 1) { PageHash.of($0).hash }
+    }
+
     /// The bytes of 4 KiB pages [first, first+count), lent to `body`.
     /// The range must lie within the image.
     public func withPages<T>(first: UInt64, count: Int, _ body: (UnsafeRawBufferPointer) throws -> T) rethrows -> T {

@@ -143,8 +143,7 @@ final class PageScanner: @unchecked Sendable {
         var holes = image.holes()
         var next = stale.nextSet(from: 0)
         while let page = next {
-            hashes[Int(page)] = holes.contains(page) ? PageHash.zeroPage
-                : image.withPages(first: page, count: 1) { PageHash.of($0).hash }
+            hashes[Int(page)] = image.hash(ofPage: page, holes: &holes)
             next = stale.nextSet(from: page + 1)
         }
         return ImageDigest(pageHashes: hashes)
@@ -171,8 +170,7 @@ final class PageScanner: @unchecked Sendable {
                 guard start < end else { return }
                 var holes = image.holes()
                 for page in start..<end {
-                    slots.hashes[page] = holes.contains(UInt64(page)) ? PageHash.zeroPage
-                        : image.withPages(first: UInt64(page), count: 1) { PageHash.of($0).hash }
+                    slots.hashes[page] = image.hash(ofPage: UInt64(page), holes: &holes)
                 }
             }
         }
