@@ -1,8 +1,9 @@
 /*
- * What the loopback baselines (tcp-pingpong, tcp-stream) share: failing
- * with a clear message (and taking the forked peer down with the program),
- * and the monotonic clock. Each program defines BASELINE_NAME before
- * including this.
+ * What the loopback baselines (tcp-pingpong, tcp-stream, precopy-stream)
+ * share: failing with a clear message (and taking the forked peer down with
+ * the program), the monotonic clock, and the memfd that stands in for guest
+ * RAM. Each program defines _GNU_SOURCE and BASELINE_NAME before including
+ * this.
  */
 #ifndef BASELINE_H
 #define BASELINE_H
@@ -18,6 +19,9 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <linux/memfd.h>
 
 static pid_t child_pid;         /* in the parent, while the forked peer runs */
 static const char *child_role;  /* in the child: "server", "sender", … */
@@ -55,6 +59,22 @@ static void reap_child(pid_t pid, const char *role) {
         snprintf(msg, sizeof(msg), "%s child failed (status 0x%x)", role, status);
         fail(msg);
     }
+}
+
+/* A memfd of `bytes` standing in for guest RAM (`name` shows in
+ * /proc/PID/fd): shmem, or 2 MiB hugetlbfs pages when `huge`; nothing in it
+ * touched yet. Fails saying what is missing. */
+static inline int guest_ram_memfd(const char *name, uint64_t bytes, int huge) {
+    int fd = memfd_create(name, MFD_CLOEXEC | (huge ? MFD_HUGETLB | MFD_HUGE_2MB : 0));
+    if (fd < 0) {
+        if (huge) die("memfd_create MFD_HUGETLB|MFD_HUGE_2MB (kernel without hugetlbfs?)");
+        die("memfd_create");
+    }
+    if (ftruncate(fd, (off_t)bytes) < 0) {
+        if (huge) die("ftruncate hugetlb memfd (no free 2 MiB hugepages? see /proc/sys/vm/nr_hugepages)");
+        die("ftruncate");
+    }
+    return fd;
 }
 
 /* A TCP socket listening on 127.0.0.1 at a free port, written to *addr. */

@@ -370,15 +370,7 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
 
     /* Target: the guest-RAM stand-in, fresh and never touched. */
-    int fd = memfd_create("precopy-stream", MFD_CLOEXEC | (huge ? MFD_HUGETLB | MFD_HUGE_2MB : 0));
-    if (fd < 0) {
-        if (huge) die("memfd_create MFD_HUGETLB|MFD_HUGE_2MB (kernel without hugetlbfs?)");
-        die("memfd_create");
-    }
-    if (ftruncate(fd, (off_t)bytes) < 0) {
-        if (huge) die("ftruncate hugetlb memfd (no free 2 MiB hugepages? see /proc/sys/vm/nr_hugepages)");
-        die("ftruncate");
-    }
+    int fd = guest_ram_memfd("precopy-stream", bytes, huge);
     char *map = NULL;
     if (huge) {
         map = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
