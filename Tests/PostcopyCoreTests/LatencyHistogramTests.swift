@@ -50,4 +50,25 @@ import Testing
         while left >= 1 { result *= 2; left -= 1 }
         return result * (1 + left * 0.6931471805599453)
     }
+
+    /// QEMU's postcopy-latency-dist: bucket N holds [2^N, 2^(N+1)) µs.
+    @Test func distributionBucketsArePowersOfTwoMicroseconds() {
+        let samples: [UInt64] = [0, 999, 1_999, 2_000, 3_999, 256_000, 511_999, 512_000, 8_388_608_000, 100_000_000_000]
+        let dist = LatencyDistribution(nanoseconds: samples)
+        #expect(dist.buckets.count == 24)
+        #expect(dist.buckets[0] == 3)   // under 2 µs
+        #expect(dist.buckets[1] == 2)   // 2–3.999 µs
+        #expect(dist.buckets[8] == 2)   // 256–511 µs
+        #expect(dist.buckets[9] == 1)
+        #expect(dist.buckets[23] == 2)  // 2^23 µs and beyond
+        #expect(dist.count == UInt64(samples.count))
+        var histogram = LatencyHistogram()
+        samples.forEach { histogram.record($0) }
+        #expect(histogram.distribution == dist)
+        #expect(LatencyDistribution.label(ofBucket: 0) == "< 2 µs")
+        #expect(LatencyDistribution.label(ofBucket: 8) == "256–512 µs")
+        #expect(LatencyDistribution.label(ofBucket: 9) == "512 µs–1.0 ms")
+        #expect(LatencyDistribution.label(ofBucket: 23) == "≥ 8.4 s")
+        #expect(dist.text.hasPrefix("< 2 µs: 3, 2–4 µs: 2, 256–512 µs: 2"))
+    }
 }

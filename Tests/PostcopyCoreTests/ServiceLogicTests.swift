@@ -143,7 +143,7 @@ import Testing
         status.stalePagesLeft = 812
         status.pausedSeconds = 12.4
         status.pauses = 2
-        #expect(status.statusLine == "paused: agent connection lost, waiting for 12 s for it to rejoin; 812 stale pages left")
+        #expect(status.statusLine == "paused: agent connection lost, waiting for 12 s for it to rejoin; 812 stale pages left (QEMU: postcopy-paused)")
         #expect(status.lines.contains("pauses:        2 (agent connection lost and rejoined)"))
     }
 
@@ -151,29 +151,118 @@ import Testing
         var status = DaemonStatus()
         status.listen = "0.0.0.0:7070"
         status.phase = "handshake"
-        #expect(status.statusLine == "waiting for the agent on 0.0.0.0:7070; VMM not attached")
+        #expect(status.statusLine == "waiting for the agent on 0.0.0.0:7070; VMM not attached (QEMU: setup)")
         status.phase = "precopy"
         status.precopyRounds = 1
         status.precopyPages = 5000
         status.receiveMiBPerSecond = 210.04
         status.vmm = "pid 7, uid 0, gid 0"
-        #expect(status.statusLine == "precopy round 2: 5000 pages received, 210.0 MiB/s; VMM attached")
+        #expect(status.statusLine == "precopy round 2: 5000 pages received, 210.0 MiB/s; VMM attached (QEMU: active)")
         status.phase = "postcopy"
         status.stalePagesAtSwitchover = 10_000
         status.stalePagesLeft = 8123
         status.receiveMiBPerSecond = 41
-        #expect(status.statusLine == "postcopy: 8123 stale pages left, 41.0 MiB/s")
+        #expect(status.statusLine == "postcopy: 8123 stale pages left, 41.0 MiB/s (QEMU: postcopy-active)")
         status.phase = "handover"
         #expect(status.statusLine.hasPrefix("hand-over: the guest's memory is resumed here, the guest starts once the source's hand-over is done"))
         #expect(status.lines.contains { $0.hasPrefix("stale pages:   8123 of") })
         status.phase = "discarded"
-        #expect(status.statusLine == "discarded: the guest never ran here; the source keeps it, and this VMM must be stopped")
+        #expect(status.statusLine == "discarded: the guest never ran here; the source keeps it, and this VMM must be stopped (QEMU: cancelled)")
         status.phase = "postcopy"
         status.staleFaultLatency = LatencyFigures(nanoseconds: [180_000])
-        #expect(status.statusLine == "postcopy: 8123 stale pages left, 41.0 MiB/s, stale-fault p99 180 µs")
+        #expect(status.statusLine == "postcopy: 8123 stale pages left, 41.0 MiB/s, stale-fault p99 180 µs (QEMU: postcopy-active)")
         #expect(status.postcopyProgress == 0.1877)
         status.phase = "failed"
         status.failure = "the agent closed the bulk connection during postcopy"
-        #expect(status.statusLine == "failed: the agent closed the bulk connection during postcopy")
+        #expect(status.statusLine == "failed: the agent closed the bulk connection during postcopy (QEMU: failed)")
+    }
+
+    /// The table in docs/operations.md, "In QEMU's and libvirt's words".
+    @Test func everyPhaseHasItsQEMUState() {
+        let expected: [(String, QEMUMigrationStatus)] = [
+            ("handshake", .setup), ("precopy", .active), ("switchover", .postcopyDevice),
+            ("handover", .postcopyDevice), ("postcopy", .postcopyActive), ("paused", .postcopyPaused),
+            ("complete", .completed), ("failed", .failed), ("discarded", .cancelled),
+        ]
+        for (phase, state) in expected { #expect(QEMUMigrationStatus(phase: phase) == state, "\(phase)") }
+        #expect(QEMUMigrationStatus(phase: "paused", rejoining: true) == .postcopyRecover)
+        #expect(QEMUMigrationStatus(phase: "postcopy", rejoining: true) == .postcopyActive)
+        #expect(QEMUMigrationStatus(phase: "unheard of") == nil)
+    }
+
+    @Test func statusSpeaksQEMUAndLibvirtInTheirUnits() throws {
+        var status = DaemonStatus()
+        status.phase = "postcopy"
+        status.regionBytes = 1 << 30
+        status.precopyRounds = 3
+        status.stalePagesAtSwitchover = 1000
+        status.stalePagesLeft = 100
+        status.pageRequests = 40
+        status.pagesRequested = 45
+        status.bytesReceived = 5_000_000
+        status.receiveMiBPerSecond = 2
+        status.downtimeMs = 12.6
+        status.elapsedSeconds = 15.4321
+        status.phases = [PhaseDuration(phase: "handshake", seconds: 0.1004), PhaseDuration(phase: "precopy", seconds: 12),
+                         PhaseDuration(phase: "postcopy", seconds: 3.3)]
+        status.staleFaultLatency = LatencyFigures(nanoseconds: [100_000, 300_000])
+        status.staleFaultLatencyDist = LatencyDistribution(nanoseconds: [100_000, 300_000])
+        status.addManagementNames()
+        let qemu = try #require(status.qemu)
+        #expect(qemu.status == .postcopyActive)
+        #expect(qemu.postcopyRequests == 40)
+        #expect(qemu.postcopyLatency == 200_000)
+        #expect(qemu.postcopyLatencyDist?[6] == 1 && qemu.postcopyLatencyDist?[8] == 1)
+        let job = try #require(status.libvirt)
+        #expect(job.timeElapsed == 15_432 && job.setupTime == 100 && job.downtime == 13)
+        #expect(job.memoryTotal == 1 << 30 && job.memoryProcessed == 5_000_000 && job.memoryRemaining == 409_600)
+        #expect(job.memoryBps == 2_097_152 && job.memoryIteration == 3 && job.memoryPageSize == 4096)
+        #expect(job.memoryPostcopyRequests == 40 && job.memoryDirtyRate == nil)
+        // JSON under QEMU's and libvirt's own keys.
+        let json = String(decoding: try JSONEncoder().encode(status), as: UTF8.self)
+        for key in ["\"postcopy-latency-dist\"", "\"postcopy-requests\"", "\"status\":\"postcopy-active\"",
+                    "\"time_elapsed\":15432", "\"memory_remaining\":409600", "\"memory_postcopy_requests\":40"] {
+            #expect(json.contains(key), "\(key) in \(json)")
+        }
+        #expect(try JSONDecoder().decode(DaemonStatus.self, from: Data(json.utf8)) == status)
+        // Text: postcopyd's figure, and theirs beside it.
+        let lines = status.lines
+        #expect(lines.contains { $0.hasPrefix("phase:         postcopy ") && $0.hasSuffix("│ QEMU postcopy-active") })
+        #expect(lines.contains { $0.hasPrefix("elapsed:       15.4 s: handshake 0.10 s, precopy 12.0 s, postcopy 3.3 s")
+            && $0.hasSuffix("│ time_elapsed 15432 ms, setup_time 100 ms") })
+        #expect(lines.contains { $0.hasPrefix("fault latency: 64–128 µs: 1, 256–512 µs: 1") && $0.hasSuffix("│ postcopy-latency-dist") })
+        #expect(lines.contains { $0.hasPrefix("stale pages:   100 of 1000 left") && $0.hasSuffix("│ memory_remaining 409600") })
+    }
+
+    @Test func beforeTheDirtyBitmapNothingIsKnownToRemain() throws {
+        var status = DaemonStatus()
+        status.phase = "precopy"
+        status.phases = [PhaseDuration(phase: "handshake", seconds: 0.2)]
+        status.addManagementNames()
+        let job = try #require(status.libvirt)
+        #expect(job.memoryRemaining == nil)
+        // Still in the handshake's successor's first moment: setup is known once precopy is in the list.
+        #expect(job.setupTime == nil)
+        #expect(status.qemu?.postcopyRequests == nil && status.qemu?.postcopyLatencyDist == nil)
+    }
+
+    @Test func phaseTimelineAddsUpEachPhaseFromTheFirstConnection() {
+        var timeline = PhaseTimeline()
+        timeline.enter("handshake", at: 0)
+        #expect(timeline.durations(at: 5_000_000_000).isEmpty)
+        #expect(timeline.elapsedSeconds(at: 5_000_000_000) == 0)
+        timeline.begin(at: 10_000_000_000)
+        timeline.begin(at: 11_000_000_000)  // only the first counts
+        timeline.enter("precopy", at: 10_500_000_000)
+        timeline.enter("precopy", at: 10_600_000_000)  // already there
+        timeline.enter("postcopy", at: 20_500_000_000)
+        timeline.enter("paused", at: 21_000_000_000)
+        timeline.enter("postcopy", at: 23_000_000_000)
+        timeline.enter("paused", at: 24_000_000_000)
+        let durations = timeline.durations(at: 25_000_000_000)
+        #expect(durations.map(\.phase) == ["handshake", "precopy", "postcopy", "paused"])
+        #expect(durations.map(\.seconds) == [0.5, 10, 1.5, 3])
+        #expect(timeline.elapsedSeconds(at: 25_000_000_000) == 15)
+        #expect(timeline.current == "paused")
     }
 }

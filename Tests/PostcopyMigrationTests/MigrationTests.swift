@@ -157,6 +157,7 @@ struct MigrationTests {
     @Test func handOverRunsWhilePostcopyServes() throws {
         let (source, dirty) = try Self.source(dirty: 0.5)
         let phaseAtHandOver = Locked("")
+        let statusServing = Locked<DaemonStatus?>(nil)
         var migration = Migration()
         migration.handOver = { daemon in
             phaseAtHandOver.withLock { $0 = daemon.status().phase }
@@ -167,11 +168,23 @@ struct MigrationTests {
                 }
                 usleep(1_000)
             }
+            statusServing.withLock { $0 = daemon.status() }
             usleep(50_000)
         }
         let outcome = try migration.run(source, pause: Self.dirtying(source, dirty))
         Self.check(outcome, stale: Self.stale(dirty))
         #expect(["postcopy", "complete"].contains(phaseAtHandOver.withLock { $0 }), "the hand-over ran before RESUMED")
+        // While postcopy served: QEMU's and libvirt's names, from the daemon's own figures.
+        let serving = try #require(statusServing.withLock { $0 })
+        #expect(serving.qemu?.status == .postcopyActive)
+        #expect(serving.libvirt?.memoryRemaining == serving.stalePagesLeft * 4096)
+        #expect(serving.libvirt?.memoryTotal == serving.regionBytes)
+        #expect(serving.phases.map(\.phase).starts(with: ["handshake", "precopy", "switchover"]), "\(serving.phases)")
+        #expect(serving.elapsedSeconds >= serving.phases.map(\.seconds).reduce(0, +) - 0.001)
+        #expect((serving.staleFaultLatencyDist?.count ?? 0) <= serving.faultsStale)  // counted once served
+        // At the end: the distribution counts every stale fault, the phases add up.
+        #expect(outcome.daemon.staleFaultLatencyDist?.count == outcome.daemon.faultsStale)
+        #expect(outcome.daemon.phases.last?.phase == "postcopy")
         let handOver = try #require(outcome.agent.handOverMs)
         let guestDowntime = try #require(outcome.agent.guestDowntimeMs)
         #expect(handOver >= 50)

@@ -77,6 +77,13 @@ extension DestinationSession {
         return since
     }
 
+    /// Paused, and the agent is rejoining: one of its connections is back
+    /// (QEMU's postcopy-recover).
+    public var rejoining: Bool {
+        guard case let .postcopy(_, .paused(_, rejoined)) = state else { return false }
+        return !rejoined.isEmpty
+    }
+
     /// The source's image digest, once IMAGE_DIGEST brought it; it never
     /// changes after.
     public var imageDigest: ImageDigest? {

@@ -54,6 +54,10 @@ public struct DestinationSummary: Codable, Equatable, Sendable {
     public var duplicatePages: UInt64 = 0
     /// From the first fault on a stale page to the page written and installed.
     public var staleFaultLatency: LatencyFigures?
+    /// The same in power-of-two microsecond buckets (QEMU's postcopy-latency-dist).
+    public var staleFaultLatencyDist: LatencyDistribution?
+    /// Each phase's time, from the first agent connection (`PhaseTimeline`).
+    public var phases: [PhaseDuration] = []
     public var postcopySeconds: Double = 0
     public var backgroundMiBPerSecond: Double = 0
     public var bytesReceived: UInt64 = 0
@@ -91,6 +95,10 @@ public struct DestinationSummary: Codable, Equatable, Sendable {
                 + " (\(fixed(backgroundMiBPerSecond, 1)) MiB/s), \(duplicatePages) duplicates dropped",
         ]
         if let staleFaultLatency { lines.append("stale-fault latency: \(staleFaultLatency.text)") }
+        if let dist = staleFaultLatencyDist, dist.count > 0 { lines.append("stale-fault latency by bucket: \(dist.text)") }
+        if !phases.isEmpty {
+            lines.append("phases: " + phases.map { "\($0.phase) \(fixed($0.seconds, 3)) s" }.joined(separator: ", "))
+        }
         if tookOver {
             lines.append("took over from a postcopyd that died during postcopy; precopy and earlier faults were that daemon's")
         }

@@ -1,10 +1,19 @@
 /// A daemon instance at one moment: what `postcopyctl status` prints and
-/// what sd_notify's STATUS= line says.
+/// what sd_notify's STATUS= line says. Next to postcopyd's own names it
+/// carries QEMU's state (`qemu`) and libvirt's job statistics (`libvirt`),
+/// filled from its own figures by `addManagementNames()`.
 public struct DaemonStatus: Codable, Equatable, Sendable {
     public var instance = ""
     public var migrationID = ""
-    /// handshake, precopy, switchover, postcopy, paused, complete, failed.
+    /// handshake, precopy, switchover, handover, postcopy, paused,
+    /// complete, discarded, failed.
     public var phase = ""
+    /// Paused, and one of the agent's connections is back already.
+    public var rejoining = false
+    /// Since the migration began (the first agent connection), and each
+    /// phase's time in the order first entered (`PhaseTimeline`).
+    public var elapsedSeconds: Double = 0
+    public var phases: [PhaseDuration] = []
     public var pid: Int32 = 0
     public var uptimeSeconds: Double = 0
     public var memory = ""
@@ -22,8 +31,12 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     public var faultsClean: UInt64 = 0
     public var faultsStale: UInt64 = 0
     public var pagesRequested: UInt64 = 0
+    /// PAGE_REQUEST messages sent for them (QEMU's postcopy-requests).
+    public var pageRequests: UInt64 = 0
     public var duplicatePages: UInt64 = 0
     public var staleFaultLatency: LatencyFigures?
+    /// The same latencies in power-of-two microsecond buckets.
+    public var staleFaultLatencyDist: LatencyDistribution?
     public var bytesReceived: UInt64 = 0
     /// Received over the last few seconds.
     public var receiveMiBPerSecond: Double = 0
@@ -34,8 +47,46 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     public var pausedSeconds: Double?
     /// Why the migration failed, once it has.
     public var failure: String?
+    /// The same, in QEMU's and libvirt's names (`addManagementNames()`).
+    public var qemu: QEMUMigrationInfo?
+    public var libvirt: JobStats?
 
     public init() {}
+
+    /// QEMU's state for the phase (nil for a phase QEMU has no name for).
+    public var qemuStatus: QEMUMigrationStatus? { QEMUMigrationStatus(phase: phase, rejoining: rejoining) }
+
+    /// Fills `qemu` and `libvirt` from postcopyd's own figures.
+    public mutating func addManagementNames() {
+        let afterSwitchover = Self.servesPostcopy(phase) || phase == "complete"
+        if let status = qemuStatus {
+            var qemu = QEMUMigrationInfo(status: status)
+            if afterSwitchover {
+                qemu.postcopyRequests = pageRequests
+                if let latency = staleFaultLatency, latency.count > 0 {
+                    qemu.postcopyLatency = UInt64((latency.totalMs * 1e6 / Double(latency.count)).rounded())
+                }
+                qemu.postcopyLatencyDist = staleFaultLatencyDist?.buckets
+            }
+            self.qemu = qemu
+        }
+        var job = JobStats()
+        job.timeElapsed = milliseconds(elapsedSeconds)
+        // The handshake's time, once precopy has begun.
+        if phases.count > 1, let handshake = phases.first(where: { $0.phase == "handshake" }) {
+            job.setupTime = milliseconds(handshake.seconds)
+        }
+        job.downtime = downtimeMs.map { milliseconds($0 / 1000) }
+        job.memoryTotal = regionBytes
+        job.memoryProcessed = bytesReceived
+        // Known here only once the dirty bitmap has said what is stale.
+        if afterSwitchover { job.memoryRemaining = stalePagesLeft * UInt64(Message.pageBytes) }
+        job.memoryBps = UInt64((receiveMiBPerSecond * 1_048_576).rounded())
+        job.memoryIteration = UInt64(precopyRounds)
+        job.memoryPageSize = UInt64(Message.pageBytes)
+        job.memoryPostcopyRequests = pageRequests
+        libvirt = job
+    }
 
     /// Fraction of the migration's current phase done, when it has one:
     /// stale pages fetched during postcopy.
@@ -47,8 +98,13 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     }
 
     /// One line for sd_notify's STATUS= (`systemctl status` shows it):
-    /// "postcopy: 8123 stale pages left, 41.0 MiB/s, stale-fault p99 180 µs".
+    /// "postcopy: 8123 stale pages left, 41.0 MiB/s, stale-fault p99 180 µs
+    /// (QEMU: postcopy-active)".
     public var statusLine: String {
+        phaseLine + (qemuStatus.map { " (QEMU: \($0.rawValue))" } ?? "")
+    }
+
+    private var phaseLine: String {
         let rate = "\(fixed(receiveMiBPerSecond, 1)) MiB/s"
         switch phase {
         case "handshake":
@@ -81,29 +137,68 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
         phase == "handover" || phase == "postcopy" || phase == "paused"
     }
 
-    /// `postcopyctl status` in text: one "name: value" line each.
+    /// `postcopyctl status` in text: one "name: value" line each, and
+    /// where QEMU or libvirt name it, their name and figure beside it
+    /// (`addManagementNames()` first).
     public var lines: [String] {
-        var lines = [
-            "instance:      \(instance) (pid \(pid), up \(fixed(uptimeSeconds, 1)) s)",
-            "migration:     \(migrationID.isEmpty ? "(no agent yet)" : migrationID)",
-            "phase:         \(phase)",
-            "status:        \(statusLine)",
-            "guest RAM:     \(ByteSize.format(regionBytes)) of \(memory)",
-            "agent:         \(agentAddresses.isEmpty ? "not connected (listening on \(listen))" : agentAddresses.joined(separator: ", "))",
-            "VMM:           \(vmm.isEmpty ? "not attached (\(vmmSocket))" : vmm)",
-            "precopy:       \(precopyRounds) rounds done, \(precopyPages) pages",
+        let job = libvirt
+        var rows: [(String, String, String?)] = [
+            ("instance", "\(instance) (pid \(pid), up \(fixed(uptimeSeconds, 1)) s)", nil),
+            ("migration", migrationID.isEmpty ? "(no agent yet)" : migrationID, nil),
+            ("phase", phase, qemu.map { "QEMU \($0.status.rawValue)" }),
+            ("status", phaseLine, nil),
+        ]
+        if !phases.isEmpty {
+            let each = phases.map { "\($0.phase) \(Self.seconds($0.seconds))" }.joined(separator: ", ")
+            rows.append(("elapsed", "\(Self.seconds(elapsedSeconds)): \(each)",
+                         job.map { job in
+                             "time_elapsed \(job.timeElapsed) ms" + (job.setupTime.map { ", setup_time \($0) ms" } ?? "")
+                         }))
+        }
+        rows += [
+            ("guest RAM", "\(ByteSize.format(regionBytes)) of \(memory)",
+             job.map { "memory_total \($0.memoryTotal), memory_page_size \($0.memoryPageSize)" }),
+            ("agent", agentAddresses.isEmpty ? "not connected (listening on \(listen))" : agentAddresses.joined(separator: ", "), nil),
+            ("VMM", vmm.isEmpty ? "not attached (\(vmmSocket))" : vmm, nil),
+            ("precopy", "\(precopyRounds) rounds done, \(precopyPages) pages", job.map { "memory_iteration \($0.memoryIteration)" }),
         ]
         if Self.servesPostcopy(phase) || phase == "complete" {
             let percent = postcopyProgress.map { " (\(fixed($0 * 100, 1))% fetched)" } ?? ""
-            lines.append("stale pages:   \(stalePagesLeft) of \(stalePagesAtSwitchover) left\(percent)")
-            lines.append("faults:        \(faultsClean) clean, \(faultsStale) stale; \(pagesRequested) pages requested, \(duplicatePages) duplicates")
-            if let staleFaultLatency { lines.append("stale faults:  \(staleFaultLatency.text)") }
+            rows.append(("stale pages", "\(stalePagesLeft) of \(stalePagesAtSwitchover) left\(percent)",
+                         job?.memoryRemaining.map { "memory_remaining \($0)" }))
+            rows.append(("faults", "\(faultsClean) clean, \(faultsStale) stale; \(pagesRequested) pages requested in \(pageRequests) requests, \(duplicatePages) duplicates",
+                         job.map { "memory_postcopy_requests \($0.memoryPostcopyRequests)" }))
+            if let staleFaultLatency {
+                rows.append(("stale faults", staleFaultLatency.text, qemu?.postcopyLatency.map { "postcopy-latency \($0) ns" }))
+            }
+            if let dist = staleFaultLatencyDist, dist.count > 0 {
+                rows.append(("fault latency", dist.text, qemu?.postcopyLatencyDist.map { _ in "postcopy-latency-dist" }))
+            }
         }
-        if let downtimeMs { lines.append("downtime:      \(fixed(downtimeMs, 1)) ms") }
-        if pauses > 0 { lines.append("pauses:        \(pauses) (agent connection lost and rejoined)") }
-        lines.append("received:      \(ByteSize.format(bytesReceived)), \(fixed(receiveMiBPerSecond, 1)) MiB/s now")
-        if let failure { lines.append("failure:       \(failure)") }
-        return lines
+        if let downtimeMs { rows.append(("downtime", "\(fixed(downtimeMs, 1)) ms", job?.downtime.map { "downtime \($0) ms" })) }
+        if pauses > 0 { rows.append(("pauses", "\(pauses) (agent connection lost and rejoined)", nil)) }
+        rows.append(("received", "\(ByteSize.format(bytesReceived)), \(fixed(receiveMiBPerSecond, 1)) MiB/s now",
+                     job.map { "memory_processed \($0.memoryProcessed), memory_bps \($0.memoryBps)" }))
+        if let failure { rows.append(("failure", failure, nil)) }
+        return rows.map { label, value, aside in
+            let head = Self.padded(label + ":", to: 15) + value
+            guard let aside else { return head }
+            return Self.padded(head, to: 56, atLeast: 2) + "│ " + aside
+        }
+    }
+
+    /// `text` and spaces up to `width` characters, and at least `atLeast` spaces.
+    static func padded(_ text: String, to width: Int, atLeast: Int = 1) -> String {
+        text + String(repeating: " ", count: max(width - text.count, atLeast))
+    }
+
+    /// "0.25 s", "12.3 s", "1 min 3 s".
+    static func seconds(_ value: Double) -> String {
+        switch value {
+        case ..<1: "\(fixed(value, 2)) s"
+        case ..<60: "\(fixed(value, 1)) s"
+        default: "\(Int(value) / 60) min \(Int(value) % 60) s"
+        }
     }
 }
 

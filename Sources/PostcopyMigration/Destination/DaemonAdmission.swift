@@ -115,10 +115,11 @@ extension DestinationDaemon {
                 // (or the hand-over) goes on after a rejoin.
                 let ready = phase != session.phase
                     && [.precopy, .handover, .postcopy].contains(session.phase)
-                if session.epoch != before { context.set("PHASE", DestinationSession.Phase.paused.rawValue) }
+                if session.epoch != before { entered(.paused) }
                 return (role, welcome, session.epoch, session.epoch != before, ready)
             }
             admitted()
+            timeline.withLock { $0.begin(at: monotonicNanoseconds()) }
             if superseded {
                 paused(epoch: epoch - 1, because: "the agent rejoined: it found the connections dead first", role: role)
             }
@@ -198,7 +199,7 @@ extension DestinationDaemon {
     private func accepted(from address: String) {
         let id = session.withLock { $0.migrationID?.description ?? "" }
         summary.withLock { $0.migrationID = id }
-        context.set("PHASE", DestinationSession.Phase.precopy.rawValue)
+        entered(.precopy)
         logger.event(.migrationAccepted, .info, "migration \(id) accepted from \(address)", [
             "agent_address": "\(address)",
         ])

@@ -14,6 +14,10 @@ struct DaemonFigures {
     var at: UInt64 = 0
     var phase = DestinationSession.Phase.handshake
     var migrationID = ""
+    var rejoining = false
+    /// Since the first agent connection, and each phase's time.
+    var elapsedSeconds: Double = 0
+    var phases: [PhaseDuration] = []
     /// The summary so far: guest RAM, precopy, switchover, downtime.
     var summary = DestinationSummary()
     var bytesReceived: UInt64 = 0
@@ -34,6 +38,7 @@ struct DaemonFigures {
     var urgentPages: UInt64 = 0
     var backgroundPages: UInt64 = 0
     var staleFaultLatency: LatencyFigures?
+    var staleFaultLatencyDist: LatencyDistribution?
     /// Since the guest resumed here (at least 1 ns), and the CPU time spent since.
     var postcopySeconds: Double = 0
     var postcopyCPUSeconds: Double = 0
@@ -42,6 +47,9 @@ struct DaemonFigures {
     /// What `postcopyctl status` shows of them.
     func fill(_ status: inout DaemonStatus) {
         status.migrationID = migrationID
+        status.rejoining = rejoining
+        status.elapsedSeconds = elapsedSeconds
+        status.phases = phases
         status.pauses = pauses
         if phase == .paused, pausedSince > 0 {
             status.pausedSeconds = Double(at &- pausedSince) / 1e9
@@ -57,8 +65,10 @@ struct DaemonFigures {
             status.faultsClean = faultsClean
             status.faultsStale = faultsStale
             status.pagesRequested = pagesRequested
+            status.pageRequests = pageRequests
             status.duplicatePages = duplicatePages
             status.staleFaultLatency = staleFaultLatency
+            status.staleFaultLatencyDist = staleFaultLatencyDist
         }
         status.bytesReceived = bytesReceived
     }
@@ -75,6 +85,8 @@ struct DaemonFigures {
         summary.postcopyPagesUrgent = urgentPages
         summary.postcopyPagesBackground = backgroundPages
         summary.staleFaultLatency = staleFaultLatency
+        summary.staleFaultLatencyDist = staleFaultLatencyDist
+        summary.phases = phases
         summary.backgroundMiBPerSecond = Double(backgroundPages * 4096) / postcopySeconds / 1_048_576
         summary.bytesReceived = bytesReceived
         summary.pauses = pauses
@@ -130,6 +142,7 @@ extension DestinationDaemon {
         status.receiveMiBPerSecond = receiveRate.withLock {
             $0.record(status.bytesReceived, at: monotonicNanoseconds())
         } / 1_048_576
+        status.addManagementNames()
         return status
     }
 
@@ -140,10 +153,14 @@ extension DestinationDaemon {
         var figures = DaemonFigures()
         let now = monotonicNanoseconds()
         figures.at = now
-        let (phase, id, pauses, since, paused) = session.withLock {
-            ($0.phase, $0.migrationID, $0.pauses, $0.pausedSince, $0.pausedNanos)
+        let (phase, id, pauses, since, paused, rejoining) = session.withLock {
+            ($0.phase, $0.migrationID, $0.pauses, $0.pausedSince, $0.pausedNanos, $0.rejoining)
         }
         (figures.phase, figures.migrationID, figures.pauses) = (phase, id?.description ?? "", pauses)
+        figures.rejoining = rejoining
+        (figures.elapsedSeconds, figures.phases) = timeline.withLock {
+            ($0.elapsedSeconds(at: now), $0.durations(at: now))
+        }
         figures.pausedSince = since ?? 0
         figures.pausedNanos = paused
         figures.summary = summary.withLock { $0 }
@@ -160,8 +177,10 @@ extension DestinationDaemon {
         figures.pageRequests = UInt64(postcopy.lastRequestID)
         figures.urgentPages = postcopy.urgentPages.load(ordering: .relaxed)
         figures.backgroundPages = postcopy.backgroundPages.load(ordering: .relaxed)
+        let histogram = postcopy.staleFaultHistogram
         figures.staleFaultLatency = exactLatencies ? LatencyFigures(nanoseconds: postcopy.staleFaultLatencies)
-            : LatencyFigures(histogram: postcopy.staleFaultHistogram)
+            : LatencyFigures(histogram: histogram)
+        figures.staleFaultLatencyDist = histogram.distribution
         // Read after `now`, the start may be later while the switchover runs.
         let started = postcopy.postcopyStartedAt.load(ordering: .relaxed)
         figures.postcopySeconds = max(Double(now > started ? now - started : 0) / 1e9, 1e-9)

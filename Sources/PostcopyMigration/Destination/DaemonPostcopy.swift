@@ -50,7 +50,7 @@ extension DestinationDaemon {
         try bulk.send(.resync(stalePages: stale.popCount))
         let asked = postcopy.rejoin(urgent: urgent, generation: epoch, at: monotonicNanoseconds())
         let pausedFor = session.withLock { session in
-            context.set("PHASE", session.phase.rawValue)
+            entered(session.phase)
             return session.lastPauseNanos
         }
         logger.event(.postcopyResumed, .notice, "postcopy resumed: the agent rejoined from \(address) after \(fixed(Double(pausedFor) / 1e6, 0)) ms; \(stale.popCount) pages still stale, \(asked) asked for again", [
@@ -127,7 +127,7 @@ extension DestinationDaemon {
         guard failures.error == nil, !finished.load(ordering: .sequentiallyConsistent) else { return }
         let (pause, phase, current) = session.withLock { session in
             let pause = session.connectionLost(epoch: epoch, at: monotonicNanoseconds())
-            if pause { context.set("PHASE", session.phase.rawValue) }
+            if pause { entered(session.phase) }
             return (pause, session.phase, session.epoch)
         }
         if pause {
@@ -223,7 +223,7 @@ extension DestinationDaemon {
                 return (action, session.phase != before ? session.phase : nil)
             }
             // Only a few messages move the phase: keep the log context off the per-frame path.
-            if let newPhase { context.set("PHASE", newPhase.rawValue) }
+            if let newPhase { entered(newPhase) }
             try refuseUnasked(action, on: role, lastSent: engine.withLock { $0 }?.lastRequestID ?? 0)
             return action
         } catch let error as SessionError {

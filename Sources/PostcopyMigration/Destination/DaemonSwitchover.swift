@@ -70,7 +70,7 @@ extension DestinationDaemon {
             bulk.shutdown()
         }
         let phase = session.withLock { $0.phase }
-        if phase == .postcopy || phase == .handover { context.set("PHASE", phase.rawValue) }
+        if phase == .postcopy || phase == .handover { entered(phase) }
         let starts = handOver ? "guest memory resumed here; the guest starts once the source's hand-over is done (the source may still resume it until then)" : "guest resumed here"
         logger.event(.switchover, .notice, "switchover: \(starts) after \(fixed(downtimeMs, 1)) ms, \(stale.popCount) pages stale", [
             "pages_stale": "\(stale.popCount)", "downtime_ms": "\(fixed(downtimeMs, 1))",

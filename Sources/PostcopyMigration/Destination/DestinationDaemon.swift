@@ -58,6 +58,8 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// Fields of every log record (MIGRATION_ID, PHASE, POSTCOPYD_INSTANCE).
     public let context: LogContext
     let startedAt = monotonicNanoseconds()
+    /// How long the migration has spent in each phase (`entered`).
+    let timeline = Locked(PhaseTimeline())
     let agentAddresses = Locked<[String]>([])
     let receiveRate = Locked(RateMeter())
     /// A latch per receiving thread ever started, open once it has ended.
@@ -177,7 +179,22 @@ public final class DestinationDaemon: @unchecked Sendable {
             $0.regionBytes = memory.geometry.regionSize
             $0.pageBytes = memory.geometry.pageSize.bytes
         }
+        let now = monotonicNanoseconds()
+        timeline.withLock {
+            $0.enter(recovered == nil ? DestinationSession.Phase.handshake.rawValue : DestinationSession.Phase.paused.rawValue, at: now)
+            // A migration taken over begins here: the dead daemon's times went with it.
+            if recovered != nil { $0.begin(at: now) }
+        }
     }
+
+    /// The migration is in `phase` from now on: the log records' PHASE
+    /// field, and the timeline `postcopyctl status` reads.
+    func entered(_ phase: String) {
+        context.set("PHASE", phase)
+        timeline.withLock { $0.enter(phase, at: monotonicNanoseconds()) }
+    }
+
+    func entered(_ phase: DestinationSession.Phase) { entered(phase.rawValue) }
 
     /// Where the agent connects (with the real port when 0 was asked for).
     public var endpoint: SocketEndpoint { tcp.endpoint }
@@ -235,13 +252,13 @@ public final class DestinationDaemon: @unchecked Sendable {
                 logger.event(.migrationDiscarded, .error, "migration discarded: \(error.reason)", [
                     "error_code": "\(error.code)", "reason": "\(error.reason)", "migration_id": "\(id)",
                 ])
-                context.set("PHASE", DestinationSession.Phase.discarded.rawValue)
+                entered(.discarded)
                 throw error
             }
             logger.event(.migrationFailed, .error, "migration failed: \(error.reason)", [
                 "error_code": "\(error.code)", "reason": "\(error.reason)",
             ])
-            context.set("PHASE", "failed")
+            entered("failed")
             if failedHoldingGuest.load(ordering: .sequentiallyConsistent) { reportGuestLeftWaiting(error) }
             throw error
         }
@@ -251,7 +268,7 @@ public final class DestinationDaemon: @unchecked Sendable {
             $0.memoryUse = ProcessUsage.memory()
             return $0
         }
-        context.set("PHASE", DestinationSession.Phase.complete.rawValue)
+        entered(.complete)
         let (message, fields) = completed.completeEvent(totalSeconds: result.totalSeconds)
         logger.event(.postcopyComplete, .info, "\(message)", fields)
         return result
