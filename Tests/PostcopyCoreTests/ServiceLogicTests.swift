@@ -265,4 +265,31 @@ import Testing
         #expect(timeline.elapsedSeconds(at: 25_000_000_000) == 15)
         #expect(timeline.current == "paused")
     }
+
+    @Test func theAgentsSummarySpeaksQEMUAndLibvirtToo() throws {
+        var summary = AgentSummary()
+        summary.regionBytes = 64 << 20
+        summary.rounds = [
+            PrecopyRound(round: 1, pagesSent: 16_000, zeroPagesSent: 384, bytesSent: 65_600_000, seconds: 0.5),
+            PrecopyRound(round: 2, pagesSent: 400, zeroPagesSent: 0, bytesSent: 1_640_000, seconds: 0.05,
+                         pagesWritten: 410, dirtyPagesPerSecond: 820.4),
+        ]
+        summary.totalSeconds = 2
+        summary.setupSeconds = 0.0304
+        summary.bytesSent = 70_000_000
+        summary.downtimeMs = 4.4
+        summary.expectedDowntimeMs = 3.6
+        summary.pageRequests = 12
+        summary.addManagementNames()
+        #expect(summary.qemu?.status == .completed && summary.qemu?.expectedDowntime == 4 && summary.qemu?.postcopyRequests == 12)
+        let job = try #require(summary.libvirt)
+        #expect(job.timeElapsed == 2000 && job.setupTime == 30 && job.downtime == 4)
+        #expect(job.memoryProcessed == 70_000_000 && job.memoryRemaining == 0 && job.memoryBps == 35_000_000)
+        #expect(job.memoryDirtyRate == 820 && job.memoryIteration == 2 && job.memoryPageSize == 4096)
+        #expect(summary.lines[1].hasSuffix("; last dirty rate 820 pages/s"), "\(summary.lines[1])")
+        #expect(summary.lines[3].contains("downtime 4.4 ms (expected 3.6 ms)"), "\(summary.lines[3])")
+        // A 1 GiB bitmap (262 144 pages, 32 768 bytes) at 32.768 MB/s is 1 ms, after a 0.5 ms scan.
+        #expect(AgentSummary.expectedDowntimeMs(scanMs: 0.5, pageCount: 262_144, bytesPerSecond: 32_768_000) == 1.5)
+        #expect(AgentSummary.expectedDowntimeMs(scanMs: 0.5, pageCount: 262_144, bytesPerSecond: 0) == 0.5)
+    }
 }

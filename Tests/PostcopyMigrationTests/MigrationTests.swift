@@ -146,6 +146,10 @@ struct MigrationTests {
         // Round 2 resent nothing: converged, switch over with what changed at the pause.
         #expect(outcome.agent.rounds.map(\.pagesSent).last == 0)
         #expect(outcome.agent.precopyEndReason == PrecopyPolicy.Reason.converged.rawValue)
+        // Nothing was dirtied between the rounds; round 1 has no rate.
+        #expect(outcome.agent.rounds.map(\.dirtyPagesPerSecond) == [nil, 0])
+        #expect(outcome.agent.libvirt?.memoryDirtyRate == 0 && outcome.agent.libvirt?.memoryIteration == 2)
+        #expect(outcome.agent.qemu?.status == .completed && outcome.agent.expectedDowntimeMs != nil)
         Self.check(outcome, stale: Self.stale(dirty))
     }
 

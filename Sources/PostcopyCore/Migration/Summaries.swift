@@ -132,9 +132,14 @@ public struct PrecopyRound: Codable, Equatable, Sendable {
     public let cpuSeconds: Double?
     /// The round's rate on the wire: bytesSent over seconds, in MiB/s.
     public let mibPerSecond: Double
+    /// Pages the guest dirtied per second between the scan before the
+    /// previous round and the one before this one (written pages with
+    /// uffd-wp, changed ones with hashing); nil in round 1.
+    public let dirtyPagesPerSecond: Double?
 
     public init(round: UInt32, pagesSent: UInt64, zeroPagesSent: UInt64, bytesSent: UInt64, seconds: Double,
-                pagesWritten: UInt64? = nil, cpuSeconds: Double? = nil) {
+                pagesWritten: UInt64? = nil, cpuSeconds: Double? = nil, dirtyPagesPerSecond: Double? = nil) {
+        self.dirtyPagesPerSecond = dirtyPagesPerSecond
         self.round = round
         self.pagesSent = pagesSent
         self.zeroPagesSent = zeroPagesSent
@@ -153,6 +158,12 @@ public struct AgentSummary: Codable, Equatable, Sendable {
     public var rounds: [PrecopyRound] = []
     public var precopyEndReason = ""
     public var precopySeconds: Double = 0
+    /// Start → both connections to postcopyd admitted (the dirty log
+    /// opened, TLS and HELLO done).
+    public var setupSeconds: Double = 0
+    /// The guest's pause as estimated when precopy ended
+    /// (`expectedDowntimeMs(...)`), to hold against `downtimeMs`.
+    public var expectedDowntimeMs: Double?
     public var stalePages: UInt64 = 0
     /// How precopy found changed pages: "uffd-wp" (the source VMM's write
     /// log, read with PAGEMAP_SCAN) or "hash" (every page hashed each round).
@@ -195,18 +206,53 @@ public struct AgentSummary: Codable, Equatable, Sendable {
     public var rejoins: UInt64 = 0
     /// This agent rejoined a postcopy another agent started (`--resume`).
     public var resumedOnly = false
+    /// The same in QEMU's and libvirt's names (`addManagementNames()`).
+    public var qemu: QEMUMigrationInfo?
+    public var libvirt: JobStats?
 
     public init() {}
+
+    /// The pause a switchover now would cost, at least: the final scan,
+    /// as long as the last one took (`scanMs`), and the dirty bitmap of
+    /// `pageCount` pages at `bytesPerSecond`. The destination's resume
+    /// and the round trip for RESUMED come on top.
+    public static func expectedDowntimeMs(scanMs: Double, pageCount: UInt64, bytesPerSecond: Double) -> Double {
+        let bitmapBytes = Double((pageCount + 63) / 64 * 8)
+        return scanMs + (bytesPerSecond > 0 ? bitmapBytes / bytesPerSecond * 1000 : 0)
+    }
+
+    /// Fills `qemu` and `libvirt` for a migration that completed.
+    public mutating func addManagementNames() {
+        var qemu = QEMUMigrationInfo(status: .completed)
+        qemu.postcopyRequests = pageRequests
+        qemu.expectedDowntime = expectedDowntimeMs.map { milliseconds($0 / 1000) }
+        self.qemu = qemu
+        var job = JobStats()
+        job.timeElapsed = milliseconds(totalSeconds)
+        job.downtime = milliseconds(downtimeMs / 1000)
+        job.setupTime = resumedOnly ? nil : milliseconds(setupSeconds)
+        job.memoryTotal = regionBytes
+        job.memoryProcessed = bytesSent
+        job.memoryRemaining = 0
+        job.memoryBps = totalSeconds > 0 ? UInt64((Double(bytesSent) / totalSeconds).rounded()) : 0
+        job.memoryDirtyRate = rounds.last?.dirtyPagesPerSecond.map { UInt64($0.rounded()) }
+        job.memoryIteration = UInt64(rounds.count)
+        job.memoryPageSize = UInt64(Message.pageBytes)
+        job.memoryPostcopyRequests = pageRequests
+        libvirt = job
+    }
 
     public var lines: [String] {
         let precopyPages = rounds.reduce(0) { $0 + $1.pagesSent }
         return [
             "migration \(migrationID): \(ByteSize.format(regionBytes))",
             "precopy: \(rounds.count) rounds, \(precopyPages) pages in \(fixed(precopySeconds, 2)) s"
-                + " (ended by \(precopyEndReason))",
+                + " (ended by \(precopyEndReason))"
+                + (rounds.last?.dirtyPagesPerSecond.map { "; last dirty rate \(fixed($0, 0)) pages/s" } ?? ""),
             "dirty log: \(dirtyLog)" + (dirtyLogFallback.map { " (\($0))" } ?? "")
                 + (missedByDirtyLog.map { "; --verify-dirty-log: \($0) pages missed" } ?? ""),
             "switchover: \(stalePages) stale pages, downtime \(fixed(downtimeMs, 1)) ms"
+                + (expectedDowntimeMs.map { " (expected \(fixed($0, 1)) ms)" } ?? "")
                 + " (by wall clocks \(fixed(downtimeByClocksMs, 1)) ms; final scan \(fixed(finalScanMs, 1)) ms)"
                 + (guestDowntimeMs.map { "; with the hand-over (\(fixed(handOverMs ?? 0, 1)) ms) the guest was paused \(fixed($0, 1)) ms" } ?? "")
                 + (guestPauseMs.map { " (QMP: vCPUs stopped → device state delivered \(fixed($0, 1)) ms)" } ?? ""),

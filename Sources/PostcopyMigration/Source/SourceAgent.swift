@@ -186,6 +186,7 @@ public final class SourceAgent: @unchecked Sendable {
             var log = try openDirtyLog()
             let bulk = try connect(.bulk)
             let urgent = try connect(.urgent)
+            summary.setupSeconds = Double(monotonicNanoseconds() - started) / 1e9
             let scanner = PageScanner(image: image, batchPages: config.batchPages)
             do {
                 try precopy(scanner, bulk, log: &log)
@@ -209,6 +210,7 @@ public final class SourceAgent: @unchecked Sendable {
         summary.totalSeconds = Double(monotonicNanoseconds() - started) / 1e9
         summary.bytesSent += urgentBytes.load(ordering: .relaxed)
         summary.imageDigest = notices.digest?.description ?? ""
+        summary.addManagementNames()
         if let handOverFailure {
             throw MigrationError(.internalFailure, "every page reached the destination, but the hand-over command failed: \(handOverFailure). The guest may not be running on the destination; the source stays paused")
         }
@@ -437,6 +439,10 @@ public final class SourceAgent: @unchecked Sendable {
         var round: UInt32 = 0
         var reason = PrecopyPolicy.Reason.roundLimit
         var pacer = config.precopyBytesPerSecond.map { Pacer(bytesPerSecond: $0, now: started) }
+        // For the dirty rate: when the scan before the last round ran. For
+        // the expected downtime: what the last scan of the log took.
+        var previousScanAt: UInt64 = 0
+        var lastScanMs: Double?
         while true {
             if let limit = config.policy.limitReached(roundsDone: Int(round), elapsedNanos: monotonicNanoseconds() - started) {
                 reason = limit
@@ -448,6 +454,7 @@ public final class SourceAgent: @unchecked Sendable {
             // Round 1 sends every page that is not zero, and the log was
             // armed before it; each later round sends what the log reports.
             let candidates = round == 1 ? nil : scanWritten(&log, scanner, paused: false)
+            if candidates != nil { lastScanMs = Double(monotonicNanoseconds() - roundStarted) / 1e6 }
             try checkAudit()
             let result = try scanner.sendChangedPages(among: candidates, to: bulk, pacer: &pacer) { fraction, sofar in
                 progress.update("precopy round \(round) \(ProgressReporter.bar(fraction)) \(ByteSize.format(sofar.bytesSent)) sent, \(ProgressReporter.rate(bytes: sofar.bytesSent, since: roundStarted))")
@@ -455,10 +462,16 @@ public final class SourceAgent: @unchecked Sendable {
             let changed = result.pagesSent + result.zeroPagesSent
             try bulk.send(.roundEnd(round: round, pagesSent: result.pagesSent, dirtyPages: changed))
             let seconds = Double(monotonicNanoseconds() - roundStarted) / 1e9
+            // Round 1 sends what is there; later rounds what was dirtied
+            // since the scan before the previous round.
+            let dirtyRate = round == 1 ? nil
+                : Double(candidates?.popCount ?? changed) / (Double(roundStarted - previousScanAt) / 1e9)
+            previousScanAt = roundStarted
             summary.rounds.append(PrecopyRound(round: round, pagesSent: result.pagesSent,
                                                zeroPagesSent: result.zeroPagesSent, bytesSent: result.bytesSent,
                                                seconds: seconds, pagesWritten: candidates?.popCount,
-                                               cpuSeconds: ProcessUsage.cpuSeconds() - cpuStarted))
+                                               cpuSeconds: ProcessUsage.cpuSeconds() - cpuStarted,
+                                               dirtyPagesPerSecond: dirtyRate))
             summary.bytesSent += result.bytesSent
             progress.finish()
             logger.info("precopy round \(round): \(result.pagesSent) pages sent, \(result.zeroPagesSent) zeroed, \(fixed(seconds, 2)) s")
@@ -469,6 +482,15 @@ public final class SourceAgent: @unchecked Sendable {
         }
         summary.precopyEndReason = reason.rawValue
         summary.precopySeconds = Double(monotonicNanoseconds() - started) / 1e9
+        // The final scan costs what the last scan of the log did; hashing,
+        // what the last round did (it hashed every page: an upper bound).
+        // The bitmap goes at the best rate a round of some size reached.
+        let rate = summary.rounds.filter { $0.bytesSent >= 1 << 20 }
+            .map { Double($0.bytesSent) / $0.seconds }.max() ?? 0
+        if let scanMs = log == nil ? summary.rounds.last.map({ $0.seconds * 1000 }) : lastScanMs {
+            summary.expectedDowntimeMs = AgentSummary.expectedDowntimeMs(scanMs: scanMs, pageCount: scanner.pageCount,
+                                                                         bytesPerSecond: rate)
+        }
     }
 
     // MARK: switchover
