@@ -64,6 +64,10 @@ echo "== destination: postcopyd on $MEMORY, the reference guest as its VMM"
 daemon_pid=$!
 pids+=("$daemon_pid")
 wait_for "$work/daemon.ready" "postcopyd to listen"
+# What an operator would watch: postcopyctl's live view, one line per phase here.
+"$BIN/postcopyctl" watch --socket "$work/control.sock" >"$work/watch.txt" 2>&1 &
+watch_pid=$!
+pids+=("$watch_pid")
 "$BIN/postcopy-guest" vmm --socket "$work/vmm.sock" --json >"$work/guest.json" &
 guest_pid=$!
 pids+=("$guest_pid")
@@ -76,6 +80,9 @@ timeout "$TIMEOUT" "$BIN/postcopy-push" --ram "$source_ram" --to "$(cat "$work/d
 status=0
 wait "$daemon_pid" || status=$?
 wait "$guest_pid" || status=$?
+wait "$watch_pid" || status=$?
+echo "== postcopyctl watch"
+cat "$work/watch.txt"
 echo "== summaries (JSON)"
 for side in push daemon guest; do
     echo "$side: $(cat "$work/$side.json")"

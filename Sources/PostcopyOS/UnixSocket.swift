@@ -123,6 +123,12 @@ public final class UnixConnection: Sendable {
         try StreamSocket.setReceiveTimeout(fd, nanoseconds)
     }
 
+    /// Makes `send` fail with EAGAIN after `nanoseconds` of a full buffer
+    /// (nil: wait forever).
+    public func setSendTimeout(_ nanoseconds: UInt64?) throws(SystemCallError) {
+        try StreamSocket.setTimeout(fd, SO_SNDTIMEO, nanoseconds)
+    }
+
     public func peerCredentials() throws(SystemCallError) -> PeerCredentials {
         var pid: Int32 = 0
         var uid: UInt32 = 0

@@ -9,7 +9,7 @@ struct Postcopyctl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "postcopyctl",
         abstract: "Inspect and control the postcopyd instances running on this host.",
-        subcommands: [Status.self, Cancel.self])
+        subcommands: [Status.self, Watch.self, Cancel.self])
 }
 
 /// Where instances keep their sockets (systemd's RuntimeDirectory=postcopyd/%i).
@@ -71,6 +71,66 @@ struct Status: ParsableCommand {
         case 0: throw Failure("no postcopyd instance is running here (no control socket under \(runtimeDirectory))")
         case 1: return "\(runtimeDirectory)/\(names[0])/control.sock"
         default: throw Failure("several instances are running (\(names.joined(separator: ", "))): name one")
+        }
+    }
+}
+
+struct Watch: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Follow an instance's migration in a live view until it ends.",
+        discussion: """
+            On a terminal, redraws a few lines in place (phase and QEMU's name for it, a progress bar, \
+            rates, time left, faults); elsewhere prints a line when the phase changes and every 5 s. \
+            Exit status 0 once the migration completed; 1 when it failed or was discarded, or when \
+            postcopyd went away without saying how it ended. Without INSTANCE: the one instance running.
+            """)
+
+    @Argument(help: "The instance (postcopyd@INSTANCE).")
+    var instance: String?
+
+    @Option(help: ArgumentHelp("Ask the daemon on this control socket instead.", valueName: "path"))
+    var socket: String?
+
+    @Flag(help: "Print each status as a line of JSON (one every 0.5 s, the final one last).")
+    var json = false
+
+    func run() throws {
+        do {
+            try follow()
+        } catch let failure as Failure {
+            writeStandardError("postcopyctl: \(failure.message)\n")
+            throw ExitCode.failure
+        }
+    }
+
+    private func follow() throws {
+        let path = try socket ?? Status.controlSocket(for: instance)
+        let view = LiveView()
+        var last: DaemonStatus?
+        do {
+            // The daemon sends a status every 0.5 s: 10 s of silence is a hung daemon.
+            try ControlClient.stream(ControlRequest.watch.rawValue, at: path, timeoutNanos: 10_000_000_000) { line in
+                let text = String(decoding: line, as: UTF8.self)
+                guard !text.hasPrefix("error: ") else { throw Failure("postcopyd answered: \(text.dropFirst(7))") }
+                let status: DaemonStatus
+                do {
+                    status = try JSONDecoder().decode(DaemonStatus.self, from: Data(line))
+                } catch {
+                    throw Failure("postcopyd on \(path) sent something that is not a status: \(text.prefix(200))")
+                }
+                if json { print(text); fflush(nil) } else { view.show(status.watchLines, at: monotonicNanoseconds(), final: status.hasEnded) }
+                last = status
+            }
+        } catch let failure as Failure {
+            throw failure
+        } catch {
+            throw Failure("lost postcopyd on \(path)\(last.map { " during \($0.phase)" } ?? ""): \(error)")
+        }
+        guard let last else { throw Failure("postcopyd on \(path) closed the connection without a status") }
+        switch last.phase {
+        case "complete": return
+        case "failed", "discarded": throw ExitCode.failure
+        default: throw Failure("postcopyd went away during \(last.phase) without saying how the migration ended")
         }
     }
 }

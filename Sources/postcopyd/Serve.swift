@@ -172,7 +172,9 @@ struct Serve: ParsableCommand {
             notifier.stopping(status: "failed: cannot start: \(error)")
             throw ExitCode.failure
         }
-        try control.start { line in Self.reply(to: line, daemon) }
+        // Open once the migration has ended: a watcher gets the final status.
+        let ended = Latch()
+        try control.start { line in Self.reply(to: line, daemon, ended: ended) }
         try signals.start { signal in
             let status = daemon.status()
             let phase = status.phase
@@ -188,6 +190,7 @@ struct Serve: ParsableCommand {
         }
         defer {
             signals.stop()
+            ended.open()
             control.stop()
         }
 
@@ -238,17 +241,31 @@ struct Serve: ParsableCommand {
         return takeover ? .vmm : nil
     }
 
-    /// The control socket's answer to one request line.
-    static func reply(to line: [UInt8], _ daemon: DestinationDaemon) -> [UInt8] {
+    /// The control socket's answer to one request line; `ended` opens once
+    /// the migration has ended.
+    static func reply(to line: [UInt8], _ daemon: DestinationDaemon, ended: Latch) -> ControlReply {
         do {
             switch try ControlRequest(line: line) {
             case .status:
-                return Array((try jsonLine(daemon.status()) + "\n").utf8)
+                return .once(Array((try jsonLine(daemon.status()) + "\n").utf8))
+            case .watch:
+                return .stream { write in
+                    let send = { (write: ([UInt8]) -> Bool) -> Bool in
+                        guard let line = try? jsonLine(daemon.status()) else { return false }
+                        return write(Array((line + "\n").utf8))
+                    }
+                    // A status now and each interval while the migration
+                    // runs, then the final one.
+                    repeat {
+                        guard send(write) else { return }
+                    } while !ended.wait(timeoutNanos: ControlRequest.watchIntervalNanos)
+                    _ = send(write)
+                }
             case .cancel:
-                return Array("ok: \(try daemon.cancelBeforeSwitchover())\n".utf8)
+                return .once(Array("ok: \(try daemon.cancelBeforeSwitchover())\n".utf8))
             }
         } catch {
-            return Array("error: \(error)\n".utf8)
+            return .once(Array("error: \(error)\n".utf8))
         }
     }
 

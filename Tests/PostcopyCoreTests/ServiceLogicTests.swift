@@ -132,7 +132,7 @@ import Testing
         #expect(try ControlRequest(line: Array("status\n".utf8)) == .status)
         #expect(try ControlRequest(line: Array("status\r\n".utf8)) == .status)
         #expect(throws: ControlRequestError(text: "stats")) { try ControlRequest(line: Array("stats\n".utf8)) }
-        #expect(ControlRequestError(text: "x").description == "unknown request 'x' (known: status, cancel)")
+        #expect(ControlRequestError(text: "x").description == "unknown request 'x' (known: status, watch, cancel)")
         #expect(try ControlRequest(line: Array("cancel\n".utf8)) == .cancel)
         #expect(throws: ControlRequestError.self) { try ControlRequest(line: [UInt8](repeating: 65, count: 300)) }
     }
@@ -264,6 +264,12 @@ import Testing
         #expect(durations.map(\.seconds) == [0.5, 10, 1.5, 3])
         #expect(timeline.elapsedSeconds(at: 25_000_000_000) == 15)
         #expect(timeline.current == "paused")
+        // The clock stops at the end; nothing moves it after.
+        timeline.enter("complete", at: 26_000_000_000)
+        timeline.enter("failed", at: 27_000_000_000)
+        #expect(timeline.durations(at: 30_000_000_000).map(\.seconds) == [0.5, 10, 1.5, 4])
+        #expect(timeline.elapsedSeconds(at: 30_000_000_000) == 16)
+        #expect(timeline.current == "complete")
     }
 
     @Test func theAgentsSummarySpeaksQEMUAndLibvirtToo() throws {
@@ -291,5 +297,45 @@ import Testing
         // A 1 GiB bitmap (262 144 pages, 32 768 bytes) at 32.768 MB/s is 1 ms, after a 0.5 ms scan.
         #expect(AgentSummary.expectedDowntimeMs(scanMs: 0.5, pageCount: 262_144, bytesPerSecond: 32_768_000) == 1.5)
         #expect(AgentSummary.expectedDowntimeMs(scanMs: 0.5, pageCount: 262_144, bytesPerSecond: 0) == 0.5)
+    }
+
+    @Test func watchViewShowsProgressRatesAndTimeLeft() {
+        var status = DaemonStatus()
+        status.instance = "vm42"
+        status.migrationID = "3f2a9c0e11d2485b9e9d2b1c0a7f6e55"
+        status.regionBytes = 1 << 30
+        status.elapsedSeconds = 3.14
+        status.phase = "precopy"
+        status.precopyPages = 65_536
+        status.receiveMiBPerSecond = 812.34
+        #expect(status.watchLines == [
+            "postcopyd@vm42 · migration 3f2a9c0e… · precopy (QEMU active) · 3.1 s",
+            "[######..................]  25.0%  round 1: 256 MiB of 1 GiB · 812.3 MiB/s",
+        ])
+        status.precopyRounds = 2
+        #expect(status.watchLines[1] == "round 3: 65536 pages received in all · 812.3 MiB/s")
+        status.phase = "postcopy"
+        status.stalePagesAtSwitchover = 10_000
+        status.stalePagesLeft = 4_183
+        status.receiveMiBPerSecond = 40
+        status.faultsClean = 120
+        status.faultsStale = 812
+        status.downtimeMs = 12.34
+        status.staleFaultLatency = LatencyFigures(nanoseconds: [340_000])
+        // 4183 pages of 4 KiB at 40 MiB/s: 0.41 s.
+        #expect(status.watchLines == [
+            "postcopyd@vm42 · migration 3f2a9c0e… · postcopy (QEMU postcopy-active) · 3.1 s",
+            "[#############...........]  58.2%  4183 of 10000 stale pages left · 40.0 MiB/s · about 0.41 s left",
+            "faults 120 clean, 812 stale · p99 340 µs · downtime 12.3 ms",
+        ])
+        #expect(!status.hasEnded)
+        status.phase = "paused"
+        status.pausedSeconds = 2.5
+        status.pauses = 1
+        #expect(status.watchLines[2] == "faults 120 clean, 812 stale · p99 340 µs · downtime 12.3 ms · 1 pauses · paused 2.5 s, waiting for the agent")
+        status.phase = "failed"
+        status.failure = "the agent did not rejoin within 60 s"
+        #expect(status.watchLines.last == "failed: the agent did not rejoin within 60 s")
+        #expect(status.hasEnded)
     }
 }

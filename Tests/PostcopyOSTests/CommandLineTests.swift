@@ -237,6 +237,11 @@ import PostcopyOS
         #expect(result.stdout.contains("demo: PASS"))
         #expect(result.stdout.contains("\"verified\":true"))
         #expect(result.stdout.contains("\"duplicatePages\":0"))
+        // postcopyctl watch followed it to the end: its last line is the final status.
+        let watched = result.stdout.components(separatedBy: "== postcopyctl watch\n").last?
+            .components(separatedBy: "\n== ").first ?? ""
+        #expect(watched.hasPrefix("postcopyd@default · no agent yet · handshake (QEMU setup)"), "\(watched)")
+        #expect(watched.split(separator: "\n").last?.contains(" · complete (QEMU completed) · ") == true, "\(watched)")
         // The source workload dirtied pages while round 1 ran, so round 2
         // resends some. (How many rounds follow depends on how fast they
         // go: a round shorter than the workload's 20 ms between rewrites

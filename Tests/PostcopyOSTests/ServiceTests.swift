@@ -131,13 +131,59 @@ extension ServiceTests {
         #expect(status.regionBytes == 64 << 20)
         #expect(status.statusLine.hasPrefix("waiting for the agent on 127.0.0.1:"))
         let text = try CommandLineTests().run("postcopyctl", ["status", "--socket", socket])
-        #expect(text.stdout.contains("\nphase:         handshake\n"), "\(text.stdout)")
+        #expect(text.stdout.split(separator: "\n").contains { $0.hasPrefix("phase:         handshake ") && $0.hasSuffix("│ QEMU setup") },
+                "\(text.stdout)")
+        #expect(status.qemu?.status == .setup && status.libvirt?.memoryTotal == 64 << 20)
         #expect(text.stdout.hasPrefix("instance:      service-test (pid \(run.daemonPID), up "), "\(text.stdout)")
         var mode = stat()
         #expect(stat(socket, &mode) == 0 && mode.st_mode & 0o777 == 0o600, "the control socket is 0600")
         let absent = try CommandLineTests().run("postcopyctl", ["status", "--socket", socket + ".absent"])
         #expect(absent.status == 1)
         #expect(absent.stderr == "postcopyctl: cannot ask postcopyd on \(socket).absent: connect to \(socket).absent: ENOENT (No such file or directory)\n")
+    }
+
+    /// `postcopyctl watch` follows the migration to its end and says how it
+    /// ended, even when the daemon exits right after: the daemon sends the
+    /// final status before it closes the control socket.
+    @Test(.enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
+    func postcopyctlWatchFollowsToTheEnd() throws {
+        let run = try ServiceRun.start(environment: ["POSTCOPY_LOG": "stderr"])
+        defer { run.cleanUp() }
+        let socket = "\(run.directory)/control.sock"
+        let json = try ServiceRun.spawn("postcopyctl", ["watch", "--socket", socket, "--json"],
+                                        stdout: "\(run.directory)/watch.json", stderr: "\(run.directory)/watch-json.err")
+        let view = try ServiceRun.spawn("postcopyctl", ["watch", "--socket", socket],
+                                        stdout: "\(run.directory)/watch.txt", stderr: "\(run.directory)/watch.err")
+        defer { [json, view].filter(\.isRunning).forEach { kill($0.processIdentifier, SIGKILL) } }
+        // Each has its first status: the daemon has both watchers.
+        for path in ["watch.json", "watch.txt"] {
+            #expect(FailSafeWait.until { ((try? String(contentsOfFile: "\(run.directory)/\(path)", encoding: .utf8)) ?? "").contains("handshake") })
+        }
+        kill(run.daemon.processIdentifier, SIGTERM)
+        json.waitUntilExit()
+        view.waitUntilExit()
+        run.daemon.waitUntilExit()
+        #expect(json.terminationStatus == 1 && view.terminationStatus == 1)
+        let lines = try String(contentsOfFile: "\(run.directory)/watch.json", encoding: .utf8).split(separator: "\n")
+        let statuses = try lines.map { try JSONDecoder().decode(DaemonStatus.self, from: Data($0.utf8)) }
+        #expect(statuses.first?.phase == "handshake" && statuses.first?.qemu?.status == .setup)
+        let last = try #require(statuses.last)
+        #expect(last.phase == "failed" && last.qemu?.status == .failed)
+        #expect(last.failure == "stopped by SIGTERM during handshake")
+        let text = try String(contentsOfFile: "\(run.directory)/watch.txt", encoding: .utf8)
+        #expect(text.hasPrefix("postcopyd@service-test · no agent yet · handshake (QEMU setup) · "), "\(text)")
+        #expect(text.hasSuffix(" | failed: stopped by SIGTERM during handshake\n"), "\(text)")
+    }
+}
+
+/// Polls a condition every 20 ms for up to 30 s.
+enum FailSafeWait {
+    static func until(_ condition: () -> Bool) -> Bool {
+        for _ in 0..<1500 {
+            if condition() { return true }
+            usleep(20_000)
+        }
+        return condition()
     }
 }
 

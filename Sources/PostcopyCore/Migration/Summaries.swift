@@ -212,10 +212,11 @@ public struct AgentSummary: Codable, Equatable, Sendable {
 
     public init() {}
 
-    /// The pause a switchover now would cost, at least: the final scan,
+    /// The part of a switchover's pause that grows with RAM and the dirty
+    /// rate, as QEMU's `expected-downtime` estimates it: the final scan,
     /// as long as the last one took (`scanMs`), and the dirty bitmap of
-    /// `pageCount` pages at `bytesPerSecond`. The destination's resume
-    /// and the round trip for RESUMED come on top.
+    /// `pageCount` pages at `bytesPerSecond`. What the destination does to
+    /// resume the guest (a millisecond or two on loopback) comes on top.
     public static func expectedDowntimeMs(scanMs: Double, pageCount: UInt64, bytesPerSecond: Double) -> Double {
         let bitmapBytes = Double((pageCount + 63) / 64 * 8)
         return scanMs + (bytesPerSecond > 0 ? bitmapBytes / bytesPerSecond * 1000 : 0)

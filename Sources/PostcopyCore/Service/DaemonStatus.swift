@@ -226,19 +226,28 @@ public struct RateMeter: Sendable {
 ///
 ///     → status\n
 ///     ← {"phase":"postcopy", ...}\n        (a DaemonStatus as JSON)
+///     → watch\n
+///     ← {"phase":"precopy", ...}\n         (a status every `watchIntervalNanos`,
+///     ← {"phase":"postcopy", ...}\n          until the migration has ended;
+///     ← {"phase":"complete", ...}\n          the last is the final status)
 ///     → cancel\n
 ///     ← ok: cancelling migration …\n       (before switchover only)
 ///     ← error: …\n                          (during or after switchover)
 ///     → anything else\n
-///     ← error: unknown request 'anything else' (known: status)\n
+///     ← error: unknown request 'anything else' (known: status, watch, cancel)\n
 public enum ControlRequest: String, CaseIterable, Sendable {
     case status
+    /// A status now, then one every `watchIntervalNanos` until the
+    /// migration ends, the final status last; then the daemon closes.
+    case watch
     /// Abort the migration; allowed only before switchover, while the
     /// source still holds the only complete copy of the guest and runs it.
     case cancel
 
     /// The longest request line the daemon reads.
     public static let maxLength = 256
+    /// How often a `watch` gets a status.
+    public static let watchIntervalNanos: UInt64 = 500_000_000
 
     public init(line: [UInt8]) throws(ControlRequestError) {
         var bytes = line[...]

@@ -16,14 +16,18 @@ public struct PhaseTimeline: Equatable, Sendable {
     private var since: UInt64 = 0
     /// When the migration began (monotonic ns); nil before `begin`.
     public private(set) var begunAt: UInt64?
+    /// When it ended (complete, failed, discarded): the clock stops there.
+    public private(set) var endedAt: UInt64?
+    public static let endings: Set<String> = ["complete", "failed", "discarded"]
 
     public init() {}
 
     /// The migration is in `phase` from `now` on; nothing when it already was.
     public mutating func enter(_ phase: String, at now: UInt64) {
-        guard phase != current else { return }
+        guard phase != current, endedAt == nil else { return }
         if let current, begunAt != nil { add(current, nanos: now &- since) }
         (current, since) = (phase, now)
+        if Self.endings.contains(phase) { endedAt = now }
     }
 
     /// The migration begins at `now` (the first agent connection): the
@@ -44,17 +48,18 @@ public struct PhaseTimeline: Equatable, Sendable {
     }
 
     /// Each phase's time up to `now`, the current one's so far, in the
-    /// order first entered; empty before `begin`.
+    /// order first entered; empty before `begin`. The ending is not a
+    /// phase with a time.
     public func durations(at now: UInt64) -> [PhaseDuration] {
         guard begunAt != nil else { return [] }
         var timeline = self
-        if let current { timeline.add(current, nanos: now &- since) }
+        if let current, endedAt == nil { timeline.add(current, nanos: now &- since) }
         return timeline.done
     }
 
-    /// Since `begin` (0 before).
+    /// Since `begin` up to `now` or the end (0 before `begin`).
     public func elapsedSeconds(at now: UInt64) -> Double {
-        begunAt.map { Double(now &- $0) / 1e9 } ?? 0
+        begunAt.map { Double((endedAt ?? now) &- $0) / 1e9 } ?? 0
     }
 }
 
