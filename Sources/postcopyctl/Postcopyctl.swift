@@ -20,26 +20,17 @@ struct Status: ParsableCommand {
         abstract: "Show an instance's phase, progress, stale pages left, fault statistics, peers and uptime.",
         discussion: "Without INSTANCE: the one instance running (an error when there are several).")
 
-    @Argument(help: "The instance (postcopyd@INSTANCE).")
-    var instance: String?
-
-    @Option(help: ArgumentHelp("Ask the daemon on this control socket instead.", valueName: "path"))
-    var socket: String?
+    @OptionGroup var target: InstanceOptions
 
     @Flag(help: "Print the daemon's status as JSON.")
     var json = false
 
     func run() throws {
-        do {
-            try show()
-        } catch let failure as Failure {
-            writeStandardError("postcopyctl: \(failure.message)\n")
-            throw ExitCode.failure
-        }
+        try reportingFailure(show)
     }
 
     private func show() throws {
-        let path = try socket ?? Self.controlSocket(for: instance)
+        let path = try target.controlSocket()
         let reply: [UInt8]
         do {
             reply = try ControlClient.request(ControlRequest.status.rawValue, at: path)
@@ -85,26 +76,17 @@ struct Watch: ParsableCommand {
             postcopyd went away without saying how it ended. Without INSTANCE: the one instance running.
             """)
 
-    @Argument(help: "The instance (postcopyd@INSTANCE).")
-    var instance: String?
-
-    @Option(help: ArgumentHelp("Ask the daemon on this control socket instead.", valueName: "path"))
-    var socket: String?
+    @OptionGroup var target: InstanceOptions
 
     @Flag(help: "Print each status as a line of JSON (one every 0.5 s, the final one last).")
     var json = false
 
     func run() throws {
-        do {
-            try follow()
-        } catch let failure as Failure {
-            writeStandardError("postcopyctl: \(failure.message)\n")
-            throw ExitCode.failure
-        }
+        try reportingFailure(follow)
     }
 
     private func follow() throws {
-        let path = try socket ?? Status.controlSocket(for: instance)
+        let path = try target.controlSocket()
         let view = LiveView()
         var last: DaemonStatus?
         do {
@@ -144,15 +126,11 @@ struct Cancel: ParsableCommand {
             the one instance running.
             """)
 
-    @Argument(help: "The instance (postcopyd@INSTANCE).")
-    var instance: String?
-
-    @Option(help: ArgumentHelp("Ask the daemon on this control socket instead.", valueName: "path"))
-    var socket: String?
+    @OptionGroup var target: InstanceOptions
 
     func run() throws {
-        do {
-            let path = try socket ?? Status.controlSocket(for: instance)
+        try reportingFailure {
+            let path = try target.controlSocket()
             let reply: [UInt8]
             do {
                 reply = try ControlClient.request(ControlRequest.cancel.rawValue, at: path)
@@ -162,10 +140,28 @@ struct Cancel: ParsableCommand {
             let text = String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .newlines)
             guard text.hasPrefix("ok: ") else { throw Failure("postcopyd refused: \(text.dropFirst(7))") }
             print(text.dropFirst(4))
-        } catch let failure as Failure {
-            writeStandardError("postcopyctl: \(failure.message)\n")
-            throw ExitCode.failure
         }
+    }
+}
+
+/// Which instance a command asks: its name, or its control socket.
+struct InstanceOptions: ParsableArguments {
+    @Argument(help: "The instance (postcopyd@INSTANCE).")
+    var instance: String?
+
+    @Option(help: ArgumentHelp("Ask the daemon on this control socket instead.", valueName: "path"))
+    var socket: String?
+
+    func controlSocket() throws -> String { try socket ?? Status.controlSocket(for: instance) }
+}
+
+/// Runs `body`; a `Failure` is reported on stderr, with exit status 1.
+func reportingFailure(_ body: () throws -> Void) throws {
+    do {
+        try body()
+    } catch let failure as Failure {
+        writeStandardError("postcopyctl: \(failure.message)\n")
+        throw ExitCode.failure
     }
 }
 
