@@ -463,6 +463,37 @@ grep -q "\"LISTEN\":\"127.0.0.1:$PORT\"" <<<"$ready" || fail "the ready record d
 grep -q "\"CONTROL_SOCKET\":\"$ACTIVATED_CONTROL\"" <<<"$ready" || fail "the ready record does not name the passed control socket: $ready"
 ok "journalctl -u $ACTIVATED_UNIT: the daemon used the passed sockets (ready record LISTEN=127.0.0.1:$PORT, CONTROL_SOCKET=$ACTIVATED_CONTROL), not listen = 127.0.0.1:$ACTIVATED_CONFIG_PORT"
 
+# Started by hand while the socket unit listens (as before a QEMU that maps
+# the RAM file first), the service gets the socket unit's sockets all the same.
+step="socket: systemctl start $ACTIVATED_UNIT"
+timeout 120 systemctl start "$ACTIVATED_UNIT" || fail "systemctl start $ACTIVATED_UNIT failed"
+by_hand_pid=$(systemctl show -P MainPID "$ACTIVATED_UNIT")
+postcopyctl status "$ACTIVATED_INSTANCE" --json >"$WORK/ctl-by-hand.json" 2>"$WORK/ctl.err" ||
+    fail "postcopyctl status $ACTIVATED_INSTANCE: $(cat "$WORK/ctl.err")"
+[[ $(json_string listen "$WORK/ctl-by-hand.json") == "127.0.0.1:$PORT" ]] ||
+    fail "started by hand, the daemon does not use the passed socket: $(cat "$WORK/ctl-by-hand.json")"
+systemctl stop "$ACTIVATED_UNIT"
+journalctl --sync
+journalctl --no-pager -o cat _SYSTEMD_UNIT="$ACTIVATED_UNIT" _PID="$by_hand_pid" |
+    grep -qF "listening for the agent on 127.0.0.1:$PORT, the socket systemd passed" ||
+    fail "started by hand, the daemon did not log the passed agent socket"
+[[ -S $ACTIVATED_CONTROL ]] || fail "the control socket $ACTIVATED_CONTROL is gone after a stop"
+ok "$ACTIVATED_UNIT started by hand (pid $by_hand_pid) listened on the passed sockets; stopped, the socket unit's control socket stays"
+
+# That daemon failed (SIGTERM: exit 1); the socket unit still starts the next
+# one, here from a connection to the control socket.
+step="socket: activation after a failure"
+[[ $(systemctl show -P Result "$ACTIVATED_UNIT") == exit-code ]] ||
+    fail "$ACTIVATED_UNIT stopped by SIGTERM ended with Result=$(systemctl show -P Result "$ACTIVATED_UNIT")"
+[[ $(systemctl is-active "$SOCKET_UNIT") == active ]] || fail "$SOCKET_UNIT is $(systemctl is-active "$SOCKET_UNIT") after a failed service"
+postcopyctl status --socket "$ACTIVATED_CONTROL" --json >"$WORK/ctl-next.json" 2>"$WORK/ctl.err" ||
+    fail "postcopyctl status --socket $ACTIVATED_CONTROL did not start a new instance: $(cat "$WORK/ctl.err")"
+next_pid=$(json_number pid "$WORK/ctl-next.json")
+[[ $next_pid -gt 0 && $next_pid != "$by_hand_pid" && $(json_string phase "$WORK/ctl-next.json") == handshake ]] ||
+    fail "the control socket's connection did not start a new instance: $(cat "$WORK/ctl-next.json")"
+systemctl stop "$ACTIVATED_UNIT"
+ok "after a failed run, a connection to $ACTIVATED_CONTROL started $ACTIVATED_UNIT again (pid $next_pid, phase handshake)"
+
 # --- socket activation and a crash: the restarted daemon gets the sockets again ----------
 step="socket crash: migration"
 start_source "$WORK/source4.err"
