@@ -32,7 +32,7 @@
 #   make preload   libpostcopy-vmm.so, the adapter that puts an unmodified
 #                  VMM on postcopyd (LD_PRELOAD), in .build/preload/
 #   make install   binaries to $(DESTDIR)$(PREFIX)/bin, libpostcopy-vmm.so to
-#                  $(DESTDIR)$(LIBDIR), units to $(DESTDIR)$(UNITDIR),
+#                  $(DESTDIR)$(LIBDIR), units (.service, .socket) to $(DESTDIR)$(UNITDIR),
 #                  the journal catalog, an example config, the docs
 #   make uninstall removes what install put there (never a config you wrote)
 
@@ -51,7 +51,7 @@ HUGETLB   ?=
 
 RELEASE   := .build/release
 PROGRAMS  := postcopyd postcopy-push postcopy-guest postcopyctl postcopy-bench
-UNITS     := $(wildcard systemd/*.service)
+UNITS     := $(wildcard systemd/*.service) $(wildcard systemd/*.socket)
 DOCS      := README.md $(wildcard docs/*.md)
 BASELINES := $(addprefix benchmarks/baseline/,uffd-minor-loop tcp-pingpong tcp-stream precopy-stream)
 BENCH_FLAGS ?=
@@ -152,6 +152,7 @@ install: build
 		journalctl --update-catalog || true; \
 		if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
 		echo "installed: write $(CONFDIR)/NAME.conf (see example.conf.sample), then 'systemctl start postcopyd@NAME'"; \
+		echo "           (or, socket-activated, the agent's port in a drop-in and 'systemctl start postcopyd@NAME.socket': docs/operations.md)"; \
 	fi
 
 uninstall:

@@ -3,7 +3,7 @@
 # systemd-nspawn container) and migrates a guest into it, to prove that the
 # unit works as written: Type=notify and READY=1, the status text, the
 # control socket (postcopyctl), the journal records and their catalog texts,
-# and that the unit's hardening (DevicePolicy=closed with DeviceAllow=
+# socket activation by postcopyd@.socket, and that the unit's hardening (DevicePolicy=closed with DeviceAllow=
 # /dev/userfaultfd, SystemCallFilter=, ProtectSystem=strict, ...) does not
 # break the daemon.
 #
@@ -161,7 +161,7 @@ ensure_root() {
 stage_files() {
     local stage=$1 unit
     mkdir -p "$stage/units"
-    for unit in "$repo"/systemd/*.service; do
+    for unit in "$repo"/systemd/*.service "$repo"/systemd/*.socket; do
         sed -e "s|@BINDIR@|$C_BINDIR|g" -e "s|@DOCDIR@|$C_DOCDIR|g" "$unit" \
             >"$stage/units/$(basename "$unit")"
     done
@@ -181,9 +181,16 @@ tls-cert = /etc/postcopyd/tls/daemon.pem
 tls-key = /etc/postcopyd/tls/daemon.key
 tls-client-name = postcopy-agent
 EOF
+    # The instance run-test.sh starts by socket activation (postcopyd@activated.socket,
+    # the agent's port PORT in its drop-in). Its listen names another port,
+    # which the daemon must not use: the socket systemd passes wins.
+    sed -e "s|^listen = .*|listen = 127.0.0.1:$((PORT + 1))|" \
+        -e "s|^ram-file = .*|ram-file = /dev/shm/postcopyd-activated.ram|" \
+        -e "s|^# /etc/postcopyd/test.conf|# /etc/postcopyd/activated.conf|" "$stage/test.conf" >"$stage/activated.conf"
     # Read by run-test.sh: what the host asked for.
     cat >"$stage/test.env" <<EOF
 PORT=$PORT
+ACTIVATED_CONFIG_PORT=$((PORT + 1))
 SIZE=$SIZE
 BINDIR=$C_BINDIR
 RESULTS=$C_RESULTS
@@ -313,6 +320,7 @@ binds=(
     --bind=/dev/userfaultfd
     --bind-ro="$C_SWIFTLIB"
     --bind-ro="$work/stage/test.conf:/etc/postcopyd/test.conf"
+    --bind-ro="$work/stage/activated.conf:/etc/postcopyd/activated.conf"
     --bind-ro="$work/stage/tls:/etc/postcopyd/tls"
     --bind-ro="$work/stage/test.env:$C_TESTDIR/test.env"
     --bind-ro="$repo/tests/nspawn/run-test.sh:$C_TESTDIR/run-test.sh"
@@ -323,7 +331,7 @@ binds=(
 for program in "${PROGRAMS[@]}"; do
     binds+=(--bind-ro="$(readlink -f "$BIN/$program"):$C_BINDIR/$program")
 done
-for unit in "$work"/stage/units/*.service; do
+for unit in "$work"/stage/units/*.service "$work"/stage/units/*.socket; do
     binds+=(--bind-ro="$unit:/etc/systemd/system/$(basename "$unit")")
 done
 

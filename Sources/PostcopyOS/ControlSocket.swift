@@ -23,10 +23,16 @@ public final class ControlServer: Sendable {
     private let streams = Locked<[(thread: OSThread, done: Latch)]>([])
     public static let maxStreams = 8
 
-    public init(path: String) throws {
-        listener = try UnixListener(path: path, mode: 0o600)
+    public convenience init(path: String) throws {
+        try self.init(listener: UnixListener(path: path, mode: 0o600))
+    }
+
+    /// Serves on `listener`: one bound here, or the control socket of
+    /// `postcopyd@NAME.socket` that systemd passed (adopted).
+    public init(listener: UnixListener) throws {
+        self.listener = listener
         thread = try StoppableThread()
-        self.path = path
+        path = listener.path
     }
 
     deinit { stop() }

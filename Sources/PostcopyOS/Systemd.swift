@@ -10,7 +10,8 @@ public enum Systemd {
 
     /// The descriptors the service manager passed this process by name:
     /// those its fd store kept from an earlier run of the service (FDSTORE=1,
-    /// FDNAME=), and any sockets it activated. Unsets LISTEN_FDS and its
+    /// FDNAME=), and the sockets of its socket unit (named by
+    /// FileDescriptorName=, by default the socket unit's name). Unsets LISTEN_FDS and its
     /// kin, and marks each descriptor close-on-exec. Empty when none.
     /// libsystemd: `sd_listen_fds_with_names(3)`
     public static func passedDescriptors() -> [(name: String, fd: Int32)] {
@@ -29,6 +30,12 @@ public enum Systemd {
             let name = names?[Int(index)].map { String(cString: $0) } ?? "unknown"
             return (name, fd)
         }
+    }
+
+    /// `passedDescriptors()`, each with what it is as a socket (nil when it
+    /// is not one), for `PassedSockets` to give them their roles.
+    public static func passedDescriptorsDescribed() -> [PassedDescriptor] {
+        passedDescriptors().map { PassedDescriptor(fd: $0.fd, name: $0.name, socket: SocketIdentity.shape(of: $0.fd)) }
     }
 }
 

@@ -64,11 +64,15 @@ public struct KeepAlive: Sendable, Equatable {
     }
 }
 
-/// A listening TCP socket.
+/// A listening TCP socket: bound here, or passed in by systemd (socket
+/// activation) and adopted.
 public final class TCPListener: Sendable {
     public let fd: Int32
     /// The bound address, with the port the kernel chose when 0 was asked.
     public let endpoint: SocketEndpoint
+    /// Whether the socket was passed in (`init(adopting:)`) rather than
+    /// bound here: its listening socket is shared with whoever passed it.
+    public let isAdopted: Bool
 
     public init(endpoint: SocketEndpoint, backlog: Int32 = 8) throws {
         let fd = try endpoint.withSockaddr { address, length, family in
@@ -84,9 +88,34 @@ public final class TCPListener: Sendable {
         }
         self.fd = fd
         self.endpoint = SocketEndpoint(host: endpoint.host, port: TCPListener.localPort(fd))
+        isAdopted = false
+    }
+
+    /// Takes over `fd`, a listening TCP socket someone else bound: systemd's
+    /// socket unit, which keeps its own copy. `endpoint` is the address it
+    /// is bound to (`getsockname`). Closing this object closes only this
+    /// process's descriptor.
+    public init(adopting fd: Int32) throws(SystemCallError) {
+        guard case let .inet(host, port) = SocketIdentity.localAddress(fd) else {
+            throw SystemCallError("adopt descriptor \(fd) as the agent's listener: not a TCP socket", .invalid)
+        }
+        self.fd = fd
+        endpoint = SocketEndpoint(host: host, port: port)
+        isAdopted = true
     }
 
     deinit { close(fd) }
+
+    /// Wakes a thread blocked in `accept` for good, by shutting the socket
+    /// down; does nothing to an adopted socket. That one is systemd's too:
+    /// shut down, it would stop listening for systemd as well, and the next
+    /// connection would start no new instance. A thread waiting on it with
+    /// `accept(timeoutNanos:)` notices within its timeout instead.
+    /// Kernel: `shutdown(2)`
+    public func stopAccepting() {
+        guard !isAdopted else { return }
+        _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
+    }
 
     private static func localPort(_ fd: Int32) -> UInt16 {
         var storage = sockaddr_storage()
@@ -117,7 +146,13 @@ public final class TCPListener: Sendable {
             poll(&waiter, 1, Int32(min(timeoutNanos / 1_000_000, UInt64(Int32.max))))
         }
         guard ready > 0 else { return nil }
-        return try accept(keepAlive: keepAlive)
+        do {
+            return try accept(keepAlive: keepAlive)
+        } catch where error.errno == .again {
+            // A socket systemd passed is non-blocking: the connection that
+            // woke the poll may be gone (reset) before the accept.
+            return nil
+        }
     }
 }
 

@@ -18,10 +18,15 @@ public struct PeerCredentials: Equatable, Sendable, CustomStringConvertible {
 }
 
 /// A listening unix stream socket at a path, created with a restrictive
-/// mode (0600 by default) and removed when the object goes away.
+/// mode (0600 by default) and removed when the object goes away; or one
+/// passed in by systemd (socket activation), which is adopted and whose
+/// path is left alone.
 public final class UnixListener: Sendable {
     public let fd: Int32
     public let path: String
+    /// Whether the socket was passed in (`init(adopting:)`) rather than
+    /// bound here: its path belongs to whoever passed it.
+    public let isAdopted: Bool
 
     /// Binds `path` with `mode`; when `owner` is given, the socket file is
     /// then handed to that uid, so that a peer running as it (and no one
@@ -49,11 +54,26 @@ public final class UnixListener: Sendable {
         }
         self.fd = fd
         self.path = path
+        isAdopted = false
+    }
+
+    /// Takes over `fd`, a listening unix socket someone else bound:
+    /// systemd's socket unit, which keeps its own copy and owns the path
+    /// (`getsockname`). Closing this object closes only this process's
+    /// descriptor; the path is neither unlinked nor changed, so that the
+    /// socket still works for the next instance systemd starts.
+    public init(adopting fd: Int32) throws(SystemCallError) {
+        guard case let .unix(path) = SocketIdentity.localAddress(fd), !path.isEmpty else {
+            throw SystemCallError("adopt descriptor \(fd) as a unix listener: not a bound unix socket", .invalid)
+        }
+        self.fd = fd
+        self.path = path
+        isAdopted = true
     }
 
     deinit {
         close(fd)
-        unlink(path)
+        if !isAdopted { unlink(path) }
     }
 
     /// A socket file left by a process that died is replaced; a socket

@@ -12,8 +12,13 @@ struct Postcopyctl: ParsableCommand {
         subcommands: [Status.self, Watch.self, Cancel.self])
 }
 
-/// Where instances keep their sockets (systemd's RuntimeDirectory=postcopyd/%i).
+/// Where instances keep their sockets (systemd's RuntimeDirectory=postcopyd/%i):
+/// /run/postcopyd/INSTANCE exists while the instance runs.
 let runtimeDirectory = "/run/postcopyd"
+/// Where postcopyd@.socket keeps the control socket of a socket-activated
+/// instance, which the daemon takes from systemd instead of binding its own;
+/// it is there (and listening) while the socket unit is, running or not.
+let socketUnitDirectory = "/run/postcopyd-socket"
 
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -52,17 +57,48 @@ struct Status: ParsableCommand {
         }
     }
 
-    /// /run/postcopyd/INSTANCE/control.sock; without a name, the only one there.
+    /// /run/postcopyd/INSTANCE/control.sock, or for a socket-activated
+    /// instance that runs, /run/postcopyd-socket/INSTANCE/control.sock;
+    /// without a name, the only instance running.
     static func controlSocket(for instance: String?) throws -> String {
-        if let instance { return "\(runtimeDirectory)/\(instance)/control.sock" }
-        let names = ((try? FileManager.default.contentsOfDirectory(atPath: runtimeDirectory)) ?? [])
-            .filter { FileManager.default.fileExists(atPath: "\(runtimeDirectory)/\($0)/control.sock") }
-            .sorted()
-        switch names.count {
-        case 0: throw Failure("no postcopyd instance is running here (no control socket under \(runtimeDirectory))")
-        case 1: return "\(runtimeDirectory)/\(names[0])/control.sock"
-        default: throw Failure("several instances are running (\(names.joined(separator: ", "))): name one")
+        if let instance {
+            switch locate(instance) {
+            case let .running(path): return path
+            case let .idle(path):
+                throw Failure("postcopyd@\(instance) is not running: its socket unit listens on \(path), and a connection there starts it for a new migration (--socket \(path) to do that)")
+            case nil: return "\(runtimeDirectory)/\(instance)/control.sock"
+            }
         }
+        let running = ((try? FileManager.default.contentsOfDirectory(atPath: runtimeDirectory)) ?? [])
+            .sorted()
+            .compactMap { name -> (String, String)? in
+                guard case let .running(path) = locate(name) else { return nil }
+                return (name, path)
+            }
+        switch running.count {
+        case 0: throw Failure("no postcopyd instance is running here (no control socket under \(runtimeDirectory))")
+        case 1: return running[0].1
+        default: throw Failure("several instances are running (\(running.map(\.0).joined(separator: ", "))): name one")
+        }
+    }
+
+    enum Located {
+        case running(String)
+        /// Only the socket unit's socket, and the instance is not running:
+        /// a connection would start it.
+        case idle(String)
+    }
+
+    /// Where `instance`'s control socket is. The daemon's own comes first;
+    /// the socket unit's counts as running while the instance's runtime
+    /// directory exists (systemd removes it when the service stops).
+    static func locate(_ instance: String) -> Located? {
+        let files = FileManager.default
+        let own = "\(runtimeDirectory)/\(instance)/control.sock"
+        if files.fileExists(atPath: own) { return .running(own) }
+        let activated = "\(socketUnitDirectory)/\(instance)/control.sock"
+        guard files.fileExists(atPath: activated) else { return nil }
+        return files.fileExists(atPath: "\(runtimeDirectory)/\(instance)") ? .running(activated) : .idle(activated)
     }
 }
 

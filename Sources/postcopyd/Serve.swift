@@ -30,14 +30,14 @@ struct Serve: ParsableCommand {
     @Option(help: ArgumentHelp("Read settings from this file before the command line.", valueName: "path"))
     var config: String?
 
-    @Option(help: ArgumentHelp("TCP address for the source agent (numeric host; port 0 picks a free port).", valueName: "host:port"),
+    @Option(help: ArgumentHelp("TCP address for the source agent (numeric host; port 0 picks a free port; default: 127.0.0.1:7070). A TCP socket systemd passes (postcopyd@.socket) is used instead.", valueName: "host:port"),
             transform: parseEndpoint)
-    var listen = SocketEndpoint(host: "127.0.0.1", port: 7070)
+    var listen: SocketEndpoint?
 
     @Option(help: ArgumentHelp("Unix socket for the VMM (default: /run/postcopyd/<instance>/vmm.sock).", valueName: "path"))
     var vmmSocket: String?
 
-    @Option(help: ArgumentHelp("Unix socket for postcopyctl (default: /run/postcopyd/<instance>/control.sock).", valueName: "path"))
+    @Option(help: ArgumentHelp("Unix socket for postcopyctl (default: /run/postcopyd/<instance>/control.sock). A unix socket systemd passes (postcopyd@.socket) is used instead.", valueName: "path"))
     var controlSocket: String?
 
     @Option(help: "The only uid allowed to attach as the VMM (default: this process's uid).")
@@ -135,16 +135,23 @@ struct Serve: ParsableCommand {
 
         let context = LogContext()
         let logger = bootstrapLogging("postcopyd", context: context)
-        let takeoverSource = takeoverSource(logger)
+        let notifier = ServiceNotifier()
+        let passed: PassedSockets
+        do {
+            passed = try PassedSockets(classifying: Systemd.passedDescriptorsDescribed(),
+                                       storedNames: Set(StoredDescriptor.all))
+        } catch {
+            throw Self.cannotStart(error, logger, notifier)
+        }
+        let takeoverSource = takeoverSource(passed.stored, logger)
         guard size != nil || takeoverSource != nil else {
             throw ValidationError("the size of guest RAM is required: --size, or 'size = ...' in --config")
         }
         // Before any other thread: termination signals go to the watcher only.
         let signals = try SignalWatcher()
-        let notifier = ServiceNotifier()
         let transport = try transportOptions.transport(.server, peerName: tlsClientName,
                                                        peerNameOption: "--tls-client-name", logger: logger)
-        var settings = DestinationConfig(listen: listen, transport: transport, vmmSocketPath: vmmSocket, memory: memoryOptions.memory,
+        var settings = DestinationConfig(listen: listen ?? Self.defaultListen, transport: transport, vmmSocketPath: vmmSocket, memory: memoryOptions.memory,
                                          hugetlbfsDirectory: memoryOptions.hugetlbfsDir, regionSize: size ?? 0,
                                          vmmUID: vmmUID, migrationID: migrationID)
         settings.instance = instance
@@ -162,15 +169,22 @@ struct Serve: ParsableCommand {
         let daemon: DestinationDaemon
         let control: ControlServer
         do {
+            // Sockets systemd passed (postcopyd@NAME.socket) win over binding our own.
+            let agentListener = try passed.agent.map { agent in
+                try inStep("use the agent's socket systemd passed") { try TCPListener(adopting: agent.fd) }
+            }
+            passed.notes(listen: listen?.description, controlSocket: self.controlSocket).forEach { logger.notice("\($0)") }
             daemon = try DestinationDaemon(config: settings, logger: logger, context: context, takeover: takeoverSource,
-                                           descriptorStore: notifier.isActive ? notifier : nil)
-            control = try inStep("listen for postcopyctl on \(controlSocket)") { try ControlServer(path: controlSocket) }
+                                           descriptorStore: notifier.isActive ? notifier : nil, agentListener: agentListener)
+            if let passedControl = passed.control {
+                control = try inStep("use the control socket systemd passed") {
+                    try ControlServer(listener: UnixListener(adopting: passedControl.fd))
+                }
+            } else {
+                control = try inStep("listen for postcopyctl on \(controlSocket)") { try ControlServer(path: controlSocket) }
+            }
         } catch {
-            logger.event(.migrationFailed, .critical, "cannot start: \(error)", [
-                "error_code": "\(ErrorCode.internalFailure)", "reason": "cannot start: \(error)",
-            ])
-            notifier.stopping(status: "failed: cannot start: \(error)")
-            throw ExitCode.failure
+            throw Self.cannotStart(error, logger, notifier)
         }
         // Open once the migration has ended: a watcher gets the final status.
         let ended = Latch()
@@ -196,7 +210,7 @@ struct Serve: ParsableCommand {
 
         let size = daemon.memory.geometry.regionSize
         logger.event(.ready, .info, "ready: \(ByteSize.format(size)) of \(daemon.memory.file.backing); agent on \(daemon.endpoint), VMM on \(vmmSocket)", [
-            "listen": "\(daemon.endpoint)", "vmm_socket": "\(vmmSocket)", "control_socket": "\(controlSocket)",
+            "listen": "\(daemon.endpoint)", "vmm_socket": "\(vmmSocket)", "control_socket": "\(control.path)",
             "memory": "\(daemon.memory.file.backing)", "region_bytes": "\(size)",
         ])
         if let readyFile { try writeReadyFile(readyFile, "\(daemon.endpoint)\n") }
@@ -218,18 +232,21 @@ struct Serve: ParsableCommand {
         }
     }
 
+    static let defaultListen = SocketEndpoint(host: "127.0.0.1", port: 7070)
+
+    /// Logs why the daemon cannot start (journal and STATUS=); returns the
+    /// exit status to throw.
+    private static func cannotStart(_ error: any Error, _ logger: Logger, _ notifier: ServiceNotifier) -> ExitCode {
+        logger.event(.migrationFailed, .critical, "cannot start: \(error)", [
+            "error_code": "\(ErrorCode.internalFailure)", "reason": "cannot start: \(error)",
+        ])
+        notifier.stopping(status: "failed: cannot start: \(error)")
+        return .failure
+    }
+
     /// What to take a migration over from: what systemd's fd store kept
     /// (when it kept a page-state record), else the VMM with --takeover.
-    private func takeoverSource(_ logger: Logger) -> TakeoverSource? {
-        var stored: [String: Int32] = [:]
-        for (name, fd) in Systemd.passedDescriptors() {
-            if StoredDescriptor.all.contains(name) {
-                stored[name] = fd
-            } else {
-                logger.warning("closing descriptor \(fd) ('\(name)') systemd passed: postcopyd does not use it")
-                close(fd)
-            }
-        }
+    private func takeoverSource(_ stored: [String: Int32], _ logger: Logger) -> TakeoverSource? {
         if stored[StoredDescriptor.pageState] != nil {
             logger.notice("systemd's fd store kept \(stored.keys.sorted().joined(separator: ", ")): taking the migration over")
             return .stored(stored)

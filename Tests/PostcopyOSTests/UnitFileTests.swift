@@ -6,15 +6,15 @@ import Testing
 @Suite struct UnitFileTests {
     static let hasAnalyze = FileManager.default.isExecutableFile(atPath: "/usr/bin/systemd-analyze")
 
-    /// systemd/*.service with @BINDIR@ at the built binaries and @DOCDIR@
-    /// at docs/, in a fresh directory.
+    /// systemd/*.service and *.socket with @BINDIR@ at the built binaries
+    /// and @DOCDIR@ at docs/, in a fresh directory.
     func renderUnits(_ purpose: String) throws -> String {
         let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .deletingLastPathComponent()
         let binaries = URL(fileURLWithPath: CommandLineTests.binary("postcopyd")).deletingLastPathComponent().path
         let directory = "/tmp/postcopy-test-units-\(purpose)-\(getpid())"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        for name in ["postcopyd@.service", "postcopyd-check.service"] {
+        for name in ["postcopyd@.service", "postcopyd@.socket", "postcopyd-check.service"] {
             let text = try String(contentsOf: repository.appendingPathComponent("systemd/\(name)"), encoding: .utf8)
                 .replacingOccurrences(of: "@BINDIR@", with: binaries)
                 .replacingOccurrences(of: "@DOCDIR@", with: repository.appendingPathComponent("docs").path)
@@ -40,7 +40,8 @@ import Testing
     func unitsPassSystemdAnalyzeVerify() throws {
         let directory = try renderUnits("verify")
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let result = try analyze(["verify", "\(directory)/postcopyd@vm42.service", "\(directory)/postcopyd-check.service"])
+        let result = try analyze(["verify", "\(directory)/postcopyd@vm42.service", "\(directory)/postcopyd@vm42.socket",
+                                  "\(directory)/postcopyd-check.service"])
         #expect(result.status == 0)
         #expect(result.output.isEmpty, "systemd-analyze verify warned:\n\(result.output)")
     }

@@ -6,8 +6,13 @@
 # the control socket, the hardening in force, the journal records and their
 # catalog texts, and a clean exit. Then a second migration whose daemon is
 # killed (SIGKILL) during postcopy: systemd restarts it, it takes the
-# migration over from the fd store, and the guest still verifies. It ends the container with `systemctl exit
-# 0` on a pass and `systemctl exit 1` on a failure, the reason printed first.
+# migration over from the fd store, and the guest still verifies. Then
+# socket activation: postcopyd@activated.socket (the agent's port from a
+# drop-in) starts postcopyd@activated.service when the agent connects, the
+# daemon serves the migration on the sockets systemd passed, and a second
+# activation survives a SIGKILL the same way. It ends the container with
+# `systemctl exit 0` on a pass and `systemctl exit 1` on a failure, the
+# reason printed first.
 #
 # stdout and stderr go to the journal and to the console, which
 # systemd-nspawn --console=read-only copies to the host's stdout.
@@ -21,6 +26,13 @@ export PATH=$BINDIR:$PATH
 readonly INSTANCE=test
 readonly UNIT=postcopyd@$INSTANCE.service
 readonly SOCKDIR=/run/postcopyd/$INSTANCE
+# The socket-activated instance: its socket unit, its service, the service's
+# runtime directory and the socket unit's control socket.
+readonly ACTIVATED_INSTANCE=activated
+readonly SOCKET_UNIT=postcopyd@$ACTIVATED_INSTANCE.socket
+readonly ACTIVATED_UNIT=postcopyd@$ACTIVATED_INSTANCE.service
+readonly ACTIVATED_DIR=/run/postcopyd/$ACTIVATED_INSTANCE
+readonly ACTIVATED_CONTROL=/run/postcopyd-socket/$ACTIVATED_INSTANCE/control.sock
 readonly WORK=/run/postcopyd-nspawn-test
 readonly SOURCE_RAM=/dev/shm/postcopyd-nspawn-source
 # The agent's side of the TLS the instance's config asks for.
@@ -51,10 +63,14 @@ finish() {
         # Where it happened (also for a failure that fail() did not report:
         # set -e, a signal), then the evidence.
         say "FAIL: exit status $rc during: $step"
-        say "---- systemctl status $UNIT"
-        systemctl status --no-pager --full "$UNIT" 2>&1 || true
-        say "---- journalctl -u $UNIT"
-        journalctl --no-pager -o short-monotonic -u "$UNIT" 2>&1 | tail -n 80 || true
+        local unit
+        for unit in "$UNIT" "$SOCKET_UNIT" "$ACTIVATED_UNIT"; do
+            [[ $unit == "$UNIT" || $step == socket* ]] || continue
+            say "---- systemctl status $unit"
+            systemctl status --no-pager --full "$unit" 2>&1 || true
+            say "---- journalctl -u $unit"
+            journalctl --no-pager -o short-monotonic -u "$unit" 2>&1 | tail -n 80 || true
+        done
         for f in "$WORK"/*.json "$WORK"/*.err; do
             [[ -s $f ]] && { say "---- $f"; tail -n 40 "$f"; }
         done
@@ -233,7 +249,7 @@ ok "migration $migration_id of $SIZE in ${elapsed_ms} ms: postcopy-push exit 0, 
 
 # --- the unit ends by itself, successfully ------------------------------------------
 step="unit exit"
-unit_done() { [[ $(systemctl show -P ActiveState "$UNIT") =~ ^(inactive|failed)$ ]]; }
+unit_done() { [[ $(systemctl show -P ActiveState "${1:-$UNIT}") =~ ^(inactive|failed)$ ]]; }
 wait_until 60 "$UNIT to exit after the migration" unit_done
 result=$(systemctl show -P Result "$UNIT")
 exit_status=$(systemctl show -P ExecMainStatus "$UNIT")
@@ -292,21 +308,21 @@ push_pid=$!
 pids+=("$push_pid")
 
 step="crash: postcopy serving"
-serving() {
-    postcopyctl status "$INSTANCE" --json >"$WORK/ctl-crash.json" 2>/dev/null || return 1
+serving() {  # instance: postcopyctl says postcopy has served a stale fault
+    postcopyctl status "$1" --json >"$WORK/ctl-crash.json" 2>/dev/null || return 1
     [[ $(json_string phase "$WORK/ctl-crash.json") == postcopy && $(json_number faultsStale "$WORK/ctl-crash.json") -gt 0 ]]
 }
-wait_until 120 "postcopy to serve a stale fault" serving
+wait_until 120 "postcopy to serve a stale fault" serving "$INSTANCE"
 sleep 0.2
 first_pid=$(systemctl show -P MainPID "$UNIT")
 step="crash: kill -9 pid $first_pid"
 systemctl kill --kill-whom=main -s SIGKILL "$UNIT"
-restarted() {
+restarted() {  # unit: systemd restarted it, as another pid than $first_pid
     local pid
-    pid=$(systemctl show -P MainPID "$UNIT")
-    [[ $pid -gt 0 && $pid != "$first_pid" && $(systemctl show -P NRestarts "$UNIT") -ge 1 ]]
+    pid=$(systemctl show -P MainPID "$1")
+    [[ $pid -gt 0 && $pid != "$first_pid" && $(systemctl show -P NRestarts "$1") -ge 1 ]]
 }
-wait_until 30 "systemd to restart $UNIT" restarted
+wait_until 30 "systemd to restart $UNIT" restarted "$UNIT"
 ok "killed postcopyd pid $first_pid during postcopy ($(json_number stalePagesLeft "$WORK/ctl-crash.json") pages stale); systemd restarted it as pid $(systemctl show -P MainPID "$UNIT")"
 
 step="crash: migration"
@@ -335,6 +351,185 @@ grep -q '"TAKEOVER_SOURCE":"systemd' <<<"$taken" || fail "the takeover did not c
 journalctl --no-pager -x "MESSAGE_ID=$ID_TAKEN_OVER" | grep -q 'Subject: Migration .* taken over' ||
     fail "journalctl -x does not explain the takeover record"
 ok "MESSAGE_ID=$ID_TAKEN_OVER: $(grep -o '"MESSAGE":"[^"]*"' <<<"$taken" | head -c 200)"
+
+# --- socket activation: postcopyd@activated.socket starts the service -------------
+# The agent's port comes from the instance's drop-in, as docs/operations.md
+# shows; activated.conf names another listen (ACTIVATED_CONFIG_PORT), which
+# the passed socket must win over. Nothing here starts the service: the
+# agent's connection does.
+step="socket: drop-in"
+dropin=/etc/systemd/system/$SOCKET_UNIT.d
+mkdir -p "$dropin"
+printf '[Socket]\nListenStream=127.0.0.1:%s\n' "$PORT" >"$dropin/listen.conf"
+systemctl daemon-reload
+systemd-analyze verify --man=no "$SOCKET_UNIT" >"$WORK/verify-socket.err" 2>&1 ||
+    fail "systemd-analyze verify $SOCKET_UNIT: $(cat "$WORK/verify-socket.err")"
+if grep -q 'postcopyd@' "$WORK/verify-socket.err"; then
+    fail "systemd-analyze verify $SOCKET_UNIT complains: $(cat "$WORK/verify-socket.err")"
+fi
+ok "systemd-analyze verify $SOCKET_UNIT, with $dropin/listen.conf: ListenStream=127.0.0.1:$PORT"
+
+step="socket: systemctl start $SOCKET_UNIT"
+systemctl start "$SOCKET_UNIT" || fail "systemctl start $SOCKET_UNIT failed"
+[[ $(systemctl is-active "$SOCKET_UNIT") == active ]] || fail "$SOCKET_UNIT is $(systemctl is-active "$SOCKET_UNIT")"
+listens=$(systemctl show -P Listen "$SOCKET_UNIT" | paste -sd , -)
+[[ $listens == *"$ACTIVATED_CONTROL (Stream)"* && $listens == *"127.0.0.1:$PORT (Stream)"* ]] ||
+    fail "$SOCKET_UNIT listens on: $listens"
+[[ -S $ACTIVATED_CONTROL && $(stat -c %a "$ACTIVATED_CONTROL") == 600 ]] ||
+    fail "no control socket $ACTIVATED_CONTROL of mode 0600: $(ls -l "$ACTIVATED_CONTROL" 2>&1)"
+[[ $(systemctl show -P ActiveState "$ACTIVATED_UNIT") == inactive ]] ||
+    fail "$ACTIVATED_UNIT started before any connection"
+# postcopyctl does not start an idle instance by asking for its status.
+if postcopyctl status "$ACTIVATED_INSTANCE" >"$WORK/ctl-idle.out" 2>"$WORK/ctl-idle.err"; then
+    fail "postcopyctl status $ACTIVATED_INSTANCE answered for an idle instance: $(cat "$WORK/ctl-idle.out")"
+fi
+grep -q "postcopyd@$ACTIVATED_INSTANCE is not running: its socket unit listens on $ACTIVATED_CONTROL" "$WORK/ctl-idle.err" ||
+    fail "postcopyctl status of an idle instance: $(cat "$WORK/ctl-idle.err")"
+sleep 0.5
+[[ $(systemctl show -P ActiveState "$ACTIVATED_UNIT") == inactive ]] ||
+    fail "postcopyctl status started $ACTIVATED_UNIT"
+ok "$SOCKET_UNIT listens ($listens); $ACTIVATED_UNIT inactive, and postcopyctl leaves it so"
+
+# Starts the agent (stdout, stderr to $1.json, $1.err; extra flags after)
+# against the socket unit's port, and the reference VMM (flags in
+# guest_flags; to $2.json, $2.err) once the agent's connection has started
+# the service; sets push_pid, guest_pid.
+activate_and_migrate() {
+    local push=$1 guest=$2
+    shift 2
+    postcopy-push --ram "$SOURCE_RAM" --to "127.0.0.1:$PORT" --pause-pid "$source_pid" --quiet --json "${TLS[@]}" \
+        "$@" >"$WORK/$push.json" 2>"$WORK/$push.err" &
+    push_pid=$!
+    pids+=("$push_pid")
+    activated() { [[ $(systemctl show -P ActiveState "$ACTIVATED_UNIT") == active && -S $ACTIVATED_DIR/vmm.sock ]]; }
+    wait_until 60 "the agent's connection to start $ACTIVATED_UNIT" activated
+    postcopy-guest vmm --socket "$ACTIVATED_DIR/vmm.sock" --json "${guest_flags[@]}" \
+        >"$WORK/$guest.json" 2>"$WORK/$guest.err" &
+    guest_pid=$!
+    pids+=("$guest_pid")
+}
+
+# Waits for the agent and the VMM; both exit 0 and the guest verifies.
+finish_migration() {  # push, guest (as for activate_and_migrate)
+    local rc=0
+    wait "$push_pid" || rc=$?
+    [[ $rc -eq 0 ]] || fail "postcopy-push exited $rc: $(tail -n 20 "$WORK/$1.err")"
+    rc=0
+    wait "$guest_pid" || rc=$?
+    [[ $rc -eq 0 ]] || fail "the reference VMM exited $rc: $(tail -n 20 "$WORK/$2.err")"
+    grep -q 'verify: PASS' "$WORK/$2.err" || fail "the reference VMM did not verify the image"
+    { kill -KILL "$source_pid" && wait "$source_pid"; } 2>/dev/null || true
+    wait_until 60 "$ACTIVATED_UNIT to exit after the migration" unit_done "$ACTIVATED_UNIT"
+    local result exit_status
+    result=$(systemctl show -P Result "$ACTIVATED_UNIT")
+    exit_status=$(systemctl show -P ExecMainStatus "$ACTIVATED_UNIT")
+    [[ $result == success && $exit_status == 0 ]] ||
+        fail "$ACTIVATED_UNIT ended with Result=$result, exit status $exit_status"
+    # systemd listens on: the daemon left the sockets working.
+    [[ $(systemctl is-active "$SOCKET_UNIT") == active ]] || fail "$SOCKET_UNIT is $(systemctl is-active "$SOCKET_UNIT") after the migration"
+    [[ -S $ACTIVATED_CONTROL ]] || fail "the control socket $ACTIVATED_CONTROL is gone after the migration"
+    [[ ! -e $ACTIVATED_DIR ]] || fail "RuntimeDirectory $ACTIVATED_DIR left behind"
+}
+
+step="socket: migration"
+start_source "$WORK/source3.err"
+guest_flags=()
+activate_and_migrate push3 guest3
+step="socket: postcopyctl status"
+main_pid=$(systemctl show -P MainPID "$ACTIVATED_UNIT")
+postcopyctl status "$ACTIVATED_INSTANCE" --json >"$WORK/ctl-activated.json" 2>"$WORK/ctl.err" ||
+    fail "postcopyctl status $ACTIVATED_INSTANCE --json: $(cat "$WORK/ctl.err")"
+[[ $(json_number pid "$WORK/ctl-activated.json") == "$main_pid" ]] ||
+    fail "postcopyctl status $ACTIVATED_INSTANCE did not reach pid $main_pid: $(cat "$WORK/ctl-activated.json")"
+[[ $(json_string listen "$WORK/ctl-activated.json") == "127.0.0.1:$PORT" ]] ||
+    fail "the daemon does not report the passed socket's address: $(cat "$WORK/ctl-activated.json")"
+[[ ! -e $ACTIVATED_DIR/control.sock ]] || fail "the daemon bound a control socket of its own in $ACTIVATED_DIR"
+ok "postcopyctl status $ACTIVATED_INSTANCE through $ACTIVATED_CONTROL: pid $main_pid, phase $(json_string phase "$WORK/ctl-activated.json"), listen 127.0.0.1:$PORT"
+step="socket: migration"
+finish_migration push3 guest3
+[[ $(systemctl show -P NRestarts "$ACTIVATED_UNIT") == 0 ]] || fail "$ACTIVATED_UNIT was restarted"
+ok "socket-activated migration: postcopy-push exit 0, reference VMM $(grep -o 'verify: PASS' "$WORK/guest3.err"), $ACTIVATED_UNIT Result=success; $SOCKET_UNIT still listens"
+
+step="socket: journal"
+journalctl --sync
+activated_log=$(journalctl --no-pager -o cat _SYSTEMD_UNIT="$ACTIVATED_UNIT" _PID="$main_pid")
+for line in "listening for the agent on 127.0.0.1:$PORT, the socket systemd passed" \
+            "the settings' listen = 127.0.0.1:$ACTIVATED_CONFIG_PORT is not used: the agent's socket systemd passed (127.0.0.1:$PORT) wins" \
+            "listening for postcopyctl on $ACTIVATED_CONTROL, the socket systemd passed"; do
+    grep -qF "$line" <<<"$activated_log" || fail "journalctl -u $ACTIVATED_UNIT lacks '$line'"
+done
+ready=$(journalctl --no-pager -o json _SYSTEMD_UNIT="$ACTIVATED_UNIT" _PID="$main_pid" "MESSAGE_ID=$ID_READY")
+grep -q "\"LISTEN\":\"127.0.0.1:$PORT\"" <<<"$ready" || fail "the ready record does not name the passed socket: $ready"
+grep -q "\"CONTROL_SOCKET\":\"$ACTIVATED_CONTROL\"" <<<"$ready" || fail "the ready record does not name the passed control socket: $ready"
+ok "journalctl -u $ACTIVATED_UNIT: the daemon used the passed sockets (ready record LISTEN=127.0.0.1:$PORT, CONTROL_SOCKET=$ACTIVATED_CONTROL), not listen = 127.0.0.1:$ACTIVATED_CONFIG_PORT"
+
+# Started by hand while the socket unit listens (as before a QEMU that maps
+# the RAM file first), the service gets the socket unit's sockets all the same.
+step="socket: systemctl start $ACTIVATED_UNIT"
+timeout 120 systemctl start "$ACTIVATED_UNIT" || fail "systemctl start $ACTIVATED_UNIT failed"
+by_hand_pid=$(systemctl show -P MainPID "$ACTIVATED_UNIT")
+postcopyctl status "$ACTIVATED_INSTANCE" --json >"$WORK/ctl-by-hand.json" 2>"$WORK/ctl.err" ||
+    fail "postcopyctl status $ACTIVATED_INSTANCE: $(cat "$WORK/ctl.err")"
+[[ $(json_string listen "$WORK/ctl-by-hand.json") == "127.0.0.1:$PORT" ]] ||
+    fail "started by hand, the daemon does not use the passed socket: $(cat "$WORK/ctl-by-hand.json")"
+systemctl stop "$ACTIVATED_UNIT"
+journalctl --sync
+journalctl --no-pager -o cat _SYSTEMD_UNIT="$ACTIVATED_UNIT" _PID="$by_hand_pid" |
+    grep -qF "listening for the agent on 127.0.0.1:$PORT, the socket systemd passed" ||
+    fail "started by hand, the daemon did not log the passed agent socket"
+[[ -S $ACTIVATED_CONTROL ]] || fail "the control socket $ACTIVATED_CONTROL is gone after a stop"
+ok "$ACTIVATED_UNIT started by hand (pid $by_hand_pid) listened on the passed sockets; stopped, the socket unit's control socket stays"
+
+# That daemon failed (SIGTERM: exit 1); the socket unit still starts the next
+# one, here from a connection to the control socket.
+step="socket: activation after a failure"
+[[ $(systemctl show -P Result "$ACTIVATED_UNIT") == exit-code ]] ||
+    fail "$ACTIVATED_UNIT stopped by SIGTERM ended with Result=$(systemctl show -P Result "$ACTIVATED_UNIT")"
+[[ $(systemctl is-active "$SOCKET_UNIT") == active ]] || fail "$SOCKET_UNIT is $(systemctl is-active "$SOCKET_UNIT") after a failed service"
+postcopyctl status --socket "$ACTIVATED_CONTROL" --json >"$WORK/ctl-next.json" 2>"$WORK/ctl.err" ||
+    fail "postcopyctl status --socket $ACTIVATED_CONTROL did not start a new instance: $(cat "$WORK/ctl.err")"
+next_pid=$(json_number pid "$WORK/ctl-next.json")
+[[ $next_pid -gt 0 && $next_pid != "$by_hand_pid" && $(json_string phase "$WORK/ctl-next.json") == handshake ]] ||
+    fail "the control socket's connection did not start a new instance: $(cat "$WORK/ctl-next.json")"
+systemctl stop "$ACTIVATED_UNIT"
+ok "after a failed run, a connection to $ACTIVATED_CONTROL started $ACTIVATED_UNIT again (pid $next_pid, phase handshake)"
+
+# --- socket activation and a crash: the restarted daemon gets the sockets again ----------
+step="socket crash: migration"
+start_source "$WORK/source4.err"
+guest_flags=(--touch 0.1 --think-us 2000 --reattach-timeout 60)
+activate_and_migrate push4 guest4 --postcopy-bandwidth 2 --dead-peer-timeout 1 --reconnect-timeout 60
+wait_until 120 "postcopy to serve a stale fault" serving "$ACTIVATED_INSTANCE"
+sleep 0.2
+first_pid=$(systemctl show -P MainPID "$ACTIVATED_UNIT")
+step="socket crash: kill -9 pid $first_pid"
+systemctl kill --kill-whom=main -s SIGKILL "$ACTIVATED_UNIT"
+wait_until 30 "systemd to restart $ACTIVATED_UNIT" restarted "$ACTIVATED_UNIT"
+second_pid=$(systemctl show -P MainPID "$ACTIVATED_UNIT")
+ok "killed socket-activated postcopyd pid $first_pid during postcopy; systemd restarted it as pid $second_pid"
+step="socket crash: migration"
+finish_migration push4 guest4
+grep -q 'reattached to a restarted postcopyd 1 times' "$WORK/guest4.err" ||
+    fail "the reference VMM did not reattach once: $(tail -n 20 "$WORK/guest4.err")"
+step="socket crash: journal"
+journalctl --sync
+restarted_log=$(journalctl --no-pager -o cat _SYSTEMD_UNIT="$ACTIVATED_UNIT" _PID="$second_pid")
+grep -qF "listening for the agent on 127.0.0.1:$PORT, the socket systemd passed" <<<"$restarted_log" ||
+    fail "the restarted daemon did not get the agent's socket again: $(head -n 20 <<<"$restarted_log")"
+grep -qF "listening for postcopyctl on $ACTIVATED_CONTROL, the socket systemd passed" <<<"$restarted_log" ||
+    fail "the restarted daemon did not get the control socket again"
+taken=$(journalctl --no-pager -o json _SYSTEMD_UNIT="$ACTIVATED_UNIT" "MESSAGE_ID=$ID_TAKEN_OVER")
+[[ $(grep -c . <<<"$taken") -eq 1 ]] || fail "expected one MESSAGE_ID=$ID_TAKEN_OVER record of $ACTIVATED_UNIT, found: $taken"
+grep -q '"TAKEOVER_SOURCE":"systemd' <<<"$taken" || fail "the takeover did not come from the fd store: $taken"
+if journalctl --no-pager -o cat -u "$ACTIVATED_UNIT" | grep -q EADDRINUSE; then
+    fail "$ACTIVATED_UNIT met EADDRINUSE"
+fi
+ok "after the crash: pid $second_pid got both sockets again and took the migration over from the fd store; reference VMM $(grep -o 'verify: PASS' "$WORK/guest4.err") (reattached once), Result=success"
+
+step="socket: systemctl stop $SOCKET_UNIT"
+systemctl stop "$SOCKET_UNIT"
+[[ ! -e $ACTIVATED_CONTROL ]] || fail "$ACTIVATED_CONTROL outlived $SOCKET_UNIT (RemoveOnStop=yes)"
+ok "$SOCKET_UNIT stopped, $ACTIVATED_CONTROL removed"
 
 step=finished
 say "PASS"

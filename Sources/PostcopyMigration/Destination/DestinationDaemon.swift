@@ -110,8 +110,12 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// died during postcopy (waiting for the VMM to reattach, for `.vmm`),
     /// and serves it on from the paused phase. `descriptorStore` (systemd's
     /// fd store) keeps those three for a daemon restarted after this one.
+    ///
+    /// `agentListener`, the agent's socket systemd passed (socket
+    /// activation), is used instead of binding `config.listen`.
     public init(config: DestinationConfig, logger: Logger, context: LogContext = LogContext(),
-                takeover: TakeoverSource? = nil, descriptorStore: (any DescriptorStore)? = nil) throws {
+                takeover: TakeoverSource? = nil, descriptorStore: (any DescriptorStore)? = nil,
+                agentListener: TCPListener? = nil) throws {
         self.config = config
         self.logger = logger
         self.context = context
@@ -166,7 +170,7 @@ public final class DestinationDaemon: @unchecked Sendable {
             vmm = VMMLink(listener: unix, memory: memory, allowedUID: config.vmmUID, failures: failures, logger: logger,
                           handshakeTimeoutNanos: config.vmmHandshakeTimeoutNanos)
         }
-        tcp = try inStep("listen for the agent on \(config.listen)") { try TCPListener(endpoint: config.listen) }
+        tcp = try agentListener ?? inStep("listen for the agent on \(config.listen)") { try TCPListener(endpoint: config.listen) }
         if recovered == nil {
             let geometry = memory.geometry
             let record = try inStep("prepare the page-state record") { try PageStateFile.Prepared(geometry: geometry) }
@@ -216,7 +220,7 @@ public final class DestinationDaemon: @unchecked Sendable {
             finished.store(true, ordering: .sequentiallyConsistent)
             heartbeat.stop()
             faultLoop.withLock { $0 }?.stop()
-            _ = Glibc.shutdown(tcp.fd, Int32(SHUT_RDWR))
+            tcp.stopAccepting()
             for admission in admissions.withLock({ $0 }) {
                 admission.connection.shutdown()
                 admission.thread.withLock { $0 }?.join()
@@ -337,7 +341,7 @@ public final class DestinationDaemon: @unchecked Sendable {
             if holding { stream.shutdown() } else { stream.fail(error.code, error.reason) }
         }
         vmm.shutdown(reporting: holding ? nil : error)
-        _ = Glibc.shutdown(tcp.fd, Int32(SHUT_RDWR))
+        tcp.stopAccepting()
         engineReady.open()
         completion.open()
     }
