@@ -111,9 +111,12 @@ public final class MemoryFile: Sendable {
     /// (a restarted postcopyd taking a migration over): it must be a file of
     /// exactly `geometry.regionSize` bytes, on hugetlbfs with 2 MiB pages
     /// when the geometry says 2 MiB and on anything else (shmem) when 4 KiB.
-    /// Closes the descriptor when it refuses it.
-    public init(adopting descriptor: Int32, geometry: PageGeometry) throws {
-        let backing = Backing.adopted(geometry.pageSize == .small ? .shmem : .hugetlbfs)
+    /// Closes the descriptor when it refuses it. `namedAt`: a path the
+    /// file may still have (a named `--ram-file`); when the file there is
+    /// this one, it is named again, so that its name goes when it does.
+    public init(adopting descriptor: Int32, geometry: PageGeometry, namedAt path: String? = nil) throws {
+        let kind: MemoryKind = geometry.pageSize == .small ? .shmem : .hugetlbfs
+        var backing = Backing.adopted(kind)
         do {
             _ = fcntl(descriptor, F_SETFD, FD_CLOEXEC)
             var magic: Int64 = 0
@@ -133,6 +136,9 @@ public final class MemoryFile: Sendable {
         } catch {
             close(descriptor)
             throw error
+        }
+        if let path, FileIdentity(path: path) == FileIdentity(descriptor: descriptor) {
+            backing = .namedFile(path: path, kind: kind)
         }
         fd = descriptor
         self.geometry = geometry

@@ -218,7 +218,19 @@ phase=$(json_string phase "$WORK/ctl-start.json")
 [[ -n $phase ]] || fail "postcopyctl status --json has no phase: $(cat "$WORK/ctl-start.json")"
 postcopyctl status "$INSTANCE" >"$WORK/ctl-start.txt" 2>"$WORK/ctl.err" ||
     fail "postcopyctl status $INSTANCE: $(cat "$WORK/ctl.err")"
-ok "postcopyctl status: phase $phase"
+# QEMU's and libvirt's names beside postcopyd's, in the JSON, the text and the unit's STATUS.
+grep -q '"qemu":{"status":"setup"}' "$WORK/ctl-start.json" ||
+    fail "postcopyctl status --json has no QEMU state setup: $(cat "$WORK/ctl-start.json")"
+grep -q '"memory_total":' "$WORK/ctl-start.json" || fail "postcopyctl status --json has no libvirt figures"
+grep -q '^phase: *handshake *│ QEMU setup$' "$WORK/ctl-start.txt" ||
+    fail "postcopyctl status does not show QEMU's state beside the phase: $(cat "$WORK/ctl-start.txt")"
+[[ $(systemctl show -P StatusText "$UNIT") == *"(QEMU: setup)" ]] ||
+    fail "the unit's STATUS does not end with QEMU's state: $(systemctl show -P StatusText "$UNIT")"
+ok "postcopyctl status: phase $phase (QEMU setup), libvirt's figures; STATUS ends with (QEMU: setup)"
+# postcopyctl watch follows the migration below to its end.
+postcopyctl watch "$INSTANCE" >"$WORK/watch.txt" 2>"$WORK/watch.err" &
+watch_pid=$!
+pids+=("$watch_pid")
 
 # --- a whole migration into the service -------------------------------------------
 step="source workload"
@@ -244,6 +256,14 @@ migration_id=$(json_string migrationID "$WORK/push.json")
 [[ $migration_id =~ ^[0-9a-f]{32}$ ]] || fail "no migration id in postcopy-push's summary: $(cat "$WORK/push.json")"
 elapsed_ms=$(( ($(date +%s%N) - started_ns) / 1000000 ))
 ok "migration $migration_id of $SIZE in ${elapsed_ms} ms: postcopy-push exit 0, reference VMM $(grep -o 'verify: PASS' "$WORK/guest.err")"
+watch_rc=0
+wait "$watch_pid" || watch_rc=$?
+[[ $watch_rc -eq 0 ]] || fail "postcopyctl watch exited $watch_rc: $(cat "$WORK/watch.err") $(tail -n 3 "$WORK/watch.txt")"
+tail -n 1 "$WORK/watch.txt" | grep -q "^postcopyd@$INSTANCE · migration ${migration_id:0:8}… · complete (QEMU completed) · " ||
+    fail "postcopyctl watch did not end on the completed migration: $(tail -n 3 "$WORK/watch.txt")"
+grep -q '"libvirt":{' "$WORK/push.json" && grep -q '"expectedDowntimeMs":' "$WORK/push.json" ||
+    fail "postcopy-push --json has no libvirt figures or expected downtime: $(cat "$WORK/push.json")"
+ok "postcopyctl watch exit 0, last line: $(tail -n 1 "$WORK/watch.txt" | cut -c1-120)"
 # The workload is stopped (SIGSTOP at switchover): it has served its purpose.
 { kill -KILL "$source_pid" && wait "$source_pid"; } 2>/dev/null || true
 
@@ -342,6 +362,9 @@ exit_status=$(systemctl show -P ExecMainStatus "$UNIT")
 [[ $result == success && $exit_status == 0 ]] ||
     fail "$UNIT ended with Result=$result, exit status $exit_status after taking over"
 ok "after the crash: postcopy-push exit 0, reference VMM $(grep -o 'verify: PASS' "$WORK/guest2.err") (reattached once), $UNIT Result=success"
+# The daemon that took over found its RAM file under the config's ram-file name, and removed that name at the end.
+[[ ! -e /dev/shm/postcopyd-test.ram ]] || fail "the RAM file /dev/shm/postcopyd-test.ram outlived the postcopyd that took the migration over"
+ok "the RAM file's name went with the daemon that took the migration over"
 
 step="crash: journal"
 journalctl --sync

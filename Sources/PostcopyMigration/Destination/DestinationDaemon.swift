@@ -134,7 +134,8 @@ public final class DestinationDaemon: @unchecked Sendable {
             let taken = try inStep("take the migration over from \(takeover)") {
                 try Recovered.take(from: takeover, listener: unix, allowedUID: config.vmmUID,
                                    timeoutNanos: config.vmmAttachTimeoutNanos,
-                                   handshakeTimeoutNanos: config.vmmHandshakeTimeoutNanos, logger: logger)
+                                   handshakeTimeoutNanos: config.vmmHandshakeTimeoutNanos,
+                                   ramFile: config.ramFile, logger: logger)
             }
             let header = taken.header
             if let wanted = config.migrationID, wanted != header.migrationID {

@@ -44,12 +44,15 @@ struct Recovered: Sendable {
     /// a wrong message, files that do not check out, nothing within
     /// `handshakeTimeoutNanos` — is refused on its own (ERROR with the
     /// reason, then closed), and the daemon goes on waiting for the VMM.
+    /// `ramFile`: the instance's `ram-file`; when the RAM file taken back is
+    /// still there under that name, this daemon removes the name at the
+    /// end, as the one before it would have.
     static func take(from source: TakeoverSource, listener: UnixListener, allowedUID: UInt32,
                      timeoutNanos: UInt64, handshakeTimeoutNanos: UInt64 = 10_000_000_000,
-                     logger: Logger) throws -> Recovered {
+                     ramFile: String? = nil, logger: Logger) throws -> Recovered {
         switch source {
         case let .stored(descriptors):
-            return try fromStore(descriptors)
+            return try fromStore(descriptors, ramFile: ramFile)
         case .vmm:
             let deadline = monotonicNanoseconds() + timeoutNanos
             var last: String?
@@ -65,7 +68,8 @@ struct Recovered: Sendable {
                     guard let (admitted, credentials) = try VMMLink.admit(connection, allowedUID: allowedUID,
                                                                          logger: logger) else { continue }
                     channel = admitted
-                    let taken = try fromVMM(try VMMLink.receiveReattachment(admitted, credentials), logger: logger)
+                    let taken = try fromVMM(try VMMLink.receiveReattachment(admitted, credentials), ramFile: ramFile,
+                                            logger: logger)
                     try connection.setReceiveTimeout(nil)
                     return taken
                 } catch {
@@ -81,7 +85,7 @@ struct Recovered: Sendable {
         }
     }
 
-    private static func fromStore(_ descriptors: [String: Int32]) throws -> Recovered {
+    private static func fromStore(_ descriptors: [String: Int32], ramFile: String?) throws -> Recovered {
         var left = descriptors
         defer { left.values.forEach { close($0) } }
         guard let state = left.removeValue(forKey: StoredDescriptor.pageState),
@@ -99,7 +103,7 @@ struct Recovered: Sendable {
         }
         let file: MemoryFile
         do {
-            file = try MemoryFile(adopting: ram, geometry: pageState.header.geometry)
+            file = try MemoryFile(adopting: ram, geometry: pageState.header.geometry, namedAt: ramFile)
         } catch {
             if let uffdFD { close(uffdFD) }
             throw error
@@ -111,7 +115,7 @@ struct Recovered: Sendable {
         return Recovered(memory: try GuestMemory(file: file), pageState: pageState, uffd: uffd, vmm: nil)
     }
 
-    private static func fromVMM(_ handed: Reattachment, logger: Logger) throws -> Recovered {
+    private static func fromVMM(_ handed: Reattachment, ramFile: String?, logger: Logger) throws -> Recovered {
         let uffd = Userfaultfd.adopting(fd: handed.uffd, features: handed.features)
         do {
             try VMMLink.makeNonBlocking(uffd, from: handed.credentials, logger: logger)
@@ -128,7 +132,7 @@ struct Recovered: Sendable {
             throw MigrationError(.internalFailure, "the page-state record the VMM handed back is unusable, so which pages the guest may have written is unknown; not taking over: \(error)")
         }
         let header = pageState.header
-        let file = try MemoryFile(adopting: handed.ram, geometry: header.geometry)
+        let file = try MemoryFile(adopting: handed.ram, geometry: header.geometry, namedAt: ramFile)
         guard handed.guestBase == header.guestBase else {
             throw MigrationError(.incompatible, "the VMM reattached with guest base 0x\(String(handed.guestBase, radix: 16)); the page-state record says 0x\(String(header.guestBase, radix: 16))")
         }
