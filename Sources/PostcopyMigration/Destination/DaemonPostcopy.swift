@@ -199,7 +199,8 @@ extension DestinationDaemon {
         do {
             action = try DestinationSession.postcopyPages(message, on: role, limits: limits)
             try refuseUnasked(action, on: role, lastSent: postcopy.lastRequestID)
-        } catch let error as SessionError {
+        } catch {
+            // Both throw SessionError only.
             throw refused(error, on: role)
         }
         switch action {
