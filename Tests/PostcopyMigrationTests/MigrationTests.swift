@@ -46,6 +46,9 @@ struct MigrationTests {
         #expect(outcome.agent.postcopyPagesUrgent + outcome.agent.postcopyPagesBackground == stale)
         #expect(outcome.daemon.imageDigest == outcome.agent.imageDigest)
         #expect(outcome.guest.pagesRead == size / 4096)
+        // The guest's side of the latency counts each page read once, as the daemon's counts each stale fault.
+        #expect(outcome.guest.firstTouchDist?.count == outcome.guest.pagesRead)
+        #expect(outcome.daemon.staleFaultLatencyDist?.count == UInt64(outcome.daemon.staleFaultLatency?.count ?? 0))
     }
 
     /// `--max-bandwidth` holds every precopy round to its rate (the

@@ -274,6 +274,9 @@ public struct GuestSummary: Codable, Equatable, Sendable {
     public var pagesRead: UInt64 = 0
     /// The first touch of each page, timed around the access.
     public var firstTouch: LatencyFigures?
+    /// The same in power-of-two microsecond buckets: the guest's side of
+    /// postcopyd's `staleFaultLatencyDist` (clean pages' touches included).
+    public var firstTouchDist: LatencyDistribution?
     /// The most time one thread spent blocked on first touches, summed (a
     /// vCPU's "blocktime"); `firstTouch.totalMs` sums all threads.
     public var blockedMsMaxThread: Double = 0
@@ -298,6 +301,7 @@ public struct GuestSummary: Codable, Equatable, Sendable {
             lines.append("first-touch stall: \(firstTouch.text), total \(fixed(firstTouch.totalMs, 1)) ms"
                 + " (at most \(fixed(blockedMsMaxThread, 1)) ms in one thread)")
         }
+        if let firstTouchDist, firstTouchDist.count > 0 { lines.append("first-touch stall by bucket: \(firstTouchDist.text)") }
         if scribbledPages > 0 { lines.append("guest writes kept: \(scribbledPages - scribblesLost) of \(scribbledPages)") }
         lines.append(verified ? "verify: PASS, image digest \(actualDigest)"
                               : "verify: FAIL, image digest \(actualDigest), expected \(expectedDigest)")

@@ -96,6 +96,7 @@ final class GuestWorkload: @unchecked Sendable {
         summary.pagesRead = UInt64(shards.reduce(0) { $0 + $1.count })
         summary.workloadSeconds = Double(monotonicNanoseconds() - started) / 1e9
         summary.firstTouch = LatencyFigures(nanoseconds: stalls.flatMap { $0 })
+        summary.firstTouchDist = LatencyDistribution(nanoseconds: stalls.joined())
         summary.blockedMsMaxThread = stalls.map { $0.reduce(0.0) { $0 + Double($1) } / 1e6 }.max() ?? 0
         for page in 0..<pageCount where !touched[Int(page)] {
             hashes[Int(page)] = PageHash.of(UnsafeRawBufferPointer(start: mapping.pointer(toSmallPage: page), count: 4096)).hash
