@@ -35,6 +35,11 @@ public struct HugepageExtents: Equatable, Sendable {
 public enum CollapseResult: Equatable, Sendable {
     /// The extent is one 2 MiB page now (or was already).
     case collapsed
+    /// No page of the extent is in memory (a hole in the file: the guest
+    /// never wrote it, or postcopyd left a zero page out), so it was not
+    /// asked: MADV_COLLAPSE answers EINVAL for an extent that is all hole
+    /// (Linux 6.18), which would read as a refusal of the whole range.
+    case empty
     /// EAGAIN: a page was locked or busy; worth another try.
     case busy
     /// EINVAL: the kernel will not collapse this range at all (THP settings,
@@ -47,11 +52,12 @@ public enum CollapseResult: Equatable, Sendable {
 }
 
 /// The collapse of a range as a state machine: the caller asks MADV_COLLAPSE
-/// for `current`, records the result, and does what it is told. Rules: an
-/// extent that is busy is tried `attempts` times in all; one that fails
-/// otherwise is counted and the next one tried (one bad extent does not
-/// stop the rest); EINVAL or ENOMEM stops the run, said once, since every
-/// extent after would fail the same way.
+/// for `current` (unless the extent is empty), records the result, and does
+/// what it is told. Rules: an empty extent is counted and passed; one that
+/// is busy is tried `attempts` times in all; one that fails otherwise is
+/// counted and the next one tried (one bad extent does not stop the rest);
+/// EINVAL or ENOMEM stops the run, said once, since every extent after
+/// would fail the same way.
 public struct CollapseRun: Equatable, Sendable {
     public enum Action: Equatable, Sendable {
         /// Ask again for `current` (after a short pause).
@@ -71,6 +77,7 @@ public struct CollapseRun: Equatable, Sendable {
     /// The extent to ask for next.
     public private(set) var current = 0
     public private(set) var collapsed: UInt64 = 0
+    public private(set) var empty: UInt64 = 0
     public private(set) var failed: UInt64 = 0
     public private(set) var retries: UInt64 = 0
     /// Why the run stopped before the last extent, once.
@@ -92,6 +99,8 @@ public struct CollapseRun: Equatable, Sendable {
         switch result {
         case .collapsed:
             collapsed += 1
+        case .empty:
+            empty += 1
         case .busy where attempt < Self.attempts:
             attempt += 1
             retries += 1
@@ -168,8 +177,10 @@ public struct HugepageCollapseReport: Codable, Equatable, Sendable {
     /// (`ShmemPmdMapped` + `FilePmdMapped`), before and after.
     public var pmdMappedBefore: UInt64 = 0
     public var pmdMappedAfter: UInt64 = 0
-    /// MADV_COLLAPSE calls that succeeded, and extents that failed alone.
+    /// MADV_COLLAPSE calls that succeeded, extents left alone for having
+    /// no page in memory, and extents that failed alone.
     public var collapsed: UInt64 = 0
+    public var empty: UInt64 = 0
     public var failed: UInt64 = 0
     /// EAGAIN answers tried again.
     public var retries: UInt64 = 0
@@ -197,7 +208,7 @@ public struct HugepageCollapseReport: Codable, Equatable, Sendable {
     public var lines: [String] {
         if let skipped { return ["huge pages: not collapsed: \(skipped)"] }
         var lines = ["huge pages: \(pmdMappedAfter) of \(extents) 2 MiB extents mapped huge (\(pmdMappedBefore) before;"
-            + " \(collapsed) collapsed, \(failed) failed, \(retries) retried) in \(fixed(seconds, 2)) s,"
+            + " \(collapsed) collapsed, \(empty) empty, \(failed) failed, \(retries) retried) in \(fixed(seconds, 2)) s,"
             + " \(fixed(cpuSeconds, 2)) CPU s (\(fixed(cpuSecondsPerGiB, 2)) per GiB)"]
         if let stopped { lines.append("huge pages: stopped early: \(stopped)") }
         if let firstFailure { lines.append("huge pages: first failure: \(firstFailure)") }

@@ -309,6 +309,19 @@ public final class Mapping: @unchecked Sendable {
         try checkLibc("madvise MADV_HUGEPAGE on guest RAM") { madvise(base, Int(length), MADV_HUGEPAGE) }
     }
 
+    /// How many of the 512 4 KiB pages of the 2 MiB at `offset` are in
+    /// memory (in the file's page cache, mapped here or not); 0 for a hole.
+    /// Kernel: `mincore`
+    public func residentSmallPages(inHugepageAt offset: RegionOffset) throws(SystemCallError) -> Int {
+        let size = PageSize.huge2M.bytes
+        precondition(offset.rawValue <= length && length - offset.rawValue >= size,
+                     "2 MiB at \(offset) outside a mapping of \(length) bytes")
+        var vector = [UInt8](repeating: 0, count: Int(size / 4096))
+        // SAFETY: [offset, offset + 2 MiB) lies inside the mapping, checked above.
+        try checkLibc("mincore on 2 MiB of guest RAM at \(offset)") { mincore(base + Int(offset.rawValue), Int(size), &vector) }
+        return vector.reduce(0) { $0 + Int($1 & 1) }
+    }
+
     /// Asks the kernel to make the 2 MiB at `offset` (2 MiB-aligned in the
     /// address space, wholly inside the mapping: see `HugepageExtents`) one
     /// 2 MiB page of the file, mapped by a PMD entry here, now, in this

@@ -12,7 +12,10 @@ import PostcopyCore
 /// refuse collapse (`ShmemHugepageSettings`); count the PMD-mapped extents
 /// in /proc/self/smaps; MADV_HUGEPAGE on the range (clearing its
 /// MADV_NOHUGEPAGE, without which the kernel refuses); MADV_COLLAPSE each
-/// 2 MiB extent in turn, as `CollapseRun` decides; count again.
+/// 2 MiB extent in turn that has a page in memory (mincore), as
+/// `CollapseRun` decides; count again. An extent with any page becomes a
+/// whole 2 MiB page, the rest of it zero-filled: sparse guest RAM grows, as
+/// it would under khugepaged with its default max_ptes_none (511).
 public enum HugepageCollapser {
     /// The shmem THP settings as sysfs has them now.
     public static func currentSettings() -> ShmemHugepageSettings {
@@ -57,13 +60,14 @@ public enum HugepageCollapser {
         }
         var run = CollapseRun(extents: extents.count, refusalExplanation: settings.refusalExplanation)
         while !run.isFinished, let offset = extents.offset(of: run.current) {
-            if run.record(result(of: mapping.collapseHugepage(at: offset))) == .retry {
-                sleepNanoseconds(1_000_000)
-            }
+            let resident = (try? mapping.residentSmallPages(inHugepageAt: offset)) ?? 1
+            let outcome = resident == 0 ? .empty : result(of: mapping.collapseHugepage(at: offset))
+            if run.record(outcome) == .retry { sleepNanoseconds(1_000_000) }
         }
         report.seconds = Double(monotonicNanoseconds() - started) / 1e9
         report.cpuSeconds = ProcessUsage.threadCPUSeconds() - cpuStarted
         report.collapsed = run.collapsed
+        report.empty = run.empty
         report.failed = run.failed
         report.retries = run.retries
         report.stopped = run.stopReason

@@ -120,6 +120,12 @@ VmFlags: rd sh mr mw me ms
         #expect(run.stopReason == nil)
     }
 
+    @Test func emptyExtentsAreCountedAndPassed() {
+        let (run, actions) = Self.run([.empty, .collapsed, .empty], extents: 3)
+        #expect(actions == [.next, .next, .stop])
+        #expect(run.collapsed == 1 && run.empty == 2 && run.failed == 0 && run.stopReason == nil)
+    }
+
     @Test func oneBadExtentDoesNotStopTheRest() {
         let (run, actions) = Self.run([.failed("EIO"), .collapsed, .failed("EBUSY")], extents: 3)
         #expect(actions == [.next, .next, .stop])
@@ -186,7 +192,8 @@ VmFlags: rd sh mr mw me ms
         var report = HugepageCollapseReport()
         report.extents = 512
         report.pmdMappedAfter = 510
-        report.collapsed = 510
+        report.collapsed = 508
+        report.empty = 2
         report.failed = 2
         report.seconds = 1.5
         report.cpuSeconds = 0.75
@@ -194,7 +201,7 @@ VmFlags: rd sh mr mw me ms
         report.firstFailure = "extent 7: EIO"
         #expect(report.newlyMapped == 510)
         #expect(report.lines == [
-            "huge pages: 510 of 512 2 MiB extents mapped huge (0 before; 510 collapsed, 2 failed, 0 retried) in 1.50 s, 0.75 CPU s (0.75 per GiB)",
+            "huge pages: 510 of 512 2 MiB extents mapped huge (0 before; 508 collapsed, 2 empty, 2 failed, 0 retried) in 1.50 s, 0.75 CPU s (0.75 per GiB)",
             "huge pages: first failure: extent 7: EIO",
         ])
         report.skipped = "guest RAM is on hugetlbfs: already in 2 MiB pages"
