@@ -19,7 +19,11 @@
  * exception: the range stays registered, nothing reattaches, and the
  * adapter says to stop this QEMU. Before VMM_RESUME (the guest never ran
  * here) ERROR releases the range. This is the handshake of
- * docs/protocol.md, the same one `postcopy-guest vmm` speaks.
+ * docs/protocol.md, the same one `postcopy-guest vmm` speaks. Once
+ * VMM_COMPLETE released the range (and only then), a thread of its own at
+ * nice 19 puts shmem guest RAM back into 2 MiB pages with MADV_COLLAPSE,
+ * as the VMM's own MADV_HUGEPAGE, ignored during postcopy, asked
+ * (POSTCOPY_VMM_COLLAPSE=0 turns that off; issue 22).
  *
  * Source mode. Preloaded into the source VMM with POSTCOPY_SOURCE_RAM (the
  * guest RAM file) and POSTCOPY_SOURCE_SOCKET (a unix socket to listen on).
@@ -60,6 +64,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
@@ -85,6 +90,9 @@
 #endif
 #ifndef USERFAULTFD_IOC_NEW
 #define USERFAULTFD_IOC_NEW _IO(USERFAULTFD_IOC, 0x00)
+#endif
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25 /* Linux 6.1; Debian 12's glibc headers lack it */
 #endif
 
 /* ---- the frame codec (docs/protocol.md, "Frames") ---- */
@@ -349,6 +357,11 @@ static int (*real_madvise)(void *, size_t, int);
 
 static char socket_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 static double reattach_seconds = 60;
+static int collapse_enabled = 1; /* POSTCOPY_VMM_COLLAPSE */
+/* The VMM's last THP advice on guest RAM while it was registered:
+ * MADV_HUGEPAGE (ignored then, re-applied after postcopy), MADV_NOHUGEPAGE
+ * (passed through, and then no collapse), or 0 for none. */
+static atomic_int vmm_thp_advice;
 
 /* Set by the constructor once VMM_OFFER arrived; cleared by the mapping
  * that claims the offer, so exactly one mapping is registered. */
@@ -451,6 +464,12 @@ __attribute__((constructor)) static void postcopy_vmm_load(void)
     const char *seconds = getenv("POSTCOPY_VMM_REATTACH_SECONDS");
     if (seconds && *seconds)
         reattach_seconds = strtod(seconds, NULL);
+    const char *collapse = getenv("POSTCOPY_VMM_COLLAPSE");
+    if (collapse && strcmp(collapse, "0") == 0)
+        collapse_enabled = 0;
+    else if (collapse && *collapse && strcmp(collapse, "1") != 0)
+        say("POSTCOPY_VMM_COLLAPSE is '%s', neither 0 nor 1: collapsing guest RAM into 2 MiB pages after"
+            " postcopy, the default", collapse);
 
     struct ucred peer;
     int s = connect_socket(&peer);
@@ -558,16 +577,22 @@ void *mmap64(void *address, size_t length, int prot, int flags, int fd, off_t of
     __attribute__((alias("mmap")));
 
 /* THP on the guest range would let khugepaged map pages behind minor-fault
- * tracking: a VMM asking for huge pages there is told yes and ignored. */
+ * tracking: a VMM asking for huge pages there is told yes and ignored, and
+ * its wish kept for after postcopy (collapse_thread). MADV_NOHUGEPAGE goes
+ * through, and is kept too: guest RAM then stays in 4 KiB pages. */
 int madvise(void *address, size_t length, int advice)
 {
     if (!real_madvise)
         return (int)syscall(SYS_madvise, address, length, advice);
-    if (advice == MADV_HUGEPAGE && atomic_load(&registered)) {
+    if ((advice == MADV_HUGEPAGE || advice == MADV_NOHUGEPAGE) && atomic_load(&registered)) {
         uintptr_t start = (uintptr_t)address, end = start + length;
         if (start < guest_base + region_size && guest_base < end) {
-            say("ignoring MADV_HUGEPAGE on guest RAM while postcopy runs");
-            return 0;
+            atomic_store(&vmm_thp_advice, advice);
+            if (advice == MADV_HUGEPAGE) {
+                say("ignoring MADV_HUGEPAGE on guest RAM while postcopy runs%s",
+                    collapse_enabled && page_size == 4096 ? "; it is applied once postcopy is complete" : "");
+                return 0;
+            }
         }
     }
     return real_madvise(address, length, advice);
@@ -785,6 +810,234 @@ static int reattach(void)
     }
 }
 
+/* ---- after a completed postcopy: guest RAM back into 2 MiB pages (issue 22) ----
+ *
+ * During postcopy the adapter keeps THP off guest RAM (MADV_NOHUGEPAGE,
+ * and the VMM's MADV_HUGEPAGE ignored), so it ends in 4 KiB pages and the
+ * guest pays in TLB misses. Once VMM_COMPLETE released the range, this
+ * thread asks MADV_COLLAPSE (Linux 6.1) for each 2 MiB extent that has a
+ * page in memory, as HugepageCollapser does in Swift (same rules: an empty
+ * extent is left alone, EAGAIN tried 3 times, EINVAL and ENOMEM stop,
+ * another error skips one extent), and says how many extents
+ * /proc/self/smaps shows PMD-mapped before and after. */
+
+enum { EXTENT_BYTES = 2u << 20, COLLAPSE_ATTEMPTS = 3 };
+
+#define THP_SHMEM_ENABLED "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+#define THP_SHMEM_ENABLED_2M "/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled"
+
+/* The selected value of a sysfs choice file ("always [never] deny" gives
+ * "never") into `out`; an empty string when the file cannot be read. */
+static void sysfs_choice(const char *path, char *out, size_t size)
+{
+    char text[256];
+    *out = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    ssize_t n = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (n <= 0)
+        return;
+    text[n] = 0;
+    char *open_bracket = strchr(text, '['), *close_bracket = open_bracket ? strchr(open_bracket, ']') : NULL;
+    if (!close_bracket)
+        return;
+    snprintf(out, size, "%.*s", (int)(close_bracket - open_bracket - 1), open_bracket + 1);
+}
+
+/* Why the shmem THP settings make the kernel refuse MADV_COLLAPSE on shmem
+ * (EINVAL), into `why`; 0 when they allow it. As measured on Linux 6.18
+ * (docs/kernel.md; ShmemHugepageSettings in Swift): shmem_enabled 'deny'
+ * refuses; hugepages-2048kB/shmem_enabled 'never' refuses whatever the
+ * top one says; every other value allows it, 'never' included. */
+static int shmem_collapse_refused(char *why, size_t size)
+{
+    char top[32], pmd[32];
+    sysfs_choice(THP_SHMEM_ENABLED, top, sizeof top);
+    sysfs_choice(THP_SHMEM_ENABLED_2M, pmd, sizeof pmd);
+    if (strcmp(top, "deny") == 0) {
+        snprintf(why, size, THP_SHMEM_ENABLED " is 'deny', which refuses MADV_COLLAPSE on shmem; any other value"
+                 " allows it (e.g. echo never > " THP_SHMEM_ENABLED ")");
+        return 1;
+    }
+    if (strcmp(pmd, "never") == 0) {
+        snprintf(why, size, THP_SHMEM_ENABLED_2M " is 'never', which refuses MADV_COLLAPSE on shmem whatever"
+                 " shmem_enabled says; 'inherit' (with shmem_enabled not 'deny') or 'advise' allows it");
+        return 1;
+    }
+    snprintf(why, size, "the shmem THP settings allow it (shmem_enabled %s, hugepages-2048kB/shmem_enabled %s), so"
+             " the range is MADV_NOHUGEPAGE, THP is off for the process (prctl PR_SET_THP_DISABLE), or the kernel"
+             " lacks MADV_COLLAPSE (Linux < 6.1)", *top ? top : "absent", *pmd ? pmd : "absent");
+    return 0;
+}
+
+/* Bytes of guest RAM mapped by 2 MiB page-table entries, from
+ * /proc/self/smaps: ShmemPmdMapped + FilePmdMapped of every mapping that
+ * overlaps it (a mapping partly inside counts whole, as SmapsRange does).
+ * -1 when smaps cannot be read. */
+static long long pmd_mapped_bytes(void)
+{
+    FILE *smaps = fopen("/proc/self/smaps", "re");
+    if (!smaps)
+        return -1;
+    char line[PATH_MAX + 256];
+    int inside = 0;
+    long long bytes = 0;
+    while (fgets(line, sizeof line, smaps)) {
+        unsigned long long low, high, kb;
+        if (sscanf(line, "%llx-%llx ", &low, &high) == 2)
+            inside = low < guest_base + region_size && guest_base < high;
+        else if (inside && (sscanf(line, "ShmemPmdMapped: %llu kB", &kb) == 1
+                            || sscanf(line, "FilePmdMapped: %llu kB", &kb) == 1))
+            bytes += (long long)kb * 1024;
+    }
+    fclose(smaps);
+    return bytes;
+}
+
+static double thread_cpu_seconds(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* Whether any 4 KiB page of the extent at `start` is in memory (the file's
+ * page cache): MADV_COLLAPSE answers EINVAL for an extent that is all
+ * hole, which must not read as a refusal of the whole range. 1 when
+ * mincore fails: let MADV_COLLAPSE say. */
+static int extent_has_pages(uintptr_t start)
+{
+    unsigned char pages[EXTENT_BYTES / 4096];
+    if (mincore((void *)start, EXTENT_BYTES, pages) < 0)
+        return 1;
+    for (size_t i = 0; i < sizeof pages; i++)
+        if (pages[i] & 1)
+            return 1;
+    return 0;
+}
+
+/* MADV_COLLAPSE of one extent, EINTR retried: 0 or errno. */
+static int collapse_extent(uintptr_t start)
+{
+    while (real_madvise((void *)start, EXTENT_BYTES, MADV_COLLAPSE) < 0)
+        if (errno != EINTR)
+            return errno;
+    return 0;
+}
+
+static void *collapse_thread(void *unused)
+{
+    (void)unused;
+    pthread_setname_np(pthread_self(), "postcopy-thp");
+    /* Nice 19, not SCHED_IDLE: MADV_COLLAPSE holds the extent's 512 page
+     * locks while it copies them into the new 2 MiB page, and a vCPU that
+     * touches one waits for them. Under SCHED_IDLE busy vCPUs could keep
+     * this thread off the CPU with the locks held, stalling themselves;
+     * at nice 19 it still gets a small share, the guest nearly all. */
+    if (setpriority(PRIO_PROCESS, (id_t)gettid(), 19) < 0)
+        say("cannot lower the collapsing thread to nice 19 (%s); collapsing at the VMM's priority", strerror(errno));
+    char why[512];
+    if (shmem_collapse_refused(why, sizeof why)) {
+        say("guest RAM stays in 4 KiB pages: %s", why);
+        return NULL;
+    }
+    uintptr_t first = (guest_base + EXTENT_BYTES - 1) & ~(uintptr_t)(EXTENT_BYTES - 1);
+    uint64_t extents = first - guest_base < region_size ? (region_size - (first - guest_base)) / EXTENT_BYTES : 0;
+    long long before = pmd_mapped_bytes();
+    double started = seconds_now(), cpu_started = thread_cpu_seconds();
+    /* MADV_COLLAPSE refuses (EINVAL) a VM_NOHUGEPAGE range, and madvise has
+     * no neutral setting: MADV_HUGEPAGE is what clears the adapter's
+     * MADV_NOHUGEPAGE, whether or not the VMM asked for it. */
+    int asked = atomic_load(&vmm_thp_advice) == MADV_HUGEPAGE;
+    if (real_madvise((void *)guest_base, region_size, MADV_HUGEPAGE) < 0) {
+        say("guest RAM stays in 4 KiB pages: MADV_HUGEPAGE on it failed: %s", strerror(errno));
+        return NULL;
+    }
+    unsigned collapsed = 0, empty = 0, failed = 0, retries = 0;
+    uint64_t stopped_at = extents;
+    int first_error = 0;
+    uint64_t first_failed = 0;
+    for (uint64_t i = 0; i < extents; i++) {
+        uintptr_t start = first + i * EXTENT_BYTES;
+        if (!extent_has_pages(start)) {
+            empty++;
+            continue;
+        }
+        int error = collapse_extent(start);
+        for (int attempt = 1; error == EAGAIN && attempt < COLLAPSE_ATTEMPTS; attempt++) {
+            retries++;
+            usleep(1000);
+            error = collapse_extent(start);
+        }
+        if (error == 0) {
+            collapsed++;
+        } else if (error == EINVAL) {
+            shmem_collapse_refused(why, sizeof why);
+            say("MADV_COLLAPSE refused (EINVAL) at extent %" PRIu64 " of guest RAM: %s", i, why);
+            stopped_at = i;
+            break;
+        } else if (error == ENOMEM) {
+            say("MADV_COLLAPSE failed (ENOMEM) at extent %" PRIu64 " of guest RAM: no free 2 MiB page could be made"
+                " (or guest RAM was unmapped); the rest stay in 4 KiB pages", i);
+            stopped_at = i;
+            break;
+        } else {
+            if (!failed++) {
+                first_error = error;
+                first_failed = i;
+            }
+        }
+    }
+    double seconds = seconds_now() - started, cpu = thread_cpu_seconds() - cpu_started;
+    long long after = pmd_mapped_bytes();
+    char failure[128] = "";
+    if (failed)
+        snprintf(failure, sizeof failure, "; first failure: extent %" PRIu64 ", %s", first_failed,
+                 strerror(first_error));
+    say("guest RAM collapsed into 2 MiB pages%s: %lld of %" PRIu64 " extents mapped huge (%lld before; %u collapsed,"
+        " %u empty, %u failed, %u retried%s%s) in %.2f s, %.2f CPU s (%s)", stopped_at < extents ? " in part" : "",
+        after < 0 ? -1 : after / EXTENT_BYTES, extents, before < 0 ? -1 : before / EXTENT_BYTES, collapsed, empty,
+        failed, retries, stopped_at < extents ? ", stopped early" : "", failure, seconds, cpu,
+        asked ? "MADV_HUGEPAGE re-applied, as the VMM asked"
+              : "MADV_HUGEPAGE set to clear the adapter's MADV_NOHUGEPAGE; the VMM had not asked for it");
+    return NULL;
+}
+
+/* Called on the thread that answered VMM_COMPLETE, after the release: the
+ * collapse runs on a thread of its own, so nothing waits for it. Only
+ * shmem needs it, and not when turned off or when the VMM asked
+ * MADV_NOHUGEPAGE itself. */
+static void start_collapse(void)
+{
+    if (page_size != 4096)
+        return; /* hugetlbfs: already 2 MiB pages */
+    if (!collapse_enabled) {
+        say("POSTCOPY_VMM_COLLAPSE=0: guest RAM stays in 4 KiB pages");
+        return;
+    }
+    if (atomic_load(&vmm_thp_advice) == MADV_NOHUGEPAGE) {
+        say("the VMM asked MADV_NOHUGEPAGE on guest RAM: it stays in 4 KiB pages");
+        return;
+    }
+    /* The thread takes no signal meant for the process, as the dirty-log
+     * thread does not. */
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    pthread_t thread;
+    pthread_attr_t attributes;
+    pthread_attr_init(&attributes);
+    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+    int failed = pthread_create(&thread, &attributes, collapse_thread, NULL);
+    pthread_attr_destroy(&attributes);
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    if (failed)
+        say("cannot start the thread that collapses guest RAM into 2 MiB pages (%s); it stays in 4 KiB pages",
+            strerror(failed));
+}
+
 static void *release_thread(void *unused)
 {
     (void)unused;
@@ -815,6 +1068,7 @@ static void *release_thread(void *unused)
             release_range("postcopy is complete; guest RAM is an ordinary shared mapping again");
             if (send_frame(sock, TYPE_VMM_COMPLETE, NULL, 0, -1) < 0)
                 say("cannot answer VMM_COMPLETE: %s", strerror(errno));
+            start_collapse(); /* every page is in place, and the range released */
             break;
         } else if (rc == 1 && frame.type != TYPE_ERROR) {
             if (frame.fd >= 0)

@@ -5,6 +5,10 @@
 #
 #   SIZE=1G MEMORY=shmem|hugetlbfs DIRTY=0.10 BIN=.build/release scripts/demo-migration.sh
 #
+# GUEST_FLAGS adds options to the reference guest (postcopy-guest vmm),
+# e.g. GUEST_FLAGS="--measure-tlb 10" to time random reads across guest
+# RAM before and after its collapse into 2 MiB pages, or "--no-collapse".
+#
 # Both connections use TLS 1.3 with certificates made for the run by
 # scripts/make-test-certs.sh, and a migration secret; TLS=0 runs them in
 # plaintext (--insecure-plaintext) instead, to compare.
@@ -16,6 +20,7 @@ DIRTY=${DIRTY:-0.10}
 BIN=${BIN:-.build/release}
 TIMEOUT=${TIMEOUT:-300}
 TLS=${TLS:-1}
+read -r -a guest_flags <<<"${GUEST_FLAGS:-}"
 
 work=$(mktemp -d /tmp/postcopy-demo.XXXXXX)
 source_ram=/dev/shm/postcopy-demo-source.$$
@@ -68,7 +73,7 @@ wait_for "$work/daemon.ready" "postcopyd to listen"
 "$BIN/postcopyctl" watch --socket "$work/control.sock" >"$work/watch.txt" 2>&1 &
 watch_pid=$!
 pids+=("$watch_pid")
-"$BIN/postcopy-guest" vmm --socket "$work/vmm.sock" --json >"$work/guest.json" &
+"$BIN/postcopy-guest" vmm --socket "$work/vmm.sock" "${guest_flags[@]}" --json >"$work/guest.json" &
 guest_pid=$!
 pids+=("$guest_pid")
 

@@ -248,8 +248,8 @@ public final class Mapping: @unchecked Sendable {
                 purpose: String) throws {
         let length = geometry.regionSize
         let kind = onHugetlbfs ? "hugetlbfs" : "shmem"
-        let address = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED, descriptor, off_t(fileOffset))
-        guard let address, address != MAP_FAILED else {
+        let address = Self.mapAligned(length: length, descriptor: descriptor, fileOffset: fileOffset)
+        guard let address else {
             let error = Errno.current
             var step = "map \(purpose) (\(length) bytes of \(kind))"
             if error.rawValue == ENOMEM && onHugetlbfs {
@@ -271,7 +271,83 @@ public final class Mapping: @unchecked Sendable {
 
     deinit { munmap(base, Int(length)) }
 
+    /// Maps the file at an address that is 2 MiB-aligned where the file
+    /// offset is (for offset 0: a 2 MiB-aligned address), as QEMU aligns
+    /// its RAM blocks: only there can 2 MiB of the file be mapped by one PMD
+    /// entry (huge pages after postcopy, `collapseHugepage`). An anonymous
+    /// reservation 2 MiB longer is made, the file mapped over the right part
+    /// of it (MAP_FIXED), and the rest given back. Nil with `errno` set.
+    private static func mapAligned(length: UInt64, descriptor: Int32, fileOffset: UInt64) -> UnsafeMutableRawPointer? {
+        let align = Int(PageSize.huge2M.bytes)
+        let span = Int(length) + align
+        guard let reserved = mmap(nil, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+              reserved != MAP_FAILED else { return nil }
+        let start = UInt(bitPattern: reserved)
+        let phase = UInt(fileOffset % UInt64(align))
+        // The first address at or after `start` with the file offset's phase.
+        let aligned = ((start - phase + UInt(align) - 1) & ~UInt(align - 1)) + phase
+        let head = Int(aligned - start)
+        // SAFETY: [reserved, reserved + span) is this call's reservation,
+        // and [aligned, aligned + length) lies inside it (head < 2 MiB).
+        let target = reserved + head
+        let mapped = mmap(target, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, descriptor, off_t(fileOffset))
+        guard let mapped, mapped != MAP_FAILED else {
+            let saved = errno
+            munmap(reserved, span)
+            errno = saved
+            return nil
+        }
+        if head > 0 { munmap(reserved, head) }
+        let tail = span - head - Int(length)
+        if tail > 0 { munmap(target + Int(length), tail) }
+        return mapped
+    }
+
     public var address: UInt64 { UInt64(UInt(bitPattern: base)) }
+
+    /// Marks the whole mapping MADV_HUGEPAGE, which also clears the
+    /// MADV_NOHUGEPAGE it was mapped with on shmem: MADV_COLLAPSE is refused
+    /// (EINVAL) on a VM_NOHUGEPAGE mapping, and madvise has no neutral
+    /// setting to go back to. For after postcopy, once the range is
+    /// unregistered.
+    /// Kernel: `madvise(MADV_HUGEPAGE)`
+    public func adviseHugepages() throws(SystemCallError) {
+        try checkLibc("madvise MADV_HUGEPAGE on guest RAM") { madvise(base, Int(length), MADV_HUGEPAGE) }
+    }
+
+    /// How many of the 512 4 KiB pages of the 2 MiB at `offset` are in
+    /// memory (in the file's page cache, mapped here or not); 0 for a hole.
+    /// Kernel: `mincore`
+    public func residentSmallPages(inHugepageAt offset: RegionOffset) throws(SystemCallError) -> Int {
+        let size = PageSize.huge2M.bytes
+        precondition(offset.rawValue <= length && length - offset.rawValue >= size,
+                     "2 MiB at \(offset) outside a mapping of \(length) bytes")
+        var vector = [UInt8](repeating: 0, count: Int(size / 4096))
+        // SAFETY: [offset, offset + 2 MiB) lies inside the mapping, checked above.
+        try checkLibc("mincore on 2 MiB of guest RAM at \(offset)") { mincore(base + Int(offset.rawValue), Int(size), &vector) }
+        return vector.reduce(0) { $0 + Int($1 & 1) }
+    }
+
+    /// Asks the kernel to make the 2 MiB at `offset` (2 MiB-aligned in the
+    /// address space, wholly inside the mapping: see `HugepageExtents`) one
+    /// 2 MiB page of the file, mapped by a PMD entry here, now, in this
+    /// thread: it copies the 4 KiB pages into a new 2 MiB page and replaces
+    /// them in the page cache. Nil when done; EINTR is retried. Never while
+    /// the range is registered with userfaultfd: the pages would be mapped
+    /// behind its minor-fault tracking.
+    /// Kernel: `madvise(MADV_COLLAPSE)`
+    public func collapseHugepage(at offset: RegionOffset) -> Errno? {
+        let size = PageSize.huge2M.bytes
+        precondition(offset.rawValue <= length && length - offset.rawValue >= size,
+                     "2 MiB at \(offset) outside a mapping of \(length) bytes")
+        // SAFETY: [offset, offset + 2 MiB) lies inside the mapping, checked above.
+        let start = base + Int(offset.rawValue)
+        precondition(UInt(bitPattern: start) % UInt(size) == 0, "\(offset) is not 2 MiB-aligned in the address space")
+        while madvise(start, Int(size), Int32(CPC_MADV_COLLAPSE)) != 0 {
+            guard errno == EINTR else { return Errno.current }
+        }
+        return nil
+    }
 
     /// The start of 4 KiB page `page` of the mapping; a page outside it is a
     /// broken invariant and traps. Valid while this object lives.

@@ -16,3 +16,13 @@ public enum ProcessUsage {
         readTextFile("/proc/self/status").flatMap { ProcessMemory(status: $0) }
     }
 }
+
+extension ProcessUsage {
+    /// User + system CPU seconds of the calling thread.
+    /// Kernel: `clock_gettime(CLOCK_THREAD_CPUTIME_ID)`
+    public static func threadCPUSeconds() -> Double {
+        var now = timespec()
+        guard clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now) == 0 else { return 0 }
+        return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
+    }
+}

@@ -21,7 +21,10 @@ struct VMM: ParsableCommand {
             Maps the RAM file postcopyd offers, registers the mapping with its own userfaultfd \
             (MINOR|MISSING) and hands that over. After VMM_RESUME, threads read every 4 KiB page once \
             in a random order, timing each first touch, then write a marker into it. Exits 0 only if \
-            the image matches the source's digest and every marker survived. From VMM_RESUME until \
+            the image matches the source's digest and every marker survived. Once postcopy is complete \
+            and guest RAM released, shmem RAM goes back into 2 MiB pages (MADV_COLLAPSE per 2 MiB \
+            extent, on a thread at nice 19; --no-collapse to leave it in 4 KiB pages), and the summary \
+            says how many extents are mapped huge before and after. From VMM_RESUME until \
             VMM_COMPLETE guest RAM is never released: if postcopyd dies or sends ERROR during \
             postcopy, the guest's faults wait while it reattaches to a restarted postcopyd \
             (--reattach-timeout), handing back the RAM file, the page-state record and the userfaultfd. \
@@ -53,8 +56,15 @@ struct VMM: ParsableCommand {
     @Option(help: ArgumentHelp("If postcopyd dies or fails (ERROR) during postcopy, wait this long for a restarted one to take the guest over; then exit 1 without releasing guest RAM, the guest's threads still blocked on the pages still stale (0: exit so at once).", valueName: "seconds"))
     var reattachTimeout: Double = 60
 
+    @Flag(help: "Leave guest RAM in 4 KiB pages after postcopy: no MADV_COLLAPSE into 2 MiB pages.")
+    var noCollapse = false
+
+    @Option(help: ArgumentHelp("After postcopy, time dependent random 8-byte reads across all of guest RAM for about this long (5 passes; ns/read, median), in 4 KiB mappings and again after the collapse.", valueName: "seconds"))
+    var measureTlb: Double = 0
+
     func validate() throws {
         guard (0...1).contains(touch) else { throw ValidationError("--touch is a share from 0 to 1") }
+        guard measureTlb >= 0, measureTlb <= 3600 else { throw ValidationError("--measure-tlb is seconds between 0 and 3600") }
         guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
         guard reattachTimeout >= 0, reattachTimeout <= 86_400 else {
             throw ValidationError("--reattach-timeout is seconds between 0 and 86400")
@@ -74,6 +84,8 @@ struct VMM: ParsableCommand {
         config.touchLogPath = touchLog
         config.reattachTimeoutNanos = UInt64(reattachTimeout * 1e9)
         config.thinkNanos = thinkUs * 1000
+        config.collapse = !noCollapse
+        config.measureReadsNanos = UInt64(measureTlb * 1e9)
         do {
             let summary = try GuestVMM(config: config, logger: logger).run()
             summary.lines.forEach { logger.info("\($0)") }

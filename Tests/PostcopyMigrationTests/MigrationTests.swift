@@ -111,6 +111,25 @@ struct MigrationTests {
         if fraction == 0.1 {
             #expect(outcome.daemon.faultsClean > 0, "no clean fault happened during postcopy")
         }
+        Self.checkCollapse(outcome)
+    }
+
+    /// Once postcopy is complete, the guest put its RAM back into 2 MiB
+    /// pages (issue 22): every extent PMD-mapped in its smaps, or, where
+    /// this host's shmem THP settings refuse MADV_COLLAPSE, skipped with
+    /// the setting named.
+    static func checkCollapse(_ outcome: Migration.Outcome) {
+        guard let collapse = outcome.guest.hugepages else {
+            Issue.record("the guest reported no collapse into 2 MiB pages")
+            return
+        }
+        #expect(collapse.extents == size >> 21)
+        if let refusal = HugepageCollapser.currentSettings().collapseRefusal {
+            #expect(collapse.skipped == refusal)
+        } else {
+            #expect(collapse.pmdMappedBefore == 0, "guest RAM was in 2 MiB mappings during postcopy")
+            #expect(collapse.pmdMappedAfter == size >> 21, "\(collapse.lines)")
+        }
     }
 
     /// The same with the agent hashing every page (`--dirty-log hash`).
@@ -129,6 +148,7 @@ struct MigrationTests {
         let (source, dirty) = try Self.source(dirty: fraction)
         let outcome = try Migration(memory: .hugetlbfs).run(source, pause: Self.dirtying(source, dirty))
         Self.check(outcome, stale: Self.stale(dirty))
+        #expect(outcome.guest.hugepages?.skipped == "guest RAM is on hugetlbfs: already in 2 MiB pages")
         if fraction > 0 && fraction < 1 {
             // Only the stale 4 KiB pieces of a huge page are fetched, never all 512.
             #expect(outcome.daemon.pagesRequested <= Self.stale(dirty))

@@ -112,7 +112,7 @@ import Testing
         #expect(failed["REASON"] == "stopped by SIGTERM during handshake")
         #expect(failed["PHASE"] == "handshake")
         #expect(failed["PRIORITY"] == "3")
-        #expect(run.notifications.last == "STOPPING=1\nSTATUS=failed: stopped by SIGTERM during handshake")
+        #expect(run.notifications.last == "STOPPING=1\nSTATUS=failed: stopped by SIGTERM during handshake (QEMU: failed)")
     }
 }
 

@@ -133,43 +133,6 @@ if ! grep -q "VMM attached" "$work/daemon.log"; then
     tail -n 5 "$work/daemon.log" >&2
     failures=$((failures + 1))
 fi
-# A whole migration through the adapter: a VMM that maps guest RAM and
-# runs on while postcopy-push migrates a source of zeros. The adapter takes
-# VMM_RESUME (no payload: the page-state record's descriptor), then
-# VMM_COMPLETE (the source's image digest, which postcopyd waits for),
-# releases the range and answers; postcopyd completes.
-start_daemon
-truncate -s "$size" "$work/source"
-"${preloaded[@]}" "$work/map-file" "$ram" "$size" no-touch hold >/dev/null 2>"$work/vmm.err" &
-vmm=$!
-for _ in $(seq 1 50); do grep -q "VMM attached" "$work/daemon.log" && break; sleep 0.1; done
-push=0
-timeout 60 "$BIN/postcopy-push" --ram "$work/source" --to "$(cat "$work/ready")" --insecure-plaintext \
-    --no-pause --max-rounds 1 --quiet >/dev/null 2>"$work/push.err" || push=$?
-served=0
-if timeout 30 tail --pid="$daemon" -f /dev/null; then
-    wait "$daemon" || served=$?
-    daemon=
-else
-    served="none within 30 s"
-fi
-kill "$vmm" 2>/dev/null || true
-wait "$vmm" 2>/dev/null || true
-if ((push == 0 && served == 0)) && grep -q "postcopyd serves guest RAM now (VMM_RESUME)" "$work/vmm.err" &&
-    grep -q "guest RAM released: postcopy is complete" "$work/vmm.err"; then
-    say "ok: a whole migration: VMM_RESUME, then VMM_COMPLETE with the digest, answered"
-else
-    say "FAIL: a whole migration through the adapter (postcopy-push exit $push, postcopyd exit: $served)"
-    tail -n 5 "$work/push.err" "$work/daemon.log" "$work/vmm.err" >&2
-    failures=$((failures + 1))
-fi
-
-# ---- issue 18: from VMM_RESUME to VMM_COMPLETE the range stays registered ----
-# postcopyd's end driven by hand (preload/test/fake-daemon.py): ERROR
-# (cancelled) during postcopy. The adapter must not release guest RAM: a
-# read of a page postcopyd never served waits, through the ERROR and while
-# no postcopyd is there, until a restarted one takes the guest over and
-# completes; only then does the read return.
 wait_line() {  # FILE REGEX [tenths of a second]
     for _ in $(seq 1 "${3:-100}"); do grep -Eq "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
     return 1
@@ -185,6 +148,82 @@ check() {  # NAME CONDITION-STATUS FILES-TO-SHOW…
         failures=$((failures + 1))
     fi
 }
+# A whole migration through the adapter: a VMM that maps guest RAM and
+# runs on while postcopy-push migrates a source of (mostly) zeros. The adapter takes
+# VMM_RESUME (no payload: the page-state record's descriptor), then
+# VMM_COMPLETE (the source's image digest, which postcopyd waits for),
+# releases the range and answers; postcopyd completes. The VMM asks
+# MADV_HUGEPAGE on guest RAM as QEMU does: ignored during postcopy, it is
+# re-applied after, and the adapter collapses guest RAM into 2 MiB pages
+# (issue 22), unless POSTCOPY_VMM_COLLAPSE=0. Sets $vmm_smaps_pmd to the
+# VMM's ShmemPmdMapped total in kB once the adapter is done.
+whole_migration() {  # extra environment for the VMM (NAME=VALUE…)
+    start_daemon
+    # Data in the even 2 MiB extents, holes in the odd ones: a collapse
+    # makes the first 2 MiB pages and leaves the holes alone.
+    truncate -s "$size" "$work/source"
+    for ((extent = 0; extent < size >> 21; extent += 2)); do
+        printf 'extent %d' "$extent" | dd of="$work/source" bs=1 seek=$((extent << 21)) conv=notrunc status=none
+    done
+    env "$@" "${preloaded[@]}" "$work/map-file" "$ram" "$size" no-touch hold thp >/dev/null 2>"$work/vmm.err" &
+    vmm=$!
+    for _ in $(seq 1 50); do grep -q "VMM attached" "$work/daemon.log" && break; sleep 0.1; done
+    push=0
+    timeout 60 "$BIN/postcopy-push" --ram "$work/source" --to "$(cat "$work/ready")" --insecure-plaintext \
+        --no-pause --max-rounds 1 --quiet >/dev/null 2>"$work/push.err" || push=$?
+    served=0
+    if timeout 30 tail --pid="$daemon" -f /dev/null; then
+        wait "$daemon" || served=$?
+        daemon=
+    else
+        served="none within 30 s"
+    fi
+    # The collapse runs after the release, on the adapter's own thread.
+    wait_line "$work/vmm.err" 'collapsed into 2 MiB pages|stays in 4 KiB pages' 100 || true
+    vmm_smaps_pmd=$(awk '/^ShmemPmdMapped:/ { kb += $2 } END { print kb + 0 }' "/proc/$vmm/smaps" 2>/dev/null || echo none)
+    kill "$vmm" 2>/dev/null || true
+    wait "$vmm" 2>/dev/null || true
+    if ((push == 0 && served == 0)) && grep -q "postcopyd serves guest RAM now (VMM_RESUME)" "$work/vmm.err" &&
+        grep -q "guest RAM released: postcopy is complete" "$work/vmm.err"; then
+        return 0
+    fi
+    say "FAIL: a whole migration through the adapter (postcopy-push exit $push, postcopyd exit: $served)"
+    tail -n 5 "$work/push.err" "$work/daemon.log" "$work/vmm.err" >&2
+    failures=$((failures + 1))
+    return 1
+}
+extents=$((size >> 21)) half=$((size >> 22))
+# What the shmem THP settings allow (docs/kernel.md, "Huge pages after
+# postcopy"): 'deny', or 'never' for 2 MiB pages alone, refuse MADV_COLLAPSE.
+thp=/sys/kernel/mm/transparent_hugepage
+thp_refused=$(grep -qF '[deny]' $thp/shmem_enabled 2>/dev/null && echo shmem_enabled ||
+    { grep -qF '[never]' $thp/hugepages-2048kB/shmem_enabled 2>/dev/null && echo hugepages-2048kB/shmem_enabled; } || true)
+if whole_migration; then
+    if [[ -n $thp_refused ]]; then
+        ok=1
+        grep -q "guest RAM stays in 4 KiB pages: .*$thp_refused is '" "$work/vmm.err" && ok=0
+        check "a whole migration: completed; the collapse skipped, naming $thp_refused, which refuses it" $ok "$work/vmm.err"
+    else
+        ok=1
+        grep -q "ignoring MADV_HUGEPAGE on guest RAM while postcopy runs; it is applied once postcopy is complete" "$work/vmm.err" &&
+            grep -q "guest RAM collapsed into 2 MiB pages: $half of $extents extents mapped huge (0 before; $half collapsed, $half empty, 0 failed, .*MADV_HUGEPAGE re-applied, as the VMM asked" "$work/vmm.err" &&
+            [[ $vmm_smaps_pmd == $((size >> 11)) ]] && ok=0
+        check "a whole migration: VMM_RESUME, VMM_COMPLETE answered, then the $half extents with data collapsed into 2 MiB pages, the $half holes left alone (smaps: $vmm_smaps_pmd kB PMD-mapped)" $ok "$work/vmm.err"
+    fi
+fi
+if whole_migration POSTCOPY_VMM_COLLAPSE=0; then
+    ok=1
+    grep -q "POSTCOPY_VMM_COLLAPSE=0: guest RAM stays in 4 KiB pages" "$work/vmm.err" &&
+        ! grep -q "collapsed into 2 MiB pages" "$work/vmm.err" && [[ $vmm_smaps_pmd == 0 ]] && ok=0
+    check "a whole migration with POSTCOPY_VMM_COLLAPSE=0: completed, guest RAM left in 4 KiB pages (smaps: $vmm_smaps_pmd kB PMD-mapped)" $ok "$work/vmm.err"
+fi
+
+# ---- issue 18: from VMM_RESUME to VMM_COMPLETE the range stays registered ----
+# postcopyd's end driven by hand (preload/test/fake-daemon.py): ERROR
+# (cancelled) during postcopy. The adapter must not release guest RAM: a
+# read of a page postcopyd never served waits, through the ERROR and while
+# no postcopyd is there, until a restarted one takes the guest over and
+# completes; only then does the read return.
 small=$((4 << 20))
 printf '\007' >"$fake_ram"
 truncate -s "$small" "$fake_ram"

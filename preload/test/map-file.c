@@ -10,9 +10,10 @@
  * postcopyd serves its guest RAM. With "read-on-usr1" it holds too, and
  * at each SIGUSR1 reads the first byte of the (last) mapping, as a vCPU
  * would, and says "read N": a read that faults on a page postcopyd has not
- * served blocks, and says nothing until it is.
+ * served blocks, and says nothing until it is. With "thp" each mapping is
+ * then advised MADV_HUGEPAGE, as QEMU advises its RAM blocks.
  *
- *   map-file PATH SIZE[,SIZE...] [touch|no-touch] [hold|read-on-usr1]
+ *   map-file PATH SIZE[,SIZE...] [touch|no-touch] [hold|read-on-usr1] [thp]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -25,6 +26,7 @@
 #include <unistd.h>
 
 static volatile char *last;
+static int advise_hugepage;
 
 /* One mapping of `size` bytes; 0 when it worked. */
 static int map_once(int fd, size_t size, int touch)
@@ -39,6 +41,8 @@ static int map_once(int fd, size_t size, int touch)
     printf("mapped\n");
     fflush(stdout);
     last = mapped;
+    if (advise_hugepage && madvise(mapped, size, MADV_HUGEPAGE) != 0)
+        printf("madvise MADV_HUGEPAGE failed: %s\n", strerrorname_np(errno));
     if (touch) {
         volatile char *first = mapped;
         *first = 42;
@@ -50,11 +54,12 @@ static int map_once(int fd, size_t size, int touch)
 int main(int argc, char **argv)
 {
     if (argc < 3) {
-        fprintf(stderr, "usage: map-file PATH SIZE[,SIZE...] [touch|no-touch] [hold]\n");
+        fprintf(stderr, "usage: map-file PATH SIZE[,SIZE...] [touch|no-touch] [hold|read-on-usr1] [thp]\n");
         return 2;
     }
     int touch = argc < 4 || strcmp(argv[3], "no-touch") != 0;
     int read_on_signal = argc > 4 && strcmp(argv[4], "read-on-usr1") == 0;
+    advise_hugepage = argc > 5 && strcmp(argv[5], "thp") == 0;
     sigset_t usr1;
     sigemptyset(&usr1);
     sigaddset(&usr1, SIGUSR1);

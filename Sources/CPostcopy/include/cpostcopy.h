@@ -86,6 +86,18 @@ enum {
     CPC_SEEK_HOLE = 4,
 };
 
+/* madvise(2) MADV_COLLAPSE (Linux 6.1): make a range's pages into
+ * 2 MiB pages now, synchronously. Debian 12's glibc headers lack it; the
+ * value is the kernel's (include/uapi/asm-generic/mman-common.h). */
+#include <sys/mman.h>
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+_Static_assert(MADV_COLLAPSE == 25, "MADV_COLLAPSE is 25 in the kernel's uapi");
+enum {
+    CPC_MADV_COLLAPSE = MADV_COLLAPSE,
+};
+
 /* Byte offsets inside struct uffd_msg, so Swift can decode a batch in place. */
 enum {
     CPC_UFFD_MSG_OFF_EVENT = offsetof(struct uffd_msg, event),

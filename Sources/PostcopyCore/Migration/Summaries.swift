@@ -291,6 +291,12 @@ public struct GuestSummary: Codable, Equatable, Sendable {
     /// Times the VMM reattached to a postcopyd restarted after the one
     /// serving it died.
     public var reattachments = 0
+    /// The collapse back into 2 MiB pages after postcopy (nil: turned off).
+    public var hugepages: HugepageCollapseReport?
+    /// The random-read loop (`--measure-tlb`) right after postcopy, in
+    /// 4 KiB mappings, and again after the collapse.
+    public var randomReadsBeforeCollapse: RandomReadFigures?
+    public var randomReadsAfterCollapse: RandomReadFigures?
 
     public init() {}
 
@@ -303,8 +309,43 @@ public struct GuestSummary: Codable, Equatable, Sendable {
         }
         if let firstTouchDist, firstTouchDist.count > 0 { lines.append("first-touch stall by bucket: \(firstTouchDist.text)") }
         if scribbledPages > 0 { lines.append("guest writes kept: \(scribbledPages - scribblesLost) of \(scribbledPages)") }
+        if let hugepages { lines += hugepages.lines }
+        if let randomReadsBeforeCollapse { lines.append("random reads before the collapse: \(randomReadsBeforeCollapse.text)") }
+        if let randomReadsAfterCollapse { lines.append("random reads after the collapse: \(randomReadsAfterCollapse.text)") }
         lines.append(verified ? "verify: PASS, image digest \(actualDigest)"
                               : "verify: FAIL, image digest \(actualDigest), expected \(expectedDigest)")
         return lines
+    }
+}
+
+
+/// The reference guest's random-read loop (`postcopy-guest vmm
+/// --measure-tlb`): 8-byte reads at random across all of guest RAM, each
+/// address drawn from a generator mixed with the word read before (so the
+/// reads are dependent, and the same sequence before and after a
+/// collapse), timed in passes of `readsPerPass`. With RAM far larger than
+/// the TLB's reach, nearly every read misses the TLB: the figure shows what
+/// the page-table walk costs in 4 KiB against 2 MiB mappings.
+public struct RandomReadFigures: Codable, Equatable, Sendable {
+    public var readsPerPass: UInt64 = 0
+    /// Nanoseconds per read in each pass, and their median.
+    public var nanosPerRead: [Double] = []
+    public var medianNanosPerRead: Double = 0
+
+    public init() {}
+
+    /// From each pass's duration in nanoseconds.
+    public init(readsPerPass: UInt64, passNanos: [UInt64]) {
+        self.readsPerPass = readsPerPass
+        nanosPerRead = passNanos.map { Double($0) / Double(max(readsPerPass, 1)) }
+        medianNanosPerRead = LatencySummary(nanosPerRead)?.median ?? 0
+    }
+
+    /// Reads per second at the median.
+    public var readsPerSecond: Double { medianNanosPerRead > 0 ? 1e9 / medianNanosPerRead : 0 }
+
+    public var text: String {
+        "\(fixed(medianNanosPerRead, 1)) ns/read median of \(nanosPerRead.count) passes of \(readsPerPass)"
+            + " (\(fixed(readsPerSecond / 1e6, 2)) M reads/s; passes \(nanosPerRead.map { fixed($0, 1) }.joined(separator: " ")))"
     }
 }

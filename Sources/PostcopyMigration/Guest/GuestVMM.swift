@@ -36,6 +36,14 @@ public struct GuestConfig: Sendable {
     /// pages still stale, and a VMM process exiting then takes them with it,
     /// so none ever reads incomplete memory.
     public var reattachTimeoutNanos: UInt64 = 0
+    /// Once postcopy is complete and the range released, put shmem guest
+    /// RAM back into 2 MiB pages (MADV_COLLAPSE per 2 MiB extent, on a
+    /// thread of its own at nice 19: `HugepageCollapser`), and report it.
+    public var collapse = true
+    /// Time the random-read loop (`RandomReads`) for about this long right
+    /// after postcopy, in 4 KiB mappings, and again after the collapse; the
+    /// collapse then waits for the first measurement. 0: no loop.
+    public var measureReadsNanos: UInt64 = 0
 
     public init(socketPath: String) { self.socketPath = socketPath }
 }
@@ -102,6 +110,9 @@ public final class GuestVMM: Sendable {
             failure = error
             try? guest.uffd.release(start: guest.mapping.address, length: guest.mapping.length)
         }
+        // Released, and only then: huge pages back, while the guest runs on.
+        let measuring = config.measureReadsNanos > 0
+        var collapse = failure == nil && config.collapse && !measuring ? startCollapse(guest) : nil
         var summary = workload.finish()
         summary.reattachments = guest.reattachments
         if let failure { throw failure }
@@ -110,7 +121,49 @@ public final class GuestVMM: Sendable {
         }
         summary.expectedDigest = digest.description
         summary.verified = summary.actualDigest == summary.expectedDigest && summary.scribblesLost == 0
+        let reads = RandomReads(mapping: guest.mapping)
+        if measuring {
+            logger.info("timing random reads in 4 KiB mappings, for about \(fixed(Double(config.measureReadsNanos) / 1e9, 1)) s")
+            summary.randomReadsBeforeCollapse = reads.measure(nanoseconds: config.measureReadsNanos)
+            if config.collapse { collapse = startCollapse(guest) }
+        }
+        summary.hugepages = collapse?.report()
+        if let before = summary.randomReadsBeforeCollapse {
+            summary.randomReadsAfterCollapse = reads.measure(nanoseconds: config.measureReadsNanos,
+                                                             readsPerPass: before.readsPerPass)
+        }
         return summary
+    }
+
+    /// The collapse of guest RAM into 2 MiB pages, running.
+    private final class Collapse: Sendable {
+        let result = Mutex<HugepageCollapseReport?>(nil)
+        let thread: Mutex<OSThread?> = Mutex(nil)
+
+        /// Waits for the thread and returns its report.
+        func report() -> HugepageCollapseReport? {
+            thread.withLock { $0 }?.join()
+            return result.withLock { $0 }
+        }
+    }
+
+    /// Starts `HugepageCollapser` on guest RAM; a thread that cannot start
+    /// is a collapse skipped, said in the report.
+    private func startCollapse(_ guest: Guest) -> Collapse {
+        let collapse = Collapse()
+        let kind: MemoryKind = guest.geometry.pageSize == .small ? .shmem : .hugetlbfs
+        do {
+            let thread = try HugepageCollapser.start(guest.mapping, kind: kind) { report in
+                collapse.result.withLock { $0 = report }
+            }
+            collapse.thread.withLock { $0 = thread }
+        } catch {
+            var report = HugepageCollapseReport()
+            report.skipped = "\(error)"
+            collapse.result.withLock { $0 = report }
+            logger.warning("huge pages: not collapsed: \(error)")
+        }
+        return collapse
     }
 
     /// Guest RAM as this VMM holds it, and what it keeps for a restarted
