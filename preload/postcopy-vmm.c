@@ -943,6 +943,14 @@ static void *collapse_thread(void *unused)
         say("guest RAM stays in 4 KiB pages: %s", why);
         return NULL;
     }
+    /* A 2 MiB page can be mapped only where the address and the file
+     * offset (0 here) agree modulo 2 MiB; the kernel answers EINVAL for
+     * every extent of a mapping that is out of phase. */
+    if (guest_base & (EXTENT_BYTES - 1)) {
+        say("guest RAM stays in 4 KiB pages: the VMM mapped it at %p, not at a multiple of 2 MiB, so no 2 MiB page"
+            " can be mapped there (QEMU: give the memory backend align=2M)", (void *)guest_base);
+        return NULL;
+    }
     uintptr_t first = (guest_base + EXTENT_BYTES - 1) & ~(uintptr_t)(EXTENT_BYTES - 1);
     uint64_t extents = first - guest_base < region_size ? (region_size - (first - guest_base)) / EXTENT_BYTES : 0;
     long long before = pmd_mapped_bytes();

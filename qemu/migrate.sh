@@ -150,7 +150,7 @@ fi
 say "destination QEMU: maps $destination_ram with libpostcopy-vmm.so preloaded, waits for the device state"
 console destination
 LD_PRELOAD=$(realpath "$PRELOAD") POSTCOPY_VMM_SOCKET="$work/vmm.sock" \
-    "$QEMU" -accel "$accel" -m "${mem_mib}M" -object "memory-backend-file,id=ram,size=$SIZE,mem-path=$destination_ram,share=on" \
+    "$QEMU" -accel "$accel" -m "${mem_mib}M" -object "memory-backend-file,id=ram,size=$SIZE,mem-path=$destination_ram,share=on,align=2M" \
     "${guest_args[@]}" "${console_args[@]}" -incoming defer \
     -qmp "unix:$work/destination.qmp,server=on,wait=off" >"$work/destination-qemu.log" 2>&1 &
 pids+=($!)
@@ -244,6 +244,17 @@ if ((VERIFY_DIRTY_LOG)) && [[ $DIRTY_LOG == uffd-wp ]]; then
     (($(echo "$figures" | jq .missedByDirtyLog) == 0)) || fail "the uffd-wp log missed pages the guest wrote"
 fi
 (($(echo "$figures" | jq .staleFaults) > 0)) || fail "postcopyd served no stale fault"
+if [[ $MEMORY == shmem ]]; then
+    # The adapter puts guest RAM back into 2 MiB pages (align=2M above lets
+    # QEMU's mapping hold them), at nice 19 beside the running guest.
+    collapsed=$(wait_line "$work/destination-qemu.log" "postcopy-vmm: guest RAM (collapsed|stays in 4 KiB)" 120 \
+        "the adapter to collapse guest RAM into 2 MiB pages")
+    say "${collapsed#*postcopy-vmm: }"
+    # Every extent with data mapped huge again; the holes (RAM the guest never touched) stay holes.
+    [[ $collapsed =~ pages:\ ([0-9]+)\ of\ ([0-9]+)\ extents\ mapped\ huge\ \([0-9]+\ before\;\ [0-9]+\ collapsed,\ ([0-9]+)\ empty,\ 0\ failed ]] &&
+        ((BASH_REMATCH[1] > 0 && BASH_REMATCH[1] + BASH_REMATCH[3] == BASH_REMATCH[2])) ||
+        fail "the adapter did not map every extent of guest RAM with data huge again: $collapsed"
+fi
 if ((KILL_DAEMON)); then
     grep -q "postcopy-vmm: reattached to a restarted postcopyd" "$work/destination-qemu.log" ||
         fail "the adapter never reattached to the restarted postcopyd"

@@ -211,6 +211,12 @@ if whole_migration; then
         check "a whole migration: VMM_RESUME, VMM_COMPLETE answered, then the $half extents with data collapsed into 2 MiB pages, the $half holes left alone (smaps: $vmm_smaps_pmd kB PMD-mapped)" $ok "$work/vmm.err"
     fi
 fi
+if [[ -z $thp_refused ]] && whole_migration MAP_FILE_MISALIGN=1; then
+    ok=1
+    grep -q "guest RAM stays in 4 KiB pages: the VMM mapped it at 0x[0-9a-f]*, not at a multiple of 2 MiB" "$work/vmm.err" &&
+        [[ $vmm_smaps_pmd == 0 ]] && ok=0
+    check "a whole migration into a mapping 4 KiB off 2 MiB (QEMU without align=2M): completed, the collapse skipped, saying why (smaps: $vmm_smaps_pmd kB PMD-mapped)" $ok "$work/vmm.err"
+fi
 if whole_migration POSTCOPY_VMM_COLLAPSE=0; then
     ok=1
     grep -q "POSTCOPY_VMM_COLLAPSE=0: guest RAM stays in 4 KiB pages" "$work/vmm.err" &&

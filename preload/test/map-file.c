@@ -11,7 +11,9 @@
  * at each SIGUSR1 reads the first byte of the (last) mapping, as a vCPU
  * would, and says "read N": a read that faults on a page postcopyd has not
  * served blocks, and says nothing until it is. With "thp" each mapping is
- * then advised MADV_HUGEPAGE, as QEMU advises its RAM blocks.
+ * then advised MADV_HUGEPAGE, as QEMU advises its RAM blocks. Each mapping
+ * starts at a multiple of 2 MiB, as QEMU's with align=2M; with
+ * MAP_FILE_MISALIGN=1 in the environment 4 KiB past one, as QEMU's without.
  *
  *   map-file PATH SIZE[,SIZE...] [touch|no-touch] [hold|read-on-usr1] [thp]
  */
@@ -31,8 +33,10 @@ static int advise_hugepage;
 /* One mapping of `size` bytes; 0 when it worked. */
 static int map_once(int fd, size_t size, int touch)
 {
-    void *reserved = mmap(NULL, size + (2u << 20), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    void *at = (void *)(((unsigned long)reserved + (2u << 20) - 1) & ~((2ul << 20) - 1));
+    const char *misalign = getenv("MAP_FILE_MISALIGN");
+    unsigned long skew = misalign && strcmp(misalign, "1") == 0 ? 4096 : 0;
+    void *reserved = mmap(NULL, size + (4u << 20), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *at = (void *)((((unsigned long)reserved + (2u << 20) - 1) & ~((2ul << 20) - 1)) + skew);
     void *mapped = mmap(at, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
     if (mapped == MAP_FAILED) {
         printf("mmap failed: %s\n", strerrorname_np(errno));
