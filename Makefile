@@ -31,7 +31,8 @@
 #   make test-preload  the adapter against a real postcopyd, without QEMU
 #   make preload   libpostcopy-vmm.so, the adapter that puts an unmodified
 #                  VMM on postcopyd (LD_PRELOAD), in .build/preload/
-#   make install   binaries to $(DESTDIR)$(PREFIX)/bin, libpostcopy-vmm.so to
+#   make install   the operator's programs (postcopyd, postcopy-push, postcopyctl)
+#                  to $(DESTDIR)$(PREFIX)/bin, libpostcopy-vmm.so to
 #                  $(DESTDIR)$(LIBDIR), units (.service, .socket) to $(DESTDIR)$(UNITDIR),
 #                  the journal catalog, an example config, the docs
 #   make uninstall removes what install put there (never a config you wrote)
@@ -50,7 +51,11 @@ DEMO_SIZE ?= 1G
 HUGETLB   ?=
 
 RELEASE   := .build/release
-PROGRAMS  := postcopyd postcopy-push postcopy-guest postcopyctl postcopy-bench
+# What an operator runs on a host, and what make install installs; the test
+# tools (the reference guest and source workload, the benchmarks) stay in
+# $(RELEASE) and run from the tree (docs/operations.md, "Installing").
+PROGRAMS  := postcopyd postcopy-push postcopyctl
+TEST_TOOLS := postcopy-guest postcopy-bench
 UNITS     := $(wildcard systemd/*.service) $(wildcard systemd/*.socket)
 DOCS      := README.md $(wildcard docs/*.md)
 BASELINES := $(addprefix benchmarks/baseline/,uffd-minor-loop tcp-pingpong tcp-stream precopy-stream)
@@ -156,7 +161,7 @@ install: build
 	fi
 
 uninstall:
-	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,$(PROGRAMS))
+	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,$(PROGRAMS) $(TEST_TOOLS))
 	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(notdir $(UNITS)))
 	rm -f $(DESTDIR)$(CONFDIR)/example.conf.sample $(DESTDIR)$(CATALOGDIR)/postcopyd.catalog
 	rm -f $(addprefix $(DESTDIR)$(DOCDIR)/,$(notdir $(DOCS)))

@@ -13,9 +13,12 @@
 //                  evaluation. No syscalls; tests run without root.
 //   PostcopyOS     one Swift method per kernel operation (Userfaultfd,
 //                  GuestMemory), the fault-resolution thread, the probe.
-//   PostcopyMigration  the three roles of a migration, built from the layers
-//                  above: the destination daemon, the source agent, and the
-//                  reference guest (VMM stand-in and source workload).
+//   PostcopyMigration  the two roles of a migration on a host, built from
+//                  the layers above: the destination daemon and the source
+//                  agent.
+//   PostcopyHarness    what tests, benchmarks and demos run against them and
+//                  production never links: the reference guest (a VMM
+//                  stand-in) and the source workload (postcopy-guest).
 //   PostcopyBench  the benchmarks of `make bench`: scenarios run as processes,
 //                  baselines, the report and its plots.
 //   executables    parse arguments and wire the layers together.
@@ -67,6 +70,13 @@ let package = Package(
             ]
         ),
         .target(
+            name: "PostcopyHarness",
+            dependencies: [
+                "PostcopyCore", "PostcopyOS", "PostcopyMigration",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
             name: "PostcopyCLI",
             dependencies: [
                 "PostcopyCore", "PostcopyOS", "PostcopyMigration",
@@ -93,7 +103,7 @@ let package = Package(
         .executableTarget(
             name: "postcopy-guest",
             dependencies: [
-                "PostcopyCore", "PostcopyOS", "PostcopyMigration", "PostcopyCLI",
+                "PostcopyCore", "PostcopyOS", "PostcopyMigration", "PostcopyHarness", "PostcopyCLI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -128,7 +138,7 @@ let package = Package(
         .testTarget(
             name: "PostcopyMigrationTests",
             dependencies: [
-                "PostcopyCore", "PostcopyOS", "PostcopyMigration",
+                "PostcopyCore", "PostcopyOS", "PostcopyMigration", "PostcopyHarness",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

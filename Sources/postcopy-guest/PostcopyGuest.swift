@@ -2,6 +2,7 @@ import ArgumentParser
 import Glibc
 import PostcopyCLI
 import PostcopyCore
+import PostcopyHarness
 import PostcopyMigration
 import PostcopyOS
 import Synchronization

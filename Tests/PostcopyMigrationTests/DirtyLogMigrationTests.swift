@@ -1,5 +1,6 @@
 import Glibc
 import PostcopyCore
+import PostcopyHarness
 import PostcopyMigration
 import PostcopyOS
 import Synchronization

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import PostcopyCore
+import PostcopyHarness
 import PostcopyMigration
 import PostcopyOS
 import Synchronization

@@ -1,6 +1,7 @@
 import Glibc
 import Logging
 import PostcopyCore
+import PostcopyHarness
 import PostcopyMigration
 import PostcopyOS
 import Synchronization

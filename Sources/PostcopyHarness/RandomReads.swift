@@ -1,4 +1,5 @@
 import PostcopyCore
+import PostcopyMigration
 import PostcopyOS
 
 /// The reference guest's TLB-heavy loop (`postcopy-guest vmm

@@ -1,6 +1,7 @@
 import Glibc
 import Logging
 import PostcopyCore
+import PostcopyMigration
 import PostcopyOS
 
 /// The reference source VMM's end of uffd-wp dirty tracking: it answers

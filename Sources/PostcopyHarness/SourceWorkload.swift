@@ -1,5 +1,6 @@
 import Glibc
 import PostcopyCore
+import PostcopyMigration
 import PostcopyOS
 import Synchronization
 
