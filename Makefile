@@ -68,11 +68,13 @@ build: prepare preload
 	$(SWIFT) build -c release
 
 # The adapter runs inside the VMM, so it is C and links nothing but libc.
+# Its numbers are the wire's definition, postcopy_wire.h in CPostcopy.
 PRELOAD_LIB := .build/preload/libpostcopy-vmm.so
+WIRE_H      := Sources/CPostcopy/include/postcopy_wire.h
 preload: $(PRELOAD_LIB)
-$(PRELOAD_LIB): preload/postcopy-vmm.c
+$(PRELOAD_LIB): preload/postcopy-vmm.c preload/vmm-codec.h $(WIRE_H)
 	@mkdir -p $(dir $@)
-	$(CC) -shared -fPIC -O2 -Wall -Wextra -Werror -pthread -o $@ $< -ldl
+	$(CC) -shared -fPIC -O2 -Wall -Wextra -Werror -pthread -I Sources/CPostcopy/include -o $@ $< -ldl
 
 # The adapter against a real postcopyd, without QEMU: what it leaves alone
 # and what it refuses (root; skips otherwise).
