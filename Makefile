@@ -4,7 +4,8 @@
 #                  openssl; hugepages, a hugetlbfs mount, a journald and the
 #                  journal catalog when root), builds, runs swift test (the
 #                  fuzz regressions among them), 8 concurrent migrations
-#                  (make test-load), the preload adapter (make test-preload),
+#                  (make test-load), the preload adapter (make test-preload,
+#                  and 20 s of fuzzing its codec: make test-fuzz-adapter),
 #                  a real QEMU guest (make test-qemu), then the systemd-nspawn
 #                  test (root only: a real systemd runs postcopyd@test)
 #   make test-sanitizers  swift test under ASan and TSan (~25 min on 2 cores)
@@ -73,11 +74,13 @@ build: prepare preload
 	$(SWIFT) build -c release
 
 # The adapter runs inside the VMM, so it is C and links nothing but libc.
+# Its numbers are the wire's definition, postcopy_wire.h in CPostcopy.
 PRELOAD_LIB := .build/preload/libpostcopy-vmm.so
+WIRE_H      := Sources/CPostcopy/include/postcopy_wire.h
 preload: $(PRELOAD_LIB)
-$(PRELOAD_LIB): preload/postcopy-vmm.c
+$(PRELOAD_LIB): preload/postcopy-vmm.c preload/vmm-codec.h $(WIRE_H)
 	@mkdir -p $(dir $@)
-	$(CC) -shared -fPIC -O2 -Wall -Wextra -Werror -pthread -o $@ $< -ldl
+	$(CC) -shared -fPIC -O2 -Wall -Wextra -Werror -pthread -I Sources/CPostcopy/include -o $@ $< -ldl
 
 # The adapter against a real postcopyd, without QEMU: what it leaves alone
 # and what it refuses (root; skips otherwise).
@@ -97,6 +100,7 @@ test: prepare
 	$(SWIFT) test
 	$(MAKE) test-load
 	$(MAKE) test-preload
+	$(MAKE) test-fuzz-adapter
 	$(MAKE) test-qemu
 	BIN=.build/debug bash scripts/test-systemd-nspawn.sh
 
@@ -188,9 +192,20 @@ test-load:
 # regenerates the seed corpus fuzz/corpus/ from the encoders, after a
 # protocol change.
 FUZZ_SECONDS ?= 60
-.PHONY: fuzz fuzz-seed
+.PHONY: fuzz fuzz-seed fuzz-adapter test-fuzz-adapter
 fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) SWIFT=$(SWIFT) bash scripts/fuzz.sh
+
+# fuzz-adapter: the preload adapter's C codec alone (the target `adapter`),
+# FUZZ_ADAPTER_SECONDS under libFuzzer, ASan and UBSan, built with the clang
+# that comes with swift. test-fuzz-adapter: the same for 20 s, for make
+# test, where a missing libFuzzer is said and skipped rather than failed.
+FUZZ_ADAPTER_SECONDS ?= 30
+fuzz-adapter:
+	FUZZ_TARGETS=adapter FUZZ_SECONDS=$(FUZZ_ADAPTER_SECONDS) SWIFT=$(SWIFT) bash scripts/fuzz.sh
+
+test-fuzz-adapter:
+	FUZZ_ADAPTER_OPTIONAL=1 FUZZ_TARGETS=adapter FUZZ_SECONDS=20 SWIFT=$(SWIFT) bash scripts/fuzz.sh
 
 fuzz-seed:
 	$(SWIFT) build --scratch-path .build-fuzz --product postcopy-fuzz

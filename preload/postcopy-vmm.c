@@ -74,6 +74,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "vmm-codec.h"
+
 /* uapi constants newer than Debian 12's kernel headers (6.1), as in
  * Sources/CPostcopy/include/cpostcopy.h. */
 #ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
@@ -95,33 +97,11 @@
 #define MADV_COLLAPSE 25 /* Linux 6.1; Debian 12's glibc headers lack it */
 #endif
 
-/* ---- the frame codec (docs/protocol.md, "Frames") ---- */
+/* ---- the frame codec: preload/vmm-codec.h, on the wire's definition ---- */
 
 enum {
-    FRAME_MAGIC = 0x59504350u, /* "PCPY" read as a little-endian word */
-    FRAME_VERSION = 4,
-    HEADER_BYTES = 16,
-    MAX_PAYLOAD = 1026, /* the largest frame the VMM socket carries: ERROR */
-    DIGEST_BYTES = 32,
-    TYPE_ERROR = 11,
-    TYPE_HEARTBEAT = 12,
-    TYPE_VMM_OFFER = 32,
-    TYPE_VMM_ATTACH = 33,
-    TYPE_VMM_RESUME = 34,
-    TYPE_VMM_COMPLETE = 35,
-    TYPE_VMM_HANDBACK = 36,
-    TYPE_VMM_REATTACH = 37,
-    TYPE_VMM_RESUMED = 38,
-    ERROR_DISCARDED = 10,
-    HANDBACK_RAM = 1,
-    HANDBACK_PAGE_STATE = 2,
-};
-
-struct frame {
-    uint8_t type;
-    uint32_t length;
-    uint8_t payload[MAX_PAYLOAD];
-    int fd; /* passed with the frame, or -1 */
+    /* The longest frame the adapter sends (VMM_ATTACH, VMM_REATTACH). */
+    SENT_FRAME_BYTES = CPC_WIRE_HEADER_BYTES + CODEC_MAX_SENT,
 };
 
 static void say(const char *format, ...) __attribute__((format(printf, 1, 2)));
@@ -140,57 +120,15 @@ static void say(const char *format, ...)
     (void)ignored;
 }
 
-/* CRC-32C, bit by bit: the frames here are a few dozen bytes. */
-static uint32_t crc32c(uint32_t crc, const uint8_t *bytes, size_t count)
-{
-    for (size_t i = 0; i < count; i++) {
-        crc ^= bytes[i];
-        for (int bit = 0; bit < 8; bit++)
-            crc = (crc >> 1) ^ (0x82F63B78u & (0u - (crc & 1u)));
-    }
-    return crc;
-}
-
-static void put32(uint8_t *p, uint32_t v)
-{
-    for (int i = 0; i < 4; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t get64(const uint8_t *p)
-{
-    return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
-}
-
 /* Sends one frame, with `fd` as SCM_RIGHTS when it is not -1. */
 static int send_frame(int sock, uint8_t type, const uint8_t *payload, uint32_t length, int fd)
 {
-    uint8_t bytes[HEADER_BYTES + 32];
-    if (length > sizeof bytes - HEADER_BYTES)
+    uint8_t bytes[SENT_FRAME_BYTES];
+    size_t count = encode_frame(bytes, sizeof bytes, type, payload, length);
+    if (count == 0)
         return -EINVAL;
-    put32(bytes, FRAME_MAGIC);
-    bytes[4] = FRAME_VERSION;
-    bytes[5] = type;
-    bytes[6] = bytes[7] = 0;
-    put32(bytes + 8, length);
-    if (length > 0)
-        memcpy(bytes + HEADER_BYTES, payload, length);
-    uint32_t crc = crc32c(0xFFFFFFFFu, bytes, 12);
-    crc = crc32c(crc, payload, length) ^ 0xFFFFFFFFu;
-    put32(bytes + 12, crc);
 
-    struct iovec io = { .iov_base = bytes, .iov_len = HEADER_BYTES + length };
+    struct iovec io = { .iov_base = bytes, .iov_len = count };
     union {
         struct cmsghdr header;
         char space[CMSG_SPACE(sizeof(int))];
@@ -259,50 +197,23 @@ static int receive_bytes(int sock, uint8_t *into, size_t count, int *fd)
     return 1;
 }
 
-/* Whether postcopyd may send a frame of `type` with `length` bytes of
- * payload: the codec's length rule (docs/protocol.md, "Messages") for each
- * frame this adapter receives. VMM_COMPLETE from postcopyd carries the
- * source's image digest, which the adapter does not check (its answer is
- * empty); VMM_RESUME carries only the page-state record's descriptor. */
-static int payload_length_fits(uint8_t type, uint32_t length)
-{
-    switch (type) {
-    case TYPE_VMM_OFFER:
-        return length == 20;
-    case TYPE_VMM_RESUME:
-    case TYPE_HEARTBEAT:
-        return length == 0;
-    case TYPE_VMM_COMPLETE:
-        return length == DIGEST_BYTES;
-    case TYPE_ERROR:
-        return length >= 2 && length <= MAX_PAYLOAD;
-    default:
-        return 1; /* not a frame postcopyd sends a VMM: the caller says so */
-    }
-}
-
 /* 1: a frame; 0: the peer closed the socket; < 0: -errno, or -EPROTO for
  * a frame that fails the codec's checks (bad magic, version, flags,
  * length or checksum). The length is checked against the type before any
  * of the payload is read. */
 static int receive_frame(int sock, struct frame *frame)
 {
-    uint8_t header[HEADER_BYTES];
+    uint8_t header[CPC_WIRE_HEADER_BYTES];
     frame->fd = -1;
-    int rc = receive_bytes(sock, header, HEADER_BYTES, &frame->fd);
+    int rc = receive_bytes(sock, header, sizeof header, &frame->fd);
     if (rc <= 0)
         return rc;
-    frame->type = header[5];
-    frame->length = get32(header + 8);
-    if (get32(header) != FRAME_MAGIC || header[4] != FRAME_VERSION || header[6] || header[7]
-        || frame->length > MAX_PAYLOAD || !payload_length_fits(frame->type, frame->length))
+    if (decode_header(header, frame) < 0)
         goto malformed;
     rc = receive_bytes(sock, frame->payload, frame->length, &frame->fd);
     if (rc <= 0)
         goto broken;
-    uint32_t crc = crc32c(0xFFFFFFFFu, header, 12);
-    crc = crc32c(crc, frame->payload, frame->length) ^ 0xFFFFFFFFu;
-    if (crc != get32(header + 12))
+    if (!checksum_matches(header, frame))
         goto malformed;
     return 1;
 malformed:
@@ -314,29 +225,11 @@ broken:
     return rc == 0 ? -EPIPE : rc;
 }
 
-static const char *error_name(unsigned code)
-{
-    static const char *const names[] = { "", "protocol", "incompatible", "outOfRange", "checksum",
-        "unexpectedMessage", "internal", "cancelled", "peerLost", "refused", "discarded" };
-    return code > 0 && code < sizeof names / sizeof names[0] ? names[code] : "unknown code";
-}
-
-/* An ERROR frame's code and text (receive_frame saw to the 2 bytes of code). */
-static unsigned error_code(const struct frame *frame)
-{
-    return frame->length >= 2 ? (unsigned)(frame->payload[0] | frame->payload[1] << 8) : 0;
-}
-
-static int error_text_length(const struct frame *frame)
-{
-    return frame->length >= 2 ? (int)frame->length - 2 : 0;
-}
-
 static void report_error_frame(const struct frame *frame, const char *when)
 {
     unsigned code = error_code(frame);
     say("postcopyd sent ERROR %u (%s)%s%s: %.*s", code, error_name(code), *when ? " " : "", when,
-        error_text_length(frame), (const char *)frame->payload + 2);
+        error_text_length(frame), error_text(frame));
 }
 
 /* ERROR discarded: the hand-over of the device state failed before the
@@ -347,7 +240,7 @@ static void say_discarded(const struct frame *frame)
 {
     say("postcopyd discarded the migration before this guest ran here (%.*s): the source runs it again;"
         " stop this QEMU, its guest must not run here", error_text_length(frame),
-        (const char *)frame->payload + 2);
+        error_text(frame));
 }
 
 /* ---- state ---- */
@@ -390,11 +283,9 @@ static void source_load(int destination);
 static void track_source_mapping(void *mapped, size_t length, off_t offset, const struct stat *st);
 
 /* VMM_ATTACH's payload, which VMM_REATTACH repeats. */
-static void attach_payload(uint8_t payload[24])
+static void attach_payload(uint8_t payload[CPC_WIRE_VMM_ATTACH_BYTES])
 {
-    put64(payload, guest_base);
-    put64(payload + 8, features);
-    put64(payload + 16, register_mode);
+    encode_attach(payload, guest_base, features, register_mode);
 }
 
 /* The peer of postcopyd's VMM socket must be root or this process's own
@@ -494,13 +385,15 @@ __attribute__((constructor)) static void postcopy_vmm_load(void)
         close(s);
         return;
     }
-    if (offer.type == TYPE_ERROR) {
+    if (offer.type == CPC_WIRE_TYPE_ERROR) {
         report_error_frame(&offer, "instead of VMM_OFFER");
         close(s);
         return;
     }
     struct stat st;
-    if (offer.type != TYPE_VMM_OFFER || offer.length != 20 || offer.fd < 0 || fstat(offer.fd, &st) < 0) {
+    struct offer offered_ram;
+    int decoded = decode_offer(&offer, &offered_ram);
+    if (decoded == -EPROTO || offer.fd < 0 || fstat(offer.fd, &st) < 0) {
         say("expected VMM_OFFER with the RAM file from postcopyd, got frame type %u (%u bytes%s)",
             offer.type, offer.length, offer.fd < 0 ? ", no descriptor" : "");
         if (offer.fd >= 0)
@@ -508,11 +401,10 @@ __attribute__((constructor)) static void postcopy_vmm_load(void)
         close(s);
         return;
     }
-    region_size = get64(offer.payload);
-    page_size = get32(offer.payload + 8);
-    file_offset = get64(offer.payload + 12);
-    if ((page_size != 4096 && page_size != 2u << 20) || region_size == 0 || region_size % page_size
-        || file_offset % page_size) {
+    region_size = offered_ram.region_size;
+    page_size = offered_ram.page_size;
+    file_offset = offered_ram.file_offset;
+    if (decoded < 0) {
         say("VMM_OFFER makes no sense (%" PRIu64 " bytes at offset %" PRIu64 " in %" PRIu64
             "-byte pages); not attaching", region_size, file_offset, page_size);
         close(offer.fd);
@@ -666,9 +558,9 @@ static void *attach_mapping(void *mapped, size_t length, off_t offset)
     guest_base = (uintptr_t)mapped;
     features = api.features;
     register_mode = reg.mode;
-    uint8_t payload[24];
+    uint8_t payload[CPC_WIRE_VMM_ATTACH_BYTES];
     attach_payload(payload);
-    int rc = send_frame(sock, TYPE_VMM_ATTACH, payload, sizeof payload, uffd);
+    int rc = send_frame(sock, CPC_WIRE_TYPE_VMM_ATTACH, payload, sizeof payload, uffd);
     if (rc < 0) {
         say("cannot send VMM_ATTACH to postcopyd: %s", strerror(-rc));
         struct uffdio_range range = { .start = guest_base, .len = region_size };
@@ -755,21 +647,21 @@ static int reattach(void)
                (and its warnings) waiting: give it up and try again. */
             struct timeval patience = { .tv_sec = 10 }, forever = { 0 };
             setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &patience, sizeof patience);
-            uint8_t kind[4], payload[24];
+            uint8_t kind[CPC_WIRE_VMM_HANDBACK_BYTES], payload[CPC_WIRE_VMM_ATTACH_BYTES];
             attach_payload(payload);
-            put32(kind, HANDBACK_RAM);
-            int rc = send_frame(s, TYPE_VMM_HANDBACK, kind, 4, ram_fd);
-            put32(kind, HANDBACK_PAGE_STATE);
+            encode_handback(kind, CPC_WIRE_HANDBACK_RAM);
+            int rc = send_frame(s, CPC_WIRE_TYPE_VMM_HANDBACK, kind, sizeof kind, ram_fd);
+            encode_handback(kind, CPC_WIRE_HANDBACK_PAGE_STATE);
             if (rc == 0)
-                rc = send_frame(s, TYPE_VMM_HANDBACK, kind, 4, page_state_fd);
+                rc = send_frame(s, CPC_WIRE_TYPE_VMM_HANDBACK, kind, sizeof kind, page_state_fd);
             if (rc == 0)
-                rc = send_frame(s, TYPE_VMM_REATTACH, payload, sizeof payload, uffd);
+                rc = send_frame(s, CPC_WIRE_TYPE_VMM_REATTACH, payload, sizeof payload, uffd);
             struct frame frame;
             int received = 0;
             while (rc == 0 && (received = receive_frame(s, &frame)) == 1) {
-                if (frame.type == TYPE_VMM_RESUME && frame.fd >= 0) {
+                if (frame.type == CPC_WIRE_TYPE_VMM_RESUME && frame.fd >= 0) {
                     keep_page_state(frame.fd);
-                    rc = send_frame(s, TYPE_VMM_RESUMED, NULL, 0, -1);
+                    rc = send_frame(s, CPC_WIRE_TYPE_VMM_RESUMED, NULL, 0, -1);
                     if (rc == 0) {
                         setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &forever, sizeof forever);
                         say("reattached to a restarted postcopyd");
@@ -783,12 +675,12 @@ static int reattach(void)
                 }
                 if (frame.fd >= 0)
                     close(frame.fd); /* a new migration's VMM_OFFER: not ours */
-                if (frame.type == TYPE_ERROR && error_code(&frame) == ERROR_DISCARDED) {
+                if (frame.type == CPC_WIRE_TYPE_ERROR && error_code(&frame) == CPC_WIRE_CODE_DISCARDED) {
                     say_discarded(&frame);
                     close(s);
                     return -1;
                 }
-                if (frame.type == TYPE_ERROR) {
+                if (frame.type == CPC_WIRE_TYPE_ERROR) {
                     if (!said++)
                         report_error_frame(&frame, "to the reattachment");
                     break;
@@ -1055,15 +947,15 @@ static void *release_thread(void *unused)
         struct frame frame;
         char cause[1200];
         int rc = receive_frame(sock, &frame);
-        if (rc == 1 && frame.type == TYPE_HEARTBEAT)
+        if (rc == 1 && frame.type == CPC_WIRE_TYPE_HEARTBEAT)
             continue;
-        if (rc == 1 && frame.type == TYPE_VMM_RESUME && frame.fd >= 0) {
+        if (rc == 1 && frame.type == CPC_WIRE_TYPE_VMM_RESUME && frame.fd >= 0) {
             keep_page_state(frame.fd);
             resumed = 1;
             /* postcopyd tells the source that the guest resumed only once
              * this acknowledgement arrives: it says that the record is kept
              * and the range stays registered until VMM_COMPLETE. */
-            int sent = send_frame(sock, TYPE_VMM_RESUMED, NULL, 0, -1);
+            int sent = send_frame(sock, CPC_WIRE_TYPE_VMM_RESUMED, NULL, 0, -1);
             if (sent == 0) {
                 say("postcopyd serves guest RAM now (VMM_RESUME); acknowledged (VMM_RESUMED)");
                 continue;
@@ -1071,14 +963,14 @@ static void *release_thread(void *unused)
             /* postcopyd may have served pages already: a lost postcopyd. */
             snprintf(cause, sizeof cause, "cannot acknowledge VMM_RESUME (VMM_RESUMED) to postcopyd: %s",
                      strerror(-sent));
-        } else if (rc == 1 && frame.type == TYPE_VMM_COMPLETE) {
+        } else if (rc == 1 && frame.type == CPC_WIRE_TYPE_VMM_COMPLETE) {
             /* Its payload is the source's image digest; the answer is empty. */
             release_range("postcopy is complete; guest RAM is an ordinary shared mapping again");
-            if (send_frame(sock, TYPE_VMM_COMPLETE, NULL, 0, -1) < 0)
+            if (send_frame(sock, CPC_WIRE_TYPE_VMM_COMPLETE, NULL, 0, -1) < 0)
                 say("cannot answer VMM_COMPLETE: %s", strerror(errno));
             start_collapse(); /* every page is in place, and the range released */
             break;
-        } else if (rc == 1 && frame.type != TYPE_ERROR) {
+        } else if (rc == 1 && frame.type != CPC_WIRE_TYPE_ERROR) {
             if (frame.fd >= 0)
                 close(frame.fd);
             say("unexpected frame type %u from postcopyd; ignored", frame.type);
@@ -1088,7 +980,7 @@ static void *release_thread(void *unused)
             if (rc == 1) {
                 if (frame.fd >= 0)
                     close(frame.fd);
-                if (error_code(&frame) == ERROR_DISCARDED)
+                if (error_code(&frame) == CPC_WIRE_CODE_DISCARDED)
                     say_discarded(&frame);
                 else
                     report_error_frame(&frame, "");
@@ -1097,7 +989,7 @@ static void *release_thread(void *unused)
                 release_range("postcopyd went away before the guest ran here");
             }
             break;
-        } else if (rc == 1 && error_code(&frame) == ERROR_DISCARDED) {
+        } else if (rc == 1 && error_code(&frame) == CPC_WIRE_CODE_DISCARDED) {
             /* Discarded after VMM_RESUME: the source runs the guest again,
              * and pages here may be stale. The range stays registered, so a
              * vCPU that touches one waits instead of running on it, and no
@@ -1115,7 +1007,7 @@ static void *release_thread(void *unused)
             if (frame.fd >= 0)
                 close(frame.fd);
             snprintf(cause, sizeof cause, "postcopyd sent ERROR %u (%s) during postcopy: %.*s", code,
-                     error_name(code), error_text_length(&frame), (const char *)frame.payload + 2);
+                     error_name(code), error_text_length(&frame), error_text(&frame));
         } else {
             snprintf(cause, sizeof cause, "postcopyd went away during postcopy (%s)",
                      rc == 0 ? "end of file" : strerror(-rc));
@@ -1159,14 +1051,6 @@ static void *release_thread(void *unused)
 /* ---- source mode: the source VMM's write log (docs/architecture.md,
  * "Dirty tracking on the source") ---- */
 
-enum {
-    OFFER_HEADER_BYTES = 26,
-    OFFER_MAX_REASON = 1024,
-    OFFER_VERSION = 1,
-    OFFER_ARMED = 0,
-    OFFER_UNAVAILABLE = 1,
-};
-
 /* What asynchronous write-protect of shared memory needs from UFFDIO_API,
  * as WriteTracking.requiredFeatures: WP_ASYNC (no fault reaches anyone),
  * WP_UNPOPULATED (a page never touched is protected too), WP_HUGETLBFS_SHMEM
@@ -1192,15 +1076,9 @@ static ino_t source_socket_ino;    /* removed at exit if it is still that one */
 static pthread_mutex_t offer_lock = PTHREAD_MUTEX_INITIALIZER;
 static int offer_armed;
 static uint64_t offer_address, offer_length;
-static char offer_reason[OFFER_MAX_REASON + 1];
+static char offer_reason[CPC_WIRE_SOURCE_OFFER_MAX_REASON + 1];
 static unsigned source_mappings; /* shared mappings of the RAM file so far */
 static int source_uffd = -1;     /* open for the life of the process: closing it ends the tracking */
-
-static void put16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-}
 
 /* Makes the offer "unavailable" with the reason, and says it (once: each
  * call is one change of the offer). Called with offer_lock held, or
@@ -1218,19 +1096,13 @@ static void offer_unavailable(const char *format, ...)
 }
 
 /* The offer as docs/protocol.md encodes it; returns its length. */
-static size_t encode_offer(uint8_t out[OFFER_HEADER_BYTES + OFFER_MAX_REASON])
+static size_t encode_offer(uint8_t out[CODEC_SOURCE_OFFER_MAX_BYTES])
 {
     pthread_mutex_lock(&offer_lock);
-    size_t reason = offer_armed ? 0 : strnlen(offer_reason, OFFER_MAX_REASON);
-    memcpy(out, "PCWP", 4);
-    put16(out + 4, OFFER_VERSION);
-    put16(out + 6, offer_armed ? OFFER_ARMED : OFFER_UNAVAILABLE);
-    put64(out + 8, offer_armed ? offer_address : 0);
-    put64(out + 16, offer_armed ? offer_length : 0);
-    put16(out + 24, (uint16_t)reason);
-    memcpy(out + OFFER_HEADER_BYTES, offer_reason, reason);
+    size_t count = encode_source_offer(out, offer_armed, offer_address, offer_length, offer_reason,
+                                       strnlen(offer_reason, sizeof offer_reason));
     pthread_mutex_unlock(&offer_lock);
-    return OFFER_HEADER_BYTES + reason;
+    return count;
 }
 
 /* Registers [mapped, mapped+length) for asynchronous write-protect, as
@@ -1368,7 +1240,7 @@ static void *source_offer_thread(void *unused)
             close(c);
             continue;
         }
-        uint8_t message[OFFER_HEADER_BYTES + OFFER_MAX_REASON];
+        uint8_t message[CODEC_SOURCE_OFFER_MAX_BYTES];
         size_t count = encode_offer(message), sent = 0;
         struct timeval patience = { .tv_sec = 5 };
         setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &patience, sizeof patience);
@@ -1385,7 +1257,8 @@ static void *source_offer_thread(void *unused)
                 (unsigned)peer.uid, strerror(errno));
         else
             say("told the agent (pid %d uid %u) about write tracking: %s", (int)peer.pid, (unsigned)peer.uid,
-                message[6] == OFFER_ARMED ? "armed" : "unavailable");
+                get16(message + CPC_WIRE_SOURCE_OFFER_STATUS_OFFSET) == CPC_WIRE_SOURCE_OFFER_ARMED
+                    ? "armed" : "unavailable");
         close(c);
     }
 }

@@ -25,7 +25,7 @@ enum FrameFuzzer {
     /// Option bit: decode with the VMM socket's limit.
     static let vmmLimit: UInt8 = 2
     /// The VMM socket's decoder limit (`VMMChannel` in PostcopyOS).
-    static let vmmMaxPayload = 4096
+    static let vmmMaxPayload = FrameDecoder.vmmMaxPayload
 
     static func run(_ input: inout FuzzInput) {
         let options = input.byte()

@@ -6,7 +6,7 @@ import PostcopyCore
 public final class VMMChannel: @unchecked Sendable {
     // SAFETY: `decoder` and `pendingDescriptor` belong to the one receiving thread.
     public let connection: UnixConnection
-    private var decoder = FrameDecoder(maxPayload: 4096)
+    private var decoder = FrameDecoder(maxPayload: FrameDecoder.vmmMaxPayload)
     private var pendingDescriptor: Int32?
 
     public init(_ connection: UnixConnection) { self.connection = connection }

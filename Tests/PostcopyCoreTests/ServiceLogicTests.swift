@@ -74,8 +74,17 @@ import Testing
         }
         // Every event is explained by systemd/postcopyd.catalog, and nothing else is.
         let catalog = try String(contentsOfFile: Self.repositoryFile("systemd/postcopyd.catalog"), encoding: .utf8)
-        let catalogued = catalog.split(separator: "\n").filter { $0.hasPrefix("-- ") }.map { String($0.dropFirst(3)) }
+        let lines = catalog.split(separator: "\n", omittingEmptySubsequences: false)
+        let catalogued = lines.filter { $0.hasPrefix("-- ") }.map { String($0.dropFirst(3)) }
         #expect(catalogued.sorted() == ids.sorted())
+        // Each entry is preceded by "# event: NAME", the event whose ID it is:
+        // scripts find the IDs by that name (tests/nspawn/run-test.sh).
+        for (index, line) in lines.enumerated() where line.hasPrefix("-- ") {
+            let named = index > 0 && lines[index - 1].hasPrefix("# event: ")
+                ? DaemonEvent(rawValue: String(lines[index - 1].dropFirst("# event: ".count))) : nil
+            #expect(named?.messageID == String(line.dropFirst(3)),
+                    "\(line) is not preceded by '# event: NAME' naming its DaemonEvent")
+        }
         #expect(DaemonEvent.postcopyComplete.messageID == "5006448c75c84692b38c4e23125a483a")
     }
 

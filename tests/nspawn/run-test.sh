@@ -37,14 +37,9 @@ readonly WORK=/run/postcopyd-nspawn-test
 readonly SOURCE_RAM=/dev/shm/postcopyd-nspawn-source
 # The agent's side of the TLS the instance's config asks for.
 readonly TLS=(--tls-ca /etc/postcopyd/tls/ca.pem --tls-cert /etc/postcopyd/tls/agent.pem --tls-key /etc/postcopyd/tls/agent.key)
-# MESSAGE_IDs of the daemon's records (Sources/PostcopyCore/Service/DaemonEvent.swift).
-readonly ID_READY=b99b2c1a1273418cb585442989372fa0
-readonly ID_ACCEPTED=e2aaf165d3814a388208aabe58391c7a
-readonly ID_ATTACHED=92596745fecc410095d3741bae74377a
-readonly ID_SWITCHOVER=2968fddeec3244b8a51a16e2fc84e6f9
-readonly ID_COMPLETE=5006448c75c84692b38c4e23125a483a
-readonly ID_FAILED=3cc5a6c412d04c27a3eb3ed27442dc86
-readonly ID_TAKEN_OVER=ea930c537fa5448ba7cbf921af607dd0
+# The journal catalog, as the host installed it: the MESSAGE_IDs of the
+# daemon's records are read from it (catalog_id, in step catalog).
+readonly CATALOG=/usr/local/lib/systemd/catalog/postcopyd.catalog
 
 step=starting
 pids=()
@@ -172,6 +167,24 @@ fi
 ok "systemd-analyze verify $UNIT"
 
 step=catalog
+# The MESSAGE_ID of an event: the catalog names each entry's event (a case
+# of DaemonEvent, Sources/PostcopyCore/Service/DaemonEvent.swift) in the
+# comment "# event: NAME" before it, which a unit test keeps so.
+catalog_id() {  # event
+    local id
+    id=$(awk -v event="$1" '$1 == "#" && $2 == "event:" { name = $3; next }
+        /^-- / { if (name == event) print $2; name = "" }' "$CATALOG")
+    [[ $id =~ ^[0-9a-f]{32}$ ]] || fail "$CATALOG has no '# event: $1' entry (found '$id')" >&2
+    echo "$id"
+}
+ID_READY=$(catalog_id ready)
+ID_ACCEPTED=$(catalog_id migrationAccepted)
+ID_ATTACHED=$(catalog_id vmmAttached)
+ID_SWITCHOVER=$(catalog_id switchover)
+ID_COMPLETE=$(catalog_id postcopyComplete)
+ID_FAILED=$(catalog_id migrationFailed)
+ID_TAKEN_OVER=$(catalog_id migrationTakenOver)
+readonly ID_READY ID_ACCEPTED ID_ATTACHED ID_SWITCHOVER ID_COMPLETE ID_FAILED ID_TAKEN_OVER
 journalctl --update-catalog
 journalctl --list-catalog "$ID_COMPLETE" | grep -q 'Postcopy complete' ||
     fail "the catalog entry $ID_COMPLETE is not installed"

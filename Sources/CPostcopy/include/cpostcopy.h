@@ -16,6 +16,10 @@
 #include <linux/memfd.h>
 #include <linux/userfaultfd.h>
 
+/* The wire protocol's constants (docs/protocol.md), which the preload
+ * adapter includes too; Swift's codec is pinned to them by a test. */
+#include "postcopy_wire.h"
+
 /* ---- uapi constants newer than the build host's headers ---------------- */
 
 #ifndef UFFD_FEATURE_EXACT_ADDRESS

@@ -21,6 +21,9 @@ public struct FrameDecoder: Sendable {
     /// The default `maxPayload`: one PAGES frame of 1024 pages (4 MiB)
     /// and then some (64 KiB).
     public static let defaultMaxPayload = 4 << 20 + 64 << 10
+    /// The `maxPayload` of the VMM socket (`VMMChannel`), whose largest
+    /// frame is an ERROR of 1026 bytes.
+    public static let vmmMaxPayload = 4096
 
     /// The largest payload a header may announce.
     public let maxPayload: Int
