@@ -176,15 +176,15 @@ uninstall:
 		if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
 	fi
 
-# N migrations at once on this machine over loopback (scripts/load-test.sh).
+# N migrations at once on this machine over loopback (postcopy-bench load).
 # Root only; refuses when N × SIZE × 2 does not fit in MemAvailable.
 .PHONY: load test-load
 load: build
-	N=$(LOAD_N) SIZE=$(LOAD_SIZE) DIRTY=$(LOAD_DIRTY) BIN=$(RELEASE) bash scripts/load-test.sh
+	$(RELEASE)/postcopy-bench load --instances $(LOAD_N) --size $(LOAD_SIZE) --dirty $(LOAD_DIRTY) --bin $(RELEASE)
 
 # The same at sizes make test can afford, on the debug build it has built.
 test-load:
-	SKIP_UNLESS_ROOT=1 N=8 SIZE=32M DIRTY=0.10 BIN=.build/debug bash scripts/load-test.sh
+	.build/debug/postcopy-bench load --skip-unless-root --instances 8 --size 32M --dirty 0.10 --bin .build/debug
 
 # Fuzzing (docs/fuzzing.md). fuzz: every decoder under libFuzzer and
 # AddressSanitizer for FUZZ_SECONDS each (scripts/fuzz.sh; built in

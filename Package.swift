@@ -134,7 +134,7 @@ let package = Package(
         .testTarget(name: "PostcopyFuzzTests", dependencies: ["PostcopyFuzz", "PostcopyCore"]),
         .testTarget(name: "PostcopyCoreTests", dependencies: ["PostcopyCore"]),
         .testTarget(name: "PostcopyOSTests", dependencies: ["PostcopyCore", "PostcopyOS"]),
-        .testTarget(name: "PostcopyBenchTests", dependencies: ["PostcopyBench", "PostcopyCore"]),
+        .testTarget(name: "PostcopyBenchTests", dependencies: ["PostcopyBench", "PostcopyCore", "PostcopyOS"]),
         .testTarget(
             name: "PostcopyMigrationTests",
             dependencies: [

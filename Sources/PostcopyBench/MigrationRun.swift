@@ -41,6 +41,10 @@ public struct MigrationScenario: Sendable {
     /// certificates of this bench run (`TestCertificates`); false: both run
     /// with --insecure-plaintext, as every benchmark but precopy's does.
     public var tls = false
+    /// Runs once the source is filled, postcopyd listens and the guest is
+    /// started, just before postcopy-push: `postcopy-bench load` makes its
+    /// N migrations start together here. A throw ends this migration.
+    public var beforePush: (@Sendable () throws -> Void)?
 
     public init(name: String, size: UInt64, source: Source) {
         self.name = name
@@ -63,7 +67,10 @@ public struct MigrationResult: Sendable {
     public let guest: GuestSummary
     public let trace: PostcopyTrace?
     public let touches: [Touch]
+    /// From the start (filling the source) to the end; from starting
+    /// postcopy-push to the end (all three programs exited 0).
     public let wallSeconds: Double
+    public let migrationWallSeconds: Double
 
     /// The guest's first-touch stalls split by what the daemon saw: touches
     /// of pages whose fault waited for a fetch (stale), and the others
@@ -135,7 +142,7 @@ extension MigrationScenario {
             pushArguments += ["--background-scheduling", scheduling]
         }
 
-        var daemonArguments = ["serve", "--instance", "bench", "--listen", "127.0.0.1:0",
+        var daemonArguments = ["serve", "--instance", name, "--listen", "127.0.0.1:0",
                                "--vmm-socket", "\(directory)/vmm.sock", "--control-socket", "\(directory)/control.sock",
                                "--memory", memory.rawValue, "--size", "\(size)",
                                "--ready-file", "\(directory)/daemon.ready", "--json"] + transport.daemon
@@ -158,6 +165,8 @@ extension MigrationScenario {
 
         let endpoint = try String(contentsOfFile: "\(directory)/daemon.ready", encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines)
+        try beforePush?()
+        let pushStarted = Date()
         let push = try Child("postcopy-push", environment.program("postcopy-push"), pushArguments + ["--to", endpoint],
                              stdout: "\(directory)/push.json", stderr: "\(directory)/push.log",
                              environment: logToStderr)
@@ -166,6 +175,7 @@ extension MigrationScenario {
         try daemon.succeed(seconds: 120)
         try guest.succeed(seconds: 300)
         let wall = Date().timeIntervalSince(started)
+        let migrationWall = Date().timeIntervalSince(pushStarted)
 
         let decoder = JSONDecoder()
         func decode<T: Decodable>(_ type: T.Type, _ child: Child) throws -> T {
@@ -186,7 +196,8 @@ extension MigrationScenario {
         }
         let touches = touchLog ? try readTouches("\(directory)/touches.csv") : []
         return MigrationResult(daemon: try decode(DestinationSummary.self, daemon), agent: try decode(AgentSummary.self, push),
-                               guest: guestSummary, trace: traceResult, touches: touches, wallSeconds: wall)
+                               guest: guestSummary, trace: traceResult, touches: touches, wallSeconds: wall,
+                               migrationWallSeconds: migrationWall)
     }
 
     /// `stale` of `pages` pages, chosen by a generator seeded with `seed`,

@@ -10,7 +10,80 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "postcopy-bench",
         abstract: "postcopyd's benchmarks, each against a baseline measured in the same run.",
-        subcommands: [Run.self, CleanFaults.self])
+        subcommands: [Run.self, Load.self, CleanFaults.self])
+}
+
+struct Load: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "N whole migrations at once over loopback (what 'make load' and 'make test-load' run).",
+        discussion: """
+            Each instance has its own source workload dirtying its RAM, postcopyd, reference guest as its \
+            VMM, and postcopy-push; the N agents start together once every source is filled and every \
+            daemon listens. Fails, naming each instance that failed and why (the end of the failing \
+            program's log), when any program fails or any guest does not verify; otherwise prints each \
+            instance's figures, a PASS line, and the same as one JSON line. Needs root, and memory for \
+            N × SIZE twice plus 64 MiB per instance.
+            """)
+
+    @Option(name: [.customShort("n"), .long], help: "Migrations at once.")
+    var instances = 8
+
+    @Option(help: ArgumentHelp("Guest RAM of each.", valueName: "size"))
+    var size = "256M"
+
+    @Option(help: "Share of pages each source keeps rewriting.")
+    var dirty = 0.10
+
+    @Flag(help: "--insecure-plaintext on both ends instead of mutual TLS with certificates made for the run.")
+    var plaintext = false
+
+    @Option(help: ArgumentHelp("The programs.", valueName: "dir"))
+    var bin = ".build/release"
+
+    @Option(help: ArgumentHelp("The repository's scripts (make-test-certs.sh).", valueName: "dir"))
+    var scripts = "scripts"
+
+    @Option(help: ArgumentHelp("Where each instance keeps its logs and summaries (kept after the run).", valueName: "dir"))
+    var work = "/tmp/postcopy-load"
+
+    @Flag(help: "Not root is a skip (exit 0, saying so) instead of a refusal, for make test.")
+    var skipUnlessRoot = false
+
+    func validate() throws {
+        guard instances > 0 else { throw ValidationError("--instances must be at least 1") }
+        guard dirty >= 0 && dirty <= 1 else { throw ValidationError("--dirty must be a share between 0 and 1, not \(dirty)") }
+    }
+
+    func run() throws {
+        let bytes = try parseSize(size)
+        guard getuid() == 0 else {
+            if skipUnlessRoot {
+                print("load: SKIP: needs root (postcopyd resolves the VMM's faults with userfaultfd)")
+                return
+            }
+            throw ValidationError("needs root: postcopyd resolves the VMM's faults with userfaultfd, which needs root here")
+        }
+        for program in ["postcopyd", "postcopy-push", "postcopy-guest"]
+        where !FileManager.default.isExecutableFile(atPath: "\(bin)/\(program)") {
+            throw ValidationError("\(bin)/\(program) is missing: build first ('make build', or 'swift build' for .build/debug) or give --bin")
+        }
+        try? FileManager.default.removeItem(atPath: work)
+        try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+        let say: @Sendable (String) -> Void = { line in print("load: \(line)") }
+        let environment = BenchEnvironment(binDirectory: bin, baselineDirectory: "", scriptsDirectory: scripts,
+                                           workDirectory: work, say: say)
+        var load = LoadRun(instances: instances, size: bytes, dirty: dirty)
+        load.tls = !plaintext
+        say("\(instances) × \(ByteSize.format(bytes)) (dirty \(dirty), \(plaintext ? "plaintext" : "TLS")): filling the sources, starting the daemons and guests; logs in \(work)/loadN/")
+        do {
+            let report = try load.run(in: environment)
+            report.lines.forEach { say($0) }
+            try printJSON(report)
+        } catch let error as BenchmarkError {
+            writeStandardError("load: FAIL: \(error)\n")
+            throw ExitCode.failure
+        }
+    }
 }
 
 struct Run: ParsableCommand {

@@ -34,7 +34,7 @@ import Testing
                        Touch(thread: 1, atMicros: 3, page: 1030, stallMicros: 120),
                        Touch(thread: 1, atMicros: 4, page: 1031, stallMicros: 1)]
         let result = MigrationResult(daemon: DestinationSummary(), agent: AgentSummary(), guest: GuestSummary(),
-                                     trace: trace, touches: touches, wallSeconds: 1)
+                                     trace: trace, touches: touches, wallSeconds: 1, migrationWallSeconds: 1)
         let small = result.guestStalls(pagesPerFault: 1)
         #expect(small.stale == [95])
         #expect(small.clean == [9, 120, 1])
