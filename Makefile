@@ -85,7 +85,7 @@ $(PRELOAD_LIB): preload/postcopy-vmm.c preload/vmm-codec.h $(WIRE_H)
 # The adapter against a real postcopyd, without QEMU: what it leaves alone
 # and what it refuses (root; skips otherwise).
 test-preload: preload
-	BIN=.build/debug bash preload/test/adapter-test.sh
+	BIN=.build/debug bash Tests/Integration/adapter/adapter-test.sh
 
 # The whole QEMU flow on the debug build (qemu/test.sh; qemu/migrate.sh
 # runs one migration with your settings).
@@ -102,7 +102,7 @@ test: prepare
 	$(MAKE) test-preload
 	$(MAKE) test-fuzz-adapter
 	$(MAKE) test-qemu
-	BIN=.build/debug bash scripts/test-systemd-nspawn.sh
+	BIN=.build/debug bash Tests/Integration/systemd/test-systemd-nspawn.sh
 
 # The whole test suite again under AddressSanitizer (with LeakSanitizer) and
 # under ThreadSanitizer, each in a build folder of its own, with the
@@ -124,7 +124,7 @@ test-sanitizers: prepare
 # Root only (skips otherwise); installs systemd-container and debootstrap.
 .PHONY: test-systemd
 test-systemd: build
-	bash scripts/test-systemd-nspawn.sh
+	bash Tests/Integration/systemd/test-systemd-nspawn.sh
 
 check: build
 	$(RELEASE)/postcopyd check $(if $(HUGETLB),--require-hugetlbfs)

@@ -78,7 +78,7 @@ import Testing
         let catalogued = lines.filter { $0.hasPrefix("-- ") }.map { String($0.dropFirst(3)) }
         #expect(catalogued.sorted() == ids.sorted())
         // Each entry is preceded by "# event: NAME", the event whose ID it is:
-        // scripts find the IDs by that name (tests/nspawn/run-test.sh).
+        // scripts find the IDs by that name (Tests/Integration/systemd/run-test.sh).
         for (index, line) in lines.enumerated() where line.hasPrefix("-- ") {
             let named = index > 0 && lines[index - 1].hasPrefix("# event: ")
                 ? DaemonEvent(rawValue: String(lines[index - 1].dropFirst("# event: ".count))) : nil

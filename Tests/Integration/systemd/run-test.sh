@@ -1,5 +1,5 @@
 #!/bin/bash
-# Runs inside the systemd-nspawn container of scripts/test-systemd-nspawn.sh,
+# Runs inside the systemd-nspawn container of Tests/Integration/systemd/test-systemd-nspawn.sh,
 # started by postcopyd-nspawn-test.service once the container's systemd
 # (PID 1) is up. It drives the real postcopyd@test unit through a whole
 # migration and checks what systemd sees of it: READY=1, the status text,

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # libpostcopy-vmm.so against a real postcopyd, without QEMU: what it leaves
-# alone and what it refuses. Each case runs preload/test/map-file (a VMM's
+# alone and what it refuses. Each case runs Tests/Integration/adapter/map-file (a VMM's
 # guest-RAM mapping, QEMU-style) with the adapter preloaded and checks what
 # the program saw and what the adapter said. Root only (postcopyd's
 # userfaultfd checks, and a case run as another uid).
 #
 # Source mode (POSTCOPY_SOURCE_RAM, POSTCOPY_SOURCE_SOCKET) runs
-# preload/test/write-pages (a source VMM that keeps writing its RAM) and
-# reads the offer with preload/test/read-offer; two whole migrations use
+# Tests/Integration/adapter/write-pages (a source VMM that keeps writing its RAM) and
+# reads the offer with Tests/Integration/adapter/read-offer; two whole migrations use
 # its write log (--dirty-log uffd-wp --verify-dirty-log) and fall back to
 # hashing when it has none.
 #
-#   BIN=.build/debug PRELOAD=.build/preload/libpostcopy-vmm.so bash preload/test/adapter-test.sh
+#   BIN=.build/debug PRELOAD=.build/preload/libpostcopy-vmm.so bash Tests/Integration/adapter/adapter-test.sh
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../../.."
 
 BIN=${BIN:-.build/debug}
 PRELOAD=$(realpath "${PRELOAD:-.build/preload/libpostcopy-vmm.so}")
@@ -48,7 +48,7 @@ else
     as_nobody=()
 fi
 for helper in map-file write-pages read-offer; do
-    $CC -O2 -Wall -Wextra -Werror -o "$work/$helper" "preload/test/$helper.c"
+    $CC -O2 -Wall -Wextra -Werror -o "$work/$helper" "Tests/Integration/adapter/$helper.c"
 done
 chmod 0755 "$work"  # the case run as another uid executes map-file
 size=$((64 << 20))
@@ -225,7 +225,7 @@ if whole_migration POSTCOPY_VMM_COLLAPSE=0; then
 fi
 
 # ---- issue 18: from VMM_RESUME to VMM_COMPLETE the range stays registered ----
-# postcopyd's end driven by hand (preload/test/fake-daemon.py): ERROR
+# postcopyd's end driven by hand (Tests/Integration/adapter/fake-daemon.py): ERROR
 # (cancelled) during postcopy. The adapter must not release guest RAM: a
 # read of a page postcopyd never served waits, through the ERROR and while
 # no postcopyd is there, until a restarted one takes the guest over and
@@ -235,7 +235,7 @@ printf '\007' >"$fake_ram"
 truncate -s "$small" "$fake_ram"
 start_fake() {  # MODE: fake-daemon.py on $work/fake.sock, as $fake
     rm -f "$work/fake.log" "$work/go-"* "$work/fake.sock"
-    python3 preload/test/fake-daemon.py "$work/fake.sock" "$fake_ram" "$small" "$work" "$1" \
+    python3 Tests/Integration/adapter/fake-daemon.py "$work/fake.sock" "$fake_ram" "$small" "$work" "$1" \
         2>"$work/fake.err" &
     fake=$!
     background+=("$fake")
@@ -361,7 +361,7 @@ for candidate in /usr/bin/python3 /usr/local/bin/python3; do
 done
 if ((${#as_nobody[@]})) && [[ -n $nobody_python ]]; then
     chmod 0777 "$nobody_dir"
-    cp preload/test/fake-daemon.py "$work/fake-daemon.py"
+    cp Tests/Integration/adapter/fake-daemon.py "$work/fake-daemon.py"
     "${as_nobody[@]}" "$nobody_python" "$work/fake-daemon.py" "$nobody_dir/vmm.sock" "$other" "$size" "$nobody_dir" offer \
         2>"$work/nobody.err" &
     background+=("$!")

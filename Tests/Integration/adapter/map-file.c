@@ -1,5 +1,5 @@
 /*
- * A stand-in for a VMM's guest-RAM setup, for preload/test/adapter-test.sh:
+ * A stand-in for a VMM's guest-RAM setup, for Tests/Integration/adapter/adapter-test.sh:
  * maps SIZE bytes of PATH shared, the way QEMU's memory-backend-file does
  * (a reservation, then the file mapped over it with MAP_FIXED), writes and
  * reads back its first byte unless told not to touch it, and says what

@@ -1,5 +1,5 @@
 /*
- * A stand-in for the source QEMU, for preload/test/adapter-test.sh: maps
+ * A stand-in for the source QEMU, for Tests/Integration/adapter/adapter-test.sh: maps
  * PATH shared the way QEMU's memory-backend-file does (a reservation, then
  * the file over it with MAP_FIXED) and says where on stdout, one
  * "mapped 0xADDRESS LENGTH" line per mapping, then "ready". With "write"

@@ -7,7 +7,7 @@
 # /dev/userfaultfd, SystemCallFilter=, ProtectSystem=strict, ...) does not
 # break the daemon.
 #
-#   bash scripts/test-systemd-nspawn.sh          (as root; `make test-systemd`)
+#   bash Tests/Integration/systemd/test-systemd-nspawn.sh          (as root; `make test-systemd`)
 #
 # What it does, in order:
 #   1. installs systemd-container (systemd-nspawn) and debootstrap if missing;
@@ -20,7 +20,7 @@
 #      binaries, the Swift runtime, /dev/userfaultfd, the units, the catalog
 #      and the in-container test bound in, and pulls in the test unit with
 #      systemd.wants=postcopyd-nspawn-test.service;
-#   5. the test unit runs tests/nspawn/run-test.sh, which ends with
+#   5. the test unit runs Tests/Integration/systemd/run-test.sh, which ends with
 #      `systemctl exit N`: the container's exit status is the test result;
 #   6. removes what the run left behind on the host.
 #
@@ -41,7 +41,7 @@ readonly INCLUDE=systemd,dbus
 readonly MACHINE=postcopyd-test
 readonly TEST_UNIT=postcopyd-nspawn-test.service
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
 BIN=${BIN:-$repo/.build/release}
 CACHE_DIR=${CACHE_DIR:-/var/cache/postcopyd-test}
 PORT=${PORT:-7171}
@@ -165,9 +165,9 @@ stage_files() {
         sed -e "s|@BINDIR@|$C_BINDIR|g" -e "s|@DOCDIR@|$C_DOCDIR|g" "$unit" \
             >"$stage/units/$(basename "$unit")"
     done
-    sed -e "s|@TESTDIR@|$C_TESTDIR|g" "$repo/tests/nspawn/$TEST_UNIT" >"$stage/units/$TEST_UNIT"
+    sed -e "s|@TESTDIR@|$C_TESTDIR|g" "$repo/Tests/Integration/systemd/$TEST_UNIT" >"$stage/units/$TEST_UNIT"
     cat >"$stage/test.conf" <<EOF
-# /etc/postcopyd/test.conf, written by scripts/test-systemd-nspawn.sh
+# /etc/postcopyd/test.conf, written by Tests/Integration/systemd/test-systemd-nspawn.sh
 listen = 127.0.0.1:$PORT
 size = $SIZE
 memory = shmem
@@ -323,7 +323,7 @@ binds=(
     --bind-ro="$work/stage/activated.conf:/etc/postcopyd/activated.conf"
     --bind-ro="$work/stage/tls:/etc/postcopyd/tls"
     --bind-ro="$work/stage/test.env:$C_TESTDIR/test.env"
-    --bind-ro="$repo/tests/nspawn/run-test.sh:$C_TESTDIR/run-test.sh"
+    --bind-ro="$repo/Tests/Integration/systemd/run-test.sh:$C_TESTDIR/run-test.sh"
     --bind-ro="$repo/systemd/postcopyd.catalog:/usr/local/lib/systemd/catalog/postcopyd.catalog"
     --bind-ro="$repo/docs:$C_DOCDIR"
     --bind="$work/results:$C_RESULTS"

@@ -1,6 +1,6 @@
 /*
  * The agent's end of the source VMM's offer, for
- * preload/test/adapter-test.sh: connects to SOCKET, reads until the VMM
+ * Tests/Integration/adapter/adapter-test.sh: connects to SOCKET, reads until the VMM
  * closes, checks the message as docs/protocol.md ("The source VMM's
  * offer") and SourceTrackingOffer do, and prints one line:
  *
