@@ -122,7 +122,7 @@ let package = Package(
         .target(name: "PostcopyFuzz", dependencies: ["PostcopyCore"]),
         .executableTarget(name: "postcopy-fuzz", dependencies: ["PostcopyFuzz", "PostcopyCore"]),
         .testTarget(name: "PostcopyFuzzTests", dependencies: ["PostcopyFuzz", "PostcopyCore"]),
-        .testTarget(name: "PostcopyCoreTests", dependencies: ["PostcopyCore"]),
+        .testTarget(name: "PostcopyCoreTests", dependencies: ["PostcopyCore", "PostcopyOS"]),
         .testTarget(name: "PostcopyOSTests", dependencies: ["PostcopyCore", "PostcopyOS"]),
         .testTarget(name: "PostcopyBenchTests", dependencies: ["PostcopyBench", "PostcopyCore"]),
         .testTarget(

@@ -1,6 +1,6 @@
 import Logging
 import PostcopyCore
-import Synchronization
+import PostcopyOS
 
 /// Why a migration failed: the first reason any thread gave. Later reasons
 /// are usually consequences (a socket shut down because of the first).
