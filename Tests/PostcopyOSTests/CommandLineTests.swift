@@ -224,17 +224,6 @@ import PostcopyOS
         #expect(result.stderr.contains("reason=cannot start: create guest RAM (4 MiB, file \(missing)/ram (shmem, 4 KiB pages)): create the guest RAM file \(missing)/ram: ENOENT (No such file or directory)]"), "\(result.stderr)")
     }
 
-    @Test func postcopyctlPrintsWhyItCannotReachTheDaemon() throws {
-        let socket = "/tmp/postcopy-test-no-daemon-\(getpid()).sock"
-        let result = try run("postcopyctl", ["status", "--socket", socket])
-        #expect(result.status == 1)
-        #expect(result.stderr == """
-            postcopyctl: cannot ask postcopyd on \(socket)
-              caused by: connect to \(socket): ENOENT (No such file or directory)
-
-            """, "\(result.stderr)")
-    }
-
     /// Guest RAM is not sent in clear text by accident: without TLS material
     /// or an explicit --insecure-plaintext each program refuses to start,
     /// saying what to give; so does one given both, or broken TLS files.
