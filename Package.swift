@@ -9,6 +9,7 @@
 //   COpenSSL       OpenSSL's libssl (TLS 1.3 for the agent's connections),
 //                  found through pkg-config.
 //   CCRC32C        the CPU's CRC-32C instruction (pure computation).
+//   swift-crypto   SHA-256 for PostcopyCore (BoringSSL's: pure computation).
 //   PostcopyCore   pure logic: page geometry, bitmaps, fault policy, probe
 //                  evaluation. No syscalls; tests run without root.
 //   PostcopyOS     one Swift method per kernel operation (Userfaultfd,
@@ -40,6 +41,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
     ],
     targets: [
         .target(
@@ -57,7 +59,7 @@ let package = Package(
             providers: [.apt(["libssl-dev"])]
         ),
         .target(name: "CCRC32C"),
-        .target(name: "PostcopyCore", dependencies: ["CCRC32C"]),
+        .target(name: "PostcopyCore", dependencies: ["CCRC32C", .product(name: "Crypto", package: "swift-crypto")]),
         .target(
             name: "PostcopyOS",
             dependencies: ["PostcopyCore", "CPostcopy", "CSystemd", "COpenSSL"]
@@ -132,7 +134,7 @@ let package = Package(
         .target(name: "PostcopyFuzz", dependencies: ["PostcopyCore"]),
         .executableTarget(name: "postcopy-fuzz", dependencies: ["PostcopyFuzz", "PostcopyCore"]),
         .testTarget(name: "PostcopyFuzzTests", dependencies: ["PostcopyFuzz", "PostcopyCore"]),
-        .testTarget(name: "PostcopyCoreTests", dependencies: ["PostcopyCore"]),
+        .testTarget(name: "PostcopyCoreTests", dependencies: ["PostcopyCore", "PostcopyOS"]),
         .testTarget(name: "PostcopyOSTests", dependencies: ["PostcopyCore", "PostcopyOS"]),
         .testTarget(name: "PostcopyBenchTests", dependencies: ["PostcopyBench", "PostcopyCore", "PostcopyOS"]),
         .testTarget(

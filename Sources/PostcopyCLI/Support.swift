@@ -21,6 +21,13 @@ public func bootstrapLogging(_ label: String, context: LogContext? = nil) -> Log
     return logger
 }
 
+/// A program's last words on a failure: on stderr, `program: headline:`
+/// and the error's outermost step, then a `  caused by:` line per cause,
+/// down to the errno where there is one (`ErrorChain`).
+public func reportFailure(_ program: String, _ headline: String?, _ error: any Error) {
+    writeStandardError(ErrorChain(error).rendered(program: program, headline: headline))
+}
+
 /// `value` as one line of JSON with sorted keys (stable for scripts and tests).
 public func jsonLine<T: Encodable>(_ value: T) throws -> String {
     let encoder = JSONEncoder()

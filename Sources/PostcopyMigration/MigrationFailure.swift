@@ -1,17 +1,46 @@
 import Logging
 import PostcopyCore
-import Synchronization
+import PostcopyOS
 
 /// Why a migration failed: the first reason any thread gave. Later reasons
 /// are usually consequences (a socket shut down because of the first).
-public struct MigrationError: Error, CustomStringConvertible, Sendable {
+///
+/// `reason` is the whole story on one line, as ERROR frames, the journal's
+/// REASON and the summaries carry it. An error that wraps another keeps it
+/// as `cause`, so that `ErrorChain` prints one line per step down to the
+/// errno, and a caller can still look at the typed cause.
+public struct MigrationError: ChainedError, CustomStringConvertible, Sendable {
     public let code: ErrorCode
     public let reason: String
+    /// The error this one wraps, if any.
+    public let cause: (any Error)?
+    /// What this step says of its own: `reason` without the cause's text.
+    public let link: String
 
     public init(_ code: ErrorCode, _ reason: String) {
         self.code = code
         self.reason = reason
+        self.cause = nil
+        self.link = reason
     }
+
+    /// `context`, caused by `cause`: the reason reads "context: cause".
+    public init(_ code: ErrorCode, _ context: String, cause: any Error) {
+        self.code = code
+        self.reason = "\(context): \(cause)"
+        self.cause = cause
+        self.link = context
+    }
+
+    /// `cause` with `code` and nothing to add: the reason is the cause's text.
+    public init(_ code: ErrorCode, cause: any Error) {
+        self.code = code
+        self.reason = "\(cause)"
+        self.cause = cause
+        self.link = ""
+    }
+
+    public var underlying: (any Error)? { cause }
 
     public var description: String { reason }
 }
@@ -44,6 +73,11 @@ final class FailureLatch: Sendable {
 
     @discardableResult
     func fail(_ code: ErrorCode, _ reason: String) -> Bool { fail(MigrationError(code, reason)) }
+
+    @discardableResult
+    func fail(_ code: ErrorCode, _ context: String, cause: any Error) -> Bool {
+        fail(MigrationError(code, context, cause: cause))
+    }
 
     var error: MigrationError? { first.withLock { $0 } }
 

@@ -1,4 +1,5 @@
 import Glibc
+import PostcopyCore
 
 /// A Linux error number, with the C name operators search for.
 public struct Errno: Error, Hashable, Sendable, CustomStringConvertible {
@@ -49,11 +50,25 @@ public struct SystemCallError: Error, Equatable, Sendable, CustomStringConvertib
 /// An error seen through the step that was under way, so that messages read
 /// from the outer step to the inner cause: "self-test shmem: register guest
 /// range: EINVAL (Invalid argument)".
-public struct ContextError: Error, CustomStringConvertible {
+public struct ContextError: ChainedError, CustomStringConvertible {
     public let step: String
     public let cause: any Error
 
     public var description: String { "\(step): \(cause)" }
+    public var link: String { step }
+    public var underlying: (any Error)? { cause }
+}
+
+extension ErrorChain {
+    /// The errno at the bottom of the chain: that of the innermost
+    /// `SystemCallError`, or an `Errno` thrown as it is.
+    public var errno: Errno? {
+        for error in errors.reversed() {
+            if let call = error as? SystemCallError { return call.errno }
+            if let errno = error as? Errno { return errno }
+        }
+        return nil
+    }
 }
 
 /// Runs `body`, prefixing any error it throws with `step`.

@@ -109,7 +109,7 @@ public final class MessageStream: @unchecked Sendable {
 }
 
 /// Why a message stream stopped.
-public enum StreamError: Error, CustomStringConvertible {
+public enum StreamError: ChainedError, CustomStringConvertible {
     case malformed(peer: String, ProtocolError)
     case truncated(peer: String, bytes: Int)
     case sendFailed(peer: String, any Error)
@@ -119,6 +119,22 @@ public enum StreamError: Error, CustomStringConvertible {
         case let .malformed(peer, error): return "malformed frame from \(peer): \(error)"
         case let .truncated(peer, bytes): return "\(peer) closed the connection in the middle of a frame (\(bytes) bytes buffered)"
         case let .sendFailed(peer, error): return "send to \(peer): \(error)"
+        }
+    }
+
+    public var link: String {
+        switch self {
+        case let .malformed(peer, _): return "malformed frame from \(peer)"
+        case .truncated: return description
+        case let .sendFailed(peer, _): return "send to \(peer)"
+        }
+    }
+
+    public var underlying: (any Error)? {
+        switch self {
+        case let .malformed(_, error): return error
+        case .truncated: return nil
+        case let .sendFailed(_, error): return error
         }
     }
 

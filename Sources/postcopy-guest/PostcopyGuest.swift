@@ -95,7 +95,7 @@ struct VMM: ParsableCommand {
         } catch let exit as ExitCode {
             throw exit
         } catch {
-            logger.error("guest failed: \(error)")
+            reportFailure("postcopy-guest", "guest failed", error)
             throw ExitCode.failure
         }
     }

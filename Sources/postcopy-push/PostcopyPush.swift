@@ -182,7 +182,7 @@ struct PostcopyPush: ParsableCommand {
             summary.lines.forEach { logger.info("\($0)") }
             if json { try printJSON(summary) }
         } catch {
-            logger.error("migration failed: \(error)")
+            reportFailure("postcopy-push", "migration failed", error)
             throw ExitCode.failure
         }
     }

@@ -40,7 +40,7 @@ struct Status: ParsableCommand {
         do {
             reply = try ControlClient.request(ControlRequest.status.rawValue, at: path)
         } catch {
-            throw Failure("cannot ask postcopyd on \(path): \(error)")
+            throw Failure("cannot ask postcopyd on \(path)", cause: error)
         }
         let text = String(decoding: reply, as: UTF8.self)
         guard !text.hasPrefix("error: ") else { throw Failure("postcopyd answered: \(text.dropFirst(7))") }
@@ -142,7 +142,7 @@ struct Watch: ParsableCommand {
         } catch let failure as Failure {
             throw failure
         } catch {
-            throw Failure("lost postcopyd on \(path)\(last.map { " during \($0.phase)" } ?? ""): \(error)")
+            throw Failure("lost postcopyd on \(path)\(last.map { " during \($0.phase)" } ?? "")", cause: error)
         }
         guard let last else { throw Failure("postcopyd on \(path) closed the connection without a status") }
         switch last.phase {
@@ -171,7 +171,7 @@ struct Cancel: ParsableCommand {
             do {
                 reply = try ControlClient.request(ControlRequest.cancel.rawValue, at: path)
             } catch {
-                throw Failure("cannot ask postcopyd on \(path): \(error)")
+                throw Failure("cannot ask postcopyd on \(path)", cause: error)
             }
             let text = String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .newlines)
             guard text.hasPrefix("ok: ") else { throw Failure("postcopyd refused: \(text.dropFirst(7))") }
@@ -191,18 +191,27 @@ struct InstanceOptions: ParsableArguments {
     func controlSocket() throws -> String { try socket ?? Status.controlSocket(for: instance) }
 }
 
-/// Runs `body`; a `Failure` is reported on stderr, with exit status 1.
+/// Runs `body`; a `Failure` is reported on stderr, with its causes, with
+/// exit status 1.
 func reportingFailure(_ body: () throws -> Void) throws {
     do {
         try body()
     } catch let failure as Failure {
-        writeStandardError("postcopyctl: \(failure.message)\n")
+        reportFailure("postcopyctl", nil, failure)
         throw ExitCode.failure
     }
 }
 
-/// A failure to report on stderr with exit status 1 (not a usage error).
-struct Failure: Error {
+/// A failure to report on stderr with exit status 1 (not a usage error),
+/// and the error that caused it, if any.
+struct Failure: ChainedError {
     let message: String
-    init(_ message: String) { self.message = message }
+    let cause: (any Error)?
+    init(_ message: String, cause: (any Error)? = nil) {
+        self.message = message
+        self.cause = cause
+    }
+
+    var link: String { message }
+    var underlying: (any Error)? { cause }
 }

@@ -228,19 +228,22 @@ struct Serve: ParsableCommand {
         } catch {
             supervisor.stop()
             notifier.stopping(status: daemon.status().statusLine)
+            let discarded = (error as? MigrationError)?.code == .discarded
+            reportFailure("postcopyd", discarded ? "migration discarded" : "migration failed", error)
             throw ExitCode.failure
         }
     }
 
     static let defaultListen = SocketEndpoint(host: "127.0.0.1", port: 7070)
 
-    /// Logs why the daemon cannot start (journal and STATUS=); returns the
-    /// exit status to throw.
+    /// Logs why the daemon cannot start (journal and STATUS=), and prints it
+    /// as a chain of causes on stderr; returns the exit status to throw.
     private static func cannotStart(_ error: any Error, _ logger: Logger, _ notifier: ServiceNotifier) -> ExitCode {
         logger.event(.migrationFailed, .critical, "cannot start: \(error)", [
             "error_code": "\(ErrorCode.internalFailure)", "reason": "cannot start: \(error)",
         ])
         notifier.stopping(status: "failed: cannot start: \(error)")
+        reportFailure("postcopyd", "cannot start", error)
         return .failure
     }
 

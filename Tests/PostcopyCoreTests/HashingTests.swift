@@ -210,6 +210,18 @@ enum Hashing {
         #expect(digest.bytes == SHA256.hash([8, 7, 6, 5, 4, 3, 2, 1]))
     }
 
+    /// Pins the digest's bytes: source and destination may be built with
+    /// different SHA-256 implementations, and must agree. The expected
+    /// values are from Python's hashlib over the same bytes.
+    @Test func pinnedBytes() {
+        let digest = ImageDigest(pageHashes: [PageHash.zeroPage, 1, 0xFFFF_FFFF_FFFF_FFFF, 0x0123_4567_89AB_CDEF])
+        #expect(Hashing.hex(digest.bytes) == "0b3444daec0371c9da081b29e6301710dce9e20158dc07f5200291cd99836ce3")
+        // A 1 GiB guest's worth of pages, more than one chunk of the digest's scratch buffer.
+        let pages = (0..<262_144).map { UInt64($0) &* 0x9E37_79B9_7F4A_7C15 }
+        #expect(Hashing.hex(ImageDigest(pageHashes: pages).bytes)
+            == "064e2a2c26b9acbd4d77c91fe887dc3dfa31b6fa6e87a5b6700621459d7f42e4")
+    }
+
     @Test func dependsOnPageOrder() {
         let hashes: [UInt64] = [PageHash.zeroPage, 1, 2, 3, 0xFFFF_FFFF_FFFF_FFFF]
         let original = ImageDigest(pageHashes: hashes)

@@ -1,5 +1,6 @@
 import Foundation
 import PostcopyCore
+import PostcopyOS
 import Synchronization
 import Testing
 

@@ -39,7 +39,7 @@ extension DestinationDaemon {
                 try startAdmission(connection)
             } catch {
                 if finished.load(ordering: .sequentiallyConsistent) || failures.error != nil { return }
-                failures.fail(.internalFailure, "accepting agent connections on \(endpoint): \(error)")
+                failures.fail(.internalFailure, "accepting agent connections on \(endpoint)", cause: error)
                 return
             }
         }
@@ -168,7 +168,7 @@ extension DestinationDaemon {
                 // The generation broke before its receivers ran: it is lost
                 // like any other (a pause in postcopy, the end before).
                 lost(role, epoch: epoch, error as? MigrationError
-                    ?? MigrationError(.peerLost, "the agent's connections failed as they started: \(error)"))
+                    ?? MigrationError(.peerLost, "the agent's connections failed as they started", cause: error))
             }
         } catch let error as SessionError {
             refused(address, identity: connection.peerIdentity, error.description)

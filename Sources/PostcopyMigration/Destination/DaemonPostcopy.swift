@@ -104,7 +104,7 @@ extension DestinationDaemon {
                 do {
                     try handle(action)
                 } catch {
-                    failures.fail(error as? MigrationError ?? MigrationError(.internalFailure, "\(error)"))
+                    failures.fail(error as? MigrationError ?? MigrationError(.internalFailure, cause: error))
                     return
                 }
             }
@@ -112,11 +112,11 @@ extension DestinationDaemon {
         } catch let error as MigrationError {
             lost(role, epoch: epoch, error)
         } catch let error as StreamError {
-            lost(role, epoch: epoch, MigrationError(error.code, "the agent's \(role) connection: \(error)"))
+            lost(role, epoch: epoch, MigrationError(error.code, "the agent's \(role) connection", cause: error))
         } catch let error as SystemCallError where error.errno == .again {
             lost(role, epoch: epoch, MigrationError(.peerLost, "nothing from the agent on the \(role) connection for \(fixed(Double(config.deadPeerTimeoutNanos) / 1e9, 1)) s, not even HEARTBEAT"))
         } catch {
-            lost(role, epoch: epoch, MigrationError(.peerLost, "the agent's \(role) connection failed: \(error)"))
+            lost(role, epoch: epoch, MigrationError(.peerLost, "the agent's \(role) connection failed", cause: error))
         }
     }
 
@@ -243,7 +243,7 @@ extension DestinationDaemon {
 
     /// A frame the session refused, as the migration's error.
     private func refused(_ error: SessionError, on role: StreamRole) -> MigrationError {
-        MigrationError(error.code, "refused a frame on the agent's \(role) connection: \(error)")
+        MigrationError(error.code, "refused a frame on the agent's \(role) connection", cause: error)
     }
 
     /// Moves the calling thread to `config.backgroundScheduling`; a failure

@@ -249,7 +249,7 @@ public final class DestinationDaemon: @unchecked Sendable {
             }
             completed = try finish()
         } catch {
-            failures.fail(error as? MigrationError ?? MigrationError(.internalFailure, "\(error)"))
+            failures.fail(error as? MigrationError ?? MigrationError(.internalFailure, cause: error))
         }
         if let error = failures.error {
             if error.code == .discarded {

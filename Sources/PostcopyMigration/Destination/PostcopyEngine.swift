@@ -118,7 +118,7 @@ final class PostcopyEngine: FaultResolver, Sendable {
     }
 
     func installFailed(_ fault: PageFault, _ error: InstallError) {
-        failures.fail(.internalFailure, "resolve fault on \(fault.page): \(error)")
+        failures.fail(.internalFailure, "resolve fault on \(fault.page)", cause: error)
     }
 
     /// A receiver's commit may have completed pages guest threads wait on:
@@ -139,7 +139,7 @@ final class PostcopyEngine: FaultResolver, Sendable {
             do {
                 try installer.install(completion.page)
             } catch {
-                failures.fail(.internalFailure, "install \(completion.page) after fetching it: \(error)")
+                failures.fail(.internalFailure, "install \(completion.page) after fetching it", cause: error)
                 return
             }
         }

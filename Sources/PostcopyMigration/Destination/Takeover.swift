@@ -99,7 +99,7 @@ struct Recovered: Sendable {
         } catch {
             close(ram)
             if let uffdFD { close(uffdFD) }
-            throw MigrationError(.internalFailure, "the page-state record in systemd's fd store is unusable, so which pages the guest may have written is unknown; not taking over: \(error)")
+            throw MigrationError(.internalFailure, "the page-state record in systemd's fd store is unusable, so which pages the guest may have written is unknown; not taking over", cause: error)
         }
         let file: MemoryFile
         do {
@@ -129,7 +129,7 @@ struct Recovered: Sendable {
             pageState = try PageStateFile(adopting: handed.pageState)
         } catch {
             close(handed.ram)
-            throw MigrationError(.internalFailure, "the page-state record the VMM handed back is unusable, so which pages the guest may have written is unknown; not taking over: \(error)")
+            throw MigrationError(.internalFailure, "the page-state record the VMM handed back is unusable, so which pages the guest may have written is unknown; not taking over", cause: error)
         }
         let header = pageState.header
         let file = try MemoryFile(adopting: handed.ram, geometry: header.geometry, namedAt: ramFile)

@@ -152,7 +152,7 @@ final class VMMLink: Sendable {
             }
             try watch(vmm)
         } catch {
-            failures.fail(.peerLost, "VMM: \(error)")
+            failures.fail(.peerLost, "VMM", cause: error)
         }
     }
 

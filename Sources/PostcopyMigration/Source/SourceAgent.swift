@@ -724,7 +724,7 @@ public final class SourceAgent: @unchecked Sendable {
                     try message.validate(against: limits)
                 } catch {
                     urgent.fail(error.code, error.description)
-                    throw MigrationError(error.code, "refused a PAGE_REQUEST from postcopyd: \(error)")
+                    throw MigrationError(error.code, "refused a PAGE_REQUEST from postcopyd", cause: error)
                 }
                 requests.add(1, ordering: .relaxed)
                 let runs = queue.takeRequested(PageRun(first: firstPage, count: UInt64(count)))
@@ -794,7 +794,7 @@ public final class SourceAgent: @unchecked Sendable {
             do throws(ProtocolError) {
                 try message.validate(against: limits)
             } catch {
-                throw MigrationError(error.code, "refused postcopyd's resync: \(error)")
+                throw MigrationError(error.code, "refused postcopyd's resync", cause: error)
             }
             switch message {
             case let .dirtyBitmap(_, firstWord, words):

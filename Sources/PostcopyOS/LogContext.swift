@@ -1,4 +1,4 @@
-import Synchronization
+import PostcopyCore
 
 /// Fields every log record of a process carries at the moment it is
 /// written, such as MIGRATION_ID and PHASE: the daemon sets them as the
