@@ -361,7 +361,7 @@ for candidate in /usr/bin/python3 /usr/local/bin/python3; do
 done
 if ((${#as_nobody[@]})) && [[ -n $nobody_python ]]; then
     chmod 0777 "$nobody_dir"
-    cp Tests/Integration/adapter/fake-daemon.py "$work/fake-daemon.py"
+    cp Tests/Integration/adapter/fake-daemon.py Sources/CPostcopy/include/postcopy_wire.h "$work/"
     "${as_nobody[@]}" "$nobody_python" "$work/fake-daemon.py" "$nobody_dir/vmm.sock" "$other" "$size" "$nobody_dir" offer \
         2>"$work/nobody.err" &
     background+=("$!")

@@ -36,16 +36,38 @@ import struct
 import sys
 import time
 
-MAGIC, VERSION = 0x59504350, 4
-ERROR, OFFER, ATTACH, RESUME, COMPLETE, HANDBACK, REATTACH, RESUMED = 11, 32, 33, 34, 35, 36, 37, 38
-CANCELLED, DISCARDED = 7, 10
 
 
-def crc32c(data, crc=0xFFFFFFFF):
+def wire_constants():
+    """The CPC_WIRE_ constants of the wire's one definition, the C header
+    postcopyd and the adapter are built with (a `#define NAME value` each):
+    a copy beside this script, else the repository's."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    header = os.path.join(here, "postcopy_wire.h")
+    if not os.path.exists(header):
+        header = os.path.join(here, "..", "..", "..", "Sources", "CPostcopy", "include", "postcopy_wire.h")
+    constants = {}
+    with open(header) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and fields[0] == "#define" and fields[1].startswith("CPC_WIRE_"):
+                constants[fields[1][len("CPC_WIRE_"):]] = int(fields[2].rstrip("uU"), 0)
+    return constants
+
+
+WIRE = wire_constants()
+MAGIC, VERSION = WIRE["MAGIC"], WIRE["VERSION"]
+ERROR, OFFER, ATTACH, RESUME, COMPLETE, HANDBACK, REATTACH, RESUMED = (
+    WIRE["TYPE_" + name] for name in
+    ("ERROR", "VMM_OFFER", "VMM_ATTACH", "VMM_RESUME", "VMM_COMPLETE", "VMM_HANDBACK", "VMM_REATTACH", "VMM_RESUMED"))
+CANCELLED, DISCARDED = WIRE["CODE_CANCELLED"], WIRE["CODE_DISCARDED"]
+
+
+def crc32c(data, crc=WIRE["CRC32C_INITIAL"]):
     for byte in data:
         crc ^= byte
         for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+            crc = (crc >> 1) ^ (WIRE["CRC32C_POLYNOMIAL"] & -(crc & 1))
     return crc
 
 
