@@ -185,7 +185,15 @@ public final class SourceAgent: @unchecked Sendable {
             // fails the migration before postcopyd hears of it.
             var log = try openDirtyLog()
             let bulk = try connect(.bulk)
-            let urgent = try connect(.urgent)
+            let urgent: MessageStream
+            do {
+                urgent = try connect(.urgent)
+            } catch {
+                // postcopyd may have ended the migration (an operator's
+                // cancel) while the urgent connection shook hands: it said
+                // why on the bulk connection, admitted already.
+                throw Self.reasonGiven(on: bulk) ?? error
+            }
             summary.setupSeconds = Double(monotonicNanoseconds() - started) / 1e9
             let scanner = PageScanner(image: image, batchPages: config.batchPages)
             do {
