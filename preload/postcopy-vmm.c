@@ -502,6 +502,24 @@ static void *refuse_mapping(void *mapped, size_t length)
     return MAP_FAILED;
 }
 
+/* Starts `body` on a detached thread that takes no signal meant for the
+ * process: a VMM that blocks some to read them from a signalfd must not
+ * lose one to the adapter. 0, or pthread_create's error. */
+static int start_quiet_thread(void *(*body)(void *))
+{
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    pthread_t thread;
+    pthread_attr_t attributes;
+    pthread_attr_init(&attributes);
+    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+    int failed = pthread_create(&thread, &attributes, body, NULL);
+    pthread_attr_destroy(&attributes);
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    return failed;
+}
+
 static void *release_thread(void *);
 
 /* The VMM mapped the offered file: register it and send VMM_ATTACH. */
@@ -921,18 +939,7 @@ static void start_collapse(void)
         say("the VMM asked MADV_NOHUGEPAGE on guest RAM: it stays in 4 KiB pages");
         return;
     }
-    /* The thread takes no signal meant for the process, as the dirty-log
-     * thread does not. */
-    sigset_t all, previous;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &previous);
-    pthread_t thread;
-    pthread_attr_t attributes;
-    pthread_attr_init(&attributes);
-    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
-    int failed = pthread_create(&thread, &attributes, collapse_thread, NULL);
-    pthread_attr_destroy(&attributes);
-    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    int failed = start_quiet_thread(collapse_thread);
     if (failed)
         say("cannot start the thread that collapses guest RAM into 2 MiB pages (%s); it stays in 4 KiB pages",
             strerror(failed));
@@ -1388,18 +1395,7 @@ static void source_load(int destination)
     if (source_listener < 0)
         return;
     source_pid = getpid();
-    /* The thread takes no signal meant for the process: a VMM that blocks
-     * some to read them from a signalfd must not lose one to it. */
-    sigset_t all, previous;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &previous);
-    pthread_t thread;
-    pthread_attr_t attributes;
-    pthread_attr_init(&attributes);
-    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
-    int failed = pthread_create(&thread, &attributes, source_offer_thread, NULL);
-    pthread_attr_destroy(&attributes);
-    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    int failed = start_quiet_thread(source_offer_thread);
     if (failed) {
         say("cannot start the adapter's dirty-log thread (%s); no source mode", strerror(failed));
         close(source_listener);
