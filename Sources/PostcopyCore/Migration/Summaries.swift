@@ -226,12 +226,12 @@ public struct AgentSummary: Codable, Equatable, Sendable {
     public mutating func addManagementNames() {
         var qemu = QEMUMigrationInfo(status: .completed)
         qemu.postcopyRequests = pageRequests
-        qemu.expectedDowntime = expectedDowntimeMs.map { milliseconds($0 / 1000) }
+        qemu.expectedDowntime = expectedDowntimeMs.map { wholeMilliseconds($0) }
         self.qemu = qemu
         var job = JobStats()
-        job.timeElapsed = milliseconds(totalSeconds)
-        job.downtime = milliseconds(downtimeMs / 1000)
-        job.setupTime = resumedOnly ? nil : milliseconds(setupSeconds)
+        job.timeElapsed = milliseconds(seconds: totalSeconds)
+        job.downtime = wholeMilliseconds(downtimeMs)
+        job.setupTime = resumedOnly ? nil : milliseconds(seconds: setupSeconds)
         job.memoryTotal = regionBytes
         job.memoryProcessed = bytesSent
         job.memoryRemaining = 0

@@ -71,12 +71,12 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
             self.qemu = qemu
         }
         var job = JobStats()
-        job.timeElapsed = milliseconds(elapsedSeconds)
+        job.timeElapsed = milliseconds(seconds: elapsedSeconds)
         // The handshake's time, once precopy has begun.
         if phases.count > 1, let handshake = phases.first(where: { $0.phase == "handshake" }) {
-            job.setupTime = milliseconds(handshake.seconds)
+            job.setupTime = milliseconds(seconds: handshake.seconds)
         }
-        job.downtime = downtimeMs.map { milliseconds($0 / 1000) }
+        job.downtime = downtimeMs.map { wholeMilliseconds($0) }
         job.memoryTotal = regionBytes
         job.memoryProcessed = bytesReceived
         // Known here only once the dirty bitmap has said what is stale.

@@ -113,7 +113,12 @@ public struct JobStats: Codable, Equatable, Sendable {
     }
 }
 
-/// Milliseconds, rounded, from seconds (libvirt's and QEMU's unit).
-func milliseconds(_ seconds: Double) -> UInt64 {
-    UInt64((max(seconds, 0) * 1000).rounded())
+/// Whole milliseconds (libvirt's and QEMU's unit), rounded, from seconds.
+func milliseconds(seconds: Double) -> UInt64 {
+    wholeMilliseconds(seconds * 1000)
+}
+
+/// Whole milliseconds, rounded, from fractional ones.
+func wholeMilliseconds(_ milliseconds: Double) -> UInt64 {
+    UInt64(max(milliseconds, 0).rounded())
 }

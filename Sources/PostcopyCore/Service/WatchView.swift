@@ -3,7 +3,7 @@
 /// (round 1 of precopy, and postcopy), the rates, and the time left.
 extension DaemonStatus {
     /// The migration has ended, one way or the other.
-    public var hasEnded: Bool { ["complete", "failed", "discarded"].contains(phase) }
+    public var hasEnded: Bool { PhaseTimeline.endings.contains(phase) }
 
     /// The view, two or three lines:
     ///
