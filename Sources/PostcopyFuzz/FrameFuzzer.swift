@@ -1,14 +1,15 @@
 import PostcopyCore
 
-/// The `frames` target: the wire decoder (`FrameDecoder`, `FrameHeader`,
-/// `Message.decode`) on an arbitrary byte stream, as a TCP connection or the
-/// VMM socket would deliver it.
+/// The `frames` target: the wire decoder (`WireDecoder`, `FrameHeader`,
+/// `Message.decode`, `VMMMessage.decode`) on an arbitrary byte stream, as a
+/// TCP connection or the VMM socket would deliver it.
 ///
 /// Input:
 ///
 ///     byte 0     options: bit 0 repairs each whole frame's checksum before
 ///                decoding (so mutations get past it); bit 1 decodes as the
-///                VMM socket does (maxPayload 4096)
+///                VMM socket does (`VMMMessage`s, maxPayload 4096) instead
+///                of as an agent connection (`Message`s)
 ///     byte 1     seed of the points where the stream is cut into chunks
 ///     bytes 2-9  region size in 4 KiB pages, for `validate(against:)`
 ///     the rest   the stream
@@ -22,10 +23,8 @@ import PostcopyCore
 enum FrameFuzzer {
     /// Option bit: repair the checksum of every whole frame in the stream.
     static let repairChecksums: UInt8 = 1
-    /// Option bit: decode with the VMM socket's limit.
-    static let vmmLimit: UInt8 = 2
-    /// The VMM socket's decoder limit (`VMMChannel` in PostcopyOS).
-    static let vmmMaxPayload = FrameDecoder.vmmMaxPayload
+    /// Option bit: decode as the VMM socket does.
+    static let vmmSocket: UInt8 = 2
 
     static func run(_ input: inout FuzzInput) {
         let options = input.byte()
@@ -33,30 +32,39 @@ enum FrameFuzzer {
         let limits = RegionLimits(smallPageCount: input.integer(UInt64.self))
         var stream = Array(input.rest())
         if options & repairChecksums != 0 { repairFrameChecksums(&stream) }
-        let maxPayload = options & vmmLimit != 0 ? vmmMaxPayload : FrameDecoder.defaultMaxPayload
-
-        let whole = decode(stream, maxPayload: maxPayload, splitSeed: nil)
-        let chunked = decode(stream, maxPayload: maxPayload, splitSeed: splitSeed)
-        require(whole == chunked, "split at seed \(splitSeed): \(chunked) differs from the one-piece \(whole)")
-        checkCanonical(whole.messages, stream: stream, maxPayload: maxPayload)
-        for message in whole.messages { check(message, against: limits) }
-        if let failure = whole.failure { checkReport(of: failure) }
+        if options & vmmSocket != 0 {
+            run(stream, as: VMMMessage.self, splitSeed: splitSeed) { use($0.description) }
+        } else {
+            run(stream, as: Message.self, splitSeed: splitSeed) { check($0, against: limits) }
+        }
         checkChecksumImplementations(stream)
     }
 
+    /// The properties every conversation's decoder has; `each` checks a
+    /// decoded message further.
+    private static func run<M: WireMessage>(_ stream: [UInt8], as: M.Type, splitSeed: UInt8, each: (M) -> Void) {
+        let whole = decode(stream, as: M.self, splitSeed: nil)
+        let chunked = decode(stream, as: M.self, splitSeed: splitSeed)
+        require(whole == chunked, "split at seed \(splitSeed): \(chunked) differs from the one-piece \(whole)")
+        checkCanonical(whole.messages, stream: stream)
+        whole.messages.forEach(each)
+        if let failure = whole.failure { checkReport(of: failure) }
+    }
+
     /// What a decoder made of a stream.
-    struct Outcome: Equatable {
-        var messages: [Message] = []
+    struct Outcome<M: WireMessage>: Equatable {
+        var messages: [M] = []
         var failure: ProtocolError?
         /// Bytes left over in the decoder: a frame cut short.
         var buffered = 0
     }
 
-    /// Decodes `stream` in one piece (`splitSeed` nil) or in chunks of sizes
-    /// drawn from `splitSeed`, alternating `append` and `receive`.
-    static func decode(_ stream: [UInt8], maxPayload: Int, splitSeed: UInt8?) -> Outcome {
-        var decoder = FrameDecoder(maxPayload: maxPayload)
-        var outcome = Outcome()
+    /// Decodes `stream` as `M`'s conversation (with its limit), in one piece
+    /// (`splitSeed` nil) or in chunks of sizes drawn from `splitSeed`,
+    /// alternating `append` and `receive`.
+    static func decode<M: WireMessage>(_ stream: [UInt8], as: M.Type, splitSeed: UInt8?) -> Outcome<M> {
+        var decoder = WireDecoder<M>()
+        var outcome = Outcome<M>()
         var cuts = SplitMix64(seed: UInt64(splitSeed ?? 0))
         let largestChunk = 1 + Int(splitSeed ?? 0) * 8
         var offset = 0
@@ -82,7 +90,7 @@ enum FrameFuzzer {
         return outcome
     }
 
-    private static func drain(_ decoder: inout FrameDecoder, into outcome: inout Outcome) {
+    private static func drain<M: WireMessage>(_ decoder: inout WireDecoder<M>, into outcome: inout Outcome<M>) {
         do throws(ProtocolError) {
             while let message = try decoder.next() { outcome.messages.append(message) }
         } catch {
@@ -93,20 +101,22 @@ enum FrameFuzzer {
 
     /// The decoded frames are the encoder's bytes for their messages, in
     /// order from the start of the stream, and each decodes back alone.
-    private static func checkCanonical(_ messages: [Message], stream: [UInt8], maxPayload: Int) {
+    private static func checkCanonical<M: WireMessage>(_ messages: [M], stream: [UInt8]) {
         var offset = 0
         for message in messages {
             let frame = message.encoded()
             require(stream.count - offset >= frame.count && stream[offset..<(offset + frame.count)].elementsEqual(frame),
                     "\(message) re-encodes to other bytes than the frame it was decoded from (at \(offset))")
-            var decoder = FrameDecoder(maxPayload: maxPayload)
+            var decoder = WireDecoder<M>()
             decoder.append(frame)
-            let again: Message?
+            let again: M?
             do throws(ProtocolError) { again = try decoder.next() } catch {
                 fatalError("fuzz property broken: \(message) re-encoded fails to decode: \(error)")
             }
             require(again == message, "\(message) decodes again as \(String(describing: again))")
-            if case let .pages(requestID, firstPage, data) = message { checkPagesEncoders(requestID, firstPage, data, frame) }
+            if case let .pages(requestID, firstPage, data) = message as? Message {
+                checkPagesEncoders(requestID, firstPage, data, frame)
+            }
             offset += frame.count
         }
     }

@@ -31,7 +31,7 @@ enum SeedValues {
     }
 
     /// Frames for `messages`, one after another.
-    static func frames(_ messages: [Message]) -> [UInt8] {
+    static func frames<M: WireMessage>(_ messages: [M]) -> [UInt8] {
         var out: [UInt8] = []
         for message in messages { message.encode(into: &out) }
         return out
@@ -48,26 +48,28 @@ extension FrameFuzzer {
             (name, [options, split] + regionPages + stream)
         }
         var seeds = MessageType.allCases.map { type in
-            seed(type.description.lowercased().replacingUnderscores,
-                 options: type.rawValue >= MessageType.vmmOffer.rawValue ? vmmLimit : 0,
-                 SeedValues.frames([sample(of: type)]))
+            let name = type.description.lowercased().replacingUnderscores
+            return switch type.socket {
+            case .vmm: seed(name, options: vmmSocket, SeedValues.frames([sample(ofVMM: type)]))
+            case .agent, .either: seed(name, SeedValues.frames([sample(of: type)]))
+            }
         }
         let bulk = SeedValues.frames(agentBulkStream)
         seeds += [
             seed("hello-resume", SeedValues.frames([
-                .hello(migrationID: SeedValues.migrationID, role: .urgent, sourcePageSize: .huge2M,
-                       regionSize: 4 << 30, secret: SeedValues.secret, resume: true),
+                Message.hello(migrationID: SeedValues.migrationID, role: .urgent, sourcePageSize: .huge2M,
+                              regionSize: 4 << 30, secret: SeedValues.secret, resume: true),
             ])),
             seed("agent-bulk-stream", split: 3, bulk),
             seed("agent-bulk-stream-cut", split: 200, Array(bulk.dropLast(5))),
-            seed("vmm-stream", options: vmmLimit, split: 1, SeedValues.frames(vmmStream)),
+            seed("vmm-stream", options: vmmSocket, split: 1, SeedValues.frames(vmmStream)),
             seed("checksum-repaired", options: repairChecksums,
                  Array(SeedValues.frames([sample(of: .roundEnd)]).enumerated().map { $0 >= 12 && $0 < 16 ? 0 : $1 })),
         ]
         return seeds
     }
 
-    /// A message of `type` with every field filled.
+    /// An agent connection's message of `type` with every field filled.
     static func sample(of type: MessageType) -> Message {
         switch type {
         case .hello:
@@ -88,15 +90,25 @@ extension FrameFuzzer {
         case .imageDigest: return .imageDigest(SeedValues.digest)
         case .handedOver: return .handedOver
         case .discard: return .discard(reason: "QMP: the source QEMU's migration failed")
-        case .vmmOffer: return .vmmOffer(regionSize: 1 << 30, pageSize: .small, fileOffset: 0)
+        case .vmmOffer, .vmmAttach, .vmmResume, .vmmResumed, .vmmComplete, .vmmHandback, .vmmReattach:
+            preconditionFailure("\(type) travels on the VMM socket: sample(ofVMM:)")
+        }
+    }
+
+    /// A VMM socket's message of `type` (a VMM_* type) with every field filled.
+    static func sample(ofVMM type: MessageType) -> VMMMessage {
+        switch type {
+        case .vmmOffer: return .offer(regionSize: 1 << 30, pageSize: .small, fileOffset: 0)
         case .vmmAttach:
-            return .vmmAttach(guestBase: 0x7F00_0000_0000, features: UffdFeatures(rawValue: 0x2D8), registerMode: 5)
-        case .vmmResume: return .vmmResume
-        case .vmmResumed: return .vmmResumed
-        case .vmmComplete: return .vmmComplete(imageDigest: SeedValues.digest)
-        case .vmmHandback: return .vmmHandback(.pageState)
+            return .attach(guestBase: 0x7F00_0000_0000, features: UffdFeatures(rawValue: 0x2D8), registerMode: 5)
+        case .vmmResume: return .resume
+        case .vmmResumed: return .resumed
+        case .vmmComplete: return .complete(imageDigest: SeedValues.digest)
+        case .vmmHandback: return .handback(.pageState)
         case .vmmReattach:
-            return .vmmReattach(guestBase: 0x7F00_0000_0000, features: UffdFeatures(rawValue: 0x2D8), registerMode: 5)
+            return .reattach(guestBase: 0x7F00_0000_0000, features: UffdFeatures(rawValue: 0x2D8), registerMode: 5)
+        default:
+            preconditionFailure("\(type) does not travel on the VMM socket alone: sample(of:)")
         }
     }
 
@@ -113,10 +125,10 @@ extension FrameFuzzer {
     }
 
     /// What a VMM and postcopyd say to each other, both ways.
-    static var vmmStream: [Message] {
-        [sample(of: .vmmOffer), sample(of: .vmmAttach), sample(of: .vmmResume), .vmmResumed, .heartbeat,
-         sample(of: .vmmHandback), .vmmHandback(.ram), sample(of: .vmmReattach), sample(of: .vmmComplete),
-         .vmmComplete(imageDigest: nil)]
+    static var vmmStream: [VMMMessage] {
+        [sample(ofVMM: .vmmOffer), sample(ofVMM: .vmmAttach), sample(ofVMM: .vmmResume), .resumed, .heartbeat,
+         sample(ofVMM: .vmmHandback), .handback(.ram), sample(ofVMM: .vmmReattach), sample(ofVMM: .vmmComplete),
+         .complete(imageDigest: nil), .error(code: .peerLost, message: "the VMM's device state failed to load")]
     }
 }
 

@@ -75,7 +75,7 @@ public final class GuestVMM: Sendable {
     public func run(attached: () -> Void = {}) throws -> GuestSummary {
         var channel = VMMChannel(try inStep("connect to postcopyd's VMM socket \(config.socketPath)") {
             try UnixConnection.connect(path: config.socketPath)
-        })
+        }, side: .vmm, opening: .attach)
         let guest = try attach(channel)
         attached()
         try awaitResume(channel, guest)
@@ -106,7 +106,7 @@ public final class GuestVMM: Sendable {
             try inStep("unregister the guest range") {
                 try guest.uffd.release(start: guest.mapping.address, length: guest.mapping.length)
             }
-            try channel.send(.vmmComplete(imageDigest: nil))
+            try channel.send(.complete(imageDigest: nil))
         } catch {
             failure = error
             try? guest.uffd.release(start: guest.mapping.address, length: guest.mapping.length)
@@ -205,7 +205,8 @@ public final class GuestVMM: Sendable {
             throw MigrationError(.peerLost, "postcopyd closed the VMM socket before VMM_OFFER")
         }
         if case let .error(code, text) = offer { throw MigrationError(code, "postcopyd refused the VMM (\(code)): \(text)") }
-        guard case let .vmmOffer(regionSize, pageSize, fileOffset) = offer, let descriptor else {
+        // The conversation admits nothing else first.
+        guard case let .offer(regionSize, pageSize, fileOffset) = offer, let descriptor else {
             throw MigrationError(.unexpectedMessage, "expected VMM_OFFER from postcopyd, got \(offer.type)")
         }
         var kept = false
@@ -224,7 +225,7 @@ public final class GuestVMM: Sendable {
         guard ioctls.contains(.continue) else {
             throw MigrationError(.incompatible, "the kernel does not offer UFFDIO_CONTINUE on the registered guest range")
         }
-        try channel.send(.vmmAttach(guestBase: mapping.address, features: uffd.features, registerMode: mode.rawValue),
+        try channel.send(.attach(guestBase: mapping.address, features: uffd.features, registerMode: mode.rawValue),
                          passing: uffd.fd)
         logger.info("attached to postcopyd", metadata: ["region": "\(geometry)"])
         kept = true
@@ -236,12 +237,12 @@ public final class GuestVMM: Sendable {
     /// knows this VMM holds it.
     private func awaitResume(_ channel: VMMChannel, _ guest: Guest) throws {
         let (message, descriptor) = try next(on: channel, "before VMM_RESUME")
-        guard case .vmmResume = message, let descriptor else {
+        guard case .resume = message, let descriptor else {
             if let descriptor { close(descriptor) }
             throw MigrationError(.unexpectedMessage, "expected VMM_RESUME from postcopyd, got \(message.type)")
         }
         guest.keep(pageState: descriptor)
-        try channel.send(.vmmResumed)
+        try channel.send(.resumed)
     }
 
     /// What the operator must do while no postcopyd serves a guest whose
@@ -261,12 +262,12 @@ public final class GuestVMM: Sendable {
             do {
                 let (message, descriptor) = try next(on: channel, "during postcopy")
                 if let descriptor { close(descriptor) }
-                guard case let .vmmComplete(digest?) = message else {
+                guard case let .complete(digest?) = message else {
                     throw MigrationError(.unexpectedMessage, "expected VMM_COMPLETE with the image digest from postcopyd, got \(message)")
                 }
                 return (channel, digest)
             } catch let gone as DaemonGone {
-                lost = "postcopyd went away during postcopy (\(gone.reason))"
+                lost = "postcopyd went away during postcopy (\(gone))"
             } catch let error as MigrationError where error.code == .discarded {
                 // No postcopyd will take this migration over: the source
                 // runs the guest. Its RAM stays registered all the same.
@@ -299,24 +300,24 @@ public final class GuestVMM: Sendable {
         var last = "nothing listened on \(config.socketPath)"
         while monotonicNanoseconds() < deadline {
             do {
-                let channel = VMMChannel(try UnixConnection.connect(path: config.socketPath))
-                try channel.send(.vmmHandback(.ram), passing: guest.ram)
-                try channel.send(.vmmHandback(.pageState), passing: guest.pageState)
-                try channel.send(.vmmReattach(guestBase: guest.mapping.address, features: guest.uffd.features,
-                                              registerMode: guest.mode.rawValue), passing: guest.uffd.fd)
-                while true {
-                    let (message, descriptor) = try next(on: channel, "while reattaching")
-                    if case .vmmResume = message, let descriptor {
-                        guest.keep(pageState: descriptor)
-                        try channel.send(.vmmResumed)
-                        guest.reattachments += 1
-                        logger.info("reattached to a restarted postcopyd")
-                        return channel
-                    }
-                    // A postcopyd serving a new migration offers its RAM
-                    // first, then refuses the reattachment with ERROR.
-                    if let descriptor { close(descriptor) }
+                let channel = VMMChannel(try UnixConnection.connect(path: config.socketPath),
+                                         side: .vmm, opening: .reattach)
+                try channel.send(.handback(.ram), passing: guest.ram)
+                try channel.send(.handback(.pageState), passing: guest.pageState)
+                try channel.send(.reattach(guestBase: guest.mapping.address, features: guest.uffd.features,
+                                           registerMode: guest.mode.rawValue), passing: guest.uffd.fd)
+                // VMM_RESUME is all the conversation admits now; a postcopyd
+                // serving a new migration offers its RAM instead, which the
+                // channel refuses (VMMHandshakeError.reattachToNewMigration).
+                let (message, descriptor) = try next(on: channel, "while reattaching")
+                guard case .resume = message, let descriptor else {
+                    throw MigrationError(.unexpectedMessage, "expected VMM_RESUME from postcopyd, got \(message.type)")
                 }
+                guest.keep(pageState: descriptor)
+                try channel.send(.resumed)
+                guest.reattachments += 1
+                logger.info("reattached to a restarted postcopyd")
+                return channel
             } catch {
                 last = "\(error)"
             }
@@ -328,9 +329,11 @@ public final class GuestVMM: Sendable {
 
     /// postcopyd's end of the VMM socket closed or broke without an ERROR:
     /// the daemon died (or was killed), rather than failing the migration.
-    private struct DaemonGone: Error, CustomStringConvertible {
-        let reason: String
-        var description: String { reason }
+    /// A socket that broke keeps the error that broke it.
+    private struct DaemonGone: ChainedError, CustomStringConvertible {
+        let link: String
+        let underlying: (any Error)?
+        var description: String { ErrorChain(self).description }
     }
 
     /// The next message from postcopyd other than HEARTBEAT, and the
@@ -338,16 +341,16 @@ public final class GuestVMM: Sendable {
     /// ERROR nor the end of the socket; `when` names what the VMM was
     /// waiting for, for errors. The socket's end, or a failure to read it,
     /// is `DaemonGone`.
-    private func next(on channel: VMMChannel, _ when: String) throws -> (Message, Int32?) {
+    private func next(on channel: VMMChannel, _ when: String) throws -> (VMMMessage, Int32?) {
         while true {
-            let received: (message: Message, descriptor: Int32?)?
+            let received: (message: VMMMessage, descriptor: Int32?)?
             do {
                 received = try channel.receive()
             } catch let error as SystemCallError {
-                throw DaemonGone(reason: "reading the VMM socket \(when): \(error)")
+                throw DaemonGone(link: "reading the VMM socket \(when)", underlying: error)
             }
             guard let (message, descriptor) = received else {
-                throw DaemonGone(reason: "postcopyd closed the VMM socket \(when)")
+                throw DaemonGone(link: "postcopyd closed the VMM socket \(when)", underlying: nil)
             }
             switch message {
             case .heartbeat:

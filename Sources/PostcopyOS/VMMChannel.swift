@@ -1,41 +1,73 @@
 import Glibc
 import PostcopyCore
 
-/// Protocol messages over the VMM's unix socket, with the file descriptor
-/// that VMM_OFFER and VMM_ATTACH carry (SCM_RIGHTS).
+/// One end of the VMM's unix socket: its messages, with the file
+/// descriptor five of them carry (SCM_RIGHTS), and the conversation
+/// (`VMMHandshake`) every message sent and received is recorded in, so that
+/// one out of turn, either way, is an error (`VMMHandshakeError`) and never
+/// acted on.
 public final class VMMChannel: @unchecked Sendable {
-    // SAFETY: `decoder` and `pendingDescriptor` belong to the one receiving thread.
+    // SAFETY: `decoder` and `pendingDescriptor` belong to the one receiving
+    // thread; `handshake` is locked, as a switchover thread sends while the
+    // receiving thread reads.
     public let connection: UnixConnection
-    private var decoder = FrameDecoder(maxPayload: FrameDecoder.vmmMaxPayload)
+    /// The end this channel speaks for.
+    public let side: VMMPeer
+    private var decoder = VMMFrameDecoder()
     private var pendingDescriptor: Int32?
+    private let handshake: Locked<VMMHandshake>
 
-    public init(_ connection: UnixConnection) { self.connection = connection }
+    /// `side`'s end of `connection`, a conversation that opens as `opening`.
+    public init(_ connection: UnixConnection, side: VMMPeer, opening: VMMHandshake.Opening) {
+        self.connection = connection
+        self.side = side
+        self.handshake = Locked(VMMHandshake(opening: opening))
+    }
+
+    /// Where the conversation stands.
+    public var phase: VMMHandshake.Phase { handshake.withLock { $0.phase } }
 
     deinit { if let pendingDescriptor { close(pendingDescriptor) } }
 
-    /// Sends `message`, with `descriptor` when its type carries one.
-    public func send(_ message: Message, passing descriptor: Int32? = nil) throws {
+    /// Sends `message`, with `descriptor` when its type carries one; throws
+    /// `VMMHandshakeError`, sending nothing, when it is out of turn.
+    public func send(_ message: VMMMessage, passing descriptor: Int32? = nil) throws {
         precondition(message.type.carriesFileDescriptor == (descriptor != nil),
                      "\(message.type) \(descriptor == nil ? "needs" : "takes no") descriptor")
+        // Recorded before it leaves, so that the answer, which may come at
+        // once to the receiving thread, finds the conversation ready for it.
+        try handshake.withLock { handshake throws(VMMHandshakeError) in try handshake.record(message, from: side) }
         try inStep("send \(message.type) to the VMM socket peer") {
             try connection.send(message.encoded(), passing: descriptor)
         }
     }
 
     /// The next message and the descriptor it carried (the caller owns it);
-    /// nil when the peer closed the socket between frames.
-    public func receive() throws -> (message: Message, descriptor: Int32?)? {
+    /// nil when the peer closed the socket between frames. A message out of
+    /// turn throws `VMMHandshakeError` (its descriptor closed).
+    public func receive() throws -> (message: VMMMessage, descriptor: Int32?)? {
         while true {
-            let next: Message?
+            let next: VMMMessage?
             do throws(ProtocolError) {
                 next = try decoder.next()
             } catch {
                 throw ChannelError.malformed(error)
             }
             if let message = next {
-                guard message.type.carriesFileDescriptor else { return (message, nil) }
-                guard let descriptor = pendingDescriptor else { throw ChannelError.missingDescriptor(message.type) }
-                pendingDescriptor = nil
+                var descriptor: Int32?
+                if message.type.carriesFileDescriptor {
+                    guard let pending = pendingDescriptor else { throw ChannelError.missingDescriptor(message.type) }
+                    pendingDescriptor = nil
+                    descriptor = pending
+                }
+                do {
+                    try handshake.withLock { handshake throws(VMMHandshakeError) in
+                        try handshake.record(message, from: side == .daemon ? .vmm : .daemon)
+                    }
+                } catch {
+                    if let descriptor { close(descriptor) }
+                    throw error
+                }
                 return (message, descriptor)
             }
             let (bytes, descriptor) = try connection.receive(capacity: 4096)

@@ -2,10 +2,43 @@ import PostcopyCore
 import Testing
 
 @Suite struct ProtocolRejectionTests {
-    /// Feeds `bytes` and expects `error` from `next()`.
+    /// Feeds `bytes` to an agent connection's decoder and expects `error` from `next()`.
     func expectRejected(_ bytes: [UInt8], _ error: ProtocolError, maxPayload: Int = FrameDecoder.defaultMaxPayload,
                         sourceLocation: SourceLocation = #_sourceLocation) {
         #expect(throws: error, sourceLocation: sourceLocation) { try Wire.decodeAll(bytes, maxPayload: maxPayload) }
+    }
+
+    /// Feeds `bytes` to the VMM socket's decoder and expects `error` from `next()`.
+    func expectVMMRejected(_ bytes: [UInt8], _ error: ProtocolError, sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(throws: error, sourceLocation: sourceLocation) { try Wire.decodeAll(bytes, as: VMMMessage.self) }
+    }
+
+    /// Each conversation refuses the other's types from the header, before
+    /// any payload: a VMM_* frame on an agent connection, an agent's frame
+    /// on the VMM socket. ERROR and HEARTBEAT travel on both.
+    @Test func eachSocketRefusesTheOthersTypes() throws {
+        for type in MessageType.allCases {
+            let header = Array(Wire.frame(type: type.rawValue, payload: [], length: 8)[..<16])
+            switch type.socket {
+            case .vmm:
+                expectRejected(header, .wrongSocket(type: type, received: .agent))
+            case .agent:
+                expectVMMRejected(header, .wrongSocket(type: type, received: .vmm))
+            case .either:
+                #expect(try Wire.decodeAll(Message.heartbeat.encoded()) == [.heartbeat])
+                #expect(try Wire.decodeAll(VMMMessage.heartbeat.encoded(), as: VMMMessage.self) == [.heartbeat])
+            }
+        }
+        #expect(ProtocolError.wrongSocket(type: .vmmOffer, received: .agent).description
+            == "VMM_OFFER travels on the VMM socket, not on an agent connection")
+        #expect(ProtocolError.wrongSocket(type: .pages, received: .vmm).code == .protocolViolation)
+        // Decoding a payload directly refuses the other socket's type too.
+        #expect(throws: ProtocolError.wrongSocket(type: .vmmResume, received: .agent)) {
+            try Message.decode(type: .vmmResume, payload: [])
+        }
+        #expect(throws: ProtocolError.wrongSocket(type: .handedOver, received: .vmm)) {
+            try VMMMessage.decode(type: .handedOver, payload: [])
+        }
     }
 
     @Test func badMagic() {
@@ -65,7 +98,8 @@ import Testing
         guard case let .exactly(length) = type.allowedPayloadLength else { return }
         for wrong in [length - 1, length + 1] where wrong >= 0 {
             let header = Array(Wire.frame(type: type.rawValue, payload: [], length: UInt32(wrong))[..<16])
-            expectRejected(header, .payloadLength(type: type, actual: wrong, expected: .exactly(length)))
+            let error = ProtocolError.payloadLength(type: type, actual: wrong, expected: .exactly(length))
+            if type.socket == .vmm { expectVMMRejected(header, error) } else { expectRejected(header, error) }
         }
     }
 
@@ -100,7 +134,7 @@ import Testing
         #expect(MessageType.vmmComplete.allowedPayloadLength == .either(0, 32))
         for wrong in [1, 16, 31, 33, 48] {
             let header = Array(Wire.frame(type: 35, payload: [], length: UInt32(wrong))[..<16])
-            expectRejected(header, .payloadLength(type: .vmmComplete, actual: wrong, expected: .either(0, 32)))
+            expectVMMRejected(header, .payloadLength(type: .vmmComplete, actual: wrong, expected: .either(0, 32)))
         }
         #expect(ProtocolError.payloadLength(type: .vmmComplete, actual: 31, expected: .either(0, 32)).description
             == "VMM_COMPLETE payload is 31 bytes, expected 0 or 32")
@@ -115,7 +149,7 @@ import Testing
         expectRejected(Wire.frame(type: 7, payload: [UInt8](repeating: 0, count: 16) + Wire.le(UInt32(2))),
                        .invalidField(type: .switchover, field: "flags", value: 2))
         expectRejected(Wire.frame(type: 15, payload: [0]), .payloadLength(type: .handedOver, actual: 1, expected: .exactly(0)))
-        expectRejected(Wire.frame(type: 38, payload: [0]), .payloadLength(type: .vmmResumed, actual: 1, expected: .exactly(0)))
+        expectVMMRejected(Wire.frame(type: 38, payload: [0]), .payloadLength(type: .vmmResumed, actual: 1, expected: .exactly(0)))
         expectRejected(Wire.frame(type: 16, payload: [0xC3]), .invalidUTF8)
         expectRejected(Wire.frame(type: 16, payload: [UInt8](repeating: 0x41, count: Message.maxErrorMessageBytes + 1)),
                        .payloadLength(type: .discard, actual: Message.maxErrorMessageBytes + 1,
@@ -127,8 +161,8 @@ import Testing
     @Test func theDigestsOldAndNewPlaces() throws {
         expectRejected(Wire.frame(type: 7, payload: [UInt8](repeating: 0, count: 48)),
                        .payloadLength(type: .switchover, actual: 48, expected: .exactly(20)))
-        expectRejected(Wire.frame(type: 34, payload: Wire.digest.bytes),
-                       .payloadLength(type: .vmmResume, actual: 32, expected: .exactly(0)))
+        expectVMMRejected(Wire.frame(type: 34, payload: Wire.digest.bytes),
+                          .payloadLength(type: .vmmResume, actual: 32, expected: .exactly(0)))
         for wrong in [0, 31, 33, 64] {
             expectRejected(Wire.frame(type: 14, payload: [UInt8](repeating: 7, count: wrong)),
                            .payloadLength(type: .imageDigest, actual: wrong, expected: .exactly(32)))
@@ -228,9 +262,9 @@ import Testing
         expectRejected(hello(pageSize: 8192), .unsupportedPageSize(type: .hello, bytes: 8192))
         expectRejected(Wire.frame(type: 2, payload: Wire.le(UInt64(1 << 20)) + Wire.le(UInt32(0))),
                        .unsupportedPageSize(type: .welcome, bytes: 0))
-        expectRejected(Wire.frame(type: 32, payload: Wire.le(UInt64(1 << 20)) + Wire.le(UInt32(65536)) + Wire.le(UInt64(0))),
-                       .unsupportedPageSize(type: .vmmOffer, bytes: 65536))
-        expectRejected(Wire.frame(type: 36, payload: Wire.le(UInt32(3))), .invalidField(type: .vmmHandback, field: "kind", value: 3))
+        expectVMMRejected(Wire.frame(type: 32, payload: Wire.le(UInt64(1 << 20)) + Wire.le(UInt32(65536)) + Wire.le(UInt64(0))),
+                          .unsupportedPageSize(type: .vmmOffer, bytes: 65536))
+        expectVMMRejected(Wire.frame(type: 36, payload: Wire.le(UInt32(3))), .invalidField(type: .vmmHandback, field: "kind", value: 3))
         #expect(ProtocolError.unsupportedPageSize(type: .hello, bytes: 8192).code == .incompatible)
     }
 

@@ -62,8 +62,8 @@ struct FailSafeDaemonTests {
         let uffd: Userfaultfd
 
         init(_ daemon: Daemon, blocking: Bool = false) throws {
-            channel = VMMChannel(try UnixConnection.connect(path: daemon.socketPath))
-            guard let (offer, descriptor) = try channel.receive(), case .vmmOffer = offer, let descriptor else {
+            channel = VMMChannel(try UnixConnection.connect(path: daemon.socketPath), side: .vmm, opening: .attach)
+            guard let (offer, descriptor) = try channel.receive(), case .offer = offer, let descriptor else {
                 throw TestFailure("no VMM_OFFER")
             }
             close(descriptor)
@@ -75,12 +75,12 @@ struct FailSafeDaemonTests {
                 #expect(fcntl(uffd.fd, F_SETFL, flags & ~O_NONBLOCK) == 0)
                 #expect(!uffd.isNonBlocking)
             }
-            try channel.send(.vmmAttach(guestBase: guest.address, features: uffd.features,
+            try channel.send(.attach(guestBase: guest.address, features: uffd.features,
                                         registerMode: RegisterMode([.minor, .missing]).rawValue), passing: uffd.fd)
         }
 
         /// The next message other than HEARTBEAT; nil at the end of the socket.
-        func next() throws -> Message? {
+        func next() throws -> VMMMessage? {
             while true {
                 guard let (message, descriptor) = try channel.receive() else { return nil }
                 if let descriptor { close(descriptor) }
@@ -108,8 +108,8 @@ struct FailSafeDaemonTests {
         let stale = PageBitmap.full(count: size / 4096)
         try bulk.send(.dirtyBitmap(totalBits: stale.count, firstWord: 0, words: stale.words))
         try bulk.send(.switchover(stalePages: stale.popCount, sourcePausedAtNanos: realtimeNanoseconds()))
-        guard case .vmmResume? = try vmm.next() else { throw TestFailure("no VMM_RESUME") }
-        try vmm.channel.send(.vmmResumed)
+        guard case .resume? = try vmm.next() else { throw TestFailure("no VMM_RESUME") }
+        try vmm.channel.send(.resumed)
         guard case .resumed? = try FailureTests.next(bulk) else { throw TestFailure("no RESUMED") }
         return (bulk, urgent)
     }
@@ -227,9 +227,9 @@ struct FailSafeDaemonTests {
     /// timeout; the migration goes on and the next VMM is served.
     @Test func aSilentVMMIsRefusedAndTheDaemonWaitsForTheRightOne() throws {
         let daemon = try Daemon(vmmHandshakeTimeoutNanos: 1_000_000_000)
-        let silent = VMMChannel(try UnixConnection.connect(path: daemon.socketPath))
+        let silent = VMMChannel(try UnixConnection.connect(path: daemon.socketPath), side: .vmm, opening: .attach)
         let started = monotonicNanoseconds()
-        guard let (offer, descriptor) = try silent.receive(), case .vmmOffer = offer, let descriptor else {
+        guard let (offer, descriptor) = try silent.receive(), case .offer = offer, let descriptor else {
             throw TestFailure("no VMM_OFFER")
         }
         close(descriptor)
@@ -260,8 +260,8 @@ struct FailSafeDaemonTests {
     /// with no VMM says why the last one was refused.
     @Test func aVMMThatLeavesBeforeAttachingDoesNotFailTheMigration() throws {
         let daemon = try Daemon()
-        let leaving = VMMChannel(try UnixConnection.connect(path: daemon.socketPath))
-        guard let (offer, descriptor) = try leaving.receive(), case .vmmOffer = offer, let descriptor else {
+        let leaving = VMMChannel(try UnixConnection.connect(path: daemon.socketPath), side: .vmm, opening: .attach)
+        guard let (offer, descriptor) = try leaving.receive(), case .offer = offer, let descriptor else {
             throw TestFailure("no VMM_OFFER")
         }
         close(descriptor)
@@ -296,7 +296,7 @@ struct FailSafeDaemonTests {
             silent = try? UnixConnection.connect(path: config.vmmSocketPath)
             return silent != nil
         })
-        let channel = VMMChannel(silent!)
+        let channel = VMMChannel(silent!, side: .vmm, opening: .reattach)
         guard let (refusal, _) = try channel.receive(), case let .error(_, text) = refusal else {
             throw TestFailure("no ERROR for the silent VMM")
         }

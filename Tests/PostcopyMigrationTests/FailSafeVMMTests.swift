@@ -35,12 +35,12 @@ struct FailSafeVMMTests {
             toVMM = try Background("test-relay-vmm") { Self.relay(from: daemon, to: vmm) { _ in } }
             toDaemon = try Background("test-relay-daemon") {
                 Self.relay(from: vmm, to: daemon) { message in
-                    if case let .vmmAttach(base, _, _) = message { guestBase.withLock { $0 = base } }
+                    if case let .attach(base, _, _) = message { guestBase.withLock { $0 = base } }
                 }
             }
         }
 
-        private static func relay(from: VMMChannel, to: VMMChannel, seen: (Message) -> Void) {
+        private static func relay(from: VMMChannel, to: VMMChannel, seen: (VMMMessage) -> Void) {
             while true {
                 guard let received = (try? from.receive()) ?? nil else { return }
                 let (message, descriptor) = received
@@ -104,8 +104,9 @@ struct FailSafeVMMTests {
             return try guest.run()
         }
         let vmmSide = try #require(try listener?.accept(timeoutNanos: 10_000_000_000), "the VMM never connected")
-        let relay = try VMMRelay(vmm: VMMChannel(vmmSide),
-                                 daemon: VMMChannel(try UnixConnection.connect(path: directory.path + "/vmm1.sock")))
+        let relay = try VMMRelay(vmm: VMMChannel(vmmSide, side: .daemon, opening: .attach),
+                                 daemon: VMMChannel(try UnixConnection.connect(path: directory.path + "/vmm1.sock"),
+                                                    side: .vmm, opening: .attach))
 
         let rewrite = "dd if=/dev/urandom of=\(source.path) bs=1M count=40 conv=notrunc status=none"
         let agent = try Program.spawn("postcopy-push", [

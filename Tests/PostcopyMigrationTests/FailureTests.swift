@@ -236,8 +236,8 @@ struct FailureTests {
         let agent = try SourceAgent(config: agentConfig, logger: testLogger("agent"),
                                     progress: ProgressReporter(enabled: false))
         // A VMM that takes the offer, attaches nothing, and closes.
-        let vmm = VMMChannel(try UnixConnection.connect(path: daemon.socketPath))
-        guard let (offer, descriptor) = try vmm.receive(), case .vmmOffer = offer, let descriptor else {
+        let vmm = VMMChannel(try UnixConnection.connect(path: daemon.socketPath), side: .vmm, opening: .attach)
+        guard let (offer, descriptor) = try vmm.receive(), case .offer = offer, let descriptor else {
             throw TestFailure("no VMM_OFFER")
         }
         close(descriptor)

@@ -26,7 +26,7 @@ struct PointOfNoReturnTests {
         try bulk.send(.dirtyBitmap(totalBits: stale.count, firstWord: 0, words: stale.words))
         try bulk.send(.switchover(stalePages: stale.popCount, sourcePausedAtNanos: realtimeNanoseconds(),
                                   handOver: handOver))
-        guard case .vmmResume? = try vmm.next() else { throw TestFailure("no VMM_RESUME") }
+        guard case .resume? = try vmm.next() else { throw TestFailure("no VMM_RESUME") }
         return (bulk, urgent)
     }
 
@@ -44,7 +44,7 @@ struct PointOfNoReturnTests {
         let (bulk, urgent) = try Self.switchOver(daemon, vmm, stale: Self.stale([1]), handOver: false)
         try bulk.connection.setReceiveTimeout(500_000_000)
         #expect(throws: (any Error).self, "RESUMED before VMM_RESUMED") { _ = try FailureTests.next(bulk) }
-        try vmm.channel.send(.vmmResumed)
+        try vmm.channel.send(.resumed)
         try bulk.connection.setReceiveTimeout(10_000_000_000)
         guard case .resumed? = try FailureTests.next(bulk) else { throw TestFailure("no RESUMED after VMM_RESUMED") }
         #expect(daemon.daemon.status().phase == "postcopy")
@@ -59,7 +59,7 @@ struct PointOfNoReturnTests {
         let daemon = try Daemon()
         let vmm = try HandVMM(daemon)
         let (bulk, urgent) = try Self.switchOver(daemon, vmm, stale: Self.stale([3, 4]), handOver: true)
-        try vmm.channel.send(.vmmResumed)
+        try vmm.channel.send(.resumed)
         guard case .resumed? = try FailureTests.next(bulk) else { throw TestFailure("no RESUMED") }
         #expect(daemon.daemon.status().phase == "handover")
         try bulk.send(.zeroPages(firstPage: 3, count: 2))
@@ -71,8 +71,8 @@ struct PointOfNoReturnTests {
         #expect(daemon.daemon.status().phase == "handover")
         try bulk.send(.handedOver)
         try vmm.channel.connection.setReceiveTimeout(10_000_000_000)
-        guard case .vmmComplete(Self.digest)? = try vmm.next() else { throw TestFailure("no VMM_COMPLETE after HANDED_OVER") }
-        try vmm.channel.send(.vmmComplete(imageDigest: nil))
+        guard case .complete(Self.digest)? = try vmm.next() else { throw TestFailure("no VMM_COMPLETE after HANDED_OVER") }
+        try vmm.channel.send(.complete(imageDigest: nil))
         guard case .complete? = try FailureTests.next(bulk) else { throw TestFailure("no COMPLETE") }
         bulk.shutdown()
         urgent.shutdown()
@@ -91,7 +91,7 @@ struct PointOfNoReturnTests {
         let daemon = try Daemon()
         let vmm = try HandVMM(daemon)
         let (bulk, urgent) = try Self.switchOver(daemon, vmm, stale: Self.stale([5, 6, 7]), handOver: true)
-        try vmm.channel.send(.vmmResumed)
+        try vmm.channel.send(.resumed)
         guard case .resumed? = try FailureTests.next(bulk) else { throw TestFailure("no RESUMED") }
         #expect(daemon.store.kept.withLock { $0 } == Set(StoredDescriptor.all))
         try bulk.send(.discard(reason: "QMP: the source QEMU's migration is 'failed'"))
@@ -116,7 +116,7 @@ struct PointOfNoReturnTests {
         let daemon = try Daemon()
         let vmm = try HandVMM(daemon)
         let (bulk, urgent) = try Self.switchOver(daemon, vmm, stale: Self.stale([12]), handOver: true)
-        try vmm.channel.send(.vmmResumed)
+        try vmm.channel.send(.resumed)
         guard case .resumed? = try FailureTests.next(bulk) else { throw TestFailure("no RESUMED") }
         bulk.shutdown()
         urgent.shutdown()
@@ -142,8 +142,8 @@ struct PointOfNoReturnTests {
         try newBulk.send(.zeroPages(firstPage: 12, count: 1))
         try newBulk.send(.imageDigest(Self.digest))
         try newBulk.send(.handedOver)
-        guard case .vmmComplete? = try vmm.next() else { throw TestFailure("no VMM_COMPLETE") }
-        try vmm.channel.send(.vmmComplete(imageDigest: nil))
+        guard case .complete? = try vmm.next() else { throw TestFailure("no VMM_COMPLETE") }
+        try vmm.channel.send(.complete(imageDigest: nil))
         guard case .complete? = try FailureTests.next(newBulk) else { throw TestFailure("no COMPLETE") }
         newBulk.shutdown()
         newUrgent.shutdown()
@@ -161,7 +161,7 @@ struct PointOfNoReturnTests {
         let daemon = try Daemon()
         let vmm = try HandVMM(daemon)
         let (bulk, urgent) = try Self.switchOver(daemon, vmm, stale: Self.stale([11]), handOver: true)
-        try vmm.channel.send(.vmmResumed)
+        try vmm.channel.send(.resumed)
         guard case .resumed? = try FailureTests.next(bulk) else { throw TestFailure("no RESUMED") }
         vmm.channel.shutdown()
         var toAgent: [Message] = []
@@ -180,7 +180,7 @@ struct PointOfNoReturnTests {
         let daemon = try Daemon()
         let vmm = try HandVMM(daemon)
         let (bulk, urgent) = try Self.switchOver(daemon, vmm, stale: Self.stale([8]), handOver: false)
-        try vmm.channel.send(.vmmResumed)
+        try vmm.channel.send(.resumed)
         guard case .resumed? = try FailureTests.next(bulk) else { throw TestFailure("no RESUMED") }
         try bulk.send(.discard(reason: "too late"))
         #expect(FailSafeDaemonTests.waitUntil { daemon.daemon.status().phase == "paused" })
@@ -217,7 +217,7 @@ struct PointOfNoReturnTests {
         let vmm = try HandVMM(daemon)
         let (bulk, urgent) = try switchOver(daemon, vmm, stale: stale([9, 10]), handOver: false)
         if acknowledge {
-            try vmm.channel.send(.vmmResumed)
+            try vmm.channel.send(.resumed)
             guard case .resumed? = try FailureTests.next(bulk) else { throw TestFailure("no RESUMED") }
         }
         // The daemon dies here (a stop behaves as a crash toward the VMM).

@@ -215,7 +215,7 @@ struct SecurityTests {
         var migration = Migration()
         migration.duringPostcopy = { daemon in
             do {
-                let channel = VMMChannel(try UnixConnection.connect(path: daemon.config.vmmSocketPath))
+                let channel = VMMChannel(try UnixConnection.connect(path: daemon.config.vmmSocketPath), side: .vmm, opening: .attach)
                 let reply = try channel.receive()
                 answer.withLock { $0 = reply.map { "\($0.message)" } ?? "closed" }
             } catch {

@@ -125,10 +125,10 @@ extension TakeoverTests {
                 connection = try? UnixConnection.connect(path: socket)
                 if connection == nil { usleep(10_000) }
             }
-            let channel = VMMChannel(try #require(connection))
-            try channel.send(.vmmHandback(.ram), passing: ram.fd)
-            try channel.send(.vmmHandback(.pageState), passing: record.fd)
-            try channel.send(.vmmReattach(guestBase: 1 << 30, features: uffd.features, registerMode: 0b101),
+            let channel = VMMChannel(try #require(connection), side: .vmm, opening: .reattach)
+            try channel.send(.handback(.ram), passing: ram.fd)
+            try channel.send(.handback(.pageState), passing: record.fd)
+            try channel.send(.reattach(guestBase: 1 << 30, features: uffd.features, registerMode: 0b101),
                              passing: uffd.fd)
             guard let (answer, descriptor) = try channel.receive() else { return "closed" }
             if let descriptor { close(descriptor) }

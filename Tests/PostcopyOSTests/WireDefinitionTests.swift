@@ -86,14 +86,14 @@ import Testing
             (.imageDigest, [CPC_WIRE_DIGEST_BYTES]),
         ]
         for (type, expected) in lengths {
-            let admitted = (0...FrameDecoder.vmmMaxPayload).filter(type.allowedPayloadLength.admits)
+            let admitted = (0...VMMMessage.maxPayload).filter(type.allowedPayloadLength.admits)
             #expect(admitted == expected.map(Int.init).sorted(), "\(type)")
         }
-        let errors = (0...FrameDecoder.vmmMaxPayload).filter(MessageType.error.allowedPayloadLength.admits)
+        let errors = (0...VMMMessage.maxPayload).filter(MessageType.error.allowedPayloadLength.admits)
         #expect(errors == Array(Int(CPC_WIRE_ERROR_TEXT_OFFSET)...Int(CPC_WIRE_ERROR_TEXT_OFFSET + CPC_WIRE_ERROR_MAX_TEXT)))
         // And the encoder writes those lengths.
-        #expect(payload(.vmmComplete(imageDigest: nil)).count == Int(CPC_WIRE_VMM_COMPLETE_ANSWER_BYTES))
-        #expect(payload(.vmmComplete(imageDigest: Self.digest)).count == Int(CPC_WIRE_VMM_COMPLETE_BYTES))
+        #expect(payload(VMMMessage.complete(imageDigest: nil)).count == Int(CPC_WIRE_VMM_COMPLETE_ANSWER_BYTES))
+        #expect(payload(VMMMessage.complete(imageDigest: Self.digest)).count == Int(CPC_WIRE_VMM_COMPLETE_BYTES))
     }
 
     /// CRC-32C as the header defines it, bit by bit, against Swift's.
@@ -108,7 +108,7 @@ import Testing
     // MARK: - layouts, both ways
 
     @Test func swiftsFrameReadsByTheHeadersOffsets() {
-        let frame = Message.vmmOffer(regionSize: 1 << 30, pageSize: .small, fileOffset: 0).encoded()
+        let frame = VMMMessage.offer(regionSize: 1 << 30, pageSize: .small, fileOffset: 0).encoded()
         #expect(read(frame, at: CPC_WIRE_HEADER_MAGIC_OFFSET, width: 4) == UInt64(CPC_WIRE_MAGIC))
         #expect(read(frame, at: CPC_WIRE_HEADER_VERSION_OFFSET, width: 1) == UInt64(CPC_WIRE_VERSION))
         #expect(read(frame, at: CPC_WIRE_HEADER_TYPE_OFFSET, width: 1) == UInt64(CPC_WIRE_TYPE_VMM_OFFER))
@@ -131,7 +131,7 @@ import Testing
     }
 
     @Test func vmmPayloadsReadAndDecodeByTheHeadersOffsets() throws {
-        let offer = payload(.vmmOffer(regionSize: 0x1_2340_0000, pageSize: .huge2M, fileOffset: 0x40_0000))
+        let offer = payload(VMMMessage.offer(regionSize: 0x1_2340_0000, pageSize: .huge2M, fileOffset: 0x40_0000))
         #expect(read(offer, at: CPC_WIRE_VMM_OFFER_REGION_SIZE_OFFSET, width: 8) == 0x1_2340_0000)
         #expect(read(offer, at: CPC_WIRE_VMM_OFFER_PAGE_SIZE_OFFSET, width: 4) == UInt64(CPC_WIRE_HUGE_PAGE_BYTES))
         #expect(read(offer, at: CPC_WIRE_VMM_OFFER_FILE_OFFSET_OFFSET, width: 8) == 0x40_0000)
@@ -141,10 +141,10 @@ import Testing
         write(&laidOut, UInt64(CPC_WIRE_PAGE_BYTES), at: CPC_WIRE_VMM_OFFER_PAGE_SIZE_OFFSET, width: 4)
         write(&laidOut, 0x1000, at: CPC_WIRE_VMM_OFFER_FILE_OFFSET_OFFSET, width: 8)
         #expect(try decode(Self.frame(type: CPC_WIRE_TYPE_VMM_OFFER, payload: laidOut))
-            == .vmmOffer(regionSize: 1 << 30, pageSize: .small, fileOffset: 0x1000))
+            == .offer(regionSize: 1 << 30, pageSize: .small, fileOffset: 0x1000))
 
-        let attachments: [(Int32, (UInt64, UffdFeatures, UInt64) -> Message)] = [
-            (CPC_WIRE_TYPE_VMM_ATTACH, Message.vmmAttach), (CPC_WIRE_TYPE_VMM_REATTACH, Message.vmmReattach),
+        let attachments: [(Int32, (UInt64, UffdFeatures, UInt64) -> VMMMessage)] = [
+            (CPC_WIRE_TYPE_VMM_ATTACH, VMMMessage.attach), (CPC_WIRE_TYPE_VMM_REATTACH, VMMMessage.reattach),
         ]
         for (type, message) in attachments {
             let sent = message(0x7F12_3456_7000, UffdFeatures(rawValue: 0x2D8), 5)
@@ -160,13 +160,13 @@ import Testing
             #expect(try decode(Self.frame(type: type, payload: attach)) == sent)
         }
 
-        let handback = payload(.vmmHandback(.pageState))
+        let handback = payload(VMMMessage.handback(.pageState))
         #expect(read(handback, at: CPC_WIRE_VMM_HANDBACK_KIND_OFFSET, width: 4) == UInt64(CPC_WIRE_HANDBACK_PAGE_STATE))
         var kind = [UInt8](repeating: 0, count: Int(CPC_WIRE_VMM_HANDBACK_BYTES))
         write(&kind, UInt64(CPC_WIRE_HANDBACK_RAM), at: CPC_WIRE_VMM_HANDBACK_KIND_OFFSET, width: 4)
-        #expect(try decode(Self.frame(type: CPC_WIRE_TYPE_VMM_HANDBACK, payload: kind)) == .vmmHandback(.ram))
+        #expect(try decode(Self.frame(type: CPC_WIRE_TYPE_VMM_HANDBACK, payload: kind)) == .handback(.ram))
 
-        let error = payload(.error(code: .discarded, message: "x"))
+        let error = payload(VMMMessage.error(code: .discarded, message: "x"))
         #expect(read(error, at: CPC_WIRE_ERROR_CODE_OFFSET, width: 2) == UInt64(CPC_WIRE_CODE_DISCARDED))
         #expect(Array(error[Int(CPC_WIRE_ERROR_TEXT_OFFSET)...]) == Array("x".utf8))
     }
@@ -253,21 +253,21 @@ extension WireDefinitionTests {
         Pin("PAGE_BYTES", CPC_WIRE_PAGE_BYTES, Message.pageBytes),
         Pin("HUGE_PAGE_BYTES", CPC_WIRE_HUGE_PAGE_BYTES, PageSize.huge2M.bytes),
         Pin("MAX_PAYLOAD", CPC_WIRE_MAX_PAYLOAD, FrameDecoder.defaultMaxPayload),
-        Pin("VMM_MAX_PAYLOAD", CPC_WIRE_VMM_MAX_PAYLOAD, FrameDecoder.vmmMaxPayload),
-        Pin("DIGEST_BYTES", CPC_WIRE_DIGEST_BYTES, payload(.imageDigest(digest)).count),
+        Pin("VMM_MAX_PAYLOAD", CPC_WIRE_VMM_MAX_PAYLOAD, VMMMessage.maxPayload),
+        Pin("DIGEST_BYTES", CPC_WIRE_DIGEST_BYTES, payload(Message.imageDigest(digest)).count),
         Pin("VMM_OFFER_BYTES", CPC_WIRE_VMM_OFFER_BYTES,
-            payload(.vmmOffer(regionSize: 1 << 30, pageSize: .small, fileOffset: 0)).count),
+            payload(VMMMessage.offer(regionSize: 1 << 30, pageSize: .small, fileOffset: 0)).count),
         Pin("VMM_ATTACH_BYTES", CPC_WIRE_VMM_ATTACH_BYTES,
-            payload(.vmmAttach(guestBase: 0, features: UffdFeatures(rawValue: 0), registerMode: 0)).count),
+            payload(VMMMessage.attach(guestBase: 0, features: UffdFeatures(rawValue: 0), registerMode: 0)).count),
         Pin("VMM_REATTACH_BYTES", CPC_WIRE_VMM_REATTACH_BYTES,
-            payload(.vmmReattach(guestBase: 0, features: UffdFeatures(rawValue: 0), registerMode: 0)).count),
-        Pin("VMM_RESUME_BYTES", CPC_WIRE_VMM_RESUME_BYTES, payload(.vmmResume).count),
-        Pin("VMM_RESUMED_BYTES", CPC_WIRE_VMM_RESUMED_BYTES, payload(.vmmResumed).count),
-        Pin("VMM_COMPLETE_BYTES", CPC_WIRE_VMM_COMPLETE_BYTES, payload(.vmmComplete(imageDigest: digest)).count),
+            payload(VMMMessage.reattach(guestBase: 0, features: UffdFeatures(rawValue: 0), registerMode: 0)).count),
+        Pin("VMM_RESUME_BYTES", CPC_WIRE_VMM_RESUME_BYTES, payload(VMMMessage.resume).count),
+        Pin("VMM_RESUMED_BYTES", CPC_WIRE_VMM_RESUMED_BYTES, payload(VMMMessage.resumed).count),
+        Pin("VMM_COMPLETE_BYTES", CPC_WIRE_VMM_COMPLETE_BYTES, payload(VMMMessage.complete(imageDigest: digest)).count),
         Pin("VMM_COMPLETE_ANSWER_BYTES", CPC_WIRE_VMM_COMPLETE_ANSWER_BYTES,
-            payload(.vmmComplete(imageDigest: nil)).count),
-        Pin("VMM_HANDBACK_BYTES", CPC_WIRE_VMM_HANDBACK_BYTES, payload(.vmmHandback(.ram)).count),
-        Pin("HEARTBEAT_BYTES", CPC_WIRE_HEARTBEAT_BYTES, payload(.heartbeat).count),
+            payload(VMMMessage.complete(imageDigest: nil)).count),
+        Pin("VMM_HANDBACK_BYTES", CPC_WIRE_VMM_HANDBACK_BYTES, payload(VMMMessage.handback(.ram)).count),
+        Pin("HEARTBEAT_BYTES", CPC_WIRE_HEARTBEAT_BYTES, payload(VMMMessage.heartbeat).count),
         Pin("SOURCE_OFFER_MAGIC", CPC_WIRE_SOURCE_OFFER_MAGIC, read(SourceTrackingOffer.magic, at: 0, width: 4)),
         Pin("SOURCE_OFFER_VERSION", CPC_WIRE_SOURCE_OFFER_VERSION, SourceTrackingOffer.version),
         Pin("SOURCE_OFFER_HEADER_BYTES", CPC_WIRE_SOURCE_OFFER_HEADER_BYTES, SourceTrackingOffer.headerSize),
@@ -413,14 +413,14 @@ extension WireDefinitionTests {
 }
 
 /// The one message in `frame`, as the VMM socket's decoder reads it.
-private func decode(_ frame: [UInt8]) throws -> Message? {
-    var decoder = FrameDecoder(maxPayload: FrameDecoder.vmmMaxPayload)
+private func decode(_ frame: [UInt8]) throws -> VMMMessage? {
+    var decoder = VMMFrameDecoder()
     frame.withUnsafeBytes { decoder.append($0) }
     return try decoder.next()
 }
 
 /// The payload of `message`'s frame, as Swift encodes it.
-private func payload(_ message: Message) -> [UInt8] { Array(message.encoded().dropFirst(FrameHeader.size)) }
+private func payload(_ message: some WireMessage) -> [UInt8] { Array(message.encoded().dropFirst(FrameHeader.size)) }
 
 /// The little-endian integer of `width` bytes at `offset`.
 private func read(_ bytes: [UInt8], at offset: Int32, width: Int) -> UInt64 {

@@ -67,6 +67,15 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         }
     }
 
+    /// The connection this type travels on: ERROR and HEARTBEAT on both.
+    public var socket: WireSocket {
+        switch self {
+        case .error, .heartbeat: return .either
+        case .vmmOffer, .vmmAttach, .vmmResume, .vmmComplete, .vmmHandback, .vmmReattach, .vmmResumed: return .vmm
+        default: return .agent
+        }
+    }
+
     /// The name the protocol document uses: `PAGE_REQUEST`, `VMM_OFFER`.
     public var description: String {
         switch self {
@@ -97,6 +106,45 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
     }
 }
 
+/// Which connection a message type travels on.
+public enum WireSocket: Sendable, CustomStringConvertible {
+    /// The TCP connections between the source's agent and postcopyd (`Message`).
+    case agent
+    /// The unix socket between postcopyd and the VMM (`VMMMessage`).
+    case vmm
+    /// Both: ERROR and HEARTBEAT.
+    case either
+
+    /// Whether a type of this socket may travel on `socket`.
+    public func admits(_ socket: WireSocket) -> Bool { self == .either || self == socket }
+
+    public var description: String {
+        switch self {
+        case .agent: return "an agent connection"
+        case .vmm: return "the VMM socket"
+        case .either: return "either connection"
+        }
+    }
+}
+
+/// A message of one of the two conversations, as frames carry it: the
+/// agent's (`Message`) or the VMM's (`VMMMessage`). Both share the frame
+/// (header, checksum, type numbers); each decodes only its own types.
+public protocol WireMessage: Equatable, Sendable {
+    /// The connection this conversation runs on.
+    static var socket: WireSocket { get }
+    /// The largest payload a frame of this conversation carries, and so the
+    /// default limit of its decoder.
+    static var maxPayload: Int { get }
+    /// The frame type of this message.
+    var type: MessageType { get }
+    /// Appends the payload (no header) to `out`.
+    func appendPayload(to out: inout [UInt8])
+    /// Decodes the payload of a frame of `type` (one of this socket's types),
+    /// whose checksum has been checked.
+    static func decode(type: MessageType, payload: ArraySlice<UInt8>) throws(ProtocolError) -> Self
+}
+
 /// The 16 bytes in front of every payload. All integers little-endian.
 ///
 ///     offset  size  field
@@ -124,9 +172,10 @@ public struct FrameHeader: Equatable, Sendable {
     public let checksum: UInt32
 
     /// Parses the 16 header bytes in `bytes` and checks everything that can
-    /// be checked before the payload arrives: magic, version, flags, type,
-    /// `payloadLength` against `maxPayload` and against the type's rule.
-    public init(parsing bytes: ArraySlice<UInt8>, maxPayload: Int) throws(ProtocolError) {
+    /// be checked before the payload arrives: magic, version, flags, type
+    /// (one that travels on `socket`, when given), `payloadLength` against
+    /// `maxPayload` and against the type's rule.
+    public init(parsing bytes: ArraySlice<UInt8>, maxPayload: Int, socket: WireSocket? = nil) throws(ProtocolError) {
         precondition(bytes.count == FrameHeader.size, "a frame header is \(FrameHeader.size) bytes")
         let magic: UInt32 = bytes.loadLittleEndian(at: 0)
         guard magic == FrameHeader.magic else { throw .badMagic(magic) }
@@ -136,6 +185,7 @@ public struct FrameHeader: Equatable, Sendable {
         guard flags == 0 else { throw .nonzeroFlags(flags) }
         let rawType: UInt8 = bytes.loadLittleEndian(at: 5)
         guard let type = MessageType(rawValue: rawType) else { throw .unknownType(rawType) }
+        if let socket, !type.socket.admits(socket) { throw .wrongSocket(type: type, received: socket) }
         let length: UInt32 = bytes.loadLittleEndian(at: 8)
         guard UInt64(length) <= UInt64(max(maxPayload, 0)) else {
             throw .payloadTooLarge(announced: length, limit: maxPayload)
@@ -149,7 +199,7 @@ public struct FrameHeader: Equatable, Sendable {
     }
 }
 
-extension Message {
+extension WireMessage {
     /// Appends this message to `out` as one whole frame, checksum included.
     ///
     /// An ERROR message longer than `maxErrorMessageBytes` of UTF-8 is cut
@@ -176,7 +226,9 @@ extension Message {
         encode(into: &out)
         return out
     }
+}
 
+extension Message {
     /// Appends a whole PAGES frame whose page bytes are copied once, straight
     /// from `pageData` (a whole number of 4096-byte pages, at least one).
     public static func encodePages(requestID: UInt32, firstPage: UInt64, pageData: UnsafeRawBufferPointer,

@@ -1,12 +1,14 @@
-/// Turns a byte stream into messages, one frame at a time.
+/// Turns a byte stream into messages of one conversation, one frame at a
+/// time: `FrameDecoder` for an agent connection's `Message`s,
+/// `VMMFrameDecoder` for the VMM socket's `VMMMessage`s.
 ///
 /// Feed it whatever the socket returned with `append`, then call `next()`
 /// until it returns nil (more bytes needed). A header is checked as soon as
 /// its 16 bytes are in, so a frame announcing more than `maxPayload` bytes,
-/// an unknown type or a length its type does not allow is refused before any
-/// of its payload is buffered; nothing is ever reserved for an announced
-/// length. The checksum is checked once the whole frame is in, before the
-/// payload is decoded.
+/// an unknown type, a type of the other conversation or a length its type
+/// does not allow is refused before any of its payload is buffered; nothing
+/// is ever reserved for an announced length. The checksum is checked once
+/// the whole frame is in, before the payload is decoded.
 ///
 /// The first error is final: the decoder keeps it, drops further bytes, and
 /// every later `next()` throws it again. The connection is to be closed with
@@ -17,13 +19,9 @@
 /// message before the next `append`/`receive`, or that call copies the
 /// buffer. `receive` lets the socket write into that buffer directly, so a
 /// page is copied once from the kernel and once into guest memory.
-public struct FrameDecoder: Sendable {
-    /// The default `maxPayload`: one PAGES frame of 1024 pages (4 MiB)
-    /// and then some (64 KiB).
-    public static let defaultMaxPayload = 4 << 20 + 64 << 10
-    /// The `maxPayload` of the VMM socket (`VMMChannel`), whose largest
-    /// frame is an ERROR of 1026 bytes.
-    public static let vmmMaxPayload = 4096
+public struct WireDecoder<Decoded: WireMessage>: Sendable {
+    /// The default `maxPayload`: the conversation's largest frame.
+    public static var defaultMaxPayload: Int { Decoded.maxPayload }
 
     /// The largest payload a header may announce.
     public let maxPayload: Int
@@ -38,7 +36,7 @@ public struct FrameDecoder: Sendable {
     /// The checked header of the frame being assembled, once its bytes are in.
     private var header: FrameHeader?
 
-    public init(maxPayload: Int = FrameDecoder.defaultMaxPayload) {
+    public init(maxPayload: Int = Decoded.maxPayload) {
         precondition(maxPayload >= 0, "maxPayload \(maxPayload) is negative")
         self.maxPayload = maxPayload
     }
@@ -79,7 +77,7 @@ public struct FrameDecoder: Sendable {
     }
 
     /// The next whole message, or nil when more bytes are needed.
-    public mutating func next() throws(ProtocolError) -> Message? {
+    public mutating func next() throws(ProtocolError) -> Decoded? {
         if let failure { throw failure }
         do throws(ProtocolError) {
             return try decodeNext()
@@ -93,11 +91,11 @@ public struct FrameDecoder: Sendable {
         }
     }
 
-    private mutating func decodeNext() throws(ProtocolError) -> Message? {
+    private mutating func decodeNext() throws(ProtocolError) -> Decoded? {
         if header == nil {
             guard bufferedByteCount >= FrameHeader.size else { return nil }
             header = try FrameHeader(parsing: buffer[readIndex..<(readIndex + FrameHeader.size)],
-                                     maxPayload: maxPayload)
+                                     maxPayload: maxPayload, socket: Decoded.socket)
         }
         guard let header else { return nil }
         let frameSize = FrameHeader.size + Int(header.payloadLength)
@@ -110,7 +108,7 @@ public struct FrameDecoder: Sendable {
         guard crc.value == header.checksum else {
             throw .checksumMismatch(type: header.type, computed: crc.value, announced: header.checksum)
         }
-        let message = try Message.decode(type: header.type, payload: payload)
+        let message = try Decoded.decode(type: header.type, payload: payload)
         readIndex += frameSize
         self.header = nil
         return message
@@ -141,3 +139,8 @@ public struct FrameDecoder: Sendable {
         }
     }
 }
+
+/// The decoder of an agent connection.
+public typealias FrameDecoder = WireDecoder<Message>
+/// The decoder of the VMM socket.
+public typealias VMMFrameDecoder = WireDecoder<VMMMessage>

@@ -1,10 +1,12 @@
-/// One protocol message: a frame's type and its decoded payload.
+/// One message between the source's agent and postcopyd, on a TCP
+/// connection: a frame's type and its decoded payload. (The VMM socket has
+/// its own conversation, `VMMMessage`.)
 ///
 /// Page indexes (`firstPage`) count 4 KiB pages from the start of the
 /// region, whatever page size backs it. Decoding checks each payload's shape
 /// (lengths, counts, defined values); whether pages lie inside the region is
 /// checked separately, by `validate(against:)`, which needs the region.
-public enum Message: Equatable, Sendable {
+public enum Message: WireMessage, Equatable {
     /// Agent → daemon, first frame on every TCP connection. `secret` binds
     /// the connection to the migration's agent; `resume` says the agent
     /// rejoins a postcopy phase in progress (after a lost connection, or as
@@ -60,31 +62,10 @@ public enum Message: Equatable, Sendable {
     /// Either way: the sender closes the connection, for this reason.
     case error(code: ErrorCode, message: String)
     case heartbeat
-    /// Daemon → VMM, with the RAM file's descriptor.
-    case vmmOffer(regionSize: UInt64, pageSize: PageSize, fileOffset: UInt64)
-    /// VMM → daemon, with the userfaultfd's descriptor. `registerMode` is the
-    /// `UFFDIO_REGISTER_MODE_*` word the VMM registered the range with.
-    case vmmAttach(guestBase: UInt64, features: UffdFeatures, registerMode: UInt64)
-    /// Daemon → VMM, with the page-state file's descriptor, which the VMM
-    /// keeps for a restarted postcopyd: run the guest (or, answering
-    /// VMM_REATTACH, go on running it).
-    case vmmResume
-    /// VMM → daemon, the answer to VMM_RESUME (no descriptor): the VMM keeps
-    /// the page-state file and the range registered, and runs the guest (or
-    /// starts it once its device state is loaded).
-    case vmmResumed
-    /// Daemon → VMM, with `imageDigest`: every page is in place, and this is
-    /// the source's digest of the image (IMAGE_DIGEST), which a verifying
-    /// VMM can check. The VMM unregisters the range and answers with an
-    /// empty VMM_COMPLETE (`imageDigest` nil), after which the daemon stops
-    /// serving. The payload's length (32 or 0) tells the two apart.
-    case vmmComplete(imageDigest: ImageDigest?)
-    /// VMM → a restarted daemon, with a descriptor the VMM kept for it:
-    /// the RAM file of VMM_OFFER, or the page-state file of VMM_RESUME.
-    case vmmHandback(HandbackKind)
-    /// VMM → a restarted daemon, after both VMM_HANDBACKs, with the
-    /// userfaultfd: the fields are those of the VMM's first VMM_ATTACH.
-    case vmmReattach(guestBase: UInt64, features: UffdFeatures, registerMode: UInt64)
+
+    public static var socket: WireSocket { .agent }
+    /// One PAGES frame of 1024 pages (4 MiB) and then some (64 KiB).
+    public static var maxPayload: Int { 4 << 20 + 64 << 10 }
 
     /// The size of a page on the wire, and the unit of every page index.
     public static let pageBytes = 4096
@@ -126,13 +107,6 @@ public enum Message: Equatable, Sendable {
         case .complete: return .complete
         case .error: return .error
         case .heartbeat: return .heartbeat
-        case .vmmOffer: return .vmmOffer
-        case .vmmAttach: return .vmmAttach
-        case .vmmResume: return .vmmResume
-        case .vmmResumed: return .vmmResumed
-        case .vmmComplete: return .vmmComplete
-        case .vmmHandback: return .vmmHandback
-        case .vmmReattach: return .vmmReattach
         }
     }
 }
@@ -240,32 +214,12 @@ extension Message: CustomStringConvertible {
             return "COMPLETE received \(pagesReceived) faults clean \(faultsClean) stale \(faultsStale)"
         case let .error(code, message):
             return "ERROR \(code): \(message)"
-        case let .vmmOffer(regionSize, pageSize, fileOffset):
-            return "VMM_OFFER region \(regionSize) bytes page size \(pageSize) file offset \(fileOffset)"
-        case let .vmmAttach(guestBase, features, registerMode):
-            return "VMM_ATTACH guest base \(hex64(guestBase)) features \(features) mode \(hex64(registerMode))"
-        case let .vmmReattach(guestBase, features, registerMode):
-            return "VMM_REATTACH guest base \(hex64(guestBase)) features \(features) mode \(hex64(registerMode))"
-        case let .vmmHandback(kind):
-            return "VMM_HANDBACK \(kind)"
-        case let .vmmComplete(imageDigest?):
-            return "VMM_COMPLETE digest \(imageDigest)"
         case let .discard(reason):
             return "DISCARD: \(reason)"
-        case .heartbeat, .vmmResume, .vmmResumed, .handedOver, .vmmComplete(nil):
+        case .heartbeat, .handedOver:
             return type.description
         }
     }
-}
-
-/// What a VMM_HANDBACK gives back.
-public enum HandbackKind: UInt32, Sendable, CaseIterable, CustomStringConvertible {
-    /// The guest RAM file VMM_OFFER passed.
-    case ram = 1
-    /// The page-state file VMM_RESUME passed.
-    case pageState = 2
-
-    public var description: String { self == .ram ? "guest RAM file" : "page-state file" }
 }
 
 /// What page ranges must fit in: the region the pages belong to.
@@ -314,7 +268,7 @@ extension Message {
     /// Appends this message's payload (no header) to `out`. Counts must be at
     /// least 1 and PAGES data a whole number of pages (a broken invariant
     /// traps); an ERROR message is cut to `maxErrorMessageBytes`.
-    func appendPayload(to out: inout [UInt8]) {
+    public func appendPayload(to out: inout [UInt8]) {
         switch self {
         case let .hello(migrationID, role, sourcePageSize, regionSize, secret, resume):
             out.append(contentsOf: migrationID.bytes)
@@ -354,7 +308,7 @@ extension Message {
             out.appendLittleEndian(destinationResumedAtNanos)
         case let .resync(stalePages):
             out.appendLittleEndian(stalePages)
-        case let .imageDigest(digest), let .vmmComplete(digest?):
+        case let .imageDigest(digest):
             out.append(contentsOf: digest.bytes)
         case let .pageRequest(requestID, firstPage, count):
             precondition(count >= 1, "PAGE_REQUEST with count 0")
@@ -366,27 +320,16 @@ extension Message {
             out.appendLittleEndian(faultsClean)
             out.appendLittleEndian(faultsStale)
         case let .error(code, message):
-            out.appendLittleEndian(code.rawValue)
-            out.append(contentsOf: utf8Prefix(message, maxBytes: Message.maxErrorMessageBytes))
+            appendErrorPayload(code, message, to: &out)
         case let .discard(reason):
             out.append(contentsOf: utf8Prefix(reason, maxBytes: Message.maxErrorMessageBytes))
-        case .heartbeat, .vmmResume, .vmmResumed, .handedOver, .vmmComplete(nil):
+        case .heartbeat, .handedOver:
             return
-        case let .vmmOffer(regionSize, pageSize, fileOffset):
-            out.appendLittleEndian(regionSize)
-            out.appendLittleEndian(UInt32(pageSize.bytes))
-            out.appendLittleEndian(fileOffset)
-        case let .vmmAttach(guestBase, features, registerMode), let .vmmReattach(guestBase, features, registerMode):
-            out.appendLittleEndian(guestBase)
-            out.appendLittleEndian(features.rawValue)
-            out.appendLittleEndian(registerMode)
-        case let .vmmHandback(kind):
-            out.appendLittleEndian(kind.rawValue)
-        }
+    }
     }
 
     /// Decodes the payload of a frame of `type`, whose checksum has been
-    /// checked. Refuses a length that does not fit the type, a count of 0,
+    /// checked (a VMM_* type is refused: it belongs to the VMM socket). Refuses a length that does not fit the type, a count of 0,
     /// values v1 does not define and an ERROR message that is not UTF-8.
     /// A PAGES message's data is a slice of `payload`, not a copy.
     public static func decode(type: MessageType, payload: ArraySlice<UInt8>) throws(ProtocolError) -> Message {
@@ -469,36 +412,33 @@ extension Message {
         case .complete:
             return .complete(pagesReceived: u64(0), faultsClean: u64(8), faultsStale: u64(16))
         case .error:
-            let code: UInt16 = payload.loadLittleEndian(at: 0)
-            guard let text = String(validating: payload.dropFirst(2), as: UTF8.self) else { throw .invalidUTF8 }
-            return .error(code: ErrorCode(rawValue: code), message: text)
+            let (code, text) = try decodeErrorPayload(payload)
+            return .error(code: code, message: text)
         case .heartbeat:
             return .heartbeat
-        case .vmmOffer:
-            return .vmmOffer(regionSize: u64(0), pageSize: try pageSize(8), fileOffset: u64(12))
-        case .vmmAttach:
-            return .vmmAttach(guestBase: u64(0), features: UffdFeatures(rawValue: u64(8)), registerMode: u64(16))
-        case .vmmResume:
-            return .vmmResume
-        case .vmmResumed:
-            return .vmmResumed
-        case .vmmComplete:
-            // The length rule leaves 0 bytes (the VMM's answer) or the 32 of the digest.
-            return .vmmComplete(imageDigest: payload.isEmpty ? nil : ImageDigest(bytes: bytes(0, 32))!)
-        case .vmmReattach:
-            return .vmmReattach(guestBase: u64(0), features: UffdFeatures(rawValue: u64(8)), registerMode: u64(16))
-        case .vmmHandback:
-            guard let kind = HandbackKind(rawValue: u32(0)) else {
-                throw .invalidField(type: type, field: "kind", value: UInt64(u32(0)))
-            }
-            return .vmmHandback(kind)
+        case .vmmOffer, .vmmAttach, .vmmResume, .vmmResumed, .vmmComplete, .vmmReattach, .vmmHandback:
+            throw .wrongSocket(type: type, received: .agent)
         }
     }
 }
 
+/// ERROR's payload: the code, then the message cut to
+/// `maxErrorMessageBytes` of UTF-8.
+func appendErrorPayload(_ code: ErrorCode, _ message: String, to out: inout [UInt8]) {
+    out.appendLittleEndian(code.rawValue)
+    out.append(contentsOf: utf8Prefix(message, maxBytes: Message.maxErrorMessageBytes))
+}
+
+/// ERROR's code and message; refuses a message that is not UTF-8.
+func decodeErrorPayload(_ payload: ArraySlice<UInt8>) throws(ProtocolError) -> (ErrorCode, String) {
+    let code: UInt16 = payload.loadLittleEndian(at: 0)
+    guard let text = String(validating: payload.dropFirst(2), as: UTF8.self) else { throw .invalidUTF8 }
+    return (ErrorCode(rawValue: code), text)
+}
+
 /// The longest prefix of `text`'s UTF-8 of at most `maxBytes` that ends on a
 /// whole character (never inside a multi-byte sequence).
-private func utf8Prefix(_ text: String, maxBytes: Int) -> ArraySlice<UInt8> {
+func utf8Prefix(_ text: String, maxBytes: Int) -> ArraySlice<UInt8> {
     let utf8 = Array(text.utf8)
     guard utf8.count > maxBytes else { return utf8[...] }
     var end = maxBytes

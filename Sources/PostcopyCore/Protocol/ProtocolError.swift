@@ -12,6 +12,9 @@ public enum ProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
     case nonzeroFlags(UInt16)
     /// The frame's type byte names no message.
     case unknownType(UInt8)
+    /// A type of the other conversation: a VMM_* frame on an agent
+    /// connection, or an agent's frame on the VMM socket.
+    case wrongSocket(type: MessageType, received: WireSocket)
     /// The header announces a payload larger than the decoder accepts.
     case payloadTooLarge(announced: UInt32, limit: Int)
     /// The payload's length does not fit its message type.
@@ -39,7 +42,7 @@ public enum ProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The code to send back in the ERROR frame that closes the connection.
     public var code: ErrorCode {
         switch self {
-        case .badMagic, .nonzeroFlags, .unknownType, .payloadTooLarge, .payloadLength, .zeroCount,
+        case .badMagic, .nonzeroFlags, .unknownType, .wrongSocket, .payloadTooLarge, .payloadLength, .zeroCount,
              .invalidField, .invalidUTF8:
             return .protocolViolation
         case .unsupportedVersion, .unsupportedPageSize, .bitmapSizeMismatch:
@@ -61,6 +64,8 @@ public enum ProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
             return "frame flags \(hex16(flags)) are not zero (protocol v1 defines none)"
         case let .unknownType(type):
             return "unknown message type \(type)"
+        case let .wrongSocket(type, received):
+            return "\(type) travels on \(type.socket), not on \(received)"
         case let .payloadTooLarge(announced, limit):
             return "frame announces \(announced) bytes, limit \(limit)"
         case let .payloadLength(type, actual, expected):

@@ -66,7 +66,7 @@ struct Recovered: Sendable {
                 do {
                     try connection.setReceiveTimeout(handshakeTimeoutNanos)
                     guard let (admitted, credentials) = try VMMLink.admit(connection, allowedUID: allowedUID,
-                                                                         logger: logger) else { continue }
+                                                                         opening: .reattach, logger: logger) else { continue }
                     channel = admitted
                     let taken = try fromVMM(try VMMLink.receiveReattachment(admitted, credentials), ramFile: ramFile,
                                             logger: logger)
@@ -76,7 +76,7 @@ struct Recovered: Sendable {
                     let (code, reason) = VMMLink.refusalReason(error, timeoutNanos: handshakeTimeoutNanos)
                     last = reason
                     logger.warning("refused VMM connection: cannot take the migration over from it: \(reason); still waiting for the VMM to reattach")
-                    let answer = channel ?? VMMChannel(connection)
+                    let answer = channel ?? VMMChannel(connection, side: .daemon, opening: .reattach)
                     try? answer.send(.error(code: code, message: "cannot take the migration over: \(reason)"))
                     answer.shutdown()
                 }

@@ -63,7 +63,6 @@ final class VMMLink: Sendable {
     /// Asked first when the VMM closes its socket: true when it settled
     /// what that means (the daemon's, for a hand-over still pending).
     private let goneHandler = Locked<(@Sendable (String) -> Bool)?>(nil)
-    private let completeSent = Atomic<Bool>(false)
     private let thread = Locked<OSThread?>(nil)
     /// How long a VMM connection may take over its handshake (VMM_ATTACH,
     /// or VMM_HANDBACK ×2 and VMM_REATTACH) before it is refused.
@@ -108,15 +107,14 @@ final class VMMLink: Sendable {
     func resume(pageState: PageStateFile) throws {
         guard let vmm = current else { throw MigrationError(.internalFailure, "resume before the VMM attached") }
         resumedRecord.withLock { $0 = pageState }
-        try vmm.channel.send(.vmmResume, passing: pageState.fd)
+        try vmm.channel.send(.resume, passing: pageState.fd)
     }
 
     /// Tells the VMM every page is in place, with the source's digest of
     /// the image; it answers once it unregistered.
     func complete(imageDigest: ImageDigest) throws {
         guard let vmm = current else { return }
-        completeSent.store(true, ordering: .sequentiallyConsistent)
-        try vmm.channel.send(.vmmComplete(imageDigest: imageDigest))
+        try vmm.channel.send(.complete(imageDigest: imageDigest))
     }
 
     /// Wakes the thread and closes the VMM's connection, with ERROR when
@@ -151,6 +149,8 @@ final class VMMLink: Sendable {
                 refuser.join()
             }
             try watch(vmm)
+        } catch let error as VMMHandshakeError {
+            failures.fail(error.code, "the VMM broke the VMM socket's protocol", cause: error)
         } catch {
             failures.fail(.peerLost, "VMM", cause: error)
         }
@@ -171,7 +171,7 @@ final class VMMLink: Sendable {
             let credentials = try? connection.peerCredentials()
             let reason = "a VMM is already attached to this migration (\(vmm)); one VMM per migration"
             logger.warning("refused VMM connection: \(reason)", metadata: ["peer": "\(credentials.map { "\($0)" } ?? "unknown")"])
-            try? VMMChannel(connection).send(.error(code: .unexpectedMessage, message: reason))
+            try? VMMChannel(connection, side: .daemon, opening: .attach).send(.error(code: .unexpectedMessage, message: reason))
         }
     }
 
@@ -194,7 +194,9 @@ final class VMMLink: Sendable {
             var peer = "unknown"
             do {
                 try connection.setReceiveTimeout(handshakeTimeoutNanos)
-                guard let (admitted, credentials) = try VMMLink.admit(connection, allowedUID: allowedUID, logger: logger) else {
+                guard let (admitted, credentials) = try VMMLink.admit(connection, allowedUID: allowedUID,
+                                                                     opening: takeover == nil ? .attach : .reattach,
+                                                                     logger: logger) else {
                     refusal.withLock { $0 = "a VMM connection from another uid than \(allowedUID)" }
                     continue
                 }
@@ -213,7 +215,7 @@ final class VMMLink: Sendable {
                 let (code, reason) = VMMLink.refusalReason(error, timeoutNanos: handshakeTimeoutNanos)
                 refusal.withLock { $0 = reason }
                 logger.warning("refused VMM connection: \(reason); still waiting for the VMM", metadata: ["peer": "\(peer)"])
-                let answer = channel ?? VMMChannel(connection)
+                let answer = channel ?? VMMChannel(connection, side: .daemon, opening: .attach)
                 try? answer.send(.error(code: code, message: reason))
                 answer.shutdown()
                 continue
@@ -230,6 +232,10 @@ final class VMMLink: Sendable {
         switch error {
         case let refusal as VMMRefusal:
             return (refusal.code, refusal.reason)
+        case VMMHandshakeError.reattachToNewMigration:
+            return (.unexpectedMessage, "a VMM tried to reattach, but this postcopyd serves a new migration: it was not started to take one over (postcopyd serve --takeover) and systemd's fd store held no page-state record")
+        case let error as VMMHandshakeError:
+            return (error.code, "\(error)")
         case let error as SystemCallError where error.errno == .again:
             return (.peerLost, "the VMM sent no VMM_ATTACH (or VMM_REATTACH) within \(fixed(Double(timeoutNanos) / 1e9, 1)) s of connecting")
         case let error as MigrationError:
@@ -239,12 +245,13 @@ final class VMMLink: Sendable {
         }
     }
 
-    /// The connection as a channel, with its peer's credentials, when the
-    /// peer is `allowedUID`; otherwise refused with ERROR (nil).
-    static func admit(_ connection: UnixConnection, allowedUID: UInt32,
+    /// The connection as the daemon's end of a conversation that opens as
+    /// `opening`, with its peer's credentials, when the peer is
+    /// `allowedUID`; otherwise refused with ERROR (nil).
+    static func admit(_ connection: UnixConnection, allowedUID: UInt32, opening: VMMHandshake.Opening,
                       logger: Logger) throws -> (VMMChannel, PeerCredentials)? {
         let credentials = try connection.peerCredentials()
-        let channel = VMMChannel(connection)
+        let channel = VMMChannel(connection, side: .daemon, opening: opening)
         guard credentials.uid == allowedUID else {
             let reason = "VMM socket peer uid \(credentials.uid) is not the allowed uid \(allowedUID)"
             logger.warning("refused VMM connection: \(reason)", metadata: ["peer": "\(credentials)"])
@@ -282,7 +289,7 @@ final class VMMLink: Sendable {
         let vmm = VMMAttachment(channel: channel, uffd: uffd,
                                 guestBase: handed.guestBase, credentials: credentials, registerMode: handed.registerMode)
         resumedRecord.withLock { $0 = pageState }
-        try channel.send(.vmmResume, passing: pageState.fd)
+        try channel.send(.resume, passing: pageState.fd)
         logger.event(.vmmAttached, .info, "VMM reattached: \(credentials)", [
             "vmm_pid": "\(credentials.pid)", "vmm_uid": "\(credentials.uid)",
             "guest_base": "0x\(String(handed.guestBase, radix: 16))", "features": "\(handed.features)",
@@ -292,7 +299,8 @@ final class VMMLink: Sendable {
     }
 
     /// Reads what a reattaching VMM sends: VMM_HANDBACK of the RAM file and
-    /// of the page-state record, then VMM_REATTACH with the userfaultfd.
+    /// of the page-state record, then VMM_REATTACH with the userfaultfd
+    /// (the channel's conversation refuses any other order).
     static func receiveReattachment(_ channel: VMMChannel, _ credentials: PeerCredentials) throws -> Reattachment {
         var handed: [HandbackKind: Int32] = [:]
         var done = false
@@ -302,19 +310,22 @@ final class VMMLink: Sendable {
                 throw MigrationError(.peerLost, "the VMM closed the socket while reattaching")
             }
             switch (message, descriptor) {
-            case let (.vmmHandback(kind), descriptor?):
+            case let (.handback(kind), descriptor?):
                 if let earlier = handed.updateValue(descriptor, forKey: kind) { close(earlier) }
-            case let (.vmmReattach(guestBase, features, registerMode), uffd?):
+            case let (.reattach(guestBase, features, registerMode), uffd?):
                 guard let ram = handed[.ram], let pageState = handed[.pageState] else {
                     close(uffd)
-                    throw MigrationError(.unexpectedMessage, "VMM_REATTACH before both VMM_HANDBACKs (RAM file and page-state record)")
+                    throw VMMHandshakeError.reattachBeforeHandback(missing: HandbackKind.allCases.filter { handed[$0] == nil })
                 }
                 done = true
                 return Reattachment(channel: channel, credentials: credentials, ram: ram, pageState: pageState,
                                     uffd: uffd, guestBase: guestBase, features: features, registerMode: registerMode)
-            case let (.heartbeat, descriptor):
-                if let descriptor { close(descriptor) }
+            case (.heartbeat, _):
+                continue
+            case let (.error(code, text), _):
+                throw MigrationError(.peerLost, "the reattaching VMM reported \(code): \(text)")
             case let (other, descriptor):
+                // The conversation admits nothing else here.
                 if let descriptor { close(descriptor) }
                 throw MigrationError(.unexpectedMessage, "expected VMM_HANDBACK or VMM_REATTACH from a reattaching VMM, got \(other.type)")
             }
@@ -323,17 +334,22 @@ final class VMMLink: Sendable {
 
     private func attach(_ channel: VMMChannel, _ credentials: PeerCredentials) throws -> VMMAttachment {
         let geometry = memory.geometry
-        try channel.send(.vmmOffer(regionSize: geometry.regionSize, pageSize: geometry.pageSize, fileOffset: 0),
+        try channel.send(.offer(regionSize: geometry.regionSize, pageSize: geometry.pageSize, fileOffset: 0),
                          passing: memory.file.fd)
-        guard let (message, descriptor) = try channel.receive() else {
-            throw MigrationError(.peerLost, "the VMM closed the socket before VMM_ATTACH")
+        var attachment: (message: VMMMessage, descriptor: Int32?)
+        repeat {
+            guard let next = try channel.receive() else {
+                throw MigrationError(.peerLost, "the VMM closed the socket before VMM_ATTACH")
+            }
+            attachment = next
+        } while attachment.message == .heartbeat
+        if case let .error(code, text) = attachment.message {
+            throw MigrationError(.peerLost, "the VMM reported \(code) instead of attaching: \(text)")
         }
-        if message.type == .vmmHandback || message.type == .vmmReattach {
-            if let descriptor { close(descriptor) }
-            throw VMMRefusal(code: .unexpectedMessage, reason: "a VMM tried to reattach, but this postcopyd serves a new migration: it was not started to take one over (postcopyd serve --takeover) and systemd's fd store held no page-state record")
-        }
-        guard case let .vmmAttach(guestBase, features, registerMode) = message, let descriptor else {
-            throw MigrationError(.unexpectedMessage, "expected VMM_ATTACH from the VMM, got \(message)")
+        // The conversation admits nothing else after VMM_OFFER.
+        guard case let .attach(guestBase, features, registerMode) = attachment.message,
+              let descriptor = attachment.descriptor else {
+            throw MigrationError(.unexpectedMessage, "expected VMM_ATTACH from the VMM, got \(attachment.message)")
         }
         let uffd = Userfaultfd.adopting(fd: descriptor, features: features)
         try VMMLink.makeNonBlocking(uffd, from: credentials, logger: logger)
@@ -384,16 +400,18 @@ final class VMMLink: Sendable {
                 return
             }
             if let descriptor { close(descriptor) }
+            // The channel's conversation admitted the message: it is the
+            // one expected now.
             switch message {
             // The VMM's answer is empty: the digest travels to the VMM only.
-            case .vmmComplete(imageDigest: nil) where completeSent.load(ordering: .sequentiallyConsistent):
+            case .complete(imageDigest: nil):
                 completed.open()
                 return
             case .heartbeat:
                 continue
             // The VMM holds the range and the record: a restarted daemon may
             // take this migration over without waiting for it to reattach.
-            case .vmmResumed:
+            case .resumed:
                 resumedRecord.withLock { $0 }?.record(.vmmResumed)
                 resumed.open()
                 continue
