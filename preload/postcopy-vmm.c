@@ -588,12 +588,7 @@ static void *attach_mapping(void *mapped, size_t length, off_t offset)
         return refuse_mapping(mapped, length);
     }
     atomic_store(&registered, 1);
-    pthread_t thread;
-    pthread_attr_t attributes;
-    pthread_attr_init(&attributes);
-    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
-    int failed = pthread_create(&thread, &attributes, release_thread, NULL);
-    pthread_attr_destroy(&attributes);
+    int failed = start_quiet_thread(release_thread);
     if (failed)
         say("cannot start the adapter's thread (%s): the range will not be released at the end, and the"
             " guest will wait on its stale pages until it is stopped",
