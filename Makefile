@@ -9,9 +9,10 @@
 #                  a real QEMU guest (make test-qemu), then the systemd-nspawn
 #                  test (root only: a real systemd runs postcopyd@test)
 #   make test-sanitizers  swift test under ASan and TSan (~25 min on 2 cores)
-#   make demo      probes the kernel, then migrates a 1 GiB guest over loopback:
-#                  source workload, postcopyd, reference guest, postcopy-push
-#                  (HUGETLB=1 for 2 MiB pages on the destination)
+#   make demo      probes the kernel, then migrates a 1 GiB guest over loopback
+#                  (postcopy-bench demo): source workload, postcopyd, reference
+#                  guest, postcopyctl watch, postcopy-push (HUGETLB=1 for 2 MiB
+#                  pages on the destination, DEMO_SIZE= for another size)
 #   make check     the capability probe alone
 #   make bench     every benchmark against a baseline measured in the same run
 #                  (root; over 10 min); table, bench.json and plots in bench-results/
@@ -131,7 +132,7 @@ check: build
 
 demo: build
 	$(RELEASE)/postcopyd check $(if $(HUGETLB),--require-hugetlbfs)
-	SIZE=$(DEMO_SIZE) MEMORY=$(DEMO_MEMORY) BIN=$(RELEASE) bash scripts/demo-migration.sh
+	$(RELEASE)/postcopy-bench demo --size $(DEMO_SIZE) --memory $(DEMO_MEMORY) --bin $(RELEASE)
 
 benchmarks/baseline/%: benchmarks/baseline/%.c benchmarks/baseline/baseline.h
 	$(CC) -O2 -Wall -Wextra -pthread -o $@ $<

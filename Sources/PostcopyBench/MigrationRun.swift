@@ -35,21 +35,76 @@ public struct MigrationScenario: Sendable {
     public var backgroundScheduling: String?
     public var agentScheduling: String?
     /// postcopy-push --dirty-log: "uffd-wp" (the source workload registers
-    /// its RAM and offers the log) or "hash".
+    /// its RAM and offers the log), "hash", or "auto" (uffd-wp when the
+    /// kernel has it, else hash).
     public var dirtyLog = "uffd-wp"
     /// Mutual TLS 1.3 between postcopy-push and postcopyd, with the test
     /// certificates of this bench run (`TestCertificates`); false: both run
     /// with --insecure-plaintext, as every benchmark but precopy's does.
     public var tls = false
+    /// postcopy-push --migration-secret-file, a fresh secret in the
+    /// migration's directory (the demo shows it); false: a secret the agent
+    /// keeps in memory.
+    public var migrationSecretFile = false
+    /// Options for the reference guest (postcopy-guest vmm) after the
+    /// scenario's own, e.g. --measure-tlb 10 or --no-collapse.
+    public var guestOptions: [String] = []
+    /// The guest writes a marker into each page it read (postcopy-guest's
+    /// default); the benchmarks turn it off.
+    public var scribble = false
+    /// `postcopyctl watch` follows the migration, as an operator would;
+    /// what it showed is in `MigrationFiles.watch`.
+    public var watch = false
+    /// Where the programs log: files in the migration's directory, or this
+    /// process's stderr (with postcopy-push's progress display), as an
+    /// operator running them by hand sees them.
+    public var logsToStandardError = false
+    /// How long postcopy-push may take.
+    public var pushSeconds: Double = 900
     /// Runs once the source is filled, postcopyd listens and the guest is
     /// started, just before postcopy-push: `postcopy-bench load` makes its
     /// N migrations start together here. A throw ends this migration.
     public var beforePush: (@Sendable () throws -> Void)?
+    /// Told as each step begins (`postcopy-bench demo` says them).
+    public var onStep: (@Sendable (MigrationStep) -> Void)?
 
     public init(name: String, size: UInt64, source: Source) {
         self.name = name
         self.size = size
         self.source = source
+    }
+}
+
+/// The steps of a `MigrationScenario`, in order.
+public enum MigrationStep: Sendable {
+    /// Starting the source workload and filling its RAM.
+    case source
+    /// Choosing the transport: making the test certificates, with `tls`.
+    case transport
+    /// Starting postcopyd, postcopyctl watch and the reference guest.
+    case destination
+    /// Starting postcopy-push.
+    case migrate
+}
+
+/// Where one migration keeps its files: a directory of its own in the
+/// bench's work directory, and the source's guest RAM in /dev/shm. They are
+/// there after `MigrationScenario.run` returns or throws, but for the
+/// source RAM, which it removes either way.
+public struct MigrationFiles: Sendable {
+    public let directory: String
+    public let sourceRAM: String
+
+    /// The programs whose summary (one JSON line on stdout) `summary` holds.
+    public static let summarizing = ["push", "daemon", "guest"]
+
+    /// What `postcopyctl watch` showed (with `MigrationScenario.watch`).
+    public var watch: String { "\(directory)/watch.txt" }
+    /// One of `summarizing`'s summary.
+    public func summary(_ program: String) -> String { "\(directory)/\(program).json" }
+    /// A program's log, unless the scenario logs to this process's stderr.
+    func log(_ program: String, of scenario: MigrationScenario) -> String? {
+        scenario.logsToStandardError ? nil : "\(directory)/\(program).log"
     }
 }
 
@@ -93,19 +148,28 @@ public struct MigrationResult: Sendable {
 }
 
 extension MigrationScenario {
+    /// Where this scenario's run in `environment` keeps its files.
+    public func files(in environment: BenchEnvironment) -> MigrationFiles {
+        MigrationFiles(directory: "\(environment.workDirectory)/\(name)",
+                       sourceRAM: "/dev/shm/postcopy-bench-\(getpid())-\(name)")
+    }
+
     /// Runs the migration; throws with the failing program's log on error.
+    /// Kills every program it started and removes the source RAM, whatever
+    /// the outcome.
     public func run(in environment: BenchEnvironment) throws -> MigrationResult {
-        let directory = "\(environment.workDirectory)/\(name)"
+        let files = files(in: environment)
+        let directory = files.directory
         try? FileManager.default.removeItem(atPath: directory)
         try makeDirectory(directory)
-        let sourceRAM = "/dev/shm/postcopy-bench-\(getpid())-\(name)"
         var children: [Child] = []
         defer {
             for child in children { child.kill() }
-            unlink(sourceRAM)
+            unlink(files.sourceRAM)
         }
         let started = Date()
 
+        onStep?(.source)
         let dirtyShare: Double
         switch source {
         case let .workload(dirty): dirtyShare = dirty
@@ -113,15 +177,17 @@ extension MigrationScenario {
         }
         let dirtyLogSocket = "\(directory)/dirty-log.sock"
         let workload = try Child("source", environment.program("postcopy-guest"), [
-            "source", "--ram", sourceRAM, "--size", "\(size)", "--dirty", "\(dirtyShare)", "--zero", "\(zeroShare)",
+            "source", "--ram", files.sourceRAM, "--size", "\(size)", "--dirty", "\(dirtyShare)", "--zero", "\(zeroShare)",
             "--seed", "\(seed)", "--ready-file", "\(directory)/source.ready",
-        ] + (dirtyLog == "hash" ? [] : ["--dirty-log-socket", dirtyLogSocket]), stdout: "\(directory)/source.out", stderr: "\(directory)/source.log")
+        ] + (dirtyLog == "hash" ? [] : ["--dirty-log-socket", dirtyLogSocket]), stdout: "\(directory)/source.out",
+            stderr: files.log("source", of: self))
         children.append(workload)
         try waitForFile("\(directory)/source.ready", seconds: 300, "the source RAM to be filled", while: workload)
 
         // Plaintext, explicitly, unless `tls`: these figures are postcopyd's
         // own, comparable with the raw-TCP baselines and across runs; the
         // precopy benchmark measures TLS against a TLS baseline.
+        onStep?(.transport)
         let transport: (daemon: [String], agent: [String])
         if tls {
             let certificates = try TestCertificates.existing(in: environment)
@@ -129,51 +195,41 @@ extension MigrationScenario {
         } else {
             transport = (["--insecure-plaintext"], ["--insecure-plaintext"])
         }
-        var pushArguments = ["--ram", sourceRAM, "--pause-pid", "\(workload.pid)", "--max-rounds", "\(maxRounds)",
-                             "--quiet", "--json", "--dirty-log", dirtyLog] + transport.agent
-        if dirtyLog != "hash" { pushArguments += ["--dirty-log-socket", dirtyLogSocket] }
-        if case let .image(stalePages) = source {
-            let bitmap = "\(directory)/dirty.bitmap"
-            try writeDirtyBitmap(bitmap, pages: size / 4096, stale: stalePages)
-            pushArguments += ["--dirty-bitmap", bitmap]
-        }
-        if let postcopyMiBps { pushArguments += ["--postcopy-bandwidth", "\(postcopyMiBps)"] }
-        if let scheduling = agentScheduling ?? backgroundScheduling {
-            pushArguments += ["--background-scheduling", scheduling]
-        }
+        let pushArguments = try pushArguments(files, pausing: workload.pid, dirtyLogSocket: dirtyLogSocket)
+            + transport.agent
 
-        var daemonArguments = ["serve", "--instance", name, "--listen", "127.0.0.1:0",
-                               "--vmm-socket", "\(directory)/vmm.sock", "--control-socket", "\(directory)/control.sock",
-                               "--memory", memory.rawValue, "--size", "\(size)",
-                               "--ready-file", "\(directory)/daemon.ready", "--json"] + transport.daemon
-        if trace { daemonArguments += ["--trace", "\(directory)/trace.csv"] }
-        if let backgroundScheduling { daemonArguments += ["--background-scheduling", backgroundScheduling] }
+        onStep?(.destination)
         let logToStderr = ["POSTCOPY_LOG": "stderr"]
-        let daemon = try Child("postcopyd", environment.program("postcopyd"), daemonArguments,
-                               stdout: "\(directory)/daemon.json", stderr: "\(directory)/daemon.log",
+        let daemon = try Child("postcopyd", environment.program("postcopyd"), daemonArguments(files) + transport.daemon,
+                               stdout: files.summary("daemon"), stderr: files.log("daemon", of: self),
                                environment: logToStderr)
         children.append(daemon)
         try waitForFile("\(directory)/daemon.ready", seconds: 120, "postcopyd to listen", while: daemon)
-
-        var guestArguments = ["vmm", "--socket", "\(directory)/vmm.sock", "--threads", "\(guestThreads)",
-                              "--touch", "\(touch)", "--no-scribble", "--json"]
-        if touchLog { guestArguments += ["--touch-log", "\(directory)/touches.csv"] }
-        let guest = try Child("postcopy-guest", environment.program("postcopy-guest"), guestArguments,
-                              stdout: "\(directory)/guest.json", stderr: "\(directory)/guest.log",
+        var watcher: Child?
+        if watch {
+            watcher = try Child("postcopyctl watch", environment.program("postcopyctl"),
+                                ["watch", "--socket", "\(directory)/control.sock"],
+                                stdout: files.watch, stderr: files.log("watch", of: self))
+            children.append(watcher!)
+        }
+        let guest = try Child("postcopy-guest", environment.program("postcopy-guest"), guestArguments(files),
+                              stdout: files.summary("guest"), stderr: files.log("guest", of: self),
                               environment: logToStderr)
         children.append(guest)
 
         let endpoint = try String(contentsOfFile: "\(directory)/daemon.ready", encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines)
         try beforePush?()
+        onStep?(.migrate)
         let pushStarted = Date()
         let push = try Child("postcopy-push", environment.program("postcopy-push"), pushArguments + ["--to", endpoint],
-                             stdout: "\(directory)/push.json", stderr: "\(directory)/push.log",
+                             stdout: files.summary("push"), stderr: files.log("push", of: self),
                              environment: logToStderr)
         children.append(push)
-        try push.succeed(seconds: 900)
-        try daemon.succeed(seconds: 120)
-        try guest.succeed(seconds: 300)
+        try push.succeed(seconds: pushSeconds, watching: children)
+        try daemon.succeed(seconds: 120, watching: children)
+        try guest.succeed(seconds: 300, watching: children)
+        try watcher?.succeed(seconds: 30, watching: children)
         let wall = Date().timeIntervalSince(started)
         let migrationWall = Date().timeIntervalSince(pushStarted)
 
@@ -198,6 +254,47 @@ extension MigrationScenario {
         return MigrationResult(daemon: try decode(DestinationSummary.self, daemon), agent: try decode(AgentSummary.self, push),
                                guest: guestSummary, trace: traceResult, touches: touches, wallSeconds: wall,
                                migrationWallSeconds: migrationWall)
+    }
+
+    /// postcopyd serve's options, but for the transport's.
+    private func daemonArguments(_ files: MigrationFiles) -> [String] {
+        let directory = files.directory
+        var arguments = ["serve", "--instance", name, "--listen", "127.0.0.1:0",
+                         "--vmm-socket", "\(directory)/vmm.sock", "--control-socket", "\(directory)/control.sock",
+                         "--memory", memory.rawValue, "--size", "\(size)",
+                         "--ready-file", "\(directory)/daemon.ready", "--json"]
+        if trace { arguments += ["--trace", "\(directory)/trace.csv"] }
+        if let backgroundScheduling { arguments += ["--background-scheduling", backgroundScheduling] }
+        return arguments
+    }
+
+    /// postcopy-guest vmm's options.
+    private func guestArguments(_ files: MigrationFiles) -> [String] {
+        var arguments = ["vmm", "--socket", "\(files.directory)/vmm.sock", "--threads", "\(guestThreads)",
+                         "--touch", "\(touch)", "--json"]
+        if !scribble { arguments.append("--no-scribble") }
+        if touchLog { arguments += ["--touch-log", "\(files.directory)/touches.csv"] }
+        return arguments + guestOptions
+    }
+
+    /// postcopy-push's options, but for the transport's and --to; writes
+    /// the dirty bitmap of an `.image` source.
+    private func pushArguments(_ files: MigrationFiles, pausing sourcePID: Int32, dirtyLogSocket: String) throws -> [String] {
+        var arguments = ["--ram", files.sourceRAM, "--pause-pid", "\(sourcePID)", "--max-rounds", "\(maxRounds)",
+                         "--json", "--dirty-log", dirtyLog]
+        if !logsToStandardError { arguments.append("--quiet") }
+        if dirtyLog != "hash" { arguments += ["--dirty-log-socket", dirtyLogSocket] }
+        if case let .image(stalePages) = source {
+            let bitmap = "\(files.directory)/dirty.bitmap"
+            try writeDirtyBitmap(bitmap, pages: size / 4096, stale: stalePages)
+            arguments += ["--dirty-bitmap", bitmap]
+        }
+        if let postcopyMiBps { arguments += ["--postcopy-bandwidth", "\(postcopyMiBps)"] }
+        if let scheduling = agentScheduling ?? backgroundScheduling {
+            arguments += ["--background-scheduling", scheduling]
+        }
+        if migrationSecretFile { arguments += ["--migration-secret-file", "\(files.directory)/migration.secret"] }
+        return arguments
     }
 
     /// `stale` of `pages` pages, chosen by a generator seeded with `seed`,

@@ -10,7 +10,17 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "postcopy-bench",
         abstract: "postcopyd's benchmarks, each against a baseline measured in the same run.",
-        subcommands: [Run.self, Load.self, CleanFaults.self, SHA256Throughput.self])
+        subcommands: [Run.self, Demo.self, Load.self, CleanFaults.self, SHA256Throughput.self])
+}
+
+/// Why the migrations need root, for a refusal.
+let rootReason = "postcopyd resolves the VMM's faults with userfaultfd, which needs root here"
+
+/// Refuses a run when any of `programs` is not an executable in `bin`.
+func requirePrograms(_ programs: [String], in bin: String) throws {
+    for program in programs where !FileManager.default.isExecutableFile(atPath: "\(bin)/\(program)") {
+        throw ValidationError("\(bin)/\(program) is missing: build first ('make build', or 'swift build' for .build/debug) or give --bin")
+    }
 }
 
 struct Load: ParsableCommand {
@@ -61,12 +71,9 @@ struct Load: ParsableCommand {
                 print("load: SKIP: needs root (postcopyd resolves the VMM's faults with userfaultfd)")
                 return
             }
-            throw ValidationError("needs root: postcopyd resolves the VMM's faults with userfaultfd, which needs root here")
+            throw ValidationError("needs root: \(rootReason)")
         }
-        for program in ["postcopyd", "postcopy-push", "postcopy-guest"]
-        where !FileManager.default.isExecutableFile(atPath: "\(bin)/\(program)") {
-            throw ValidationError("\(bin)/\(program) is missing: build first ('make build', or 'swift build' for .build/debug) or give --bin")
-        }
+        try requirePrograms(["postcopyd", "postcopy-push", "postcopy-guest"], in: bin)
         try? FileManager.default.removeItem(atPath: work)
         try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
         let say: @Sendable (String) -> Void = { line in print("load: \(line)") }

@@ -247,23 +247,37 @@ import PostcopyOS
         #expect(resume.stderr.contains("--resume needs --migration-secret-file"), "\(resume.stderr)")
     }
 
-    /// The demo script's whole migration, with the three programs as separate
-    /// processes and the source really stopped with SIGSTOP, on 64 MiB.
+    /// `postcopy-bench demo` refuses what it cannot run before it starts anything.
+    @Test func demoRefusesBadOptionsBeforeStartingAnything() throws {
+        for (arguments, message) in [(["--size", "3M"], "--size must be a positive multiple of 2 MiB, not 3M"),
+                                     (["--dirty", "1.5"], "--dirty must be a share between 0 and 1, not 1.5"),
+                                     (["--timeout", "0"], "--timeout must be positive")] {
+            let result = try run("postcopy-bench", ["demo"] + arguments)
+            #expect(result.status == 64)
+            #expect(result.stderr.hasPrefix("Error: \(message)\n"), "\(result.stderr)")
+            #expect(result.stdout.isEmpty)
+        }
+    }
+
+    /// `postcopy-bench demo`'s whole migration, with the three programs as
+    /// separate processes and the source really stopped with SIGSTOP, on 64 MiB.
     @Test(.enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
     func aWholeMigrationWithTheThreePrograms() throws {
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent()
-        let script = root.appendingPathComponent("scripts/demo-migration.sh").path
-        let bin = URL(fileURLWithPath: Self.binary("postcopyd")).deletingLastPathComponent().path
-        let result = try run("/bin/bash", [script], environment: ["SIZE": "64M", "BIN": bin, "TIMEOUT": "120"])
+        let result = try run("postcopy-bench", ["demo", "--size", "64M", "--timeout", "120", "--scripts", Self.scripts])
         #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
-        #expect(result.stdout.contains("demo: PASS"))
+        #expect(result.stdout.hasSuffix("demo: PASS — the destination image matches the source's digest\n"))
+        // Each step's header, then what the programs printed.
+        let lines = result.stdout.split(separator: "\n")
+        #expect(lines.filter { $0.hasPrefix("== ") }.map { $0.prefix { $0 != ":" } }
+                == ["== source", "== TLS 1.3", "== destination", "== migrate", "== postcopyctl watch", "== summaries (JSON)"],
+                "\(result.stdout)")
+        #expect(lines.filter { $0.hasPrefix("push: {") || $0.hasPrefix("daemon: {") || $0.hasPrefix("guest: {") }.count == 3)
         #expect(result.stdout.contains("\"verified\":true"))
         #expect(result.stdout.contains("\"duplicatePages\":0"))
         // postcopyctl watch followed it to the end: its last line is the final status.
         let watched = result.stdout.components(separatedBy: "== postcopyctl watch\n").last?
             .components(separatedBy: "\n== ").first ?? ""
-        #expect(watched.hasPrefix("postcopyd@default · no agent yet · handshake (QEMU setup)"), "\(watched)")
+        #expect(watched.hasPrefix("postcopyd@demo · no agent yet · handshake (QEMU setup)"), "\(watched)")
         #expect(watched.split(separator: "\n").last?.contains(" · complete (QEMU completed) · ") == true, "\(watched)")
         // The source workload dirtied pages while round 1 ran, so round 2
         // resends some. (How many rounds follow depends on how fast they
@@ -275,5 +289,67 @@ import PostcopyOS
         try #require(rounds.count >= 2, "one precopy round: \(push)")
         #expect((rounds[1]["pagesSent"] as? Int ?? 0) + (rounds[1]["zeroPagesSent"] as? Int ?? 0) > 0,
                 "the source workload dirtied nothing while round 1 ran: \(push)")
+    }
+
+    /// The repository's scripts directory (make-test-certs.sh).
+    static var scripts: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("scripts").path
+    }
+
+    /// A demo whose guest refuses its options fails at once, naming the
+    /// guest (not the agent left waiting for it), and leaves no program
+    /// running and no file behind.
+    @Test(.enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
+    func aDemoThatFailsNamesTheProgramAndLeavesNothingBehind() throws {
+        let result = try run("postcopy-bench", ["demo", "--size", "64M", "--timeout", "120", "--scripts", Self.scripts,
+                                                "--", "--no-such-guest-option"])
+        #expect(result.status == 1, "\(result.stdout)\(result.stderr)")
+        #expect(result.stderr.hasSuffix("demo: FAILED: postcopy-guest exited 64 (its log is above)\n"), "\(result.stderr)")
+        #expect(!result.stdout.contains("demo: PASS"))
+        try expectNothingLeft(stdout: result.stdout, stderr: result.stderr)
+    }
+
+    /// SIGINT in the middle of the migration kills every program the demo
+    /// started (the source among them, stopped by then) and removes its files.
+    @Test(.enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
+    func anInterruptedDemoLeavesNothingBehind() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("demo-interrupt-\(getpid())").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Self.binary("postcopy-bench"))
+        process.arguments = ["demo", "--size", "256M", "--timeout", "120", "--scripts", Self.scripts]
+        _ = FileManager.default.createFile(atPath: "\(directory)/out", contents: nil)
+        _ = FileManager.default.createFile(atPath: "\(directory)/err", contents: nil)
+        process.standardOutput = FileHandle(forWritingAtPath: "\(directory)/out")
+        process.standardError = FileHandle(forWritingAtPath: "\(directory)/err")
+        try process.run()
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        func read(_ name: String) -> String { (try? String(contentsOfFile: "\(directory)/\(name)", encoding: .utf8)) ?? "" }
+        let deadline = Date().addingTimeInterval(120)
+        while !read("out").contains("== migrate\n") && process.isRunning && Date() < deadline { usleep(10_000) }
+        try #require(read("out").contains("== migrate\n"), "the demo did not start the migration: \(read("out"))\(read("err"))")
+        kill(process.processIdentifier, SIGINT)
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 1, "\(read("err"))")
+        #expect(read("err").hasSuffix("demo: interrupted by SIGINT: every program it started killed, its files removed\n"),
+                "\(read("err"))")
+        try expectNothingLeft(stdout: read("out"), stderr: read("err"))
+    }
+
+    /// Neither the demo's work directory nor its source RAM exists any
+    /// more, and no process has either in its command line (both read from
+    /// what the demo printed: the source's header, postcopyd's log).
+    private func expectNothingLeft(stdout: String, stderr: String) throws {
+        let sourceRAM = String(try #require(stdout.firstMatch(of: /in (\/dev\/shm\/postcopy-bench-[0-9]+-demo),/)?.1, "\(stdout)"))
+        let work = String(try #require(stderr.firstMatch(of: /\/tmp\/postcopy-demo\.[A-Za-z0-9]+/)?.0, "\(stderr)"))
+        #expect(!FileManager.default.fileExists(atPath: sourceRAM), "\(sourceRAM) left behind")
+        #expect(!FileManager.default.fileExists(atPath: work), "\(work) left behind")
+        for pid in try FileManager.default.contentsOfDirectory(atPath: "/proc") where Int32(pid) != nil {
+            guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { continue }
+            let commandLine = String(decoding: data.map { $0 == 0 ? 0x20 : $0 }, as: UTF8.self)
+            #expect(!commandLine.contains(work) && !commandLine.contains(sourceRAM), "pid \(pid) still runs: \(commandLine)")
+        }
     }
 }
