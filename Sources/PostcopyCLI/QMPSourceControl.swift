@@ -107,7 +107,7 @@ public final class QMPSourceControl: Sendable {
         case "completed":
             return
         case "failed", "cancelled", "none":
-            throw try sourceRunsAgain("the source QEMU's migration is '\(status)'")
+            throw try sourceRunsAgain(Explanation("the source QEMU's migration is '\(status)'"))
         case "pre-switchover":
             try qmp.execute("migrate-continue", ["state": "pre-switchover"])
         default:
@@ -118,7 +118,7 @@ public final class QMPSourceControl: Sendable {
                                          "waiting for the destination QEMU to load the device state")
         } catch let error as QMPError {
             let now = try qmp.migrationStatus()
-            if now == "failed" || now == "cancelled" { throw try sourceRunsAgain("\(error)") }
+            if now == "failed" || now == "cancelled" { throw try sourceRunsAgain(Explanation(cause: error)) }
             throw error
         }
         let now = monotonicNanoseconds()
@@ -127,12 +127,13 @@ public final class QMPSourceControl: Sendable {
 
     /// A source whose migration failed or was cancelled: QEMU restarts the
     /// vCPUs it stopped, shortly after. Waits for that (and `cont`s a
-    /// source that settled paused), then says why the source runs again.
-    private func sourceRunsAgain(_ why: String) throws -> SourceRunsAgain {
+    /// source that settled paused), then says why the source runs again,
+    /// keeping the error that showed it as the cause.
+    private func sourceRunsAgain(_ why: Explanation) throws -> SourceRunsAgain {
         let run = (try? qmp.wait(for: ["running"], timeoutNanos: 5_000_000_000,
                                  "waiting for the source QEMU to restart its vCPUs") { try qmp.runStatus() })
         if run == nil, try qmp.runStatus() == "paused" { try qmp.execute("cont") }
-        logger.notice("the source QEMU runs the guest again (\(why))")
+        logger.notice("the source QEMU runs the guest again (\(why.reason))")
         return SourceRunsAgain(why)
     }
 }

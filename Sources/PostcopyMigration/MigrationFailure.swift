@@ -11,35 +11,36 @@ import PostcopyOS
 /// errno, and a caller can still look at the typed cause.
 public struct MigrationError: ChainedError, CustomStringConvertible, Sendable {
     public let code: ErrorCode
-    public let reason: String
-    /// The error this one wraps, if any.
-    public let cause: (any Error)?
-    /// What this step says of its own: `reason` without the cause's text.
-    public let link: String
+    /// What it says, with and without its cause's text, and the cause.
+    public let explanation: Explanation
 
-    public init(_ code: ErrorCode, _ reason: String) {
+    public init(_ code: ErrorCode, _ explanation: Explanation) {
         self.code = code
-        self.reason = reason
-        self.cause = nil
-        self.link = reason
+        self.explanation = explanation
     }
+
+    public init(_ code: ErrorCode, _ reason: String) { self.init(code, Explanation(reason)) }
 
     /// `context`, caused by `cause`: the reason reads "context: cause".
     public init(_ code: ErrorCode, _ context: String, cause: any Error) {
-        self.code = code
-        self.reason = "\(context): \(cause)"
-        self.cause = cause
-        self.link = context
+        self.init(code, Explanation(context, cause: cause))
     }
 
     /// `cause` with `code` and nothing to add: the reason is the cause's text.
-    public init(_ code: ErrorCode, cause: any Error) {
-        self.code = code
-        self.reason = "\(cause)"
-        self.cause = cause
-        self.link = ""
+    public init(_ code: ErrorCode, cause: any Error) { self.init(code, Explanation(cause: cause)) }
+
+    /// `cause` where `words` puts it in the reason (see
+    /// `Explanation.init(cause:_:)`).
+    public init(_ code: ErrorCode, cause: any Error, _ words: (_ cause: String?) -> String) {
+        self.init(code, Explanation(cause: cause, words))
     }
 
+    /// The whole story on one line.
+    public var reason: String { explanation.reason }
+    /// The error this one wraps, if any.
+    public var cause: (any Error)? { explanation.cause }
+    /// What this step says of its own: `reason` without the cause's text.
+    public var link: String { explanation.link }
     public var underlying: (any Error)? { cause }
 
     public var description: String { reason }

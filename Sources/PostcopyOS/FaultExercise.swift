@@ -261,7 +261,7 @@ final class Toucher: @unchecked Sendable {
         let deadline = monotonicNanoseconds() + UInt64(timeoutSeconds * 1e9)
         var waiter = pollfd(fd: doneSignal.fd, events: Int16(POLLIN), revents: 0)
         while !done.load(ordering: .acquiring) {
-            if loop.failureReason != nil || monotonicNanoseconds() > deadline { return false }
+            if loop.failure != nil || monotonicNanoseconds() > deadline { return false }
             _ = poll(&waiter, 1, 100)
         }
         return true

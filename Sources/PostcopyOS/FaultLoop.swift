@@ -66,18 +66,19 @@ public final class FaultLoop: Sendable {
     private let resolver: any FaultResolver
     private let batchSize: Int
     private let thread: StoppableThread
-    private let failure = Locked<String?>(nil)
-    private let onFailure: (@Sendable (String) -> Void)?
+    private let ending = Locked<(any Error)?>(nil)
+    private let onFailure: (@Sendable (any Error) -> Void)?
     private let onStray: (@Sendable (UInt64) -> Void)?
 
     /// `onFailure` runs on the fault thread, once, when the loop ends on its
-    /// own (a userfaultfd that errs or hangs up): from then on no fault is
-    /// served, so the owner must learn of it at once, not at completion. It
-    /// must not call `stop()` (that joins the very thread it runs on).
+    /// own (a userfaultfd that errs or hangs up), with the error that ended
+    /// it: from then on no fault is served, so the owner must learn of it at
+    /// once, not at completion. It must not call `stop()` (that joins the
+    /// very thread it runs on).
     /// `onStray` runs on the fault thread with the address of each fault
     /// outside the region, before its thread is woken; it must be quick.
     public init(installer: PageInstaller, resolver: any FaultResolver, batchSize: Int = 64,
-                onFailure: (@Sendable (String) -> Void)? = nil,
+                onFailure: (@Sendable (any Error) -> Void)? = nil,
                 onStray: (@Sendable (UInt64) -> Void)? = nil) throws {
         self.installer = installer
         self.resolver = resolver
@@ -100,8 +101,12 @@ public final class FaultLoop: Sendable {
     /// stay queued; their threads are woken when the range is unregistered.
     public func stop() { thread.stop() }
 
-    /// Why the loop ended on its own, if it did.
-    public var failureReason: String? { failure.withLock { $0 } }
+    /// Why the loop ended on its own, if it did: the `SystemCallError` of
+    /// the call that failed, or `UserfaultfdPollFailure`.
+    public var failure: (any Error)? { ending.withLock { $0 } }
+
+    /// `failure` as one line.
+    public var failureReason: String? { failure.map { "\($0)" } }
 
     /// The longest the fault thread sleeps without a turn of the loop.
     public static let heartbeatNanos: UInt64 = 500_000_000
@@ -118,7 +123,7 @@ public final class FaultLoop: Sendable {
             if ready == 0 { continue }
             if ready < 0 {
                 if errno == EINTR { continue }
-                fail("poll userfaultfd: \(Errno.current)")
+                fail(SystemCallError("poll userfaultfd", .current))
                 return
             }
             if fds[1].revents != 0 { return }
@@ -130,14 +135,14 @@ public final class FaultLoop: Sendable {
             }
             if fds[0].revents == 0 { continue }
             if fds[0].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 {
-                fail("userfaultfd reported poll events 0x\(String(fds[0].revents, radix: 16))")
+                fail(UserfaultfdPollFailure(events: fds[0].revents))
                 return
             }
             let count: Int
             do {
                 count = try installer.uffd.readEvents(into: buffer)
             } catch {
-                fail("\(error)")
+                fail(error)
                 return
             }
             FaultLoopCounters.bump(counters.reads)
@@ -185,8 +190,17 @@ public final class FaultLoop: Sendable {
         }
     }
 
-    private func fail(_ reason: String) {
-        failure.withLock { $0 = reason }
-        onFailure?(reason)
+    private func fail(_ error: any Error) {
+        ending.withLock { $0 = error }
+        onFailure?(error)
     }
+}
+
+/// The userfaultfd polled as failed or hung up (POLLERR, POLLHUP or
+/// POLLNVAL): it was never enabled (no UFFDIO_API), or it was closed.
+public struct UserfaultfdPollFailure: Error, Sendable, CustomStringConvertible {
+    /// The `revents` poll gave.
+    public let events: Int16
+
+    public var description: String { "userfaultfd reported poll events 0x\(String(events, radix: 16))" }
 }

@@ -2,8 +2,9 @@ import Glibc
 import PostcopyCore
 import Synchronization
 
-/// Why a page could not be installed.
-public enum InstallError: Error, Equatable, CustomStringConvertible {
+/// Why a page could not be installed. A failed system call stays its
+/// cause, errno and all.
+public enum InstallError: ChainedError, Equatable, CustomStringConvertible {
     /// UFFDIO_CONTINUE found no page in the page cache.
     case hole(PageIndex)
     /// The page lies outside the region.
@@ -23,6 +24,16 @@ public enum InstallError: Error, Equatable, CustomStringConvertible {
         case let .system(page, error):
             return "install \(page): \(error)"
         }
+    }
+
+    public var link: String {
+        guard case let .system(page, _) = self else { return description }
+        return "install \(page)"
+    }
+
+    public var underlying: (any Error)? {
+        guard case let .system(_, error) = self else { return nil }
+        return error
     }
 }
 

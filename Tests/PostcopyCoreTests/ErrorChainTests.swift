@@ -53,6 +53,38 @@ private struct Leaf: Error, CustomStringConvertible {
         #expect(ErrorChain(Self.nested).description == Self.nested.description)
     }
 
+    /// An `ExplainedError` reads as its reason on one line, and in a chain
+    /// as its own words above its cause's.
+    @Test func anExplainedErrorKeepsItsCauseBesideItsReason() {
+        struct Lost: ExplainedError {
+            let explanation: Explanation
+            init(_ explanation: Explanation) { self.explanation = explanation }
+        }
+        let plain = Lost("postcopyd closed the connection")
+        #expect(plain.description == "postcopyd closed the connection" && plain.underlying == nil)
+        #expect(ErrorChain(plain).links == ["postcopyd closed the connection"])
+
+        let context = Lost("no answer", cause: Self.leaf)
+        #expect(context.reason == "no answer: fallocate: ENOSPC (No space left on device)")
+        #expect(ErrorChain(context).links == ["no answer", "fallocate: ENOSPC (No space left on device)"])
+        #expect(ErrorChain(context).root is Leaf)
+
+        let bare = Lost(cause: Self.leaf)
+        #expect(bare.reason == Self.leaf.description && bare.link.isEmpty)
+        #expect(ErrorChain(bare).links == ["fallocate: ENOSPC (No space left on device)"])
+
+        // The cause mid-sentence in the reason; left out of the link.
+        let words = Lost(cause: Self.nested) { last in "gave up (3 attempts\(last.map { "; last: \($0)" } ?? "")), paused" }
+        #expect(words.reason == "gave up (3 attempts; last: \(Self.nested)), paused")
+        #expect(ErrorChain(words).rendered(program: "postcopy-push") == """
+            postcopy-push: gave up (3 attempts), paused
+              caused by: create guest RAM (1 GiB, memfd)
+              caused by: reserve the file
+              caused by: fallocate: ENOSPC (No space left on device)
+
+            """)
+    }
+
     @Test func aChainThatLoopsStops() {
         final class Loop: ChainedError, @unchecked Sendable {
             var next: Loop?

@@ -23,19 +23,21 @@ struct FaultLoopFailureTests {
         let (raw, _) = try Userfaultfd.openDescriptor()
         let uffd = Userfaultfd.adopting(fd: raw, features: [])
         let installer = PageInstaller(uffd: uffd, file: memory.file, guestBase: 0x1000_0000)
-        let heard = Locked<[String]>([])
+        let heard = Locked<[any Error]>([])
         let latch = Latch()
-        let loop = try FaultLoop(installer: installer, resolver: NeverCalled()) { reason in
-            heard.withLock { $0.append(reason) }
+        let loop = try FaultLoop(installer: installer, resolver: NeverCalled()) { error in
+            heard.withLock { $0.append(error) }
             latch.open()
         }
         try loop.start()
         defer { loop.stop() }
         #expect(latch.wait(timeoutNanos: 5_000_000_000), "the loop's death was not reported")
-        let reasons = heard.withLock { $0 }
-        #expect(reasons.count == 1)
-        #expect(reasons.first?.contains("userfaultfd reported poll events") == true, "\(reasons)")
-        #expect(loop.failureReason == reasons.first)
+        let errors = heard.withLock { $0 }
+        #expect(errors.count == 1)
+        let failure = try #require(errors.first as? UserfaultfdPollFailure, "\(errors)")
+        #expect(failure.events & Int16(POLLERR) != 0, "\(failure)")
+        #expect(loop.failureReason?.hasPrefix("userfaultfd reported poll events 0x") == true, "\(errors)")
+        #expect(loop.failure is UserfaultfdPollFailure)
     }
 
     /// A fault outside the region is not the loop's to resolve, but its

@@ -57,7 +57,7 @@ extension DestinationDaemon {
         // between waits until the unregister wakes it, then faults normally.
         let loop = faultLoop.withLock { $0 }
         loop?.stop()
-        if let reason = loop?.failureReason { throw MigrationError(.internalFailure, "the fault loop stopped: \(reason)") }
+        if let failure = loop?.failure { throw MigrationError(.internalFailure, "the fault loop stopped", cause: failure) }
         // A daemon that took over from systemd's fd store may finish before
         // the VMM has reattached: it must, to release the range.
         guard vmm.attached.wait(timeoutNanos: config.vmmAttachTimeoutNanos) else {

@@ -136,10 +136,12 @@ extension DestinationDaemon {
         }
         // Already paused, complete, or news of connections given up.
         guard phase != .paused, phase != .complete, phase != .discarded, epoch == current else { return }
-        let reason = "\(error.reason) during \(phase)"
-        guard failures.fail(MigrationError(error.code, reason)) else { return }
-        logger.event(.connectionLost, .error, "lost the agent's \(role) connection: \(reason)", [
-            "peer": "agent", "connection": "\(role)", "reason": "\(reason)",
+        let failure = MigrationError(error.code, cause: error) { cause in
+            cause.map { "\($0) during \(phase)" } ?? "lost the agent's \(role) connection during \(phase)"
+        }
+        guard failures.fail(failure) else { return }
+        logger.event(.connectionLost, .error, "lost the agent's \(role) connection: \(failure.reason)", [
+            "peer": "agent", "connection": "\(role)", "reason": "\(failure.reason)",
         ])
     }
 

@@ -164,8 +164,10 @@ extension DestinationDaemon {
         let (failures, logger) = (self.failures, self.logger)
         let region = "0x\(String(installer.guestBase, radix: 16))+\(ByteSize.format(memory.geometry.regionSize))"
         let strays = Locked(ReportLimiter())
-        return try FaultLoop(installer: installer, resolver: resolver, onFailure: { reason in
-            failures.fail(.internalFailure, "the fault loop stopped: \(reason); no guest fault is served any more")
+        return try FaultLoop(installer: installer, resolver: resolver, onFailure: { error in
+            failures.fail(MigrationError(.internalFailure, cause: error) { cause in
+                "the fault loop stopped\(cause.map { ": \($0)" } ?? ""); no guest fault is served any more"
+            })
         }, onStray: { address in
             guard let unreported = strays.withLock({ $0.record(at: monotonicNanoseconds()) }) else { return }
             let more = unreported > 0 ? " (\(unreported) more since the last report)" : ""

@@ -36,11 +36,10 @@ public struct SourceControl: Sendable {
 
 /// A hand-over that failed before the destination's guest started, and left
 /// the source running the guest again: the destination must discard its
-/// copy (DISCARD).
-public struct SourceRunsAgain: Error, CustomStringConvertible {
-    public let reason: String
-    public init(_ reason: String) { self.reason = reason }
-    public var description: String { reason }
+/// copy (DISCARD). It keeps the error that showed it, if any, as its cause.
+public struct SourceRunsAgain: ExplainedError {
+    public let explanation: Explanation
+    public init(_ explanation: Explanation) { self.explanation = explanation }
 }
 
 public struct AgentConfig: Sendable {
@@ -220,7 +219,9 @@ public final class SourceAgent: @unchecked Sendable {
         summary.imageDigest = notices.digest?.description ?? ""
         summary.addManagementNames()
         if let handOverFailure {
-            throw MigrationError(.internalFailure, "every page reached the destination, but the hand-over command failed: \(handOverFailure). The guest may not be running on the destination; the source stays paused")
+            throw MigrationError(.internalFailure, cause: handOverFailure) { cause in
+                "every page reached the destination, but the hand-over command failed\(cause.map { ": \($0)" } ?? ""). The guest may not be running on the destination; the source stays paused"
+            }
         }
         return summary
     }
@@ -234,7 +235,9 @@ public final class SourceAgent: @unchecked Sendable {
         let told = (error as? MigrationError)?.code == .discarded
             ? "postcopyd discarded its copy"
             : "postcopyd could not be told to discard its copy (\(error)): stop postcopyd and the VMM on the destination, whose guest must never run"
-        return MigrationError(.discarded, "the hand-over failed before the guest ran on the destination (\(runsAgain.reason)): the source runs the guest again, and \(told)")
+        return MigrationError(.discarded, cause: runsAgain) { why in
+            "the hand-over failed before the guest ran on the destination\(why.map { " (\($0))" } ?? ""): the source runs the guest again, and \(told)"
+        }
     }
 
     /// Starts the hand-over once the destination owns the guest, on a
@@ -333,7 +336,9 @@ public final class SourceAgent: @unchecked Sendable {
             do {
                 message = try stream.receive()
             } catch let error as SystemCallError where error.errno == .again {
-                throw ConnectionLost("nothing from postcopyd \(when) for \(fixed(Double(config.deadPeerTimeoutNanos) / 1e9, 1)) s, not even HEARTBEAT")
+                throw ConnectionLost(cause: error) { _ in
+                    "nothing from postcopyd \(when) for \(fixed(Double(config.deadPeerTimeoutNanos) / 1e9, 1)) s, not even HEARTBEAT"
+                }
             }
             switch message {
             case .heartbeat?:
@@ -369,8 +374,8 @@ public final class SourceAgent: @unchecked Sendable {
         case let lost as ConnectionLost: return lost
         case is MigrationError: return nil
         case let error as SystemCallError where error.errno == .again:
-            return ConnectionLost("postcopyd took nothing for the send timeout: \(error)")
-        default: return ConnectionLost("\(error)")
+            return ConnectionLost("postcopyd took nothing for the send timeout", cause: error)
+        default: return ConnectionLost(cause: error)
         }
     }
 
@@ -395,7 +400,7 @@ public final class SourceAgent: @unchecked Sendable {
                 return log
             } catch {
                 if config.dirtyLog == .uffdWP {
-                    throw MigrationError(.incompatible, "--dirty-log uffd-wp: \(error.reason)")
+                    throw MigrationError(.incompatible, "--dirty-log uffd-wp", cause: error)
                 }
                 why = error.reason
             }
@@ -781,10 +786,14 @@ public final class SourceAgent: @unchecked Sendable {
                 // and a rejoin only delivers DISCARD: worth a short while,
                 // not the reconnect timeout.
                 if notices.discarding && now + delay >= started + Self.discardRejoinNanos {
-                    throw MigrationError(.peerLost, "could not rejoin postcopyd at \(config.daemon) within \(Self.discardRejoinNanos / 1_000_000_000) s to tell it (\(attempt) attempts; last: \(lost.reason))")
+                    throw MigrationError(.peerLost, cause: lost) { last in
+                        "could not rejoin postcopyd at \(config.daemon) within \(Self.discardRejoinNanos / 1_000_000_000) s to tell it (\(attempt) attempts\(last.map { "; last: \($0)" } ?? ""))"
+                    }
                 }
                 guard now + delay < deadline else {
-                    throw MigrationError(.peerLost, "could not rejoin postcopyd at \(config.daemon) within \(config.reconnectTimeoutNanos / 1_000_000_000) s (\(attempt) attempts; last: \(lost.reason)). The source stays paused: the guest runs on the destination and may still need its pages")
+                    throw MigrationError(.peerLost, cause: lost) { last in
+                        "could not rejoin postcopyd at \(config.daemon) within \(config.reconnectTimeoutNanos / 1_000_000_000) s (\(attempt) attempts\(last.map { "; last: \($0)" } ?? "")). The source stays paused: the guest runs on the destination and may still need its pages"
+                    }
                 }
                 logger.info("rejoin attempt \(attempt) failed: \(lost.reason); next in \(delay / 1_000_000) ms")
                 sleepNanoseconds(delay)
@@ -869,11 +878,12 @@ public final class SourceAgent: @unchecked Sendable {
 }
 
 /// The connection to postcopyd is gone (closed, reset, or silent past the
-/// dead-peer timeout): during postcopy the agent rejoins.
-struct ConnectionLost: Error, CustomStringConvertible {
-    let reason: String
-    init(_ reason: String) { self.reason = reason }
-    var description: String { reason }
+/// dead-peer timeout): during postcopy the agent rejoins. It keeps the
+/// error that showed it (a reset, a timeout: the errno), if any, as its
+/// cause.
+struct ConnectionLost: ExplainedError {
+    let explanation: Explanation
+    init(_ explanation: Explanation) { self.explanation = explanation }
 }
 
 /// What the agent tells postcopyd on the bulk connection once the guest's

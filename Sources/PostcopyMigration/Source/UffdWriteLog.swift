@@ -28,17 +28,16 @@ final class UffdWriteLog: @unchecked Sendable {
     /// (which protects every page). Throws `DirtyLogUnavailable` with the
     /// reason when any step says no.
     static func connect(socketPath: String, image: SourceImage) throws(DirtyLogUnavailable) -> UffdWriteLog {
-        func unavailable(_ reason: String) -> DirtyLogUnavailable { DirtyLogUnavailable(reason: reason) }
         let connection: UnixConnection
         do {
             connection = try UnixConnection.connect(path: socketPath)
         } catch {
-            throw unavailable("the source VMM's dirty-log socket \(socketPath) does not answer: \(error)")
+            throw DirtyLogUnavailable("the source VMM's dirty-log socket \(socketPath) does not answer", cause: error)
         }
         let peer: PeerCredentials
-        do { peer = try connection.peerCredentials() } catch { throw unavailable("\(error)") }
+        do { peer = try connection.peerCredentials() } catch { throw DirtyLogUnavailable(cause: error) }
         guard peer.uid == 0 || peer.uid == geteuid() || peer.uid == image.owner else {
-            throw unavailable("the process on \(socketPath) (\(peer)) is neither root, nor this user, nor the owner of \(image.path)")
+            throw DirtyLogUnavailable("the process on \(socketPath) (\(peer)) is neither root, nor this user, nor the owner of \(image.path)")
         }
         let offer: SourceTrackingOffer
         do {
@@ -51,26 +50,26 @@ final class UffdWriteLog: @unchecked Sendable {
             }
             offer = try SourceTrackingOffer(decoding: bytes)
         } catch {
-            throw unavailable("no offer from the source VMM on \(socketPath): \(error)")
+            throw DirtyLogUnavailable("no offer from the source VMM on \(socketPath)", cause: error)
         }
         guard case let .armed(address, length) = offer else {
-            if case let .unavailable(reason) = offer { throw unavailable("the source VMM (pid \(peer.pid)) did not register its RAM: \(reason)") }
-            throw unavailable("\(offer)")
+            if case let .unavailable(reason) = offer { throw DirtyLogUnavailable("the source VMM (pid \(peer.pid)) did not register its RAM: \(reason)") }
+            throw DirtyLogUnavailable("\(offer)")
         }
         guard length == image.size else {
-            throw unavailable("the source VMM (pid \(peer.pid)) tracks \(length) bytes; \(image.path) has \(image.size)")
+            throw DirtyLogUnavailable("the source VMM (pid \(peer.pid)) tracks \(length) bytes; \(image.path) has \(image.size)")
         }
         let mapping = TrackedMapping(address: address, length: length)
         let maps = readTextFile("/proc/\(peer.pid)/maps") ?? ""
         guard let entry = ProcMapsEntry.entry(at: address, in: maps), entry.end == mapping.end,
               entry.shared, entry.offset == 0, entry.device == image.device, entry.inode == image.inode else {
-            throw unavailable("pid \(peer.pid) has no shared mapping of \(image.path) (inode \(image.inode)) at \(mapping), whole and from offset 0, in /proc/\(peer.pid)/maps")
+            throw DirtyLogUnavailable("pid \(peer.pid) has no shared mapping of \(image.path) (inode \(image.inode)) at \(mapping), whole and from offset 0, in /proc/\(peer.pid)/maps")
         }
         let log: UffdWriteLog
         do {
             log = UffdWriteLog(scan: try PagemapScan(pid: peer.pid, mapping: mapping), pageCount: image.smallPageCount)
         } catch {
-            throw unavailable("no permission to read the source VMM's page tables: \(error)")
+            throw DirtyLogUnavailable("no permission to read the source VMM's page tables", cause: error)
         }
         do {
             _ = try log.written()
@@ -78,7 +77,9 @@ final class UffdWriteLog: @unchecked Sendable {
             let why = [Errno.invalid, Errno(ENOTTY)].contains(error.errno)
                 ? "this kernel has no PAGEMAP_SCAN (Linux ≥ 6.7)"
                 : error.errno == Errno(EPERM) ? "the mapping is not registered for asynchronous write-protect" : ""
-            throw unavailable("the first scan failed: \(error)\(why.isEmpty ? "" : ": \(why)")")
+            throw DirtyLogUnavailable(cause: error) { cause in
+                ["the first scan failed", cause, why.isEmpty ? nil : why].compactMap { $0 }.joined(separator: ": ")
+            }
         }
         return log
     }
@@ -92,8 +93,9 @@ final class UffdWriteLog: @unchecked Sendable {
     var description: String { "uffd-wp (pid \(scan.pid), \(scan.mapping))" }
 }
 
-/// Why the agent cannot use the source's write log.
-struct DirtyLogUnavailable: Error, CustomStringConvertible {
-    let reason: String
-    var description: String { reason }
+/// Why the agent cannot use the source's write log; the error that showed
+/// it, if any, is its cause.
+struct DirtyLogUnavailable: ExplainedError {
+    let explanation: Explanation
+    init(_ explanation: Explanation) { self.explanation = explanation }
 }
