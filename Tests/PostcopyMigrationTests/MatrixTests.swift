@@ -9,7 +9,8 @@ import Testing
 /// `migrate`, run for every memory kind × transport × failure point, each
 /// case checking the guest's image byte for byte and the counts that say
 /// postcopy did its work once (every stale page installed once, stale
-/// faults served, a pause and a rejoin for each failure, no duplicate).
+/// faults served, a pause and a rejoin for each failure, no page sent twice
+/// when nothing failed, nothing the guest wrote overwritten).
 ///
 /// The axes, 2 × 2 × 4 = 16 cases, each of 32 MiB, half of it stale:
 /// - memory kind: shmem and hugetlbfs fault, fetch and place differently
@@ -30,7 +31,10 @@ struct MatrixTests {
     static let size: UInt64 = 32 << 20
 
     /// Where postcopy is broken, through the fault proxy every case runs
-    /// through.
+    /// through. Never near its end: connections lost once the last page has
+    /// arrived take COMPLETE with them, and postcopyd, done, is not there
+    /// for the agent to rejoin; the agent then leaves the source paused
+    /// for an operator (DaemonCompletion), which is not what a row tests.
     enum FailurePoint: CaseIterable, Sendable {
         /// Nothing breaks: the control row. Postcopy never pauses and the
         /// agent never rejoins, so what the other rows count is their
@@ -42,14 +46,15 @@ struct MatrixTests {
         /// requests lost with the connections are served all the same.
         case resetAsPostcopyBegins
         /// Both connections closed cleanly (FIN) half-way through postcopy:
-        /// the pages already on their way are kept, and the rejoined agent
-        /// sends only what the daemon still lacks.
+        /// the pages already on their way are still written, and the
+        /// rejoined agent sends what the daemon lacked as it rejoined (a
+        /// page that was both is dropped the second time).
         case dropHalfWay
-        /// Nothing forwarded and nothing closed, near the end of postcopy,
-        /// for longer than the dead-peer timeout: only that timeout finds it
-        /// (keepalive does not: the proxy's kernel still acknowledges).
-        /// Postcopy pauses within it, and the agent, finding the daemon
-        /// silent too, rejoins.
+        /// Nothing forwarded and nothing closed, a quarter of the way into
+        /// postcopy, for longer than the dead-peer timeout: only that
+        /// timeout finds it (keepalive does not: the proxy's kernel still
+        /// acknowledges). Postcopy pauses within it, and the agent, finding
+        /// the daemon silent too, rejoins.
         case stallPastTheTimeout
 
         /// The fault injected, once this share of the stale pages has arrived.
@@ -58,7 +63,7 @@ struct MatrixTests {
             case .none: nil
             case .resetAsPostcopyBegins: (.reset, 0)
             case .dropHalfWay: (.drop, 0.5)
-            case .stallPastTheTimeout: (.stall, 0.9)
+            case .stallPastTheTimeout: (.stall, 0.25)
             }
         }
     }
@@ -203,17 +208,20 @@ struct MatrixTests {
             #expect(outcome.daemon.faultsStale > 0, "the guest threads never waited for a stale page")
         }
         if c.failure == .none {
-            // Only a fault on a stale page asks the source for anything:
-            // clean faults, however many, never touch the network. (A rejoin
-            // asks again for every page a guest thread waits on, and
-            // requests are lost with the connections.)
-            #expect(outcome.daemon.pageRequests <= outcome.daemon.faultsStale)
             #expect(outcome.agent.pageRequests == outcome.daemon.pageRequests)
         } else {
+            // Requests are lost with the connections (and a rejoin asks
+            // again for every page a guest thread waits on).
             #expect(outcome.agent.pageRequests <= outcome.daemon.pageRequests)
         }
         switch c.memory {
         case .shmem:
+            if c.failure == .none {
+                // Only a fault on a stale page asks the source for anything:
+                // clean faults, however many, never touch the network. (A
+                // huge page's stale pieces may take several requests.)
+                #expect(outcome.daemon.pageRequests <= outcome.daemon.faultsStale)
+            }
             if c.dirty == .half {
                 #expect(outcome.daemon.faultsClean > 0, "no clean fault happened during postcopy")
             }

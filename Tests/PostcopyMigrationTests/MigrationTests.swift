@@ -36,8 +36,12 @@ struct MigrationTests {
     }
 
     /// What every whole migration of `pages` 4 KiB pages, `stale` of them
-    /// stale at switchover, must end with; `connectionsLost` during
-    /// postcopy, the agent sent again what was lost with them.
+    /// stale at switchover, must end with. With `connectionsLost` during
+    /// postcopy, the daemon's counts still hold, the agent's do not: it sent
+    /// again what was lost with the connections, a page still on its way
+    /// may then have come twice (the second is dropped: docs/protocol.md,
+    /// "Losing the connections"), and one whose send the loss cut short may
+    /// have arrived without the agent counting it.
     static func check(_ outcome: Migration.Outcome, stale: UInt64, pages: UInt64 = size / 4096,
                       connectionsLost: Bool = false) {
         #expect(outcome.identical, "destination RAM differs from the source")
@@ -45,11 +49,13 @@ struct MigrationTests {
         #expect(outcome.guest.verified, "guest digest \(outcome.guest.actualDigest) vs \(outcome.guest.expectedDigest)")
         #expect(outcome.agent.stalePages == stale)
         #expect(outcome.daemon.stalePagesAtSwitchover == stale)
-        // Each stale page crossed the network exactly once, by one path or the other.
-        #expect(outcome.daemon.duplicatePages == 0)
+        // Each stale page crossed the network exactly once, by one path or
+        // the other; it was installed once in any case.
+        if !connectionsLost { #expect(outcome.daemon.duplicatePages == 0) }
         #expect(outcome.daemon.postcopyPagesUrgent + outcome.daemon.postcopyPagesBackground == stale)
-        let sent = outcome.agent.postcopyPagesUrgent + outcome.agent.postcopyPagesBackground
-        #expect(connectionsLost ? sent >= stale : sent == stale, "the agent sent \(sent) of \(stale) stale pages")
+        if !connectionsLost {
+            #expect(outcome.agent.postcopyPagesUrgent + outcome.agent.postcopyPagesBackground == stale)
+        }
         #expect(outcome.daemon.imageDigest == outcome.agent.imageDigest)
         #expect(outcome.guest.pagesRead == pages)
         // The guest's side of the latency counts each page read once, as the daemon's counts each stale fault.
