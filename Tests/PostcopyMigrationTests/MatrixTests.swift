@@ -23,7 +23,7 @@ import Testing
 ///   alerts, a new handshake on every rejoin);
 /// - `FailurePoint`: what breaks, and when.
 /// Beside it, the dirty share's two edges × memory kind: 4 cases. All 20
-/// take about 40 s on 2 cores.
+/// take about 20 s on 2 cores, as long as the tests they replaced.
 @Suite(.serialized, .enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
 struct MatrixTests {
     /// 32 MiB: long enough a postcopy to break at a chosen point, short
