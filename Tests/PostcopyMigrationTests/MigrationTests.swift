@@ -7,15 +7,16 @@ import Testing
 
 /// Whole migrations in one process over loopback TCP, on the real kernel:
 /// precopy, a dirty set written at switchover, postcopy with the reference
-/// guest reading every page from 4 threads while the back-fill runs.
+/// guest reading every page from 4 threads while the back-fill runs. (Each
+/// memory kind × transport × failure point, and how much is stale: MatrixTests.)
 @Suite(.serialized, .enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
 struct MigrationTests {
     /// 256 MiB, less under POSTCOPY_TEST_SIZE_SCALE.
     static let size: UInt64 = TestSize.scaled(256 << 20)
 
     /// Every 8th page zero; `dirty` of the pages rewritten at switchover, a
-    /// fifth of those to all zeros. Returns how many pages changed.
-    static func source(dirty fraction: Double, seed: UInt64 = 11) throws -> (SourceFile, [UInt64]) {
+    /// fifth of those to all zeros. Returns which pages changed.
+    static func source(dirty fraction: Double, seed: UInt64 = 11, size: UInt64 = size) throws -> (SourceFile, [UInt64]) {
         let source = try SourceFile(size: size, seed: seed) { $0 % 8 == 3 }
         var generator = SplitMix64(seed: seed)
         let pages = Array(0..<source.pageCount).shuffled(using: &generator)
@@ -34,18 +35,29 @@ struct MigrationTests {
         log == .hash ? UInt64(pages.filter { !($0 % 8 == 3 && $0 % 5 == 0) }.count) : UInt64(pages.count)
     }
 
-    static func check(_ outcome: Migration.Outcome, stale: UInt64) {
+    /// What every whole migration of `pages` 4 KiB pages, `stale` of them
+    /// stale at switchover, must end with. With `connectionsLost` during
+    /// postcopy, the daemon's counts still hold, the agent's do not: it sent
+    /// again what was lost with the connections, a page still on its way
+    /// may then have come twice (the second is dropped: docs/protocol.md,
+    /// "Losing the connections"), and one whose send the loss cut short may
+    /// have arrived without the agent counting it.
+    static func check(_ outcome: Migration.Outcome, stale: UInt64, pages: UInt64 = size / 4096,
+                      connectionsLost: Bool = false) {
         #expect(outcome.identical, "destination RAM differs from the source")
         if outcome.agent.dirtyLog == "uffd-wp" { #expect(outcome.agent.missedByDirtyLog == 0) }
         #expect(outcome.guest.verified, "guest digest \(outcome.guest.actualDigest) vs \(outcome.guest.expectedDigest)")
         #expect(outcome.agent.stalePages == stale)
         #expect(outcome.daemon.stalePagesAtSwitchover == stale)
-        // Each stale page crossed the network exactly once, by one path or the other.
-        #expect(outcome.daemon.duplicatePages == 0)
+        // Each stale page crossed the network exactly once, by one path or
+        // the other; it was installed once in any case.
+        if !connectionsLost { #expect(outcome.daemon.duplicatePages == 0) }
         #expect(outcome.daemon.postcopyPagesUrgent + outcome.daemon.postcopyPagesBackground == stale)
-        #expect(outcome.agent.postcopyPagesUrgent + outcome.agent.postcopyPagesBackground == stale)
+        if !connectionsLost {
+            #expect(outcome.agent.postcopyPagesUrgent + outcome.agent.postcopyPagesBackground == stale)
+        }
         #expect(outcome.daemon.imageDigest == outcome.agent.imageDigest)
-        #expect(outcome.guest.pagesRead == size / 4096)
+        #expect(outcome.guest.pagesRead == pages)
         // The guest's side of the latency counts each page read once, as the daemon's counts each stale fault.
         #expect(outcome.guest.firstTouchDist?.count == outcome.guest.pagesRead)
         #expect(outcome.daemon.staleFaultLatencyDist?.count == UInt64(outcome.daemon.staleFaultLatency?.count ?? 0))
@@ -92,46 +104,6 @@ struct MigrationTests {
                 "the migration read \(outcome.sourcePagesAllocated - before) holes of the source")
     }
 
-    @Test(arguments: [0.0, 0.1, 1.0])
-    func shmem(dirty fraction: Double) throws {
-        let (source, dirty) = try Self.source(dirty: fraction)
-        let outcome = try Migration().run(source, pause: Self.dirtying(source, dirty))
-        Self.check(outcome, stale: Self.stale(dirty))
-        if fraction == 0 {
-            // Nothing stale: postcopy is complete at once, nothing is requested.
-            #expect(outcome.daemon.pageRequests == 0)
-            #expect(outcome.agent.pageRequests == 0)
-        } else {
-            #expect(outcome.daemon.faultsStale > 0, "the guest threads never waited for a stale page")
-            // Only a fault on a stale page asks the source for anything:
-            // clean faults, however many, never touch the network.
-            #expect(outcome.daemon.pageRequests <= outcome.daemon.faultsStale)
-            #expect(outcome.agent.pageRequests == outcome.daemon.pageRequests)
-        }
-        if fraction == 0.1 {
-            #expect(outcome.daemon.faultsClean > 0, "no clean fault happened during postcopy")
-        }
-        Self.checkCollapse(outcome)
-    }
-
-    /// Once postcopy is complete, the guest put its RAM back into 2 MiB
-    /// pages (issue 22): every extent PMD-mapped in its smaps, or, where
-    /// this host's shmem THP settings refuse MADV_COLLAPSE, skipped with
-    /// the setting named.
-    static func checkCollapse(_ outcome: Migration.Outcome) {
-        guard let collapse = outcome.guest.hugepages else {
-            Issue.record("the guest reported no collapse into 2 MiB pages")
-            return
-        }
-        #expect(collapse.extents == size >> 21)
-        if let refusal = HugepageCollapser.currentSettings().collapseRefusal {
-            #expect(collapse.skipped == refusal)
-        } else {
-            #expect(collapse.pmdMappedBefore == 0, "guest RAM was in 2 MiB mappings during postcopy")
-            #expect(collapse.pmdMappedAfter == size >> 21, "\(collapse.lines)")
-        }
-    }
-
     /// The same with the agent hashing every page (`--dirty-log hash`).
     @Test func shmemWithTheHashLog() throws {
         let (source, dirty) = try Self.source(dirty: 0.1)
@@ -140,19 +112,6 @@ struct MigrationTests {
         let outcome = try migration.run(source, pause: Self.dirtying(source, dirty))
         Self.check(outcome, stale: Self.stale(dirty, log: .hash))
         #expect(outcome.agent.dirtyLog == "hash" && outcome.agent.dirtyLogFallback == nil)
-    }
-
-    @Test(.enabled(if: Host.hasHugepages(128), Comment(rawValue: Host.needsHugepages(128))),
-          arguments: [0.0, 0.1, 1.0])
-    func hugetlbfs(dirty fraction: Double) throws {
-        let (source, dirty) = try Self.source(dirty: fraction)
-        let outcome = try Migration(memory: .hugetlbfs).run(source, pause: Self.dirtying(source, dirty))
-        Self.check(outcome, stale: Self.stale(dirty))
-        #expect(outcome.guest.hugepages?.skipped == "guest RAM is on hugetlbfs: already in 2 MiB pages")
-        if fraction > 0 && fraction < 1 {
-            // Only the stale 4 KiB pieces of a huge page are fetched, never all 512.
-            #expect(outcome.daemon.pagesRequested <= Self.stale(dirty))
-        }
     }
 
     @Test func allZeroRegion() throws {

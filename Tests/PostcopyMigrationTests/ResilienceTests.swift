@@ -8,11 +8,12 @@ import Synchronization
 import Testing
 
 /// Postcopy survives what networks and operators do to it: connections
-/// reset, closed, or gone silent through a fault-injecting proxy, at chosen
-/// and at random points; the agent killed and restarted. Every run ends
-/// with the guest's own verification (its digest of every page against the
-/// source's) and its scribble check (no page arrived after the guest wrote
-/// it). Each test prints its figures for the closing note.
+/// reset, closed, or gone silent through a fault-injecting proxy, at random
+/// points (at chosen ones, one failure a case, in MatrixTests); the agent
+/// killed and restarted. Every run ends with the guest's own verification
+/// (its digest of every page against the source's) and its scribble check
+/// (no page arrived after the guest wrote it). Each test prints its figures
+/// for the closing note.
 @Suite(.serialized, .enabled(if: Host.isRoot, Comment(rawValue: Host.needsRoot)))
 struct ResilienceTests {
     static let size: UInt64 = 48 << 20
@@ -27,11 +28,13 @@ struct ResilienceTests {
     }
 
     /// A migration through a fault proxy, the background paced so that
-    /// postcopy lasts a few seconds, and dead peers found in half a second.
+    /// postcopy lasts a few seconds, and dead peers found in a second (half
+    /// a second, with every suite migrating at once on 2 cores, was too
+    /// short for a handshake now and then).
     static func throughProxy(_ proxy: ProxySlot) -> Migration {
         var migration = Migration()
         migration.scribble = true
-        migration.deadPeerTimeoutNanos = 500_000_000
+        migration.deadPeerTimeoutNanos = 1_000_000_000
         migration.postcopyBytesPerSecond = 24 << 20
         migration.route = { endpoint in
             let made = try FaultProxy(to: endpoint)
@@ -73,67 +76,6 @@ struct ResilienceTests {
         Self.expectVerified(outcome)
         #expect(injected.count == 8)
         #expect(outcome.daemon.pauses >= 1 && outcome.agent.rejoins >= 1)
-    }
-
-    /// One failure of each kind at chosen points: as postcopy begins (guest
-    /// threads just blocked), half-way, and near the end.
-    @Test func failuresAtChosenPoints() throws {
-        let (source, rewrite) = try Self.allStale(seed: 5)
-        let proxy = ProxySlot()
-        var migration = Self.throughProxy(proxy)
-        migration.duringPostcopy = { daemon in
-            guard let proxy = proxy.current else { return }
-            proxy.inject(.reset)
-            #expect(throws: DestinationDaemon.CancelRefusal.self) { try daemon.cancelBeforeSwitchover() }
-            let total = Double(daemon.status().stalePagesAtSwitchover)
-            for (fault, share) in [(FaultProxy.Fault.drop, 0.5), (.stall, 0.9)] {
-                while true {
-                    let status = daemon.status()
-                    if status.phase == "complete" || status.phase == "failed" { return }
-                    if status.phase == "postcopy", Double(status.stalePagesLeft) <= total * (1 - share) { break }
-                    usleep(2_000)
-                }
-                proxy.inject(fault)
-            }
-        }
-        let outcome = try migration.run(source, pause: rewrite)
-        let injected = proxy.current?.injectedFaults ?? []
-        proxy.current?.stop()
-        Self.report("chosen points", outcome, injected: injected)
-        Self.expectVerified(outcome)
-        #expect(injected == [.reset, .drop, .stall])
-        #expect(outcome.daemon.pauses >= 3)
-    }
-
-    /// An agent that stops answering without closing its connections is
-    /// found dead within the configured timeout (plus scheduling slack):
-    /// postcopy pauses, and the agent, which finds the daemon silent too,
-    /// rejoins.
-    @Test func aSilentPeerIsFoundWithinTheTimeout() throws {
-        let (source, rewrite) = try Self.allStale(seed: 9)
-        let proxy = ProxySlot()
-        var migration = Self.throughProxy(proxy)
-        migration.deadPeerTimeoutNanos = 1_000_000_000
-        let timeout = 1_000_000_000 * TestTiming.scale  // as the harness applies it
-        let detected = Locked<UInt64?>(nil)
-        migration.duringPostcopy = { daemon in
-            usleep(200_000)
-            guard let proxy = proxy.current, daemon.status().phase == "postcopy" else { return }
-            let stalled = monotonicNanoseconds()
-            proxy.inject(.stall)
-            guard daemon.waitForPhase(["paused", "complete", "failed"], seconds: 30) else { return }
-            detected.withLock { $0 = monotonicNanoseconds() - stalled }
-        }
-        let outcome = try migration.run(source, pause: rewrite)
-        proxy.current?.stop()
-        let took = try #require(detected.withLock { $0 }, "postcopy never paused on a silent agent")
-        print("resilience silent peer: paused \(fixed(Double(took) / 1e6, 0)) ms after the stall (timeout \(timeout / 1_000_000) ms)")
-        // The clock starts at the last frame before the stall, which may be a
-        // HEARTBEAT up to a quarter of the timeout earlier.
-        #expect(took >= timeout * 7 / 10, "paused before the timeout: \(took) ns")
-        #expect(took < timeout + 1_500_000_000 * TestTiming.scale, "found dead after \(took) ns")
-        Self.expectVerified(outcome)
-        #expect(outcome.agent.rejoins >= 1)
     }
 
     /// `postcopyctl cancel` before switchover ends the migration, and the
