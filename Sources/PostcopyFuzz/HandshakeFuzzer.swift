@@ -164,7 +164,7 @@ private struct SessionHarness {
             require(welcome == .welcome(regionSize: session.geometry.regionSize,
                                         destinationPageSize: session.geometry.pageSize),
                     "WELCOME \(welcome) for a region of \(session.geometry)")
-            guard case let .hello(id, helloRole, _, _, secret, _) = message, helloRole == role, session.migrationID == id,
+            guard case let .hello(id, helloRole, _, _, secret, _, _, _) = message, helloRole == role, session.migrationID == id,
                   session.secretDigest?.matches(secret.digest) == true else {
                 fatalError("fuzz property broken: \(message) admitted as \(role) for \(String(describing: session.migrationID))")
             }

@@ -58,6 +58,10 @@ extension FrameFuzzer {
                 .hello(migrationID: SeedValues.migrationID, role: .urgent, sourcePageSize: .huge2M,
                        regionSize: 4 << 30, secret: SeedValues.secret, resume: true),
             ])),
+            seed("hello-bulk-stream", SeedValues.frames([
+                .hello(migrationID: SeedValues.migrationID, role: .bulk, sourcePageSize: .small,
+                       regionSize: 4 << 30, secret: SeedValues.secret, bulkStreams: 3, streamIndex: 2),
+            ])),
             seed("agent-bulk-stream", split: 3, bulk),
             seed("agent-bulk-stream-cut", split: 200, Array(bulk.dropLast(5))),
             seed("vmm-stream", options: vmmLimit, split: 1, SeedValues.frames(vmmStream)),

@@ -138,7 +138,7 @@ public struct DestinationSession: Sendable {
     /// goes on (the pause ends at `now`) and the daemon sends the resync.
     public mutating func hello(_ message: Message,
                                at now: UInt64 = 0) throws(SessionError) -> (role: StreamRole, welcome: Message) {
-        guard case let .hello(id, role, _, regionSize, secret, resume) = message else {
+        guard case let .hello(id, role, _, regionSize, secret, resume, _, _) = message else {
             throw .unexpected(message.type, phase: phase, role: nil)
         }
         // Who first: a HELLO for another migration, or without this one's
