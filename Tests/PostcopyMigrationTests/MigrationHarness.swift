@@ -97,6 +97,11 @@ func testLogger(_ label: String) -> Logger {
 struct Migration {
     var memory: MemoryKind = .shmem
     var rounds = 1
+    /// The agent's bulk streams (`--streams`).
+    var streams = 1
+    /// Mutual TLS between the agent and postcopyd (the test certificates);
+    /// false: both in plaintext.
+    var tls = true
     var guestThreads = 4
     var scribble = false
     /// Share of the pages the guest reads after resume.
@@ -152,7 +157,7 @@ struct Migration {
     func run(_ source: SourceFile, pause: @escaping @Sendable () -> Void = {}) throws -> Outcome {
         let directory = try TemporaryDirectory()
         var config = DestinationConfig(listen: SocketEndpoint(host: "127.0.0.1", port: 0),
-                                       transport: TestCertificates.daemon,
+                                       transport: tls ? TestCertificates.daemon : .plaintext,
                                        vmmSocketPath: directory.path + "/vmm.sock", memory: memory,
                                        regionSize: source.size, vmmUID: geteuid())
         if traced { config.tracePath = directory.path + "/trace.csv" }
@@ -173,12 +178,14 @@ struct Migration {
         let guest = GuestVMM(config: guestConfig, logger: testLogger("guest"))
         let guestRun = try Background("test-guest") { try guest.run() }
         var agentConfig = AgentConfig(ramPath: source.path, daemon: try route?(daemon.endpoint) ?? daemon.endpoint,
-                                      transport: TestCertificates.agent(), migrationID: MigrationID(high: 1, low: UInt64(getpid())),
+                                      transport: tls ? TestCertificates.agent() : .plaintext,
+                                      migrationID: MigrationID(high: 1, low: UInt64(getpid())),
                                       control: SourceControl("test", pause: pause, resume: {},
                                                              handOver: handOver.map { hook in
                                                                  (description: "test", run: { try hook(daemon) })
                                                              }))
         agentConfig.policy = PrecopyPolicy(maxRounds: rounds)
+        agentConfig.streams = streams
         agentConfig.dirtyLog = dirtyLog
         agentConfig.verifyDirtyLog = verifyDirtyLog
         var tracking: (WriteTracking?, SourceTrackingServer)?

@@ -237,9 +237,13 @@ struct MigrationTests {
     /// A writer keeps changing a hot set during precopy, as a running guest
     /// does; pausing stops it. Every round resends what changed, the guest on
     /// the destination writes every page after reading it, and nothing it
-    /// wrote is overwritten by a page arriving late.
-    @Test func guestRunningDuringPrecopyAndGuestWritesSurvive() throws {
+    /// wrote is overwritten by a page arriving late. With 1, 2 and 4 bulk
+    /// streams: a page resent round after round travels its own stream, and
+    /// is never overtaken by its older copy.
+    @Test(arguments: [1, 2, 4])
+    func guestRunningDuringPrecopyAndGuestWritesSurvive(streams: Int) throws {
         let source = try SourceFile(size: Self.size, seed: 31) { $0 % 8 == 3 }
+        let pauseRequested = Atomic<Bool>(false)
         let writer = try Background("test-source-writer") { [source] in
             var generation: UInt64 = 1
             while !pauseRequested.load(ordering: .acquiring) {
@@ -249,11 +253,14 @@ struct MigrationTests {
             }
         }
         var migration = Migration(rounds: 3)
+        migration.streams = streams
         migration.scribble = true
         let outcome = try migration.run(source) {
             pauseRequested.store(true, ordering: .releasing)
             _ = writer.wait("the source writer")
         }
+        #expect(outcome.agent.streams == streams && outcome.daemon.streams == streams)
+        #expect(outcome.daemon.precopyRounds == 3)
         #expect(outcome.agent.rounds.count == 3)
         #expect(outcome.agent.rounds.dropFirst().allSatisfy { $0.pagesSent > 0 }, "the writer dirtied nothing between rounds")
         #expect(outcome.agent.stalePages > 0)
@@ -318,6 +325,3 @@ struct MigrationTests {
         }
     }
 }
-
-/// Tells the test's source writer to stop (the test's "SIGSTOP").
-private let pauseRequested = Atomic<Bool>(false)
