@@ -37,6 +37,8 @@ public struct MigrationScenario: Sendable {
     /// postcopy-push --dirty-log: "uffd-wp" (the source workload registers
     /// its RAM and offers the log) or "hash".
     public var dirtyLog = "uffd-wp"
+    /// postcopy-push --streams (nil: its default, the CPUs online).
+    public var streams: Int?
     /// Mutual TLS 1.3 between postcopy-push and postcopyd, with the test
     /// certificates of this bench run (`TestCertificates`); false: both run
     /// with --insecure-plaintext, as every benchmark but precopy's does.
@@ -138,6 +140,7 @@ extension MigrationScenario {
             pushArguments += ["--dirty-bitmap", bitmap]
         }
         if let postcopyMiBps { pushArguments += ["--postcopy-bandwidth", "\(postcopyMiBps)"] }
+        if let streams { pushArguments += ["--streams", "\(streams)"] }
         if let scheduling = agentScheduling ?? backgroundScheduling {
             pushArguments += ["--background-scheduling", scheduling]
         }
