@@ -78,8 +78,8 @@ public struct AgentConfig: Sendable {
     /// pause and postcopy are not held back by it.
     public var precopyBytesPerSecond: UInt64?
     /// The background stream's limit during postcopy, bytes per second over
-    /// all bulk streams (nil: as fast as the link goes). Pages a fault waits for are never
-    /// held back by it.
+    /// all bulk streams (nil: as fast as the link goes). Pages a fault
+    /// waits for are never held back by it.
     public var postcopyBytesPerSecond: UInt64?
     /// How the thread that sends the background stream competes for a CPU
     /// during postcopy; precopy runs at normal priority.
@@ -314,11 +314,12 @@ public final class SourceAgent: @unchecked Sendable {
         }
     }
 
-    /// Opens the `role` connection and says HELLO (resuming, to rejoin a
-    /// postcopy in progress). From then on a connection that carries
-    /// nothing for `deadPeerTimeoutNanos`, not even HEARTBEAT, is dead.
-    private func connect(_ role: AgentStream, resume: Bool = false) throws -> MessageStream {
-        let connection = try inStep("connect the \(role) connection to postcopyd at \(config.daemon)") {
+    /// Opens the connection `which` names and says HELLO (resuming, to
+    /// rejoin a postcopy in progress). From then on a connection that
+    /// carries nothing for `deadPeerTimeoutNanos`, not even HEARTBEAT, is
+    /// dead.
+    private func connect(_ which: AgentStream, resume: Bool = false) throws -> MessageStream {
+        let connection = try inStep("connect the \(which) connection to postcopyd at \(config.daemon)") {
             let tcp = try TCPConnection.connect(to: config.daemon, keepAlive: config.keepAlive)
             // A handshake is a round trip and some crypto: a dead-peer
             // timeout tuned for a fast network would fail it on a busy host.
@@ -326,13 +327,13 @@ public final class SourceAgent: @unchecked Sendable {
         }
         try connection.setReceiveTimeout(config.deadPeerTimeoutNanos)
         try connection.setSendTimeout(config.deadPeerTimeoutNanos)
-        let stream = MessageStream(connection, peer: "postcopyd \(role) connection")
-        try stream.send(.hello(migrationID: config.migrationID, role: role.role, sourcePageSize: image.pageSize,
+        let stream = MessageStream(connection, peer: "postcopyd \(which) connection")
+        try stream.send(.hello(migrationID: config.migrationID, role: which.role, sourcePageSize: image.pageSize,
                                regionSize: image.size, secret: config.secret, resume: resume,
-                               bulkStreams: config.streams, streamIndex: role.index))
-        switch try next(on: stream, "during the \(role) connection's handshake") {
+                               bulkStreams: config.streams, streamIndex: which.index))
+        switch try next(on: stream, "during the \(which) connection's handshake") {
         case let .welcome(regionSize, _) where regionSize == image.size:
-            links.withLock { $0[role] = stream }
+            links.withLock { $0[which] = stream }
             return stream
         case let .welcome(regionSize, _):
             throw MigrationError(.incompatible, "the destination region is \(regionSize) bytes, the source's \(image.size)")
