@@ -210,6 +210,18 @@ import Testing
         #expect(session.phase == .postcopy && session.lastPauseNanos == 20)
     }
 
+    /// A discarded migration says so to any HELLO, whatever its count.
+    @Test func aDiscardedMigrationSaysSoWhateverTheCount() throws {
+        let geometry = try Self.geometry()
+        var session = try Self.precopy(streams: 2, geometry)
+        for stream in 0..<2 { _ = try session.receive(.roundEnd(round: 1, pagesSent: 0, dirtyPages: 0), on: .bulk(stream)) }
+        _ = try session.receive(Self.bitmap(geometry, words: Array(repeating: 0, count: 32)), on: .bulk)
+        _ = try session.receive(.switchover(stalePages: 0, sourcePausedAtNanos: 1, handOver: true), on: .bulk)
+        _ = try session.receive(.discard(reason: "QMP: failed"), on: .bulk)
+        #expect(session.phase == .discarded)
+        #expect(refusal { try session.hello(Self.hello(.bulk(0), of: 3, geometry, resume: true)) } == .discarded)
+    }
+
     /// A daemon that took a migration over knows no count: the first
     /// rejoining HELLO sets it, and every other must agree.
     @Test func aTakenOverMigrationLearnsItsCountFromTheRejoin() throws {

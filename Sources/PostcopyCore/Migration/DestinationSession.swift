@@ -166,6 +166,7 @@ public struct DestinationSession: Sendable {
               let stream = AgentStream(role: role, index: index) else {
             throw .streamOutOfRange(role: role, index: index, bulkStreams: streams)
         }
+        if case .discarded = state { throw .discarded }
         if let bulkStreams, bulkStreams != streams {
             throw .streamCountMismatch(migration: bulkStreams, hello: streams)
         }
