@@ -55,7 +55,7 @@ struct PostcopyPush: ParsableCommand {
     @Option(help: "Precopy rounds at most, the first full pass included.")
     var maxRounds = 5
 
-    @Option(help: "Precopy seconds at most.")
+    @Option(help: "Precopy seconds at most: a round still under way then stops, and the pages it did not reach are left to postcopy.")
     var maxPrecopySeconds: UInt64 = 120
 
     @Option(help: "Switch over once a round resends at most this many pages.")

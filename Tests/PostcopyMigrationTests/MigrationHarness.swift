@@ -111,6 +111,8 @@ struct Migration {
     var postcopyBytesPerSecond: UInt64?
     /// The agent's precopy limit (`--max-bandwidth`).
     var precopyBytesPerSecond: UInt64?
+    /// `--max-precopy-seconds`, when set.
+    var precopySeconds: Double?
     /// Both sides' dead-peer timeout (nil: the default), stretched by
     /// POSTCOPY_TEST_TIME_SCALE.
     var deadPeerTimeoutNanos: UInt64?
@@ -185,6 +187,7 @@ struct Migration {
                                                                  (description: "test", run: { try hook(daemon) })
                                                              }))
         agentConfig.policy = PrecopyPolicy(maxRounds: rounds)
+        if let precopySeconds { agentConfig.policy.maxDurationNanos = UInt64(precopySeconds * 1e9) }
         agentConfig.streams = streams
         agentConfig.dirtyLog = dirtyLog
         agentConfig.verifyDirtyLog = verifyDirtyLog

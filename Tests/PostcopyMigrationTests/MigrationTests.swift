@@ -72,6 +72,37 @@ struct MigrationTests {
         #expect(outcome.agent.rounds[0].seconds >= 0.3, "round 1 took \(outcome.agent.rounds[0].seconds) s: not paced")
     }
 
+    /// `--max-precopy-seconds` holds within a round: round 1, paced to
+    /// take about two seconds, stops at 0.3 s, and what it did not reach is
+    /// stale — fetched in postcopy, each page once — with either dirty log
+    /// (the uffd-wp one audited by `--verify-dirty-log`, which must not
+    /// count the pages left as changes it missed).
+    @Test(arguments: [DirtyLogChoice.uffdWP, .hash])
+    func theTimeLimitStopsARoundUnderWay(log: DirtyLogChoice) throws {
+        let (source, dirty) = try Self.source(dirty: 0.1)
+        var migration = Migration()
+        migration.dirtyLog = log
+        migration.rounds = 3
+        migration.precopyBytesPerSecond = (224 << 20) / TestSize.divisor / 2
+        migration.precopySeconds = 0.3
+        let outcome = try migration.run(source, pause: Self.dirtying(source, dirty))
+        #expect(outcome.identical, "destination RAM differs from the source")
+        #expect(outcome.guest.verified, "guest digest \(outcome.guest.actualDigest) vs \(outcome.guest.expectedDigest)")
+        #expect(outcome.daemon.imageDigest == outcome.agent.imageDigest)
+        if log == .uffdWP { #expect(outcome.agent.missedByDirtyLog == 0) }
+        #expect(outcome.agent.precopyEndReason == "time limit")
+        try #require(outcome.agent.rounds.count == 1, "\(outcome.agent.rounds)")
+        let left = try #require(outcome.agent.rounds[0].pagesLeft, "round 1 was not cut short")
+        #expect(left > 0)
+        // Every page round 1 did not reach is stale, and so is each page
+        // written in the pause (some of them among those left).
+        let stale = outcome.agent.stalePages
+        #expect(stale >= left && stale <= left + Self.stale(dirty, log: log), "\(stale) stale, \(left) left")
+        #expect(outcome.daemon.stalePagesAtSwitchover == stale)
+        #expect(outcome.daemon.duplicatePages == 0)
+        #expect(outcome.daemon.postcopyPagesUrgent + outcome.daemon.postcopyPagesBackground == stale)
+    }
+
     /// The source's zero pages are holes in its file (every 8th page here).
     /// The agent tells them by the file's extents and never reads them:
     /// reading a shmem hole through a mapping allocates a page, so a

@@ -138,10 +138,15 @@ public struct PrecopyRound: Codable, Equatable, Sendable {
     /// previous round and the one before this one (written pages with
     /// uffd-wp, changed ones with hashing); nil in round 1.
     public let dirtyPagesPerSecond: Double?
+    /// When precopy's time limit stopped this round before its end: the
+    /// pages it did not reach, left to postcopy (nil for a whole round).
+    public let pagesLeft: UInt64?
 
     public init(round: UInt32, pagesSent: UInt64, zeroPagesSent: UInt64, bytesSent: UInt64, seconds: Double,
-                pagesWritten: UInt64? = nil, cpuSeconds: Double? = nil, dirtyPagesPerSecond: Double? = nil) {
+                pagesWritten: UInt64? = nil, cpuSeconds: Double? = nil, dirtyPagesPerSecond: Double? = nil,
+                pagesLeft: UInt64? = nil) {
         self.dirtyPagesPerSecond = dirtyPagesPerSecond
+        self.pagesLeft = pagesLeft
         self.round = round
         self.pagesSent = pagesSent
         self.zeroPagesSent = zeroPagesSent

@@ -37,8 +37,10 @@ extension SourceAgent {
     /// ending with its own ROUND_END. Returns the round's figures, added
     /// up. A lane that fails shuts every stream down, so that the others
     /// stop too, and its error (the first) is thrown once all have stopped.
+    /// Past `deadline` each lane ends its share early, and the pages the
+    /// lanes left are the result's `leftOver`.
     func sendRound(_ round: UInt32, among candidates: PageBitmap?, _ scanner: PageScanner,
-                   lanes: [PageScanner.Lane], on streams: [MessageStream],
+                   lanes: [PageScanner.Lane], on streams: [MessageStream], until deadline: UInt64? = nil,
                    report: @escaping @Sendable (_ looked: UInt64, _ sent: PageScanner.RoundResult) -> Void) throws
         -> PageScanner.RoundResult {
         let results = Locked([PageScanner.RoundResult?](repeating: nil, count: lanes.count))
@@ -46,6 +48,7 @@ extension SourceAgent {
         let sendShare: @Sendable (Int) -> Void = { index in
             do {
                 let result = try scanner.sendChangedPages(among: candidates, lane: lanes[index], to: streams[index],
+                                                          until: deadline,
                                                           progress: report)
                 try streams[index].send(.roundEnd(round: round, pagesSent: result.pagesSent,
                                                   dirtyPages: result.pagesSent + result.zeroPagesSent))
@@ -73,6 +76,9 @@ extension SourceAgent {
             total.pagesSent += lane?.pagesSent ?? 0
             total.zeroPagesSent += lane?.zeroPagesSent ?? 0
             total.bytesSent += lane?.bytesSent ?? 0
+            if let left = lane?.leftOver {
+                if total.leftOver == nil { total.leftOver = left } else { total.leftOver?.formUnion(left) }
+            }
         }
     }
 

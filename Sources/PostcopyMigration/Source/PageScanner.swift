@@ -62,6 +62,11 @@ final class PageScanner: @unchecked Sendable {
         var pagesSent: UInt64 = 0
         var zeroPagesSent: UInt64 = 0
         var bytesSent: UInt64 = 0
+        /// When the round was cut short at its deadline: the pages of its
+        /// share it never looked at and that the destination may not hold
+        /// as they are (all but the holes it holds as zeros). They are
+        /// stale, whatever the dirty log says later.
+        var leftOver: PageBitmap?
     }
 
     /// `lane`'s share of one precopy round: every page of its share whose
@@ -71,11 +76,16 @@ final class PageScanner: @unchecked Sendable {
     /// reports written); nil looks at every page. The lane's pacer, when it
     /// has one, holds it to its rate. `progress` is called after each send
     /// with the pages looked at and what went out since the last call.
+    /// Once `deadline` (monotonic nanoseconds) has passed, the round stops
+    /// after the frames it has gathered, and says which pages it left
+    /// (`RoundResult.leftOver`): precopy's time limit holds within a round.
     func sendChangedPages(among candidates: PageBitmap?, lane: Lane, to stream: MessageStream,
+                          until deadline: UInt64? = nil,
                           progress: (_ looked: UInt64, _ sent: RoundResult) -> Void) throws -> RoundResult {
         var result = RoundResult()
         var looked: UInt64 = 0
         var reported = RoundResult()
+        var pastDeadline = false
 
         /// Sends the batch's frames, whole, in one go.
         func send() throws {
@@ -88,7 +98,14 @@ final class PageScanner: @unchecked Sendable {
             result.zeroPagesSent += lane.batch.zeroPages
             result.bytesSent += bytes
             lane.batch.reset()
-            if let wait = lane.pacer?.sent(bytes, now: monotonicNanoseconds()), wait > 0 { sleepNanoseconds(wait) }
+            var now = monotonicNanoseconds()
+            if let wait = lane.pacer?.sent(bytes, now: now), wait > 0 {
+                // The pacer's wait ends at the deadline: a slow cap does
+                // not hold the switchover back.
+                sleepNanoseconds(deadline.map { $0 > now ? min(wait, $0 - now) : 0 } ?? wait)
+                now = monotonicNanoseconds()
+            }
+            if let deadline, now >= deadline { pastDeadline = true }
             progress(looked, RoundResult(pagesSent: result.pagesSent - reported.pagesSent,
                                          zeroPagesSent: result.zeroPagesSent - reported.zeroPagesSent,
                                          bytesSent: result.bytesSent - reported.bytesSent))
@@ -103,7 +120,7 @@ final class PageScanner: @unchecked Sendable {
 
         var holes = image.holes()
         var pages = SharePages(lane.partition.chunks(of: lane.stream, pageCount: pageCount), among: candidates)
-        while let page = pages.next() {
+        while !pastDeadline, let page = pages.next() {
             looked += 1
             // A page in a hole is zero, and is not read (reading would make
             // it exist): it goes out only if it held data before.
@@ -135,6 +152,16 @@ final class PageScanner: @unchecked Sendable {
         }
         try send()
         if looked > 0 { progress(looked, RoundResult()) }
+        if pastDeadline {
+            var left = PageBitmap(count: pageCount)
+            while let page = pages.next() {
+                // A hole that was never sent, or last sent as zeros, is
+                // what the destination holds already.
+                if holes.contains(page) && sent[Int(page)] == PageHash.zeroPage { continue }
+                left.insert(page)
+            }
+            result.leftOver = left
+        }
         return result
     }
 

@@ -139,6 +139,10 @@ public final class SourceAgent: @unchecked Sendable {
     /// What `--verify-dirty-log` has found; carried from precopy to the
     /// final scan.
     private var audit = DirtyLogAudit(pageCount: 0)
+    /// The pages a precopy round cut short at the time limit never looked
+    /// at: stale at switchover, whatever the dirty log says then (the log
+    /// was re-armed on them before the round).
+    private var leftByPrecopy: PageBitmap?
 
     public init(config: AgentConfig, logger: Logger, progress: ProgressReporter) throws {
         precondition(config.streams >= 1 && config.streams <= AgentStream.maxBulkStreams,
@@ -439,7 +443,11 @@ public final class SourceAgent: @unchecked Sendable {
         do {
             // The last scan, in the pause, re-arms nothing: no round follows
             // it, and if the migration fails the agent is done with the log.
-            let written = try current.written(protect: !paused)
+            var written = try current.written(protect: !paused)
+            // Pages precopy left are stale as much as written ones (and
+            // differ from what was sent: the audit must not count them as
+            // changes the log missed).
+            if paused, let left = leftByPrecopy { written.formUnion(left) }
             if config.verifyDirtyLog {
                 audit.record(written: written, changed: scanner.changedPages(), paused: paused)
                 summary.missedByDirtyLog = audit.missed
@@ -468,6 +476,11 @@ public final class SourceAgent: @unchecked Sendable {
         var round: UInt32 = 0
         var reason = PrecopyPolicy.Reason.roundLimit
         let lanes = precopyLanes(batchPages: scanner.batchPages, startedAt: started)
+        leftByPrecopy = nil
+        // The time limit holds within a round too: a round still under way
+        // then stops, and what it did not send is left to postcopy.
+        let (deadline, overflow) = started.addingReportingOverflow(config.policy.maxDurationNanos)
+        let cutAt = overflow ? nil : deadline
         // For the dirty rate: when the scan before the last round ran. For
         // the expected downtime: what the last scan of the log took.
         var previousScanAt: UInt64 = 0
@@ -488,7 +501,8 @@ public final class SourceAgent: @unchecked Sendable {
             let total = Double(max(candidates?.popCount ?? scanner.pageCount, 1))
             let shown = Locked((looked: UInt64(0), bytes: UInt64(0)))
             let (progress, current) = (self.progress, round)
-            let result = try sendRound(round, among: candidates, scanner, lanes: lanes, on: streams) { looked, sent in
+            let result = try sendRound(round, among: candidates, scanner, lanes: lanes, on: streams,
+                                       until: cutAt) { looked, sent in
                 // The lanes report in turn, so the line has one writer at a time.
                 shown.withLock { sofar in
                     sofar.looked += looked
@@ -508,10 +522,16 @@ public final class SourceAgent: @unchecked Sendable {
                                                zeroPagesSent: result.zeroPagesSent, bytesSent: result.bytesSent,
                                                seconds: seconds, pagesWritten: candidates?.popCount,
                                                cpuSeconds: ProcessUsage.cpuSeconds() - cpuStarted,
-                                               dirtyPagesPerSecond: dirtyRate))
+                                               dirtyPagesPerSecond: dirtyRate, pagesLeft: result.leftOver?.popCount))
             summary.bytesSent += result.bytesSent
             progress.finish()
             logger.info("precopy round \(round): \(result.pagesSent) pages sent, \(result.zeroPagesSent) zeroed, \(fixed(seconds, 2)) s")
+            if let left = result.leftOver {
+                leftByPrecopy = left
+                reason = .timeLimit
+                logger.info("precopy round \(round) stopped at the time limit (\(fixed(Double(config.policy.maxDurationNanos) / 1e9, 1)) s): \(left.popCount) pages it did not reach are left to postcopy")
+                break
+            }
             if round > 1 && config.policy.converged(dirtyPages: changed) {
                 reason = .converged
                 break
@@ -615,6 +635,9 @@ public final class SourceAgent: @unchecked Sendable {
             if let alsoDirty { written.formUnion(alsoDirty) }
             return written
         }
+        // Hashing finds the pages precopy left by itself (their hashes are
+        // not those sent); one that holds what was last sent, though never
+        // looked at again, is as good as sent.
         let (stale, digest) = scanner.finalScan(alsoDirty: alsoDirty)
         summary.finalScanMs = Double(monotonicNanoseconds() - scanStarted) / 1e6
         notices.known(digest)
