@@ -17,6 +17,8 @@
 #   make bench     every benchmark against a baseline measured in the same run
 #                  (root; over 10 min); table, bench.json and plots in bench-results/
 #                  (BENCH_FLAGS=--quick for a short smoke run)
+#   make bench-streams  precopy over 1 and 2 bulk streams (--streams), 1 GiB,
+#                  plaintext and TLS, medians of 3 (root)
 #   make load      8 migrations of 256 MiB (10 % dirty) at once over loopback,
 #                  each with its own source, postcopyd, reference guest and
 #                  agent (root); per-instance times, daemon peak memory, JSON
@@ -67,7 +69,7 @@ LOAD_SIZE  ?= 256M
 LOAD_DIRTY ?= 0.10
 DEMO_MEMORY := $(if $(HUGETLB),hugetlbfs,shmem)
 
-.PHONY: all build prepare test check demo bench install uninstall clean preload test-preload test-qemu
+.PHONY: all build prepare test check demo bench bench-streams install uninstall clean preload test-preload test-qemu
 
 all: build
 
@@ -145,6 +147,12 @@ benchmarks/baseline/precopy-stream: benchmarks/baseline/precopy-stream.c benchma
 # measures. Root only (userfaultfd, hugetlbfs).
 bench: build $(BASELINES)
 	$(RELEASE)/postcopy-bench run --out bench-results $(BENCH_FLAGS)
+
+# Precopy's round 1 over 1 and 2 bulk streams (postcopy-push --streams),
+# 1 GiB, plaintext and TLS, medians of 3 and the ratios to one stream
+# (docs/benchmarks.md, "Precopy over bulk streams"). Root only.
+bench-streams: build
+	$(RELEASE)/postcopy-bench streams --size 1G --streams 1,2 --runs 3 --work bench-results/streams
 
 install: build
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(CONFDIR) $(DESTDIR)$(CATALOGDIR) $(DESTDIR)$(DOCDIR)

@@ -13,6 +13,10 @@
 #
 #   RUNS=3 SIZE=512M PRECOPY_SECONDS=5 BIN=.build/release OUT=qemu-bench bash qemu/bench.sh
 #
+# PRECOPY_MBPS=N caps precopy at N MiB/s in every kind alike: with a small
+# cap (PRECOPY_SECONDS=1 PRECOPY_MBPS=1) nearly all of RAM is left to
+# postcopy, the pure-postcopy comparison.
+#
 # Root; needs make build preload and qemu/build-guest.sh .build/qemu-guest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +24,7 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 OUT=${OUT:-qemu-bench}
 KINDS=${KINDS:-postcopyd-shmem postcopyd-hugetlbfs qemu-postcopy qemu-preempt qemu-postcopy-file qemu-preempt-file}
-export SIZE=${SIZE:-512M} PRECOPY_SECONDS=${PRECOPY_SECONDS:-5} BIN=${BIN:-.build/release}
+export SIZE=${SIZE:-512M} PRECOPY_SECONDS=${PRECOPY_SECONDS:-5} PRECOPY_MBPS=${PRECOPY_MBPS:-0} BIN=${BIN:-.build/release}
 mkdir -p "$OUT"
 # RUNS=0 only prints the table again from OUT/runs.jsonl.
 ((RUNS == 0)) || : >"$OUT/runs.jsonl"

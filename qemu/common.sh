@@ -8,6 +8,11 @@ SIZE=${SIZE:-512M}
 ACCEL=${ACCEL:-auto}
 GUEST=${GUEST:-.build/qemu-guest}
 PRECOPY_SECONDS=${PRECOPY_SECONDS:-30}
+# Precopy's bandwidth in MiB/s, the same cap on both flows (postcopy-push
+# --max-bandwidth, QEMU's max-bandwidth); 0 is none. A small cap leaves
+# nearly all RAM to postcopy: how the flows compare on pure postcopy where
+# this host's QEMU cannot start postcopy with no precopy at all.
+PRECOPY_MBPS=${PRECOPY_MBPS:-0}
 RESULT=${RESULT:-}
 QEMU=${QEMU:-qemu-system-x86_64}
 # The QMP steps at switchover count as downtime: a bare interpreter starts

@@ -7,6 +7,9 @@
 #
 #   PREEMPT=0|1 SIZE=512M PRECOPY_SECONDS=5 RESULT=out.json qemu/compare-qemu-postcopy.sh
 #
+# PRECOPY_MBPS=N caps precopy at N MiB/s (max-bandwidth; postcopy is not
+# capped), as it caps postcopy-push in qemu/migrate.sh.
+#
 # RAM=file (the default) puts guest RAM in a shared file in /dev/shm on
 # both sides, as migrate.sh does; RAM=anonymous gives QEMU its usual
 # memory-backend-ram. On these machines QEMU 7.2's own migration of a TCG
@@ -55,7 +58,9 @@ for side in source destination; do
     qmp "$work/$side.qmp" migrate-set-capabilities "{\"capabilities\":[$capabilities$extra]}" >/dev/null
     # A 1 ms downtime limit keeps precopy from finishing on its own, so
     # that postcopy starts after PRECOPY_SECONDS as postcopyd's does.
-    qmp "$work/$side.qmp" migrate-set-parameters '{"max-bandwidth":107374182400,"max-postcopy-bandwidth":0,"downtime-limit":1}' >/dev/null
+    # max-postcopy-bandwidth 0: postcopy is not capped, whatever precopy's cap.
+    bandwidth=$((PRECOPY_MBPS > 0 ? PRECOPY_MBPS << 20 : 107374182400))
+    qmp "$work/$side.qmp" migrate-set-parameters "{\"max-bandwidth\":$bandwidth,\"max-postcopy-bandwidth\":0,\"downtime-limit\":1}" >/dev/null
 done
 port=$(free_port)
 qmp "$work/destination.qmp" migrate-incoming "{\"uri\":\"tcp:127.0.0.1:$port\"}" >/dev/null

@@ -20,6 +20,8 @@
 #   GUEST=…          where qemu/build-guest.sh put vmlinuz and initrd.gz
 #   PRECOPY_SECONDS  precopy runs this long (default 30), unless a round
 #                    resends fewer than 256 pages first
+#   PRECOPY_MBPS=N   cap precopy at N MiB/s (postcopy-push --max-bandwidth;
+#                    default 0, none)
 #   BACKGROUND_SCHEDULING=idle|normal|nice:N  --background-scheduling for
 #                    postcopyd and postcopy-push (default: theirs, idle)
 #   RESULT=path      write the figures as JSON here
@@ -168,6 +170,7 @@ push_extra=(--dirty-log "$DIRTY_LOG")
 if [[ -n ${BACKGROUND_SCHEDULING:-} ]]; then push_extra+=(--background-scheduling "$BACKGROUND_SCHEDULING"); fi
 [[ $DIRTY_LOG == uffd-wp ]] && push_extra+=(--dirty-log-socket "$work/dirty-log.sock")
 ((VERIFY_DIRTY_LOG)) && push_extra+=(--verify-dirty-log)
+((PRECOPY_MBPS > 0)) && push_extra+=(--max-bandwidth "$PRECOPY_MBPS")
 # Slow back-fill leaves the guest's own faults to the restarted postcopyd.
 ((KILL_DAEMON)) && push_extra+=(--postcopy-bandwidth 1)
 say "precopy for ${PRECOPY_SECONDS} s while the guest runs, then switchover"

@@ -38,6 +38,8 @@ public struct MigrationScenario: Sendable {
     /// its RAM and offers the log), "hash", or "auto" (uffd-wp when the
     /// kernel has it, else hash).
     public var dirtyLog = "uffd-wp"
+    /// postcopy-push --streams (nil: its default, the CPUs online).
+    public var streams: Int?
     /// Mutual TLS 1.3 between postcopy-push and postcopyd, with the test
     /// certificates of this bench run (`TestCertificates`); false: both run
     /// with --insecure-plaintext, as every benchmark but precopy's does.
@@ -290,6 +292,7 @@ extension MigrationScenario {
             arguments += ["--dirty-bitmap", bitmap]
         }
         if let postcopyMiBps { arguments += ["--postcopy-bandwidth", "\(postcopyMiBps)"] }
+        if let streams { arguments += ["--streams", "\(streams)"] }
         if let scheduling = agentScheduling ?? backgroundScheduling {
             arguments += ["--background-scheduling", scheduling]
         }

@@ -4,7 +4,7 @@ import PostcopyCore
 /// (`DestinationSession`) fed the messages decoded from agent connections
 /// that open, send and close in an order the input chooses, the way
 /// `DestinationDaemon` drives it: the first message of a connection goes to
-/// `hello`, the rest to `receive` on the role it was admitted as; a decoding
+/// `hello`, the rest to `receive` on the stream it was admitted as; a decoding
 /// error, a refused message, an ERROR from the agent or a close loses the
 /// connection (`connectionLost`); `pagesComplete` is called only in
 /// postcopy, and `complete` once the session says the migration completes
@@ -92,8 +92,8 @@ private struct SessionHarness {
     /// An agent connection as the daemon sees it.
     struct Connection {
         var decoder = FrameDecoder()
-        /// The role its HELLO was admitted as; nil before.
-        var role: StreamRole?
+        /// The stream its HELLO was admitted as; nil before.
+        var stream: AgentStream?
         /// The session's epoch when it was admitted.
         var epoch: UInt64 = 0
         var open = true
@@ -139,8 +139,8 @@ private struct SessionHarness {
                 return
             }
             guard let message else { return }
-            if let role = connections[slot]!.role {
-                receive(message, on: role, slot: slot)
+            if let stream = connections[slot]!.stream {
+                receive(message, on: stream, slot: slot)
             } else {
                 hello(message, slot: slot)
             }
@@ -160,21 +160,22 @@ private struct SessionHarness {
     private mutating func hello(_ message: Message, slot: Int) {
         let before = snapshot
         do throws(SessionError) {
-            let (role, welcome) = try session.hello(message)
+            let (stream, welcome) = try session.hello(message)
             require(welcome == .welcome(regionSize: session.geometry.regionSize,
                                         destinationPageSize: session.geometry.pageSize),
                     "WELCOME \(welcome) for a region of \(session.geometry)")
-            guard case let .hello(id, helloRole, _, _, secret, _) = message, helloRole == role, session.migrationID == id,
+            guard case let .hello(id, role, _, _, secret, _, streams, index) = message,
+                  role == stream.role, index == stream.index, session.bulkStreams == streams, session.migrationID == id,
                   session.secretDigest?.matches(secret.digest) == true else {
-                fatalError("fuzz property broken: \(message) admitted as \(role) for \(String(describing: session.migrationID))")
+                fatalError("fuzz property broken: \(message) admitted as \(stream) for \(String(describing: session.migrationID))")
             }
-            connections[slot]!.role = role
+            connections[slot]!.stream = stream
             connections[slot]!.epoch = session.epoch
         } catch {
             // Refused: the daemon sends ERROR and closes; nothing was admitted.
             use(error.description)
             require(session.phase == before.phase && session.epoch == before.epoch
-                        && session.migrationID == before.migrationID
+                        && session.migrationID == before.migrationID && session.bulkStreams == before.bulkStreams
                         && (session.secretDigest == nil) == (before.secretDigest == nil),
                     "a refused HELLO changed the session (\(before.phase) to \(session.phase))")
             connections[slot]!.open = false
@@ -182,10 +183,10 @@ private struct SessionHarness {
         checkInvariants(since: before)
     }
 
-    private mutating func receive(_ message: Message, on role: StreamRole, slot: Int) {
+    private mutating func receive(_ message: Message, on stream: AgentStream, slot: Int) {
         let before = snapshot
         do throws(SessionError) {
-            let action = try session.receive(message, on: role)
+            let action = try session.receive(message, on: stream)
             check(action, for: message, before: before)
             if case .peerFailed = action { lose(slot) }
             // The daemon's finish(): the digest, or the hand-over, was the
@@ -203,7 +204,7 @@ private struct SessionHarness {
     private mutating func lose(_ slot: Int) {
         guard let connection = connections[slot], connection.open else { return }
         connections[slot]!.open = false
-        guard connection.role != nil else { return }
+        guard connection.stream != nil else { return }
         let before = snapshot
         let paused = session.connectionLost(epoch: connection.epoch)
         require(paused == ((before.phase == .postcopy || before.phase == .handover) && connection.epoch == before.epoch),
@@ -261,11 +262,12 @@ private struct SessionHarness {
         let migrationID: MigrationID?
         let secretDigest: SecretDigest?
         let imageDigest: ImageDigest?
+        let bulkStreams: Int?
     }
 
     var snapshot: Snapshot {
         Snapshot(phase: session.phase, epoch: session.epoch, migrationID: session.migrationID,
-                 secretDigest: session.secretDigest, imageDigest: session.imageDigest)
+                 secretDigest: session.secretDigest, imageDigest: session.imageDigest, bulkStreams: session.bulkStreams)
     }
 
     private func checkInvariants(since before: Snapshot) {
@@ -278,6 +280,9 @@ private struct SessionHarness {
         }
         if let digest = before.secretDigest {
             require(session.secretDigest?.matches(digest) == true, "the migration's secret changed")
+        }
+        if let streams = before.bulkStreams {
+            require(session.bulkStreams == streams, "\(streams) bulk streams became \(String(describing: session.bulkStreams))")
         }
         if let configuredID {
             require(session.migrationID == configuredID, "a daemon for \(configuredID) serves \(String(describing: session.migrationID))")

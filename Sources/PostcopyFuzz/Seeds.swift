@@ -60,6 +60,10 @@ extension FrameFuzzer {
                 Message.hello(migrationID: SeedValues.migrationID, role: .urgent, sourcePageSize: .huge2M,
                               regionSize: 4 << 30, secret: SeedValues.secret, resume: true),
             ])),
+            seed("hello-bulk-stream", SeedValues.frames([
+                Message.hello(migrationID: SeedValues.migrationID, role: .bulk, sourcePageSize: .small,
+                              regionSize: 4 << 30, secret: SeedValues.secret, bulkStreams: 3, streamIndex: 2),
+            ])),
             seed("agent-bulk-stream", split: 3, bulk),
             seed("agent-bulk-stream-cut", split: 200, Array(bulk.dropLast(5))),
             seed("vmm-stream", options: vmmSocket, split: 1, SeedValues.frames(vmmStream)),
@@ -169,14 +173,42 @@ extension HandshakeFuzzer {
             ("takeover", takeover().bytes),
             ("huge-pages", hugePages().bytes),
             ("refused", refused().bytes),
+            ("bulk-streams", bulkStreams().bytes),
         ]
     }
 
     private static func hello(_ role: StreamRole, regionSize: UInt64, resume: Bool = false,
                               id: MigrationID = SeedValues.migrationID,
-                              secret: MigrationSecret = SeedValues.secret) -> Message {
+                              secret: MigrationSecret = SeedValues.secret, streams: Int = 1, index: Int = 0) -> Message {
         .hello(migrationID: id, role: role, sourcePageSize: .small, regionSize: regionSize, secret: secret,
-               resume: resume)
+               resume: resume, bulkStreams: streams, streamIndex: index)
+    }
+
+    /// Two bulk streams over two 2 MiB pages, one chunk each: each stream's
+    /// round, the bitmap once both ended it, the back-fill on each, a lost
+    /// generation and a rejoin of all three connections.
+    private static func bulkStreams() -> HandshakeScript {
+        let size: UInt64 = 2 << 21
+        var script = HandshakeScript(pages: 2, huge: true)
+        for slot: UInt8 in 0...2 { script.connect(slot) }
+        script.send([hello(.bulk, regionSize: size, streams: 2, index: 1)], on: 1)
+        script.send([hello(.bulk, regionSize: size, streams: 2, index: 0)], on: 0)
+        script.send([hello(.urgent, regionSize: size, streams: 2)], on: 2)
+        script.send([.zeroPages(firstPage: 0, count: 4), .roundEnd(round: 1, pagesSent: 0, dirtyPages: 4)], on: 0)
+        script.send([.pages(requestID: 0, firstPage: 600, data: SeedValues.pageData(pages: 1, seed: 6)),
+                     .roundEnd(round: 1, pagesSent: 1, dirtyPages: 1)], on: 1)
+        script.send([.dirtyBitmap(totalBits: 1024, firstWord: 0, words: [1] + Array(repeating: 0, count: 8) + [1 << 8]
+                        + Array(repeating: 0, count: 6)),
+                     .switchover(stalePages: 2, sourcePausedAtNanos: 3), .imageDigest(SeedValues.digest)], on: 0)
+        script.send([.zeroPages(firstPage: 0, count: 1)], on: 0)
+        for slot: UInt8 in 0...2 { script.close(slot) }
+        for slot: UInt8 in 0...2 { script.connect(slot) }
+        script.send([hello(.urgent, regionSize: size, resume: true, streams: 2)], on: 2)
+        script.send([hello(.bulk, regionSize: size, resume: true, streams: 2, index: 1)], on: 1)
+        script.send([hello(.bulk, regionSize: size, resume: true, streams: 2, index: 0)], on: 0)
+        script.send([.zeroPages(firstPage: 584, count: 1)], on: 1)
+        script.complete()
+        return script
     }
 
     /// A region of 16 pages: precopy, a bitmap of pages 3, 4 and 9,

@@ -10,7 +10,7 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "postcopy-bench",
         abstract: "postcopyd's benchmarks, each against a baseline measured in the same run.",
-        subcommands: [Run.self, Demo.self, Load.self, CleanFaults.self, SHA256Throughput.self])
+        subcommands: [Run.self, Demo.self, Load.self, CleanFaults.self, SHA256Throughput.self, Streams.self])
 }
 
 /// Why the migrations need root, for a refusal.

@@ -55,11 +55,14 @@ struct PostcopyPush: ParsableCommand {
     @Option(help: "Precopy rounds at most, the first full pass included.")
     var maxRounds = 5
 
-    @Option(help: "Precopy seconds at most.")
+    @Option(help: "Precopy seconds at most: a round still under way then stops, and the pages it did not reach are left to postcopy.")
     var maxPrecopySeconds: UInt64 = 120
 
     @Option(help: "Switch over once a round resends at most this many pages.")
     var switchoverPages: UInt64 = 256
+
+    @Option(help: ArgumentHelp("Bulk connections to postcopyd, 1 to 8: precopy and the postcopy back-fill are spread over them, each with its share of the pages (2 MiB chunks in turn) and a thread on each side; page requests keep a connection of their own. A --resume must give the first agent's count. Default: the CPUs online, at most 8.", valueName: "n"))
+    var streams: Int = AgentConfig.defaultStreams
 
     @Option(help: ArgumentHelp("Limit precopy to this many MiB/s over all its rounds, as QEMU's max-bandwidth does (default: no limit). The switchover and postcopy are not held back by it.", valueName: "MiB/s"))
     var maxBandwidth: Double?
@@ -131,6 +134,9 @@ struct PostcopyPush: ParsableCommand {
             throw ValidationError("--no-pause contradicts --pause-pid/--pause-cmd")
         }
         if maxRounds < 1 { throw ValidationError("--max-rounds must be at least 1") }
+        if !(1...AgentStream.maxBulkStreams).contains(streams) {
+            throw ValidationError("--streams is a number of bulk connections from 1 to \(AgentStream.maxBulkStreams), not \(streams)")
+        }
         if dirtyLog == .uffdWP && dirtyLogSocket == nil {
             throw ValidationError("--dirty-log uffd-wp reads the source VMM's write log: give its --dirty-log-socket")
         }
@@ -162,6 +168,7 @@ struct PostcopyPush: ParsableCommand {
         config.dirtyLog = dirtyLog
         config.dirtyLogSocket = dirtyLogSocket
         config.verifyDirtyLog = verifyDirtyLog
+        config.streams = streams
         config.precopyBytesPerSecond = maxBandwidth.map { UInt64($0 * 1_048_576) }
         config.postcopyBytesPerSecond = postcopyBandwidth.map { UInt64($0 * 1_048_576) }
         config.backgroundScheduling = scheduling.backgroundScheduling

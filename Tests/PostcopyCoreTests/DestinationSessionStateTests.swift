@@ -180,9 +180,9 @@ import Testing
         var session = try Self.session(start, steps)
         let (epoch, digest) = (session.epoch, session.imageDigest)
         #expect(refusal { try session.receive(.dirtyBitmap(totalBits: 64, firstWord: 0, words: [0xFF]), on: .bulk) }
-            == .unexpected(.dirtyBitmap, phase: expected.phase, role: .bulk), "\(name)")
+            == .unexpected(.dirtyBitmap, phase: expected.phase, stream: .bulk), "\(name)")
         #expect(refusal { try session.receive(.switchover(stalePages: 8, sourcePausedAtNanos: 1), on: .bulk) }
-            == .unexpected(.switchover, phase: expected.phase, role: .bulk), "\(name)")
+            == .unexpected(.switchover, phase: expected.phase, stream: .bulk), "\(name)")
         #expect(session.phase == expected.phase && session.epoch == epoch && session.imageDigest == digest, "\(name)")
     }
 

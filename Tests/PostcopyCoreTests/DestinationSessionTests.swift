@@ -75,13 +75,13 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         #expect(session.migrationID == nil)
 
         let bulk = try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize))
-        #expect(bulk.role == .bulk)
+        #expect(bulk.stream == .bulk)
         #expect(bulk.welcome == .welcome(regionSize: geometry.regionSize, destinationPageSize: .small))
         #expect(session.phase == .handshake)
         #expect(session.migrationID == Sessions.migrationID)
 
         let urgent = try session.hello(Sessions.hello(.urgent, regionSize: geometry.regionSize))
-        #expect(urgent.role == .urgent)
+        #expect(urgent.stream == .urgent)
         #expect(urgent.welcome == .welcome(regionSize: geometry.regionSize, destinationPageSize: .small))
         #expect(session.phase == .precopy)
     }
@@ -89,9 +89,9 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
     @Test func theUrgentConnectionMayArriveFirst() throws {
         let geometry = try Sessions.geometry()
         var session = DestinationSession(geometry: geometry, migrationID: Sessions.migrationID)
-        #expect(try session.hello(Sessions.hello(.urgent, regionSize: geometry.regionSize)).role == .urgent)
+        #expect(try session.hello(Sessions.hello(.urgent, regionSize: geometry.regionSize)).stream == .urgent)
         #expect(session.phase == .handshake)
-        #expect(try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize)).role == .bulk)
+        #expect(try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize)).stream == .bulk)
         #expect(session.phase == .precopy)
     }
 
@@ -111,7 +111,7 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         // Refused: nothing was recorded, not even the migration.
         #expect(session.migrationID == nil)
         #expect(session.phase == .handshake)
-        #expect(try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize)).role == .bulk)
+        #expect(try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize)).stream == .bulk)
     }
 
     @Test func aHelloForAnotherMigrationIsRefusedWhenOneIsConfigured() throws {
@@ -123,7 +123,7 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         #expect(error == .wrongMigration(expected: Sessions.migrationID, got: Sessions.otherID))
         #expect(error?.code == .unexpectedMessage)
         #expect(session.migrationID == Sessions.migrationID)
-        #expect(try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize)).role == .bulk)
+        #expect(try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize)).stream == .bulk)
     }
 
     @Test func theSecondConnectionMustBelongToTheFirstOnesMigration() throws {
@@ -148,7 +148,7 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         // Once both are connected, any further HELLO has no place.
         _ = try session.hello(Sessions.hello(.urgent, regionSize: geometry.regionSize))
         #expect(refusal { try session.hello(Sessions.hello(.urgent, regionSize: geometry.regionSize)) }
-            == .unexpected(.hello, phase: .precopy, role: .urgent))
+            == .unexpected(.hello, phase: .precopy, stream: .urgent))
         #expect(session.phase == .precopy)
     }
 
@@ -157,9 +157,9 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         var session = DestinationSession(geometry: geometry)
         let pages = Message.pages(requestID: 0, firstPage: 0, data: Sessions.data(pages: 1, seed: 1))
         let error = refusal { try session.hello(pages) }
-        #expect(error == .unexpected(.pages, phase: .handshake, role: nil))
+        #expect(error == .unexpected(.pages, phase: .handshake, stream: nil))
         #expect(error?.description == "unexpected PAGES during handshake")
-        #expect(refusal { try session.hello(.heartbeat) } == .unexpected(.heartbeat, phase: .handshake, role: nil))
+        #expect(refusal { try session.hello(.heartbeat) } == .unexpected(.heartbeat, phase: .handshake, stream: nil))
         #expect(session.phase == .handshake)
     }
 
@@ -168,7 +168,7 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         var session = DestinationSession(geometry: geometry)
         _ = try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize))
         let pages = Message.pages(requestID: 0, firstPage: 0, data: Sessions.data(pages: 1, seed: 1))
-        #expect(refusal { try session.receive(pages, on: .bulk) } == .unexpected(.pages, phase: .handshake, role: .bulk))
+        #expect(refusal { try session.receive(pages, on: .bulk) } == .unexpected(.pages, phase: .handshake, stream: .bulk))
         #expect(try session.receive(.heartbeat, on: .bulk) == Action.none)
     }
 
@@ -186,8 +186,8 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
             == .writePrecopy(PageRun(first: 63, count: 1), last))
         #expect(try session.receive(.zeroPages(firstPage: 10, count: 4), on: .bulk)
             == .zeroPrecopy(PageRun(first: 10, count: 4)))
-        #expect(try session.receive(.roundEnd(round: 2, pagesSent: 60, dirtyPages: 7), on: .bulk)
-            == .roundEnded(round: 2, pagesSent: 60, dirtyPages: 7))
+        #expect(try session.receive(.roundEnd(round: 1, pagesSent: 60, dirtyPages: 7), on: .bulk)
+            == .roundEnded(round: 1, pagesSent: 60, dirtyPages: 7))
         #expect(session.phase == .precopy)
     }
 
@@ -196,15 +196,15 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         var session = try Sessions.precopy(geometry)
         let data = Sessions.data(pages: 1, seed: 3)
         #expect(refusal { try session.receive(.pages(requestID: 7, firstPage: 0, data: data), on: .bulk) }
-            == .unexpected(.pages, phase: .precopy, role: .bulk))
+            == .unexpected(.pages, phase: .precopy, stream: .bulk))
         #expect(refusal { try session.receive(.pages(requestID: 0, firstPage: 0, data: data), on: .urgent) }
-            == .unexpected(.pages, phase: .precopy, role: .urgent))
+            == .unexpected(.pages, phase: .precopy, stream: .urgent))
         #expect(refusal { try session.receive(.pages(requestID: 7, firstPage: 0, data: data), on: .urgent) }
-            == .unexpected(.pages, phase: .precopy, role: .urgent))
+            == .unexpected(.pages, phase: .precopy, stream: .urgent))
         #expect(refusal { try session.receive(.zeroPages(firstPage: 0, count: 1), on: .urgent) }
-            == .unexpected(.zeroPages, phase: .precopy, role: .urgent))
+            == .unexpected(.zeroPages, phase: .precopy, stream: .urgent))
         #expect(refusal { try session.receive(.roundEnd(round: 1, pagesSent: 1, dirtyPages: 0), on: .urgent) }
-            == .unexpected(.roundEnd, phase: .precopy, role: .urgent))
+            == .unexpected(.roundEnd, phase: .precopy, stream: .urgent))
         #expect(session.phase == .precopy)
     }
 
@@ -294,7 +294,7 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         #expect(session.phase == .precopy)
         // Only the bulk connection carries the bitmap.
         #expect(refusal { try session.receive(.dirtyBitmap(totalBits: 130, firstWord: 0, words: [1]), on: .urgent) }
-            == .unexpected(.dirtyBitmap, phase: .precopy, role: .urgent))
+            == .unexpected(.dirtyBitmap, phase: .precopy, stream: .urgent))
     }
 
     @Test func switchoverBeforeTheWholeBitmapIsRefused() throws {
@@ -334,7 +334,7 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         var session = try Sessions.precopy(geometry)
         let switchover = Message.switchover(stalePages: 0, sourcePausedAtNanos: 5)
         let error = refusal { try session.receive(switchover, on: .bulk) }
-        #expect(error == .unexpected(.switchover, phase: .precopy, role: .bulk))
+        #expect(error == .unexpected(.switchover, phase: .precopy, stream: .bulk))
         #expect(error?.description == "unexpected SWITCHOVER on the bulk connection during precopy")
         #expect(session.phase == .precopy)
     }
@@ -345,14 +345,14 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         _ = try session.receive(.dirtyBitmap(totalBits: 128, firstWord: 0, words: [1]), on: .bulk)
         let data = Sessions.data(pages: 1, seed: 5)
         let error = refusal { try session.receive(.pages(requestID: 0, firstPage: 0, data: data), on: .bulk) }
-        #expect(error == .unexpected(.pages, phase: .switchingOver, role: .bulk))
+        #expect(error == .unexpected(.pages, phase: .switchingOver, stream: .bulk))
         #expect(error?.description == "unexpected PAGES on the bulk connection during switchover")
         #expect(refusal { try session.receive(.zeroPages(firstPage: 0, count: 1), on: .bulk) }
-            == .unexpected(.zeroPages, phase: .switchingOver, role: .bulk))
+            == .unexpected(.zeroPages, phase: .switchingOver, stream: .bulk))
         #expect(refusal {
             try session.receive(.switchover(stalePages: 1, sourcePausedAtNanos: 1),
                                 on: .urgent)
-        } == .unexpected(.switchover, phase: .switchingOver, role: .urgent))
+        } == .unexpected(.switchover, phase: .switchingOver, stream: .urgent))
     }
 
     // MARK: Postcopy
@@ -377,21 +377,21 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         var session = try Sessions.postcopy(geometry, words: [0xFF00])
         let data = Sessions.data(pages: 1, seed: 7)
         let error = refusal { try session.receive(.pages(requestID: 0, firstPage: 8, data: data), on: .urgent) }
-        #expect(error == .unexpected(.pages, phase: .postcopy, role: .urgent))
+        #expect(error == .unexpected(.pages, phase: .postcopy, stream: .urgent))
         #expect(error?.description == "unexpected PAGES on the urgent connection during postcopy")
         #expect(refusal { try session.receive(.pages(requestID: 7, firstPage: 8, data: data), on: .bulk) }
-            == .unexpected(.pages, phase: .postcopy, role: .bulk))
+            == .unexpected(.pages, phase: .postcopy, stream: .bulk))
         // Precopy and switchover messages have no place any more.
         #expect(refusal { try session.receive(.roundEnd(round: 9, pagesSent: 1, dirtyPages: 1), on: .bulk) }
-            == .unexpected(.roundEnd, phase: .postcopy, role: .bulk))
+            == .unexpected(.roundEnd, phase: .postcopy, stream: .bulk))
         #expect(refusal { try session.receive(.dirtyBitmap(totalBits: 64, firstWord: 0, words: [1]), on: .bulk) }
-            == .unexpected(.dirtyBitmap, phase: .postcopy, role: .bulk))
+            == .unexpected(.dirtyBitmap, phase: .postcopy, stream: .bulk))
         #expect(refusal {
             try session.receive(.switchover(stalePages: 8, sourcePausedAtNanos: 1),
                                 on: .bulk)
-        } == .unexpected(.switchover, phase: .postcopy, role: .bulk))
+        } == .unexpected(.switchover, phase: .postcopy, stream: .bulk))
         #expect(refusal { try session.receive(.pageRequest(requestID: 1, firstPage: 0, count: 1), on: .urgent) }
-            == .unexpected(.pageRequest, phase: .postcopy, role: .urgent))
+            == .unexpected(.pageRequest, phase: .postcopy, stream: .urgent))
         #expect(refusal { try session.hello(Sessions.hello(.bulk, regionSize: geometry.regionSize)) }
             == .postcopyInProgress)
     }
@@ -433,10 +433,10 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         var session = try Sessions.postcopy(geometry, words: [0xFF])
         _ = session.connectionLost(epoch: 0)
         let bulk = try session.hello(Self.resuming(.bulk, geometry))
-        #expect(bulk.role == .bulk && session.phase == .paused)
+        #expect(bulk.stream == .bulk && session.phase == .paused)
         // An agent that died half-way through rejoining: its successor's bulk replaces it.
-        #expect(try session.hello(Self.resuming(.bulk, geometry)).role == .bulk)
-        #expect(try session.hello(Self.resuming(.urgent, geometry)).role == .urgent)
+        #expect(try session.hello(Self.resuming(.bulk, geometry)).stream == .bulk)
+        #expect(try session.hello(Self.resuming(.urgent, geometry)).stream == .urgent)
         #expect(session.phase == .postcopy && session.epoch == 1)
         // Yet another rejoin gives this generation up in turn.
         _ = try session.hello(Self.resuming(.urgent, geometry))
@@ -488,9 +488,9 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         #expect(session.phase == .complete)
         let data = Sessions.data(pages: 1, seed: 8)
         #expect(refusal { try session.receive(.pages(requestID: 0, firstPage: 0, data: data), on: .bulk) }
-            == .unexpected(.pages, phase: .complete, role: .bulk))
+            == .unexpected(.pages, phase: .complete, stream: .bulk))
         #expect(refusal { try session.receive(.zeroPages(firstPage: 0, count: 1), on: .bulk) }
-            == .unexpected(.zeroPages, phase: .complete, role: .bulk))
+            == .unexpected(.zeroPages, phase: .complete, stream: .bulk))
     }
 
     // MARK: The image digest
@@ -541,7 +541,7 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         phases.append(("hand-over, paused", handOver))
         #expect(Set(phases.map(\.1.phase)) == [.postcopy, .paused, .handover])
         for (name, original) in phases {
-            for role in StreamRole.allCases {
+            for role in AgentStream.all(bulkStreams: 1) {
                 for (frame, message) in frames {
                     var session = original
                     let expected = Result { () throws(SessionError) in try session.receive(message, on: role) }
@@ -573,7 +573,7 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         let geometry = try Sessions.geometry()
         let accepted: Set<String> = ["postcopy", "paused", "rejoined", "taken over, rejoined"]
         for (name, original) in try Self.sessionsByPhase(geometry) {
-            for role in StreamRole.allCases {
+            for role in AgentStream.all(bulkStreams: 1) {
                 var session = original
                 let message = Message.imageDigest(Sessions.digest)
                 if accepted.contains(name) && role == .bulk {
@@ -582,7 +582,7 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
                     #expect(session.imageDigest == Sessions.digest, "\(name)")
                 } else {
                     let error = refusal { try session.receive(message, on: role) }
-                    #expect(error == .unexpected(.imageDigest, phase: original.phase, role: role), "\(name), \(role)")
+                    #expect(error == .unexpected(.imageDigest, phase: original.phase, stream: role), "\(name), \(role)")
                     #expect(error?.code == .unexpectedMessage)
                     #expect(session.imageDigest == nil, "\(name), \(role)")
                 }
@@ -694,7 +694,7 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         ]
         for (phase, original) in phases {
             #expect(original.phase == phase)
-            for role in StreamRole.allCases {
+            for role in AgentStream.all(bulkStreams: 1) {
                 var session = original
                 #expect(try session.receive(.heartbeat, on: role) == Action.none, "HEARTBEAT during \(phase)")
                 #expect(session.phase == phase)
@@ -724,7 +724,7 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         #expect(session.phase == .postcopy && session.pointOfNoReturnPassed)
         // Said again after a rejoin: nothing changes.
         #expect(try session.receive(.handedOver, on: .bulk) == .none)
-        #expect(refusal { try session.receive(.handedOver, on: .urgent) } == .unexpected(.handedOver, phase: .postcopy, role: .urgent))
+        #expect(refusal { try session.receive(.handedOver, on: .urgent) } == .unexpected(.handedOver, phase: .postcopy, stream: .urgent))
     }
 
     /// Completion needs the hand-over too, in whatever order the three
@@ -764,7 +764,7 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         #expect(!completes)
         #expect(refusal { try pending.hello(Self.resuming(.bulk, geometry)) } == .discarded)
         #expect(refusal { try pending.receive(.pages(requestID: 0, firstPage: 1, data: Sessions.data(pages: 1, seed: 1)), on: .bulk) }
-            == .unexpected(.pages, phase: .discarded, role: .bulk))
+            == .unexpected(.pages, phase: .discarded, stream: .bulk))
 
         var plain = try Sessions.postcopy(geometry, words: [0xFF])
         #expect(refusal { try plain.receive(.discard(reason: "late"), on: .bulk) } == .discardPastPointOfNoReturn)
@@ -774,7 +774,7 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
         #expect(handedOver.phase == .postcopy)
         // Before switchover there is nothing to discard: the agent fails the migration instead.
         var precopy = try Sessions.precopy(geometry)
-        #expect(refusal { try precopy.receive(.discard(reason: "early"), on: .bulk) } == .unexpected(.discard, phase: .precopy, role: .bulk))
+        #expect(refusal { try precopy.receive(.discard(reason: "early"), on: .bulk) } == .unexpected(.discard, phase: .precopy, stream: .bulk))
     }
 
     /// A hand-over survives a lost connection: paused, the agent rejoins
@@ -830,7 +830,7 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
             (.malformed(.pageRangeOutOfBounds(type: .pages, firstPage: 1, count: 2, regionPages: 2)), .outOfRange),
             (.malformed(.bitmapSizeMismatch(totalBits: 1, regionPages: 2)), .incompatible),
             (.malformed(.zeroCount(type: .zeroPages)), .protocolViolation),
-            (.unexpected(.pages, phase: .precopy, role: .urgent), .unexpectedMessage),
+            (.unexpected(.pages, phase: .precopy, stream: .urgent), .unexpectedMessage),
             (.wrongMigration(expected: Sessions.migrationID, got: Sessions.otherID), .unexpectedMessage),
             (.regionSizeMismatch(source: 1, destination: 2), .incompatible),
             (.duplicateConnection(.urgent), .unexpectedMessage),
@@ -849,9 +849,9 @@ func refusal<T>(_ body: () throws -> T) -> SessionError? {
     @Test func sessionErrorsNameTheProblem() {
         let malformed = ProtocolError.pageRangeOutOfBounds(type: .zeroPages, firstPage: 100, count: 20, regionPages: 110)
         #expect(SessionError.malformed(malformed).description == malformed.description)
-        #expect(SessionError.unexpected(.roundEnd, phase: .postcopy, role: .urgent).description
+        #expect(SessionError.unexpected(.roundEnd, phase: .postcopy, stream: .urgent).description
             == "unexpected ROUND_END on the urgent connection during postcopy")
-        #expect(SessionError.unexpected(.welcome, phase: .handshake, role: nil).description
+        #expect(SessionError.unexpected(.welcome, phase: .handshake, stream: nil).description
             == "unexpected WELCOME during handshake")
 
         let wrong = SessionError.wrongMigration(expected: Sessions.migrationID, got: Sessions.otherID).description

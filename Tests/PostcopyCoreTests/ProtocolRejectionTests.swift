@@ -53,10 +53,12 @@ import Testing
         expectRejected(Wire.frame(type: 12, payload: [], version: 2), .unsupportedVersion(2))
         // Version 3 had no point of no return (SWITCHOVER of 16 bytes).
         expectRejected(Wire.frame(type: 12, payload: [], version: 3), .unsupportedVersion(3))
-        expectRejected(Wire.frame(type: 12, payload: [], version: 5), .unsupportedVersion(5))
+        // Version 4 had one bulk stream (HELLO of 62 bytes).
+        expectRejected(Wire.frame(type: 12, payload: [], version: 4), .unsupportedVersion(4))
+        expectRejected(Wire.frame(type: 12, payload: [], version: 6), .unsupportedVersion(6))
         expectRejected(Wire.frame(type: 12, payload: [], version: 0), .unsupportedVersion(0))
-        #expect(ProtocolError.unsupportedVersion(2).description
-            == "unsupported protocol version 2 (this build speaks 4)")
+        #expect(ProtocolError.unsupportedVersion(4).description
+            == "unsupported protocol version 4 (this build speaks 5)")
     }
 
     @Test func nonzeroFlags() {
@@ -252,14 +254,27 @@ import Testing
     }
 
     @Test func undefinedFieldValues() {
-        func hello(role: UInt8 = 0, reserved: UInt8 = 0, pageSize: UInt32 = 4096) -> [UInt8] {
+        func hello(role: UInt8 = 0, reserved: UInt8 = 0, pageSize: UInt32 = 4096, streams: UInt8 = 1, index: UInt8 = 0) -> [UInt8] {
             Wire.frame(type: 1, payload: Wire.migrationID.bytes + [role, reserved] + Wire.le(pageSize) + Wire.le(UInt64(1 << 20))
-                + MigrationSecret.test.bytes)
+                + MigrationSecret.test.bytes + [streams, index])
         }
         #expect(throws: Never.self) { try Wire.decodeAll(hello()) }
+        #expect(throws: Never.self) { try Wire.decodeAll(hello(streams: 8, index: 7)) }
         expectRejected(hello(role: 2), .invalidField(type: .hello, field: "role", value: 2))
         expectRejected(hello(reserved: 2), .invalidField(type: .hello, field: "flags", value: 2))
         expectRejected(hello(pageSize: 8192), .unsupportedPageSize(type: .hello, bytes: 8192))
+        // 1 … 8 bulk streams; a bulk stream's index below their count; the
+        // urgent connection's 0.
+        expectRejected(hello(streams: 0), .bulkStreamCount(0))
+        expectRejected(hello(streams: 9, index: 0), .bulkStreamCount(9))
+        expectRejected(hello(streams: 2, index: 2), .streamIndexOutOfRange(role: .bulk, index: 2, bulkStreams: 2))
+        expectRejected(hello(role: 1, streams: 2, index: 1), .streamIndexOutOfRange(role: .urgent, index: 1, bulkStreams: 2))
+        #expect(ProtocolError.bulkStreamCount(9).description == "HELLO says the migration has 9 bulk streams; it may have 1 to 8")
+        #expect(ProtocolError.streamIndexOutOfRange(role: .bulk, index: 2, bulkStreams: 2).description
+            == "HELLO for bulk stream 2, but says the migration has 2 (0 to 1)")
+        #expect(ProtocolError.streamIndexOutOfRange(role: .urgent, index: 1, bulkStreams: 2).description
+            == "HELLO for the urgent connection names stream 1; it must be 0")
+        #expect(ProtocolError.streamIndexOutOfRange(role: .bulk, index: 2, bulkStreams: 2).code == .protocolViolation)
         expectRejected(Wire.frame(type: 2, payload: Wire.le(UInt64(1 << 20)) + Wire.le(UInt32(0))),
                        .unsupportedPageSize(type: .welcome, bytes: 0))
         expectVMMRejected(Wire.frame(type: 32, payload: Wire.le(UInt64(1 << 20)) + Wire.le(UInt32(65536)) + Wire.le(UInt64(0))),

@@ -187,7 +187,7 @@ enum Wire {
     @Test func headerLayout() {
         let bytes = Message.resumed(destinationResumedAtNanos: 0x0102_0304_0506_0708).encoded()
         #expect(Array(bytes[0..<4]) == Array("PCPY".utf8), "0x59504350 little-endian")
-        #expect(bytes[4] == 4)
+        #expect(bytes[4] == 5)
         #expect(bytes[5] == 8)
         #expect(Array(bytes[6..<8]) == [0, 0])
         #expect(Array(bytes[8..<12]) == [8, 0, 0, 0])
@@ -200,17 +200,37 @@ enum Wire {
         let hello = Message.hello(migrationID: Wire.migrationID, role: .urgent, sourcePageSize: .huge2M,
                                   regionSize: 0x0000_0010_0000_0000, secret: .test)
         let payload = Array(hello.encoded()[16...])
-        #expect(payload.count == 62)
+        #expect(payload.count == 64)
         #expect(Array(payload[0..<16]) == Wire.migrationID.bytes)
         #expect(payload[0] == 0x00 && payload[15] == 0xFF)
         #expect(payload[16] == 1 && payload[17] == 0)
         #expect(Array(payload[18..<22]) == Wire.le(UInt32(2_097_152)))
         #expect(Array(payload[22..<30]) == Wire.le(UInt64(0x0000_0010_0000_0000)))
         #expect(Array(payload[30..<62]) == MigrationSecret.test.bytes)
+        // One bulk stream, and the urgent connection is stream 0.
+        #expect(payload[62] == 1 && payload[63] == 0)
         #expect(!"\(hello)".contains(MigrationSecret.test.hex), "a HELLO's description shows its secret")
         let resume = Message.hello(migrationID: Wire.migrationID, role: .bulk, sourcePageSize: .small,
                                    regionSize: 1 << 20, secret: .test, resume: true)
         #expect(resume.encoded()[16 + 17] == Message.helloResumeFlag)
+    }
+
+    /// Version 5: HELLO says how many bulk streams the migration has (byte
+    /// 62) and which of them the connection is (byte 63; 0 on the urgent
+    /// connection), and round-trips them.
+    @Test func helloNamesItsBulkStream() throws {
+        let third = Message.hello(migrationID: Wire.migrationID, role: .bulk, sourcePageSize: .small,
+                                  regionSize: 1 << 20, secret: .test, bulkStreams: 4, streamIndex: 2)
+        let payload = Array(third.encoded()[16...])
+        #expect(payload.count == 64 && payload[16] == 0 && payload[62] == 4 && payload[63] == 2)
+        var decoder = FrameDecoder()
+        decoder.append(third.encoded())
+        #expect(try decoder.next() == third)
+        #expect("\(third)".contains("role bulk stream 2 of 4"), "\(third)")
+        let urgent = Message.hello(migrationID: Wire.migrationID, role: .urgent, sourcePageSize: .small,
+                                   regionSize: 1 << 20, secret: .test, bulkStreams: 8)
+        #expect(Array(urgent.encoded()[16...])[62...] == [8, 0])
+        #expect("\(urgent)".contains("role urgent of 8 bulk streams"), "\(urgent)")
     }
 
     /// The image digest travels after the guest resumed: IMAGE_DIGEST from
@@ -399,11 +419,11 @@ enum Wire {
         #expect(Set([ErrorCode.unknown(4), .checksum]).count == 1)
     }
 
-    /// Version 4, the point of no return: SWITCHOVER's flags word says
+    /// Since version 4, the point of no return: SWITCHOVER's flags word says
     /// whether a hand-over starts the guest; HANDED_OVER and VMM_RESUMED
     /// are empty; DISCARD carries its reason as UTF-8.
     @Test func pointOfNoReturnLayouts() throws {
-        #expect(FrameHeader.version == 4)
+        #expect(FrameHeader.version == 5)
         let flagged = Message.switchover(stalePages: 1, sourcePausedAtNanos: 2, handOver: true).encoded()
         #expect(Array(flagged[16...]) == Wire.le(UInt64(1)) + Wire.le(UInt64(2)) + Wire.le(UInt32(1)))
         let handedOver = Array(Message.handedOver.encoded()[...])

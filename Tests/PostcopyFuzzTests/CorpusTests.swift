@@ -89,10 +89,13 @@ import Testing
 
     @Test func handshakeSeedsReachTheirEnd() {
         let seeds = Dictionary(uniqueKeysWithValues: (FuzzTarget.seeds()[.handshake] ?? []).map { ($0.name, $0.bytes) })
-        for name in ["migration", "rejoin", "takeover", "huge-pages"] {
+        for name in ["migration", "rejoin", "takeover", "huge-pages", "bulk-streams"] {
             var input = FuzzInput(seeds[name] ?? [])
             #expect(HandshakeFuzzer.session(after: &input).phase == .complete, "\(name)")
         }
+        var streams = FuzzInput(seeds["bulk-streams"] ?? [])
+        let twoStreams = HandshakeFuzzer.session(after: &streams)
+        #expect(twoStreams.bulkStreams == 2 && twoStreams.pauses == 1)
         var rejoin = FuzzInput(seeds["rejoin"] ?? [])
         #expect(HandshakeFuzzer.session(after: &rejoin).pauses == 1)
         // The only HELLOs admitted in "refused" are the right bulk and urgent ones.

@@ -98,6 +98,8 @@ struct Migration {
     var memory: MemoryKind = .shmem
     var transport = Transport.tls
     var rounds = 1
+    /// The agent's bulk streams (`--streams`).
+    var streams = 1
     var guestThreads = 4
     var scribble = false
     /// Share of the pages the guest reads after resume.
@@ -107,6 +109,8 @@ struct Migration {
     var postcopyBytesPerSecond: UInt64?
     /// The agent's precopy limit (`--max-bandwidth`).
     var precopyBytesPerSecond: UInt64?
+    /// `--max-precopy-seconds`, when set.
+    var precopySeconds: Double?
     /// Both sides' dead-peer timeout (nil: the default), stretched by
     /// POSTCOPY_TEST_TIME_SCALE.
     var deadPeerTimeoutNanos: UInt64?
@@ -194,6 +198,8 @@ struct Migration {
                                                                  (description: "test", run: { try hook(daemon) })
                                                              }))
         agentConfig.policy = PrecopyPolicy(maxRounds: rounds)
+        if let precopySeconds { agentConfig.policy.maxDurationNanos = UInt64(precopySeconds * 1e9) }
+        agentConfig.streams = streams
         agentConfig.dirtyLog = dirtyLog
         agentConfig.verifyDirtyLog = verifyDirtyLog
         var tracking: (WriteTracking?, SourceTrackingServer)?

@@ -84,6 +84,37 @@ struct MigrationTests {
         #expect(outcome.agent.rounds[0].seconds >= 0.3, "round 1 took \(outcome.agent.rounds[0].seconds) s: not paced")
     }
 
+    /// `--max-precopy-seconds` holds within a round: round 1, paced to
+    /// take about two seconds, stops at 0.3 s, and what it did not reach is
+    /// stale — fetched in postcopy, each page once — with either dirty log
+    /// (the uffd-wp one audited by `--verify-dirty-log`, which must not
+    /// count the pages left as changes it missed).
+    @Test(arguments: [DirtyLogChoice.uffdWP, .hash])
+    func theTimeLimitStopsARoundUnderWay(log: DirtyLogChoice) throws {
+        let (source, dirty) = try Self.source(dirty: 0.1)
+        var migration = Migration()
+        migration.dirtyLog = log
+        migration.rounds = 3
+        migration.precopyBytesPerSecond = (224 << 20) / TestSize.divisor / 2
+        migration.precopySeconds = 0.3
+        let outcome = try migration.run(source, pause: Self.dirtying(source, dirty))
+        #expect(outcome.identical, "destination RAM differs from the source")
+        #expect(outcome.guest.verified, "guest digest \(outcome.guest.actualDigest) vs \(outcome.guest.expectedDigest)")
+        #expect(outcome.daemon.imageDigest == outcome.agent.imageDigest)
+        if log == .uffdWP { #expect(outcome.agent.missedByDirtyLog == 0) }
+        #expect(outcome.agent.precopyEndReason == "time limit")
+        try #require(outcome.agent.rounds.count == 1, "\(outcome.agent.rounds)")
+        let left = try #require(outcome.agent.rounds[0].pagesLeft, "round 1 was not cut short")
+        #expect(left > 0)
+        // Every page round 1 did not reach is stale, and so is each page
+        // written in the pause (some of them among those left).
+        let stale = outcome.agent.stalePages
+        #expect(stale >= left && stale <= left + Self.stale(dirty, log: log), "\(stale) stale, \(left) left")
+        #expect(outcome.daemon.stalePagesAtSwitchover == stale)
+        #expect(outcome.daemon.duplicatePages == 0)
+        #expect(outcome.daemon.postcopyPagesUrgent + outcome.daemon.postcopyPagesBackground == stale)
+    }
+
     /// The source's zero pages are holes in its file (every 8th page here).
     /// The agent tells them by the file's extents and never reads them:
     /// reading a shmem hole through a mapping allocates a page, so a
@@ -196,9 +227,13 @@ struct MigrationTests {
     /// A writer keeps changing a hot set during precopy, as a running guest
     /// does; pausing stops it. Every round resends what changed, the guest on
     /// the destination writes every page after reading it, and nothing it
-    /// wrote is overwritten by a page arriving late.
-    @Test func guestRunningDuringPrecopyAndGuestWritesSurvive() throws {
+    /// wrote is overwritten by a page arriving late. With 1, 2 and 4 bulk
+    /// streams: a page resent round after round travels its own stream, and
+    /// is never overtaken by its older copy.
+    @Test(arguments: [1, 2, 4])
+    func guestRunningDuringPrecopyAndGuestWritesSurvive(streams: Int) throws {
         let source = try SourceFile(size: Self.size, seed: 31) { $0 % 8 == 3 }
+        let pauseRequested = Atomic<Bool>(false)
         let writer = try Background("test-source-writer") { [source] in
             var generation: UInt64 = 1
             while !pauseRequested.load(ordering: .acquiring) {
@@ -208,11 +243,14 @@ struct MigrationTests {
             }
         }
         var migration = Migration(rounds: 3)
+        migration.streams = streams
         migration.scribble = true
         let outcome = try migration.run(source) {
             pauseRequested.store(true, ordering: .releasing)
             _ = writer.wait("the source writer")
         }
+        #expect(outcome.agent.streams == streams && outcome.daemon.streams == streams)
+        #expect(outcome.daemon.precopyRounds == 3)
         #expect(outcome.agent.rounds.count == 3)
         #expect(outcome.agent.rounds.dropFirst().allSatisfy { $0.pagesSent > 0 }, "the writer dirtied nothing between rounds")
         #expect(outcome.agent.stalePages > 0)
@@ -277,6 +315,3 @@ struct MigrationTests {
         }
     }
 }
-
-/// Tells the test's source writer to stop (the test's "SIGSTOP").
-private let pauseRequested = Atomic<Bool>(false)

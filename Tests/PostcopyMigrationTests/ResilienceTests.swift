@@ -27,12 +27,13 @@ struct ResilienceTests {
         })
     }
 
-    /// A migration through a fault proxy, the background paced so that
-    /// postcopy lasts a few seconds, and dead peers found in a second (half
-    /// a second, with every suite migrating at once on 2 cores, was too
-    /// short for a handshake now and then).
-    static func throughProxy(_ proxy: ProxySlot) -> Migration {
+    /// A migration through a fault proxy, over `streams` bulk streams, the
+    /// background paced so that postcopy lasts a few seconds, and dead peers
+    /// found in a second (half a second, with every suite migrating at once
+    /// on 2 cores, was too short for a handshake now and then).
+    static func throughProxy(_ proxy: ProxySlot, streams: Int = 1) -> Migration {
         var migration = Migration()
+        migration.streams = streams
         migration.scribble = true
         migration.deadPeerTimeoutNanos = 1_000_000_000
         migration.postcopyBytesPerSecond = 24 << 20
@@ -60,19 +61,21 @@ struct ResilienceTests {
     }
 
     /// Resets, clean closes and stalls at random points of postcopy
-    /// (after a random number of bytes through the proxy).
-    @Test(arguments: [11, 23, 37] as [UInt64])
-    func randomFailuresDuringPostcopy(seed: UInt64) throws {
+    /// (after a random number of bytes through the proxy), with one bulk
+    /// stream and with three (every rejoin then brings back four
+    /// connections).
+    @Test(arguments: zip([11, 23, 37, 41] as [UInt64], [1, 1, 1, 3]))
+    func randomFailuresDuringPostcopy(seed: UInt64, streams: Int) throws {
         let (source, rewrite) = try Self.allStale(seed: seed)
         let proxy = ProxySlot()
-        var migration = Self.throughProxy(proxy)
+        var migration = Self.throughProxy(proxy, streams: streams)
         migration.duringPostcopy = { _ in
             proxy.current?.startRandomFaults(seed: seed, bytesRange: (256 << 10)...(3 << 20), maxFaults: 8)
         }
         let outcome = try migration.run(source, pause: rewrite)
         let injected = proxy.current?.injectedFaults ?? []
         proxy.current?.stop()
-        Self.report("random seed \(seed)", outcome, injected: injected)
+        Self.report("random seed \(seed), \(streams) bulk streams", outcome, injected: injected)
         Self.expectVerified(outcome)
         #expect(injected.count == 8)
         #expect(outcome.daemon.pauses >= 1 && outcome.agent.rejoins >= 1)
@@ -130,8 +133,10 @@ final class ProxySlot: Sendable {
 extension ResilienceTests {
     /// Killed with SIGKILL mid-postcopy, the agent leaves nothing behind
     /// but the paused source; a new `postcopy-push --resume` for the same
-    /// migration and RAM file finishes it.
-    @Test func theAgentKilledAndRestarted() throws {
+    /// migration and RAM file finishes it; with one bulk stream and with
+    /// three.
+    @Test(arguments: [1, 3])
+    func theAgentKilledAndRestarted(streams: Int) throws {
         let source = try SourceFile(size: Self.size, seed: 13) { _ in false }
         let directory = try TemporaryDirectory()
         var config = DestinationConfig(listen: SocketEndpoint(host: "127.0.0.1", port: 0),
@@ -150,7 +155,7 @@ extension ResilienceTests {
         let id = "00000000000000130000000000000013"
         let common = ["--ram", source.path, "--to", "\(daemon.endpoint)", "--migration-id", id, "--quiet",
                       "--postcopy-bandwidth", "8", "--dead-peer-timeout", TestTiming.seconds(1), "--reconnect-timeout", "30"]
-            + TestCertificates.agentFlags + ["--migration-secret-file", directory.path + "/secret"]
+            + TestCertificates.agentFlags + ["--migration-secret-file", directory.path + "/secret", "--streams", "\(streams)"]
         // The first agent's "pause" rewrites 40 MiB of the source, as a
         // guest would have since precopy sent it: those pages are stale.
         let rewrite = "dd if=/dev/urandom of=\(source.path) bs=1M count=40 conv=notrunc status=none"
@@ -173,7 +178,7 @@ extension ResilienceTests {
         let log = readTextFile(directory.path + "/push2.err") ?? ""
         let outcome = try summary.get()
         #expect(second.terminationStatus == 0, "the restarted agent failed:\n\(log)")
-        print("resilience agent kill -9: \(leftBefore) of \(outcome.stalePagesAtSwitchover) pages stale when killed; "
+        print("resilience agent kill -9 (\(streams) bulk streams): \(leftBefore) of \(outcome.stalePagesAtSwitchover) pages stale when killed; "
             + "complete \(fixed(Double(monotonicNanoseconds() - killedAt) / 1e9, 2)) s after; paused \(outcome.pauses) times; "
             + "rejoin → first stale fault served (ms): \(outcome.rejoinToFirstFaultMs.map { fixed($0, 1) })")
         #expect(leftBefore > 0 && leftBefore < outcome.stalePagesAtSwitchover, "killed outside postcopy's middle")

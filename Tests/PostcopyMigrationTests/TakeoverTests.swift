@@ -29,7 +29,11 @@ struct TakeoverTests {
         return nil
     }
 
-    @Test func theDaemonKilledAndRestarted() throws {
+    /// With one bulk stream and with two: the agent rejoins the restarted
+    /// daemon on every connection, and the daemon learns the count from its
+    /// HELLOs.
+    @Test(arguments: [1, 2])
+    func theDaemonKilledAndRestarted(streams: Int) throws {
         let source = try SourceFile(size: Self.size, seed: 17) { _ in false }
         let directory = try TemporaryDirectory()
         let vmmSocket = directory.path + "/vmm.sock"
@@ -54,7 +58,7 @@ struct TakeoverTests {
         let agent = try Program.spawn("postcopy-push", [
             "--ram", source.path, "--to", endpoint, "--migration-id", "00000000000000170000000000000017", "--quiet",
             "--postcopy-bandwidth", "8", "--dead-peer-timeout", TestTiming.seconds(1), "--reconnect-timeout", "60",
-            "--pause-cmd", rewrite, "--max-rounds", "1",
+            "--pause-cmd", rewrite, "--max-rounds", "1", "--streams", "\(streams)",
         ] + TestCertificates.agentFlags, stderr: directory.path + "/push.err")
         defer { if agent.isRunning { kill(agent.processIdentifier, SIGKILL) } }
 
@@ -70,7 +74,7 @@ struct TakeoverTests {
         // No --size: the record says how big guest RAM is.
         let (summary, guestSummary, log) = try RestartedDaemon.takeOver(arguments: common + ["--listen", endpoint], directory: directory.path,
                                                                    guestRun: guestRun, agent: agent)
-        print("resilience daemon kill -9: \(before.stalePagesLeft) of \(before.stalePagesAtSwitchover) pages stale when killed "
+        print("resilience daemon kill -9 (\(streams) bulk streams): \(before.stalePagesLeft) of \(before.stalePagesAtSwitchover) pages stale when killed "
             + "(\(before.faultsStale) stale faults served by the first daemon, \(summary.faultsStale) by the second); "
             + "paused \(fixed(summary.pausedSeconds, 2)) s; rejoin → first stale fault served (ms): "
             + "\(summary.rejoinToFirstFaultMs.map { fixed($0, 1) }); guest verified "
@@ -80,6 +84,7 @@ struct TakeoverTests {
                 "killed outside postcopy's middle")
         #expect(log.contains("took migration"), "no takeover in the log:\n\(log)")
         #expect(summary.tookOver)
+        #expect(summary.streams == streams, "the restarted daemon learned the count from the rejoin")
         // The guest went on faulting on stale pages, which the second daemon served.
         #expect(summary.faultsStale > 0)
         #expect(guestSummary.reattachments == 1)

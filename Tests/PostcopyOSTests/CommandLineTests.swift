@@ -186,6 +186,8 @@ import PostcopyOS
         (["--no-pause", "--qmp-migrate-uri", "unix:/x"], "--qmp-migrate-uri goes with --qmp"),
         (["--no-pause", "--dirty-log", "uffd-wp"], "--dirty-log uffd-wp reads the source VMM's write log: give its --dirty-log-socket"),
         (["--no-pause", "--dirty-log", "bitmap"], "--dirty-log"),
+        (["--no-pause", "--streams", "0"], "Error: --streams is a number of bulk connections from 1 to 8, not 0"),
+        (["--no-pause", "--streams", "9"], "Error: --streams is a number of bulk connections from 1 to 8, not 9"),
     ])
     func pushRefusesContradictions(_ flags: [String], _ message: String) throws {
         let result = try run("postcopy-push", ["--ram", "/dev/shm/none", "--to", "127.0.0.1:7070", "--insecure-plaintext"] + flags)

@@ -171,6 +171,19 @@ import Testing
         #expect(Array(error[Int(CPC_WIRE_ERROR_TEXT_OFFSET)...]) == Array("x".utf8))
     }
 
+    /// HELLO's bulk stream fields (version 5), both ways.
+    @Test func helloStreamsReadAndDecodeByTheHeadersOffsets() throws {
+        let sent = Self.hello(streams: 5, index: 3)
+        let bytes = payload(sent)
+        #expect(read(bytes, at: CPC_WIRE_HELLO_BULK_STREAMS_OFFSET, width: 1) == 5)
+        #expect(read(bytes, at: CPC_WIRE_HELLO_STREAM_INDEX_OFFSET, width: 1) == 3)
+        var laidOut = payload(Self.hello(streams: 1, index: 0))
+        write(&laidOut, UInt64(CPC_WIRE_MAX_BULK_STREAMS), at: CPC_WIRE_HELLO_BULK_STREAMS_OFFSET, width: 1)
+        write(&laidOut, UInt64(CPC_WIRE_MAX_BULK_STREAMS - 1), at: CPC_WIRE_HELLO_STREAM_INDEX_OFFSET, width: 1)
+        #expect(try decodeAgent(Self.frame(type: CPC_WIRE_TYPE_HELLO, payload: laidOut))
+            == Self.hello(streams: AgentStream.maxBulkStreams, index: AgentStream.maxBulkStreams - 1))
+    }
+
     @Test func theSourceOfferReadsAndDecodesByTheHeadersOffsets() throws {
         let armed = SourceTrackingOffer.armed(address: 0x7F00_0000_0000, length: 1 << 30).encoded
         #expect(armed.count == Int(CPC_WIRE_SOURCE_OFFER_HEADER_BYTES))
@@ -244,6 +257,12 @@ extension WireDefinitionTests {
 
     static let digest = ImageDigest(bytes: Array(0..<32))!
 
+    /// A HELLO for bulk stream `index` of `streams`.
+    static func hello(streams: Int, index: Int) -> Message {
+        .hello(migrationID: MigrationID(high: 1, low: 2), role: .bulk, sourcePageSize: .small, regionSize: 1 << 30,
+               secret: MigrationSecret(bytes: Array(0..<32))!, bulkStreams: streams, streamIndex: index)
+    }
+
     static let valuePins: [Pin] = [
         Pin("MAGIC", CPC_WIRE_MAGIC, FrameHeader.magic),
         Pin("VERSION", CPC_WIRE_VERSION, FrameHeader.version),
@@ -255,6 +274,8 @@ extension WireDefinitionTests {
         Pin("MAX_PAYLOAD", CPC_WIRE_MAX_PAYLOAD, FrameDecoder.defaultMaxPayload),
         Pin("VMM_MAX_PAYLOAD", CPC_WIRE_VMM_MAX_PAYLOAD, VMMMessage.maxPayload),
         Pin("DIGEST_BYTES", CPC_WIRE_DIGEST_BYTES, payload(Message.imageDigest(digest)).count),
+        Pin("MAX_BULK_STREAMS", CPC_WIRE_MAX_BULK_STREAMS, AgentStream.maxBulkStreams),
+        Pin("HELLO_BYTES", CPC_WIRE_HELLO_BYTES, payload(hello(streams: 1, index: 0)).count),
         Pin("VMM_OFFER_BYTES", CPC_WIRE_VMM_OFFER_BYTES,
             payload(VMMMessage.offer(regionSize: 1 << 30, pageSize: .small, fileOffset: 0)).count),
         Pin("VMM_ATTACH_BYTES", CPC_WIRE_VMM_ATTACH_BYTES,
@@ -293,6 +314,8 @@ extension WireDefinitionTests {
         "VMM_ATTACH_FEATURES_OFFSET": UInt64(CPC_WIRE_VMM_ATTACH_FEATURES_OFFSET),
         "VMM_ATTACH_REGISTER_MODE_OFFSET": UInt64(CPC_WIRE_VMM_ATTACH_REGISTER_MODE_OFFSET),
         "VMM_HANDBACK_KIND_OFFSET": UInt64(CPC_WIRE_VMM_HANDBACK_KIND_OFFSET),
+        "HELLO_BULK_STREAMS_OFFSET": UInt64(CPC_WIRE_HELLO_BULK_STREAMS_OFFSET),
+        "HELLO_STREAM_INDEX_OFFSET": UInt64(CPC_WIRE_HELLO_STREAM_INDEX_OFFSET),
         "SOURCE_OFFER_MAGIC_OFFSET": UInt64(CPC_WIRE_SOURCE_OFFER_MAGIC_OFFSET),
         "SOURCE_OFFER_VERSION_OFFSET": UInt64(CPC_WIRE_SOURCE_OFFER_VERSION_OFFSET),
         "SOURCE_OFFER_STATUS_OFFSET": UInt64(CPC_WIRE_SOURCE_OFFER_STATUS_OFFSET),
@@ -415,6 +438,13 @@ extension WireDefinitionTests {
 /// The one message in `frame`, as the VMM socket's decoder reads it.
 private func decode(_ frame: [UInt8]) throws -> VMMMessage? {
     var decoder = VMMFrameDecoder()
+    frame.withUnsafeBytes { decoder.append($0) }
+    return try decoder.next()
+}
+
+/// The one message in `frame`, as an agent connection's decoder reads it.
+private func decodeAgent(_ frame: [UInt8]) throws -> Message? {
+    var decoder = FrameDecoder()
     frame.withUnsafeBytes { decoder.append($0) }
     return try decoder.next()
 }

@@ -20,7 +20,7 @@
 /* ---- frames (docs/protocol.md, "Frames") ---------------------------------- */
 
 #define CPC_WIRE_MAGIC 0x59504350u /* the bytes "PCPY" read as a little-endian word */
-#define CPC_WIRE_VERSION 4
+#define CPC_WIRE_VERSION 5 /* 4 had one bulk stream: a HELLO of 62 bytes, without its last two */
 #define CPC_WIRE_HEADER_BYTES 16
 #define CPC_WIRE_HEADER_MAGIC_OFFSET 0     /* 4 bytes */
 #define CPC_WIRE_HEADER_VERSION_OFFSET 4   /* 1 byte */
@@ -92,6 +92,14 @@
 #define CPC_WIRE_VMM_MAX_PAYLOAD 4096
 /* The image digest (IMAGE_DIGEST, VMM_COMPLETE from postcopyd): SHA-256. */
 #define CPC_WIRE_DIGEST_BYTES 32
+/* The most bulk streams a migration may have (HELLO's bulkStreams). */
+#define CPC_WIRE_MAX_BULK_STREAMS 8
+
+/* ---- HELLO, the agent's first frame on each TCP connection ---------------- */
+
+#define CPC_WIRE_HELLO_BYTES 64
+#define CPC_WIRE_HELLO_BULK_STREAMS_OFFSET 62 /* 1 byte: 1 .. MAX_BULK_STREAMS, the migration's bulk streams */
+#define CPC_WIRE_HELLO_STREAM_INDEX_OFFSET 63 /* 1 byte: which bulk stream (0 on the urgent connection) */
 
 /* ---- the VMM messages' payloads -------------------------------------------- */
 

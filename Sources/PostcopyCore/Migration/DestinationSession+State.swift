@@ -2,9 +2,10 @@ extension DestinationSession {
     /// Where the session is, each case carrying what means something in it
     /// and nowhere else; the public properties below read it.
     enum State: Sendable {
-        /// The roles that said HELLO so far (never both: then precopy).
-        case handshake(connected: Set<StreamRole>)
-        case precopy
+        /// The connections that said HELLO so far (never all: then precopy).
+        case handshake(connected: Set<AgentStream>)
+        /// Each bulk stream's rounds.
+        case precopy(PrecopyRounds)
         /// The dirty bitmap, from the first DIRTY_BITMAP frame to SWITCHOVER.
         case switchingOver(BitmapAssembler)
         /// From SWITCHOVER on, while postcopy serves the guest's faults: the
@@ -51,8 +52,8 @@ extension DestinationSession.State {
     enum Connections: Sendable {
         case connected
         /// Lost at `since` (the caller's monotonic clock, as passed in);
-        /// `rejoined`: the roles whose resuming HELLO came since.
-        case paused(since: UInt64, rejoined: Set<StreamRole>)
+        /// `rejoined`: the connections whose resuming HELLO came since.
+        case paused(since: UInt64, rejoined: Set<AgentStream>)
     }
 }
 

@@ -1,7 +1,15 @@
 /// What the daemon's side of one migration accepts, in which order: the
-/// handshake on both TCP connections, precopy, the dirty bitmap,
-/// switchover, postcopy — and, when the agent's connections are lost during
-/// postcopy, paused until the agent rejoins with a resuming HELLO on both.
+/// handshake on every TCP connection (the bulk streams and the urgent
+/// connection), precopy, the dirty bitmap, switchover, postcopy — and, when
+/// the agent's connections are lost during postcopy, paused until the agent
+/// rejoins with a resuming HELLO on each.
+///
+/// **Bulk streams.** The first admitted HELLO says how many bulk streams
+/// the migration has; every later HELLO, rejoins included, must say the
+/// same and name a stream not yet connected in its generation. Precopy
+/// pages come on any bulk stream, each stream ends each round on its own
+/// (`PrecopyRounds`, which also holds the rule that drains them before the
+/// dirty bitmap), and every control message travels on bulk stream 0.
 /// A value-type state machine: it checks each message against the phase and
 /// the region and returns what to do with it; the daemon performs the
 /// action. It never touches memory or sockets.
@@ -25,7 +33,7 @@
 /// on in VMM_COMPLETE.
 public struct DestinationSession: Sendable {
     public enum Phase: String, Sendable, CustomStringConvertible {
-        /// Waiting for the agent's two connections.
+        /// Waiting for the agent's connections.
         case handshake
         case precopy
         /// DIRTY_BITMAP frames are arriving; the source is paused.
@@ -60,6 +68,7 @@ public struct DestinationSession: Sendable {
         case writePostcopy(PageRun, ArraySlice<UInt8>, requestID: UInt32)
         /// Postcopy pages that are zero on the source: claim, zero, commit.
         case zeroPostcopy(PageRun)
+        /// Every bulk stream ended `round`: its figures, added up.
         case roundEnded(round: UInt32, pagesSent: UInt64, dirtyPages: UInt64)
         /// The source is paused and every stale page is known: resume the
         /// guest's memory; `handOver`: the guest starts only after the
@@ -102,6 +111,11 @@ public struct DestinationSession: Sendable {
     /// else the first admitted HELLO's.
     public private(set) var secretDigest: SecretDigest?
 
+    /// How many bulk streams the migration has: what the first admitted
+    /// HELLO said (a daemon that took a migration over learns it from the
+    /// first rejoining one). Every later HELLO must say the same.
+    public private(set) var bulkStreams: Int?
+
     /// `migrationID` and `secret`, when given, are the only ones admitted;
     /// otherwise the first HELLO's bind the migration.
     public init(geometry: PageGeometry, migrationID: MigrationID? = nil, secret: MigrationSecret? = nil) {
@@ -112,7 +126,7 @@ public struct DestinationSession: Sendable {
 
     /// A restarted daemon taking over `migrationID`, whose daemon died
     /// during postcopy: paused, until the agent rejoins with a resuming
-    /// HELLO on both connections, carrying the secret whose digest the
+    /// HELLO on every connection, carrying the secret whose digest the
     /// page-state record kept. `milestones`, from the record, say whether a
     /// hand-over was still to be done (the agent says HANDED_OVER again
     /// when it rejoins, if it was). The pause starts at `now`.
@@ -134,42 +148,54 @@ public struct DestinationSession: Sendable {
     /// A resuming HELLO is admitted only during postcopy: while paused, or
     /// while the old connections still look alive here (the agent found them
     /// dead first), in which case they are given up — the phase turns to
-    /// paused and `epoch` moves on. Once both roles have rejoined, postcopy
-    /// goes on (the pause ends at `now`) and the daemon sends the resync.
+    /// paused and `epoch` moves on. Once every connection has rejoined,
+    /// postcopy goes on (the pause ends at `now`) and the daemon sends the
+    /// resync.
     public mutating func hello(_ message: Message,
-                               at now: UInt64 = 0) throws(SessionError) -> (role: StreamRole, welcome: Message) {
-        guard case let .hello(id, role, _, regionSize, secret, resume) = message else {
-            throw .unexpected(message.type, phase: phase, role: nil)
+                               at now: UInt64 = 0) throws(SessionError) -> (stream: AgentStream, welcome: Message) {
+        guard case let .hello(id, role, _, regionSize, secret, resume, streams, index) = message else {
+            throw .unexpected(message.type, phase: phase, stream: nil)
         }
         // Who first: a HELLO for another migration, or without this one's
         // secret, is refused as such whatever the phase.
         if let migrationID, migrationID != id { throw .wrongMigration(expected: migrationID, got: id) }
         let digest = secret.digest
         if let secretDigest, !secretDigest.matches(digest) { throw .wrongSecret(id) }
+        // The codec admits only these; a message made in code may not be.
+        guard streams >= 1, streams <= AgentStream.maxBulkStreams, index < streams,
+              let stream = AgentStream(role: role, index: index) else {
+            throw .streamOutOfRange(role: role, index: index, bulkStreams: streams)
+        }
+        if case .discarded = state { throw .discarded }
+        if let bulkStreams, bulkStreams != streams {
+            throw .streamCountMismatch(migration: bulkStreams, hello: streams)
+        }
         switch (state, resume) {
         case (.discarded, _):
             throw .discarded
         case (var .handshake(connected), false):
             try checkRegionSize(regionSize)
-            guard connected.insert(role).inserted else { throw .duplicateConnection(role) }
-            state = connected.count == StreamRole.allCases.count ? .precopy : .handshake(connected: connected)
+            guard connected.insert(stream).inserted else { throw .duplicateConnection(stream) }
+            state = connected.count == streams + 1
+                ? .precopy(PrecopyRounds(streams: streams)) : .handshake(connected: connected)
         case let (.postcopy(postcopy, .connected), true):
             try checkRegionSize(regionSize)
             pause(postcopy, at: now)
-            rejoin(role, postcopy, pausedSince: now, rejoined: [], at: now)
+            rejoin(stream, of: streams, postcopy, pausedSince: now, rejoined: [], at: now)
         case let (.postcopy(postcopy, .paused(since, rejoined)), true):
             try checkRegionSize(regionSize)
-            rejoin(role, postcopy, pausedSince: since, rejoined: rejoined, at: now)
+            rejoin(stream, of: streams, postcopy, pausedSince: since, rejoined: rejoined, at: now)
         case (.postcopy, false):
             throw .postcopyInProgress
         case (_, true):
             throw .nothingToResume(phase: phase)
         case (_, false):
-            throw .unexpected(.hello, phase: phase, role: role)
+            throw .unexpected(.hello, phase: phase, stream: stream)
         }
         migrationID = id
         secretDigest = digest
-        return (role, .welcome(regionSize: geometry.regionSize, destinationPageSize: geometry.pageSize))
+        bulkStreams = streams
+        return (stream, .welcome(regionSize: geometry.regionSize, destinationPageSize: geometry.pageSize))
     }
 
     private func checkRegionSize(_ regionSize: UInt64) throws(SessionError) {
@@ -178,14 +204,15 @@ public struct DestinationSession: Sendable {
         }
     }
 
-    /// A resuming HELLO from `role` during the pause that began at `since`.
-    /// A role may come again (an agent that died half-way through
-    /// rejoining): the newer connection replaces the older. Once both roles
-    /// have rejoined, the pause ends at `now`.
-    private mutating func rejoin(_ role: StreamRole, _ postcopy: State.Postcopy, pausedSince since: UInt64,
-                                 rejoined: Set<StreamRole>, at now: UInt64) {
-        let rejoined = rejoined.union([role])
-        guard rejoined.count == StreamRole.allCases.count else {
+    /// A resuming HELLO for `stream`, of a migration with `bulkStreams`
+    /// bulk streams, during the pause that began at `since`. A stream may
+    /// come again (an agent that died half-way through rejoining): the
+    /// newer connection replaces the older. Once every connection has
+    /// rejoined, the pause ends at `now`.
+    private mutating func rejoin(_ stream: AgentStream, of bulkStreams: Int, _ postcopy: State.Postcopy,
+                                 pausedSince since: UInt64, rejoined: Set<AgentStream>, at now: UInt64) {
+        let rejoined = rejoined.union([stream])
+        guard rejoined.count == bulkStreams + 1 else {
             state = .postcopy(postcopy, .paused(since: since, rejoined: rejoined))
             return
         }
@@ -213,28 +240,36 @@ public struct DestinationSession: Sendable {
         pauses += 1
     }
 
-    /// A message after HELLO on the connection of `role`.
-    public mutating func receive(_ message: Message, on role: StreamRole) throws(SessionError) -> Action {
+    /// A message after HELLO on the connection `stream`.
+    public mutating func receive(_ message: Message, on stream: AgentStream) throws(SessionError) -> Action {
         do throws(ProtocolError) {
             try message.validate(against: limits)
         } catch {
             throw .malformed(error)
         }
-        switch (message, role, state) {
-        case (.heartbeat, _, _):
+        switch (message, state) {
+        case (.heartbeat, _):
             return .none
-        case let (.error(code, text), _, _):
+        case let (.error(code, text), _):
             return .peerFailed(code: code, message: text)
-        case let (.pages(0, first, data), .bulk, .precopy):
-            return .writePrecopy(PageRun(first: first, count: UInt64(data.count / Message.pageBytes)), data)
-        case let (.zeroPages(first, count), .bulk, .precopy):
-            return .zeroPrecopy(PageRun(first: first, count: UInt64(count)))
-        case let (.roundEnd(round, sent, dirty), .bulk, .precopy):
-            return .roundEnded(round: round, pagesSent: sent, dirtyPages: dirty)
-        case let (.dirtyBitmap(_, firstWord, words), .bulk, .precopy),
-             let (.dirtyBitmap(_, firstWord, words), .bulk, .switchingOver):
+        case (.pages, .postcopy), (.zeroPages, .postcopy):
+            return try Self.postcopyPages(message, on: stream, phase: phase)
+        case (.pages, .precopy), (.zeroPages, .precopy), (.roundEnd, .precopy):
+            guard stream.role == .bulk else { break }
+            return try receivePrecopy(message, on: stream.index)
+        default:
+            break
+        }
+        // The rest are control messages: bulk stream 0's alone.
+        guard stream.isControl else { throw .unexpected(message.type, phase: phase, stream: stream) }
+        switch (message, state) {
+        case let (.dirtyBitmap(_, firstWord, words), .precopy(rounds)):
+            // Every stream's pages of the last round must be in first.
+            try rounds.checkDrained()
             return try addBitmapWords(firstWord: firstWord, words: words)
-        case let (.switchover(stalePages, pausedAt, handOver), .bulk, .switchingOver(assembler)):
+        case let (.dirtyBitmap(_, firstWord, words), .switchingOver):
+            return try addBitmapWords(firstWord: firstWord, words: words)
+        case let (.switchover(stalePages, pausedAt, handOver), .switchingOver(assembler)):
             // Validation kept bits past the region out of the assembler.
             guard let stale = assembler.bitmap else {
                 throw .bitmapIncomplete(words: assembler.wordsReceived, expected: assembler.wordCount)
@@ -247,27 +282,73 @@ public struct DestinationSession: Sendable {
         // Sent once the guest resumed, and again after every rejoin (also
         // by a restarted agent): any generation's, and even once complete,
         // as long as it is the same.
-        case let (.imageDigest(digest), .bulk, .postcopy(postcopy, connections)):
+        case let (.imageDigest(digest), .postcopy(postcopy, connections)):
             return try receiveDigest(digest, postcopy, connections)
-        case let (.imageDigest(digest), .bulk, .complete(known, _)):
+        case let (.imageDigest(digest), .complete(known, _)):
             return try Self.sameDigest(digest, known: known)
         // Sent again after every rejoin: any generation's, as long as the
         // switchover asked for a hand-over.
-        case let (.handedOver, .bulk, .postcopy(postcopy, connections)):
+        case let (.handedOver, .postcopy(postcopy, connections)):
             return try handedOver(postcopy, connections)
-        case (.handedOver, .bulk, .complete(_, handedOver: true)):
+        case (.handedOver, .complete(_, handedOver: true)):
             return .none
-        case let (.discard(reason), .bulk, .postcopy(postcopy, _)):
+        case let (.discard(reason), .postcopy(postcopy, _)):
             guard postcopy.handOver == .pending else { throw .discardPastPointOfNoReturn }
             state = .discarded(imageDigest: postcopy.imageDigest, pagesInPlace: postcopy.pagesInPlace)
             return .discard(reason: reason)
-        case (.pages, _, .postcopy), (.zeroPages, _, .postcopy):
-            return try Self.postcopyPages(message, on: role, phase: phase)
         default:
-            throw .unexpected(message.type, phase: phase, role: role)
+            throw .unexpected(message.type, phase: phase, stream: stream)
         }
     }
 
+    /// PAGES, ZERO_PAGES and ROUND_END on bulk stream `stream` during
+    /// precopy, counted in `PrecopyRounds`.
+    private mutating func receivePrecopy(_ message: Message, on stream: Int) throws(SessionError) -> Action {
+        guard case var .precopy(rounds) = state else { preconditionFailure("precopy pages in phase \(phase)") }
+        /// Pages must travel their own stream (`StreamPartition`): then no
+        /// page can overtake its older copy.
+        func note(_ run: PageRun) throws(SessionError) {
+            let partition = StreamPartition(streams: rounds.streams)
+            guard partition.stream(carrying: run) == stream else {
+                throw .pagesOffTheirStream(message.type, run, stream: .bulk(stream), bulkStreams: rounds.streams)
+            }
+            if !rounds.isSending(stream) {
+                rounds.pages(on: stream)
+                state = .precopy(rounds)
+            }
+        }
+        switch message {
+        case let .pages(0, first, data):
+            let run = PageRun(first: first, count: UInt64(data.count / Message.pageBytes))
+            try note(run)
+            return .writePrecopy(run, data)
+        case let .zeroPages(first, count):
+            let run = PageRun(first: first, count: UInt64(count))
+            try note(run)
+            return .zeroPrecopy(run)
+        case let .roundEnd(round, sent, dirty):
+            let totals = try rounds.roundEnd(round, pagesSent: sent, dirtyPages: dirty, on: stream)
+            state = .precopy(rounds)
+            guard let totals else { return .none }
+            return .roundEnded(round: totals.round, pagesSent: totals.pagesSent, dirtyPages: totals.dirtyPages)
+        default:
+            throw .unexpected(message.type, phase: phase, stream: .bulk(stream))
+        }
+    }
+
+    /// The bulk streams that have not yet ended the round bulk stream 0
+    /// ended last (`PrecopyRounds.behind`): before DIRTY_BITMAP the daemon
+    /// waits until there are none. Empty outside precopy.
+    public var streamsBehind: [Int] {
+        guard case let .precopy(rounds) = state else { return [] }
+        return rounds.behind
+    }
+
+    /// The last precopy round bulk stream 0 ended; 0 outside precopy.
+    public var precopyRound: UInt32 {
+        guard case let .precopy(rounds) = state else { return 0 }
+        return rounds.lastRound
+    }
     /// What `receive` answers for PAGES and ZERO_PAGES while postcopy
     /// serves pages (`handover`, `postcopy`, `paused`), for a `message`
     /// already validated against the region. It depends on no state of the
@@ -281,9 +362,9 @@ public struct DestinationSession: Sendable {
     /// being given up are as good as any: the tracker writes only what is
     /// still stale.
     /// `phase` only names the phase in the error.
-    public static func postcopyPages(_ message: Message, on role: StreamRole,
+    public static func postcopyPages(_ message: Message, on stream: AgentStream,
                                      phase: Phase = .postcopy) throws(SessionError) -> Action {
-        switch (message, role) {
+        switch (message, stream.role) {
         case let (.pages(0, first, data), .bulk):
             return .writePostcopy(PageRun(first: first, count: UInt64(data.count / Message.pageBytes)), data,
                                   requestID: 0)
@@ -293,13 +374,13 @@ public struct DestinationSession: Sendable {
         case let (.zeroPages(first, count), _):
             return .zeroPostcopy(PageRun(first: first, count: UInt64(count)))
         default:
-            throw .unexpected(message.type, phase: phase, role: role)
+            throw .unexpected(message.type, phase: phase, stream: stream)
         }
     }
 
     /// `postcopyPages` for a message not yet validated: validates it
     /// against `limits` first. Nil for any other type of message.
-    public static func postcopyPages(_ message: Message, on role: StreamRole,
+    public static func postcopyPages(_ message: Message, on stream: AgentStream,
                                      limits: RegionLimits) throws(SessionError) -> Action? {
         guard message.type == .pages || message.type == .zeroPages else { return nil }
         do throws(ProtocolError) {
@@ -307,7 +388,7 @@ public struct DestinationSession: Sendable {
         } catch {
             throw .malformed(error)
         }
-        return try postcopyPages(message, on: role)
+        return try postcopyPages(message, on: stream)
     }
 
     /// Every page is in place (the tracker says so). Returns whether the
@@ -369,18 +450,19 @@ public struct DestinationSession: Sendable {
         case .handedOver:
             return .none
         case .notAsked:
-            throw .unexpected(.handedOver, phase: phase, role: .bulk)
+            throw .unexpected(.handedOver, phase: phase, stream: .bulk)
         }
     }
 
     private mutating func addBitmapWords(firstWord: UInt64, words: [UInt64]) throws(SessionError) -> Action {
         // Made by the first frame, on entering switchingOver; taken out
-        // while it grows, so that its words are never copied: precopy stands
-        // in until the defer puts it back, the frame refused or not.
+        // while it grows, so that its words are never copied: an empty
+        // handshake stands in (no allocation) until the defer puts it back,
+        // the frame refused or not.
         var assembler: BitmapAssembler
         if case let .switchingOver(growing) = state {
             assembler = growing
-            state = .precopy
+            state = .handshake(connected: [])
         } else {
             assembler = BitmapAssembler(count: geometry.smallPageCount)
         }
@@ -389,77 +471,5 @@ public struct DestinationSession: Sendable {
             throw .bitmapOutOfOrder(expectedWord: assembler.wordsReceived, got: firstWord)
         }
         return .none
-    }
-}
-
-/// Why the daemon's side refused a message; each closes the connection.
-public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
-    case malformed(ProtocolError)
-    case unexpected(MessageType, phase: DestinationSession.Phase, role: StreamRole?)
-    case wrongMigration(expected: MigrationID, got: MigrationID)
-    /// A HELLO for the migration, without its secret.
-    case wrongSecret(MigrationID)
-    case regionSizeMismatch(source: UInt64, destination: UInt64)
-    case duplicateConnection(StreamRole)
-    case bitmapOutOfOrder(expectedWord: UInt64, got: UInt64)
-    case bitmapIncomplete(words: UInt64, expected: UInt64)
-    case staleCountMismatch(announced: UInt64, bitmap: UInt64)
-    /// A resuming HELLO with no postcopy to resume.
-    case nothingToResume(phase: DestinationSession.Phase)
-    /// A fresh HELLO for a migration already in postcopy.
-    case postcopyInProgress
-    /// An IMAGE_DIGEST other than the one the source sent before.
-    case imageDigestChanged(known: ImageDigest, got: ImageDigest)
-    /// DISCARD once the guest may run here: no hand-over was pending.
-    case discardPastPointOfNoReturn
-    /// A HELLO for a migration discarded before the guest ran here.
-    case discarded
-
-    /// The code of the ERROR frame that reports this to the peer.
-    public var code: ErrorCode {
-        switch self {
-        case let .malformed(error): return error.code
-        case .unexpected, .duplicateConnection, .bitmapOutOfOrder, .wrongMigration, .nothingToResume,
-             .postcopyInProgress:
-            return .unexpectedMessage
-        case .regionSizeMismatch: return .incompatible
-        case .wrongSecret: return .refused
-        case .staleCountMismatch, .bitmapIncomplete, .imageDigestChanged, .discardPastPointOfNoReturn:
-            return .protocolViolation
-        case .discarded: return .discarded
-        }
-    }
-
-    public var description: String {
-        switch self {
-        case let .malformed(error):
-            return error.description
-        case let .unexpected(type, phase, role):
-            return "unexpected \(type) \(role.map { "on the \($0) connection " } ?? "")during \(phase)"
-        case let .wrongMigration(expected, got):
-            return "HELLO for migration \(got), this daemon serves \(expected)"
-        case let .wrongSecret(id):
-            return "HELLO for migration \(id) without its secret: the migration is bound to the agent that started it (a second agent, or an attempt to hijack it)"
-        case let .regionSizeMismatch(source, destination):
-            return "source region is \(source) bytes, destination region is \(destination) bytes"
-        case let .duplicateConnection(role):
-            return "a second \(role) connection for the same migration"
-        case let .bitmapOutOfOrder(expectedWord, got):
-            return "DIRTY_BITMAP frame starts at word \(got), expected word \(expectedWord)"
-        case let .bitmapIncomplete(words, expected):
-            return "SWITCHOVER after \(words) of the dirty bitmap's \(expected) words"
-        case let .staleCountMismatch(announced, bitmap):
-            return "SWITCHOVER announces \(announced) stale pages, the dirty bitmap has \(bitmap)"
-        case let .nothingToResume(phase):
-            return "a resuming HELLO during \(phase): there is no postcopy to resume (start the agent without --resume)"
-        case .postcopyInProgress:
-            return "this migration is already in postcopy: a restarted agent must rejoin it (postcopy-push --resume)"
-        case let .imageDigestChanged(known, got):
-            return "IMAGE_DIGEST \(got) differs from the source's digest sent before, \(known): the image cannot have two"
-        case .discardPastPointOfNoReturn:
-            return "DISCARD, but no hand-over is pending: the guest may run on the destination already, so it cannot be discarded (the source must stay paused)"
-        case .discarded:
-            return "this migration was discarded before the guest ran on the destination: the source runs it"
-        }
     }
 }

@@ -37,6 +37,8 @@ public struct DestinationSummary: Codable, Equatable, Sendable {
     public var memory = ""
     public var regionBytes: UInt64 = 0
     public var pageBytes: UInt64 = 0
+    /// The agent's bulk streams (`postcopy-push --streams`).
+    public var streams = 1
     public var precopyRounds: UInt32 = 0
     public var precopyPages: UInt64 = 0
     public var precopyZeroPages: UInt64 = 0
@@ -87,7 +89,7 @@ public struct DestinationSummary: Codable, Equatable, Sendable {
         var lines = [
             "migration \(migrationID): \(ByteSize.format(regionBytes)) of \(memory)",
             "precopy: \(precopyRounds) rounds, \(precopyPages) pages (\(ByteSize.format(precopyPages * 4096)))"
-                + ", \(precopyZeroPages) pages zeroed",
+                + ", \(precopyZeroPages) pages zeroed, \(streams) bulk stream\(streams == 1 ? "" : "s")",
             "switchover: \(stalePagesAtSwitchover) stale pages, downtime \(fixed(downtimeMs, 1)) ms",
             "postcopy: \(fixed(postcopySeconds, 2)) s; faults \(faultsClean) clean, \(faultsStale) stale"
                 + "; \(pageRequests) requests for \(pagesRequested) pages",
@@ -136,10 +138,15 @@ public struct PrecopyRound: Codable, Equatable, Sendable {
     /// previous round and the one before this one (written pages with
     /// uffd-wp, changed ones with hashing); nil in round 1.
     public let dirtyPagesPerSecond: Double?
+    /// When precopy's time limit stopped this round before its end: the
+    /// pages it did not reach, left to postcopy (nil for a whole round).
+    public let pagesLeft: UInt64?
 
     public init(round: UInt32, pagesSent: UInt64, zeroPagesSent: UInt64, bytesSent: UInt64, seconds: Double,
-                pagesWritten: UInt64? = nil, cpuSeconds: Double? = nil, dirtyPagesPerSecond: Double? = nil) {
+                pagesWritten: UInt64? = nil, cpuSeconds: Double? = nil, dirtyPagesPerSecond: Double? = nil,
+                pagesLeft: UInt64? = nil) {
         self.dirtyPagesPerSecond = dirtyPagesPerSecond
+        self.pagesLeft = pagesLeft
         self.round = round
         self.pagesSent = pagesSent
         self.zeroPagesSent = zeroPagesSent
@@ -155,6 +162,9 @@ public struct PrecopyRound: Codable, Equatable, Sendable {
 public struct AgentSummary: Codable, Equatable, Sendable {
     public var migrationID = ""
     public var regionBytes: UInt64 = 0
+    /// Bulk streams to postcopyd (`--streams`): each carries its share of
+    /// the pages, precopy's and the back-fill's.
+    public var streams = 1
     public var rounds: [PrecopyRound] = []
     public var precopyEndReason = ""
     public var precopySeconds: Double = 0
@@ -248,7 +258,7 @@ public struct AgentSummary: Codable, Equatable, Sendable {
         return [
             "migration \(migrationID): \(ByteSize.format(regionBytes))",
             "precopy: \(rounds.count) rounds, \(precopyPages) pages in \(fixed(precopySeconds, 2)) s"
-                + " (ended by \(precopyEndReason))"
+                + " over \(streams) bulk stream\(streams == 1 ? "" : "s") (ended by \(precopyEndReason))"
                 + (rounds.last?.dirtyPagesPerSecond.map { "; last dirty rate \(fixed($0, 0)) pages/s" } ?? ""),
             "dirty log: \(dirtyLog)" + (dirtyLogFallback.map { " (\($0))" } ?? "")
                 + (missedByDirtyLog.map { "; --verify-dirty-log: \($0) pages missed" } ?? ""),

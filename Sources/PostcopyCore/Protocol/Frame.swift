@@ -33,7 +33,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
     /// are checked again, exactly, once their count field has arrived.
     public var allowedPayloadLength: PayloadLength {
         switch self {
-        case .hello: return .exactly(62)
+        case .hello: return .exactly(64)
         case .welcome: return .exactly(12)
         case .pages: return .atLeast(16)
         case .zeroPages: return .exactly(12)
@@ -149,7 +149,7 @@ public protocol WireMessage: Equatable, Sendable {
 ///
 ///     offset  size  field
 ///          0     4  magic 0x59504350 (the bytes "PCPY")
-///          4     1  version (4)
+///          4     1  version (5)
 ///          5     1  type
 ///          6     2  flags (0 in v1)
 ///          8     4  payloadLength
@@ -162,7 +162,7 @@ public struct FrameHeader: Equatable, Sendable {
     /// acknowledges VMM_RESUME with VMM_RESUMED (3: the image digest
     /// travels in IMAGE_DIGEST and VMM_COMPLETE, after the guest resumed;
     /// 2: HELLO carries the migration secret).
-    public static let version: UInt8 = 4
+    public static let version: UInt8 = 5
     /// Header bytes the checksum covers: all but the checksum itself.
     public static let checksummedSize = 12
 

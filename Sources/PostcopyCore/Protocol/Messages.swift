@@ -10,9 +10,12 @@ public enum Message: WireMessage, Equatable {
     /// Agent → daemon, first frame on every TCP connection. `secret` binds
     /// the connection to the migration's agent; `resume` says the agent
     /// rejoins a postcopy phase in progress (after a lost connection, or as
-    /// a restarted agent) rather than starting a migration.
+    /// a restarted agent) rather than starting a migration. `bulkStreams`:
+    /// how many bulk streams the migration has (1 … 8, the same on every
+    /// connection of it); `streamIndex`: which of them this connection is
+    /// (0 on the urgent connection).
     case hello(migrationID: MigrationID, role: StreamRole, sourcePageSize: PageSize, regionSize: UInt64,
-               secret: MigrationSecret, resume: Bool = false)
+               secret: MigrationSecret, resume: Bool = false, bulkStreams: Int = 1, streamIndex: Int = 0)
     /// Daemon → agent, the answer to HELLO.
     case welcome(regionSize: UInt64, destinationPageSize: PageSize)
     /// Agent → daemon: `data.count / 4096` pages starting at `firstPage`.
@@ -85,7 +88,7 @@ public enum Message: WireMessage, Equatable {
 
     /// A HELLO that rejoins a postcopy in progress.
     public var isResumingHello: Bool {
-        if case .hello(_, _, _, _, _, true) = self { return true }
+        if case .hello(_, _, _, _, _, true, _, _) = self { return true }
         return false
     }
 
@@ -188,8 +191,9 @@ extension Message: CustomStringConvertible {
     /// One line for logs: the type and its fields, never the page bytes.
     public var description: String {
         switch self {
-        case let .hello(migrationID, role, sourcePageSize, regionSize, _, resume):
-            return "HELLO migration \(migrationID) role \(role) page size \(sourcePageSize) region \(regionSize) bytes\(resume ? " resume" : "")"
+        case let .hello(migrationID, role, sourcePageSize, regionSize, _, resume, bulkStreams, streamIndex):
+            let stream = role == .bulk ? " stream \(streamIndex) of \(bulkStreams)" : " of \(bulkStreams) bulk streams"
+            return "HELLO migration \(migrationID) role \(role)\(stream) page size \(sourcePageSize) region \(regionSize) bytes\(resume ? " resume" : "")"
         case let .welcome(regionSize, destinationPageSize):
             return "WELCOME region \(regionSize) bytes page size \(destinationPageSize)"
         case let .pages(requestID, firstPage, data):
@@ -270,13 +274,17 @@ extension Message {
     /// traps); an ERROR message is cut to `maxErrorMessageBytes`.
     public func appendPayload(to out: inout [UInt8]) {
         switch self {
-        case let .hello(migrationID, role, sourcePageSize, regionSize, secret, resume):
+        case let .hello(migrationID, role, sourcePageSize, regionSize, secret, resume, bulkStreams, streamIndex):
+            precondition((1...AgentStream.maxBulkStreams).contains(bulkStreams) && (0..<bulkStreams).contains(streamIndex)
+                && (role == .bulk || streamIndex == 0), "HELLO for \(role) stream \(streamIndex) of \(bulkStreams)")
             out.append(contentsOf: migrationID.bytes)
             out.appendLittleEndian(role.rawValue)
             out.appendLittleEndian(resume ? Message.helloResumeFlag : 0)
             out.appendLittleEndian(UInt32(sourcePageSize.bytes))
             out.appendLittleEndian(regionSize)
             out.append(contentsOf: secret.bytes)
+            out.appendLittleEndian(UInt8(bulkStreams))
+            out.appendLittleEndian(UInt8(streamIndex))
         case let .welcome(regionSize, destinationPageSize):
             out.appendLittleEndian(regionSize)
             out.appendLittleEndian(UInt32(destinationPageSize.bytes))
@@ -363,12 +371,21 @@ extension Message {
             guard flags & ~Message.helloResumeFlag == 0 else {
                 throw .invalidField(type: type, field: "flags", value: UInt64(flags))
             }
+            let bulkStreams: UInt8 = payload.loadLittleEndian(at: 62)
+            guard bulkStreams >= 1, Int(bulkStreams) <= AgentStream.maxBulkStreams else {
+                throw .bulkStreamCount(bulkStreams)
+            }
+            let streamIndex: UInt8 = payload.loadLittleEndian(at: 63)
+            guard streamIndex < (streamRole == .bulk ? bulkStreams : 1) else {
+                throw .streamIndexOutOfRange(role: streamRole, index: streamIndex, bulkStreams: bulkStreams)
+            }
             // The length rule guarantees the 16 bytes of the identifier and
             // the 32 of the secret.
             return .hello(migrationID: MigrationID(bytes: bytes(0, 16))!, role: streamRole,
                           sourcePageSize: try pageSize(18), regionSize: u64(22),
                           secret: MigrationSecret(bytes: bytes(30, 32))!,
-                          resume: flags & Message.helloResumeFlag != 0)
+                          resume: flags & Message.helloResumeFlag != 0,
+                          bulkStreams: Int(bulkStreams), streamIndex: Int(streamIndex))
         case .welcome:
             return .welcome(regionSize: u64(0), destinationPageSize: try pageSize(8))
         case .pages:

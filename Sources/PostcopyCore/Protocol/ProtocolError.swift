@@ -8,7 +8,7 @@ public enum ProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
     case badMagic(UInt32)
     /// The frame's version byte is not one this build speaks.
     case unsupportedVersion(UInt8)
-    /// The header's flags are not zero; v1 defines none.
+    /// The header's flags are not zero; the protocol defines none.
     case nonzeroFlags(UInt16)
     /// The frame's type byte names no message.
     case unknownType(UInt8)
@@ -23,8 +23,13 @@ public enum ProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
     case checksumMismatch(type: MessageType, computed: UInt32, announced: UInt32)
     /// A page, word or request count is 0 where at least 1 is required.
     case zeroCount(type: MessageType)
-    /// A field holds a value v1 does not define (a stream role, an undefined flag).
+    /// A field holds a value the protocol does not define (a stream role, an undefined flag).
     case invalidField(type: MessageType, field: String, value: UInt64)
+    /// A HELLO whose bulk stream count is outside 1 … `AgentStream.maxBulkStreams`.
+    case bulkStreamCount(UInt8)
+    /// A HELLO naming a stream its own count does not have: a bulk stream
+    /// index at or past the count, or an urgent connection's other than 0.
+    case streamIndexOutOfRange(role: StreamRole, index: UInt8, bulkStreams: UInt8)
     /// A page size other than 4 KiB or 2 MiB.
     case unsupportedPageSize(type: MessageType, bytes: UInt32)
     /// An ERROR frame's message is not valid UTF-8.
@@ -43,7 +48,7 @@ public enum ProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
     public var code: ErrorCode {
         switch self {
         case .badMagic, .nonzeroFlags, .unknownType, .wrongSocket, .payloadTooLarge, .payloadLength, .zeroCount,
-             .invalidField, .invalidUTF8:
+             .invalidField, .invalidUTF8, .bulkStreamCount, .streamIndexOutOfRange:
             return .protocolViolation
         case .unsupportedVersion, .unsupportedPageSize, .bitmapSizeMismatch:
             return .incompatible
@@ -61,7 +66,7 @@ public enum ProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .unsupportedVersion(version):
             return "unsupported protocol version \(version) (this build speaks \(FrameHeader.version))"
         case let .nonzeroFlags(flags):
-            return "frame flags \(hex16(flags)) are not zero (protocol v1 defines none)"
+            return "frame flags \(hex16(flags)) are not zero (protocol version \(FrameHeader.version) defines none)"
         case let .unknownType(type):
             return "unknown message type \(type)"
         case let .wrongSocket(type, received):
@@ -75,7 +80,13 @@ public enum ProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .zeroCount(type):
             return "\(type) count is 0 (at least 1 required)"
         case let .invalidField(type, field, value):
-            return "\(type) \(field) is \(value), not a value protocol v1 defines"
+            return "\(type) \(field) is \(value), not a value protocol version \(FrameHeader.version) defines"
+        case let .bulkStreamCount(count):
+            return "HELLO says the migration has \(count) bulk streams; it may have 1 to \(AgentStream.maxBulkStreams)"
+        case let .streamIndexOutOfRange(.urgent, index, _):
+            return "HELLO for the urgent connection names stream \(index); it must be 0"
+        case let .streamIndexOutOfRange(role, index, bulkStreams):
+            return "HELLO for \(role) stream \(index), but says the migration has \(bulkStreams) (0 to \(Int(bulkStreams) - 1))"
         case let .unsupportedPageSize(type, bytes):
             return "\(type) page size \(bytes) bytes is neither 4096 nor 2097152"
         case .invalidUTF8:

@@ -21,6 +21,9 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     /// Where the agent connects, and from where it did (empty until then).
     public var listen = ""
     public var agentAddresses: [String] = []
+    /// The agent's bulk streams (`postcopy-push --streams`), once its first
+    /// HELLO said.
+    public var streams: Int?
     public var vmmSocket = ""
     /// The attached VMM ("pid 123, uid 0, gid 0"), empty until attached.
     public var vmm = ""
@@ -158,7 +161,8 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
         rows += [
             ("guest RAM", "\(ByteSize.format(regionBytes)) of \(memory)",
              job.map { "memory_total \($0.memoryTotal), memory_page_size \($0.memoryPageSize)" }),
-            ("agent", agentAddresses.isEmpty ? "not connected (listening on \(listen))" : agentAddresses.joined(separator: ", "), nil),
+            ("agent", agentAddresses.isEmpty ? "not connected (listening on \(listen))"
+                : agentAddresses.joined(separator: ", ") + (streams.map { ", \($0) bulk stream\($0 == 1 ? "" : "s")" } ?? ""), nil),
             ("VMM", vmm.isEmpty ? "not attached (\(vmmSocket))" : vmm, nil),
             ("precopy", "\(precopyRounds) rounds done, \(precopyPages) pages", job.map { "memory_iteration \($0.memoryIteration)" }),
         ]

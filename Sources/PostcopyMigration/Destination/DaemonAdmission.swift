@@ -18,8 +18,9 @@ extension DestinationDaemon {
         }
     }
 
-    /// Accepts agent connections for the whole migration: the first two,
-    /// then, during postcopy, the two an agent rejoins with. A connection
+    /// Accepts agent connections for the whole migration: the first ones
+    /// (each bulk stream and the urgent connection), then, during postcopy,
+    /// those an agent rejoins with. A connection
     /// that sends anything but an admissible HELLO, or nothing within
     /// `handshakeTimeoutNanos`, is refused on its own: a stray or hostile
     /// peer does not end the migration. Fails the migration when a pause
@@ -91,7 +92,7 @@ extension DestinationDaemon {
     }
 
     /// Reads one connection's HELLO and answers it; starts receiving once
-    /// both connections of a generation are there.
+    /// every connection of a generation is there.
     ///
     /// `admitted` runs once the session took the HELLO: from then on the
     /// connection is the migration's, never one to give up for a newer one.
@@ -108,20 +109,21 @@ extension DestinationDaemon {
         do {
             try connection.setReceiveTimeout(config.handshakeTimeoutNanos)
             guard let hello = try stream.receive() else { return }
-            let (role, welcome, epoch, superseded, ready) = try session.withLock { session in
+            let (agentStream, welcome, epoch, superseded, ready, connections) = try session.withLock { session in
                 let (before, phase) = (session.epoch, session.phase)
-                let (role, welcome) = try session.hello(hello, at: monotonicNanoseconds())
-                // Both connections are in: precopy starts, or postcopy
+                let (stream, welcome) = try session.hello(hello, at: monotonicNanoseconds())
+                // Every connection is in: precopy starts, or postcopy
                 // (or the hand-over) goes on after a rejoin.
                 let ready = phase != session.phase
                     && [.precopy, .handover, .postcopy].contains(session.phase)
                 if session.epoch != before { entered(.paused) }
-                return (role, welcome, session.epoch, session.epoch != before, ready)
+                // Admitted, the HELLO set the count if it was not known.
+                return (stream, welcome, session.epoch, session.epoch != before, ready, (session.bulkStreams ?? 1) + 1)
             }
             admitted()
             timeline.withLock { $0.begin(at: monotonicNanoseconds()) }
             if superseded {
-                paused(epoch: epoch - 1, because: "the agent rejoined: it found the connections dead first", role: role)
+                paused(epoch: epoch - 1, because: "the agent rejoined: it found the connections dead first", stream: agentStream)
             }
             // From here a connection that carries nothing, not even
             // HEARTBEAT, for this long is dead.
@@ -137,10 +139,10 @@ extension DestinationDaemon {
                     agent.retiredBytes = agent.bytesReceived
                     agent.streams = [:]
                 }
-                let replaced = agent.streams.updateValue(stream, forKey: role)
+                let replaced = agent.streams.updateValue(stream, forKey: agentStream)
                 if ready { agent.readyEpoch = epoch }
                 let start = agent.readyEpoch == epoch && agent.startedEpoch != epoch
-                    && agent.streams.count == StreamRole.allCases.count
+                    && agent.streams.count == connections
                 if start { agent.startedEpoch = epoch }
                 return (replaced, start)
             }
@@ -152,7 +154,7 @@ extension DestinationDaemon {
             agentAddresses.withLock { $0.append(address) }
             let id = session.withLock { $0.migrationID?.description ?? "" }
             context.set("MIGRATION_ID", id)
-            var fields: Logger.Metadata = ["role": "\(role)", "agent_address": "\(address)",
+            var fields: Logger.Metadata = ["role": "\(agentStream)", "agent_address": "\(address)",
                                            "resume": "\(hello.isResumingHello)"]
             if let identity = connection.peerIdentity { fields["tls_identity"] = "\(identity)" }
             logger.info("agent connected", metadata: fields)
@@ -167,7 +169,7 @@ extension DestinationDaemon {
             } catch {
                 // The generation broke before its receivers ran: it is lost
                 // like any other (a pause in postcopy, the end before).
-                lost(role, epoch: epoch, error as? MigrationError
+                lost(agentStream, epoch: epoch, error as? MigrationError
                     ?? MigrationError(.peerLost, "the agent's connections failed as they started", cause: error))
             }
         } catch let error as SessionError {
@@ -197,11 +199,14 @@ extension DestinationDaemon {
     }
 
     private func accepted(from address: String) {
-        let id = session.withLock { $0.migrationID?.description ?? "" }
-        summary.withLock { $0.migrationID = id }
+        let (id, streams) = session.withLock { ($0.migrationID?.description ?? "", $0.bulkStreams ?? 1) }
+        summary.withLock {
+            $0.migrationID = id
+            $0.streams = streams
+        }
         entered(.precopy)
-        logger.event(.migrationAccepted, .info, "migration \(id) accepted from \(address)", [
-            "agent_address": "\(address)",
+        logger.event(.migrationAccepted, .info, "migration \(id) accepted from \(address), \(streams) bulk stream\(streams == 1 ? "" : "s")", [
+            "agent_address": "\(address)", "bulk_streams": "\(streams)",
         ])
     }
 }

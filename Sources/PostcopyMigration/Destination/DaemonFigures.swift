@@ -137,6 +137,7 @@ extension DestinationDaemon {
         figures.fill(&status)
         status.listen = "\(endpoint)"
         status.agentAddresses = agentAddresses.withLock { $0 }
+        status.streams = session.withLock { $0.bulkStreams }
         status.vmmSocket = config.vmmSocketPath
         status.vmm = vmm.current.map { "\($0.credentials)" } ?? ""
         status.receiveMiBPerSecond = receiveRate.withLock {

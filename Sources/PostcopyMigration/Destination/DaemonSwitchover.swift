@@ -12,9 +12,9 @@ extension DestinationDaemon {
     /// SWITCHOVER with the `stale` pages: once the VMM has attached, writes
     /// the page-state record and starts postcopy, has the VMM resume the
     /// guest (VMM_RESUME, then its VMM_RESUMED), and tells the agent
-    /// (RESUMED). The guest's downtime ends here.
+    /// (RESUMED, on bulk stream 0, `control`). The guest's downtime ends here.
     func switchover(stale: PageBitmap, sourcePausedAt pausedAt: UInt64, handOver: Bool,
-                    bulk: MessageStream) throws {
+                    control bulk: MessageStream) throws {
         guard let urgent = agent.withLock({ $0.streams[.urgent] }) else {
             throw MigrationError(.internalFailure, "switchover without the agent's urgent connection")
         }

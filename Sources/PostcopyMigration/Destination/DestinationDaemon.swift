@@ -9,8 +9,8 @@ import Synchronization
 /// over, serves faults during postcopy and reports a summary.
 ///
 /// Threads: one accepts agent connections for the whole migration; each
-/// generation of the agent's two connections has a receiving thread per
-/// connection; one sends HEARTBEATs; one serves the VMM socket and one the
+/// generation of the agent's connections (its bulk streams and the urgent
+/// one) has a receiving thread per connection; one sends HEARTBEATs; one serves the VMM socket and one the
 /// fault loop. The caller's thread waits for completion and finishes the
 /// migration.
 ///
@@ -19,7 +19,7 @@ import Synchronization
 /// throws it; the source still runs the guest. During postcopy a lost,
 /// silent or misbehaving agent connection pauses the migration instead: the
 /// guest keeps running on the pages it has, the agent rejoins (a resuming
-/// HELLO on both connections), is told which pages are still stale, and the
+/// HELLO on every connection), is told which pages are still stale, and the
 /// pages guest threads wait for are asked for again first. Only a lost VMM,
 /// an operator, or no agent within `reconnectTimeoutNanos` fails postcopy.
 public final class DestinationDaemon: @unchecked Sendable {
@@ -67,6 +67,11 @@ public final class DestinationDaemon: @unchecked Sendable {
     /// Agent connections in their TLS handshake or HELLO, each on a thread
     /// of its own (at most `config.maxPendingConnections`).
     let admissions = Locked<[Admission]>([])
+    /// Opened, and replaced by a fresh one, each time a bulk stream's
+    /// ROUND_END has been handled: what the control stream's receiver waits
+    /// on when the dirty bitmap comes before every stream ended the last
+    /// round (`awaitStreamsDrained`).
+    let roundEnds = Locked(Latch())
     /// Connections given up at the limit: a log line a second at most.
     let givenUpLog = Locked(ReportLimiter())
 
@@ -88,10 +93,11 @@ public final class DestinationDaemon: @unchecked Sendable {
 
     struct AgentConnections {
         var epoch: UInt64 = 0
-        var streams: [StreamRole: MessageStream] = [:]
-        /// The generation whose two HELLOs the session admitted, and the one
-        /// whose receivers started: the second of a pair's connections to
-        /// be registered starts them, whichever finished its HELLO first.
+        var streams: [AgentStream: MessageStream] = [:]
+        /// The generation whose HELLOs the session admitted, all of them,
+        /// and the one whose receivers started: the last of a generation's
+        /// connections to be registered starts them, whichever finished its
+        /// HELLO last.
         var readyEpoch: UInt64?
         var startedEpoch: UInt64?
         var threads: [OSThread] = []

@@ -11,70 +11,116 @@ import PostcopyOS
 /// Pages are copied before they are hashed and sent, so the recorded hash
 /// is always that of the bytes that went out, even when the guest writes
 /// the page while it is being sent.
+///
+/// A round runs on one thread per bulk stream, each over its own share of
+/// the pages (`StreamPartition`) and with its own `Lane`: the threads
+/// write disjoint hashes, so they share the record without a lock.
 final class PageScanner: @unchecked Sendable {
-    // SAFETY (@unchecked): used by one thread at a time (the agent's bulk
-    // thread during precopy); read-only once postcopy starts.
+    // SAFETY (@unchecked): `sent` is written during a round by the lanes'
+    // threads, each only at the pages of its share, and read otherwise by
+    // one thread at a time (the caller's, between rounds and in the pause);
+    // read-only once postcopy starts. It is allocated once and freed in
+    // deinit.
     let image: SourceImage
-    private var sent: [UInt64]
+    private let sent: UnsafeMutableBufferPointer<UInt64>
     /// Pages per PAGES frame at most.
     let batchPages: Int
-    /// The frames of one send: one full frame's worth, or many short ones.
-    private var batch: FrameBatch
 
     init(image: SourceImage, batchPages: Int = 256) {
         self.image = image
         self.batchPages = batchPages
-        sent = Array(repeating: PageHash.zeroPage, count: Int(image.smallPageCount))
-        batch = FrameBatch(maxPagesPerFrame: batchPages)
+        sent = .allocate(capacity: Int(image.smallPageCount))
+        sent.initialize(repeating: PageHash.zeroPage)
     }
 
+    deinit { sent.deallocate() }
+
     var pageCount: UInt64 { image.smallPageCount }
+
+    /// One bulk stream's part of precopy, from round to round: which share
+    /// of the pages it sends, the buffer its frames are gathered in, and its
+    /// pacer (carried over from round to round).
+    final class Lane: @unchecked Sendable {
+        // SAFETY (@unchecked): used by one thread at a time, the one that
+        // sends the lane's share of a round.
+        let stream: Int
+        let partition: StreamPartition
+        /// The frames of one send: one full frame's worth, or many short ones.
+        var batch: FrameBatch
+        var pacer: Pacer?
+
+        init(stream: Int, partition: StreamPartition, batchPages: Int, pacer: Pacer?) {
+            self.stream = stream
+            self.partition = partition
+            batch = FrameBatch(maxPagesPerFrame: batchPages)
+            self.pacer = pacer
+        }
+    }
 
     /// What one round sent.
     struct RoundResult {
         var pagesSent: UInt64 = 0
         var zeroPagesSent: UInt64 = 0
         var bytesSent: UInt64 = 0
+        /// When the round was cut short at its deadline: the pages of its
+        /// share it never looked at and that the destination may not hold
+        /// as they are (all but the holes it holds as zeros). They are
+        /// stale, whatever the dirty log says later.
+        var leftOver: PageBitmap?
     }
 
-    /// One precopy round: every page whose bytes differ from what was last
-    /// sent goes out, as PAGES (copied, hashed, sent) or, when it is now all
-    /// zeros, as ZERO_PAGES. `candidates` limits the pages looked at (the
-    /// pages a dirty log reports written); nil looks at every page.
-    /// `pacer`, when given, holds the round to its rate (it carries over
-    /// from round to round). `progress` is called after each send with the
-    /// share of the candidates looked at.
-    func sendChangedPages(among candidates: PageBitmap? = nil, to stream: MessageStream, pacer: inout Pacer?,
-                          progress: (Double, RoundResult) -> Void) throws -> RoundResult {
+    /// `lane`'s share of one precopy round: every page of its share whose
+    /// bytes differ from what was last sent goes out on `stream`, as PAGES
+    /// (copied, hashed, sent) or, when it is now all zeros, as ZERO_PAGES.
+    /// `candidates` limits the pages looked at (the pages a dirty log
+    /// reports written); nil looks at every page. The lane's pacer, when it
+    /// has one, holds it to its rate. `progress` is called after each send
+    /// with the pages looked at and what went out since the last call.
+    /// Once `deadline` (monotonic nanoseconds) has passed, the round stops
+    /// after the frames it has gathered, and says which pages it left
+    /// (`RoundResult.leftOver`): precopy's time limit holds within a round.
+    func sendChangedPages(among candidates: PageBitmap?, lane: Lane, to stream: MessageStream,
+                          until deadline: UInt64? = nil,
+                          progress: (_ looked: UInt64, _ sent: RoundResult) -> Void) throws -> RoundResult {
         var result = RoundResult()
-        let candidates = candidates ?? .full(count: pageCount)
-        let total = max(candidates.popCount, 1)
         var looked: UInt64 = 0
+        var reported = RoundResult()
+        var pastDeadline = false
 
         /// Sends the batch's frames, whole, in one go.
         func send() throws {
-            guard !batch.isEmpty else { return }
-            let bytes = try batch.frames { frames in
+            guard !lane.batch.isEmpty else { return }
+            let bytes = try lane.batch.frames { frames in
                 try stream.sendFrames(frames)
                 return UInt64(frames.count)
             }
-            result.pagesSent += batch.pages
-            result.zeroPagesSent += batch.zeroPages
+            result.pagesSent += lane.batch.pages
+            result.zeroPagesSent += lane.batch.zeroPages
             result.bytesSent += bytes
-            batch.reset()
-            if let wait = pacer?.sent(bytes, now: monotonicNanoseconds()), wait > 0 { sleepNanoseconds(wait) }
-            progress(Double(looked) / Double(total), result)
+            lane.batch.reset()
+            var now = monotonicNanoseconds()
+            if let wait = lane.pacer?.sent(bytes, now: now), wait > 0 {
+                // The pacer's wait ends at the deadline: a slow cap does
+                // not hold the switchover back.
+                sleepNanoseconds(deadline.map { $0 > now ? min(wait, $0 - now) : 0 } ?? wait)
+                now = monotonicNanoseconds()
+            }
+            if let deadline, now >= deadline { pastDeadline = true }
+            progress(looked, RoundResult(pagesSent: result.pagesSent - reported.pagesSent,
+                                         zeroPagesSent: result.zeroPagesSent - reported.zeroPagesSent,
+                                         bytesSent: result.bytesSent - reported.bytesSent))
+            reported = result
+            looked = 0
         }
         func addZero(_ page: UInt64) throws {
-            guard !batch.addZero(page) else { return }
+            guard !lane.batch.addZero(page) else { return }
             try send()
-            guard batch.addZero(page) else { preconditionFailure("an empty batch has room for a zero page") }
+            guard lane.batch.addZero(page) else { preconditionFailure("an empty batch has room for a zero page") }
         }
 
         var holes = image.holes()
-        var next = candidates.nextSet(from: 0)
-        while let page = next {
-            next = candidates.nextSet(from: page + 1)
+        var pages = SharePages(lane.partition.chunks(of: lane.stream, pageCount: pageCount), among: candidates)
+        while !pastDeadline, let page = pages.next() {
             looked += 1
             // A page in a hole is zero, and is not read (reading would make
             // it exist): it goes out only if it held data before.
@@ -88,10 +134,10 @@ final class PageScanner: @unchecked Sendable {
             // once: the hash that says whether the page changed is the hash
             // of the very bytes that go out (the guest may write the page
             // meanwhile). An unchanged page leaves its place to the next.
-            var slot = batch.slot(for: page)
+            var slot = lane.batch.slot(for: page)
             if slot == nil {
                 try send()
-                slot = batch.slot(for: page)
+                slot = lane.batch.slot(for: page)
             }
             guard let slot else { preconditionFailure("an empty batch has room for a page") }
             image.withPages(first: page, count: 1) { slot.copyMemory(from: $0) }
@@ -101,11 +147,63 @@ final class PageScanner: @unchecked Sendable {
             if isZero {
                 try addZero(page)
             } else {
-                batch.addData(page)
+                lane.batch.addData(page)
             }
         }
         try send()
+        if looked > 0 { progress(looked, RoundResult()) }
+        if pastDeadline {
+            var left = PageBitmap(count: pageCount)
+            while let page = pages.next() {
+                // A hole that was never sent, or last sent as zeros, is
+                // what the destination holds already.
+                if holes.contains(page) && sent[Int(page)] == PageHash.zeroPage { continue }
+                left.insert(page)
+            }
+            result.leftOver = left
+        }
         return result
+    }
+
+    /// The pages of a share, in ascending order: every page of its chunks,
+    /// or those set in `candidates`.
+    private struct SharePages {
+        private let chunks: [PageRun]
+        private let candidates: PageBitmap?
+        private var chunk = 0
+        private var page: UInt64
+
+        init(_ chunks: [PageRun], among candidates: PageBitmap?) {
+            self.chunks = chunks
+            self.candidates = candidates
+            page = chunks.first?.first ?? 0
+        }
+
+        mutating func next() -> UInt64? {
+            while chunk < chunks.count {
+                let run = chunks[chunk]
+                guard let candidates else {
+                    if page < run.end {
+                        defer { page += 1 }
+                        return page
+                    }
+                    chunk += 1
+                    if chunk < chunks.count { page = chunks[chunk].first }
+                    continue
+                }
+                guard let found = candidates.nextSet(from: page) else { return nil }
+                if found < run.end {
+                    page = found + 1
+                    return found
+                }
+                // Past this chunk: on to the first of the share's chunks
+                // that ends after `found`, so that no stretch of the
+                // bitmap is searched twice.
+                while chunk < chunks.count && chunks[chunk].end <= found { chunk += 1 }
+                if chunk < chunks.count { page = max(found, chunks[chunk].first) }
+            }
+            return nil
+        }
     }
 
     /// The final scan of the hash log, with the source paused: the pages
@@ -139,7 +237,7 @@ final class PageScanner: @unchecked Sendable {
     /// its recorded hash is current. Run after the destination resumed, on
     /// the paused source: this is what keeps hashing out of the pause.
     func digest(hashingStale stale: PageBitmap) -> ImageDigest {
-        var hashes = sent
+        var hashes = Array(sent)
         var holes = image.holes()
         var next = stale.nextSet(from: 0)
         while let page = next {

@@ -67,13 +67,18 @@ public struct AgentConfig: Sendable {
     public var verifyDirtyLog = false
     /// Pages per PAGES frame.
     public var batchPages = 256
-    /// Precopy's limit, bytes per second, over all its rounds (nil: as fast
-    /// as the link goes): QEMU's `max-bandwidth`. The pause and postcopy
-    /// are not held back by it.
+    /// Bulk streams to postcopyd, 1 … `AgentStream.maxBulkStreams`: each a
+    /// connection of its own, with a thread on each side, carrying its
+    /// share of precopy's pages and of the back-fill's (`StreamPartition`).
+    /// The urgent connection is one more.
+    public var streams = 1
+    /// Precopy's limit, bytes per second, over all its rounds and bulk
+    /// streams (nil: as fast as the link goes): QEMU's `max-bandwidth`. The
+    /// pause and postcopy are not held back by it.
     public var precopyBytesPerSecond: UInt64?
-    /// The background stream's limit during postcopy, bytes per second
-    /// (nil: as fast as the link goes). Pages a fault waits for are never
-    /// held back by it.
+    /// The background stream's limit during postcopy, bytes per second over
+    /// all bulk streams (nil: as fast as the link goes). Pages a fault
+    /// waits for are never held back by it.
     public var postcopyBytesPerSecond: UInt64?
     /// How the thread that sends the background stream competes for a CPU
     /// during postcopy; precopy runs at normal priority.
@@ -113,14 +118,14 @@ public final class SourceAgent: @unchecked Sendable {
     // urgent thread updates are atomics.
     public let config: AgentConfig
     private let logger: Logger
-    private let progress: ProgressReporter
+    let progress: ProgressReporter
     private let image: SourceImage
     private var summary = AgentSummary()
     private let urgentPages = Atomic<UInt64>(0)
     private let requests = Atomic<UInt64>(0)
     private let urgentBytes = Atomic<UInt64>(0)
-    /// The latest connection of each role, for the heartbeat thread and the end.
-    private let links = Locked<[StreamRole: MessageStream]>([:])
+    /// The latest connection of each stream, for the heartbeat thread and the end.
+    private let links = Locked<[AgentStream: MessageStream]>([:])
     /// Why the hand-over command failed, reported once postcopy has put
     /// every page in place (or the destination discarded its copy).
     private var handOverFailure: (any Error)?
@@ -133,14 +138,21 @@ public final class SourceAgent: @unchecked Sendable {
     /// What `--verify-dirty-log` has found; carried from precopy to the
     /// final scan.
     private var audit = DirtyLogAudit(pageCount: 0)
+    /// The pages a precopy round cut short at the time limit never looked
+    /// at: stale at switchover, whatever the dirty log says then (the log
+    /// was re-armed on them before the round).
+    private var leftByPrecopy: PageBitmap?
 
     public init(config: AgentConfig, logger: Logger, progress: ProgressReporter) throws {
+        precondition(config.streams >= 1 && config.streams <= AgentStream.maxBulkStreams,
+                     "\(config.streams) bulk streams")
         self.config = config
         self.logger = logger
         self.progress = progress
         image = try inStep("open the source RAM file") { try SourceImage(path: config.ramPath) }
         summary.migrationID = config.migrationID.description
         summary.regionBytes = image.size
+        summary.streams = config.streams
     }
 
     public func run() throws -> AgentSummary {
@@ -162,7 +174,7 @@ public final class SourceAgent: @unchecked Sendable {
             // A restarted agent: the source was paused by the one before it,
             // and the destination says what it still lacks.
             summary.resumedOnly = true
-            let (bulk, urgent, stale) = try rejoin()
+            let (connections, stale) = try rejoin()
             // A restarted agent has no per-page hashes: it hashes the whole
             // paused image, on the final scan's threads.
             let scanner = PageScanner(image: image, batchPages: 1)
@@ -173,7 +185,7 @@ public final class SourceAgent: @unchecked Sendable {
             // is, and its outcome told. A command is not run twice.
             let handOver = config.control.handOverStartsGuest ? try startHandOver() : nil
             do {
-                try postcopy(stale: stale, bulk: bulk, urgent: urgent)
+                try postcopy(stale: stale, connections: connections)
             } catch {
                 throw settled(handOver, error)
             }
@@ -183,31 +195,22 @@ public final class SourceAgent: @unchecked Sendable {
             // The dirty log first: asked for by name and not to be had, it
             // fails the migration before postcopyd hears of it.
             var log = try openDirtyLog()
-            let bulk = try connect(.bulk)
-            let urgent: MessageStream
-            do {
-                urgent = try connect(.urgent)
-            } catch {
-                // postcopyd may have ended the migration (an operator's
-                // cancel) while the urgent connection shook hands: it said
-                // why on the bulk connection, admitted already.
-                throw Self.reasonGiven(on: bulk) ?? error
-            }
+            let connections = try connectAll()
             summary.setupSeconds = Double(monotonicNanoseconds() - started) / 1e9
             let scanner = PageScanner(image: image, batchPages: config.batchPages)
             do {
-                try precopy(scanner, bulk, log: &log)
+                try precopy(scanner, connections.bulk, log: &log)
             } catch {
-                throw Self.reasonGiven(on: bulk) ?? error
+                throw Self.reasonGiven(on: connections.control) ?? error
             }
-            let (stale, connections) = try switchover(scanner, bulk, urgent, log: log)
+            let (stale, postcopyConnections) = try switchover(scanner, connections, log: log)
             // With uffd-wp the stale pages were not hashed in the pause:
             // the digest is finished now, while postcopy serves the guest.
             let digester = try startDigest { scanner.digest(hashingStale: stale) }
             defer { digester.join() }
             let handOver = try startHandOver()
             do {
-                try postcopy(stale: stale, bulk: connections.bulk, urgent: connections.urgent)
+                try postcopy(stale: stale, connections: postcopyConnections)
             } catch {
                 throw settled(handOver, error)
             }
@@ -300,11 +303,30 @@ public final class SourceAgent: @unchecked Sendable {
         }
     }
 
-    /// Opens the `role` connection and says HELLO (resuming, to rejoin a
-    /// postcopy in progress). From then on a connection that carries
-    /// nothing for `deadPeerTimeoutNanos`, not even HEARTBEAT, is dead.
-    private func connect(_ role: StreamRole, resume: Bool = false) throws -> MessageStream {
-        let connection = try inStep("connect the \(role) connection to postcopyd at \(config.daemon)") {
+    /// Opens every connection of a generation, each bulk stream and then
+    /// the urgent one, with HELLO (resuming, to rejoin a postcopy in
+    /// progress). A failure shuts those opened down. A fresh agent whose
+    /// later connection fails asks the first for the reason: postcopyd may
+    /// have ended the migration (an operator's cancel) while it shook
+    /// hands, and said why on bulk stream 0, admitted already.
+    private func connectAll(resume: Bool = false) throws -> AgentConnections {
+        var bulk: [MessageStream] = []
+        do {
+            for index in 0..<config.streams { bulk.append(try connect(.bulk(index), resume: resume)) }
+            return AgentConnections(bulk: bulk, urgent: try connect(.urgent, resume: resume))
+        } catch {
+            let reason = resume ? nil : bulk.first.flatMap { Self.reasonGiven(on: $0) }
+            for stream in bulk { stream.shutdown() }
+            throw reason ?? error
+        }
+    }
+
+    /// Opens the connection `which` names and says HELLO (resuming, to
+    /// rejoin a postcopy in progress). From then on a connection that
+    /// carries nothing for `deadPeerTimeoutNanos`, not even HEARTBEAT, is
+    /// dead.
+    private func connect(_ which: AgentStream, resume: Bool = false) throws -> MessageStream {
+        let connection = try inStep("connect the \(which) connection to postcopyd at \(config.daemon)") {
             let tcp = try TCPConnection.connect(to: config.daemon, keepAlive: config.keepAlive)
             // A handshake is a round trip and some crypto: a dead-peer
             // timeout tuned for a fast network would fail it on a busy host.
@@ -312,12 +334,13 @@ public final class SourceAgent: @unchecked Sendable {
         }
         try connection.setReceiveTimeout(config.deadPeerTimeoutNanos)
         try connection.setSendTimeout(config.deadPeerTimeoutNanos)
-        let stream = MessageStream(connection, peer: "postcopyd \(role) connection")
-        try stream.send(.hello(migrationID: config.migrationID, role: role, sourcePageSize: image.pageSize,
-                               regionSize: image.size, secret: config.secret, resume: resume))
-        switch try next(on: stream, "during the \(role) connection's handshake") {
+        let stream = MessageStream(connection, peer: "postcopyd \(which) connection")
+        try stream.send(.hello(migrationID: config.migrationID, role: which.role, sourcePageSize: image.pageSize,
+                               regionSize: image.size, secret: config.secret, resume: resume,
+                               bulkStreams: config.streams, streamIndex: which.index))
+        switch try next(on: stream, "during the \(which) connection's handshake") {
         case let .welcome(regionSize, _) where regionSize == image.size:
-            links.withLock { $0[role] = stream }
+            links.withLock { $0[which] = stream }
             return stream
         case let .welcome(regionSize, _):
             throw MigrationError(.incompatible, "the destination region is \(regionSize) bytes, the source's \(image.size)")
@@ -425,7 +448,11 @@ public final class SourceAgent: @unchecked Sendable {
         do {
             // The last scan, in the pause, re-arms nothing: no round follows
             // it, and if the migration fails the agent is done with the log.
-            let written = try current.written(protect: !paused)
+            var written = try current.written(protect: !paused)
+            // Pages precopy left are stale as much as written ones (and
+            // differ from what was sent: the audit must not count them as
+            // changes the log missed).
+            if paused, let left = leftByPrecopy { written.formUnion(left) }
             if config.verifyDirtyLog {
                 audit.record(written: written, changed: scanner.changedPages(), paused: paused)
                 summary.missedByDirtyLog = audit.missed
@@ -446,12 +473,19 @@ public final class SourceAgent: @unchecked Sendable {
         throw MigrationError(.internalFailure, "--verify-dirty-log: the uffd-wp log missed \(audit.missed) changed pages (first: \(audit.firstMissed.map(String.init).joined(separator: ", "))); use --dirty-log hash for this source")
     }
 
-    private func precopy(_ scanner: PageScanner, _ bulk: MessageStream, log: inout UffdWriteLog?) throws {
+    /// Precopy's rounds, each over every bulk stream in `streams`, until
+    /// `config.policy` says stop.
+    private func precopy(_ scanner: PageScanner, _ streams: [MessageStream], log: inout UffdWriteLog?) throws {
         let started = monotonicNanoseconds()
         audit = DirtyLogAudit(pageCount: scanner.pageCount)
         var round: UInt32 = 0
         var reason = PrecopyPolicy.Reason.roundLimit
-        var pacer = config.precopyBytesPerSecond.map { Pacer(bytesPerSecond: $0, now: started) }
+        let lanes = precopyLanes(batchPages: scanner.batchPages, startedAt: started)
+        leftByPrecopy = nil
+        // The time limit holds within a round too: a round still under way
+        // then stops, and what it did not send is left to postcopy.
+        let (deadline, overflow) = started.addingReportingOverflow(config.policy.maxDurationNanos)
+        let cutAt = overflow ? nil : deadline
         // For the dirty rate: when the scan before the last round ran. For
         // the expected downtime: what the last scan of the log took.
         var previousScanAt: UInt64 = 0
@@ -469,11 +503,20 @@ public final class SourceAgent: @unchecked Sendable {
             let candidates = round == 1 ? nil : scanWritten(&log, scanner, paused: false)
             if candidates != nil { lastScanMs = Double(monotonicNanoseconds() - roundStarted) / 1e6 }
             try checkAudit()
-            let result = try scanner.sendChangedPages(among: candidates, to: bulk, pacer: &pacer) { fraction, sofar in
-                progress.update("precopy round \(round) \(ProgressReporter.bar(fraction)) \(ByteSize.format(sofar.bytesSent)) sent, \(ProgressReporter.rate(bytes: sofar.bytesSent, since: roundStarted))")
+            let total = Double(max(candidates?.popCount ?? scanner.pageCount, 1))
+            let shown = Locked((looked: UInt64(0), bytes: UInt64(0)))
+            let (progress, current) = (self.progress, round)
+            let result = try sendRound(round, among: candidates, scanner, lanes: lanes, on: streams,
+                                       until: cutAt) { looked, sent in
+                // The lanes report in turn, so the line has one writer at a time.
+                shown.withLock { sofar in
+                    sofar.looked += looked
+                    sofar.bytes += sent.bytesSent
+                    let (fraction, bytes) = (Double(sofar.looked) / total, sofar.bytes)
+                    progress.update("precopy round \(current) \(ProgressReporter.bar(fraction)) \(ByteSize.format(bytes)) sent, \(ProgressReporter.rate(bytes: bytes, since: roundStarted))")
+                }
             }
             let changed = result.pagesSent + result.zeroPagesSent
-            try bulk.send(.roundEnd(round: round, pagesSent: result.pagesSent, dirtyPages: changed))
             let seconds = Double(monotonicNanoseconds() - roundStarted) / 1e9
             // Round 1 sends what is there; later rounds what was dirtied
             // since the scan before the previous round.
@@ -484,10 +527,16 @@ public final class SourceAgent: @unchecked Sendable {
                                                zeroPagesSent: result.zeroPagesSent, bytesSent: result.bytesSent,
                                                seconds: seconds, pagesWritten: candidates?.popCount,
                                                cpuSeconds: ProcessUsage.cpuSeconds() - cpuStarted,
-                                               dirtyPagesPerSecond: dirtyRate))
+                                               dirtyPagesPerSecond: dirtyRate, pagesLeft: result.leftOver?.popCount))
             summary.bytesSent += result.bytesSent
             progress.finish()
             logger.info("precopy round \(round): \(result.pagesSent) pages sent, \(result.zeroPagesSent) zeroed, \(fixed(seconds, 2)) s")
+            if let left = result.leftOver {
+                leftByPrecopy = left
+                reason = .timeLimit
+                logger.info("precopy round \(round) stopped at the time limit (\(fixed(Double(config.policy.maxDurationNanos) / 1e9, 1)) s): \(left.popCount) pages it did not reach are left to postcopy")
+                break
+            }
             if round > 1 && config.policy.converged(dirtyPages: changed) {
                 reason = .converged
                 break
@@ -508,9 +557,13 @@ public final class SourceAgent: @unchecked Sendable {
 
     // MARK: switchover
 
-    private func switchover(_ scanner: PageScanner, _ bulk: MessageStream, _ urgent: MessageStream,
-                            log: UffdWriteLog?) throws
-        -> (stale: PageBitmap, connections: (bulk: MessageStream, urgent: MessageStream)) {
+    /// Pauses the source, scans it a last time and sends the stale pages
+    /// (DIRTY_BITMAP, then SWITCHOVER) on bulk stream 0, which follows
+    /// every stream's last ROUND_END; returns them and the connections
+    /// postcopy runs on (a rejoin's, when these were lost).
+    private func switchover(_ scanner: PageScanner, _ connections: AgentConnections,
+                            log: UffdWriteLog?) throws -> (stale: PageBitmap, connections: AgentConnections) {
+        let bulk = connections.control
         let pausedAt = monotonicNanoseconds()
         self.pausedAt = pausedAt
         let pausedAtWall = realtimeNanoseconds()
@@ -562,16 +615,15 @@ public final class SourceAgent: @unchecked Sendable {
         } catch {
             guard let lost = Self.connectionLoss(error) else { throw error }
             logger.warning("lost postcopyd at switchover: \(lost.reason); rejoining to learn whether the guest runs there")
-            bulk.shutdown()
-            urgent.shutdown()
-            let (newBulk, newUrgent, stillStale) = try rejoin()
+            connections.shutdown()
+            let (rejoined, stillStale) = try rejoin()
             owner = .destination
             summary.downtimeMs = Double(monotonicNanoseconds() - pausedAt) / 1e6
             logger.info("switchover: \(stale.popCount) stale pages, downtime \(fixed(summary.downtimeMs, 1)) ms (by this host's clock, including the rejoin)")
-            return (stillStale, (newBulk, newUrgent))
+            return (stillStale, rejoined)
         }
         logger.info("switchover: \(stale.popCount) stale pages, downtime \(fixed(summary.downtimeMs, 1)) ms (final scan \(fixed(summary.finalScanMs, 1)) ms, \(summary.dirtyLog))")
-        return (stale, (bulk, urgent))
+        return (stale, connections)
     }
 
     /// The final scan, with the source paused: the pages the destination
@@ -588,6 +640,9 @@ public final class SourceAgent: @unchecked Sendable {
             if let alsoDirty { written.formUnion(alsoDirty) }
             return written
         }
+        // Hashing finds the pages precopy left by itself (their hashes are
+        // not those sent); one that holds what was last sent, though never
+        // looked at again, is as good as sent.
         let (stale, digest) = scanner.finalScan(alsoDirty: alsoDirty)
         summary.finalScanMs = Double(monotonicNanoseconds() - scanStarted) / 1e6
         notices.known(digest)
@@ -613,15 +668,15 @@ public final class SourceAgent: @unchecked Sendable {
 
     /// Serves postcopy until postcopyd says COMPLETE, rejoining it each time
     /// the connections are lost; `stale` is what the destination lacks.
-    private func postcopy(stale: PageBitmap, bulk: MessageStream, urgent: MessageStream) throws {
+    private func postcopy(stale: PageBitmap, connections: AgentConnections) throws {
         let started = monotonicNanoseconds()
-        notices.use(bulk)
-        var connections = (bulk: bulk, urgent: urgent)
+        notices.use(connections.control)
+        var connections = connections
         var pending = stale
-        let background = BackgroundStream(pacer: config.postcopyBytesPerSecond.map { Pacer(bytesPerSecond: $0, now: started) })
+        let lanes = BackgroundLane.lanes(config.streams, bytesPerSecond: config.postcopyBytesPerSecond, now: started)
         while true {
             do {
-                try serve(pending, connections, started: started, background: background)
+                try serve(pending, connections, started: started, lanes: lanes)
                 break
             } catch {
                 guard let lost = Self.connectionLoss(error) else { throw error }
@@ -631,88 +686,107 @@ public final class SourceAgent: @unchecked Sendable {
                 // closed: a send then fails before the ERROR is read, and a
                 // daemon that has exited cannot be asked again. Any other
                 // ERROR (a refused frame pauses postcopy) is for a rejoin.
-                if let reason = Self.reasonGiven(on: connections.bulk), reason.code == .discarded { throw reason }
+                if let reason = Self.reasonGiven(on: connections.control), reason.code == .discarded { throw reason }
                 logger.warning("lost postcopyd during postcopy: \(lost.reason); rejoining")
-                connections.bulk.shutdown()
-                connections.urgent.shutdown()
-                let (newBulk, newUrgent, stillStale) = try rejoin()
-                connections = (newBulk, newUrgent)
-                notices.use(newBulk)
+                connections.shutdown()
+                let (rejoined, stillStale) = try rejoin()
+                connections = rejoined
+                notices.use(rejoined.control)
                 pending = stillStale
             }
         }
+        let (pages, bytes) = lanes.reduce((UInt64(0), UInt64(0))) {
+            ($0.0 + $1.pages.load(ordering: .relaxed), $0.1 + $1.bytes.load(ordering: .relaxed))
+        }
         summary.postcopySeconds = Double(monotonicNanoseconds() - started) / 1e9
-        summary.postcopyPagesBackground = background.pages
+        summary.postcopyPagesBackground = pages
         summary.postcopyPagesUrgent = urgentPages.load(ordering: .relaxed)
         summary.pageRequests = requests.load(ordering: .relaxed)
-        summary.bytesSent += background.bytes
-        summary.backgroundMiBPerSecond = Double(background.pages * 4096) / max(summary.postcopySeconds, 1e-9) / 1_048_576
-    }
-
-    /// The background stream's totals and pacing, across rejoins; used by
-    /// one sending thread at a time.
-    private final class BackgroundStream: @unchecked Sendable {
-        var pages: UInt64 = 0
-        var bytes: UInt64 = 0
-        var pacer: Pacer?
-        init(pacer: Pacer?) { self.pacer = pacer }
+        summary.bytesSent += bytes
+        summary.backgroundMiBPerSecond = Double(pages * 4096) / max(summary.postcopySeconds, 1e-9) / 1_048_576
     }
 
     /// One connection generation's postcopy: requests answered on the
-    /// urgent connection at normal priority, `pending` pushed on bulk by a
-    /// thread at `backgroundScheduling`, then COMPLETE awaited. Threads are
-    /// made per generation, from this thread (normal priority): a thread
-    /// inherits its creator's scheduling, and one moved to SCHED_IDLE may
-    /// not come back.
-    private func serve(_ pending: PageBitmap,
-                       _ connections: (bulk: MessageStream, urgent: MessageStream), started: UInt64,
-                       background: BackgroundStream) throws {
-        let (bulk, urgent) = connections
-        let queue = PostcopySendQueue(stale: pending)
+    /// urgent connection at normal priority, `pending` pushed over the bulk
+    /// streams, each stream's share (`StreamPartition`) by a thread of its
+    /// own at `backgroundScheduling` (`push-background` for bulk stream 0,
+    /// `push-bulk-N` for the others), then COMPLETE awaited on bulk stream
+    /// 0. Threads are made per generation, from this thread (normal
+    /// priority): a thread inherits its creator's scheduling, and one moved
+    /// to SCHED_IDLE may not come back. The first sender to fail shuts
+    /// every connection down, so that the others stop too.
+    private func serve(_ pending: PageBitmap, _ connections: AgentConnections, started: UInt64,
+                       lanes: [BackgroundLane]) throws {
+        let queue = PostcopySendQueue(stale: pending, partition: StreamPartition(streams: config.streams))
         let failure = Locked<(any Error)?>(nil)
+        let failed: @Sendable (any Error) -> Void = { error in
+            failure.withLock { $0 = $0 ?? error }
+            connections.shutdown()
+        }
         let urgentThread = try OSThread.start(name: "push-urgent") { [self] in
             do {
-                try serveRequests(urgent, queue: queue)
+                try serveRequests(connections.urgent, queue: queue)
             } catch {
-                failure.withLock { $0 = $0 ?? error }
-                bulk.shutdown()
+                failed(error)
             }
         }
         defer {
-            urgent.shutdown()
+            connections.urgent.shutdown()
             urgentThread.join()
         }
-        let backgroundThread = try OSThread.start(name: "push-background") { [self] in
+        var senders: [OSThread] = []
+        defer { for sender in senders { sender.join() } }
+        for (index, stream) in connections.bulk.enumerated() {
+            let name = index == 0 ? "push-background" : "push-bulk-\(index)"
             do {
-                try OSThread.setCurrentScheduling(config.backgroundScheduling)
-            } catch {
-                logger.warning("the background stream keeps its scheduling: \(error)")
-            }
-            do {
-                while let run = queue.takeNext(maxPages: UInt64(config.batchPages)) {
-                    let bytes = try send(run, requestID: Message.backgroundRequestID, on: bulk)
-                    background.bytes += bytes
-                    background.pages += run.count
-                    if let wait = background.pacer?.sent(bytes, now: monotonicNanoseconds()), wait > 0 {
-                        sleepNanoseconds(wait)
+                senders.append(try OSThread.start(name: name) { [self] in
+                    do {
+                        try sendBackground(queue, stream: index, on: stream, lanes: lanes, started: started)
+                    } catch {
+                        failed(error)
                     }
-                    let left = queue.remaining
-                    progress.update("postcopy \(ProgressReporter.bar(1 - Double(left) / Double(max(pending.popCount, 1)))) \(left) stale pages left, \(ProgressReporter.rate(bytes: background.bytes, since: started)), \(requests.load(ordering: .relaxed)) requests")
-                }
-                progress.finish()
+                })
             } catch {
-                failure.withLock { $0 = $0 ?? error }
-                urgent.shutdown()
+                failed(error)
+                break
             }
         }
-        backgroundThread.join()
+        for sender in senders { sender.join() }
+        senders = []
         do {
             if let first = failure.withLock({ $0 }) { throw first }
-            try awaitComplete(bulk)
+            try awaitComplete(connections.control)
         } catch {
             if let first = failure.withLock({ $0 }) { throw first }
             throw error
         }
+    }
+
+    /// Bulk stream `stream`'s share of the back-fill, on `bulk`, at
+    /// `backgroundScheduling` and at most its share of the postcopy
+    /// bandwidth. Bulk stream 0's sender keeps the progress line.
+    private func sendBackground(_ queue: PostcopySendQueue, stream: Int, on bulk: MessageStream,
+                                lanes: [BackgroundLane], started: UInt64) throws {
+        do {
+            try OSThread.setCurrentScheduling(config.backgroundScheduling)
+        } catch {
+            logger.warning("the background stream keeps its scheduling: \(error)")
+        }
+        let lane = lanes[stream]
+        let total = Double(max(queue.remaining, 1))
+        while let run = queue.takeNext(maxPages: UInt64(config.batchPages), stream: stream) {
+            let bytes = try send(run, requestID: Message.backgroundRequestID, on: bulk)
+            lane.bytes.add(bytes, ordering: .relaxed)
+            lane.pages.add(run.count, ordering: .relaxed)
+            if let wait = lane.pacer?.sent(bytes, now: monotonicNanoseconds()), wait > 0 {
+                sleepNanoseconds(wait)
+            }
+            guard stream == 0 else { continue }
+            let left = queue.remaining
+            let sent = lanes.reduce(0) { $0 + $1.bytes.load(ordering: .relaxed) }
+            progress.update("postcopy \(ProgressReporter.bar(1 - Double(left) / total)) \(left) stale pages left, \(ProgressReporter.rate(bytes: sent, since: started)), \(requests.load(ordering: .relaxed)) requests")
+        }
+        if stream == 0 { progress.finish() }
     }
 
     private func awaitComplete(_ bulk: MessageStream) throws {
@@ -756,11 +830,12 @@ public final class SourceAgent: @unchecked Sendable {
     /// How long a rejoin tries to deliver DISCARD after a failed hand-over.
     static let discardRejoinNanos: UInt64 = 10_000_000_000
 
-    /// Connects again, both connections with a resuming HELLO, retrying
+    /// Connects again, every connection with a resuming HELLO, retrying
     /// with backoff until `reconnectTimeoutNanos`; returns them and the
-    /// pages postcopyd still lacks (its resync). An ERROR from postcopyd
-    /// (the migration failed, or there is nothing to resume) ends it.
-    private func rejoin() throws -> (bulk: MessageStream, urgent: MessageStream, stale: PageBitmap) {
+    /// pages postcopyd still lacks (its resync, on bulk stream 0). An ERROR
+    /// from postcopyd (the migration failed, or there is nothing to
+    /// resume) ends it.
+    private func rejoin() throws -> (connections: AgentConnections, stale: PageBitmap) {
         let started = monotonicNanoseconds()
         let deadline = started + config.reconnectTimeoutNanos
         var delay = config.reconnectInitialDelayNanos
@@ -768,15 +843,14 @@ public final class SourceAgent: @unchecked Sendable {
         while true {
             attempt += 1
             do {
-                let bulk = try connect(.bulk, resume: true)
+                let connections = try connectAll(resume: true)
                 do {
-                    let urgent = try connect(.urgent, resume: true)
-                    let stale = try receiveResync(bulk)
+                    let stale = try receiveResync(connections.control)
                     summary.rejoins += 1
                     logger.notice("rejoined postcopyd at \(config.daemon) after \(fixed(Double(monotonicNanoseconds() - started) / 1e6, 0)) ms (\(attempt) attempts): \(stale.popCount) pages still stale")
-                    return (bulk, urgent, stale)
+                    return (connections, stale)
                 } catch {
-                    bulk.shutdown()
+                    connections.shutdown()
                     throw error
                 }
             } catch {

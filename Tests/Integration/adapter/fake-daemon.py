@@ -2,9 +2,10 @@
 """postcopyd's end of the VMM socket, driven by hand, for adapter-test.sh.
 
 Speaks the frame format of docs/protocol.md ("Frames") with the real
-codec's rules: magic, version 4, type, no flags, length, CRC-32C. Steps
-wait for files to appear in WORKDIR, so the test says when each happens;
-what happened is appended, one word a line, to WORKDIR/fake.log.
+codec's rules: magic, version (postcopy_wire.h's), type, no flags,
+length, CRC-32C. Steps wait for files to appear in WORKDIR, so the test
+says when each happens; what happened is appended, one word a line, to
+WORKDIR/fake.log.
 
 After each VMM_RESUME it sends, it waits (up to 5 s) for the VMM's
 VMM_RESUMED, as postcopyd does before it tells the source the guest
