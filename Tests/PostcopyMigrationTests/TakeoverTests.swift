@@ -64,7 +64,7 @@ struct TakeoverTests {
 
         // Let it serve a while, then kill it where it stands.
         let serving = Self.waitFor(control, seconds: 60 * Double(TestTiming.scale)) { $0.phase == "postcopy" && $0.faultsStale > 0 }
-        try #require(serving != nil, "postcopy never served a stale fault:\n\(readTextFile(directory.path + "/postcopyd1.err") ?? "")")
+        try #require(serving != nil, "postcopy never served a stale fault:\n\(readTextFile(directory.path + "/postcopyd1.err") ?? "")\npostcopy-push:\n\(readTextFile(directory.path + "/push.err") ?? "")")
         usleep(200_000)
         let before = try #require(Self.status(control))
         kill(first.processIdentifier, SIGKILL)

@@ -206,9 +206,9 @@ enum JournalReader {
     }
 
     /// The records of process `pid` (-o json, string fields), waiting up to
-    /// 10 s for the one with `event`'s MESSAGE_ID to be there.
+    /// 30 s (a loaded journald is slow to index) for the one with `event`'s MESSAGE_ID to be there.
     static func records(pid: Int32, until event: DaemonEvent) throws -> [[String: String]] {
-        let deadline = Date().addingTimeInterval(10)
+        let deadline = Date().addingTimeInterval(30)
         while true {
             let lines = try run(["-o", "json", "--no-pager", "_PID=\(pid)"]).split(separator: "\n")
             let records = lines.compactMap { line -> [String: String]? in

@@ -242,6 +242,8 @@ start_fake() {  # MODE: fake-daemon.py on $work/fake.sock, as $fake
     wait_line "$work/fake.log" '^listening$' || true
 }
 start_fake_vmm() {  # map-file on the fake's RAM, reading at SIGUSR1, as $fv
+    : >"$work/fv.out"  # emptied before the fork, as in start_writer
+    : >"$work/fv.err"
     env LD_PRELOAD="$PRELOAD" POSTCOPY_VMM_SOCKET="$work/fake.sock" POSTCOPY_VMM_REATTACH_SECONDS=1 \
         "$work/map-file" "$fake_ram" "$small" no-touch read-on-usr1 >"$work/fv.out" 2>"$work/fv.err" &
     fv=$!
@@ -394,6 +396,11 @@ source_env=(env LD_PRELOAD="$PRELOAD" POSTCOPY_SOURCE_RAM="$src" POSTCOPY_SOURCE
 start_writer() {  # WAIT_FOR write-pages arguments…
     local wait_for=$1
     shift
+    # Emptied here, not by the child's redirection: that happens after the
+    # fork, and the loop below could meet the last writer's "ready" first
+    # (then read its stale socket, or no "mapped" line at all).
+    : >"$work/writer.out"
+    : >"$work/writer.err"
     "${source_env[@]}" "$work/write-pages" "$src" "$@" >"$work/writer.out" 2>"$work/writer.err" &
     writer=$!
     background+=("$writer")
