@@ -39,6 +39,7 @@ extension DestinationDaemon {
             session.complete()
             return digest
         }
+        postcopy.stopRequests()
         let figures = figures(exactLatencies: true)
         summary.withLock { figures.complete(&$0) }
         let bulk = agent.withLock { $0.streams[.bulk] }

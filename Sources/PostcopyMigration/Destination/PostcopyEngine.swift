@@ -180,6 +180,13 @@ final class PostcopyEngine: FaultResolver, Sendable {
         !halted.load(ordering: .sequentiallyConsistent) && failures.error == nil
     }
 
+    /// Every page is in place, so no request is of use any more: ends the
+    /// request sender, so that figures taken after it count every request
+    /// that went out (one queued by a fault just before the last page
+    /// arrived would otherwise go out after them, and the agent would
+    /// count more than the summary).
+    func stopRequests() { requests.stop() }
+
     /// The VMM let go of guest RAM, or the migration is over: no page is
     /// claimed or written from now on, and no request goes out.
     func halt() {
