@@ -16,6 +16,16 @@ struct BenchCommand: ParsableCommand {
 /// Why the migrations need root, for a refusal.
 let rootReason = "postcopyd resolves the VMM's faults with userfaultfd, which needs root here"
 
+/// Where a benchmark finds the programs it runs and the repository's
+/// scripts: the options `run`, `load` and `streams` share.
+struct BenchPrograms: ParsableArguments {
+    @Option(help: ArgumentHelp("The programs (a release build; .build/debug works, slower).", valueName: "dir"))
+    var bin = ".build/release"
+
+    @Option(help: ArgumentHelp("The repository's scripts (make-test-certs.sh, for the TLS runs).", valueName: "dir"))
+    var scripts = "scripts"
+}
+
 /// Refuses a run when any of `programs` is not an executable in `bin`.
 func requirePrograms(_ programs: [String], in bin: String) throws {
     for program in programs where !FileManager.default.isExecutableFile(atPath: "\(bin)/\(program)") {
@@ -47,11 +57,7 @@ struct Load: ParsableCommand {
     @Flag(help: "--insecure-plaintext on both ends instead of mutual TLS with certificates made for the run.")
     var plaintext = false
 
-    @Option(help: ArgumentHelp("The programs.", valueName: "dir"))
-    var bin = ".build/release"
-
-    @Option(help: ArgumentHelp("The repository's scripts (make-test-certs.sh).", valueName: "dir"))
-    var scripts = "scripts"
+    @OptionGroup var programs: BenchPrograms
 
     @Option(help: ArgumentHelp("Where each instance keeps its logs and summaries (kept after the run).", valueName: "dir"))
     var work = "/tmp/postcopy-load"
@@ -73,11 +79,11 @@ struct Load: ParsableCommand {
             }
             throw ValidationError("needs root: \(rootReason)")
         }
-        try requirePrograms(["postcopyd", "postcopy-push", "postcopy-guest"], in: bin)
+        try requirePrograms(["postcopyd", "postcopy-push", "postcopy-guest"], in: programs.bin)
         try? FileManager.default.removeItem(atPath: work)
         try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
         let say: @Sendable (String) -> Void = { line in print("load: \(line)") }
-        let environment = BenchEnvironment(binDirectory: bin, baselineDirectory: "", scriptsDirectory: scripts,
+        let environment = BenchEnvironment(binDirectory: programs.bin, baselineDirectory: "", scriptsDirectory: programs.scripts,
                                            workDirectory: work, say: say)
         var load = LoadRun(instances: instances, size: bytes, dirty: dirty)
         load.tls = !plaintext
@@ -106,14 +112,10 @@ struct Run: ParsableCommand {
     @Option(help: ArgumentHelp("Where results go.", valueName: "dir"))
     var out = "bench-results"
 
-    @Option(help: ArgumentHelp("The programs (a release build).", valueName: "dir"))
-    var bin = ".build/release"
+    @OptionGroup var programs: BenchPrograms
 
     @Option(help: ArgumentHelp("The C baselines.", valueName: "dir"))
     var baselines = "benchmarks/baseline"
-
-    @Option(help: ArgumentHelp("The repository's scripts (make-test-certs.sh, for the TLS runs).", valueName: "dir"))
-    var scripts = "scripts"
 
     @Flag(help: "Small sizes: every path in a couple of minutes (figures not comparable with a full run).")
     var quick = false
@@ -133,7 +135,7 @@ struct Run: ParsableCommand {
         let started = Date()
         let say: @Sendable (String) -> Void = { line in writeStandardError("bench: \(line)\n") }
         try FileManager.default.createDirectory(atPath: out + "/work", withIntermediateDirectories: true)
-        let environment = BenchEnvironment(binDirectory: bin, baselineDirectory: baselines, scriptsDirectory: scripts,
+        let environment = BenchEnvironment(binDirectory: programs.bin, baselineDirectory: baselines, scriptsDirectory: programs.scripts,
                                            workDirectory: out + "/work", say: say)
         var suite = Suite(environment: environment, scale: quick ? .quick : .full)
         suite.backgroundScheduling = backgroundScheduling
@@ -196,7 +198,7 @@ struct Run: ParsableCommand {
     private func cleanFaults(pinned: Bool) throws -> [CleanFaultFigures] {
         let json = "\(out)/work/clean-faults-\(pinned ? "1cpu" : "2cpu").json"
         let process = Process()
-        let me = CommandLine.arguments[0].contains("/") ? CommandLine.arguments[0] : "\(bin)/postcopy-bench"
+        let me = CommandLine.arguments[0].contains("/") ? CommandLine.arguments[0] : "\(programs.bin)/postcopy-bench"
         var arguments = [me, "clean-faults", "--baseline", "\(baselines)/uffd-minor-loop", "--runs", quick ? "3" : "7",
                          "--cpus", pinned ? "1 (taskset -c 0)" : "\(ProcessInfo.processInfo.activeProcessorCount) (free)",
                          "--json", json]

@@ -24,11 +24,7 @@ struct Streams: ParsableCommand {
     @Option(help: "Runs at each count and transport; the median is reported.")
     var runs = 3
 
-    @Option(help: ArgumentHelp("The programs (a release build).", valueName: "dir"))
-    var bin = ".build/release"
-
-    @Option(help: ArgumentHelp("The repository's scripts (make-test-certs.sh, for the TLS runs).", valueName: "dir"))
-    var scripts = "scripts"
+    @OptionGroup var programs: BenchPrograms
 
     @Option(help: ArgumentHelp("Where the runs keep their files (kept after the run).", valueName: "dir"))
     var work = "bench-results/streams"
@@ -44,7 +40,7 @@ struct Streams: ParsableCommand {
         let bytes = try parseSize(size)
         try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
         let say: @Sendable (String) -> Void = { line in writeStandardError("bench: \(line)\n") }
-        let environment = BenchEnvironment(binDirectory: bin, baselineDirectory: "", scriptsDirectory: scripts,
+        let environment = BenchEnvironment(binDirectory: programs.bin, baselineDirectory: "", scriptsDirectory: programs.scripts,
                                            workDirectory: work, say: say)
         let figures = try Suite(environment: environment, scale: .full).precopyStreams(size: bytes, streams: counts, runs: runs)
         print(figures.markdown)
