@@ -44,23 +44,38 @@
  * Afterwards (untimed) the stream must end there, and the memfd is read
  * back (pread, or the mapping) and compared with the pattern.
  *
+ * With `fallocate` or `populate-write` (an experiment for issue 20: does
+ * making the pages exist ahead of the writes, on a second thread, take the
+ * first touch off the receiver?), a helper thread makes the memfd's pages
+ * in 64 MiB pieces from the start, never more than 256 MiB ahead of what
+ * the receiver has written: fallocate(2) (on shmem this allocates the
+ * pages but leaves them to be zeroed on first use), or MADV_POPULATE_WRITE
+ * on a shared mapping of its own (which writes each page: allocated and
+ * zeroed). The receiver's figures then count both threads, and
+ * populate_cpu_s_per_gib= says what the helper's share was.
+ *
  * One run per invocation, since the memfd must be fresh: repeat it.
  *
- *   usage: precopy-stream BYTES tcp|tls [shmem|hugetlb]
+ *   usage: precopy-stream BYTES tcp|tls [shmem|hugetlb] [fallocate|populate-write]
  *          (BYTES a multiple of 2 MiB; default shmem)
- *   prints: bytes=, mode=tcp|tls, memory=shmem|hugetlb, seconds=,
- *           mib_per_s=, receiver_cpu_s_per_gib= (MiB = 2^20, GiB = 2^30)
+ *   prints: bytes=, mode=tcp|tls, memory=shmem|hugetlb,
+ *           populate=no|fallocate|populate-write,
+ *           seconds=, mib_per_s=, receiver_cpu_s_per_gib=
+ *           [, populate_cpu_s_per_gib=] (MiB = 2^20, GiB = 2^30)
  */
 #define _GNU_SOURCE
 #define BASELINE_NAME "precopy-stream"
 #include "baseline.h"
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/memfd.h>
 #include <netinet/in.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -273,6 +288,44 @@ static void store(int fd, char *map, const char *buf, size_t len, uint64_t off) 
     }
 }
 
+/* ---- populating ahead (the fallocate and populate-write experiment) ---- */
+
+#define POPULATE_PIECE (64ull << 20)
+#define POPULATE_LEAD (256ull << 20)
+
+struct populate {
+    int fd;
+    char *map; /* populate-write: the helper's own mapping; fallocate: NULL */
+    uint64_t bytes;
+    _Atomic uint64_t written; /* what the receiver has stored so far */
+    double cpu_seconds;       /* the helper's own, when it ends */
+};
+
+static double thread_cpu_seconds(void) {
+    struct timespec ts;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) < 0) die("clock_gettime CLOCK_THREAD_CPUTIME_ID");
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Allocates the memfd's pages piece by piece, staying at most
+ * POPULATE_LEAD ahead of the receiver (polling every 200 µs when it is). */
+static void *populate_ahead(void *arg) {
+    struct populate *p = arg;
+    for (uint64_t off = 0; off < p->bytes; off += POPULATE_PIECE) {
+        while (off >= atomic_load(&p->written) + POPULATE_LEAD) usleep(200);
+        uint64_t len = p->bytes - off < POPULATE_PIECE ? p->bytes - off : POPULATE_PIECE;
+        if (p->map) {
+            while (madvise(p->map + off, len, MADV_POPULATE_WRITE) < 0)
+                if (errno != EINTR && errno != EAGAIN) die("madvise MADV_POPULATE_WRITE (populate ahead)");
+        } else {
+            while (fallocate(p->fd, 0, (off_t)off, (off_t)len) < 0)
+                if (errno != EINTR) die("fallocate (populate ahead)");
+        }
+    }
+    p->cpu_seconds = thread_cpu_seconds();
+    return NULL;
+}
+
 /* Reads once from the connection into buf (room bytes free): one recv for
  * tcp; for tls, SSL_read for as long as OpenSSL already holds more. Fails
  * on EOF. Returns the count read. */
@@ -348,6 +401,9 @@ static void verify(int fd, const char *map, uint64_t bytes) {
 }
 
 int main(int argc, char **argv) {
+    const char *populate = NULL;
+    if (argc >= 4 && (!strcmp(argv[argc - 1], "fallocate") || !strcmp(argv[argc - 1], "populate-write")))
+        populate = argv[--argc];
     int bad = argc != 3 && argc != 4;
     uint64_t bytes = 0;
     if (!bad) {
@@ -360,9 +416,10 @@ int main(int argc, char **argv) {
     }
     if (bad) {
         fprintf(stderr,
-                "usage: precopy-stream BYTES tcp|tls [shmem|hugetlb]\n"
+                "usage: precopy-stream BYTES tcp|tls [shmem|hugetlb] [fallocate|populate-write]\n"
                 "  BYTES: positive multiple of 2 MiB (2097152), e.g. 1073741824\n"
-                "  memory: shmem (default) or hugetlb (2 MiB hugepages)\n");
+                "  memory: shmem (default) or hugetlb (2 MiB hugepages)\n"
+                "  fallocate, populate-write: a second thread makes the pages ahead of the writes\n");
         return 2;
     }
     int tls = !strcmp(argv[2], "tls");
@@ -421,12 +478,21 @@ int main(int argc, char **argv) {
 
     uint64_t t0 = now_ns(), got = 0;
     double cpu0 = cpu_seconds();
+    struct populate ahead = {.fd = fd, .bytes = bytes};
+    if (populate && !strcmp(populate, "populate-write")) {
+        ahead.map = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (ahead.map == MAP_FAILED) die("mmap the memfd for MADV_POPULATE_WRITE");
+    }
+    pthread_t helper;
+    if (populate && (errno = pthread_create(&helper, NULL, populate_ahead, &ahead)) != 0) die("pthread_create");
     while (got < bytes) {
         size_t room = bytes - got < CHUNK ? (size_t)(bytes - got) : CHUNK;
         size_t n = receive(conn, ssl, buf, room);
         store(fd, map, buf, n, got);
         got += n;
+        atomic_store(&ahead.written, got);
     }
+    if (populate && (errno = pthread_join(helper, NULL)) != 0) die("pthread_join");
     uint64_t t1 = now_ns();
     double cpu1 = cpu_seconds();
 
@@ -443,8 +509,10 @@ int main(int argc, char **argv) {
     printf("bytes=%llu\n", (unsigned long long)bytes);
     printf("mode=%s\n", tls ? "tls" : "tcp");
     printf("memory=%s\n", huge ? "hugetlb" : "shmem");
+    printf("populate=%s\n", populate ? populate : "no");
     printf("seconds=%.3f\n", seconds);
     printf("mib_per_s=%.1f\n", ((double)bytes / (double)(1u << 20)) / seconds);
     printf("receiver_cpu_s_per_gib=%.3f\n", (cpu1 - cpu0) / gib);
+    if (populate) printf("populate_cpu_s_per_gib=%.3f\n", ahead.cpu_seconds / gib);
     return 0;
 }
