@@ -96,6 +96,29 @@ private enum Queueing {
         #expect(queue.takeNext(maxPages: 8) == nil)
     }
 
+    @Test func anAnswerSendsEveryStalePageOfTheRequestThoseTheBackgroundHasToo() {
+        let queue = PostcopySendQueue(stale: Queueing.bitmap(count: 64, [10, 11, 12, 13, 20, 30]))
+        #expect(queue.takeNext(maxPages: 2) == PageRun(first: 10, count: 2))
+        // 10 and 11 are a background sender's, maybe not sent yet: the
+        // faulting thread must not wait for it, so they go again. 8, 9 and
+        // 14...19 were never stale and do not go at all.
+        let first = queue.answer(PageRun(first: 8, count: 13))
+        #expect(first.runs == [PageRun(first: 10, count: 4), PageRun(first: 20, count: 1)])
+        #expect(first.takenPages == 3 && first.resentPages == 2)
+        #expect(queue.remaining == 1)
+        // Asked again (a rejoin asks for what is still missing): all resent.
+        let again = queue.answer(PageRun(first: 12, count: 1))
+        #expect(again.runs == [PageRun(first: 12, count: 1)])
+        #expect(again.takenPages == 0 && again.resentPages == 1)
+        // Nothing stale in it: nothing to send.
+        let none = queue.answer(PageRun(first: 0, count: 10))
+        #expect(none.runs.isEmpty && none.takenPages == 0)
+        let last = queue.answer(PageRun(first: 30, count: 34))
+        #expect(last.runs == [PageRun(first: 30, count: 1)] && last.takenPages == 1)
+        #expect(queue.remaining == 0)
+        #expect(queue.takeNext(maxPages: 8) == nil)
+    }
+
     @Test func aRequestMovesTheBackgroundCursorToJustPastIt() {
         let queue = PostcopySendQueue(stale: .full(count: 100))
         #expect(queue.takeNext(maxPages: 4) == PageRun(first: 0, count: 4))

@@ -68,7 +68,7 @@ struct DirtyLogMigrationTests {
         #expect(outcome.identical, "destination RAM differs from the source")
         #expect(outcome.guest.verified, "guest digest \(outcome.guest.actualDigest) vs \(outcome.guest.expectedDigest)")
         #expect(outcome.daemon.imageDigest == outcome.agent.imageDigest)
-        #expect(outcome.daemon.duplicatePages == 0)
+        MigrationTests.expectNoPageTwice(outcome)
     }
 
     @Test func shmemSourceUnderFourWriters() throws {

@@ -174,7 +174,7 @@ struct SecurityTests {
         #expect(outcome.identical, "destination RAM differs from the source")
         #expect(outcome.guest.verified)
         #expect(outcome.daemon.stalePagesAtSwitchover == MigrationTests.stale(dirty))
-        #expect(outcome.daemon.duplicatePages == 0)
+        MigrationTests.expectNoPageTwice(outcome)
         let answers = hijacks.withLock { $0 }
         #expect(answers.count == 2)
         #expect(answers.allSatisfy { $0.contains("ERROR refused") }, "\(answers)")

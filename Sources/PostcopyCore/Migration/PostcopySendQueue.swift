@@ -5,11 +5,15 @@ import Synchronization
 /// background ones pushing everything else, one per bulk stream, each over
 /// its share of the pages (`StreamPartition`).
 ///
-/// Each page is handed out once, to whichever sender asks first, so no page
-/// crosses the network twice. Each background sender works forward from a
-/// cursor of its own; a request moves every cursor to just past the
-/// requested pages, so the pages around a fault (which the guest is likely
-/// to touch next) go next.
+/// Each page is handed out once, to whichever sender asks first. A request
+/// is answered with every stale page it names, those a background sender
+/// took before it too (`answer`): such a page may sit unsent behind a
+/// background sender the scheduler is starving, and the guest thread that
+/// faulted on it must not wait for that (postcopyd keeps whichever copy
+/// arrives first). Each background sender works forward from a cursor of
+/// its own; a request moves every cursor to just past the requested pages,
+/// so the pages around a fault (which the guest is likely to touch next)
+/// go next.
 ///
 /// Shared without a lock: a page is taken by clearing its bit with an
 /// atomic operation, and the thread that cleared it sends it. A lock here
@@ -17,6 +21,8 @@ import Synchronization
 /// urgent one (and the guest thread behind it) waiting whenever the
 /// scheduler took the CPU from it inside.
 public final class PostcopySendQueue: Sendable {
+    /// The pages stale when the queue was made; never changes.
+    private let stale: PageBitmap
     private let pending: AtomicPageBitmap
     /// Which bulk stream's background sender each page belongs to.
     public let partition: StreamPartition
@@ -35,6 +41,7 @@ public final class PostcopySendQueue: Sendable {
     /// stream `partition` gives it (or to the urgent sender, if a request
     /// asks for it first).
     public init(stale: PageBitmap, partition: StreamPartition = StreamPartition(streams: 1)) {
+        self.stale = stale
         pending = AtomicPageBitmap(stale)
         self.partition = partition
         shares = partition.counts(of: stale).map(Share.init)
@@ -48,9 +55,8 @@ public final class PostcopySendQueue: Sendable {
     public func remaining(on stream: Int) -> UInt64 { shares[stream].remaining.load(ordering: .sequentiallyConsistent) }
 
     /// The pages of a request that no sender has taken yet, now taken by the
-    /// urgent sender. Pages already taken are on their way on a bulk
-    /// connection and are not sent again. Moves every background cursor to
-    /// just past the request.
+    /// urgent sender (pages already taken are not among them: `answer` adds
+    /// them back). Moves every background cursor to just past the request.
     public func takeRequested(_ run: PageRun) -> [PageRun] {
         precondition(run.end <= pending.count, "\(run) outside the region")
         var taken = PageRunBuilder()
@@ -61,6 +67,34 @@ public final class PostcopySendQueue: Sendable {
         }
         for share in shares { share.cursor.store(run.end < pending.count ? run.end : 0, ordering: .relaxed) }
         return taken.finish()
+    }
+
+    /// What the urgent sender sends for one PAGE_REQUEST.
+    public struct Answer: Equatable, Sendable {
+        /// Every page of the request that was stale, in order: all of them
+        /// go on the urgent connection.
+        public let runs: [PageRun]
+        /// How many of them no sender had taken: now the urgent sender's.
+        public let takenPages: UInt64
+        /// How many a background sender had taken before the request (on
+        /// their way on a bulk connection, or there already), sent again.
+        public var resentPages: UInt64 { runs.reduce(0) { $0 + $1.count } - takenPages }
+    }
+
+    /// Answers a request for `run`: takes its pages no sender has taken yet
+    /// (as `takeRequested`), and returns every stale page of it to send on
+    /// the urgent connection, the ones a background sender already has
+    /// included, so that the faulting guest thread never waits behind the
+    /// back-fill. Pages of `run` that were never stale are not sent.
+    public func answer(_ run: PageRun) -> Answer {
+        let taken = takeRequested(run).reduce(0) { $0 + $1.count }
+        var runs = PageRunBuilder()
+        var page = stale.nextSet(from: run.first)
+        while let next = page, next < run.end {
+            runs.add(next)
+            page = next + 1 < run.end ? stale.nextSet(from: next + 1) : nil
+        }
+        return Answer(runs: runs.finish(), takenPages: taken)
     }
 
     /// The next pages for bulk stream `stream`'s background sender: up to

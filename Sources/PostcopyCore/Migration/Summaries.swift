@@ -200,8 +200,14 @@ public struct AgentSummary: Codable, Equatable, Sendable {
     /// `completed` (the destination QEMU has the device state and runs).
     public var guestPauseMs: Double?
     public var pageRequests: UInt64 = 0
+    /// Stale pages the urgent sender took for a request: with the
+    /// background ones, every stale page once.
     public var postcopyPagesUrgent: UInt64 = 0
     public var postcopyPagesBackground: UInt64 = 0
+    /// Pages a request named that a background sender had taken already,
+    /// sent again on the urgent connection so that the guest did not wait
+    /// behind the back-fill (postcopyd drops the copy that comes second).
+    public var postcopyPagesResent: UInt64 = 0
     public var postcopySeconds: Double = 0
     public var backgroundMiBPerSecond: Double = 0
     public var bytesSent: UInt64 = 0
@@ -268,6 +274,7 @@ public struct AgentSummary: Codable, Equatable, Sendable {
                 + (guestDowntimeMs.map { "; with the hand-over (\(fixed(handOverMs ?? 0, 1)) ms) the guest was paused \(fixed($0, 1)) ms" } ?? "")
                 + (guestPauseMs.map { " (QMP: vCPUs stopped → device state delivered \(fixed($0, 1)) ms)" } ?? ""),
             "postcopy: \(fixed(postcopySeconds, 2)) s; \(pageRequests) requests, \(postcopyPagesUrgent) pages urgent"
+                + (postcopyPagesResent > 0 ? " (and \(postcopyPagesResent) resent: the background had them)" : "")
                 + ", \(postcopyPagesBackground) background (\(fixed(backgroundMiBPerSecond, 1)) MiB/s)",
             "destination faults: \(destinationFaultsClean) clean, \(destinationFaultsStale) stale"
                 + (rejoins > 0 ? "; rejoined postcopyd \(rejoins) times" : ""),

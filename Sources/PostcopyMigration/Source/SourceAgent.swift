@@ -122,6 +122,7 @@ public final class SourceAgent: @unchecked Sendable {
     private let image: SourceImage
     private var summary = AgentSummary()
     private let urgentPages = Atomic<UInt64>(0)
+    private let resentPages = Atomic<UInt64>(0)
     private let requests = Atomic<UInt64>(0)
     private let urgentBytes = Atomic<UInt64>(0)
     /// The latest connection of each stream, for the heartbeat thread and the end.
@@ -701,6 +702,7 @@ public final class SourceAgent: @unchecked Sendable {
         summary.postcopySeconds = Double(monotonicNanoseconds() - started) / 1e9
         summary.postcopyPagesBackground = pages
         summary.postcopyPagesUrgent = urgentPages.load(ordering: .relaxed)
+        summary.postcopyPagesResent = resentPages.load(ordering: .relaxed)
         summary.pageRequests = requests.load(ordering: .relaxed)
         summary.bytesSent += bytes
         summary.backgroundMiBPerSecond = Double(pages * 4096) / max(summary.postcopySeconds, 1e-9) / 1_048_576
@@ -800,7 +802,8 @@ public final class SourceAgent: @unchecked Sendable {
         }
     }
 
-    /// Answers PAGE_REQUESTs with the pages no sender has taken yet.
+    /// Answers each PAGE_REQUEST with every stale page it names, those a
+    /// background sender took already included (`PostcopySendQueue.answer`).
     private func serveRequests(_ urgent: MessageStream, queue: PostcopySendQueue) throws {
         let limits = RegionLimits(smallPageCount: image.smallPageCount)
         while true {
@@ -814,11 +817,12 @@ public final class SourceAgent: @unchecked Sendable {
                     throw MigrationError(error.code, "refused a PAGE_REQUEST from postcopyd", cause: error)
                 }
                 requests.add(1, ordering: .relaxed)
-                let runs = queue.takeRequested(PageRun(first: firstPage, count: UInt64(count)))
-                for run in runs {
+                let answer = queue.answer(PageRun(first: firstPage, count: UInt64(count)))
+                for run in answer.runs {
                     urgentBytes.add(try send(run, requestID: requestID, on: urgent), ordering: .relaxed)
-                    urgentPages.add(run.count, ordering: .relaxed)
                 }
+                urgentPages.add(answer.takenPages, ordering: .relaxed)
+                resentPages.add(answer.resentPages, ordering: .relaxed)
             default:
                 throw MigrationError(.unexpectedMessage, "unexpected \(message.type) on the urgent connection")
             }
