@@ -77,12 +77,12 @@ public struct BackfillFigures: Codable, Sendable {
     public let ratioToTCP: Double
     public let ratioToMemcpy: Double
     public let transport: String
-    /// The same runs with the agent's sender at normal priority (the
-    /// daemon's receiver stays at SCHED_IDLE): on loopback the agent shares
-    /// the two CPUs with the daemon; across hosts it does not.
-    public let postcopydAgentNormalGiBps: Double
-    public let postcopydAgentNormalRuns: [Double]
-    public let ratioToTCPAgentNormal: Double
+    /// The same runs with the agent's sender at SCHED_IDLE (the daemon's
+    /// receiver stays at its default, normal): on loopback the agent
+    /// shares the two CPUs with the daemon; across hosts it does not.
+    public let postcopydAgentIdleGiBps: Double
+    public let postcopydAgentIdleRuns: [Double]
+    public let ratioToTCPAgentIdle: Double
 }
 
 /// 4. End-to-end.

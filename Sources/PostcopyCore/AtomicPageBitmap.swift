@@ -5,9 +5,9 @@ import Synchronization
 /// atomic read-modify-writes.
 ///
 /// What postcopy's fault path shares with the threads that receive pages
-/// (`PostcopyTracker`): a fault thread that took a lock the `SCHED_IDLE`
-/// back-fill thread held would wait as long as the scheduler keeps that
-/// thread off the CPU. Every operation is sequentially consistent, so two
+/// (`PostcopyTracker`): a fault thread that took a lock a back-fill thread
+/// held would wait as long as the scheduler keeps that thread off the CPU
+/// (for ever, nearly, at `SCHED_IDLE` under a busy guest). Every operation is sequentially consistent, so two
 /// threads that each change one bitmap and then read the other's (a
 /// receiver clearing `stale` then reading `waiting`, the fault thread
 /// setting `waiting` then reading `stale`) cannot both miss the other's

@@ -394,7 +394,8 @@ public final class GuestMemory: Sendable {
     /// and not zeroed first, where a first store through the alias faults
     /// it in zeroed and then copies over it (most of the daemon's precopy
     /// CPU time, docs/benchmarks.md). pwrite takes the file's inode lock,
-    /// so this is for one writer at a time: precopy's. Hugetlbfs has no
+    /// so this is for the bulk receivers only (precopy, and the back-fill),
+    /// never for one a guest thread waits on. Hugetlbfs has no
     /// write(2), and zeroing needs none: those go through the alias. Throws
     /// when the kernel refuses the write (no memory left for shmem pages):
     /// nothing says the pages hold the bytes then.
@@ -407,10 +408,9 @@ public final class GuestMemory: Sendable {
         try file.write(bytes, at: RegionOffset(run.first * 4096))
     }
 
-    /// `write`, with stores through the alias, taking no lock: for
-    /// postcopy, where the urgent receiver must never wait on the
-    /// back-fill's inode lock (and the pages mostly exist already, written
-    /// in precopy).
+    /// `write`, with stores through the alias, taking no lock: for the
+    /// urgent receiver, which must never wait on the back-fill's inode
+    /// lock.
     public func writeThroughAlias(_ bytes: UnsafeRawBufferPointer?, to run: PageRun) {
         check(bytes, run)
         // SAFETY: run lies within the region, checked above, and so within the alias.

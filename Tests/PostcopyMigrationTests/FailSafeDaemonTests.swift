@@ -194,14 +194,14 @@ struct FailSafeDaemonTests {
 
     @Test func aFrameBufferedWhenTheMigrationFailsIsNeverWritten() throws {
         let region = try Engine()
-        region.engine.fill(PageRun(first: 0, count: 2), data: Engine.pages(2, 0xAB), urgent: true)
+        try region.engine.fill(PageRun(first: 0, count: 2), data: Engine.pages(2, 0xAB), urgent: true)
         #expect(region.alias(1).allSatisfy { $0 == 0xAB }, "a page before the failure was not written")
         #expect(region.engine.stalePages == 254)
         // Decoded and buffered; the failure comes before the thread fills it.
         let buffered = Engine.pages(4, 0xCD)
         region.failures.fail(.cancelled, "stopped by SIGTERM during postcopy")
-        region.engine.fill(PageRun(first: 10, count: 4), data: buffered, urgent: true)
-        region.engine.fill(PageRun(first: 20, count: 1), data: nil, urgent: false)
+        try region.engine.fill(PageRun(first: 10, count: 4), data: buffered, urgent: true)
+        try region.engine.fill(PageRun(first: 20, count: 1), data: nil, urgent: false)
         for page: UInt64 in [10, 11, 12, 13] {
             #expect(region.alias(page).allSatisfy { $0 == 0 }, "page \(page) was written after the failure")
         }
@@ -209,13 +209,28 @@ struct FailSafeDaemonTests {
         #expect(region.engine.counters.filledPages == 2)
     }
 
+    /// The urgent receiver stores through the alias, a bulk receiver writes
+    /// into the file (pwrite on shmem): the guest's view sees both.
+    @Test func bothReceiversWritesAreSeenThroughTheMapping() throws {
+        let region = try Engine()
+        try region.engine.fill(PageRun(first: 40, count: 2), data: Engine.pages(2, 0x5A), urgent: false)
+        try region.engine.fill(PageRun(first: 42, count: 1), data: Engine.pages(1, 0xA5), urgent: true)
+        #expect(region.alias(40).allSatisfy { $0 == 0x5A } && region.alias(41).allSatisfy { $0 == 0x5A })
+        #expect(region.alias(42).allSatisfy { $0 == 0xA5 })
+        // A copy that comes second (the urgent one of a resent page) is dropped.
+        try region.engine.fill(PageRun(first: 41, count: 1), data: Engine.pages(1, 0xFF), urgent: true)
+        #expect(region.alias(41).allSatisfy { $0 == 0x5A })
+        #expect(region.engine.stalePages == 253)
+        #expect(region.engine.counters.duplicatePages == 1)
+    }
+
     @Test func noPageIsWrittenOnceTheVMMLetGo() throws {
         let region = try Engine()
         // Page 30 holds the guest's own bytes (as after a release).
         region.memory.withAliasPage(PageIndex(30)) { $0.storeBytes(of: 0x1234, as: UInt64.self) }
         region.engine.halt()
-        region.engine.fill(PageRun(first: 30, count: 1), data: Engine.pages(1, 0xEE), urgent: true)
-        region.engine.fill(PageRun(first: 30, count: 1), data: nil, urgent: false)
+        try region.engine.fill(PageRun(first: 30, count: 1), data: Engine.pages(1, 0xEE), urgent: true)
+        try region.engine.fill(PageRun(first: 30, count: 1), data: nil, urgent: false)
         #expect(region.memory.withAliasPage(PageIndex(30)) { $0.load(as: UInt64.self) } == 0x1234)
         #expect(region.engine.stalePages == 256)
     }

@@ -354,7 +354,7 @@ public struct DestinationSession: Sendable {
     /// already validated against the region. It depends on no state of the
     /// session, so the daemon's receiving threads decide it, once postcopy
     /// has begun, without the lock they would otherwise share (the
-    /// back-fill one runs at `SCHED_IDLE`).
+    /// back-fill ones may run at `SCHED_IDLE`).
     ///
     /// Background pages come on the bulk connection with request id 0,
     /// answers to PAGE_REQUEST on the urgent one with the request's id;

@@ -17,7 +17,7 @@ import Synchronization
 ///
 /// Shared without a lock: a page is taken by clearing its bit with an
 /// atomic operation, and the thread that cleared it sends it. A lock here
-/// would let a background sender, which runs at `SCHED_IDLE`, keep the
+/// would let a background sender (which may run at `SCHED_IDLE`) keep the
 /// urgent one (and the guest thread behind it) waiting whenever the
 /// scheduler took the CPU from it inside.
 public final class PostcopySendQueue: Sendable {

@@ -6,7 +6,7 @@ import Synchronization
 ///
 /// Shared without a lock between the fault thread and the threads that
 /// receive pages, so that a fault never waits for a receiver (the
-/// back-fill one runs at `SCHED_IDLE`, and a lock it held while the
+/// back-fill ones may run at `SCHED_IDLE`, and a lock one held while the
 /// scheduler kept it off the CPU would stall every fault behind it). Each
 /// method says which threads may call it:
 ///

@@ -231,9 +231,9 @@ extension DestinationDaemon {
         }
         switch action {
         case let .writePostcopy(run, data, _)?:
-            postcopy.fill(run, data: data, urgent: stream.role == .urgent)
+            try postcopy.fill(run, data: data, urgent: stream.role == .urgent)
         case let .zeroPostcopy(run)?:
-            postcopy.fill(run, data: nil, urgent: stream.role == .urgent)
+            try postcopy.fill(run, data: nil, urgent: stream.role == .urgent)
         default:
             return false
         }

@@ -205,8 +205,8 @@ final class PostcopyEngine: FaultResolver, Sendable {
     /// thread waits on, before anything else is sent (the request sender
     /// sends the tracker's outstanding list first). Returns how many pages
     /// that is. A fault from now on asks for itself, one from before is in
-    /// the list (asking twice is harmless: the agent sends only pages it has
-    /// not sent since).
+    /// the list (asking twice is harmless: the agent sends the pages again,
+    /// and only those still stale are written).
     @discardableResult
     func rejoin(urgent stream: MessageStream, generation: UInt64, at now: UInt64) -> UInt64 {
         rejoinedAt.store(now, ordering: .relaxed)
@@ -235,19 +235,30 @@ final class PostcopyEngine: FaultResolver, Sendable {
     /// restarted daemon to fetch. A claim made just before the failure
     /// writes only stale pages no guest maps (they are never installed
     /// now), and is neither committed nor recorded fresh.
-    func fill(_ run: PageRun, data: ArraySlice<UInt8>?, urgent isUrgent: Bool) {
+    ///
+    /// The urgent receiver stores through the alias, which takes no lock. A
+    /// bulk receiver writes with `GuestMemory.write`: on shmem that is
+    /// pwrite(2), which makes a page that does not exist yet without
+    /// zeroing it first (most pages, when precopy sent little), and takes
+    /// the file's inode lock, which only the bulk receivers share. Throws
+    /// when the kernel refuses such a write; the claimed pages are then
+    /// neither committed nor recorded fresh, and the caller fails the
+    /// migration.
+    func fill(_ run: PageRun, data: ArraySlice<UInt8>?, urgent isUrgent: Bool) throws {
         guard acceptsPages else { return }
         let claims = tracker.claim(run)
         guard !claims.isEmpty else { return }
         var written: UInt64 = 0
         for claim in claims {
             // Claims are sub-runs of run, which the session validated.
-            // Through the alias: pwrite would take the file's inode lock,
-            // which the urgent and the back-fill receivers would share.
             if let data {
                 let start = data.startIndex + Int(claim.first - run.first) * 4096
-                data[start..<(start + Int(claim.count) * 4096)].withUnsafeBytes {
-                    memory.writeThroughAlias($0, to: claim)
+                try data[start..<(start + Int(claim.count) * 4096)].withUnsafeBytes {
+                    if isUrgent {
+                        memory.writeThroughAlias($0, to: claim)
+                    } else {
+                        try memory.write($0, to: claim)
+                    }
                 }
             } else {
                 memory.writeThroughAlias(nil, to: claim)

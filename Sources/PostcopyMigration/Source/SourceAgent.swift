@@ -82,7 +82,7 @@ public struct AgentConfig: Sendable {
     public var postcopyBytesPerSecond: UInt64?
     /// How the thread that sends the background stream competes for a CPU
     /// during postcopy; precopy runs at normal priority.
-    public var backgroundScheduling = OSThread.SchedulingClass.idle
+    public var backgroundScheduling = OSThread.SchedulingClass.normal
     public var keepAlive = KeepAlive()
     /// A connection to postcopyd that carries nothing for this long (the
     /// daemon sends HEARTBEAT every quarter of it) is dead.
