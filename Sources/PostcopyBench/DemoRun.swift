@@ -22,6 +22,12 @@ public struct DemoRun: Sendable {
     public var memory: MemoryKind = .shmem
     /// Share of pages the source keeps rewriting.
     public var dirty = 0.10
+    /// The source's pause between passes over its hot set: 5 ms, so that
+    /// it rewrites the hot set between precopy's last round (a few ms on
+    /// loopback) and the pause, and the demo has a postcopy to show. At
+    /// postcopy-guest's default, 20 ms, a short last round often fell
+    /// between two passes, and no page was stale.
+    public var passPauseMicroseconds: UInt32 = 5_000
     /// Mutual TLS with certificates made for the run; false: plaintext.
     public var tls = true
     /// How long postcopy-push may take.
@@ -34,7 +40,8 @@ public struct DemoRun: Sendable {
     /// The migration: the programs' own defaults where the benchmarks set
     /// theirs (dirty-log choice, the guest's scribbling), logs on stderr.
     var scenario: MigrationScenario {
-        var scenario = MigrationScenario(name: "demo", size: size, source: .workload(dirty: dirty))
+        var scenario = MigrationScenario(name: "demo", size: size,
+                                         source: .workload(dirty: dirty, passPauseMicroseconds: passPauseMicroseconds))
         scenario.memory = memory
         scenario.tls = tls
         scenario.migrationSecretFile = true
@@ -79,7 +86,7 @@ public struct DemoRun: Sendable {
     private func header(_ step: MigrationStep, _ files: MigrationFiles) -> String {
         switch step {
         case .source:
-            "== source: \(ByteSize.format(size)) of guest RAM in \(files.sourceRAM), \(dirty) of pages kept dirty"
+            "== source: \(ByteSize.format(size)) of guest RAM in \(files.sourceRAM), \(dirty) of pages kept dirty (rewritten every \(passPauseMicroseconds / 1000) ms)"
         case .transport where tls:
             "== TLS 1.3: a test CA and certificates for both ends (make-test-certs.sh), and a migration secret"
         case .transport:

@@ -8,8 +8,10 @@ import PostcopyCore
 public struct MigrationScenario: Sendable {
     public enum Source: Sendable {
         /// The source keeps rewriting this share of its pages (a hot set)
-        /// until paused: stale pages are what precopy could not keep up with.
-        case workload(dirty: Double)
+        /// until paused, pausing `passPauseMicroseconds` between passes
+        /// (nil: postcopy-guest's default, 20 ms): stale pages are what
+        /// precopy could not keep up with.
+        case workload(dirty: Double, passPauseMicroseconds: UInt32? = nil)
         /// A still image; at switchover exactly `stalePages` seeded random
         /// pages are declared dirty (postcopy-push --dirty-bitmap).
         case image(stalePages: UInt64)
@@ -173,15 +175,18 @@ extension MigrationScenario {
 
         onStep?(.source)
         let dirtyShare: Double
+        var passPause: [String] = []
         switch source {
-        case let .workload(dirty): dirtyShare = dirty
+        case let .workload(dirty, pause):
+            dirtyShare = dirty
+            if let pause { passPause = ["--pass-pause", "\(pause)"] }
         case .image: dirtyShare = 0
         }
         let dirtyLogSocket = "\(directory)/dirty-log.sock"
         let workload = try Child("source", environment.program("postcopy-guest"), [
             "source", "--ram", files.sourceRAM, "--size", "\(size)", "--dirty", "\(dirtyShare)", "--zero", "\(zeroShare)",
             "--seed", "\(seed)", "--ready-file", "\(directory)/source.ready",
-        ] + (dirtyLog == "hash" ? [] : ["--dirty-log-socket", dirtyLogSocket]), stdout: "\(directory)/source.out",
+        ] + passPause + (dirtyLog == "hash" ? [] : ["--dirty-log-socket", dirtyLogSocket]), stdout: "\(directory)/source.out",
             stderr: files.log("source", of: self))
         children.append(workload)
         try waitForFile("\(directory)/source.ready", seconds: 300, "the source RAM to be filled", while: workload)
