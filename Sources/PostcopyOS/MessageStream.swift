@@ -106,6 +106,10 @@ public final class MessageStream: @unchecked Sendable {
 
     /// Shuts the connection down, waking a thread blocked in `receive`.
     public func shutdown() { connection.shutdown() }
+
+    /// Stops sending only: what the peer already sent (an ERROR saying why
+    /// it ended the migration) can still be received.
+    public func shutdownSending() { connection.shutdownSending() }
 }
 
 /// Why a message stream stopped.

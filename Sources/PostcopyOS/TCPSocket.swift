@@ -243,4 +243,10 @@ public final class TCPConnection: Sendable {
     public func shutdown() {
         _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
     }
+
+    /// Stops sending only (the peer reads end of file), waking a thread
+    /// blocked in `send`; the receiving direction stays open.
+    public func shutdownSending() {
+        _ = Glibc.shutdown(fd, Int32(SHUT_WR))
+    }
 }

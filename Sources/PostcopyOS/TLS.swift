@@ -23,6 +23,9 @@ public protocol ByteStream: AnyObject, Sendable {
     var peerIdentity: String? { get }
     /// Stops both directions, waking a thread blocked in `receive`.
     func shutdown()
+    /// Stops sending only (the peer reads the end of the stream), waking a
+    /// thread blocked in `send`; what the peer sent can still be received.
+    func shutdownSending()
 }
 
 extension TCPConnection: ByteStream {
@@ -423,4 +426,6 @@ public final class TLSConnection: ByteStream, @unchecked Sendable {
     public var peerEndpoint: SocketEndpoint? { tcp.peerEndpoint }
 
     public func shutdown() { tcp.shutdown() }
+
+    public func shutdownSending() { tcp.shutdownSending() }
 }

@@ -20,9 +20,14 @@ struct AgentConnections: Sendable {
     /// IMAGE_DIGEST, HANDED_OVER, DISCARD and COMPLETE travel on it.
     var control: MessageStream { bulk[0] }
 
-    /// Shuts every connection down: each thread blocked on one wakes.
-    func shutdown() {
-        for stream in bulk { stream.shutdown() }
+    /// Shuts every connection down: each thread blocked on one wakes. With
+    /// `keepingControlReadable`, bulk stream 0 stops sending only, so that
+    /// an ERROR postcopyd sent on it before it closed (why it ended the
+    /// migration) can still be read afterwards (`SourceAgent.reasonGiven`).
+    func shutdown(keepingControlReadable: Bool = false) {
+        for (index, stream) in bulk.enumerated() {
+            if keepingControlReadable && index == 0 { stream.shutdownSending() } else { stream.shutdown() }
+        }
         urgent.shutdown()
     }
 }

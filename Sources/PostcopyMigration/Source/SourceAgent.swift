@@ -721,9 +721,11 @@ public final class SourceAgent: @unchecked Sendable {
                        lanes: [BackgroundLane]) throws {
         let queue = PostcopySendQueue(stale: pending, partition: StreamPartition(streams: config.streams))
         let failure = Locked<(any Error)?>(nil)
+        // The first failure stops every sender; postcopyd's ERROR, if it
+        // sent one before closing, stays readable on bulk stream 0.
         let failed: @Sendable (any Error) -> Void = { error in
             failure.withLock { $0 = $0 ?? error }
-            connections.shutdown()
+            connections.shutdown(keepingControlReadable: true)
         }
         let urgentThread = try OSThread.start(name: "push-urgent") { [self] in
             do {
