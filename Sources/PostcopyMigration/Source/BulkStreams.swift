@@ -21,14 +21,15 @@ struct AgentConnections: Sendable {
     var control: MessageStream { bulk[0] }
 
     /// Shuts every connection down: each thread blocked on one wakes. With
-    /// `keepingControlReadable`, bulk stream 0 stops sending only, so that
-    /// an ERROR postcopyd sent on it before it closed (why it ended the
-    /// migration) can still be read afterwards (`SourceAgent.reasonGiven`).
-    func shutdown(keepingControlReadable: Bool = false) {
+    /// `keepingControlReadable` (`keepingUrgentReadable`), bulk stream 0
+    /// (the urgent connection) stops sending only, so that an ERROR
+    /// postcopyd sent on it before it closed (why it ended the migration)
+    /// can still be read (`SourceAgent.reasonGiven`, the urgent thread).
+    func shutdown(keepingControlReadable: Bool = false, keepingUrgentReadable: Bool = false) {
         for (index, stream) in bulk.enumerated() {
             if keepingControlReadable && index == 0 { stream.shutdownSending() } else { stream.shutdown() }
         }
-        urgent.shutdown()
+        if keepingUrgentReadable { urgent.shutdownSending() } else { urgent.shutdown() }
     }
 }
 

@@ -716,23 +716,32 @@ public final class SourceAgent: @unchecked Sendable {
     /// 0. Threads are made per generation, from this thread (normal
     /// priority): a thread inherits its creator's scheduling, and one moved
     /// to SCHED_IDLE may not come back. The first sender to fail shuts
-    /// every connection down, so that the others stop too.
+    /// every bulk stream down, so that the others stop too, and the urgent
+    /// connection for sending: postcopyd sends its ERROR on every
+    /// connection before it closes them (when it discards its copy, say),
+    /// and the urgent thread, still reading, is given a moment to read it
+    /// (`urgentGrace`). A reason postcopyd gave outranks the lost
+    /// connection that showed it first.
     private func serve(_ pending: PageBitmap, _ connections: AgentConnections, started: UInt64,
                        lanes: [BackgroundLane]) throws {
         let queue = PostcopySendQueue(stale: pending, partition: StreamPartition(streams: config.streams))
         let failure = Locked<(any Error)?>(nil)
-        // The first failure stops every sender; postcopyd's ERROR, if it
-        // sent one before closing, stays readable on bulk stream 0.
         let failed: @Sendable (any Error) -> Void = { error in
-            failure.withLock { $0 = $0 ?? error }
-            connections.shutdown(keepingControlReadable: true)
+            failure.withLock { first in
+                if first == nil || (Self.connectionLoss(first!) != nil && Self.connectionLoss(error) == nil) {
+                    first = error
+                }
+            }
+            connections.shutdown(keepingControlReadable: true, keepingUrgentReadable: true)
         }
+        let urgentEnded = Atomic<Bool>(false)
         let urgentThread = try OSThread.start(name: "push-urgent") { [self] in
             do {
                 try serveRequests(connections.urgent, queue: queue)
             } catch {
                 failed(error)
             }
+            urgentEnded.store(true, ordering: .sequentiallyConsistent)
         }
         defer {
             connections.urgent.shutdown()
@@ -757,12 +766,22 @@ public final class SourceAgent: @unchecked Sendable {
         }
         for sender in senders { sender.join() }
         senders = []
+        // After a failure, the urgent thread's moment to read postcopyd's
+        // reason before its connection is shut; then the failure to throw.
+        func settled() -> (any Error)? {
+            guard failure.withLock({ $0 }) != nil else { return nil }
+            let deadline = monotonicNanoseconds() + Self.urgentGraceNanos
+            while !urgentEnded.load(ordering: .sequentiallyConsistent) && monotonicNanoseconds() < deadline {
+                sleepNanoseconds(10_000_000)
+            }
+            return failure.withLock { $0 }
+        }
+        if let first = settled() { throw first }
         do {
-            if let first = failure.withLock({ $0 }) { throw first }
             try awaitComplete(connections.control)
         } catch {
-            if let first = failure.withLock({ $0 }) { throw first }
-            throw error
+            failed(error)
+            throw settled() ?? error
         }
     }
 
@@ -830,6 +849,10 @@ public final class SourceAgent: @unchecked Sendable {
             }
         }
     }
+
+    /// How long a failed postcopy generation waits for the urgent thread to
+    /// read postcopyd's ERROR (or the end of the connection) by itself.
+    static let urgentGraceNanos: UInt64 = 500_000_000
 
     // MARK: rejoining
 
