@@ -720,7 +720,7 @@ public final class SourceAgent: @unchecked Sendable {
     /// connection for sending: postcopyd sends its ERROR on every
     /// connection before it closes them (when it discards its copy, say),
     /// and the urgent thread, still reading, is given a moment to read it
-    /// (`urgentGrace`). A reason postcopyd gave outranks the lost
+    /// (`urgentGraceNanos`). A reason postcopyd gave outranks the lost
     /// connection that showed it first.
     private func serve(_ pending: PageBitmap, _ connections: AgentConnections, started: UInt64,
                        lanes: [BackgroundLane]) throws {
