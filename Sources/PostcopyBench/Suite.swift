@@ -39,7 +39,7 @@ public struct BenchScale: Sendable {
 public struct Suite: Sendable {
     public let environment: BenchEnvironment
     public let scale: BenchScale
-    /// Passed to every migration (nil: the programs' default, idle).
+    /// Passed to every migration (nil: the programs' default, normal).
     public var backgroundScheduling: String?
 
     public init(environment: BenchEnvironment, scale: BenchScale) {

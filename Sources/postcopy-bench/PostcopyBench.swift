@@ -120,7 +120,7 @@ struct Run: ParsableCommand {
     @Flag(help: "Small sizes: every path in a couple of minutes (figures not comparable with a full run).")
     var quick = false
 
-    @Option(help: ArgumentHelp("--background-scheduling for postcopyd and postcopy-push in the stale-fault runs (default: theirs, idle).", valueName: "class"))
+    @Option(help: ArgumentHelp("--background-scheduling for postcopyd and postcopy-push in the stale-fault runs (default: theirs, normal).", valueName: "class"))
     var backgroundScheduling: String?
 
     @Option(help: ArgumentHelp("Only these benchmarks (comma-separated: clean,stale,backfill,e2e,scaling,precopy,huge,pause).", valueName: "list"))
