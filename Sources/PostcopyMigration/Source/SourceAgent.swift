@@ -839,11 +839,14 @@ public final class SourceAgent: @unchecked Sendable {
                 }
                 requests.add(1, ordering: .relaxed)
                 let answer = queue.answer(PageRun(first: firstPage, count: UInt64(count)))
+                // Counted when taken, before the sends: a send that fails
+                // part-way (the connection shut at completion) must not
+                // leave pages that went out uncounted.
+                urgentPages.add(answer.takenPages, ordering: .relaxed)
+                resentPages.add(answer.resentPages, ordering: .relaxed)
                 for run in answer.runs {
                     urgentBytes.add(try send(run, requestID: requestID, on: urgent), ordering: .relaxed)
                 }
-                urgentPages.add(answer.takenPages, ordering: .relaxed)
-                resentPages.add(answer.resentPages, ordering: .relaxed)
             default:
                 throw MigrationError(.unexpectedMessage, "unexpected \(message.type) on the urgent connection")
             }
