@@ -73,7 +73,7 @@ extension DirtyLogChoice: ExpressibleByArgument {}
 public struct BackgroundSchedulingOption: ParsableArguments {
     @Option(help: ArgumentHelp("How the background stream's threads compete for a CPU during postcopy: normal (the back-fill keeps pace with a busy guest, which then faults less), nice:N (1-19), or idle (SCHED_IDLE: only otherwise idle CPU time; each stale fault is served sooner, but a busy guest fetches most pages by faulting).", valueName: "class"),
             transform: parseScheduling)
-    public var backgroundScheduling = OSThread.SchedulingClass.normal
+    public var backgroundScheduling = OSThread.SchedulingClass.backgroundDefault
 
     public init() {}
 }

@@ -48,6 +48,12 @@ public final class OSThread: @unchecked Sendable {
         /// SCHED_IDLE: runs only when nothing else wants the CPU.
         case idle
 
+        /// The postcopy back-fill's threads' class unless
+        /// `--background-scheduling` says otherwise, on both ends: normal,
+        /// picked by measurement (docs/benchmarks.md, "The back-fill's
+        /// scheduling, picked by the numbers").
+        public static let backgroundDefault = SchedulingClass.normal
+
         public var description: String {
             switch self {
             case .normal: "normal"

@@ -59,7 +59,7 @@ public struct DestinationConfig: Sendable {
     public var tracePath: String?
     /// How the thread that receives the background stream competes for a
     /// CPU during postcopy (see `OSThread.SchedulingClass`).
-    public var backgroundScheduling = OSThread.SchedulingClass.normal
+    public var backgroundScheduling = OSThread.SchedulingClass.backgroundDefault
 
     public init(listen: SocketEndpoint, transport: TransportSecurity, vmmSocketPath: String, memory: MemoryKind, hugetlbfsDirectory: String? = nil,
                 regionSize: UInt64, vmmUID: UInt32, migrationID: MigrationID? = nil) {

@@ -251,17 +251,14 @@ final class PostcopyEngine: FaultResolver, Sendable {
         var written: UInt64 = 0
         for claim in claims {
             // Claims are sub-runs of run, which the session validated.
+            func put(_ bytes: UnsafeRawBufferPointer?) throws {
+                if isUrgent { memory.writeThroughAlias(bytes, to: claim) } else { try memory.write(bytes, to: claim) }
+            }
             if let data {
                 let start = data.startIndex + Int(claim.first - run.first) * 4096
-                try data[start..<(start + Int(claim.count) * 4096)].withUnsafeBytes {
-                    if isUrgent {
-                        memory.writeThroughAlias($0, to: claim)
-                    } else {
-                        try memory.write($0, to: claim)
-                    }
-                }
+                try data[start..<(start + Int(claim.count) * 4096)].withUnsafeBytes { try put($0) }
             } else {
-                memory.writeThroughAlias(nil, to: claim)
+                try put(nil)
             }
             written += claim.count
         }

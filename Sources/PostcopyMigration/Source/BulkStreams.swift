@@ -21,15 +21,15 @@ struct AgentConnections: Sendable {
     var control: MessageStream { bulk[0] }
 
     /// Shuts every connection down: each thread blocked on one wakes. With
-    /// `keepingControlReadable` (`keepingUrgentReadable`), bulk stream 0
-    /// (the urgent connection) stops sending only, so that an ERROR
-    /// postcopyd sent on it before it closed (why it ended the migration)
-    /// can still be read (`SourceAgent.reasonGiven`, the urgent thread).
-    func shutdown(keepingControlReadable: Bool = false, keepingUrgentReadable: Bool = false) {
+    /// `keepingReadable`, bulk stream 0 and the urgent connection stop
+    /// sending only, so that an ERROR postcopyd sent on them before it
+    /// closed (why it ended the migration) can still be read
+    /// (`SourceAgent.reasonGiven`, the urgent thread).
+    func shutdown(keepingReadable: Bool = false) {
         for (index, stream) in bulk.enumerated() {
-            if keepingControlReadable && index == 0 { stream.shutdownSending() } else { stream.shutdown() }
+            if keepingReadable && index == 0 { stream.shutdownSending() } else { stream.shutdown() }
         }
-        if keepingUrgentReadable { urgent.shutdownSending() } else { urgent.shutdown() }
+        if keepingReadable { urgent.shutdownSending() } else { urgent.shutdown() }
     }
 }
 

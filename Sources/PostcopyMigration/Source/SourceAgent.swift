@@ -82,7 +82,7 @@ public struct AgentConfig: Sendable {
     public var postcopyBytesPerSecond: UInt64?
     /// How the thread that sends the background stream competes for a CPU
     /// during postcopy; precopy runs at normal priority.
-    public var backgroundScheduling = OSThread.SchedulingClass.normal
+    public var backgroundScheduling = OSThread.SchedulingClass.backgroundDefault
     public var keepAlive = KeepAlive()
     /// A connection to postcopyd that carries nothing for this long (the
     /// daemon sends HEARTBEAT every quarter of it) is dead.
@@ -732,7 +732,7 @@ public final class SourceAgent: @unchecked Sendable {
                     first = error
                 }
             }
-            connections.shutdown(keepingControlReadable: true, keepingUrgentReadable: true)
+            connections.shutdown(keepingReadable: true)
         }
         let urgentEnded = Atomic<Bool>(false)
         let urgentThread = try OSThread.start(name: "push-urgent") { [self] in
